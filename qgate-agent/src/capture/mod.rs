@@ -1,0 +1,53 @@
+//! Where segments come from: the tc programs through the ring buffer
+//! ([`kernel`]), or a capture file ([`pcap`]). Both yield [`Segment`]s, so
+//! everything after this stage runs the same on live traffic and on a pcap.
+pub mod kernel;
+pub mod pcap;
+
+use std::net::SocketAddr;
+
+/// Which way a segment travels, relative to the database server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    ToServer,
+    FromServer,
+}
+
+/// A TCP connection, named from the server's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+}
+
+/// Nanoseconds since the Unix epoch.
+pub type UnixNanos = i64;
+
+/// One TCP segment (or one GSO super-segment) of a database connection.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub flow: Flow,
+    pub direction: Direction,
+    /// Sequence number of the first payload byte (of the SYN itself for a SYN).
+    pub seq: u32,
+    /// TCP flag byte (RFC 9293 §3.1): FIN 0x01, SYN 0x02, RST 0x04.
+    pub tcp_flags: u8,
+    pub at: UnixNanos,
+    pub payload: Vec<u8>,
+    /// The capture lost bytes of this segment from `payload.len()` on: the
+    /// stream can no longer be trusted from here.
+    pub truncated: bool,
+}
+
+impl Segment {
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags & qgate_common::tcp_flags::SYN != 0
+    }
+    pub fn is_fin(&self) -> bool {
+        self.tcp_flags & qgate_common::tcp_flags::FIN != 0
+    }
+    pub fn is_rst(&self) -> bool {
+        self.tcp_flags & qgate_common::tcp_flags::RST != 0
+    }
+}

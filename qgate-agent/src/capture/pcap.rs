@@ -1,0 +1,1 @@
+//! Reading segments from a pcap or pcapng file (to be written).

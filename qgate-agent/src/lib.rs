@@ -1,0 +1,16 @@
+//! qgate's agent, stage by stage.
+//!
+//! | stage | module | does |
+//! | --- | --- | --- |
+//! | capture | [`capture`] | loads the tc programs, reads segments from the kernel or a pcap |
+//! | wire | [`wire`] | reassembles TCP streams, decodes the PostgreSQL protocol |
+//! | classify | [`classify`] | parses statements (sqlparser) into facts |
+//! | policy | [`policy`] | facts + identity → allow / hold / deny |
+//! | store | [`store`] | SQLite: connections, statements, requests, audit |
+//! | api | [`api`] | the reviewers' HTTP API |
+//!
+//! [`pipeline`] connects the stages; `main.rs` is only the command line.
+pub mod capture;
+pub mod config;
+pub mod pipeline;
+pub mod wire;

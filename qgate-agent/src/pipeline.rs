@@ -1,0 +1,1 @@
+//! Connecting the stages (to be written).

@@ -1,0 +1,165 @@
+//! Locating the TCP segment inside an skb at tc.
+//!
+//! All reads go through `bpf_skb_load_bytes` (`TcContext::load`), which also
+//! works on non-linear (GSO) skbs, so no pull or bounds dance is needed.
+
+use aya_ebpf::programs::TcContext;
+use qgate_common::FlowKey;
+
+/// Ethertypes (IEEE 802) as they sit in `__sk_buff.protocol` (network order).
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+/// Ethernet header length: tc on Ethernet and loopback devices starts at the MAC header.
+const ETH_HLEN: usize = 14;
+/// IANA protocol number of TCP (RFC 790).
+const IPPROTO_TCP: u8 = 6;
+/// Fixed IPv6 header length (RFC 8200 §3).
+const IPV6_HLEN: usize = 40;
+
+/// A TCP segment's place in the skb and its addressing.
+pub struct Segment {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub tcp_flags: u8,
+    /// Offset of the first payload byte from the start of the skb data.
+    pub payload_offset: u32,
+    pub payload_len: u32,
+}
+
+/// Only the ports, for the early return on non-database traffic.
+pub struct Ports {
+    pub l3_offset: usize,
+    pub l4_offset: usize,
+    pub ip_len: usize,
+    pub is_v6: bool,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Where the IP header starts: after an Ethernet header when one is there
+/// (its ethertype matches the skb's protocol), else at 0 (L3 devices).
+fn l3_offset(ctx: &TcContext, ethertype: u16) -> usize {
+    match ctx.load::<u16>(12) {
+        Ok(t) if u16::from_be(t) == ethertype => ETH_HLEN,
+        _ => 0,
+    }
+}
+
+/// Reads just enough to know the TCP ports; `None` for anything that is not
+/// unfragmented TCP over IPv4 or IPv6 without extension headers.
+#[inline(always)]
+pub fn ports(ctx: &TcContext) -> Option<Ports> {
+    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let (l3_offset, l4_offset, ip_len, is_v6) = if proto == ETH_P_IP {
+        let l3 = l3_offset(ctx, ETH_P_IP);
+        let ver_ihl: u8 = ctx.load(l3).ok()?;
+        if ver_ihl >> 4 != 4 {
+            return None;
+        }
+        if ctx.load::<u8>(l3 + 9).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        // RFC 791: flags + fragment offset; a non-first fragment has no TCP header.
+        let frag = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?);
+        if frag & 0x1FFF != 0 {
+            return None;
+        }
+        let tot_len = u16::from_be(ctx.load::<u16>(l3 + 2).ok()?) as usize;
+        let ihl = ((ver_ihl & 0x0F) as usize) * 4;
+        // GSO super-packets may carry tot_len 0 (BIG TCP): fall back to the skb length.
+        let ip_len = if tot_len == 0 {
+            (ctx.len() as usize).saturating_sub(l3)
+        } else {
+            tot_len
+        };
+        (l3, l3 + ihl, ip_len.saturating_sub(ihl), false)
+    } else if proto == ETH_P_IPV6 {
+        let l3 = l3_offset(ctx, ETH_P_IPV6);
+        if ctx.load::<u8>(l3 + 6).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let payload_len = u16::from_be(ctx.load::<u16>(l3 + 4).ok()?) as usize;
+        let ip_len = if payload_len == 0 {
+            (ctx.len() as usize).saturating_sub(l3 + IPV6_HLEN)
+        } else {
+            payload_len
+        };
+        (l3, l3 + IPV6_HLEN, ip_len, true)
+    } else {
+        return None;
+    };
+    let src_port = u16::from_be(ctx.load::<u16>(l4_offset).ok()?);
+    let dst_port = u16::from_be(ctx.load::<u16>(l4_offset + 2).ok()?);
+    Some(Ports {
+        l3_offset,
+        l4_offset,
+        ip_len,
+        is_v6,
+        src_port,
+        dst_port,
+    })
+}
+
+/// Completes `ports` into the full segment description.
+#[inline(always)]
+pub fn segment(ctx: &TcContext, p: &Ports) -> Option<Segment> {
+    let l4 = p.l4_offset;
+    let mut src_addr = [0u8; 16];
+    let mut dst_addr = [0u8; 16];
+    let l3 = p.l3_offset;
+    if p.is_v6 {
+        src_addr = ctx.load(l3 + 8).ok()?;
+        dst_addr = ctx.load(l3 + 24).ok()?;
+    } else {
+        let s: [u8; 4] = ctx.load(l3 + 12).ok()?;
+        let d: [u8; 4] = ctx.load(l3 + 16).ok()?;
+        // IPv4-mapped IPv6 (RFC 4291 §2.5.5.2).
+        src_addr[10] = 0xFF;
+        src_addr[11] = 0xFF;
+        dst_addr[10] = 0xFF;
+        dst_addr[11] = 0xFF;
+        src_addr[12..16].copy_from_slice(&s);
+        dst_addr[12..16].copy_from_slice(&d);
+    }
+    let seq = u32::from_be(ctx.load::<u32>(l4 + 4).ok()?);
+    let ack = u32::from_be(ctx.load::<u32>(l4 + 8).ok()?);
+    // RFC 9293 §3.1: data offset in 32-bit words, then the flag byte.
+    let doff = ((ctx.load::<u8>(l4 + 12).ok()? >> 4) as usize) * 4;
+    let tcp_flags: u8 = ctx.load(l4 + 13).ok()?;
+    Some(Segment {
+        src_addr,
+        dst_addr,
+        src_port: p.src_port,
+        dst_port: p.dst_port,
+        seq,
+        ack,
+        tcp_flags,
+        payload_offset: (l4 + doff) as u32,
+        payload_len: p.ip_len.saturating_sub(doff) as u32,
+    })
+}
+
+impl Segment {
+    /// The flow as the server sees it, whichever way this segment travels.
+    pub fn flow(&self, to_server: bool) -> FlowKey {
+        if to_server {
+            FlowKey {
+                client_addr: self.src_addr,
+                server_addr: self.dst_addr,
+                client_port: self.src_port,
+                server_port: self.dst_port,
+            }
+        } else {
+            FlowKey {
+                client_addr: self.dst_addr,
+                server_addr: self.src_addr,
+                client_port: self.dst_port,
+                server_port: self.src_port,
+            }
+        }
+    }
+}
