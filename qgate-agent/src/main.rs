@@ -1,1 +1,18 @@
-fn main() {}
+//! `qgate-agent`: the command line. Each subcommand lives in `cli/`.
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging();
+    match cli::dispatch(args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("qgate-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

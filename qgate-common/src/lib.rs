@@ -19,6 +19,10 @@ pub mod maps {
     pub const SEGMENTS: &str = "SEGMENTS";
     /// `HashMap<u16 (host order), u8>`: TCP ports that carry database traffic.
     pub const DB_PORTS: &str = "DB_PORTS";
+    /// `LruHashMap<FlowKey, FlowState>`: gating state per connection.
+    pub const FLOWS: &str = "FLOWS";
+    /// `Array<GateConfig>` of one: defaults and the agent's heartbeat.
+    pub const GATE_CONFIG: &str = "GATE_CONFIG";
     /// Per-CPU array of [`super::Counters`] at index 0.
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -41,6 +45,70 @@ pub mod flags {
     /// The tc program could not copy the whole payload: the agent must treat
     /// the stream as broken from this sequence number on (fail closed).
     pub const TRUNCATED: u32 = 1 << 0;
+    /// The program dropped this segment: it waits for the agent's decision
+    /// and only reaches the server if the agent re-injects it.
+    pub const HELD: u32 = 1 << 1;
+}
+
+/// Per-connection gating modes (`FlowState::mode`, `GateConfig::default_mode`).
+pub mod mode {
+    /// Never hold; capture only.
+    pub const MONITOR: u8 = 0;
+    /// Hold SQL-bearing messages the program cannot prove to be a single plain read.
+    pub const GATE_RISKY: u8 = 1;
+    /// Hold every SQL-bearing message for a decision.
+    pub const GATE_ALL: u8 = 2;
+    /// Hold everything: the agent refuses the connection.
+    pub const DENY: u8 = 3;
+}
+
+/// Where a connection's client→server stream is, as far as the program knows.
+pub mod phase {
+    /// SYN seen; the next payload is a StartupMessage, SSLRequest, GSSENCRequest or CancelRequest.
+    pub const STARTUP: u8 = 0;
+    /// Message boundaries known: the next message header is at `next_msg_seq`.
+    pub const READY: u8 = 1;
+    /// Start not seen (connection older than the program): the agent must sync it.
+    pub const UNSYNCED: u8 = 2;
+    /// TLS or GSS encryption: nothing to read.
+    pub const OPAQUE: u8 = 3;
+}
+
+/// Gating state of one connection. The program creates it on SYN (or on the
+/// first segment of a connection it did not see start) and advances
+/// `next_msg_seq`; the agent writes it when it releases held bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// Sequence number of the next message header (`phase::READY`).
+    pub next_msg_seq: u32,
+    /// While `held`: every payload byte at or after this waits for the agent.
+    pub hold_seq: u32,
+    /// Originals of a denied statement, `[deny_start, deny_end)`: never let
+    /// through, even as a retransmission, once the rewritten copy was sent.
+    pub deny_start: u32,
+    pub deny_end: u32,
+    pub mode: u8,
+    pub phase: u8,
+    pub held: u8,
+    pub _pad: u8,
+}
+
+/// Settings the agent writes; read by the program on every gated segment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GateConfig {
+    /// `CLOCK_MONOTONIC` ns of the agent's last heartbeat (0: never).
+    pub heartbeat_ns: u64,
+    /// The agent counts as gone when its heartbeat is older than this.
+    pub fail_after_ns: u64,
+    /// Mode of a connection whose identity the agent has not judged yet.
+    pub default_mode: u8,
+    /// 1: when the agent is gone, pass everything (and count it); 0: hold.
+    pub fail_open: u8,
+    /// 1: hold each StartupMessage until the agent has judged the identity.
+    pub hold_startup: u8,
+    pub _pad: [u8; 5],
 }
 
 /// A TCP connection as seen from the database server: who called whom.
@@ -108,6 +176,10 @@ pub struct Counters {
     pub truncated: u64,
     /// Payload bytes a `bpf_skb_load_bytes` failed to copy.
     pub load_errors: u64,
+    /// Segments dropped to wait for a decision (including retransmissions).
+    pub held: u64,
+    /// Gated segments passed because the agent was gone and `fail_open` is set.
+    pub failed_open: u64,
 }
 
 impl Counters {
@@ -123,4 +195,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::SegmentEvent {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::GateConfig {}
 }

@@ -9,8 +9,10 @@
 //! stream.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_loop, bpf_skb_load_bytes},
+    },
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -20,7 +22,7 @@ use qgate_common::{
     DIR_TO_SERVER, MAX_CHUNKS,
 };
 
-use crate::packet::{self, Segment};
+use crate::packet::{self, Segment, SkbRef};
 
 /// 32 MiB: about 8 000 full 4 KiB chunks or 100 000 small records in flight.
 #[map(name = "SEGMENTS")]
@@ -32,45 +34,69 @@ static DB_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
+/// This CPU's counters (null only if the map is broken).
 #[inline(always)]
-fn count(f: impl FnOnce(&mut Counters)) {
+pub fn counters() -> *mut Counters {
+    COUNTERS.get_ptr_mut(0).unwrap_or(core::ptr::null_mut())
+}
+
+#[inline(always)]
+pub fn count(f: impl FnOnce(&mut Counters)) {
     if let Some(c) = COUNTERS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         f(unsafe { &mut *c });
     }
 }
 
-/// Captures the segment if it belongs to a database connection. Returns the
-/// tc action; capture itself never drops.
+/// The database segment in this skb, if it is one: TCP to (`DIR_TO_SERVER`)
+/// or from (`DIR_FROM_SERVER`) a configured port.
 #[inline(always)]
-pub fn try_capture(ctx: &TcContext, direction: u8) -> Result<i32, i32> {
-    let Some(ports) = packet::ports(ctx) else {
-        return Ok(TC_ACT_OK);
-    };
-    let to_server = direction == DIR_TO_SERVER;
-    let db_port = if to_server {
+pub fn db_segment(ctx: &TcContext, direction: u8) -> Option<Segment> {
+    let ports = packet::ports(ctx)?;
+    let db_port = if direction == DIR_TO_SERVER {
         ports.dst_port
     } else {
         ports.src_port
     };
     // SAFETY: read-only lookup of a plain value.
-    if unsafe { DB_PORTS.get(&db_port) }.is_none() {
-        return Ok(TC_ACT_OK);
-    }
+    unsafe { DB_PORTS.get(&db_port) }?;
     count(|c| c.segments_seen += 1);
-    let seg = packet::segment(ctx, &ports).ok_or(TC_ACT_OK)?;
-    // Pure ACKs carry nothing the agent needs.
-    let control = seg.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0;
-    if seg.payload_len == 0 && !control {
-        return Ok(TC_ACT_OK);
-    }
-    emit_segment(ctx, &seg, direction);
-    Ok(TC_ACT_OK)
+    packet::segment(ctx, &ports)
 }
 
+/// Sends the segment to the agent unless it is a pure ACK (nothing in it
+/// the agent needs). `extra_flags`: e.g. `flags::HELD`.
 #[inline(always)]
-fn emit_segment(ctx: &TcContext, seg: &Segment, direction: u8) {
-    let header = SegmentEvent {
+pub fn capture(ctx: &TcContext, seg: &Segment, direction: u8, extra_flags: u32) {
+    let control = seg.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0;
+    if seg.payload_len == 0 && !control {
+        return;
+    }
+    emit_segment(ctx, seg, direction, extra_flags);
+}
+
+/// Where the chunking of one segment is. Kept in a map, not on the stack,
+/// so the verifier sees unknown values and [`emit_step`] converges.
+#[repr(C)]
+struct Emit {
+    header: SegmentEvent,
+    payload_offset: u32,
+    offset: u32,
+    failed: u32,
+}
+
+#[map(name = "EMIT")]
+static EMIT: PerCpuArray<Emit> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn emit_segment(ctx: &TcContext, seg: &Segment, direction: u8, extra_flags: u32) {
+    let Some(emit) = EMIT.get_ptr_mut(0) else {
+        count(|c| c.ringbuf_full += 1);
+        return;
+    };
+    // SAFETY: per-CPU slot, this program run is its only user.
+    let emit = unsafe { &mut *emit };
+    emit.header = SegmentEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         flow: seg.flow(direction == DIR_TO_SERVER),
         seq: seg.seq,
@@ -79,41 +105,71 @@ fn emit_segment(ctx: &TcContext, seg: &Segment, direction: u8) {
         chunk_offset: 0,
         chunk_len: 0,
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        flags: 0,
+        flags: extra_flags,
         direction,
         tcp_flags: seg.tcp_flags,
         _pad: [0; 6],
     };
-    let mut offset: u32 = 0;
-    for _ in 0..MAX_CHUNKS {
-        let remaining = seg.payload_len - offset;
-        let sent = if remaining <= CHUNK_SMALL as u32 {
-            emit_chunk::<CHUNK_SMALL>(ctx, seg, &header, offset, remaining)
-        } else {
-            emit_chunk::<CHUNK_LARGE>(ctx, seg, &header, offset, remaining)
-        };
-        match sent {
-            Some(n) => offset += n,
-            None => return,
+    emit.payload_offset = seg.payload_offset;
+    emit.offset = 0;
+    emit.failed = 0;
+    let mut skb_ref = SkbRef { skb: ctx.skb.skb };
+    // SAFETY: callback and context are valid for the call's duration.
+    unsafe {
+        bpf_loop(
+            MAX_CHUNKS as u32,
+            emit_step as *mut core::ffi::c_void,
+            &mut skb_ref as *mut SkbRef as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if emit.failed == 0 && emit.offset < emit.header.payload_len {
+        count(|c| c.truncated += 1);
+        emit_truncated(&emit.header, emit.offset);
+    }
+}
+
+/// `bpf_loop` callback: one ring-buffer record of the segment in `EMIT`.
+extern "C" fn emit_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `SkbRef` on emit_segment's stack.
+    let skb = unsafe { (*(ctx as *mut SkbRef)).skb };
+    let Some(emit) = EMIT.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU slot, this program run is its only user.
+    let emit = unsafe { &mut *emit };
+    let remaining = emit.header.payload_len.saturating_sub(emit.offset);
+    let sent = if remaining <= CHUNK_SMALL as u32 {
+        emit_chunk::<CHUNK_SMALL>(skb, emit, remaining)
+    } else {
+        emit_chunk::<CHUNK_LARGE>(skb, emit, remaining)
+    };
+    match sent {
+        Some(n) => {
+            emit.offset += n;
+            if emit.offset >= emit.header.payload_len {
+                1
+            } else {
+                0
+            }
         }
-        if offset >= seg.payload_len {
-            return;
+        None => {
+            emit.failed = 1;
+            1
         }
     }
-    count(|c| c.truncated += 1);
-    emit_truncated(&header, offset);
 }
 
 /// Sends one record with up to `N` payload bytes from `offset`; returns how
 /// many bytes it carried, `None` when the record could not be sent.
 #[inline(always)]
 fn emit_chunk<const N: usize>(
-    ctx: &TcContext,
-    seg: &Segment,
-    header: &SegmentEvent,
-    offset: u32,
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    emit: &Emit,
     remaining: u32,
 ) -> Option<u32> {
+    let header = &emit.header;
+    let offset = emit.offset;
     let Some(mut entry) = SEGMENTS.reserve::<SegmentRecord<N>>(0) else {
         count(|c| c.ringbuf_full += 1);
         return None;
@@ -136,8 +192,8 @@ fn emit_chunk<const N: usize>(
         // SAFETY: the destination has N >= n bytes; the helper checks the skb side.
         let rc = unsafe {
             bpf_skb_load_bytes(
-                ctx.skb.skb as *const _,
-                seg.payload_offset + offset,
+                skb as *const _,
+                emit.payload_offset + offset,
                 (*record).data.as_mut_ptr() as *mut _,
                 n,
             )

@@ -13,28 +13,59 @@
 #[cfg(target_arch = "bpf")]
 mod capture;
 #[cfg(target_arch = "bpf")]
+mod gate;
+#[cfg(target_arch = "bpf")]
 mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-    use qgate_common::{DIR_FROM_SERVER, DIR_TO_SERVER};
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_SHOT},
+        macros::classifier,
+        programs::TcContext,
+    };
+    use qgate_common::{flags, DIR_FROM_SERVER, DIR_TO_SERVER, QGATE_MARK};
 
-    use crate::capture::try_capture;
+    use crate::{
+        capture::{capture, count, counters, db_segment},
+        gate::{verdict, Verdict},
+    };
 
-    /// tc ingress (tcx): segments addressed to a database port.
+    /// tc ingress (tcx): segments addressed to a database port. Captured,
+    /// then passed, held (dropped until the agent re-injects them) or, for
+    /// originals of a denied statement, dropped.
     #[classifier]
     pub fn qgate_ingress(ctx: TcContext) -> i32 {
-        match try_capture(&ctx, DIR_TO_SERVER) {
-            Ok(action) | Err(action) => action,
+        // SAFETY: reading a field of the context the kernel handed us.
+        if unsafe { (*ctx.skb.skb).mark } == QGATE_MARK {
+            // Re-injected by the agent: already decided.
+            return TC_ACT_OK;
+        }
+        let Some(seg) = db_segment(&ctx, DIR_TO_SERVER) else {
+            return TC_ACT_OK;
+        };
+        let flow = seg.flow(true);
+        match verdict(&ctx, &seg, &flow, counters()) {
+            Verdict::Pass => {
+                capture(&ctx, &seg, DIR_TO_SERVER, 0);
+                TC_ACT_OK
+            }
+            Verdict::Hold => {
+                count(|c| c.held += 1);
+                capture(&ctx, &seg, DIR_TO_SERVER, flags::HELD);
+                TC_ACT_SHOT
+            }
+            Verdict::Drop => TC_ACT_SHOT,
         }
     }
 
-    /// tc egress (tcx): segments sent from a database port (the server's answers).
+    /// tc egress (tcx): segments sent from a database port (the server's
+    /// answers). Capture never changes what happens to them.
     #[classifier]
     pub fn qgate_egress(ctx: TcContext) -> i32 {
-        // Capture never changes what happens to a server's answer.
-        let _ = try_capture(&ctx, DIR_FROM_SERVER);
+        if let Some(seg) = db_segment(&ctx, DIR_FROM_SERVER) {
+            capture(&ctx, &seg, DIR_FROM_SERVER, 0);
+        }
         TC_ACT_OK
     }
 

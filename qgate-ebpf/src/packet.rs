@@ -163,3 +163,9 @@ impl Segment {
         }
     }
 }
+
+/// A `bpf_loop` callback's context: the skb, which cannot be kept in a map.
+#[repr(C)]
+pub struct SkbRef {
+    pub skb: *mut aya_ebpf::bindings::__sk_buff,
+}

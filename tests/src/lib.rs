@@ -1,1 +1,380 @@
-//! End-to-end harness (to be written).
+//! The end-to-end harness every privileged test uses: two network
+//! namespaces joined by a veth pair, a throwaway PostgreSQL 15 cluster in the
+//! server namespace, `qgate-agent` attached to the server's veth, and real
+//! clients (psql, pgbench) in the client namespace.
+//!
+//! Each [`Lab`] has its own names (derived from the test's tag), clears
+//! whatever an earlier killed run left under those names, and removes
+//! everything it made when dropped, even when the test fails.
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// PostgreSQL 15 server binaries (Debian's layout).
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const PG_PORT: u16 = 5432;
+
+/// One test's private network: `<tag>s` (server side) and `<tag>c` (client
+/// side), both namespaces and veth ends.
+pub struct Lab {
+    pub tag: String,
+    pub server_ns: String,
+    pub client_ns: String,
+    pub server_if: String,
+    pub server_ip: Ipv4Addr,
+    pub client_ip: Ipv4Addr,
+    pub dir: PathBuf,
+    postgres: bool,
+    agent: Option<Child>,
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+fn quiet(cmd: &mut Command) {
+    let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// Where `qgate-agent` was built: `QGATE_AGENT_BIN` (set by `cargo xtask
+/// test`), else next to this test binary's target directory.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("QGATE_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/<test> → target/debug/qgate-agent
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("qgate-agent"))
+        .expect("target directory")
+}
+
+impl Lab {
+    /// Makes the namespaces and the veth pair. `tag`: at most 8 characters
+    /// of `[a-z0-9]`, unique among the tests.
+    pub fn new(tag: &str) -> Result<Self> {
+        assert!(
+            tag.len() <= 8
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
+        let n = tag
+            .bytes()
+            .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+            % 250
+            + 1;
+        let lab = Lab {
+            tag: tag.to_string(),
+            server_ns: format!("qg{tag}s"),
+            client_ns: format!("qg{tag}c"),
+            server_if: format!("qg{tag}s"),
+            server_ip: Ipv4Addr::new(10, 213, n as u8, 1),
+            client_ip: Ipv4Addr::new(10, 213, n as u8, 2),
+            dir: std::env::temp_dir().join(format!("qgate-e2e-{tag}")),
+            postgres: false,
+            agent: None,
+        };
+        lab.clear_stale();
+        fs::create_dir_all(&lab.dir)?;
+        run(Command::new("ip").args(["netns", "add", &lab.server_ns]))?;
+        run(Command::new("ip").args(["netns", "add", &lab.client_ns]))?;
+        let client_if = format!("qg{tag}c");
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &lab.server_if,
+            "netns",
+            &lab.server_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            &lab.client_ns,
+        ]))?;
+        for (ns, ifname, ip) in [
+            (&lab.server_ns, &lab.server_if, lab.server_ip),
+            (&lab.client_ns, &client_if, lab.client_ip),
+        ] {
+            let addr = format!("{ip}/24");
+            run(Command::new("ip").args(["-n", ns, "addr", "add", &addr, "dev", ifname]))?;
+            run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "up"]))?;
+            run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
+        }
+        Ok(lab)
+    }
+
+    /// Removes what a killed earlier run with the same tag left behind.
+    fn clear_stale(&self) {
+        for ns in [&self.server_ns, &self.client_ns] {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    quiet(Command::new("kill").args(["-9", pid]));
+                }
+            }
+            quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// A command run inside the server namespace.
+    pub fn in_server(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.server_ns, program]);
+        c
+    }
+
+    /// A command run inside the client namespace.
+    pub fn in_client(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.client_ns, program]);
+        c
+    }
+
+    pub fn pg_data(&self) -> PathBuf {
+        self.dir.join("pgdata")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("qgate.sqlite")
+    }
+
+    /// initdb + start a PostgreSQL 15 cluster listening on the server address,
+    /// trusting every client (the lab is private).
+    pub fn start_postgres(&mut self) -> Result<()> {
+        let data = self.pg_data();
+        fs::create_dir_all(&data)?;
+        run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&self.dir))?;
+        run(Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{PG_BIN}/initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync"]))?;
+        fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 0.0.0.0/0 trust\n",
+        )?;
+        let opts = format!(
+            "-c listen_addresses={} -p {PG_PORT} -k {} -c fsync=off -c max_connections=100",
+            self.server_ip,
+            self.dir.display()
+        );
+        run(self
+            .in_server("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts, "-l"])
+            .arg(self.dir.join("postgres.log"))
+            .args(["-w", "start"]))?;
+        self.postgres = true;
+        Ok(())
+    }
+
+    /// Starts `qgate-agent run` in the server namespace, attached to the
+    /// server's veth, and waits until it has attached.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        let log = fs::File::create(self.dir.join("agent.log"))?;
+        let child = self
+            .in_server(agent_bin().to_str().context("agent path")?)
+            .args(["run", "--interface", &self.server_if, "--port"])
+            .arg(PG_PORT.to_string())
+            .arg("--db")
+            .arg(self.db_path())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting qgate-agent")?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.agent_log().contains("capturing") {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("qgate-agent exited with {status}:\n{}", self.agent_log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "qgate-agent did not attach within 20 s:\n{}",
+            self.agent_log()
+        )
+    }
+
+    /// Stops the agent with SIGTERM (it flushes the store) and waits.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!(
+                        "qgate-agent ignored SIGTERM for 10 s:\n{}",
+                        self.agent_log()
+                    );
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// psql from the client namespace; `-v ON_ERROR_STOP=0` so a failing
+    /// statement in a script does not end it.
+    pub fn psql(&self, user: &str, db: &str, args: &[&str]) -> Result<Output> {
+        self.in_client("psql")
+            .args([
+                "-h",
+                &self.server_ip.to_string(),
+                "-p",
+                &PG_PORT.to_string(),
+            ])
+            .args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
+            .args(args)
+            .output()
+            .context("running psql")
+    }
+
+    /// psql -c, failing the test if psql itself fails.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        let out = self.psql("postgres", "postgres", &["-At", "-c", sql])?;
+        if !out.status.success() {
+            bail!("psql -c {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// pgbench from the client namespace.
+    pub fn pgbench(&self, args: &[&str]) -> Result<Output> {
+        let out = self
+            .in_client("pgbench")
+            .args([
+                "-h",
+                &self.server_ip.to_string(),
+                "-p",
+                &PG_PORT.to_string(),
+            ])
+            .args(["-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .context("running pgbench")?;
+        if !out.status.success() {
+            bail!(
+                "pgbench {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// Polls `probe` until it returns `Some`, or fails after `timeout`.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut last_err = None;
+        while Instant::now() < deadline {
+            match probe() {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last_err = Some(e),
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})\nagent log:\n{}",
+            self.agent_log()
+        )
+    }
+
+    /// A read-only connection to the agent's store.
+    pub fn store(&self) -> Result<rusqlite::Connection> {
+        let c = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        Ok(c)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.postgres {
+            quiet(
+                self.in_server("runuser")
+                    .args(["-u", "postgres", "--"])
+                    .arg(format!("{PG_BIN}/pg_ctl"))
+                    .arg("-D")
+                    .arg(self.pg_data())
+                    .args(["-m", "immediate", "stop"]),
+            );
+        }
+        if std::env::var_os("QGATE_KEEP_LAB").is_none() {
+            self.clear_stale();
+        }
+    }
+}
+
+/// The e2e tests need root (namespaces, BPF). Under CI a non-root run is a
+/// failure, never a silent skip.
+pub fn require_root() {
+    let uid = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    assert_eq!(uid, "0", "end-to-end tests need root (namespaces, tc, BPF)");
+}

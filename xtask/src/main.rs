@@ -1,1 +1,108 @@
-fn main() {}
+//! `cargo xtask`: everything a fresh host needs, then run, test or bench.
+//!
+//! Every bootstrap step checks before it acts and says what it does, so a
+//! second run installs nothing.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod bootstrap;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (LLVM 22, rust-src, bpf-linker, PostgreSQL 15, bpffs).
+    Bootstrap,
+    /// Bootstrap, build (release) and run the agent with the shipped configuration.
+    Run {
+        /// Extra arguments for `qgate-agent run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Bootstrap and run the whole suite: unit, corpus and end-to-end tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root()?;
+    match cli.command {
+        Task::Bootstrap => bootstrap::all(),
+        Task::Run { args } => {
+            bootstrap::all()?;
+            cargo(&root, &["build", "--release", "-p", "qgate-agent"])?;
+            let agent = root.join("target/release/qgate-agent");
+            let status = Command::new(&agent)
+                .arg("run")
+                .args(&args)
+                .status()
+                .with_context(|| format!("starting {}", agent.display()))?;
+            if !status.success() {
+                bail!("qgate-agent exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { args } => {
+            bootstrap::all()?;
+            test(&root, &args)
+        }
+    }
+}
+
+/// Unit and corpus tests of every crate, then the end-to-end tests (root,
+/// network namespaces, real PostgreSQL) one at a time: each starts its own
+/// cluster and the 2-core machines are the limit.
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    cargo(root, &["build", "-p", "qgate-agent"])?;
+    let mut unit = vec!["test", "--workspace", "--exclude", "qgate-e2e", "--"];
+    unit.extend(args.iter().map(String::as_str));
+    cargo(root, &unit)?;
+    let mut e2e = vec!["test", "-p", "qgate-e2e", "--", "--test-threads=1"];
+    e2e.extend(args.iter().map(String::as_str));
+    cargo(root, &e2e)
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    println!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root)
+        .env("QGATE_AGENT_BIN", root.join("target/debug/qgate-agent"))
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}

@@ -1,0 +1,42 @@
+//! Command-line parsing and dispatch; one file per command group.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod run;
+
+#[derive(Parser)]
+#[command(
+    name = "qgate-agent",
+    version,
+    about = "Query-level approval for PostgreSQL, in the kernel"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to the database interfaces and run the pipeline.
+    Run(run::RunArgs),
+    /// Decode and store a pcap/pcapng capture instead of live traffic.
+    Replay(run::ReplayArgs),
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Replay(args) => run::replay(args),
+    }
+}
+
+/// Logs to stderr (the journal under systemd); `RUST_LOG` filters.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

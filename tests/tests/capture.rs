@@ -1,0 +1,209 @@
+//! Issue 2 end to end: every statement a real client sends over a real veth
+//! reaches the agent's store whole, attributed to its user and database, with
+//! the server's outcome.
+use std::time::Duration;
+
+use anyhow::Result;
+use qgate_e2e::{require_root, Lab};
+
+/// psql script mixing reads, writes, DDL, a failing statement, a
+/// multi-statement string and COPY FROM STDIN.
+const SCRIPT: &str = "\
+CREATE TABLE items (id int PRIMARY KEY, name text, qty int);
+INSERT INTO items SELECT g, 'item' || g, g FROM generate_series(1, 10) g;
+SELECT count(*) FROM items;
+UPDATE items SET qty = qty + 1 WHERE id <= 3;
+DELETE FROM items WHERE id = 10;
+SELECT * FROM no_such_table;
+SELECT 1 \\; SELECT 2;
+COPY items (id, name, qty) FROM STDIN;
+100\tcopied-a\t1
+101\tcopied-b\t2
+\\.
+DROP TABLE items;
+";
+
+#[derive(Debug)]
+struct Stored {
+    text: String,
+    user: Option<String>,
+    database: Option<String>,
+    outcome: Option<String>,
+    sqlstate: Option<String>,
+    tag: Option<String>,
+    rows: Option<i64>,
+}
+
+fn stored_statements(lab: &Lab) -> Result<Vec<Stored>> {
+    let db = lab.store()?;
+    let mut stmt = db.prepare(
+        "SELECT s.text, c.user, c.database, s.outcome, s.sqlstate, s.tag, s.rows
+         FROM statements s JOIN connections c ON c.id = s.connection_id
+         ORDER BY s.id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Stored {
+            text: r.get(0)?,
+            user: r.get(1)?,
+            database: r.get(2)?,
+            outcome: r.get(3)?,
+            sqlstate: r.get(4)?,
+            tag: r.get(5)?,
+            rows: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn completed_count(lab: &Lab) -> Result<i64> {
+    Ok(lab.store()?.query_row(
+        "SELECT count(*) FROM statements WHERE completed_at IS NOT NULL",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+fn capture_loss(lab: &Lab) -> Result<i64> {
+    Ok(lab
+        .store()?
+        .query_row("SELECT coalesce(max(lost), 0) FROM capture_loss", [], |r| {
+            r.get(0)
+        })?)
+}
+
+#[test]
+fn psql_script_statements_are_stored_with_identity_and_outcome() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("cappsql")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE ROLE alice LOGIN")?;
+    lab.sql("CREATE DATABASE shop OWNER alice")?;
+    lab.start_agent(&[])?;
+
+    let script = lab.dir.join("script.sql");
+    std::fs::write(&script, SCRIPT)?;
+    let out = lab.psql(
+        "alice",
+        "shop",
+        &["-f", script.to_str().unwrap_or_default()],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no_such_table"),
+        "the failing statement fails: {stderr}"
+    );
+
+    let expected = 9;
+    lab.wait_for("9 completed statements", Duration::from_secs(10), || {
+        Ok((completed_count(&lab)? >= expected).then_some(()))
+    })?;
+    lab.stop_agent()?;
+    let stored = stored_statements(&lab)?;
+    assert_eq!(stored.len(), expected as usize, "{stored:#?}");
+    for s in &stored {
+        assert_eq!(s.user.as_deref(), Some("alice"), "{s:?}");
+        assert_eq!(s.database.as_deref(), Some("shop"), "{s:?}");
+    }
+    let find = |prefix: &str| {
+        stored
+            .iter()
+            .find(|s| s.text.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no statement starting {prefix:?} in {stored:#?}"))
+    };
+    let update = find("UPDATE items");
+    assert_eq!(update.outcome.as_deref(), Some("ok"));
+    assert_eq!(update.tag.as_deref(), Some("UPDATE 3"));
+    assert_eq!(update.rows, Some(3));
+    let failing = find("SELECT * FROM no_such_table");
+    assert_eq!(failing.outcome.as_deref(), Some("error"));
+    assert_eq!(failing.sqlstate.as_deref(), Some("42P01"));
+    let multi = find("SELECT 1");
+    assert!(
+        multi.text.contains("SELECT 2"),
+        "one Query with both: {multi:?}"
+    );
+    let copy = find("COPY items");
+    assert_eq!(copy.tag.as_deref(), Some("COPY 2"));
+    assert_eq!(copy.rows, Some(2));
+    assert_eq!(find("INSERT INTO items").rows, Some(10));
+    assert_eq!(find("DROP TABLE items").outcome.as_deref(), Some("ok"));
+    assert_eq!(capture_loss(&lab)?, 0);
+    Ok(())
+}
+
+/// The seven statements of pgbench's built-in TPC-B-like transaction.
+const TPCB: [&str; 7] = [
+    "BEGIN",
+    "UPDATE pgbench_accounts",
+    "SELECT abalance FROM pgbench_accounts",
+    "UPDATE pgbench_tellers",
+    "UPDATE pgbench_branches",
+    "INSERT INTO pgbench_history",
+    "END",
+];
+
+fn pgbench_counts_are_exact(tag: &str, mode: &str) -> Result<()> {
+    require_root();
+    let mut lab = Lab::new(tag)?;
+    lab.start_postgres()?;
+    lab.pgbench(&["-i", "-q", "-s", "1"])?;
+    lab.start_agent(&[])?;
+    let (clients, txs) = (4, 500);
+    lab.pgbench(&["-n", "-c", "4", "-j", "2", "-t", "500", "-M", mode])?;
+    let per_kind = clients * txs;
+    let total_min = per_kind * TPCB.len() as i64;
+    lab.wait_for(
+        "every pgbench statement completed",
+        Duration::from_secs(20),
+        || Ok((completed_count(&lab)? >= total_min).then_some(())),
+    )?;
+    lab.stop_agent()?;
+    let stored = stored_statements(&lab)?;
+    for prefix in TPCB {
+        let n = stored
+            .iter()
+            .filter(|s| s.text.trim_start().starts_with(prefix))
+            .count() as i64;
+        assert_eq!(
+            n, per_kind,
+            "{prefix}: {n} stored, {per_kind} sent ({mode})"
+        );
+    }
+    let benchmark: Vec<&Stored> = stored
+        .iter()
+        .filter(|s| TPCB.iter().any(|p| s.text.trim_start().starts_with(p)))
+        .collect();
+    for s in &benchmark {
+        assert_eq!(s.user.as_deref(), Some("postgres"));
+        assert_eq!(s.database.as_deref(), Some("postgres"));
+        assert_eq!(s.outcome.as_deref(), Some("ok"), "{s:?}");
+    }
+    let updates = benchmark
+        .iter()
+        .filter(|s| s.text.starts_with("UPDATE pgbench_accounts"))
+        .filter(|s| s.rows == Some(1))
+        .count() as i64;
+    assert_eq!(updates, per_kind, "every account UPDATE reports 1 row");
+    // Whatever else is stored is pgbench's own set-up query on connect.
+    for s in stored
+        .iter()
+        .filter(|s| !TPCB.iter().any(|p| s.text.trim_start().starts_with(p)))
+    {
+        assert!(
+            s.text.contains("pgbench_branches"),
+            "unexpected statement {s:?}"
+        );
+    }
+    assert_eq!(capture_loss(&lab)?, 0);
+    Ok(())
+}
+
+#[test]
+fn pgbench_prepared_statements_are_counted_exactly() -> Result<()> {
+    pgbench_counts_are_exact("capprep", "prepared")
+}
+
+#[test]
+fn pgbench_simple_statements_are_counted_exactly() -> Result<()> {
+    pgbench_counts_are_exact("capsimp", "simple")
+}

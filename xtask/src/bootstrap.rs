@@ -1,0 +1,105 @@
+//! Bringing a fresh Debian 12 host of this kind to the point where qgate
+//! builds, loads and tests. The recipe is ../shared/TOOLCHAIN.md.
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages and the command whose presence proves each is installed.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    // bpf-linker links against LLVM 22 (rustc 1.95's LLVM must not be newer).
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("postgresql-15", "/usr/lib/postgresql/15/bin/initdb"),
+    ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
+    ("iproute2", "/usr/sbin/ip"),
+    ("sqlite3", "/usr/bin/sqlite3"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The toolchain that builds the eBPF object (see qgate-agent/build.rs).
+const TOOLCHAIN: &str = "stable";
+
+pub fn all() -> Result<()> {
+    apt()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, proof)| !std::path::Path::new(proof).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        println!("bootstrap: Debian packages present");
+        return Ok(());
+    }
+    println!("bootstrap: installing {}", missing.join(" "));
+    sh(Command::new("apt-get").arg("update").arg("-q"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", TOOLCHAIN])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        println!("bootstrap: rust-src present");
+        return Ok(());
+    }
+    println!("bootstrap: adding rust-src to {TOOLCHAIN}");
+    sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", TOOLCHAIN]))
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output() {
+        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+            println!("bootstrap: bpf-linker {BPF_LINKER_VERSION} present");
+            return Ok(());
+        }
+    }
+    println!(
+        "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    );
+    sh(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        println!("bootstrap: bpffs mounted");
+        return Ok(());
+    }
+    println!("bootstrap: mounting bpffs at /sys/fs/bpf");
+    sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
