@@ -12,5 +12,6 @@
 //! [`pipeline`] connects the stages; `main.rs` is only the command line.
 pub mod capture;
 pub mod config;
+pub mod gate;
 pub mod pipeline;
 pub mod wire;

@@ -127,7 +127,7 @@ pub struct FlowKey {
 /// Header of one ring-buffer record: one chunk of one TCP segment.
 /// `chunk_len` payload bytes follow the header in the record.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct SegmentEvent {
     /// `bpf_ktime_get_ns` when the program saw the segment.
     pub ts_ns: u64,
@@ -146,7 +146,12 @@ pub struct SegmentEvent {
     pub direction: u8,
     /// TCP flag byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
     pub tcp_flags: u8,
-    pub _pad: [u8; 6],
+    /// Length of the TCP header copied into `tcp_header` (20..=60).
+    pub tcp_header_len: u8,
+    pub _pad: [u8; 5],
+    /// The segment's TCP header, options included: a held segment is
+    /// re-injected with its own timestamps and window.
+    pub tcp_header: [u8; 64],
 }
 
 /// TCP flag bits of the header's 13th byte (RFC 9293 §3.1).

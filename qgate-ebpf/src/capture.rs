@@ -108,8 +108,26 @@ fn emit_segment(ctx: &TcContext, seg: &Segment, direction: u8, extra_flags: u32)
         flags: extra_flags,
         direction,
         tcp_flags: seg.tcp_flags,
-        _pad: [0; 6],
+        tcp_header_len: 0,
+        _pad: [0; 5],
+        tcp_header: [0; 64],
     };
+    if direction == DIR_TO_SERVER && seg.tcp_header_len >= 20 {
+        // Keep the bound visible to the verifier: 1 <= n <= 64.
+        let n = ((core::hint::black_box(seg.tcp_header_len) - 1) & 63) + 1;
+        // SAFETY: 64-byte destination, n <= 64.
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                seg.tcp_offset,
+                emit.header.tcp_header.as_mut_ptr() as *mut _,
+                n,
+            )
+        };
+        if rc == 0 {
+            emit.header.tcp_header_len = n as u8;
+        }
+    }
     emit.payload_offset = seg.payload_offset;
     emit.offset = 0;
     emit.failed = 0;

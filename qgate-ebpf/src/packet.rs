@@ -25,6 +25,10 @@ pub struct Segment {
     pub seq: u32,
     pub ack: u32,
     pub tcp_flags: u8,
+    /// Offset of the TCP header from the start of the skb data.
+    pub tcp_offset: u32,
+    /// TCP header length in bytes (data offset × 4).
+    pub tcp_header_len: u32,
     /// Offset of the first payload byte from the start of the skb data.
     pub payload_offset: u32,
     pub payload_len: u32,
@@ -138,6 +142,8 @@ pub fn segment(ctx: &TcContext, p: &Ports) -> Option<Segment> {
         seq,
         ack,
         tcp_flags,
+        tcp_offset: l4 as u32,
+        tcp_header_len: doff as u32,
         payload_offset: (l4 + doff) as u32,
         payload_len: p.ip_len.saturating_sub(doff) as u32,
     })

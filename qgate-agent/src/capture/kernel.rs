@@ -272,6 +272,9 @@ impl ChunkAssembler {
             at: h.ts_ns as i64 + self.clock_offset,
             payload: Vec::new(),
             truncated: false,
+            held: h.flags & flags::HELD != 0,
+            tcp_header: h.tcp_header[..(h.tcp_header_len as usize).min(h.tcp_header.len())]
+                .to_vec(),
         }
     }
 }

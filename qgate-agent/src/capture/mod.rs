@@ -38,6 +38,11 @@ pub struct Segment {
     /// The capture lost bytes of this segment from `payload.len()` on: the
     /// stream can no longer be trusted from here.
     pub truncated: bool,
+    /// The tc program dropped it to wait for a decision (live capture only).
+    pub held: bool,
+    /// The raw TCP header, options included (live to-server segments only;
+    /// empty otherwise): what a re-injected copy is rebuilt from.
+    pub tcp_header: Vec<u8>,
 }
 
 impl Segment {

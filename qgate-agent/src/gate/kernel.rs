@@ -1,0 +1,163 @@
+//! The agent's side of the tc program's gating maps: per-connection state
+//! (`FLOWS`) and the global settings with the heartbeat (`GATE_CONFIG`).
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use aya::maps::{Array, HashMap, MapData, MapError};
+use qgate_common::{mode, phase, FlowKey, FlowState, GateConfig};
+
+use crate::capture::Flow;
+
+/// How the program treats a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateMode {
+    Monitor,
+    GateRisky,
+    GateAll,
+    Deny,
+}
+
+impl GateMode {
+    pub fn as_raw(self) -> u8 {
+        match self {
+            GateMode::Monitor => mode::MONITOR,
+            GateMode::GateRisky => mode::GATE_RISKY,
+            GateMode::GateAll => mode::GATE_ALL,
+            GateMode::Deny => mode::DENY,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateMapError {
+    #[error("gate map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> GateMapError {
+    move |source| GateMapError::Map { name, source }
+}
+
+/// The key the program uses for `flow`.
+pub fn flow_key(flow: &Flow) -> FlowKey {
+    fn addr(a: &SocketAddr) -> [u8; 16] {
+        match a.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    }
+    FlowKey {
+        client_addr: addr(&flow.client),
+        server_addr: addr(&flow.server),
+        client_port: flow.client.port(),
+        server_port: flow.server.port(),
+    }
+}
+
+pub struct KernelGate {
+    flows: HashMap<MapData, FlowKey, FlowState>,
+    config: Array<MapData, GateConfig>,
+}
+
+/// CLOCK_MONOTONIC now, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl KernelGate {
+    pub fn new(
+        flows: HashMap<MapData, FlowKey, FlowState>,
+        config: Array<MapData, GateConfig>,
+    ) -> Self {
+        Self { flows, config }
+    }
+
+    /// Writes the global settings and a first heartbeat.
+    pub fn configure(
+        &mut self,
+        default_mode: GateMode,
+        fail_open: bool,
+        fail_after: Duration,
+        hold_startup: bool,
+    ) -> Result<(), GateMapError> {
+        let cfg = GateConfig {
+            heartbeat_ns: monotonic_ns(),
+            fail_after_ns: fail_after.as_nanos() as u64,
+            default_mode: default_mode.as_raw(),
+            fail_open: fail_open as u8,
+            hold_startup: hold_startup as u8,
+            _pad: [0; 5],
+        };
+        self.config.set(0, cfg, 0).map_err(map_err("GATE_CONFIG"))
+    }
+
+    /// Tells the program the agent is alive.
+    pub fn heartbeat(&mut self) -> Result<(), GateMapError> {
+        let mut cfg = self.config.get(&0, 0).map_err(map_err("GATE_CONFIG"))?;
+        cfg.heartbeat_ns = monotonic_ns();
+        self.config.set(0, cfg, 0).map_err(map_err("GATE_CONFIG"))
+    }
+
+    pub fn state(&self, flow: &Flow) -> Option<FlowState> {
+        self.flows.get(&flow_key(flow), 0).ok()
+    }
+
+    fn update(&mut self, flow: &Flow, f: impl FnOnce(&mut FlowState)) -> Result<(), GateMapError> {
+        let key = flow_key(flow);
+        let mut state = self.flows.get(&key, 0).unwrap_or_default();
+        f(&mut state);
+        self.flows.insert(key, state, 0).map_err(map_err("FLOWS"))
+    }
+
+    /// Sets the connection's mode once its identity is judged.
+    pub fn set_mode(&mut self, flow: &Flow, mode: GateMode) -> Result<(), GateMapError> {
+        self.update(flow, |s| s.mode = mode.as_raw())
+    }
+
+    /// Everything before `next_msg_seq` is decided and delivered: the next
+    /// message header is there. `still_held_from`: bytes from there on still
+    /// wait for a decision.
+    pub fn release(
+        &mut self,
+        flow: &Flow,
+        next_msg_seq: u32,
+        still_held_from: Option<u32>,
+    ) -> Result<(), GateMapError> {
+        self.update(flow, |s| {
+            s.next_msg_seq = next_msg_seq;
+            s.phase = phase::READY;
+            match still_held_from {
+                Some(seq) => {
+                    s.held = 1;
+                    s.hold_seq = seq;
+                }
+                None => s.held = 0,
+            }
+        })
+    }
+
+    /// The originals of a denied statement `[start, end)` must never reach
+    /// the server, even as retransmissions after the rewritten copy.
+    pub fn deny_range(&mut self, flow: &Flow, start: u32, end: u32) -> Result<(), GateMapError> {
+        self.update(flow, |s| {
+            s.deny_start = start;
+            s.deny_end = end;
+        })
+    }
+
+    pub fn forget(&mut self, flow: &Flow) {
+        let _ = self.flows.remove(&flow_key(flow));
+    }
+}
