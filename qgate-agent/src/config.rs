@@ -18,6 +18,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -28,6 +30,41 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    pub gate: GateConfig,
+}
+
+/// How statements are gated.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateSetting {
+    /// Capture and audit only; never hold.
+    Monitor,
+    /// Hold what the policy says, per connection from its identity.
+    Policy,
+}
+
+/// What the tc program does while the agent is gone.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailMode {
+    /// Pass everything (and count it).
+    Open,
+    /// Keep holding what needs a decision.
+    Closed,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfig {
+    pub mode: GateSetting,
+    pub fail: FailMode,
+    /// The agent counts as gone after this long without a heartbeat.
+    pub fail_after_ms: u64,
+    /// A held statement not decided within this is denied. Must stay well
+    /// below what the client's TCP tolerates (tcp_retries2 = 15: ~15 min).
+    pub hold_timeout_s: u64,
+    /// bpffs directory for pinned maps and links (a `v<N>` directory is made in it).
+    pub pin_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -59,9 +96,38 @@ pub struct PolicyConfig {
     pub file: Option<PathBuf>,
 }
 
+/// Longest hold the client's TCP survives with margin: tcp_retries2 = 15
+/// gives about 924 s before the kernel gives up on the connection.
+pub const MAX_HOLD_TIMEOUT_S: u64 = 840;
+
 impl Config {
     pub fn parse(text: &str, path: PathBuf) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse { path, source })
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        config
+            .validate()
+            .map_err(|message| ConfigError::Invalid { path, message })?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot say.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.capture.ports.is_empty() {
+            return Err("capture.ports: at least one port".into());
+        }
+        if self.gate.hold_timeout_s == 0 || self.gate.hold_timeout_s > MAX_HOLD_TIMEOUT_S {
+            return Err(format!(
+                "gate.hold_timeout_s = {}: must be between 1 and {MAX_HOLD_TIMEOUT_S} \
+                 (the client's TCP gives up after about 15 minutes)",
+                self.gate.hold_timeout_s
+            ));
+        }
+        if self.gate.fail_after_ms < 100 {
+            return Err("gate.fail_after_ms: at least 100 (heartbeats come every 250 ms)".into());
+        }
+        Ok(())
     }
 
     /// Reads `path`, or the shipped default when `None`.
@@ -106,6 +172,15 @@ mod tests {
         assert_eq!(c.capture.ports, vec![5432]);
         assert!(c.capture.interfaces.is_empty());
         assert!(c.api.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn hold_timeout_beyond_what_tcp_survives_is_refused() {
+        let text = DEFAULT_CONFIG.replace("hold_timeout_s = 600", "hold_timeout_s = 3600");
+        let err = Config::parse(&text, "x.toml".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hold_timeout_s"), "{err}");
     }
 
     #[test]

@@ -83,6 +83,32 @@ fn hold(state: &mut FlowState, seq: u32) -> Verdict {
 
 pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Counters) -> Verdict {
     let cfg = config();
+    let v = decide(ctx, seg, flow, &cfg);
+    if !matches!(v, Verdict::Hold) || cfg.fail_open == 0 {
+        return v;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(cfg.heartbeat_ns) <= cfg.fail_after_ns {
+        return v;
+    }
+    // The agent is gone and the operator chose to fail open: pass, count,
+    // and forget the boundaries so the agent re-syncs this connection when
+    // it is back.
+    if let Some(state) = FLOWS.get_ptr_mut(flow) {
+        // SAFETY: map value; plain integers.
+        let state = unsafe { &mut *state };
+        state.held = 0;
+        state.phase = phase::UNSYNCED;
+    }
+    if !counters.is_null() {
+        // SAFETY: per-CPU slot.
+        unsafe { (*counters).failed_open += 1 };
+    }
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> Verdict {
     if seg.tcp_flags & tcp_flags::SYN != 0 {
         let state = FlowState {
             next_msg_seq: seg.seq.wrapping_add(1),
@@ -131,18 +157,10 @@ pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Co
     if state.mode == mode::MONITOR || state.phase == phase::OPAQUE {
         return Verdict::Pass;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(cfg.heartbeat_ns) > cfg.fail_after_ns {
-        if cfg.fail_open != 0 {
-            if !counters.is_null() {
-                // SAFETY: per-CPU slot.
-                unsafe { (*counters).failed_open += 1 };
-            }
-            return Verdict::Pass;
-        }
+    if state.mode == mode::DENY {
         return hold(state, seg.seq);
     }
-    if state.mode == mode::DENY {
+    if state.phase == phase::UNSYNCED {
         return hold(state, seg.seq);
     }
     // Where in this segment the next message header is.
@@ -156,7 +174,7 @@ pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Co
     }
     let first = state.next_msg_seq.wrapping_sub(seg.seq);
     match state.phase {
-        phase::STARTUP => startup(ctx, seg, state, &cfg, first),
+        phase::STARTUP => startup(ctx, seg, state, cfg, first),
         phase::READY => messages(ctx, seg, state, first),
         _ => hold(state, seg.seq),
     }

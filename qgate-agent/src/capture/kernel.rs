@@ -7,12 +7,19 @@ use std::{
     time::Duration,
 };
 
+use std::path::{Path, PathBuf};
+
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{tc, SchedClassifier, TcAttachType},
-    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
 };
-use qgate_common::{flags, maps, Counters, FlowKey, SegmentEvent, DIR_TO_SERVER};
+use qgate_common::{flags, maps, Counters, FlowKey, SegmentEvent, ABI_VERSION, DIR_TO_SERVER};
+
+use crate::gate::kernel::KernelGate;
 use tracing::{info, warn};
 
 use super::{Direction, Flow, Segment};
@@ -48,11 +55,30 @@ pub enum CaptureError {
     },
     #[error("waiting for the ring buffer: {0}")]
     Poll(std::io::Error),
+    #[error("pinning under {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn pin_err(path: &Path) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> CaptureError + '_ {
+    move |source| CaptureError::Pin {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where one run's pins live: `<base>/v<ABI_VERSION>`, so an agent never
+/// reuses maps laid out by another version.
+pub fn pin_dir(base: &Path) -> PathBuf {
+    base.join(format!("v{ABI_VERSION}"))
 }
 
 /// The loaded, attached programs and the maps the agent talks to. Dropping
 /// it detaches everything.
 pub struct KernelCapture {
+    pins: PathBuf,
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
@@ -70,11 +96,22 @@ struct ChunkAssembler {
 impl KernelCapture {
     /// Loads the programs, tells them the database ports and attaches them
     /// to ingress and egress of every interface given.
-    pub fn attach(interfaces: &[String], ports: &[u16]) -> Result<Self, CaptureError> {
+    ///
+    /// The gating maps and the tcx links are pinned under `pins` (see
+    /// [`pin_dir`]): a restarted agent finds the connections' states and the
+    /// holds where the previous one left them, and replaces the program in
+    /// the pinned links atomically, so nothing passes unseen in between.
+    pub fn attach(interfaces: &[String], ports: &[u16], pins: &Path) -> Result<Self, CaptureError> {
         if PROGRAM_OBJECT.is_empty() {
             return Err(CaptureError::NoProgram);
         }
-        let mut ebpf = Ebpf::load(PROGRAM_OBJECT)?;
+        std::fs::create_dir_all(pins).map_err(|e| pin_err(pins)(Box::new(e)))?;
+        let flows_pin = pins.join(maps::FLOWS);
+        let config_pin = pins.join(maps::GATE_CONFIG);
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(maps::FLOWS, flows_pin.as_path())
+            .map_pin_path(maps::GATE_CONFIG, config_pin.as_path())
+            .load(PROGRAM_OBJECT)?;
         {
             let map = ebpf
                 .map_mut(maps::DB_PORTS)
@@ -109,15 +146,34 @@ impl KernelCapture {
                 .load()
                 .map_err(|source| CaptureError::Program { name, source })?;
             for interface in interfaces {
+                let link_pin = pins.join(format!("link-{interface}-{name}"));
+                let attach_err = |source| CaptureError::Attach {
+                    program: name,
+                    interface: interface.clone(),
+                    source,
+                };
+                if let Ok(old) = PinnedLink::from_pin(&link_pin) {
+                    let link = FdLink::from(old).try_into().map_err(
+                        |e: aya::programs::links::LinkError| pin_err(&link_pin)(Box::new(e)),
+                    )?;
+                    program.attach_to_link(link).map_err(attach_err)?;
+                    info!(
+                        program = name,
+                        interface, "replaced the program in the pinned link"
+                    );
+                    continue;
+                }
                 // tcx needs no qdisc; older kernels do. "exists" is fine.
                 let _ = tc::qdisc_add_clsact(interface);
-                program
-                    .attach(interface, attach_type)
-                    .map_err(|source| CaptureError::Attach {
-                        program: name,
-                        interface: interface.clone(),
-                        source,
-                    })?;
+                let id = program.attach(interface, attach_type).map_err(attach_err)?;
+                let link = program.take_link(id).map_err(attach_err)?;
+                let link: FdLink =
+                    link.try_into()
+                        .map_err(|e: aya::programs::links::LinkError| {
+                            pin_err(&link_pin)(Box::new(e))
+                        })?;
+                link.pin(&link_pin)
+                    .map_err(|e| pin_err(&link_pin)(Box::new(e)))?;
                 info!(program = name, interface, "attached");
             }
         }
@@ -138,6 +194,7 @@ impl KernelCapture {
             source,
         })?;
         Ok(Self {
+            pins: pins.to_owned(),
             ebpf,
             ring,
             counters,
@@ -162,9 +219,39 @@ impl KernelCapture {
         total
     }
 
-    /// The loaded object, for the gate stage's maps.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// The gating maps, for the gate stage.
+    pub fn take_gate(&mut self) -> Result<KernelGate, CaptureError> {
+        let flows = HashMap::try_from(
+            self.ebpf
+                .take_map(maps::FLOWS)
+                .ok_or(CaptureError::MissingMap(maps::FLOWS))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: maps::FLOWS,
+            source,
+        })?;
+        let config = Array::try_from(
+            self.ebpf
+                .take_map(maps::GATE_CONFIG)
+                .ok_or(CaptureError::MissingMap(maps::GATE_CONFIG))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: maps::GATE_CONFIG,
+            source,
+        })?;
+        Ok(KernelGate::new(flows, config))
+    }
+
+    /// Removes every pin: the links detach when this process lets go of
+    /// them, and the next agent starts from scratch. For a deliberate stop
+    /// with nothing held.
+    pub fn unpin(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.pins) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pins);
     }
 
     /// Waits up to `timeout` for records and hands every complete segment to

@@ -80,7 +80,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         config.capture.interfaces.clone()
     };
-    let mut capture = KernelCapture::attach(&interfaces, &config.capture.ports)?;
+    let pins = qgate_agent::capture::kernel::pin_dir(&config.gate.pin_dir);
+    let mut capture = KernelCapture::attach(&interfaces, &config.capture.ports, &pins)?;
     info!(?interfaces, ports = ?config.capture.ports, "capturing");
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook_consts::SIGINT, signal_hook_consts::SIGTERM] {
