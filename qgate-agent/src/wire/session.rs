@@ -471,12 +471,33 @@ impl Session {
         out: &mut Vec<WireEvent>,
     ) {
         for pending in self.queue.drain(..) {
-            let stmt = match pending {
-                Pending::Query { stmt, .. } => Some(stmt),
-                Pending::Execute { stmt, .. } => stmt,
-                Pending::SyncPoint => None,
+            let (stmt, completion) = match pending {
+                // An ErrorResponse already decided the outcome; only the
+                // ReadyForQuery is missing.
+                Pending::Query {
+                    stmt,
+                    tag,
+                    error: Some((sqlstate, message)),
+                    ..
+                } => (
+                    Some(stmt),
+                    Completion {
+                        rows: tag.as_deref().and_then(|t| command_rows(t.as_bytes())),
+                        tag,
+                        ..failed(sqlstate, message)
+                    },
+                ),
+                Pending::Query { stmt, tag, .. } => (
+                    Some(stmt),
+                    Completion {
+                        tag,
+                        ..failed(None, Some(why.to_owned()))
+                    },
+                ),
+                Pending::Execute { stmt, .. } => (stmt, failed(None, Some(why.to_owned()))),
+                Pending::SyncPoint => (None, failed(None, None)),
             };
-            Self::complete(conn, stmt, failed(None, Some(why.to_owned())), at, out);
+            Self::complete(conn, stmt, completion, at, out);
         }
         self.discarding = false;
     }

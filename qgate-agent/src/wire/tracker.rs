@@ -199,9 +199,13 @@ impl Tracker {
             return;
         };
         conn.last_seen = seg.at;
-        match seg.direction {
-            Direction::ToServer => client_segment(conn, seg, out),
-            Direction::FromServer => server_segment(conn, &mut self.backends, seg, out),
+        // Once reported closed (Terminate or FIN with nothing pending), the
+        // rest is teardown: nothing more to decode or report.
+        if !conn.closed_reported {
+            match seg.direction {
+                Direction::ToServer => client_segment(conn, seg, out),
+                Direction::FromServer => server_segment(conn, &mut self.backends, seg, out),
+            }
         }
         if seg.is_rst() {
             self.close(seg.flow, "the connection was reset", seg.at, out);
@@ -265,6 +269,14 @@ impl Tracker {
             return;
         };
         self.flows.remove(&conn.id);
+        if let Some(pid) = conn.backend_pid {
+            if self.backends.get(&pid).is_some_and(|b| b.conn == conn.id) {
+                self.backends.remove(&pid);
+            }
+        }
+        if conn.closed_reported {
+            return;
+        }
         {
             let Connection {
                 id,
@@ -320,14 +332,7 @@ impl Tracker {
         }
         let why = format!("no answer seen: {why}");
         conn.session.fail_pending(conn.id, &why, at, out);
-        if !conn.closed_reported {
-            out.push(WireEvent::ConnectionClosed { conn: conn.id, at });
-        }
-        if let Some(pid) = conn.backend_pid {
-            if self.backends.get(&pid).is_some_and(|b| b.conn == conn.id) {
-                self.backends.remove(&pid);
-            }
-        }
+        out.push(WireEvent::ConnectionClosed { conn: conn.id, at });
     }
 }
 

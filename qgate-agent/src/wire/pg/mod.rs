@@ -340,7 +340,6 @@ impl<'a> BodyReader<'a> {
         std::mem::take(&mut self.rest)
     }
 
-
     /// The body must be fully consumed, as the server checks (`pq_getmsgend`).
     pub fn finish(&self) -> Result<(), DecodeError> {
         if self.rest.is_empty() {
