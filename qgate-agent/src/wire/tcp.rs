@@ -202,3 +202,169 @@ impl StreamReassembler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds segments (seq, syn, payload, truncated); returns the deliveries
+    /// as `Data(offset, bytes)` / `Gap(offset)` strings.
+    fn run(r: &mut StreamReassembler, segments: &[(u32, bool, &[u8], bool)]) -> Vec<String> {
+        let mut seen = Vec::new();
+        for &(seq, syn, payload, truncated) in segments {
+            r.push(seq, syn, payload, truncated, &mut |d| {
+                seen.push(match d {
+                    Delivery::Data { offset, bytes } => {
+                        format!("Data({offset}, {})", String::from_utf8_lossy(bytes))
+                    }
+                    Delivery::Gap { offset } => format!("Gap({offset})"),
+                })
+            });
+        }
+        seen
+    }
+
+    #[test]
+    fn in_order_segments_are_delivered_after_the_syn() {
+        let mut r = StreamReassembler::new();
+        let seen = run(
+            &mut r,
+            &[
+                (99, true, b"", false),
+                (100, false, b"abc", false),
+                (103, false, b"de", false),
+            ],
+        );
+        assert_eq!(seen, ["Data(0, abc)", "Data(3, de)"]);
+        assert_eq!(r.seq_at(0), Some(100));
+        assert_eq!(r.offset_of(103), Some(3));
+    }
+
+    #[test]
+    fn exact_retransmissions_are_dropped() {
+        let mut r = StreamReassembler::new();
+        let seen = run(
+            &mut r,
+            &[
+                (1, true, b"", false),
+                (2, false, b"abc", false),
+                (2, false, b"abc", false),
+            ],
+        );
+        assert_eq!(seen, ["Data(0, abc)"]);
+    }
+
+    #[test]
+    fn partially_overlapping_retransmissions_deliver_only_new_bytes() {
+        let mut r = StreamReassembler::new();
+        let seen = run(
+            &mut r,
+            &[
+                (1, true, b"", false),
+                (2, false, b"abcd", false),
+                (4, false, b"cdefg", false),
+            ],
+        );
+        assert_eq!(seen, ["Data(0, abcd)", "Data(4, efg)"]);
+    }
+
+    #[test]
+    fn out_of_order_segments_wait_for_the_hole_to_fill() {
+        let mut r = StreamReassembler::new();
+        let seen = run(
+            &mut r,
+            &[
+                (1, true, b"", false),
+                (10, false, b"ij", false),
+                (6, false, b"efg", false),
+                (6, false, b"efgh", false),
+                (2, false, b"abcd", false),
+            ],
+        );
+        assert_eq!(seen, ["Data(0, abcd)", "Data(4, efgh)", "Data(8, ij)"]);
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_around() {
+        let mut r = StreamReassembler::new();
+        let seen = run(
+            &mut r,
+            &[
+                (u32::MAX - 1, true, b"", false),
+                (u32::MAX, false, b"ab", false),
+                (2, false, b"ef", false),
+                (1, false, b"cd", false),
+            ],
+        );
+        assert_eq!(seen, ["Data(0, ab)", "Data(2, cd)", "Data(4, f)"]);
+        assert_eq!(r.seq_at(0), Some(u32::MAX));
+        assert_eq!(r.seq_at(2), Some(1));
+        assert_eq!(r.offset_of(3), Some(4));
+    }
+
+    #[test]
+    fn a_mid_stream_pickup_starts_at_the_first_data_segment() {
+        let mut r = StreamReassembler::new();
+        let seen = run(
+            &mut r,
+            &[(5000, false, b"xyz", false), (4990, false, b"old", false)],
+        );
+        assert_eq!(seen, ["Data(0, xyz)"]);
+        assert_eq!(r.seq_at(3), Some(5003));
+    }
+
+    #[test]
+    fn a_truncated_segment_is_a_gap_and_the_stream_resumes_at_the_next_segment() {
+        let mut r = StreamReassembler::new();
+        let seen = run(
+            &mut r,
+            &[
+                (1, true, b"", false),
+                (2, false, b"abc", true),
+                (2000, false, b"next", false),
+                (2004, false, b"more", false),
+            ],
+        );
+        assert_eq!(
+            seen,
+            [
+                "Data(0, abc)",
+                "Gap(3)",
+                "Data(1998, next)",
+                "Data(2002, more)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hole_is_given_up_when_too_much_is_held() {
+        let mut r = StreamReassembler::new();
+        let chunk = vec![b'x'; 1 << 20];
+        let mut seen = run(&mut r, &[(1, true, b"", false)]);
+        let mut seq = 2 + 100;
+        for _ in 0..5 {
+            seen.extend(run(&mut r, &[(seq, false, &chunk, false)]));
+            seq += chunk.len() as u32;
+        }
+        assert_eq!(seen.first().map(String::as_str), Some("Gap(0)"));
+        assert_eq!(seen.iter().filter(|s| s.starts_with("Data")).count(), 5);
+        assert_eq!(r.next_offset(), 100 + 5 * (1 << 20));
+    }
+
+    #[test]
+    fn flushing_reports_the_hole_and_delivers_what_was_held() {
+        let mut r = StreamReassembler::new();
+        let mut seen = run(
+            &mut r,
+            &[(1, true, b"", false), (10, false, b"late", false)],
+        );
+        r.flush(&mut |d| seen.push(format!("{d:?}")));
+        assert_eq!(
+            seen,
+            [
+                "Gap { offset: 0 }",
+                "Data { offset: 8, bytes: [108, 97, 116, 101] }"
+            ]
+        );
+    }
+}

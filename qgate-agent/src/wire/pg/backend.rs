@@ -557,3 +557,31 @@ fn parse_message(
     };
     Ok(message)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_big_data_row_is_counted_not_buffered() {
+        let row = super::super::tests::build::data_row(&[&vec![7u8; 8 << 20]]);
+        let mut decoder = BackendDecoder::new();
+        let mut rows = Vec::new();
+        for (i, chunk) in row.chunks(1460).enumerate() {
+            decoder.push((i * 1460) as u64, chunk, &mut |d| {
+                if let Decoded::Message {
+                    message: BackendMessage::DataRow { columns, len },
+                    ..
+                } = d
+                {
+                    rows.push((columns, len));
+                }
+            });
+            assert!(
+                decoder.framer.buf.capacity() <= 64,
+                "DataRow bytes buffered"
+            );
+        }
+        assert_eq!(rows, [(1, 2 + 4 + (8 << 20))]);
+    }
+}

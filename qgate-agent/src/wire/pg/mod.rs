@@ -349,3 +349,6 @@ impl<'a> BodyReader<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
