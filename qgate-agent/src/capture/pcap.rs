@@ -249,9 +249,9 @@ impl Packet<'_> {
     fn decode(&mut self, linktype: Linktype, at: UnixNanos, data: &[u8]) -> Option<Segment> {
         let sliced = match linktype {
             Linktype::ETHERNET => LaxSlicedPacket::from_ethernet(data).ok(),
-            Linktype::LINUX_SLL => data.get(16..).and_then(|ip| {
+            Linktype::LINUX_SLL => data.get(16..).map(|ip| {
                 let proto = u16::from_be_bytes([data[14], data[15]]);
-                Some(LaxSlicedPacket::from_ether_type(EtherType(proto), ip))
+                LaxSlicedPacket::from_ether_type(EtherType(proto), ip)
             }),
             Linktype::LINUX_SLL2 => data.get(20..).map(|ip| {
                 let proto = u16::from_be_bytes([data[0], data[1]]);

@@ -85,13 +85,10 @@ impl StreamReassembler {
     ) {
         let data_seq = if syn { seq.wrapping_add(1) } else { seq };
         if self.origin.is_none() {
-            if syn {
-                self.origin = Some(data_seq);
-            } else if !payload.is_empty() || truncated {
-                self.origin = Some(data_seq);
-            } else {
+            if !(syn || !payload.is_empty() || truncated) {
                 return;
             }
+            self.origin = Some(data_seq);
         }
         if payload.is_empty() && !truncated {
             return;
