@@ -14,7 +14,10 @@
 //! Intended differences from tshark: none for the PostgreSQL captures. The
 //! TLS sessions (`ndpi/pgsql2.pcapng`, `suricata-verify/pgsql-upgrade-tls`,
 //! `zeek/postgresql/psql-aws-ssl-{preferred,require}*`) have no rows in the
-//! TSV either; here they must produce `encrypted` and no statement.
+//! TSV either; here they must produce `encrypted` and no statement. In
+//! `ndpi/pgsql.pcap` the server answers two GSSENCRequests with `G`, which
+//! §55.2.11 defines as acceptance (the corpus README calls them refused): the
+//! clients then hang up, and those connections are reported `encrypted`.
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,

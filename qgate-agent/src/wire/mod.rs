@@ -18,5 +18,4 @@ pub mod tcp;
 mod tracker;
 
 pub use events::*;
-pub use session::{MessageSpan, PendingSpans};
 pub use tracker::{StatementSpan, StreamSpan, Tracker};

@@ -27,7 +27,7 @@ const SKIPPED: &str = "not executed: the server skipped it after an earlier erro
 
 /// A message's place in the client → server stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MessageSpan {
+pub(crate) struct MessageSpan {
     pub offset: u64,
     pub len: u64,
 }
@@ -64,7 +64,7 @@ enum Pending {
 
 /// Where a statement still waiting for its answer sits in the client stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PendingSpans {
+pub(crate) struct PendingSpans {
     /// The Query or Execute message.
     pub message: MessageSpan,
     /// The message carrying the text: the Query itself, or the Parse.
