@@ -101,7 +101,10 @@ pub enum WireEvent {
         at: UnixNanos,
     },
     /// Bytes that are not PostgreSQL protocol, or a broken stream; decoding of
-    /// this direction stops until it can resynchronise.
+    /// this direction stops until it can resynchronise. Also reported, with
+    /// decoding going on, for an Execute whose statement text is unknown (its
+    /// Parse came before the agent saw the connection): no
+    /// `StatementReceived` is reported for it, so treat it as unparseable.
     Undecodable {
         conn: ConnId,
         reason: String,

@@ -4,6 +4,18 @@
 //! The door is [`Tracker`]: feed it every [`Segment`](crate::capture::Segment)
 //! of every connection, get [`WireEvent`]s back. It never panics on input;
 //! what it cannot decode becomes [`WireEvent::Undecodable`].
+//!
+//! | module | does |
+//! | --- | --- |
+//! | [`tcp`] | puts one direction's segments back in order, reports gaps |
+//! | [`pg`] | decodes client and server messages incrementally |
+//! | `session` | pairs statements with the server's answers |
+//! | `tracker` | owns every connection; opens, feeds and closes them |
 pub mod events;
+pub mod pg;
+mod session;
+pub mod tcp;
+mod tracker;
 
 pub use events::*;
+pub use tracker::{StatementSpan, StreamSpan, Tracker};

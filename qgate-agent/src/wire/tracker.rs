@@ -1,0 +1,582 @@
+//! [`Tracker`]: every connection's reassembly, decoding and pairing state.
+use std::collections::HashMap;
+
+use super::{
+    pg::{BackendDecoder, BackendMessage, Decoded, FrontendDecoder, FrontendMessage},
+    session::{MessageSpan, Session},
+    tcp::{Delivery, StreamReassembler},
+    ConnId, StmtSeq, WireEvent,
+};
+use crate::capture::{Direction, Flow, Segment, UnixNanos};
+
+/// TCP ACK flag (RFC 9293 §3.1): a SYN without it opens a connection.
+const TCP_ACK: u8 = 0x10;
+
+/// A message in the client → server stream, with the TCP sequence number of
+/// its first byte (for holding, releasing or rewriting that segment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamSpan {
+    /// Offset in the client → server stream (see [`super::tcp`]).
+    pub offset: u64,
+    pub len: u64,
+    pub seq: u32,
+}
+
+/// Where a statement that is still waiting for its answer was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatementSpan {
+    /// The Query or Execute message.
+    pub message: StreamSpan,
+    /// The message carrying the statement text: the Query itself, or the
+    /// Parse of a prepared statement (`None` if it was not seen).
+    pub text: Option<StreamSpan>,
+}
+
+#[derive(Debug)]
+struct Connection {
+    id: ConnId,
+    last_seen: UnixNanos,
+    client: StreamReassembler,
+    server: StreamReassembler,
+    frontend: FrontendDecoder,
+    backend: BackendDecoder,
+    session: Session,
+    encrypted: bool,
+    /// An Undecodable was reported and nothing decoded since.
+    undecodable_reported: bool,
+    closed_reported: bool,
+    client_fin: bool,
+    server_fin: bool,
+    backend_pid: Option<u32>,
+}
+
+impl Connection {
+    fn new(id: ConnId, at: UnixNanos, mid_stream: bool) -> Self {
+        Self {
+            id,
+            last_seen: at,
+            client: StreamReassembler::new(),
+            server: StreamReassembler::new(),
+            frontend: if mid_stream {
+                FrontendDecoder::mid_stream()
+            } else {
+                FrontendDecoder::new()
+            },
+            backend: if mid_stream {
+                BackendDecoder::mid_stream()
+            } else {
+                BackendDecoder::new()
+            },
+            session: Session::default(),
+            encrypted: false,
+            undecodable_reported: false,
+            closed_reported: false,
+            client_fin: false,
+            server_fin: false,
+            backend_pid: None,
+        }
+    }
+}
+
+/// Which backend a CancelRequest names (§55.2.8): from BackendKeyData.
+#[derive(Debug)]
+struct BackendKey {
+    conn: ConnId,
+    secret_key: Box<[u8]>,
+}
+
+/// The wire stage's door: feed it every segment of every connection on the
+/// database ports, in capture order; it reports [`WireEvent`]s. Input never
+/// makes it panic; one connection's bytes never affect another's.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    connections: HashMap<Flow, Connection>,
+    flows: HashMap<ConnId, Flow>,
+    backends: HashMap<u32, BackendKey>,
+    opened: u64,
+}
+
+impl Tracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connections currently tracked.
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    pub fn flow(&self, conn: ConnId) -> Option<Flow> {
+        self.flows.get(&conn).copied()
+    }
+
+    /// The connection whose server process is `backend_pid` (from its
+    /// BackendKeyData), e.g. the target of a [`WireEvent::CancelRequested`].
+    pub fn backend_connection(&self, backend_pid: u32) -> Option<ConnId> {
+        self.backends.get(&backend_pid).map(|b| b.conn)
+    }
+
+    /// Whether `secret_key` is the one the server gave `backend_pid`'s
+    /// client, i.e. whether a CancelRequest is genuine.
+    pub fn cancel_key_matches(&self, backend_pid: u32, secret_key: &[u8]) -> bool {
+        self.backends
+            .get(&backend_pid)
+            .is_some_and(|b| *b.secret_key == *secret_key)
+    }
+
+    /// TCP sequence number of a client → server stream offset.
+    pub fn client_seq_at(&self, conn: ConnId, offset: u64) -> Option<u32> {
+        let flow = self.flows.get(&conn)?;
+        self.connections.get(flow)?.client.seq_at(offset)
+    }
+
+    /// Client → server stream offset of a TCP sequence number (nearest to
+    /// the current position).
+    pub fn client_offset_of(&self, conn: ConnId, seq: u32) -> Option<u64> {
+        let flow = self.flows.get(&conn)?;
+        self.connections.get(flow)?.client.offset_of(seq)
+    }
+
+    /// Where a statement still waiting for its answer sits in the client's
+    /// TCP stream. `None` once it completed.
+    pub fn pending_statement(&self, conn: ConnId, stmt: StmtSeq) -> Option<StatementSpan> {
+        let flow = self.flows.get(&conn)?;
+        let c = self.connections.get(flow)?;
+        let spans = c.session.pending_spans(stmt)?;
+        let locate = |span: MessageSpan| {
+            Some(StreamSpan {
+                offset: span.offset,
+                len: span.len,
+                seq: c.client.seq_at(span.offset)?,
+            })
+        };
+        Some(StatementSpan {
+            message: locate(spans.message)?,
+            text: spans.text.and_then(locate),
+        })
+    }
+
+    pub fn on_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) {
+        let reopened = seg.direction == Direction::ToServer
+            && seg.is_syn()
+            && seg.tcp_flags & TCP_ACK == 0
+            && self.connections.get(&seg.flow).is_some_and(|c| {
+                c.client.is_started() && c.client.seq_at(0) != Some(seg.seq.wrapping_add(1))
+            });
+        if reopened {
+            self.close(
+                seg.flow,
+                "the client reused the address for a new connection",
+                seg.at,
+                out,
+            );
+        }
+        if !self.connections.contains_key(&seg.flow) {
+            // A stray FIN, RST or ACK of a connection already forgotten
+            // opens nothing.
+            if seg.is_rst() || !(seg.is_syn() || !seg.payload.is_empty() || seg.truncated) {
+                return;
+            }
+            self.opened += 1;
+            let id = ConnId(self.opened);
+            let mid_stream = !seg.is_syn();
+            out.push(WireEvent::ConnectionOpened {
+                conn: id,
+                client: seg.flow.client,
+                server: seg.flow.server,
+                at: seg.at,
+                mid_stream,
+            });
+            self.connections
+                .insert(seg.flow, Connection::new(id, seg.at, mid_stream));
+            self.flows.insert(id, seg.flow);
+        }
+        let Some(conn) = self.connections.get_mut(&seg.flow) else {
+            return;
+        };
+        conn.last_seen = seg.at;
+        // Once reported closed (Terminate or FIN with nothing pending), the
+        // rest is teardown: nothing more to decode or report.
+        if !conn.closed_reported {
+            match seg.direction {
+                Direction::ToServer => client_segment(conn, seg, out),
+                Direction::FromServer => server_segment(conn, &mut self.backends, seg, out),
+            }
+        }
+        if seg.is_rst() {
+            self.close(seg.flow, "the connection was reset", seg.at, out);
+            return;
+        }
+        match seg.direction {
+            Direction::ToServer if seg.is_fin() => conn.client_fin = true,
+            Direction::FromServer if seg.is_fin() => conn.server_fin = true,
+            _ => {}
+        }
+        if seg.is_fin() {
+            conn.session.closing = true;
+        }
+        if conn.client_fin && conn.server_fin {
+            self.close(seg.flow, "the connection closed", seg.at, out);
+            return;
+        }
+        report_closed_if_done(conn, seg.at, out);
+    }
+
+    /// Forgets connections silent since before `now - max_idle` (their
+    /// FIN/RST was not seen, or they are idle); returns how many.
+    pub fn expire_idle(
+        &mut self,
+        now: UnixNanos,
+        max_idle: std::time::Duration,
+        out: &mut Vec<WireEvent>,
+    ) -> usize {
+        let limit = i64::try_from(max_idle.as_nanos()).unwrap_or(i64::MAX);
+        let stale: Vec<Flow> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| now.saturating_sub(c.last_seen) > limit)
+            .map(|(flow, _)| *flow)
+            .collect();
+        for flow in &stale {
+            self.close(
+                *flow,
+                "the connection went idle and was forgotten",
+                now,
+                out,
+            );
+        }
+        stale.len()
+    }
+
+    /// Closes every connection (end of a capture file, agent shutdown).
+    pub fn close_all(&mut self, at: UnixNanos, out: &mut Vec<WireEvent>) {
+        let mut flows: Vec<(ConnId, Flow)> =
+            self.connections.iter().map(|(f, c)| (c.id, *f)).collect();
+        flows.sort();
+        for (_, flow) in flows {
+            self.close(flow, "the capture ended", at, out);
+        }
+    }
+
+    /// Delivers whatever is held, ends pending statements, reports the close
+    /// and forgets the connection.
+    fn close(&mut self, flow: Flow, why: &str, at: UnixNanos, out: &mut Vec<WireEvent>) {
+        let Some(mut conn) = self.connections.remove(&flow) else {
+            return;
+        };
+        self.flows.remove(&conn.id);
+        if let Some(pid) = conn.backend_pid {
+            if self.backends.get(&pid).is_some_and(|b| b.conn == conn.id) {
+                self.backends.remove(&pid);
+            }
+        }
+        if conn.closed_reported {
+            return;
+        }
+        {
+            let Connection {
+                id,
+                client,
+                frontend,
+                session,
+                encrypted,
+                undecodable_reported,
+                backend,
+                ..
+            } = &mut conn;
+            client.flush(&mut |d| {
+                on_client_delivery(
+                    *id,
+                    d,
+                    frontend,
+                    backend,
+                    session,
+                    encrypted,
+                    undecodable_reported,
+                    at,
+                    out,
+                )
+            });
+        }
+        {
+            let Connection {
+                id,
+                server,
+                frontend,
+                backend,
+                session,
+                encrypted,
+                undecodable_reported,
+                backend_pid,
+                ..
+            } = &mut conn;
+            server.flush(&mut |d| {
+                on_server_delivery(
+                    *id,
+                    d,
+                    frontend,
+                    backend,
+                    session,
+                    &mut self.backends,
+                    backend_pid,
+                    encrypted,
+                    undecodable_reported,
+                    at,
+                    out,
+                )
+            });
+        }
+        let why = format!("no answer seen: {why}");
+        conn.session.fail_pending(conn.id, &why, at, out);
+        out.push(WireEvent::ConnectionClosed { conn: conn.id, at });
+    }
+}
+
+fn report_closed_if_done(conn: &mut Connection, at: UnixNanos, out: &mut Vec<WireEvent>) {
+    if conn.session.closing && conn.session.is_idle() && !conn.closed_reported {
+        conn.closed_reported = true;
+        out.push(WireEvent::ConnectionClosed { conn: conn.id, at });
+    }
+}
+
+fn client_segment(conn: &mut Connection, seg: &Segment, out: &mut Vec<WireEvent>) {
+    let Connection {
+        id,
+        client,
+        frontend,
+        backend,
+        session,
+        encrypted,
+        undecodable_reported,
+        ..
+    } = conn;
+    client.push(
+        seg.seq,
+        seg.is_syn(),
+        &seg.payload,
+        seg.truncated,
+        &mut |d| {
+            on_client_delivery(
+                *id,
+                d,
+                frontend,
+                backend,
+                session,
+                encrypted,
+                undecodable_reported,
+                seg.at,
+                out,
+            )
+        },
+    );
+}
+
+fn server_segment(
+    conn: &mut Connection,
+    backends: &mut HashMap<u32, BackendKey>,
+    seg: &Segment,
+    out: &mut Vec<WireEvent>,
+) {
+    let Connection {
+        id,
+        server,
+        frontend,
+        backend,
+        session,
+        encrypted,
+        undecodable_reported,
+        backend_pid,
+        ..
+    } = conn;
+    if session.awaiting_encryption_answer {
+        session.awaiting_encryption_answer = false;
+        backend.expect_encryption_answer();
+    }
+    server.push(
+        seg.seq,
+        seg.is_syn(),
+        &seg.payload,
+        seg.truncated,
+        &mut |d| {
+            on_server_delivery(
+                *id,
+                d,
+                frontend,
+                backend,
+                session,
+                backends,
+                backend_pid,
+                encrypted,
+                undecodable_reported,
+                seg.at,
+                out,
+            )
+        },
+    );
+}
+
+fn report_encrypted(
+    conn: ConnId,
+    frontend: &mut FrontendDecoder,
+    backend: &mut BackendDecoder,
+    encrypted: &mut bool,
+    at: UnixNanos,
+    out: &mut Vec<WireEvent>,
+) {
+    frontend.stop();
+    backend.stop();
+    if !*encrypted {
+        *encrypted = true;
+        out.push(WireEvent::Encrypted { conn, at });
+    }
+}
+
+fn report_undecodable(
+    conn: ConnId,
+    reported: &mut bool,
+    reason: String,
+    at: UnixNanos,
+    out: &mut Vec<WireEvent>,
+) {
+    if !*reported {
+        *reported = true;
+        out.push(WireEvent::Undecodable { conn, reason, at });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_client_delivery(
+    conn: ConnId,
+    delivery: Delivery<'_>,
+    frontend: &mut FrontendDecoder,
+    backend: &mut BackendDecoder,
+    session: &mut Session,
+    encrypted: &mut bool,
+    undecodable_reported: &mut bool,
+    at: UnixNanos,
+    out: &mut Vec<WireEvent>,
+) {
+    match delivery {
+        Delivery::Gap { .. } => {
+            if !*encrypted {
+                out.push(WireEvent::CaptureGap { conn, at });
+            }
+            frontend.gap();
+        }
+        Delivery::Data { offset, bytes } => {
+            let mut tls = false;
+            frontend.push(offset, bytes, &mut |decoded| match decoded {
+                Decoded::Message {
+                    offset,
+                    len,
+                    message,
+                } => {
+                    if message == FrontendMessage::Tls {
+                        tls = true;
+                    }
+                    session.on_frontend(conn, MessageSpan { offset, len }, &message, at, out);
+                }
+                Decoded::Error { offset, error } => report_undecodable(
+                    conn,
+                    undecodable_reported,
+                    format!("client stream at offset {offset}: {error}"),
+                    at,
+                    out,
+                ),
+                Decoded::Unsynchronised { offset } => report_undecodable(
+                    conn,
+                    undecodable_reported,
+                    format!(
+                        "client stream at offset {offset}: no PostgreSQL message starts here \
+                         (picked up mid-stream, after a gap, or not PostgreSQL)"
+                    ),
+                    at,
+                    out,
+                ),
+                Decoded::Resynchronised { .. } => *undecodable_reported = false,
+            });
+            if tls {
+                report_encrypted(conn, frontend, backend, encrypted, at, out);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_server_delivery(
+    conn: ConnId,
+    delivery: Delivery<'_>,
+    frontend: &mut FrontendDecoder,
+    backend: &mut BackendDecoder,
+    session: &mut Session,
+    backends: &mut HashMap<u32, BackendKey>,
+    backend_pid: &mut Option<u32>,
+    encrypted: &mut bool,
+    undecodable_reported: &mut bool,
+    at: UnixNanos,
+    out: &mut Vec<WireEvent>,
+) {
+    match delivery {
+        Delivery::Gap { .. } => {
+            if !*encrypted {
+                out.push(WireEvent::CaptureGap { conn, at });
+            }
+            backend.gap();
+            session.fail_pending(
+                conn,
+                "the capture lost part of the server's answer: outcome unknown",
+                at,
+                out,
+            );
+        }
+        Delivery::Data { offset, bytes } => {
+            let mut encryption_started = false;
+            backend.push(offset, bytes, &mut |decoded| match decoded {
+                Decoded::Message { message, .. } => match message {
+                    BackendMessage::EncryptionResponse { accepted: true } | BackendMessage::Tls => {
+                        encryption_started = true;
+                    }
+                    BackendMessage::BackendKeyData {
+                        backend_pid: pid,
+                        secret_key,
+                    } => {
+                        *backend_pid = Some(pid);
+                        backends.insert(
+                            pid,
+                            BackendKey {
+                                conn,
+                                secret_key: secret_key.into(),
+                            },
+                        );
+                    }
+                    other => session.on_backend(conn, &other, at, out),
+                },
+                Decoded::Error { offset, error } => report_undecodable(
+                    conn,
+                    undecodable_reported,
+                    format!("server stream at offset {offset}: {error}"),
+                    at,
+                    out,
+                ),
+                Decoded::Unsynchronised { offset } => report_undecodable(
+                    conn,
+                    undecodable_reported,
+                    format!(
+                        "server stream at offset {offset}: no PostgreSQL message starts here \
+                         (picked up mid-stream, after a gap, or not PostgreSQL)"
+                    ),
+                    at,
+                    out,
+                ),
+                Decoded::Resynchronised { .. } => *undecodable_reported = false,
+            });
+            if encryption_started {
+                report_encrypted(conn, frontend, backend, encrypted, at, out);
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Throughput of the wire stage on synthetic traffic (run in release:
+//! `cargo test --release -p qgate-agent --test wire_perf -- --ignored --nocapture`).
+use std::{net::SocketAddr, time::Instant};
+
+use qgate_agent::{
+    capture::{Direction, Flow, Segment},
+    wire::{Tracker, WireEvent},
+};
+
+fn msg(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![t];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Cuts a byte stream into MSS-sized segments.
+fn segments(flow: Flow, dir: Direction, seq: &mut u32, at: &mut i64, bytes: &[u8]) -> Vec<Segment> {
+    bytes
+        .chunks(1448)
+        .map(|chunk| {
+            *at += 1000;
+            let s = Segment {
+                flow,
+                direction: dir,
+                seq: *seq,
+                tcp_flags: 0x18,
+                at: *at,
+                payload: chunk.to_vec(),
+                truncated: false,
+            };
+            *seq = seq.wrapping_add(chunk.len() as u32);
+            s
+        })
+        .collect()
+}
+
+/// `connections` pgbench-like clients (`-M prepared`: Bind/Execute/Sync
+/// per statement) plus a simple SELECT returning `rows` 100-byte rows.
+fn workload(connections: u16, transactions: usize, rows: usize) -> Vec<Segment> {
+    let server: SocketAddr = "10.0.0.1:5432".parse().expect("address");
+    let mut all = Vec::new();
+    let mut at = 0;
+    for c in 0..connections {
+        let flow = Flow {
+            client: SocketAddr::new("10.0.0.2".parse().expect("address"), 30000 + c),
+            server,
+        };
+        let (mut cseq, mut sseq) = (1000u32, 9000u32);
+        all.push(Segment {
+            flow,
+            direction: Direction::ToServer,
+            seq: cseq - 1,
+            tcp_flags: 0x02,
+            at,
+            payload: Vec::new(),
+            truncated: false,
+        });
+        let mut startup = 196_608u32.to_be_bytes().to_vec();
+        startup.extend_from_slice(b"user\0bench\0database\0bench\0\0");
+        let mut first = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+        first.extend(startup);
+        let parse =
+            b"P0_1\0UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2\0\0\0"
+                .to_vec();
+        first.extend(msg(b'P', &parse));
+        all.extend(segments(
+            flow,
+            Direction::ToServer,
+            &mut cseq,
+            &mut at,
+            &first,
+        ));
+        let mut reply = msg(b'R', &[0, 0, 0, 0]);
+        reply.extend(msg(b'Z', b"I"));
+        all.extend(segments(
+            flow,
+            Direction::FromServer,
+            &mut sseq,
+            &mut at,
+            &reply,
+        ));
+        let bind = msg(b'B', b"\0P0_1\0\0\0\0\x02\0\0\0\x0212\0\0\0\x043456\0\0");
+        let execute = msg(b'E', b"\0\0\0\0\0");
+        let sync = msg(b'S', b"");
+        let answer = [msg(b'2', b""), msg(b'C', b"UPDATE 1\0"), msg(b'Z', b"T")].concat();
+        let row = msg(b'D', &[&[0u8, 1, 0, 0, 0, 94][..], &[b'x'; 94]].concat());
+        let select_answer: Vec<u8> = std::iter::once(msg(
+            b'T',
+            &[
+                0, 1, b'x', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+        ))
+        .chain(std::iter::repeat_n(row, rows))
+        .chain([
+            msg(b'C', format!("SELECT {rows}\0").as_bytes()),
+            msg(b'Z', b"I"),
+        ])
+        .collect::<Vec<_>>()
+        .concat();
+        for _ in 0..transactions {
+            let request = [bind.clone(), execute.clone(), sync.clone()].concat();
+            all.extend(segments(
+                flow,
+                Direction::ToServer,
+                &mut cseq,
+                &mut at,
+                &request,
+            ));
+            all.extend(segments(
+                flow,
+                Direction::FromServer,
+                &mut sseq,
+                &mut at,
+                &answer,
+            ));
+            let q = msg(b'Q', b"SELECT * FROM pgbench_accounts LIMIT 100\0");
+            all.extend(segments(flow, Direction::ToServer, &mut cseq, &mut at, &q));
+            all.extend(segments(
+                flow,
+                Direction::FromServer,
+                &mut sseq,
+                &mut at,
+                &select_answer,
+            ));
+        }
+    }
+    all
+}
+
+fn measure(label: &str, segs: &[Segment], expected_statements: u64) {
+    let bytes: usize = segs.iter().map(|s| s.payload.len()).sum();
+    let mut tracker = Tracker::new();
+    let mut events = Vec::with_capacity(1024);
+    let mut statements = 0u64;
+    let start = Instant::now();
+    for s in segs {
+        tracker.on_segment(s, &mut events);
+        statements += events
+            .iter()
+            .filter(|e| matches!(e, WireEvent::StatementCompleted { .. }))
+            .count() as u64;
+        events.clear();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(statements, expected_statements);
+    println!(
+        "{label}: {} segments, {:.1} MB, {} statements in {:.3} s: {:.0} MB/s, \
+         {:.2} M segments/s, {:.0} k statements/s, {:.0} ns/segment",
+        segs.len(),
+        bytes as f64 / 1e6,
+        statements,
+        elapsed,
+        bytes as f64 / 1e6 / elapsed,
+        segs.len() as f64 / 1e6 / elapsed,
+        statements as f64 / 1e3 / elapsed,
+        elapsed * 1e9 / segs.len() as f64
+    );
+}
+
+#[test]
+#[ignore = "measurement: run in release with --ignored --nocapture"]
+fn measure_tracker_throughput() {
+    measure("100-row results", &workload(100, 500, 100), 100 * 500 * 2);
+    measure("1-row results", &workload(100, 2000, 1), 100 * 2000 * 2);
+}
