@@ -234,6 +234,8 @@ fn random_segments_never_panic_the_tracker() {
             at,
             payload,
             truncated: rng.below(20) == 0,
+            held: false,
+            tcp_header: Vec::new(),
         };
         tracker.on_segment(&segment, &mut events);
         if i % 1000 == 999 {

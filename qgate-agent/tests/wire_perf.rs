@@ -28,6 +28,8 @@ fn segments(flow: Flow, dir: Direction, seq: &mut u32, at: &mut i64, bytes: &[u8
                 at: *at,
                 payload: chunk.to_vec(),
                 truncated: false,
+                held: false,
+                tcp_header: Vec::new(),
             };
             *seq = seq.wrapping_add(chunk.len() as u32);
             s
@@ -55,6 +57,8 @@ fn workload(connections: u16, transactions: usize, rows: usize) -> Vec<Segment> 
             at,
             payload: Vec::new(),
             truncated: false,
+            held: false,
+            tcp_header: Vec::new(),
         });
         let mut startup = 196_608u32.to_be_bytes().to_vec();
         startup.extend_from_slice(b"user\0bench\0database\0bench\0\0");

@@ -168,6 +168,8 @@ impl Conn {
             at: self.at,
             payload: payload.to_vec(),
             truncated: false,
+            held: false,
+            tcp_header: Vec::new(),
         };
         *seq = seq.wrapping_add(payload.len() as u32 + u32::from(flags & (SYN | FIN) != 0));
         segment

@@ -325,6 +325,8 @@ impl Packet<'_> {
             at,
             payload: tcp.payload().to_vec(),
             truncated: incomplete,
+            held: false,
+            tcp_header: Vec::new(),
         })
     }
 }
