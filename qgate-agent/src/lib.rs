@@ -13,4 +13,5 @@
 pub mod capture;
 pub mod config;
 pub mod pipeline;
+pub mod store;
 pub mod wire;
