@@ -138,7 +138,17 @@ fn completions_record_outcome_tag_rows_and_errors() {
     assert_eq!(
         rows,
         vec![
-            (1, "simple".into(), None, "ok".into(), Some("DELETE 5000".into()), Some(5000), None, None, Some(T0 + 2)),
+            (
+                1,
+                "simple".into(),
+                None,
+                "ok".into(),
+                Some("DELETE 5000".into()),
+                Some(5000),
+                None,
+                None,
+                Some(T0 + 2)
+            ),
             (
                 2,
                 "simple".into(),
@@ -151,7 +161,17 @@ fn completions_record_outcome_tag_rows_and_errors() {
                 Some(T0 + 4)
             ),
             // The connection closed before the server answered.
-            (3, "extended".into(), Some("sleepy".into()), "unknown".into(), None, None, None, None, None),
+            (
+                3,
+                "extended".into(),
+                Some("sleepy".into()),
+                "unknown".into(),
+                None,
+                None,
+                None,
+                None,
+                None
+            ),
         ]
     );
     let ended: Option<i64> = conn
@@ -175,15 +195,22 @@ fn mid_stream_connection_has_no_identity() {
     writer.send(received(1, 1, "UPDATE t SET x = 1", T0 + 1));
     writer.shutdown().unwrap();
 
-    let (mid_stream, user, database, application): (bool, Option<String>, Option<String>, Option<String>) =
-        reader(&db)
-            .query_row(
-                "SELECT mid_stream, user, database, application FROM connections",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .unwrap();
-    assert_eq!((mid_stream, user, database, application), (true, None, None, None));
+    let (mid_stream, user, database, application): (
+        bool,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = reader(&db)
+        .query_row(
+            "SELECT mid_stream, user, database, application FROM connections",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (mid_stream, user, database, application),
+        (true, None, None, None)
+    );
 }
 
 #[test]
@@ -237,8 +264,18 @@ fn gaps_undecodable_bytes_cancels_and_encryption_are_recorded_against_their_conn
         events,
         vec![
             (2, "gap".into(), None, T0 + 3),
-            (2, "undecodable".into(), Some("message length 3 is below 4".into()), T0 + 4),
-            (2, "cancel_request".into(), Some("backend pid 4242".into()), T0 + 5),
+            (
+                2,
+                "undecodable".into(),
+                Some("message length 3 is below 4".into()),
+                T0 + 4
+            ),
+            (
+                2,
+                "cancel_request".into(),
+                Some("backend pid 4242".into()),
+                T0 + 5
+            ),
         ]
     );
 }
@@ -327,7 +364,10 @@ fn a_full_queue_drops_events_without_blocking_and_records_the_loss() {
     let accepted = (0..50)
         .filter(|i| writer.send(received(1, i + 1, "SELECT 1", T0)))
         .count();
-    assert!(started.elapsed() < Duration::from_millis(100), "send blocked");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "send blocked"
+    );
     assert!(accepted <= 2, "{accepted} accepted into a queue of 2");
 
     blocker.execute_batch("COMMIT").unwrap();
@@ -435,7 +475,11 @@ fn writer_keeps_up_with_fifty_thousand_statements_per_second() {
     );
     assert_eq!(stats.written, 2 * STATEMENTS + CONNECTIONS);
     let done: i64 = reader(&db)
-        .query_row("SELECT count(*) FROM statements WHERE outcome = 'ok'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM statements WHERE outcome = 'ok'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(done as u64, STATEMENTS);
     if !cfg!(debug_assertions) {

@@ -145,7 +145,11 @@ fn append_in_own_transaction(
     Ok(id)
 }
 
-fn insert_entry(conn: &Connection, entry: &AuditEntry<'_>, details: &str) -> Result<i64, StoreError> {
+fn insert_entry(
+    conn: &Connection,
+    entry: &AuditEntry<'_>,
+    details: &str,
+) -> Result<i64, StoreError> {
     let (last_id, last_hash): (i64, String) = conn.query_row(
         "SELECT last_id, last_hash FROM audit_head WHERE id = 1",
         [],
@@ -370,10 +374,15 @@ impl fmt::Display for Tamper {
                 "entry {id}: reordered: it holds the entry written as id {written_as} \
                  (entries were swapped, or inserted/deleted and renumbered)"
             ),
+            Problem::Missing { next: Some(next) } if *next == id + 1 => write!(
+                f,
+                "entry {id}: missing (deleted): gap in ids between {} and {next}",
+                id - 1
+            ),
             Problem::Missing { next: Some(next) } => write!(
                 f,
-                "entry {id}: missing: gap in ids, the entry after {} is {next} (deleted)",
-                id - 1
+                "entry {id}: missing (deleted): gap in ids, entries {id} to {} are absent",
+                next - 1
             ),
             Problem::Missing { next: None } => write!(
                 f,
@@ -430,11 +439,7 @@ fn int_column(row: &Row<'_>, i: usize, column: &'static str) -> Result<Option<i6
     }
 }
 
-fn text_column(
-    row: &Row<'_>,
-    i: usize,
-    column: &'static str,
-) -> Result<Option<String>, ReadError> {
+fn text_column(row: &Row<'_>, i: usize, column: &'static str) -> Result<Option<String>, ReadError> {
     match row.get_ref(i)? {
         ValueRef::Text(t) => std::str::from_utf8(t)
             .map(|s| Some(s.to_owned()))
@@ -552,8 +557,8 @@ pub fn verify(conn: &Connection) -> Result<VerifyReport, StoreError> {
         None => check_head(conn, entries, expected_id - 1, last_hash.as_deref())?,
     };
     if first_problem.is_some() {
-        entries = conn.query_row("SELECT count(*) FROM audit", [], |row| row.get::<_, i64>(0))?
-            as u64;
+        entries =
+            conn.query_row("SELECT count(*) FROM audit", [], |row| row.get::<_, i64>(0))? as u64;
     }
     Ok(VerifyReport {
         entries,
@@ -711,7 +716,10 @@ mod tests {
             ..base
         };
         assert_ne!(entry_hash(&base), entry_hash(&shifted));
-        let no_actor = HashedFields { actor: None, ..base };
+        let no_actor = HashedFields {
+            actor: None,
+            ..base
+        };
         let empty_actor = HashedFields {
             actor: Some(""),
             ..base

@@ -102,9 +102,11 @@ pub fn export_statements(
     let mut sink = match format {
         ExportFormat::Jsonl => Sink::Jsonl(out),
         ExportFormat::Csv => {
-            let mut csv = csv::WriterBuilder::new().has_headers(false).from_writer(out);
+            let mut csv = csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(out);
             csv.write_record(CSV_HEADER)?;
-            Sink::Csv(csv)
+            Sink::Csv(Box::new(csv))
         }
     };
     let mut count = 0;
@@ -150,7 +152,7 @@ pub fn export_statements(
 
 enum Sink<W: Write> {
     Jsonl(W),
-    Csv(csv::Writer<W>),
+    Csv(Box<csv::Writer<W>>),
 }
 
 /// Unix nanoseconds as RFC 3339 UTC, e.g. `2024-05-01T12:00:00.123456789Z`.

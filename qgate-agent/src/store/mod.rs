@@ -68,7 +68,9 @@ pub enum StoreError {
     NotDurable { level: i64 },
     #[error("audit entry details must be a JSON object, got {0}")]
     DetailsNotObject(&'static str),
-    #[error("invalid time {input:?}: expected RFC 3339 (2024-05-01T12:00:00Z) or a date (2024-05-01)")]
+    #[error(
+        "invalid time {input:?}: expected RFC 3339 (2024-05-01T12:00:00Z) or a date (2024-05-01)"
+    )]
     BadTime { input: String },
     #[error("time {0} ns is outside the range RFC 3339 can express")]
     TimeOutOfRange(i128),
@@ -227,6 +229,9 @@ mod tests {
     #[test]
     fn default_path_is_the_shipped_configs() {
         let config = crate::config::Config::load(None).unwrap();
-        assert_eq!(config.store.path, std::path::Path::new(super::DEFAULT_DB_PATH));
+        assert_eq!(
+            config.store.path,
+            std::path::Path::new(super::DEFAULT_DB_PATH)
+        );
     }
 }

@@ -169,9 +169,10 @@ impl Writer {
     /// Never blocks: when the queue is full this report is skipped, and
     /// the next one covers it, the counters being cumulative.
     pub fn record_capture_loss(&self, at: UnixNanos, counters: qgate_common::Counters) -> bool {
-        self.tx
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(Message::Record(Record::Loss { at, counters })).is_ok())
+        self.tx.as_ref().is_some_and(|tx| {
+            tx.try_send(Message::Record(Record::Loss { at, counters }))
+                .is_ok()
+        })
     }
 
     /// Waits until everything queued so far is committed (or failed).

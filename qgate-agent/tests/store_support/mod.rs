@@ -4,9 +4,7 @@
 
 use std::{net::SocketAddr, path::Path};
 
-use qgate_agent::wire::{
-    Completion, ConnId, Identity, Outcome, ProtocolPath, StmtSeq, WireEvent,
-};
+use qgate_agent::wire::{Completion, ConnId, Identity, Outcome, ProtocolPath, StmtSeq, WireEvent};
 
 /// 2024-05-01T12:00:00Z, so exported times are easy to read.
 pub const T0: i64 = 1_714_564_800_000_000_000;
