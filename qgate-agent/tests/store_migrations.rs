@@ -112,3 +112,20 @@ fn processes_opening_a_fresh_database_at_once_migrate_it_once() {
     let store = Store::open(&db).unwrap();
     assert_eq!(applied(&store).len(), migrations::all().count());
 }
+
+#[test]
+fn an_up_to_date_database_opens_while_another_process_is_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = Store::open(&db).unwrap();
+    writer.conn().execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = std::time::Instant::now();
+    let reader = Store::open(&db).unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    let n: i64 = reader
+        .conn()
+        .query_row("SELECT count(*) FROM statements", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    writer.conn().execute_batch("COMMIT").unwrap();
+}

@@ -303,18 +303,29 @@ fn connection_ids_restart_without_mixing_up_rows() {
 }
 
 #[test]
-fn events_for_unknown_connections_are_counted_not_written() {
+fn events_for_unknown_connections_are_counted_and_only_losses_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("qgate.sqlite");
     let writer = spawn(&db);
     writer.send(received(9, 1, "SELECT 1", T0));
     writer.send(completed_ok(9, 1, "SELECT 1", Some(1), T0));
+    writer.send(WireEvent::CaptureGap {
+        conn: ConnId(9),
+        at: T0,
+    });
     let stats = writer.shutdown().unwrap();
-    assert_eq!(stats.unmatched, 2);
-    let n: i64 = reader(&db)
+    assert_eq!(stats.unmatched, 3);
+    let conn = reader(&db);
+    let n: i64 = conn
         .query_row("SELECT count(*) FROM statements", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 0);
+    let gap: (Option<i64>, String) = conn
+        .query_row("SELECT connection_id, kind FROM capture_events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(gap, (None, "gap".into()));
 }
 
 #[test]
@@ -424,7 +435,16 @@ fn another_process_reads_and_appends_while_the_writer_runs() {
         appended += 1;
     }
     let stats = producer.join().unwrap();
-    assert_eq!((stats.written, stats.dropped, stats.failed), (20_001, 0, 0));
+    assert_eq!(
+        (
+            stats.written,
+            stats.dropped,
+            stats.failed,
+            stats.failed_attempts
+        ),
+        (20_001, 0, 0, 0),
+        "{appended} audit appends meanwhile"
+    );
     writer.shutdown().unwrap();
     let n: i64 = cli
         .conn()

@@ -127,7 +127,11 @@ pub fn append(conn: &Connection, entry: &AuditEntry<'_>) -> Result<i64, StoreErr
     }
     let result = append_in_own_transaction(conn, entry, &details);
     if level < SYNCHRONOUS_FULL {
-        conn.pragma_update(None, "synchronous", level)?;
+        // The entry is committed (or not) either way: failing here would
+        // make a caller retry an append that happened.
+        if let Err(e) = conn.pragma_update(None, "synchronous", level) {
+            tracing::warn!("restoring synchronous={level} after an audit append: {e}");
+        }
     }
     result
 }
@@ -155,9 +159,8 @@ fn insert_entry(
         [],
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
-    let prev_hash = decode_hash(&last_hash).ok_or(StoreError::Sqlite(
-        rusqlite::Error::InvalidColumnType(3, "last_hash".into(), rusqlite::types::Type::Text),
-    ))?;
+    let prev_hash =
+        decode_hash(&last_hash).ok_or_else(|| StoreError::CorruptHead(last_hash.clone()))?;
     let id = last_id + 1;
     let at = super::now_nanos();
     let hash = entry_hash(&HashedFields {
@@ -314,8 +317,9 @@ pub fn decode_hash(hex: &str) -> Option<[u8; 32]> {
 pub struct VerifyReport {
     /// Entries in the table.
     pub entries: u64,
-    /// The last entry's hash as stored (keep a copy elsewhere to detect a
-    /// rewrite of the whole tail; see the module docs).
+    /// The hash of the last entry found intact: with no problem, the head of
+    /// the log (keep a copy elsewhere to detect a rewrite of the whole tail;
+    /// see the module docs).
     pub last_hash: Option<String>,
     /// The first problem in id order; `None` when the log is intact.
     pub first_problem: Option<Tamper>,

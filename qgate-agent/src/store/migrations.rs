@@ -106,24 +106,38 @@ CREATE INDEX capture_loss_at ON capture_loss (at);
 /// Brings `conn`'s database up to this binary's schema. Safe to call from
 /// several processes at once: each migration re-checks, inside its own
 /// `BEGIN IMMEDIATE` transaction, that nobody applied it meanwhile.
+///
+/// An up-to-date database is only read: opening it takes no write lock.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-             version    INTEGER PRIMARY KEY,
-             name       TEXT    NOT NULL UNIQUE,
-             applied_at INTEGER NOT NULL
-         ) STRICT",
-    )?;
+    let has_table = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !has_table {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 name       TEXT    NOT NULL UNIQUE,
+                 applied_at INTEGER NOT NULL
+             ) STRICT",
+        )?;
+    }
     let known: HashSet<&str> = all().map(|m| m.name).collect();
-    let recorded = applied(conn)?;
-    let unknown: Vec<String> = recorded
-        .into_iter()
+    let recorded: HashSet<String> = applied(conn)?.into_iter().collect();
+    let mut unknown: Vec<String> = recorded
+        .iter()
         .filter(|name| !known.contains(name.as_str()))
+        .cloned()
         .collect();
     if !unknown.is_empty() {
+        unknown.sort();
         return Err(StoreError::SchemaTooNew { unknown });
     }
-    for migration in all() {
+    for migration in all().filter(|m| !recorded.contains(m.name)) {
         apply(conn, migration)?;
     }
     Ok(())

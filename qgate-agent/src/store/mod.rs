@@ -36,6 +36,22 @@ pub const DEFAULT_DB_PATH: &str = "/var/lib/qgate/qgate.sqlite";
 /// (one batch, one audit entry), so a wait this long means something is stuck.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a waiting connection retries the lock. SQLite has no lock
+/// queue, and its own `busy_timeout` backs off to one try per 100 ms: a
+/// connection committing in a loop (the writer's batches, a burst of audit
+/// appends) then starves the other for the whole timeout. Trying every
+/// millisecond finds the gaps between transactions.
+const BUSY_POLL: Duration = Duration::from_millis(1);
+
+fn busy_wait(attempts: i32) -> bool {
+    let waited = BUSY_POLL * u32::try_from(attempts).unwrap_or(u32::MAX);
+    if waited >= BUSY_TIMEOUT {
+        return false;
+    }
+    std::thread::sleep(BUSY_POLL);
+    true
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("creating directory {path}: {source}")]
@@ -66,6 +82,8 @@ pub enum StoreError {
          caller's transaction, which needs synchronous=FULL (2) or EXTRA (3)"
     )]
     NotDurable { level: i64 },
+    #[error("audit_head holds {0:?}, which is not a hash: run `qgate-agent audit verify`")]
+    CorruptHead(String),
     #[error("audit entry details must be a JSON object, got {0}")]
     DetailsNotObject(&'static str),
     #[error(
@@ -124,7 +142,7 @@ impl Store {
             source,
         };
         let mut conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+        conn.busy_handler(Some(busy_wait)).map_err(open_error)?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(open_error)?;
