@@ -181,6 +181,29 @@ fn completions_record_outcome_tag_rows_and_errors() {
 }
 
 #[test]
+fn dropping_the_writer_writes_what_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = Writer::spawn(
+        Store::open(&db).unwrap(),
+        WriterConfig {
+            batch_wait: Duration::from_secs(60),
+            ..WriterConfig::default()
+        },
+    )
+    .unwrap();
+    writer.send(opened(1, T0));
+    for i in 1..=100 {
+        writer.send(received(1, i, "SELECT 1", T0));
+    }
+    drop(writer);
+    let n: i64 = reader(&db)
+        .query_row("SELECT count(*) FROM statements", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 100);
+}
+
+#[test]
 fn mid_stream_connection_has_no_identity() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("qgate.sqlite");
