@@ -50,7 +50,7 @@ impl Default for WriterConfig {
 pub struct WriterStats {
     /// Events accepted into the queue.
     pub queued: u64,
-    /// Events committed to the database.
+    /// Events in committed batches (unmatched ones included).
     pub written: u64,
     /// Events refused because the queue was full (the database is slower
     /// than the capture). Recorded as `writer_dropped` capture events.
