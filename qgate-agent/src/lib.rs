@@ -14,4 +14,5 @@ pub mod capture;
 pub mod config;
 pub mod gate;
 pub mod pipeline;
+pub mod store;
 pub mod wire;

@@ -1,0 +1,124 @@
+//! `qgate-agent audit …`: export captured statements, verify the audit log.
+use std::{
+    io::{BufWriter, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::Context;
+use qgate_agent::{
+    capture::UnixNanos,
+    store::{
+        audit,
+        export::{self, ExportFormat, TimeRange},
+        Store, StoreError, DEFAULT_DB_PATH,
+    },
+};
+
+/// Exit status of `audit verify` when the log was tampered with (1 is left
+/// for "could not check at all").
+pub const EXIT_TAMPERED: u8 = 2;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Write one record per captured statement (with its connection's user,
+    /// database, application and client address) to standard output.
+    Export {
+        /// The agent's database.
+        #[arg(long, default_value = DEFAULT_DB_PATH)]
+        db: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// Only statements received at or after T (RFC 3339, or YYYY-MM-DD for midnight UTC).
+        #[arg(long, value_name = "T", value_parser = parse_time)]
+        since: Option<UnixNanos>,
+        /// Only statements received before T (RFC 3339, or YYYY-MM-DD for midnight UTC).
+        #[arg(long, value_name = "T", value_parser = parse_time)]
+        until: Option<UnixNanos>,
+    },
+    /// Check the audit log's hash chain. Exits 0 and prints the entry count
+    /// and last hash when intact; exits 2 naming the first bad entry when
+    /// any entry was edited, deleted, inserted or reordered.
+    Verify {
+        /// The agent's database.
+        #[arg(long, default_value = DEFAULT_DB_PATH)]
+        db: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    Jsonl,
+    /// RFC 4180 CSV with a header row.
+    Csv,
+}
+
+fn parse_time(input: &str) -> Result<UnixNanos, StoreError> {
+    export::parse_time(input)
+}
+
+pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Export {
+            db,
+            format,
+            since,
+            until,
+        } => {
+            let store = open(&db)?;
+            let format = match format {
+                Format::Jsonl => ExportFormat::Jsonl,
+                Format::Csv => ExportFormat::Csv,
+            };
+            let stdout = std::io::stdout().lock();
+            let result = export::export_statements(
+                store.conn(),
+                TimeRange { since, until },
+                format,
+                BufWriter::new(stdout),
+            );
+            match result {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                // `… | head` closed the pipe: the reader has what it wanted.
+                Err(StoreError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(StoreError::Csv(e)) if is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
+                Err(e) => Err(e).context("exporting statements"),
+            }
+        }
+        AuditCommand::Verify { db } => {
+            let store = open(&db)?;
+            let report = audit::verify(store.conn()).context("reading the audit log")?;
+            let mut out = std::io::stdout().lock();
+            match &report.first_problem {
+                None => {
+                    writeln!(
+                        out,
+                        "audit log intact: {} entries, last hash {}",
+                        report.entries,
+                        report.last_hash.as_deref().unwrap_or("(none)")
+                    )?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(tamper) => {
+                    writeln!(
+                        out,
+                        "audit log TAMPERED ({} entries in the table): {tamper}",
+                        report.entries
+                    )?;
+                    Ok(ExitCode::from(EXIT_TAMPERED))
+                }
+            }
+        }
+    }
+}
+
+fn open(db: &std::path::Path) -> anyhow::Result<Store> {
+    Store::open_existing(db).with_context(|| format!("opening the qgate database {}", db.display()))
+}
+
+fn is_broken_pipe(e: &csv::Error) -> bool {
+    matches!(e.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
+}

@@ -1,0 +1,208 @@
+//! The schema, as an ordered list of named migrations.
+//!
+//! Each module that owns tables exposes `pub const MIGRATIONS: &[Migration]`
+//! and is listed once in [`GROUPS`]. Rules, because a shipped database
+//! already recorded what it applied:
+//! - never edit, rename or remove a migration that was released: add one;
+//! - add new migrations at the end of their module's list, and new modules
+//!   at the end of [`GROUPS`];
+//! - names are global and unique (`<module>_<nnnn>_<what>`).
+//!
+//! Applied migrations are recorded by name in `schema_migrations`, so a
+//! migration appended to an earlier module's list is still applied to a
+//! database that already has later modules' tables. A database that records
+//! a name this binary does not know was written by a newer qgate: opening it
+//! fails rather than run old code against a schema it does not understand.
+use std::collections::HashSet;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+
+use super::StoreError;
+
+/// One schema change: `sql` runs in its own transaction (do not put `BEGIN`
+/// or `COMMIT` in it), and `name` is recorded once it has committed.
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every module's migrations, in the order they apply.
+pub const GROUPS: &[&[Migration]] = &[CAPTURE_MIGRATIONS, super::audit::MIGRATIONS];
+
+/// Every migration, in the order a fresh database gets them.
+pub fn all() -> impl Iterator<Item = &'static Migration> {
+    GROUPS.iter().flat_map(|group| group.iter())
+}
+
+/// What the capture stage records: connections, statements, what could not
+/// be decoded, and how much the capture lost. Times are Unix nanoseconds.
+pub const CAPTURE_MIGRATIONS: &[Migration] = &[Migration {
+    name: "capture_0001_connections_statements",
+    sql: r#"
+CREATE TABLE connections (
+    id            INTEGER PRIMARY KEY,
+    client_addr   TEXT    NOT NULL,
+    client_port   INTEGER NOT NULL,
+    server_addr   TEXT    NOT NULL,
+    server_port   INTEGER NOT NULL,
+    -- From the StartupMessage; NULL when not sent or not seen (mid_stream).
+    user          TEXT,
+    database      TEXT,
+    application   TEXT,
+    -- The server accepted SSLRequest/GSSENCRequest: statements are not visible.
+    encrypted     INTEGER NOT NULL DEFAULT 0 CHECK (encrypted IN (0, 1)),
+    -- Opened before the agent saw it: identity unknown.
+    mid_stream    INTEGER NOT NULL CHECK (mid_stream IN (0, 1)),
+    started_at    INTEGER NOT NULL,
+    identified_at INTEGER,
+    ended_at      INTEGER
+) STRICT;
+CREATE INDEX connections_started_at ON connections (started_at);
+
+CREATE TABLE statements (
+    id             INTEGER PRIMARY KEY,
+    connection_id  INTEGER NOT NULL REFERENCES connections (id),
+    seq            INTEGER NOT NULL,
+    text           TEXT    NOT NULL,
+    path           TEXT    NOT NULL CHECK (path IN ('simple', 'extended')),
+    statement_name TEXT,
+    received_at    INTEGER NOT NULL,
+    completed_at   INTEGER,
+    -- Not `IN (...)`: SQLite builds a temporary table for a list of three
+    -- or more on every row written, a fifth of the writer's time.
+    outcome        TEXT    NOT NULL DEFAULT 'unknown'
+                   CHECK (outcome = 'ok' OR outcome = 'error' OR outcome = 'unknown'),
+    sqlstate       TEXT,
+    error_message  TEXT,
+    command_tag    TEXT,
+    rows           INTEGER
+) STRICT;
+CREATE INDEX statements_received_at ON statements (received_at);
+CREATE INDEX statements_connection ON statements (connection_id, seq);
+
+-- Things that make the record of a connection incomplete or unusual.
+CREATE TABLE capture_events (
+    id            INTEGER PRIMARY KEY,
+    connection_id INTEGER REFERENCES connections (id),
+    kind          TEXT    NOT NULL CHECK (kind = 'gap' OR kind = 'undecodable'
+                                          OR kind = 'cancel_request' OR kind = 'writer_dropped'),
+    detail        TEXT,
+    at            INTEGER NOT NULL
+) STRICT;
+CREATE INDEX capture_events_at ON capture_events (at);
+CREATE INDEX capture_events_connection ON capture_events (connection_id);
+
+-- Cumulative counters reported periodically by the agent.
+CREATE TABLE capture_loss (
+    id             INTEGER PRIMARY KEY,
+    at             INTEGER NOT NULL,
+    segments_seen  INTEGER NOT NULL,
+    ringbuf_full   INTEGER NOT NULL,
+    truncated      INTEGER NOT NULL,
+    load_errors    INTEGER NOT NULL,
+    writer_dropped INTEGER NOT NULL
+) STRICT;
+CREATE INDEX capture_loss_at ON capture_loss (at);
+"#,
+}];
+
+/// Brings `conn`'s database up to this binary's schema. Safe to call from
+/// several processes at once: each migration re-checks, inside its own
+/// `BEGIN IMMEDIATE` transaction, that nobody applied it meanwhile.
+///
+/// An up-to-date database is only read: opening it takes no write lock.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let has_table = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !has_table {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 name       TEXT    NOT NULL UNIQUE,
+                 applied_at INTEGER NOT NULL
+             ) STRICT",
+        )?;
+    }
+    let known: HashSet<&str> = all().map(|m| m.name).collect();
+    let recorded: HashSet<String> = applied(conn)?.into_iter().collect();
+    let mut unknown: Vec<String> = recorded
+        .iter()
+        .filter(|name| !known.contains(name.as_str()))
+        .cloned()
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(StoreError::SchemaTooNew { unknown });
+    }
+    for migration in all().filter(|m| !recorded.contains(m.name)) {
+        apply(conn, migration)?;
+    }
+    Ok(())
+}
+
+/// Names of the migrations `conn`'s database has, in the order they applied.
+pub fn applied(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare("SELECT name FROM schema_migrations ORDER BY version")?;
+    let names = stmt
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(names)
+}
+
+fn apply(conn: &mut Connection, migration: &Migration) -> Result<(), StoreError> {
+    let failed = |source| StoreError::Migration {
+        name: migration.name,
+        source,
+    };
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(failed)?;
+    let done = tx
+        .query_row(
+            "SELECT 1 FROM schema_migrations WHERE name = ?1",
+            [migration.name],
+            |_| Ok(()),
+        )
+        .optional()
+        .map_err(failed)?
+        .is_some();
+    if done {
+        return Ok(());
+    }
+    tx.execute_batch(migration.sql).map_err(failed)?;
+    tx.execute(
+        "INSERT INTO schema_migrations (name, applied_at) VALUES (?1, ?2)",
+        (migration.name, super::now_nanos()),
+    )
+    .map_err(failed)?;
+    tx.commit().map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_names_are_unique() {
+        let mut seen = HashSet::new();
+        for m in all() {
+            assert!(seen.insert(m.name), "duplicate migration name {}", m.name);
+        }
+    }
+
+    #[test]
+    fn every_migration_applies_to_an_empty_database() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let names = applied(&conn).unwrap();
+        let expected: Vec<&str> = all().map(|m| m.name).collect();
+        assert_eq!(names, expected);
+    }
+}

@@ -1,0 +1,555 @@
+//! The live path into the store: wire events in, batched transactions out,
+//! on a thread of its own so the capture thread never waits on the disk.
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::{insert_capture_loss, now_nanos, sql_count, Store, StoreError};
+use crate::{
+    capture::UnixNanos,
+    wire::{Completion, ConnId, Outcome, ProtocolPath, StmtSeq, WireEvent},
+};
+
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// Events queued before [`Writer::send`] starts dropping. The default
+    /// holds over a second at 50 000 statements/s (two events each), about
+    /// 12 MB allocated up front.
+    pub queue: usize,
+    /// Events per transaction at most.
+    pub batch_max: usize,
+    /// How long the first event of a batch waits for others to join it.
+    pub batch_wait: Duration,
+    /// Attempts at a batch that fails (e.g. `SQLITE_BUSY` past the busy
+    /// timeout) before its events are counted as failed and discarded.
+    pub attempts: u32,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            queue: 131_072,
+            batch_max: 1_000,
+            batch_wait: Duration::from_millis(50),
+            attempts: 3,
+        }
+    }
+}
+
+/// Counts since the writer started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Events accepted into the queue.
+    pub queued: u64,
+    /// Events in committed batches (unmatched ones included).
+    pub written: u64,
+    /// Events refused because the queue was full (the database is slower
+    /// than the capture). Recorded as `writer_dropped` capture events.
+    pub dropped: u64,
+    /// Events naming a connection or statement the writer never saw opened
+    /// (its opening event was dropped, or a bug upstream).
+    pub unmatched: u64,
+    /// Events discarded because their batch failed every attempt.
+    pub failed: u64,
+    /// Batch attempts that failed and were retried or given up.
+    pub failed_attempts: u64,
+    /// Transactions committed.
+    pub batches: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    queued: AtomicU64,
+    written: AtomicU64,
+    dropped: AtomicU64,
+    unmatched: AtomicU64,
+    failed: AtomicU64,
+    failed_attempts: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> WriterStats {
+        WriterStats {
+            queued: self.queued.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            unmatched: self.unmatched.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+        }
+    }
+}
+
+enum Message {
+    Record(Record),
+    /// Answered once everything queued before it is committed.
+    Flush(Sender<()>),
+}
+
+/// What a batch writes.
+enum Record {
+    Event(WireEvent),
+    Loss {
+        at: UnixNanos,
+        counters: qgate_common::Counters,
+    },
+}
+
+/// The writer checkpoints the WAL into the database after this many pages
+/// (16 MiB at 4 KiB pages) instead of SQLite's 1000: each checkpoint costs
+/// an fsync, and under load the default one ran every few batches.
+const WAL_CHECKPOINT_PAGES: i64 = 4000;
+
+/// Writes [`WireEvent`]s to the store in batches on its own thread.
+///
+/// Dropping it (or [`Writer::shutdown`]) writes what is queued and joins the
+/// thread.
+pub struct Writer {
+    tx: Option<Sender<Message>>,
+    thread: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+}
+
+impl Writer {
+    /// Moves `store`'s connection to a new thread and starts writing.
+    ///
+    /// The connection is switched to `synchronous=NORMAL`: in WAL mode a
+    /// commit then skips the fsync, which is what lets one core keep up with
+    /// a busy server; a power cut may lose the last batches, never corrupt
+    /// the file. Decisions and audit entries go through other connections.
+    pub fn spawn(store: Store, config: WriterConfig) -> Result<Writer, StoreError> {
+        let conn = store.into_conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
+        let (tx, rx) = crossbeam_channel::bounded(config.queue.max(1));
+        let counters = Arc::new(Counters::default());
+        let thread = std::thread::Builder::new()
+            .name("qgate-store".into())
+            .spawn({
+                let counters = Arc::clone(&counters);
+                move || {
+                    BatchWriter {
+                        conn,
+                        config,
+                        counters,
+                        connections: HashMap::new(),
+                        dropped_recorded: 0,
+                    }
+                    .run(rx)
+                }
+            })
+            .map_err(StoreError::Spawn)?;
+        Ok(Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+            counters,
+        })
+    }
+
+    /// Queues `event` without blocking. Returns `false` (and counts it as
+    /// dropped) when the queue is full or the writer has stopped.
+    pub fn send(&self, event: WireEvent) -> bool {
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        match tx.try_send(Message::Record(Record::Event(event))) {
+            Ok(()) => {
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Queues a capture-loss record (the kernel programs' cumulative
+    /// counters, plus this writer's dropped count when it is written).
+    /// Never blocks: when the queue is full this report is skipped, and
+    /// the next one covers it, the counters being cumulative.
+    pub fn record_capture_loss(&self, at: UnixNanos, counters: qgate_common::Counters) -> bool {
+        self.tx.as_ref().is_some_and(|tx| {
+            tx.try_send(Message::Record(Record::Loss { at, counters }))
+                .is_ok()
+        })
+    }
+
+    /// Waits until everything queued so far is committed (or failed).
+    pub fn flush(&self) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if tx.send(Message::Flush(done_tx)).is_ok() {
+            // An error means the thread is gone; nothing left to wait for.
+            let _ = done_rx.recv();
+        }
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        self.counters.snapshot()
+    }
+
+    /// Writes everything queued, stops the thread and returns the final counts.
+    pub fn shutdown(mut self) -> Result<WriterStats, StoreError> {
+        self.stop()?;
+        Ok(self.counters.snapshot())
+    }
+
+    fn stop(&mut self) -> Result<(), StoreError> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| StoreError::WriterPanicked),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!("store writer: {e}");
+        }
+    }
+}
+
+/// Row ids of a connection and of its statements still waiting for their
+/// completion (removed once completed, so memory follows open work only).
+#[derive(Clone)]
+struct ConnRows {
+    row: i64,
+    pending: HashMap<StmtSeq, i64>,
+}
+
+/// How to undo the in-memory effect of a batch whose transaction rolled back.
+enum Undo {
+    Conn(ConnId, Option<ConnRows>),
+    Pending(ConnId, StmtSeq, Option<i64>),
+}
+
+struct BatchWriter {
+    conn: Connection,
+    config: WriterConfig,
+    counters: Arc<Counters>,
+    connections: HashMap<ConnId, ConnRows>,
+    /// The dropped count last written as a `writer_dropped` event.
+    dropped_recorded: u64,
+}
+
+impl BatchWriter {
+    fn run(mut self, rx: Receiver<Message>) {
+        let mut batch = Vec::with_capacity(self.config.batch_max);
+        let mut flushes = Vec::new();
+        // `recv` keeps returning queued messages after the `Writer` is gone,
+        // and fails only once the queue is empty: shutdown loses nothing.
+        while let Ok(first) = rx.recv() {
+            let deadline = Instant::now() + self.config.batch_wait;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Record(record) => batch.push(record),
+                    Message::Flush(done) => {
+                        flushes.push(done);
+                        break;
+                    }
+                }
+                if batch.len() < self.config.batch_max {
+                    next = rx.recv_deadline(deadline).ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.write(&batch);
+                batch.clear();
+            }
+            for done in flushes.drain(..) {
+                // The flusher may have given up waiting; nothing to tell then.
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn write(&mut self, batch: &[Record]) {
+        let events = batch
+            .iter()
+            .filter(|r| matches!(r, Record::Event(_)))
+            .count() as u64;
+        let mut last_error = None;
+        for attempt in 1..=self.config.attempts.max(1) {
+            let mut undo = Vec::new();
+            match self.try_write(batch, &mut undo) {
+                Ok(()) => {
+                    self.counters.written.fetch_add(events, Ordering::Relaxed);
+                    self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    self.counters
+                        .failed_attempts
+                        .fetch_add(1, Ordering::Relaxed);
+                    for step in undo.into_iter().rev() {
+                        self.undo(step);
+                    }
+                    tracing::warn!("store writer: batch attempt {attempt} failed: {e}");
+                    last_error = Some(e);
+                    std::thread::sleep(Duration::from_millis(100) * attempt);
+                }
+            }
+        }
+        if let Some(e) = last_error {
+            tracing::error!("store writer: discarding {events} events: {e}");
+        }
+        self.counters.failed.fetch_add(events, Ordering::Relaxed);
+    }
+
+    fn undo(&mut self, step: Undo) {
+        match step {
+            Undo::Conn(conn, Some(rows)) => {
+                self.connections.insert(conn, rows);
+            }
+            Undo::Conn(conn, None) => {
+                self.connections.remove(&conn);
+            }
+            Undo::Pending(conn, seq, previous) => {
+                if let Some(rows) = self.connections.get_mut(&conn) {
+                    match previous {
+                        Some(row) => rows.pending.insert(seq, row),
+                        None => rows.pending.remove(&seq),
+                    };
+                }
+            }
+        }
+    }
+
+    fn try_write(&mut self, batch: &[Record], undo: &mut Vec<Undo>) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut unmatched = 0;
+        for record in batch {
+            match record {
+                Record::Event(event) => {
+                    if !apply(&tx, &mut self.connections, undo, event)? {
+                        unmatched += 1;
+                    }
+                }
+                Record::Loss { at, counters } => insert_capture_loss(
+                    &tx,
+                    *at,
+                    counters,
+                    self.counters.dropped.load(Ordering::Relaxed),
+                )?,
+            }
+        }
+        let dropped = self.counters.dropped.load(Ordering::Relaxed);
+        if dropped > self.dropped_recorded {
+            tx.prepare_cached(
+                "INSERT INTO capture_events (connection_id, kind, detail, at) VALUES (NULL, 'writer_dropped', ?1, ?2)",
+            )?
+            .execute((
+                format!(
+                    "{} events dropped (store writer queue full); {dropped} since start",
+                    dropped - self.dropped_recorded
+                ),
+                now_nanos(),
+            ))?;
+        }
+        tx.commit()?;
+        self.dropped_recorded = dropped;
+        self.counters
+            .unmatched
+            .fetch_add(unmatched, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Writes one event. Returns `false` when it names a connection or
+/// statement the writer does not know (nothing is written then).
+fn apply(
+    tx: &Connection,
+    connections: &mut HashMap<ConnId, ConnRows>,
+    undo: &mut Vec<Undo>,
+    event: &WireEvent,
+) -> Result<bool, StoreError> {
+    match event {
+        WireEvent::ConnectionOpened {
+            conn,
+            client,
+            server,
+            at,
+            mid_stream,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO connections (client_addr, client_port, server_addr, server_port, mid_stream, started_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute((
+                client.ip().to_string(),
+                client.port(),
+                server.ip().to_string(),
+                server.port(),
+                mid_stream,
+                at,
+            ))?;
+            let rows = ConnRows {
+                row: tx.last_insert_rowid(),
+                pending: HashMap::new(),
+            };
+            undo.push(Undo::Conn(*conn, connections.insert(*conn, rows)));
+        }
+        WireEvent::Identified { conn, identity, at } => {
+            let Some(rows) = connections.get(conn) else {
+                return Ok(false);
+            };
+            tx.prepare_cached(
+                "UPDATE connections SET user = ?2, database = ?3, application = ?4, identified_at = ?5 WHERE id = ?1",
+            )?
+            .execute((
+                rows.row,
+                &identity.user,
+                &identity.database,
+                &identity.application,
+                at,
+            ))?;
+        }
+        WireEvent::Encrypted { conn, .. } => {
+            let Some(rows) = connections.get(conn) else {
+                return Ok(false);
+            };
+            tx.prepare_cached("UPDATE connections SET encrypted = 1 WHERE id = ?1")?
+                .execute([rows.row])?;
+        }
+        WireEvent::StatementReceived {
+            conn,
+            stmt,
+            text,
+            path,
+            statement_name,
+            at,
+        } => {
+            let Some(rows) = connections.get_mut(conn) else {
+                return Ok(false);
+            };
+            tx.prepare_cached(
+                "INSERT INTO statements (connection_id, seq, text, path, statement_name, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute((
+                rows.row,
+                sql_count(stmt.0),
+                text,
+                path_name(*path),
+                statement_name,
+                at,
+            ))?;
+            let previous = rows.pending.insert(*stmt, tx.last_insert_rowid());
+            undo.push(Undo::Pending(*conn, *stmt, previous));
+        }
+        WireEvent::StatementCompleted {
+            conn,
+            stmt,
+            completion,
+            at,
+        } => {
+            let Some(row) = connections
+                .get_mut(conn)
+                .and_then(|rows| rows.pending.remove(stmt))
+            else {
+                return Ok(false);
+            };
+            undo.push(Undo::Pending(*conn, *stmt, Some(row)));
+            let Completion {
+                outcome,
+                tag,
+                rows,
+                sqlstate,
+                message,
+            } = completion;
+            tx.prepare_cached(
+                "UPDATE statements SET completed_at = ?2, outcome = ?3, sqlstate = ?4, error_message = ?5,
+                 command_tag = ?6, rows = ?7 WHERE id = ?1",
+            )?
+            .execute((
+                row,
+                at,
+                outcome_name(outcome),
+                sqlstate,
+                message,
+                tag,
+                rows.map(sql_count),
+            ))?;
+        }
+        WireEvent::CancelRequested {
+            conn,
+            backend_pid,
+            at,
+        } => {
+            return capture_event(
+                tx,
+                connections,
+                *conn,
+                "cancel_request",
+                Some(&format!("backend pid {backend_pid}")),
+                *at,
+            );
+        }
+        WireEvent::Undecodable { conn, reason, at } => {
+            return capture_event(tx, connections, *conn, "undecodable", Some(reason), *at);
+        }
+        WireEvent::CaptureGap { conn, at } => {
+            return capture_event(tx, connections, *conn, "gap", None, *at);
+        }
+        WireEvent::ConnectionClosed { conn, at } => {
+            let Some(rows) = connections.remove(conn) else {
+                return Ok(false);
+            };
+            tx.prepare_cached("UPDATE connections SET ended_at = ?2 WHERE id = ?1")?
+                .execute((rows.row, at))?;
+            undo.push(Undo::Conn(*conn, Some(rows)));
+        }
+    }
+    Ok(true)
+}
+
+/// A loss or oddity is worth keeping even when its connection is unknown:
+/// it is then written without one (and still counted as unmatched).
+fn capture_event(
+    tx: &Connection,
+    connections: &HashMap<ConnId, ConnRows>,
+    conn: ConnId,
+    kind: &str,
+    detail: Option<&str>,
+    at: UnixNanos,
+) -> Result<bool, StoreError> {
+    let row = connections.get(&conn).map(|rows| rows.row);
+    tx.prepare_cached(
+        "INSERT INTO capture_events (connection_id, kind, detail, at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute((row, kind, detail, at))?;
+    Ok(row.is_some())
+}
+
+fn path_name(path: ProtocolPath) -> &'static str {
+    match path {
+        ProtocolPath::Simple => "simple",
+        ProtocolPath::Extended => "extended",
+    }
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Error => "error",
+    }
+}
