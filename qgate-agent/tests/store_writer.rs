@@ -361,6 +361,7 @@ fn capture_loss_counters_are_recorded() {
         ringbuf_full: 3,
         truncated: 2,
         load_errors: 1,
+        ..Default::default()
     };
     assert!(writer.record_capture_loss(T0, counters));
     writer.flush();
