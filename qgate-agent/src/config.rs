@@ -111,7 +111,9 @@ mod tests {
     #[test]
     fn unknown_key_is_an_error_naming_it() {
         let text = DEFAULT_CONFIG.replace("[capture]", "[capture]\nportz = [1]");
-        let err = Config::parse(&text, "x.toml".into()).unwrap_err().to_string();
+        let err = Config::parse(&text, "x.toml".into())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("portz"), "{err}");
     }
 }

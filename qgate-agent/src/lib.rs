@@ -10,7 +10,10 @@
 //! | api | [`api`] | the reviewers' HTTP API |
 //!
 //! [`pipeline`] connects the stages; `main.rs` is only the command line.
+pub mod api;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod pipeline;
+pub mod store;
 pub mod wire;

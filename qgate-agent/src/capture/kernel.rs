@@ -22,7 +22,9 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("this qgate-agent was built without its eBPF programs (AYA_BUILD_SKIP); rebuild without it")]
+    #[error(
+        "this qgate-agent was built without its eBPF programs (AYA_BUILD_SKIP); rebuild without it"
+    )]
     NoProgram,
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -251,7 +253,8 @@ impl ChunkAssembler {
         if seg.payload.len() >= h.payload_len as usize {
             sink(seg);
         } else {
-            seg.payload.reserve_exact(h.payload_len as usize - seg.payload.len());
+            seg.payload
+                .reserve_exact(h.payload_len as usize - seg.payload.len());
             self.partial = Some(seg);
         }
     }

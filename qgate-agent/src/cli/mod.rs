@@ -1,0 +1,3 @@
+//! Command-line subcommands, one file per family; `main.rs` wires them.
+pub mod requests;
+pub mod reviewers;
