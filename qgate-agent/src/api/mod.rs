@@ -90,6 +90,9 @@ pub struct AppState {
     options: Arc<ApiOptions>,
     limiter: Arc<auth::FailureLimiter>,
     metrics: ::metrics_exporter_prometheus::PrometheusHandle,
+    /// Turns true when [`serve`] shuts down, ending the open event streams
+    /// that would otherwise keep a graceful shutdown waiting forever.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
@@ -105,6 +108,7 @@ impl AppState {
             limiter: Arc::new(auth::FailureLimiter::new(options.auth_failures_per_minute)),
             options: Arc::new(options),
             metrics: metrics::install(),
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 
@@ -142,6 +146,11 @@ pub async fn serve(
         state.board.subscribe(),
         state.options.webhooks.clone(),
     ));
+    let closing = state.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.send_replace(true);
+    };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = match acceptor {
         None => {

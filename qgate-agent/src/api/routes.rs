@@ -356,6 +356,10 @@ async fn events(
     _caller: Caller,
     State(state): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut closing = state.closing.subscribe();
+    let closed = async move {
+        let _ = closing.wait_for(|c| *c).await;
+    };
     let stream = BroadcastStream::new(state.board.subscribe()).map(|item| {
         Ok(match item {
             Ok(event) => Event::default()
@@ -368,5 +372,6 @@ async fn events(
             }
         })
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream.take_until(closed))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
