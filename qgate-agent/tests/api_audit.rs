@@ -32,7 +32,10 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
     api.decide(&rita, a.id, "approve", "first").await;
     api.decide(&sam, a.id, "approve", "second").await;
     api.decide(&rita, b.id, "deny", "no").await;
-    api.board().withdraw(c.id, "client gone").await.expect("withdraw");
+    api.board()
+        .withdraw(c.id, "client gone")
+        .await
+        .expect("withdraw");
 
     let (status, log) = api.get(&rita, "/v1/audit/log").await;
     assert_eq!(status, StatusCode::OK, "{log}");
@@ -62,7 +65,9 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
     .map(|(k, a, r)| (k.to_owned(), a.map(str::to_owned), r));
     assert_eq!(rows, expected);
 
-    let (_, denials) = api.get(&rita, "/v1/audit/log?kind=request.denied&actor=rita").await;
+    let (_, denials) = api
+        .get(&rita, "/v1/audit/log?kind=request.denied&actor=rita")
+        .await;
     assert_eq!(denials[0]["details"]["comment"], "no");
     assert_eq!(denials.as_array().map(Vec::len), Some(1));
 
@@ -83,18 +88,34 @@ async fn statements_are_searchable_by_user_database_table_decision_outcome_and_t
     api.decide(&rita, r.id, "deny", "").await;
 
     let ids = |v: serde_json::Value| -> Vec<i64> {
-        v.as_array().expect("array").iter().filter_map(|r| r["id"].as_i64()).collect()
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|r| r["id"].as_i64())
+            .collect()
     };
     let search = |q: &str| format!("/v1/audit/statements?{q}");
     assert_eq!(ids(api.get(&rita, &search("")).await.1), [10, 11, 12]);
     assert_eq!(ids(api.get(&rita, &search("user=alice")).await.1), [10, 11]);
     assert_eq!(ids(api.get(&rita, &search("database=crm")).await.1), [12]);
-    assert_eq!(ids(api.get(&rita, &search("table=ORDERS")).await.1), [10, 11]);
-    assert_eq!(ids(api.get(&rita, &search("decision=denied")).await.1), [11]);
+    assert_eq!(
+        ids(api.get(&rita, &search("table=ORDERS")).await.1),
+        [10, 11]
+    );
+    assert_eq!(
+        ids(api.get(&rita, &search("decision=denied")).await.1),
+        [11]
+    );
     assert_eq!(ids(api.get(&rita, &search("decision=held")).await.1), [11]);
     assert_eq!(ids(api.get(&rita, &search("outcome=error")).await.1), [12]);
     assert_eq!(
-        ids(api.get(&rita, &search("since=2026-01-01T00:01:00Z&until=2026-01-01T00:03:00Z")).await.1),
+        ids(api
+            .get(
+                &rita,
+                &search("since=2026-01-01T00:01:00Z&until=2026-01-01T00:03:00Z")
+            )
+            .await
+            .1),
         [11]
     );
     let (_, rows) = api.get(&rita, &search("decision=denied")).await;
@@ -126,7 +147,10 @@ async fn audit_exports_as_json_lines_and_csv() {
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
     assert_eq!(lines.len(), 3);
-    assert_eq!(lines[2]["statement"], "UPDATE customers SET vip = true, note = 'a,\"b\"'");
+    assert_eq!(
+        lines[2]["statement"],
+        "UPDATE customers SET vip = true, note = 'a,\"b\"'"
+    );
 
     let response = api
         .http
@@ -157,7 +181,10 @@ async fn audit_exports_as_json_lines_and_csv() {
         .await
         .expect("GET");
     let csv = response.text().await.expect("body");
-    assert!(csv.starts_with("id,at,kind,actor,request_id,details\r\n1,"), "{csv}");
+    assert!(
+        csv.starts_with("id,at,kind,actor,request_id,details\r\n1,"),
+        "{csv}"
+    );
     assert!(csv.contains("reviewer.added"), "{csv}");
     api.shutdown().await;
 }

@@ -52,7 +52,9 @@ async fn reviewers_added_by_the_cli_while_the_api_runs_can_use_their_token_at_on
     let api = start(ApiOptions::default()).await;
     let db = api.db.display().to_string();
     let (code, out) = cli(
-        args(&format!("add rita --groups dba,sre --db-users rita_rw --db {db} --json")),
+        args(&format!(
+            "add rita --groups dba,sre --db-users rita_rw --db {db} --json"
+        )),
         false,
     )
     .await;
@@ -76,7 +78,10 @@ async fn reviewers_added_by_the_cli_while_the_api_runs_can_use_their_token_at_on
 
     let (code, _) = cli(args(&format!("revoke rita --db {db}")), false).await;
     assert_eq!(code, ExitCode::SUCCESS);
-    assert_eq!(api.get(&token, "/v1/me").await.0, reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.get(&token, "/v1/me").await.0,
+        reqwest::StatusCode::UNAUTHORIZED
+    );
     let stored = std::fs::read(&api.db).expect("read store");
     assert!(
         !stored.windows(token.len()).any(|w| w == token.as_bytes()),
@@ -88,9 +93,18 @@ async fn reviewers_added_by_the_cli_while_the_api_runs_can_use_their_token_at_on
 #[tokio::test]
 async fn requests_cli_lists_shows_and_decides_over_the_api() {
     let api = start(ApiOptions::default()).await;
-    let token = api.reviewer("rita", qgate_agent::store::requests::Role::Reviewer, &["dba"], &[]);
-    let a = api.hold(held(Some("alice"), "ddl-needs-peer", 1, &["dba"])).await;
-    let b = api.hold(held(Some("bob"), "ddl-needs-peer", 1, &["dba"])).await;
+    let token = api.reviewer(
+        "rita",
+        qgate_agent::store::requests::Role::Reviewer,
+        &["dba"],
+        &[],
+    );
+    let a = api
+        .hold(held(Some("alice"), "ddl-needs-peer", 1, &["dba"]))
+        .await;
+    let b = api
+        .hold(held(Some("bob"), "ddl-needs-peer", 1, &["dba"]))
+        .await;
     let common = format!("--api {} --token {token}", api.base);
 
     let (code, out) = cli(args(&format!("list {common} --json")), true).await;
@@ -98,7 +112,9 @@ async fn requests_cli_lists_shows_and_decides_over_the_api() {
     let list: serde_json::Value = serde_json::from_str(&out).expect("JSON array");
     assert_eq!(list[0]["id"], b.id);
     assert_eq!(list[0]["status"], "pending");
-    assert!(list[0]["statement"].as_str().is_some_and(|s| s.contains("DROP TABLE")));
+    assert!(list[0]["statement"]
+        .as_str()
+        .is_some_and(|s| s.contains("DROP TABLE")));
 
     let (_, out) = cli(args(&format!("list {common}")), true).await;
     assert!(out.starts_with("ID"), "{out}");
@@ -124,9 +140,16 @@ async fn requests_cli_lists_shows_and_decides_over_the_api() {
     assert_eq!(out.trim(), format!("request {}: approved", a.id));
 
     let (code, _) = cli(args(&format!("deny {} {common}", a.id)), true).await;
-    assert_eq!(code, ExitCode::FAILURE, "a decided request cannot be decided again");
+    assert_eq!(
+        code,
+        ExitCode::FAILURE,
+        "a decided request cannot be decided again"
+    );
     let (code, out) = cli(args(&format!("deny {} {common} --json", b.id)), true).await;
     assert_eq!(code, ExitCode::SUCCESS);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["status"], "denied");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["status"],
+        "denied"
+    );
     api.shutdown().await;
 }

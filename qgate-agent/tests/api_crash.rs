@@ -32,11 +32,18 @@ fn crash_child_serves_the_api() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let state = AppState::open(db.as_ref(), ApiOptions::default()).expect("open store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        println!("LISTENING {}", listener.local_addr().expect("addr"));
-        api::serve(listener, state, ServeOptions::default(), std::future::pending())
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .expect("serve");
+            .expect("bind");
+        println!("LISTENING {}", listener.local_addr().expect("addr"));
+        api::serve(
+            listener,
+            state,
+            ServeOptions::default(),
+            std::future::pending(),
+        )
+        .await
+        .expect("serve");
     });
 }
 
@@ -58,14 +65,24 @@ async fn acknowledged_decisions_survive_kill_9() {
         let board = api::RequestBoard::open(&db, Duration::from_secs(600)).expect("board");
         for _ in 0..REQUESTS {
             board
-                .create(api_support::held(Some("alice"), "ddl-needs-peer", 1, &["dba"]))
+                .create(api_support::held(
+                    Some("alice"),
+                    "ddl-needs-peer",
+                    1,
+                    &["dba"],
+                ))
                 .await
                 .expect("create");
         }
     }
 
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "crash_child_serves_the_api", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "crash_child_serves_the_api",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(DB_ENV, &db)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -87,8 +104,13 @@ async fn acknowledged_decisions_survive_kill_9() {
     let http = reqwest::Client::new();
     let mut workers = Vec::new();
     for worker in 0..8 {
-        let (acked, child, http, token, addr) =
-            (acked.clone(), child.clone(), http.clone(), token.clone(), addr.clone());
+        let (acked, child, http, token, addr) = (
+            acked.clone(),
+            child.clone(),
+            http.clone(),
+            token.clone(),
+            addr.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut id = 1 + worker;
             while id <= REQUESTS {
@@ -118,15 +140,31 @@ async fn acknowledged_decisions_survive_kill_9() {
         w.await.expect("worker");
     }
     let status = child.lock().expect("lock").wait().expect("wait");
-    assert!(!status.success(), "the server was killed, not finished: {status:?}");
+    assert!(
+        !status.success(),
+        "the server was killed, not finished: {status:?}"
+    );
     let acked = acked.lock().expect("lock").clone();
-    assert!(acked.len() >= KILL_AFTER_ACKS, "only {} acknowledged", acked.len());
-    assert!((acked.len() as i64) < REQUESTS, "the kill landed after the burst");
+    assert!(
+        acked.len() >= KILL_AFTER_ACKS,
+        "only {} acknowledged",
+        acked.len()
+    );
+    assert!(
+        (acked.len() as i64) < REQUESTS,
+        "the kill landed after the burst"
+    );
 
     let conn = store::open_db(&db).expect("reopen after the crash");
     for id in &acked {
-        let r = store::get_request(&conn, *id).expect("read").expect("request exists");
-        assert_eq!(r.status, RequestStatus::Approved, "acknowledged approval of {id} lost");
+        let r = store::get_request(&conn, *id)
+            .expect("read")
+            .expect("request exists");
+        assert_eq!(
+            r.status,
+            RequestStatus::Approved,
+            "acknowledged approval of {id} lost"
+        );
         let audited: i64 = conn
             .query_row(
                 "SELECT count(*) FROM audit WHERE kind = 'request.approved' AND request_id = ?1",
@@ -144,6 +182,12 @@ async fn acknowledged_decisions_survive_kill_9() {
             |row| row.get(0),
         )
         .expect("query");
-    assert_eq!(approved_without_audit, 0, "a decision without its audit row");
-    eprintln!("{} approvals acknowledged before kill -9; all present", acked.len());
+    assert_eq!(
+        approved_without_audit, 0,
+        "a decision without its audit row"
+    );
+    eprintln!(
+        "{} approvals acknowledged before kill -9; all present",
+        acked.len()
+    );
 }

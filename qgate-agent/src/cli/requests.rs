@@ -250,7 +250,9 @@ async fn watch(args: &ApiArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> 
     let mut buffer = String::new();
     let mut event = String::new();
     while let Some(chunk) = stream.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk.context("event stream broke")?));
+        buffer.push_str(&String::from_utf8_lossy(
+            &chunk.context("event stream broke")?,
+        ));
         while let Some(end) = buffer.find('\n') {
             let line = buffer[..end].trim_end_matches('\r').to_owned();
             buffer.drain(..=end);
@@ -334,7 +336,15 @@ fn write_request_table(out: &mut dyn Write, list: &Value) -> std::io::Result<()>
         .collect();
     write_columns(
         out,
-        &["ID", "STATUS", "APPROVED", "WHO", "RULE", "EXPIRES", "STATEMENT"],
+        &[
+            "ID",
+            "STATUS",
+            "APPROVED",
+            "WHO",
+            "RULE",
+            "EXPIRES",
+            "STATEMENT",
+        ],
         &rows,
     )
 }
@@ -358,8 +368,16 @@ fn write_request(out: &mut dyn Write, r: &Value) -> std::io::Result<()> {
     )?;
     writeln!(out, "user         {}", str_of(&r["identity"]["db_user"]))?;
     writeln!(out, "database     {}", str_of(&r["identity"]["database"]))?;
-    writeln!(out, "application  {}", str_of(&r["identity"]["application"]))?;
-    writeln!(out, "client       {}", str_of(&r["identity"]["client_addr"]))?;
+    writeln!(
+        out,
+        "application  {}",
+        str_of(&r["identity"]["application"])
+    )?;
+    writeln!(
+        out,
+        "client       {}",
+        str_of(&r["identity"]["client_addr"])
+    )?;
     writeln!(
         out,
         "connection   {} ({})",
@@ -388,7 +406,11 @@ fn write_request(out: &mut dyn Write, r: &Value) -> std::io::Result<()> {
             out,
             "closed by    {}{} at {}{}",
             str_of(&r["closing"]["by"]),
-            if r["closing"]["forced"] == true { " (break-glass)" } else { "" },
+            if r["closing"]["forced"] == true {
+                " (break-glass)"
+            } else {
+                ""
+            },
             str_of(&r["closing"]["at"]),
             r["closing"]["comment"]
                 .as_str()

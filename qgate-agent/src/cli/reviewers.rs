@@ -50,7 +50,8 @@ pub struct StoreArgs {
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
-    Role::parse(text).ok_or_else(|| format!("{text:?} is not a role: use reviewer, admin or auditor"))
+    Role::parse(text)
+        .ok_or_else(|| format!("{text:?} is not a role: use reviewer, admin or auditor"))
 }
 
 pub fn run(cmd: ReviewersCommand) -> anyhow::Result<ExitCode> {
@@ -111,7 +112,11 @@ pub fn execute(cmd: ReviewersCommand, out: &mut dyn Write) -> anyhow::Result<Exi
         ReviewersCommand::Revoke { name, store: args } => {
             store::revoke_reviewer(&mut open(&args.db)?, &name)?;
             if args.json {
-                writeln!(out, "{}", serde_json::json!({ "name": name, "revoked": true }))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "name": name, "revoked": true })
+                )?;
             } else {
                 writeln!(out, "revoked {name}")?;
             }
