@@ -61,6 +61,7 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
         ("request.approved", Some("sam"), Some(a.id)),
         ("request.denied", Some("rita"), Some(b.id)),
         ("request.withdrawn", None, Some(c.id)),
+        ("policy.reload", None, None),
     ]
     .map(|(k, a, r)| (k.to_owned(), a.map(str::to_owned), r));
     assert_eq!(rows, expected);

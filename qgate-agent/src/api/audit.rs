@@ -65,13 +65,16 @@ pub struct StatementQuery {
     /// The statement's outcome as the store records it (e.g. `ok`, `error`).
     outcome: Option<String>,
     /// Received at or after (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
     /// Received before (RFC 3339).
+    #[param(format = DateTime)]
     until: Option<String>,
     /// Only statements with an id above this (paging).
     after: Option<i64>,
     #[param(minimum = 1, maximum = 100000)]
     limit: Option<u32>,
+    #[param(inline)]
     format: Option<ExportFormat>,
 }
 
@@ -132,6 +135,7 @@ pub struct LogQuery {
     after: Option<i64>,
     #[param(minimum = 1, maximum = 100000)]
     limit: Option<u32>,
+    #[param(inline)]
     format: Option<ExportFormat>,
 }
 

@@ -295,6 +295,18 @@ impl RequestBoard {
         Ok(request)
     }
 
+    /// Writes an audit row of the agent's own (e.g. `agent.start`, `agent.stop`,
+    /// `policy.reload`), durably, on the board's connection.
+    pub async fn audit(
+        &self,
+        kind: &'static str,
+        details: serde_json::Value,
+    ) -> Result<i64, BoardError> {
+        Ok(self
+            .with_db(move |c| store::append_audit(c, kind, details))
+            .await??)
+    }
+
     /// Expires every pending request whose deadline has passed; returns their ids.
     pub async fn expire_due(&self) -> Result<Vec<i64>, BoardError> {
         let now = store::now_ms();

@@ -151,11 +151,13 @@ async fn whoami(Caller(me): Caller) -> Json<Reviewer> {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct ListQuery {
+    #[param(inline)]
     status: Option<RequestStatus>,
     /// DB user who sent the statement.
     user: Option<String>,
     database: Option<String>,
     /// Created at or after (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
     /// At most this many, newest first (default 100, max 1000).
     #[param(minimum = 1, maximum = 1000)]
@@ -281,7 +283,7 @@ fn decision_body(
 /// Approve: counts as one of the N distinct approvals the rule asks for.
 #[utoipa::path(post, path = "/v1/requests/{id}/approve", tag = "requests",
     params(("id" = i64, Path, minimum = 1, description = "Request id")),
-    request_body(content = DecisionBody, content_type = "application/json"),
+    request_body(content = Option<DecisionBody>, content_type = "application/json"),
     responses((status = 200, body = Request, description = "The request after the vote"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "Wrong role or group, or self-approval (names the rule)"),
@@ -304,7 +306,7 @@ async fn approve(
 /// Deny: one deny ends the request.
 #[utoipa::path(post, path = "/v1/requests/{id}/deny", tag = "requests",
     params(("id" = i64, Path, minimum = 1, description = "Request id")),
-    request_body(content = DecisionBody, content_type = "application/json"),
+    request_body(content = Option<DecisionBody>, content_type = "application/json"),
     responses((status = 200, body = Request), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
@@ -326,7 +328,7 @@ async fn deny(
 /// recorded as forced. Self-approval is still refused.
 #[utoipa::path(post, path = "/v1/requests/{id}/force-approve", tag = "requests",
     params(("id" = i64, Path, minimum = 1, description = "Request id")),
-    request_body(content = DecisionBody, content_type = "application/json"),
+    request_body(content = Option<DecisionBody>, content_type = "application/json"),
     responses((status = 200, body = Request), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),

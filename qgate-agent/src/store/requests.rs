@@ -1070,6 +1070,26 @@ pub fn close_by_qgate(
     Ok(request)
 }
 
+/// One audit row in its own transaction, for events that change no table here.
+pub fn append_audit(
+    conn: &mut Connection,
+    kind: &str,
+    details: serde_json::Value,
+) -> Result<i64, RequestError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let id = audit::append(
+        &tx,
+        &AuditEntry {
+            kind,
+            actor: None,
+            request_id: None,
+            details,
+        },
+    )?;
+    tx.commit()?;
+    Ok(id)
+}
+
 /// Ids of pending requests whose deadline is at or before `now_ms`.
 pub fn due_for_expiry(conn: &Connection, now_ms: i64) -> Result<Vec<i64>, RequestError> {
     let mut stmt = conn.prepare_cached(
