@@ -36,6 +36,10 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
         .withdraw(c.id, "client gone")
         .await
         .expect("withdraw");
+    api.board()
+        .audit("policy.reload", serde_json::json!({ "rules": 3 }))
+        .await
+        .expect("agent audit row");
 
     let (status, log) = api.get(&rita, "/v1/audit/log").await;
     assert_eq!(status, StatusCode::OK, "{log}");
