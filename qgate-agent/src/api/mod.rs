@@ -118,7 +118,7 @@ impl AppState {
     }
 }
 
-/// The whole API as an axum router plus its OpenAPI document.
+/// The whole API as an axum router (what [`serve`] serves).
 pub fn router(state: AppState) -> axum::Router {
     routes::router(state)
 }
