@@ -29,7 +29,9 @@ async fn malformed_json_unknown_fields_and_wrong_types_are_400_saying_why() {
             "unknown field `approve`",
         ),
         ("{\"comment\": 5}", "invalid type"),
-        ("[1,2]", "invalid type"),
+        ("[1,2]", "JSON object"),
+        ("[null]", "JSON object"),
+        ("\t", "EOF"),
     ] {
         let response = api
             .http

@@ -255,7 +255,7 @@ fn decision_body(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Option<String>, ApiError> {
     let body = body.map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.is_empty() {
         return Ok(None);
     }
     let json = headers
@@ -269,8 +269,16 @@ fn decision_body(
             "a decision body must be JSON with `Content-Type: application/json`".into(),
         ));
     }
-    let parsed: DecisionBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid decision body: {e}")))?;
+    let invalid =
+        |e: serde_json::Error| ApiError::bad_request(format!("invalid decision body: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(invalid)?;
+    // serde would also read a struct from an array (`[null]`); only an object is a body.
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid decision body: expected a JSON object such as {\"comment\": \"…\"}",
+        ));
+    }
+    let parsed: DecisionBody = serde_json::from_value(value).map_err(invalid)?;
     match parsed.comment {
         Some(c) if c.chars().count() > MAX_COMMENT_CHARS => Err(ApiError::bad_request(format!(
             "comment is longer than {MAX_COMMENT_CHARS} characters"
