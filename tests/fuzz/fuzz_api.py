@@ -67,7 +67,8 @@ def main() -> int:
                  "--max-time", args.max_time,
                  "--request-timeout", "10",
                  *extra],
-                cwd=ROOT,
+                # schemathesis keeps a cache in its working directory: keep it out of the repo.
+                cwd=tmp,
             )
             if server.poll() is not None:
                 print(f"qgate API server died during fuzzing (exit {server.returncode})", file=sys.stderr)
