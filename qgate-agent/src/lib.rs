@@ -9,8 +9,10 @@
 //! | store | [`store`] | SQLite: connections, statements, requests, audit |
 //! | api | [`api`] | the reviewers' HTTP API |
 //!
-//! [`pipeline`] connects the stages; `main.rs` is only the command line.
+//! [`pipeline`] connects the stages; [`cli`] is the command line.
+pub mod api;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod gate;
 pub mod pipeline;

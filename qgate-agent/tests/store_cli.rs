@@ -2,12 +2,9 @@
 //! binary calls.
 mod store_support;
 
-#[path = "../src/cli/audit.rs"]
-mod audit_cli;
-
 use std::{path::Path, process::ExitCode};
 
-use audit_cli::{AuditCommand, Format, EXIT_TAMPERED};
+use qgate_agent::cli::audit::{self as audit_cli, AuditCommand, Format, EXIT_TAMPERED};
 use clap::Parser;
 use qgate_agent::store::{audit, Store};
 use serde_json::json;

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::Context;
-use qgate_agent::{
+use crate::{
     capture::UnixNanos,
     store::{
         audit,

@@ -1,8 +1,13 @@
-//! Command-line parsing and dispatch; one file per command group.
+//! The command line: parsing and dispatch, one file per command group.
+//! `main.rs` only calls [`dispatch`]. Errors here are `anyhow`: this is the
+//! program's edge, where they become messages for a person.
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod audit;
+pub mod requests;
+pub mod reviewers;
 mod run;
 
 #[derive(Parser)]
@@ -22,12 +27,24 @@ enum Command {
     Run(run::RunArgs),
     /// Decode and store a pcap/pcapng capture instead of live traffic.
     Replay(run::ReplayArgs),
+    /// Export and verify the audit trail.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Held statements: list, show, approve, deny, watch (through the API).
+    #[command(subcommand)]
+    Requests(requests::RequestsCommand),
+    /// Reviewers and their tokens (directly on the store).
+    #[command(subcommand)]
+    Reviewers(reviewers::ReviewersCommand),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Replay(args) => run::replay(args),
+        Command::Audit(cmd) => audit::run(cmd),
+        Command::Requests(cmd) => requests::run(cmd),
+        Command::Reviewers(cmd) => reviewers::run(cmd),
     }
 }
 

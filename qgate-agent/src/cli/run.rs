@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
-use qgate_agent::{
+use crate::{
     capture::kernel::KernelCapture,
     config::{self, Config},
 };
@@ -80,7 +80,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         config.capture.interfaces.clone()
     };
-    let pins = qgate_agent::capture::kernel::pin_dir(&config.gate.pin_dir);
+    let pins = crate::capture::kernel::pin_dir(&config.gate.pin_dir);
     let mut capture = KernelCapture::attach(&interfaces, &config.capture.ports, &pins)?;
     info!(?interfaces, ports = ?config.capture.ports, "capturing");
     let stop = Arc::new(AtomicBool::new(false));

@@ -313,7 +313,7 @@ pub fn decode_hash(hex: &str) -> Option<[u8; 32]> {
 }
 
 /// The outcome of [`verify`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
     /// Entries in the table.
     pub entries: u64,
@@ -332,14 +332,15 @@ impl VerifyReport {
 }
 
 /// The first entry that is not what was written, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Tamper {
     /// The entry at fault (for a deletion, the first missing id).
     pub id: i64,
     pub problem: Problem,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
 pub enum Problem {
     /// A column holds a value of the wrong type or shape.
     Malformed { column: &'static str },

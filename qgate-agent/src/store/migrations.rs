@@ -28,7 +28,11 @@ pub struct Migration {
 }
 
 /// Every module's migrations, in the order they apply.
-pub const GROUPS: &[&[Migration]] = &[CAPTURE_MIGRATIONS, super::audit::MIGRATIONS];
+pub const GROUPS: &[&[Migration]] = &[
+    CAPTURE_MIGRATIONS,
+    super::audit::MIGRATIONS,
+    super::requests::MIGRATIONS,
+];
 
 /// Every migration, in the order a fresh database gets them.
 pub fn all() -> impl Iterator<Item = &'static Migration> {

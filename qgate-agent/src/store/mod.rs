@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod export;
 pub mod migrations;
+pub mod requests;
 pub mod writer;
 
 use std::{

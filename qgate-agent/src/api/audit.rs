@@ -1,0 +1,414 @@
+//! Audit search, export (JSON, JSON lines, CSV) and chain verification.
+//!
+//! All SQL over the store's `statements`, `connections` and `audit` tables is
+//! in the two constants below, so a change of their columns is fixed here.
+use axum::{
+    extract::{rejection::QueryRejection, Query, State},
+    http::header,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::store::{
+    audit as chain,
+    requests::{rfc3339_ms, RequestStatus},
+};
+
+use super::{
+    auth::Caller,
+    error::ApiError,
+    routes::{limit, parse_time, query},
+    AppState, ErrorBody,
+};
+
+const DEFAULT_LIMIT: u32 = 1000;
+const MAX_LIMIT: u32 = 100_000;
+
+/// Statements with who sent them and, when held, their request.
+/// The store keeps Unix nanoseconds; this API speaks milliseconds.
+const STATEMENT_SEARCH: &str = "
+SELECT s.id, s.received_at / 1000000, s.completed_at / 1000000, c.user, c.database,
+       c.application, c.client_addr,
+       s.text, s.outcome, s.sqlstate, s.command_tag, s.rows, r.id, r.status, r.rule
+FROM statements s
+LEFT JOIN connections c ON c.id = s.connection_id
+LEFT JOIN requests r ON r.statement_id = s.id
+WHERE 1 = 1";
+
+/// Audit rows: decisions, approvals, expiries, reviewer changes, agent events.
+const LOG_SEARCH: &str =
+    "SELECT id, at / 1000000, kind, actor, request_id, details FROM audit WHERE 1 = 1";
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    /// One JSON array.
+    #[default]
+    Json,
+    /// JSON lines (`application/x-ndjson`), one object per line.
+    Jsonl,
+    /// CSV with a header row.
+    Csv,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StatementQuery {
+    /// DB user.
+    user: Option<String>,
+    database: Option<String>,
+    /// Table name appearing in the statement text (case-insensitive).
+    table: Option<String>,
+    /// `held` (any request), or a request status: `pending`, `approved`, `denied`, `expired`, `withdrawn`.
+    decision: Option<String>,
+    /// The statement's outcome as the store records it (e.g. `ok`, `error`).
+    outcome: Option<String>,
+    /// Received at or after (RFC 3339).
+    #[param(format = DateTime)]
+    since: Option<String>,
+    /// Received before (RFC 3339).
+    #[param(format = DateTime)]
+    until: Option<String>,
+    /// Only statements with an id above this (paging).
+    after: Option<i64>,
+    #[param(minimum = 1, maximum = 100000)]
+    limit: Option<u32>,
+    #[param(inline)]
+    format: Option<ExportFormat>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatementRecord {
+    id: i64,
+    #[schema(format = DateTime)]
+    received_at: Option<String>,
+    #[schema(format = DateTime)]
+    completed_at: Option<String>,
+    db_user: Option<String>,
+    database: Option<String>,
+    application: Option<String>,
+    client_addr: Option<String>,
+    statement: String,
+    outcome: Option<String>,
+    sqlstate: Option<String>,
+    tag: Option<String>,
+    rows: Option<i64>,
+    request_id: Option<i64>,
+    request_status: Option<String>,
+    rule: Option<String>,
+}
+
+const STATEMENT_COLUMNS: &[&str] = &[
+    "id",
+    "received_at",
+    "completed_at",
+    "db_user",
+    "database",
+    "application",
+    "client_addr",
+    "statement",
+    "outcome",
+    "sqlstate",
+    "tag",
+    "rows",
+    "request_id",
+    "request_status",
+    "rule",
+];
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// Row kind, e.g. `request.approved`, `request.denied`, `reviewer.added`.
+    kind: Option<String>,
+    /// Reviewer name.
+    actor: Option<String>,
+    /// Request id.
+    request: Option<i64>,
+    /// At or after (RFC 3339).
+    since: Option<String>,
+    /// Before (RFC 3339).
+    until: Option<String>,
+    /// Only rows with an id above this (paging).
+    after: Option<i64>,
+    #[param(minimum = 1, maximum = 100000)]
+    limit: Option<u32>,
+    #[param(inline)]
+    format: Option<ExportFormat>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditRecord {
+    id: i64,
+    #[schema(format = DateTime)]
+    at: String,
+    kind: String,
+    actor: Option<String>,
+    request_id: Option<i64>,
+    #[schema(value_type = Object)]
+    details: serde_json::Value,
+}
+
+const LOG_COLUMNS: &[&str] = &["id", "at", "kind", "actor", "request_id", "details"];
+
+/// SQL text and its positional arguments, built filter by filter.
+struct Search {
+    sql: String,
+    args: Vec<rusqlite::types::Value>,
+}
+
+impl Search {
+    fn new(base: &str) -> Self {
+        Search {
+            sql: base.to_owned(),
+            args: Vec::new(),
+        }
+    }
+
+    fn and(&mut self, clause: &str, value: impl Into<rusqlite::types::Value>) {
+        self.args.push(value.into());
+        self.sql.push_str(&format!(
+            " AND {}",
+            clause.replace('?', &format!("?{}", self.args.len()))
+        ));
+    }
+}
+
+/// Search and export statements.
+#[utoipa::path(get, path = "/v1/audit/statements", tag = "audit", params(StatementQuery),
+    responses((status = 200, content(
+            (Vec<StatementRecord> = "application/json"),
+            (String = "application/x-ndjson"),
+            (String = "text/csv"))),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn search_statements(
+    _caller: Caller,
+    State(state): State<AppState>,
+    q: Result<Query<StatementQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let mut search = Search::new(STATEMENT_SEARCH);
+    if let Some(user) = q.user {
+        search.and("c.user = ?", user);
+    }
+    if let Some(database) = q.database {
+        search.and("c.database = ?", database);
+    }
+    if let Some(table) = q.table {
+        search.and("instr(lower(s.text), lower(?)) > 0", table);
+    }
+    match q.decision.as_deref() {
+        None => {}
+        Some("held") => search.sql.push_str(" AND r.id IS NOT NULL"),
+        Some(status) => match RequestStatus::parse(status) {
+            Some(status) => search.and("r.status = ?", status.as_str().to_owned()),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "`decision` must be held, pending, approved, denied, expired or withdrawn, got {status:?}"
+                )))
+            }
+        },
+    }
+    if let Some(outcome) = q.outcome {
+        search.and("s.outcome = ?", outcome);
+    }
+    if let Some(since) = parse_time("since", q.since.as_deref())? {
+        search.and("s.received_at >= ? * 1000000", since);
+    }
+    if let Some(until) = parse_time("until", q.until.as_deref())? {
+        search.and("s.received_at < ? * 1000000", until);
+    }
+    if let Some(after) = q.after {
+        search.and("s.id > ?", after);
+    }
+    let limit = limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    search
+        .sql
+        .push_str(&format!(" ORDER BY s.id LIMIT {limit}"));
+    let rows = state
+        .board
+        .with_db(move |c| -> rusqlite::Result<Vec<StatementRecord>> {
+            let mut stmt = c.prepare(&search.sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(search.args), |r| {
+                Ok(StatementRecord {
+                    id: r.get(0)?,
+                    received_at: r.get::<_, Option<i64>>(1)?.map(rfc3339_ms),
+                    completed_at: r.get::<_, Option<i64>>(2)?.map(rfc3339_ms),
+                    db_user: r.get(3)?,
+                    database: r.get(4)?,
+                    application: r.get(5)?,
+                    client_addr: r.get(6)?,
+                    statement: r.get(7)?,
+                    outcome: r.get(8)?,
+                    sqlstate: r.get(9)?,
+                    tag: r.get(10)?,
+                    rows: r.get(11)?,
+                    request_id: r.get(12)?,
+                    request_status: r.get(13)?,
+                    rule: r.get(14)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await?
+        .map_err(ApiError::internal)?;
+    export(q.format.unwrap_or_default(), STATEMENT_COLUMNS, rows)
+}
+
+/// Search and export the audit log (decisions, approvals, expiries, reviewer changes, …).
+#[utoipa::path(get, path = "/v1/audit/log", tag = "audit", params(LogQuery),
+    responses((status = 200, content(
+            (Vec<AuditRecord> = "application/json"),
+            (String = "application/x-ndjson"),
+            (String = "text/csv"))),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn search_log(
+    _caller: Caller,
+    State(state): State<AppState>,
+    q: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let mut search = Search::new(LOG_SEARCH);
+    if let Some(kind) = q.kind {
+        search.and("kind = ?", kind);
+    }
+    if let Some(actor) = q.actor {
+        search.and("actor = ?", actor);
+    }
+    if let Some(request) = q.request {
+        search.and("request_id = ?", request);
+    }
+    if let Some(since) = parse_time("since", q.since.as_deref())? {
+        search.and("at >= ? * 1000000", since);
+    }
+    if let Some(until) = parse_time("until", q.until.as_deref())? {
+        search.and("at < ? * 1000000", until);
+    }
+    if let Some(after) = q.after {
+        search.and("id > ?", after);
+    }
+    let limit = limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    search.sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+    let rows = state
+        .board
+        .with_db(move |c| -> rusqlite::Result<Vec<AuditRecord>> {
+            let mut stmt = c.prepare(&search.sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(search.args), |r| {
+                let details: String = r.get(5)?;
+                Ok(AuditRecord {
+                    id: r.get(0)?,
+                    at: rfc3339_ms(r.get(1)?),
+                    kind: r.get(2)?,
+                    actor: r.get(3)?,
+                    request_id: r.get(4)?,
+                    details: serde_json::from_str(&details)
+                        .unwrap_or(serde_json::Value::String(details)),
+                })
+            })?;
+            rows.collect()
+        })
+        .await?
+        .map_err(ApiError::internal)?;
+    export(q.format.unwrap_or_default(), LOG_COLUMNS, rows)
+}
+
+/// Verifies the audit chain: any edited or deleted row is reported.
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit",
+    responses((status = 200, body = Object, description = "The chain's verification report"),
+        (status = 401, body = ErrorBody)))]
+pub async fn verify(_caller: Caller, State(state): State<AppState>) -> Result<Response, ApiError> {
+    let report = state
+        .board
+        .with_db(|c| chain::verify(c))
+        .await?
+        .map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({
+        "ok": report.is_intact(),
+        "entries": report.entries,
+        "last_hash": report.last_hash,
+        "first_problem": report.first_problem,
+    }))
+    .into_response())
+}
+
+fn export<T: Serialize>(
+    format: ExportFormat,
+    columns: &[&str],
+    rows: Vec<T>,
+) -> Result<Response, ApiError> {
+    match format {
+        ExportFormat::Json => Ok(Json(rows).into_response()),
+        ExportFormat::Jsonl => {
+            let mut out = String::new();
+            for row in &rows {
+                out.push_str(&serde_json::to_string(row).map_err(ApiError::internal)?);
+                out.push('\n');
+            }
+            Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+        }
+        ExportFormat::Csv => {
+            let mut out = csv_line(columns.iter().map(|c| (*c).to_owned()));
+            for row in &rows {
+                let value = serde_json::to_value(row).map_err(ApiError::internal)?;
+                out.push_str(&csv_line(columns.iter().map(|c| match &value[*c] {
+                    serde_json::Value::Null => String::new(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })));
+            }
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        "attachment; filename=\"qgate-audit.csv\"",
+                    ),
+                ],
+                out,
+            )
+                .into_response())
+        }
+    }
+}
+
+/// One RFC 4180 record: fields with a comma, quote or line break are quoted.
+/// Fields starting with `=`, `+`, `-` or `@` get a leading `'` so a
+/// spreadsheet opening the export does not run them as formulas.
+fn csv_line(fields: impl Iterator<Item = String>) -> String {
+    let mut line = fields
+        .map(|f| {
+            let f = if f.starts_with(['=', '+', '-', '@']) {
+                format!("'{f}")
+            } else {
+                f
+            };
+            if f.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    line.push_str("\r\n");
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_separators_and_defuses_formulas() {
+        let line = csv_line(
+            ["a,b", "say \"hi\"", "=cmd()", "-- x", "plain"]
+                .into_iter()
+                .map(String::from),
+        );
+        assert_eq!(line, "\"a,b\",\"say \"\"hi\"\"\",'=cmd(),'-- x,plain\r\n");
+    }
+}

@@ -1,0 +1,350 @@
+//! The board of held requests: the one door through which the gate and the
+//! API create, decide and watch requests.
+//!
+//! Every change is committed to SQLite (audit row included, fsync'd) before
+//! its [`RequestEvent`] is broadcast, so the gate never acts on a decision a
+//! crash could lose.
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use rusqlite::Connection;
+use serde::Serialize;
+use tokio::sync::{broadcast, Notify};
+use utoipa::ToSchema;
+
+use crate::store::requests::{
+    self as store, NewRequest, Refusal, Request, RequestError, RequestFilter, RequestStatus,
+    Reviewer, Verdict, VoteError,
+};
+
+use super::metrics;
+
+/// Room for bursts: a receiver further behind than this gets `Lagged` and
+/// must re-read the requests it cares about with [`RequestBoard::get`].
+const EVENT_CAPACITY: usize = 4096;
+/// The expiry sweeper wakes at least this often, even with nothing pending.
+const EXPIRY_IDLE_WAKE: Duration = Duration::from_secs(30);
+/// Keeps a store that keeps failing from turning the sweeper into a busy loop.
+const EXPIRY_MIN_WAIT: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BoardError {
+    #[error("request {0} not found")]
+    NotFound(i64),
+    #[error("request {} is already {}", .0.id, .0.status.as_str())]
+    Closed(Box<Request>),
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error(transparent)]
+    Store(#[from] RequestError),
+    #[error("store worker failed: {0}")]
+    Worker(String),
+}
+
+impl From<VoteError> for BoardError {
+    fn from(e: VoteError) -> Self {
+        match e {
+            VoteError::Request(RequestError::NotFound(id)) => BoardError::NotFound(id),
+            VoteError::Request(e) => BoardError::Store(e),
+            VoteError::Closed { request, .. } => BoardError::Closed(request),
+            VoteError::Refused(r) => BoardError::Refused(r),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestEventKind {
+    Created,
+    /// One approval recorded; the request still waits for more.
+    ApprovalRecorded,
+    Approved,
+    Denied,
+    Expired,
+    Withdrawn,
+}
+
+impl RequestEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestEventKind::Created => "created",
+            RequestEventKind::ApprovalRecorded => "approval_recorded",
+            RequestEventKind::Approved => "approved",
+            RequestEventKind::Denied => "denied",
+            RequestEventKind::Expired => "expired",
+            RequestEventKind::Withdrawn => "withdrawn",
+        }
+    }
+
+    /// Whether the request is over: the gate releases or denies the statement.
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            RequestEventKind::Created | RequestEventKind::ApprovalRecorded
+        )
+    }
+}
+
+/// A durable change of a request, broadcast after its commit.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RequestEvent {
+    pub kind: RequestEventKind,
+    pub request_id: i64,
+    /// The request as it stands after the change.
+    pub request: Request,
+}
+
+/// Cheap to clone; all clones share one store connection and one event stream.
+#[derive(Clone)]
+pub struct RequestBoard {
+    inner: Arc<BoardInner>,
+}
+
+struct BoardInner {
+    /// One writer connection: SQLite serialises writers anyway, and the
+    /// mutex keeps each transaction's fsync off the async threads' way.
+    db: Mutex<Connection>,
+    events: broadcast::Sender<RequestEvent>,
+    hold_timeout: Duration,
+    new_deadline: Notify,
+}
+
+impl RequestBoard {
+    /// Opens (and migrates) the store at `path`.
+    pub fn open(path: &Path, hold_timeout: Duration) -> Result<Self, BoardError> {
+        let conn = store::open_db(path).map_err(RequestError::from)?;
+        let held = store::count_pending(&conn)?;
+        ::metrics::gauge!(metrics::HELD_NOW).set(held as f64);
+        Ok(RequestBoard {
+            inner: Arc::new(BoardInner {
+                db: Mutex::new(conn),
+                events: broadcast::channel(EVENT_CAPACITY).0,
+                hold_timeout,
+                new_deadline: Notify::new(),
+            }),
+        })
+    }
+
+    /// Every event from now on. On `RecvError::Lagged` re-read what you hold.
+    pub fn subscribe(&self) -> broadcast::Receiver<RequestEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Runs `f` on the store connection on a blocking thread.
+    pub(crate) async fn with_db<T, F>(&self, f: F) -> Result<T, BoardError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> T + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic mid-transaction rolled it back on unwind; the connection is sound.
+            let mut conn = inner.db.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| BoardError::Worker(e.to_string()))
+    }
+
+    fn announce(&self, kind: RequestEventKind, request: &Request) {
+        ::metrics::counter!(metrics::REQUEST_EVENTS, "kind" => kind.as_str()).increment(1);
+        if kind.is_final() {
+            if let Some(created) = store::parse_rfc3339_ms(&request.created_at) {
+                let waited = (store::now_ms() - created).max(0) as f64 / 1000.0;
+                ::metrics::histogram!(metrics::REQUEST_WAIT).record(waited);
+            }
+        }
+        // No receiver is not an error: the API may run without a gate in tests.
+        let _ = self.inner.events.send(RequestEvent {
+            kind,
+            request_id: request.id,
+            request: request.clone(),
+        });
+    }
+
+    async fn refresh_held_gauge(&self) {
+        if let Ok(Ok(n)) = self.with_db(|c| store::count_pending(c)).await {
+            ::metrics::gauge!(metrics::HELD_NOW).set(n as f64);
+        }
+    }
+
+    /// Records a held statement (durably) and announces it.
+    pub async fn create(&self, new: NewRequest) -> Result<Request, BoardError> {
+        let timeout = self.inner.hold_timeout;
+        let request = self
+            .with_db(move |c| store::create_request(c, &new, timeout))
+            .await??;
+        self.inner.new_deadline.notify_one();
+        self.refresh_held_gauge().await;
+        self.announce(RequestEventKind::Created, &request);
+        Ok(request)
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<Request>, BoardError> {
+        Ok(self.with_db(move |c| store::get_request(c, id)).await??)
+    }
+
+    pub async fn list(&self, filter: RequestFilter) -> Result<Vec<Request>, BoardError> {
+        Ok(self
+            .with_db(move |c| store::list_requests(c, &filter))
+            .await??)
+    }
+
+    /// The active reviewer holding `token`, if any.
+    pub async fn reviewer_by_token(&self, token: String) -> Result<Option<Reviewer>, BoardError> {
+        Ok(self
+            .with_db(move |c| store::reviewer_by_token(c, &token))
+            .await??)
+    }
+
+    pub async fn approve(
+        &self,
+        id: i64,
+        reviewer: &Reviewer,
+        comment: Option<String>,
+    ) -> Result<Request, BoardError> {
+        self.vote(id, reviewer, Verdict::Approve, comment).await
+    }
+
+    pub async fn deny(
+        &self,
+        id: i64,
+        reviewer: &Reviewer,
+        comment: Option<String>,
+    ) -> Result<Request, BoardError> {
+        self.vote(id, reviewer, Verdict::Deny, comment).await
+    }
+
+    /// An admin's break-glass approval: ignores N and groups, never self-approval.
+    pub async fn force_approve(
+        &self,
+        id: i64,
+        reviewer: &Reviewer,
+        comment: Option<String>,
+    ) -> Result<Request, BoardError> {
+        self.vote(id, reviewer, Verdict::ForceApprove, comment)
+            .await
+    }
+
+    async fn vote(
+        &self,
+        id: i64,
+        reviewer: &Reviewer,
+        verdict: Verdict,
+        comment: Option<String>,
+    ) -> Result<Request, BoardError> {
+        let who = reviewer.clone();
+        let outcome = self
+            .with_db(move |c| store::vote(c, id, &who, verdict, comment.as_deref()))
+            .await?;
+        match outcome {
+            Ok(outcome) => {
+                let kind = match (outcome.closed, outcome.request.status) {
+                    (false, _) => RequestEventKind::ApprovalRecorded,
+                    (true, RequestStatus::Denied) => RequestEventKind::Denied,
+                    (true, _) => RequestEventKind::Approved,
+                };
+                if outcome.closed {
+                    self.refresh_held_gauge().await;
+                }
+                self.announce(kind, &outcome.request);
+                Ok(outcome.request)
+            }
+            Err(VoteError::Closed {
+                request,
+                expired_now: true,
+            }) => {
+                self.refresh_held_gauge().await;
+                self.announce(RequestEventKind::Expired, &request);
+                Err(BoardError::Closed(request))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Ends a pending request as expired (its deadline passed).
+    pub async fn expire(&self, id: i64) -> Result<Request, BoardError> {
+        self.close_by_qgate(id, RequestStatus::Expired, None).await
+    }
+
+    /// Ends a pending request the gate no longer holds (e.g. the client disconnected).
+    pub async fn withdraw(&self, id: i64, reason: &str) -> Result<Request, BoardError> {
+        self.close_by_qgate(id, RequestStatus::Withdrawn, Some(reason.to_owned()))
+            .await
+    }
+
+    async fn close_by_qgate(
+        &self,
+        id: i64,
+        status: RequestStatus,
+        reason: Option<String>,
+    ) -> Result<Request, BoardError> {
+        let request = self
+            .with_db(move |c| store::close_by_qgate(c, id, status, reason.as_deref()))
+            .await?
+            .map_err(BoardError::from)?;
+        self.refresh_held_gauge().await;
+        let kind = match status {
+            RequestStatus::Expired => RequestEventKind::Expired,
+            _ => RequestEventKind::Withdrawn,
+        };
+        self.announce(kind, &request);
+        Ok(request)
+    }
+
+    /// Writes an audit row of the agent's own (e.g. `agent.start`, `agent.stop`,
+    /// `policy.reload`), durably, on the board's connection.
+    pub async fn audit(
+        &self,
+        kind: &'static str,
+        details: serde_json::Value,
+    ) -> Result<i64, BoardError> {
+        Ok(self
+            .with_db(move |c| store::append_audit(c, kind, details))
+            .await??)
+    }
+
+    /// Expires every pending request whose deadline has passed; returns their ids.
+    pub async fn expire_due(&self) -> Result<Vec<i64>, BoardError> {
+        let now = store::now_ms();
+        let due = self
+            .with_db(move |c| store::due_for_expiry(c, now))
+            .await??;
+        let mut expired = Vec::with_capacity(due.len());
+        for id in due {
+            match self.expire(id).await {
+                Ok(_) => expired.push(id),
+                // Decided between the scan and now: nothing to expire.
+                Err(BoardError::Closed(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Expires requests at their deadlines, forever; [`super::serve`] runs it.
+    pub async fn run_expiry(self) {
+        loop {
+            if let Err(e) = self.expire_due().await {
+                tracing::error!(error = %e, "expiring overdue requests");
+            }
+            let next = self
+                .with_db(|c| store::next_deadline(c))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
+            let wait = next
+                .map(|at| Duration::from_millis((at - store::now_ms()).max(0) as u64))
+                .unwrap_or(EXPIRY_IDLE_WAKE)
+                .clamp(EXPIRY_MIN_WAIT, EXPIRY_IDLE_WAKE);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.inner.new_deadline.notified() => {}
+            }
+        }
+    }
+}

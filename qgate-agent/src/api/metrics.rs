@@ -1,0 +1,79 @@
+//! The agent's Prometheus metrics, served at `/metrics`.
+//!
+//! Any stage records through the `metrics` facade with these names, e.g.
+//! `metrics::counter!(qgate_agent::api::metrics::STATEMENTS_SEEN).increment(1)`;
+//! [`install`] sets the process-wide recorder the API renders.
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Counter: statements decoded from the wire.
+pub const STATEMENTS_SEEN: &str = "qgate_statements_seen_total";
+/// Counter, label `decision` = `allow` | `hold` | `deny` | `audit_only`: policy decisions.
+pub const DECISIONS: &str = "qgate_decisions_total";
+/// Histogram, seconds: from a gated segment's arrival to the policy's decision.
+pub const DECISION_LATENCY: &str = "qgate_decision_latency_seconds";
+/// Counter: segments or events the capture lost (ring buffer full, reassembly gave up).
+pub const CAPTURE_LOST: &str = "qgate_capture_lost_total";
+/// Gauge: requests pending now.
+pub const HELD_NOW: &str = "qgate_requests_held";
+/// Counter, label `kind` = a [`super::RequestEventKind`]: request lifecycle events.
+pub const REQUEST_EVENTS: &str = "qgate_request_events_total";
+/// Histogram, seconds: how long a request waited until decided, expired or withdrawn.
+pub const REQUEST_WAIT: &str = "qgate_request_wait_seconds";
+/// Counter, label `outcome` = `delivered` | `failed`: webhook deliveries.
+pub const WEBHOOKS: &str = "qgate_webhook_deliveries_total";
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+/// If another recorder was installed first, the handle renders an empty page.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Only empty bucket lists fail, and these are constants.
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(DECISION_LATENCY.to_owned()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(REQUEST_WAIT.to_owned()),
+                        &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0],
+                    )
+                })
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(STATEMENTS_SEEN, "Statements decoded from the wire");
+    metrics::describe_counter!(DECISIONS, "Policy decisions by kind");
+    metrics::describe_histogram!(
+        DECISION_LATENCY,
+        metrics::Unit::Seconds,
+        "Gated segment arrival to policy decision"
+    );
+    metrics::describe_counter!(CAPTURE_LOST, "Segments or events lost by the capture");
+    metrics::describe_gauge!(HELD_NOW, "Requests waiting for reviewers now");
+    metrics::describe_counter!(REQUEST_EVENTS, "Request lifecycle events by kind");
+    metrics::describe_histogram!(
+        REQUEST_WAIT,
+        metrics::Unit::Seconds,
+        "Time from hold to decision, expiry or withdrawal"
+    );
+    metrics::describe_counter!(WEBHOOKS, "Webhook deliveries by outcome");
+    // Zero-valued series from the start, so dashboards see them before the first event.
+    metrics::counter!(STATEMENTS_SEEN).absolute(0);
+    metrics::counter!(CAPTURE_LOST).absolute(0);
+}

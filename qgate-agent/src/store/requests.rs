@@ -1,0 +1,1231 @@
+//! Held statements ("requests"), reviewers, their votes, and the rules of approval.
+//!
+//! Every state change here writes its audit row with [`audit::append`] inside
+//! the same SQLite transaction, and the connection runs with
+//! `synchronous=FULL`: when a function returns `Ok`, the decision and its
+//! audit row are on disk, so the gate may act on it and a crash cannot lose it.
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+use utoipa::ToSchema;
+
+use super::audit::{self, AuditEntry};
+use super::{migrations::Migration, Store, StoreError};
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    name: "requests-0001-requests-reviewers-votes",
+    sql: "
+CREATE TABLE reviewers (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('reviewer', 'admin', 'auditor')),
+    groups TEXT NOT NULL,       -- JSON array of group names
+    db_users TEXT NOT NULL,     -- JSON array of DB users this reviewer is
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL, -- unix ms
+    revoked_at INTEGER
+);
+-- A name can be reused only after the previous holder was revoked.
+CREATE UNIQUE INDEX reviewers_active_name ON reviewers(name) WHERE revoked_at IS NULL;
+
+CREATE TABLE requests (
+    id INTEGER PRIMARY KEY,
+    statement_id INTEGER,
+    statement TEXT NOT NULL,
+    justification TEXT,
+    facts TEXT NOT NULL,        -- JSON from the classifier
+    rule TEXT NOT NULL,
+    approvals_needed INTEGER NOT NULL CHECK (approvals_needed >= 1),
+    reviewer_groups TEXT NOT NULL, -- JSON array
+    db_user TEXT,
+    database TEXT,
+    application TEXT,
+    client_addr TEXT,
+    connection_id INTEGER NOT NULL,
+    transaction_state TEXT NOT NULL,
+    estimated_rows INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'expired', 'withdrawn')),
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    closed_at INTEGER,
+    closed_by TEXT,
+    close_comment TEXT,
+    forced INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX requests_status_expiry ON requests(status, expires_at);
+CREATE INDEX requests_created ON requests(created_at);
+
+CREATE TABLE votes (
+    id INTEGER PRIMARY KEY,
+    request_id INTEGER NOT NULL REFERENCES requests(id),
+    reviewer TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('approve', 'deny', 'force-approve')),
+    comment TEXT,
+    at INTEGER NOT NULL
+);
+-- N-of-M means N distinct reviewers: a second approval by the same name is refused.
+CREATE UNIQUE INDEX votes_one_approval_each ON votes(request_id, reviewer) WHERE verdict = 'approve';
+",
+}];
+
+/// Opens the store the way every user of these tables must: the one place
+/// that names the store's opener, so the merge adapts a single call.
+pub fn open_db(path: &Path) -> Result<Connection, StoreError> {
+    Store::open(path).map(Store::into_conn)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("request {0} not found")]
+    NotFound(i64),
+    #[error("reviewer {0:?} not found or already revoked")]
+    NoSuchReviewer(String),
+    #[error("an active reviewer named {0:?} already exists")]
+    DuplicateReviewer(String),
+    #[error("invalid reviewer: {0}")]
+    InvalidReviewer(String),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Why a reviewer may not cast a vote; each maps to a 403 or 409 in the API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("auditors may read but not decide")]
+    ReadOnly,
+    #[error("only admins may force-approve")]
+    NotAdmin,
+    #[error("rule {rule:?} asks for reviewers from {wanted:?}; {reviewer:?} is in {has:?}")]
+    NotInGroup {
+        rule: String,
+        reviewer: String,
+        wanted: Vec<String>,
+        has: Vec<String>,
+    },
+    #[error("self-approval refused by rule {rule:?}: reviewer {reviewer:?} is linked to DB user {db_user:?}, who issued the statement")]
+    SelfApproval {
+        rule: String,
+        reviewer: String,
+        db_user: String,
+    },
+    #[error("self-approval refused by rule {rule:?}: the statement's DB user is unknown and reviewer {reviewer:?} is linked to DB users, so it could be their own")]
+    UnknownRequester { rule: String, reviewer: String },
+    #[error("reviewer {reviewer:?} has already approved request {request}; N-of-M needs distinct reviewers")]
+    AlreadyApproved { request: i64, reviewer: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Decides requests whose rule names one of the reviewer's groups.
+    Reviewer,
+    /// A reviewer who may also force-approve (break-glass) any request.
+    Admin,
+    /// Reads requests and the audit; decides nothing.
+    Auditor,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reviewer => "reviewer",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "reviewer" => Some(Role::Reviewer),
+            "admin" => Some(Role::Admin),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Reviewer {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    pub groups: Vec<String>,
+    /// DB users this reviewer is: they can never approve those users' statements.
+    pub db_users: Vec<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub revoked_at: Option<String>,
+}
+
+pub struct NewReviewer {
+    pub name: String,
+    pub role: Role,
+    pub groups: Vec<String>,
+    pub db_users: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestStatus {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+    Withdrawn,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Pending => "pending",
+            RequestStatus::Approved => "approved",
+            RequestStatus::Denied => "denied",
+            RequestStatus::Expired => "expired",
+            RequestStatus::Withdrawn => "withdrawn",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "pending" => Some(RequestStatus::Pending),
+            "approved" => Some(RequestStatus::Approved),
+            "denied" => Some(RequestStatus::Denied),
+            "expired" => Some(RequestStatus::Expired),
+            "withdrawn" => Some(RequestStatus::Withdrawn),
+            _ => None,
+        }
+    }
+}
+
+/// The session's transaction status from the last ReadyForQuery
+/// (PostgreSQL protocol docs, 55.7 "Message Formats", ReadyForQuery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TransactionState {
+    Idle,
+    InTransaction,
+    FailedTransaction,
+    /// No ReadyForQuery seen yet on this connection.
+    Unknown,
+}
+
+impl TransactionState {
+    /// From ReadyForQuery's status byte: `I`, `T` or `E`.
+    pub fn from_ready_for_query(status: u8) -> Self {
+        match status {
+            b'I' => TransactionState::Idle,
+            b'T' => TransactionState::InTransaction,
+            b'E' => TransactionState::FailedTransaction,
+            _ => TransactionState::Unknown,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TransactionState::Idle => "idle",
+            TransactionState::InTransaction => "in_transaction",
+            TransactionState::FailedTransaction => "failed_transaction",
+            TransactionState::Unknown => "unknown",
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "idle" => TransactionState::Idle,
+            "in_transaction" => TransactionState::InTransaction,
+            "failed_transaction" => TransactionState::FailedTransaction,
+            _ => TransactionState::Unknown,
+        }
+    }
+}
+
+/// Who sent the statement, as the connection's startup told it; `None` where
+/// qgate did not see the connection start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Identity {
+    pub db_user: Option<String>,
+    pub database: Option<String>,
+    pub application: Option<String>,
+    pub client_addr: Option<String>,
+}
+
+/// What the gate knows when the policy says `hold`.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    /// The statement's row in the store's `statements` table, when written.
+    pub statement_id: Option<i64>,
+    pub statement: String,
+    pub facts: serde_json::Value,
+    pub rule: String,
+    pub approvals_needed: u32,
+    pub reviewer_groups: Vec<String>,
+    pub identity: Identity,
+    pub connection_id: i64,
+    pub transaction_state: TransactionState,
+    pub estimated_rows: Option<i64>,
+    /// How long the request may wait; `None` takes the agent's hold timeout.
+    pub timeout: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Vote {
+    pub reviewer: String,
+    pub verdict: String,
+    pub comment: Option<String>,
+    #[schema(format = DateTime)]
+    pub at: String,
+}
+
+/// How a closed request ended and who ended it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Closing {
+    /// Reviewer name, or `qgate` for expiry and withdrawal.
+    pub by: String,
+    pub comment: Option<String>,
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// An admin's break-glass approval.
+    pub forced: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Request {
+    pub id: i64,
+    pub status: RequestStatus,
+    pub statement: String,
+    /// From a leading `/* qgate: reason=… */` or `-- qgate: reason=…` comment.
+    pub justification: Option<String>,
+    #[schema(value_type = Object)]
+    pub facts: serde_json::Value,
+    pub rule: String,
+    pub identity: Identity,
+    pub connection_id: i64,
+    pub statement_id: Option<i64>,
+    pub transaction_state: TransactionState,
+    pub estimated_rows: Option<i64>,
+    pub approvals_needed: u32,
+    pub approvals_remaining: u32,
+    pub reviewer_groups: Vec<String>,
+    pub votes: Vec<Vote>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub expires_at: String,
+    pub closing: Option<Closing>,
+}
+
+/// Filters of a request listing; all optional, combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFilter {
+    pub status: Option<RequestStatus>,
+    pub db_user: Option<String>,
+    pub database: Option<String>,
+    /// Created at or after, unix ms.
+    pub since_ms: Option<i64>,
+    pub limit: u32,
+}
+
+/// What a reviewer asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Approve,
+    Deny,
+    /// Admin break-glass: approves at once, whatever N and the groups.
+    ForceApprove,
+}
+
+impl Verdict {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Approve => "approve",
+            Verdict::Deny => "deny",
+            Verdict::ForceApprove => "force-approve",
+        }
+    }
+}
+
+/// The result of an accepted vote.
+#[derive(Debug, Clone)]
+pub struct VoteOutcome {
+    pub request: Request,
+    /// The vote closed the request (approved or denied); otherwise it still waits.
+    pub closed: bool,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn rfc3339_ms(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Parses an RFC 3339 timestamp into unix ms.
+pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let t = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// A new bearer token: 256 random bits, so a plain SHA-256 of it is a safe stored form.
+pub fn new_token() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    Ok(format!("qgt_{}", hex(&bytes)))
+}
+
+pub fn token_sha256(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// The reason a statement carries for itself, from its leading comments:
+/// `/* qgate: reason=… */` or `-- qgate: reason=…` (to end of line). Other
+/// leading comments are skipped; anything after the first token is ignored,
+/// so a reason cannot be smuggled in from the middle of a statement.
+pub fn parse_justification(statement: &str) -> Option<String> {
+    const MAX_CHARS: usize = 1000;
+    let mut rest = statement.trim_start();
+    loop {
+        let (body, after) = if let Some(r) = rest.strip_prefix("/*") {
+            let end = r.find("*/")?;
+            (&r[..end], &r[end + 2..])
+        } else if let Some(r) = rest.strip_prefix("--") {
+            let end = r.find('\n').unwrap_or(r.len());
+            (&r[..end], &r[end..])
+        } else {
+            return None;
+        };
+        if let Some(reason) = qgate_reason(body) {
+            let reason: String = reason.chars().take(MAX_CHARS).collect();
+            return (!reason.is_empty()).then_some(reason);
+        }
+        rest = after.trim_start();
+    }
+}
+
+fn qgate_reason(comment: &str) -> Option<&str> {
+    let c = comment.trim_start();
+    let c = c
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case("qgate:"))
+        .map(|_| &c[6..])?;
+    let c = c.trim_start();
+    let c = c
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case("reason"))
+        .map(|_| &c[6..])?;
+    Some(c.trim_start().strip_prefix('=')?.trim())
+}
+
+fn json_list(values: &[String]) -> String {
+    serde_json::Value::from(values.to_vec()).to_string()
+}
+
+fn parse_list(text: &str, what: &str) -> Result<Vec<String>, RequestError> {
+    serde_json::from_str(text).map_err(|e| RequestError::Corrupt(format!("{what}: {e}")))
+}
+
+// ---- reviewers ----
+
+/// Adds a reviewer and returns it with its token, shown once: only its hash is kept.
+pub fn add_reviewer(
+    conn: &mut Connection,
+    new: &NewReviewer,
+) -> Result<(Reviewer, String), RequestError> {
+    let name = new.name.trim();
+    if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+        return Err(RequestError::InvalidReviewer(
+            "name must be 1–100 printable characters".into(),
+        ));
+    }
+    if new.role == Role::Reviewer && new.groups.is_empty() {
+        return Err(RequestError::InvalidReviewer(
+            "a reviewer without groups could decide nothing; give --groups".into(),
+        ));
+    }
+    let token =
+        new_token().map_err(|e| RequestError::InvalidReviewer(format!("no randomness: {e}")))?;
+    let now = now_ms();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let taken: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM reviewers WHERE name = ?1 AND revoked_at IS NULL)",
+        [name],
+        |r| r.get(0),
+    )?;
+    if taken {
+        return Err(RequestError::DuplicateReviewer(name.to_owned()));
+    }
+    tx.execute(
+        "INSERT INTO reviewers (name, role, groups, db_users, token_sha256, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            name,
+            new.role.as_str(),
+            json_list(&new.groups),
+            json_list(&new.db_users),
+            token_sha256(&token),
+            now
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    audit::append(
+        &tx,
+        &AuditEntry {
+            kind: "reviewer.added",
+            actor: None,
+            request_id: None,
+            details: serde_json::json!({
+                "reviewer": name, "role": new.role.as_str(),
+                "groups": new.groups, "db_users": new.db_users,
+            }),
+        },
+    )?;
+    tx.commit()?;
+    let reviewer = Reviewer {
+        id,
+        name: name.to_owned(),
+        role: new.role,
+        groups: new.groups.clone(),
+        db_users: new.db_users.clone(),
+        created_at: rfc3339_ms(now),
+        revoked_at: None,
+    };
+    Ok((reviewer, token))
+}
+
+const REVIEWER_COLUMNS: &str = "id, name, role, groups, db_users, created_at, revoked_at";
+
+fn reviewer_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Reviewer, RequestError>> {
+    let role: String = row.get(2)?;
+    let groups: String = row.get(3)?;
+    let db_users: String = row.get(4)?;
+    let revoked: Option<i64> = row.get(6)?;
+    let (id, name, created): (i64, String, i64) = (row.get(0)?, row.get(1)?, row.get(5)?);
+    Ok((|| {
+        Ok(Reviewer {
+            id,
+            name,
+            role: Role::parse(&role)
+                .ok_or_else(|| RequestError::Corrupt(format!("reviewer role {role:?}")))?,
+            groups: parse_list(&groups, "reviewer groups")?,
+            db_users: parse_list(&db_users, "reviewer db_users")?,
+            created_at: rfc3339_ms(created),
+            revoked_at: revoked.map(rfc3339_ms),
+        })
+    })())
+}
+
+pub fn list_reviewers(conn: &Connection) -> Result<Vec<Reviewer>, RequestError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {REVIEWER_COLUMNS} FROM reviewers ORDER BY name, id"
+    ))?;
+    let rows = stmt.query_map([], reviewer_from_row)?;
+    rows.map(|r| r?).collect()
+}
+
+/// The active reviewer holding `token`, if any.
+pub fn reviewer_by_token(conn: &Connection, token: &str) -> Result<Option<Reviewer>, RequestError> {
+    conn.query_row(
+        &format!(
+            "SELECT {REVIEWER_COLUMNS} FROM reviewers WHERE token_sha256 = ?1 AND revoked_at IS NULL"
+        ),
+        [token_sha256(token)],
+        reviewer_from_row,
+    )
+    .optional()?
+    .transpose()
+}
+
+pub fn revoke_reviewer(conn: &mut Connection, name: &str) -> Result<(), RequestError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let changed = tx.execute(
+        "UPDATE reviewers SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+        params![now_ms(), name],
+    )?;
+    if changed == 0 {
+        return Err(RequestError::NoSuchReviewer(name.to_owned()));
+    }
+    audit::append(
+        &tx,
+        &AuditEntry {
+            kind: "reviewer.revoked",
+            actor: None,
+            request_id: None,
+            details: serde_json::json!({ "reviewer": name }),
+        },
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+// ---- requests ----
+
+const REQUEST_COLUMNS: &str =
+    "id, status, statement, justification, facts, rule, db_user, database,
+    application, client_addr, connection_id, statement_id, transaction_state, estimated_rows,
+    approvals_needed, reviewer_groups, created_at, expires_at, closed_at, closed_by,
+    close_comment, forced";
+
+/// A request row before its votes are attached.
+fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestError>> {
+    let status: String = row.get(1)?;
+    let facts: String = row.get(4)?;
+    let groups: String = row.get(15)?;
+    let needed: i64 = row.get(14)?;
+    let closed_at: Option<i64> = row.get(18)?;
+    let closing = match closed_at {
+        Some(at) => Some(Closing {
+            by: row.get::<_, Option<String>>(19)?.unwrap_or_default(),
+            comment: row.get(20)?,
+            at: rfc3339_ms(at),
+            forced: row.get(21)?,
+        }),
+        None => None,
+    };
+    let identity = Identity {
+        db_user: row.get(6)?,
+        database: row.get(7)?,
+        application: row.get(8)?,
+        client_addr: row.get(9)?,
+    };
+    let (id, statement, justification, rule): (i64, String, Option<String>, String) =
+        (row.get(0)?, row.get(2)?, row.get(3)?, row.get(5)?);
+    let (connection_id, statement_id, tx_state, estimated_rows): (
+        i64,
+        Option<i64>,
+        String,
+        Option<i64>,
+    ) = (row.get(10)?, row.get(11)?, row.get(12)?, row.get(13)?);
+    let (created, expires): (i64, i64) = (row.get(16)?, row.get(17)?);
+    Ok((|| {
+        let approvals_needed = u32::try_from(needed)
+            .map_err(|_| RequestError::Corrupt(format!("approvals_needed {needed}")))?;
+        Ok(Request {
+            id,
+            status: RequestStatus::parse(&status)
+                .ok_or_else(|| RequestError::Corrupt(format!("request status {status:?}")))?,
+            statement,
+            justification,
+            facts: serde_json::from_str(&facts)
+                .map_err(|e| RequestError::Corrupt(format!("request facts: {e}")))?,
+            rule,
+            identity,
+            connection_id,
+            statement_id,
+            transaction_state: TransactionState::parse(&tx_state),
+            estimated_rows,
+            approvals_needed,
+            approvals_remaining: approvals_needed,
+            reviewer_groups: parse_list(&groups, "request reviewer_groups")?,
+            votes: Vec::new(),
+            created_at: rfc3339_ms(created),
+            expires_at: rfc3339_ms(expires),
+            closing,
+        })
+    })())
+}
+
+fn attach_votes(conn: &Connection, request: &mut Request) -> Result<(), RequestError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT reviewer, verdict, comment, at FROM votes WHERE request_id = ?1 ORDER BY id",
+    )?;
+    let votes = stmt.query_map([request.id], |r| {
+        Ok(Vote {
+            reviewer: r.get(0)?,
+            verdict: r.get(1)?,
+            comment: r.get(2)?,
+            at: rfc3339_ms(r.get(3)?),
+        })
+    })?;
+    request.votes = votes.collect::<Result<_, _>>()?;
+    let approvals = request
+        .votes
+        .iter()
+        .filter(|v| v.verdict == "approve")
+        .count();
+    request.approvals_remaining = match request.status {
+        RequestStatus::Pending => request
+            .approvals_needed
+            .saturating_sub(u32::try_from(approvals).unwrap_or(u32::MAX)),
+        _ => 0,
+    };
+    Ok(())
+}
+
+pub fn get_request(conn: &Connection, id: i64) -> Result<Option<Request>, RequestError> {
+    let found = conn
+        .query_row(
+            &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?1"),
+            [id],
+            request_from_row,
+        )
+        .optional()?;
+    match found {
+        None => Ok(None),
+        Some(request) => {
+            let mut request = request?;
+            attach_votes(conn, &mut request)?;
+            Ok(Some(request))
+        }
+    }
+}
+
+/// Requests matching `filter`, newest first.
+pub fn list_requests(
+    conn: &Connection,
+    filter: &RequestFilter,
+) -> Result<Vec<Request>, RequestError> {
+    let mut sql = format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE 1 = 1");
+    let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+    if let Some(status) = filter.status {
+        args.push(Box::new(status.as_str()));
+        sql.push_str(&format!(" AND status = ?{}", args.len()));
+    }
+    if let Some(user) = &filter.db_user {
+        args.push(Box::new(user.clone()));
+        sql.push_str(&format!(" AND db_user = ?{}", args.len()));
+    }
+    if let Some(database) = &filter.database {
+        args.push(Box::new(database.clone()));
+        sql.push_str(&format!(" AND database = ?{}", args.len()));
+    }
+    if let Some(since) = filter.since_ms {
+        args.push(Box::new(since));
+        sql.push_str(&format!(" AND created_at >= ?{}", args.len()));
+    }
+    args.push(Box::new(i64::from(filter.limit)));
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), request_from_row)?;
+    let mut requests = Vec::new();
+    for row in rows {
+        let mut request = row??;
+        attach_votes(conn, &mut request)?;
+        requests.push(request);
+    }
+    Ok(requests)
+}
+
+/// Records a held statement; returns it as stored.
+pub fn create_request(
+    conn: &mut Connection,
+    new: &NewRequest,
+    default_timeout: std::time::Duration,
+) -> Result<Request, RequestError> {
+    let created = now_ms();
+    let timeout = new.timeout.unwrap_or(default_timeout);
+    let expires = created.saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
+    let justification = parse_justification(&new.statement);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT INTO requests (statement_id, statement, justification, facts, rule,
+            approvals_needed, reviewer_groups, db_user, database, application, client_addr,
+            connection_id, transaction_state, estimated_rows, status, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', ?15, ?16)",
+        params![
+            new.statement_id,
+            new.statement,
+            justification,
+            new.facts.to_string(),
+            new.rule,
+            new.approvals_needed.max(1),
+            json_list(&new.reviewer_groups),
+            new.identity.db_user,
+            new.identity.database,
+            new.identity.application,
+            new.identity.client_addr,
+            new.connection_id,
+            new.transaction_state.as_str(),
+            new.estimated_rows,
+            created,
+            expires,
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    audit::append(
+        &tx,
+        &AuditEntry {
+            kind: "request.created",
+            actor: None,
+            request_id: Some(id),
+            details: serde_json::json!({
+                "rule": new.rule,
+                "statement_id": new.statement_id,
+                "approvals_needed": new.approvals_needed.max(1),
+                "reviewer_groups": new.reviewer_groups,
+                "db_user": new.identity.db_user,
+                "database": new.identity.database,
+                "expires_at": rfc3339_ms(expires),
+            }),
+        },
+    )?;
+    let request = get_request(&tx, id)?.ok_or(RequestError::NotFound(id))?;
+    tx.commit()?;
+    Ok(request)
+}
+
+/// Who may cast `verdict` on `request`; the rules of approval in one place.
+pub fn check_vote(request: &Request, reviewer: &Reviewer, verdict: Verdict) -> Result<(), Refusal> {
+    if reviewer.role == Role::Auditor {
+        return Err(Refusal::ReadOnly);
+    }
+    let approving = matches!(verdict, Verdict::Approve | Verdict::ForceApprove);
+    if approving && !reviewer.db_users.is_empty() {
+        match &request.identity.db_user {
+            Some(user) if reviewer.db_users.iter().any(|u| u == user) => {
+                return Err(Refusal::SelfApproval {
+                    rule: request.rule.clone(),
+                    reviewer: reviewer.name.clone(),
+                    db_user: user.clone(),
+                })
+            }
+            Some(_) => {}
+            None => {
+                return Err(Refusal::UnknownRequester {
+                    rule: request.rule.clone(),
+                    reviewer: reviewer.name.clone(),
+                })
+            }
+        }
+    }
+    let in_group = reviewer
+        .groups
+        .iter()
+        .any(|g| request.reviewer_groups.iter().any(|w| w == g));
+    match verdict {
+        Verdict::ForceApprove if reviewer.role != Role::Admin => Err(Refusal::NotAdmin),
+        Verdict::ForceApprove => Ok(()),
+        // Stopping a statement is always safe, so admins may deny anything.
+        Verdict::Deny if reviewer.role == Role::Admin => Ok(()),
+        Verdict::Approve | Verdict::Deny if !in_group => Err(Refusal::NotInGroup {
+            rule: request.rule.clone(),
+            reviewer: reviewer.name.clone(),
+            wanted: request.reviewer_groups.clone(),
+            has: reviewer.groups.clone(),
+        }),
+        Verdict::Approve
+            if request
+                .votes
+                .iter()
+                .any(|v| v.verdict == "approve" && v.reviewer == reviewer.name) =>
+        {
+            Err(Refusal::AlreadyApproved {
+                request: request.id,
+                reviewer: reviewer.name.clone(),
+            })
+        }
+        Verdict::Approve | Verdict::Deny => Ok(()),
+    }
+}
+
+fn close(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    status: RequestStatus,
+    by: &str,
+    comment: Option<&str>,
+    forced: bool,
+    now: i64,
+) -> Result<(), RequestError> {
+    tx.execute(
+        "UPDATE requests SET status = ?1, closed_at = ?2, closed_by = ?3, close_comment = ?4,
+            forced = ?5 WHERE id = ?6 AND status = 'pending'",
+        params![status.as_str(), now, by, comment, forced, id],
+    )?;
+    Ok(())
+}
+
+/// Loads a request that is still open at `now`; a pending request past its
+/// deadline is expired on the spot (and `Closed` returned with `expired_now`).
+fn load_open(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    now: i64,
+) -> Result<Result<Request, (Request, bool)>, RequestError> {
+    let request = get_request(tx, id)?.ok_or(RequestError::NotFound(id))?;
+    if request.status != RequestStatus::Pending {
+        return Ok(Err((request, false)));
+    }
+    let expires = parse_rfc3339_ms(&request.expires_at).unwrap_or(i64::MIN);
+    if now >= expires {
+        expire_in(tx, &request, now)?;
+        let expired = get_request(tx, id)?.ok_or(RequestError::NotFound(id))?;
+        return Ok(Err((expired, true)));
+    }
+    Ok(Ok(request))
+}
+
+fn expire_in(
+    tx: &rusqlite::Transaction<'_>,
+    request: &Request,
+    now: i64,
+) -> Result<(), RequestError> {
+    close(
+        tx,
+        request.id,
+        RequestStatus::Expired,
+        "qgate",
+        None,
+        false,
+        now,
+    )?;
+    audit::append(
+        tx,
+        &AuditEntry {
+            kind: "request.expired",
+            actor: None,
+            request_id: Some(request.id),
+            details: serde_json::json!({ "rule": request.rule, "expires_at": request.expires_at }),
+        },
+    )?;
+    Ok(())
+}
+
+/// Casts a reviewer's vote. `Err(Closed)` carries the request's current state;
+/// its second field says whether this call expired it (the caller announces that).
+pub fn vote(
+    conn: &mut Connection,
+    id: i64,
+    reviewer: &Reviewer,
+    verdict: Verdict,
+    comment: Option<&str>,
+) -> Result<VoteOutcome, VoteError> {
+    let now = now_ms();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let request = match load_open(&tx, id, now)? {
+        Ok(request) => request,
+        Err((request, expired_now)) => {
+            tx.commit()?;
+            return Err(VoteError::Closed {
+                request: Box::new(request),
+                expired_now,
+            });
+        }
+    };
+    check_vote(&request, reviewer, verdict).map_err(VoteError::Refused)?;
+    tx.execute(
+        "INSERT INTO votes (request_id, reviewer, verdict, comment, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, reviewer.name, verdict.as_str(), comment, now],
+    )?;
+    let approvals = request
+        .votes
+        .iter()
+        .filter(|v| v.verdict == "approve")
+        .count() as u64
+        + 1;
+    let (kind, closed) = match verdict {
+        Verdict::Deny => {
+            close(
+                &tx,
+                id,
+                RequestStatus::Denied,
+                &reviewer.name,
+                comment,
+                false,
+                now,
+            )?;
+            ("request.denied", true)
+        }
+        Verdict::ForceApprove => {
+            close(
+                &tx,
+                id,
+                RequestStatus::Approved,
+                &reviewer.name,
+                comment,
+                true,
+                now,
+            )?;
+            ("request.force_approved", true)
+        }
+        Verdict::Approve if approvals >= u64::from(request.approvals_needed) => {
+            close(
+                &tx,
+                id,
+                RequestStatus::Approved,
+                &reviewer.name,
+                comment,
+                false,
+                now,
+            )?;
+            ("request.approved", true)
+        }
+        Verdict::Approve => ("request.approval", false),
+    };
+    audit::append(
+        &tx,
+        &AuditEntry {
+            kind,
+            actor: Some(&reviewer.name),
+            request_id: Some(id),
+            details: serde_json::json!({
+                "rule": request.rule,
+                "role": reviewer.role.as_str(),
+                "comment": comment,
+                "approvals": if verdict == Verdict::Deny { approvals - 1 } else { approvals },
+                "approvals_needed": request.approvals_needed,
+            }),
+        },
+    )?;
+    let request = get_request(&tx, id)?.ok_or(RequestError::NotFound(id))?;
+    tx.commit()?;
+    Ok(VoteOutcome { request, closed })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VoteError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("request {} is already {}", .request.id, .request.status.as_str())]
+    Closed {
+        request: Box<Request>,
+        expired_now: bool,
+    },
+    #[error("{0}")]
+    Refused(Refusal),
+}
+
+impl From<rusqlite::Error> for VoteError {
+    fn from(e: rusqlite::Error) -> Self {
+        VoteError::Request(e.into())
+    }
+}
+
+impl From<StoreError> for VoteError {
+    fn from(e: StoreError) -> Self {
+        VoteError::Request(e.into())
+    }
+}
+
+/// Closes a pending request without a reviewer: expiry or withdrawal.
+pub fn close_by_qgate(
+    conn: &mut Connection,
+    id: i64,
+    status: RequestStatus,
+    reason: Option<&str>,
+) -> Result<Request, VoteError> {
+    let now = now_ms();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let request = get_request(&tx, id)?.ok_or(RequestError::NotFound(id))?;
+    if request.status != RequestStatus::Pending {
+        return Err(VoteError::Closed {
+            request: Box::new(request),
+            expired_now: false,
+        });
+    }
+    match status {
+        RequestStatus::Expired => expire_in(&tx, &request, now)?,
+        _ => {
+            close(
+                &tx,
+                id,
+                RequestStatus::Withdrawn,
+                "qgate",
+                reason,
+                false,
+                now,
+            )?;
+            audit::append(
+                &tx,
+                &AuditEntry {
+                    kind: "request.withdrawn",
+                    actor: None,
+                    request_id: Some(id),
+                    details: serde_json::json!({ "rule": request.rule, "reason": reason }),
+                },
+            )?;
+        }
+    }
+    let request = get_request(&tx, id)?.ok_or(RequestError::NotFound(id))?;
+    tx.commit()?;
+    Ok(request)
+}
+
+/// One audit row in its own transaction, for events that change no table here.
+pub fn append_audit(
+    conn: &mut Connection,
+    kind: &str,
+    details: serde_json::Value,
+) -> Result<i64, RequestError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let id = audit::append(
+        &tx,
+        &AuditEntry {
+            kind,
+            actor: None,
+            request_id: None,
+            details,
+        },
+    )?;
+    tx.commit()?;
+    Ok(id)
+}
+
+/// Ids of pending requests whose deadline is at or before `now_ms`.
+pub fn due_for_expiry(conn: &Connection, now_ms: i64) -> Result<Vec<i64>, RequestError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM requests WHERE status = 'pending' AND expires_at <= ?1 ORDER BY expires_at",
+    )?;
+    let ids = stmt.query_map([now_ms], |r| r.get(0))?;
+    Ok(ids.collect::<Result<_, _>>()?)
+}
+
+/// The earliest deadline among pending requests, unix ms.
+pub fn next_deadline(conn: &Connection) -> Result<Option<i64>, RequestError> {
+    Ok(conn.query_row(
+        "SELECT min(expires_at) FROM requests WHERE status = 'pending'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+pub fn count_pending(conn: &Connection) -> Result<i64, RequestError> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM requests WHERE status = 'pending'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(user: Option<&str>, groups: &[&str]) -> Request {
+        Request {
+            id: 7,
+            status: RequestStatus::Pending,
+            statement: "DROP TABLE t".into(),
+            justification: None,
+            facts: serde_json::json!({}),
+            rule: "ddl-needs-peer".into(),
+            identity: Identity {
+                db_user: user.map(Into::into),
+                ..Identity::default()
+            },
+            connection_id: 1,
+            statement_id: None,
+            transaction_state: TransactionState::Idle,
+            estimated_rows: None,
+            approvals_needed: 2,
+            approvals_remaining: 2,
+            reviewer_groups: groups.iter().map(|g| g.to_string()).collect(),
+            votes: Vec::new(),
+            created_at: String::new(),
+            expires_at: String::new(),
+            closing: None,
+        }
+    }
+
+    fn reviewer(name: &str, role: Role, groups: &[&str], db_users: &[&str]) -> Reviewer {
+        Reviewer {
+            id: 1,
+            name: name.into(),
+            role,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            db_users: db_users.iter().map(|g| g.to_string()).collect(),
+            created_at: String::new(),
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn justification_comes_from_a_leading_block_or_line_comment() {
+        assert_eq!(
+            parse_justification("/* qgate: reason=INC-42 cleanup */ DELETE FROM t").as_deref(),
+            Some("INC-42 cleanup")
+        );
+        assert_eq!(
+            parse_justification("  -- qgate: reason = hotfix\nDROP TABLE t").as_deref(),
+            Some("hotfix")
+        );
+        assert_eq!(
+            parse_justification("-- ticket 9\n/*QGATE: Reason=x*/ DROP TABLE t").as_deref(),
+            Some("x")
+        );
+    }
+
+    #[test]
+    fn justification_is_ignored_when_not_leading_or_malformed() {
+        assert_eq!(
+            parse_justification("DELETE FROM t /* qgate: reason=x */"),
+            None
+        );
+        assert_eq!(parse_justification("/* qgate: reason=x"), None);
+        assert_eq!(parse_justification("/* qgate: why=x */ DROP TABLE t"), None);
+        assert_eq!(
+            parse_justification("/* qgate: reason= */ DROP TABLE t"),
+            None
+        );
+        assert_eq!(parse_justification("/* é */ DROP"), None);
+    }
+
+    #[test]
+    fn reviewer_linked_to_the_requesting_db_user_cannot_approve() {
+        let r = request(Some("alice"), &["dba"]);
+        let alice = reviewer("alice", Role::Admin, &["dba"], &["alice"]);
+        assert!(matches!(
+            check_vote(&r, &alice, Verdict::Approve),
+            Err(Refusal::SelfApproval { .. })
+        ));
+        assert!(matches!(
+            check_vote(&r, &alice, Verdict::ForceApprove),
+            Err(Refusal::SelfApproval { .. })
+        ));
+        assert_eq!(check_vote(&r, &alice, Verdict::Deny), Ok(()));
+    }
+
+    #[test]
+    fn linked_reviewer_cannot_approve_a_statement_of_unknown_user() {
+        let r = request(None, &["dba"]);
+        let bob = reviewer("bob", Role::Reviewer, &["dba"], &["bob"]);
+        assert!(matches!(
+            check_vote(&r, &bob, Verdict::Approve),
+            Err(Refusal::UnknownRequester { .. })
+        ));
+        let carol = reviewer("carol", Role::Reviewer, &["dba"], &[]);
+        assert_eq!(check_vote(&r, &carol, Verdict::Approve), Ok(()));
+    }
+
+    #[test]
+    fn only_named_groups_decide_and_only_admins_force() {
+        let r = request(Some("app"), &["dba"]);
+        let dev = reviewer("dev", Role::Reviewer, &["dev"], &[]);
+        assert!(matches!(
+            check_vote(&r, &dev, Verdict::Approve),
+            Err(Refusal::NotInGroup { .. })
+        ));
+        assert_eq!(
+            check_vote(&r, &dev, Verdict::ForceApprove),
+            Err(Refusal::NotAdmin)
+        );
+        let auditor = reviewer("aud", Role::Auditor, &["dba"], &[]);
+        assert_eq!(
+            check_vote(&r, &auditor, Verdict::Deny),
+            Err(Refusal::ReadOnly)
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! Audit rows for every decision, audit search and export, chain verification, metrics.
+mod api_support;
+
+use api_support::{held, start};
+use qgate_agent::{api::ApiOptions, store::requests::Role};
+use reqwest::StatusCode;
+
+/// Statements and connections as the store writes them (columns per the store's schema).
+fn seed_statements(db: &std::path::Path, request_statement: Option<i64>) -> i64 {
+    let conn = qgate_agent::store::requests::open_db(db).expect("open");
+    conn.execute_batch(
+        "INSERT INTO connections (id, client_addr, client_port, server_addr, server_port, user, database, application, mid_stream, started_at)
+            VALUES (1, '10.0.0.7', 50432, '10.0.0.1', 5432, 'alice', 'shop', 'psql', 0, 1),
+                   (2, '10.0.0.8', 50500, '10.0.0.1', 5432, 'bob', 'crm', 'app', 0, 1);
+         INSERT INTO statements (id, connection_id, seq, path, text, received_at, completed_at, outcome, sqlstate, command_tag, rows)
+            VALUES (10, 1, 1, 'simple', 'SELECT * FROM orders', 1767225600000000000, 1767225600002000000, 'ok', NULL, 'SELECT 3', 3),
+                   (11, 1, 2, 'simple', 'DROP TABLE orders_copy', 1767225700000000000, NULL, 'unknown', NULL, NULL, NULL),
+                   (12, 2, 1, 'simple', 'UPDATE customers SET vip = true, note = ''a,\"b\"''', 1767225800000000000, 1767225800009000000, 'error', '42501', NULL, NULL);",
+    )
+    .expect("seed statements");
+    request_statement.unwrap_or(11)
+}
+
+#[tokio::test]
+async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
+    let api = start(ApiOptions::default()).await;
+    let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
+    let sam = api.reviewer("sam", Role::Reviewer, &["dba"], &[]);
+    let a = api.hold(held(Some("alice"), "two", 2, &["dba"])).await;
+    let b = api.hold(held(Some("alice"), "one", 1, &["dba"])).await;
+    let c = api.hold(held(Some("alice"), "one", 1, &["dba"])).await;
+    api.decide(&rita, a.id, "approve", "first").await;
+    api.decide(&sam, a.id, "approve", "second").await;
+    api.decide(&rita, b.id, "deny", "no").await;
+    api.board()
+        .withdraw(c.id, "client gone")
+        .await
+        .expect("withdraw");
+    api.board()
+        .audit("policy.reload", serde_json::json!({ "rules": 3 }))
+        .await
+        .expect("agent audit row");
+
+    let (status, log) = api.get(&rita, "/v1/audit/log").await;
+    assert_eq!(status, StatusCode::OK, "{log}");
+    let rows: Vec<(String, Option<String>, Option<i64>)> = log
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap_or_default().to_owned(),
+                r["actor"].as_str().map(str::to_owned),
+                r["request_id"].as_i64(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("reviewer.added", None, None),
+        ("reviewer.added", None, None),
+        ("request.created", None, Some(a.id)),
+        ("request.created", None, Some(b.id)),
+        ("request.created", None, Some(c.id)),
+        ("request.approval", Some("rita"), Some(a.id)),
+        ("request.approved", Some("sam"), Some(a.id)),
+        ("request.denied", Some("rita"), Some(b.id)),
+        ("request.withdrawn", None, Some(c.id)),
+        ("policy.reload", None, None),
+    ]
+    .map(|(k, a, r)| (k.to_owned(), a.map(str::to_owned), r));
+    assert_eq!(rows, expected);
+
+    let (_, denials) = api
+        .get(&rita, "/v1/audit/log?kind=request.denied&actor=rita")
+        .await;
+    assert_eq!(denials[0]["details"]["comment"], "no");
+    assert_eq!(denials.as_array().map(Vec::len), Some(1));
+
+    let (status, report) = api.get(&rita, "/v1/audit/verify").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], true);
+    api.shutdown().await;
+}
+
+#[tokio::test]
+async fn statements_are_searchable_by_user_database_table_decision_outcome_and_time() {
+    let api = start(ApiOptions::default()).await;
+    let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
+    let statement = seed_statements(&api.db, None);
+    let mut new = held(Some("alice"), "ddl-needs-peer", 1, &["dba"]);
+    new.statement_id = Some(statement);
+    let r = api.hold(new).await;
+    api.decide(&rita, r.id, "deny", "").await;
+
+    let ids = |v: serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|r| r["id"].as_i64())
+            .collect()
+    };
+    let search = |q: &str| format!("/v1/audit/statements?{q}");
+    assert_eq!(ids(api.get(&rita, &search("")).await.1), [10, 11, 12]);
+    assert_eq!(ids(api.get(&rita, &search("user=alice")).await.1), [10, 11]);
+    assert_eq!(ids(api.get(&rita, &search("database=crm")).await.1), [12]);
+    assert_eq!(
+        ids(api.get(&rita, &search("table=ORDERS")).await.1),
+        [10, 11]
+    );
+    assert_eq!(
+        ids(api.get(&rita, &search("decision=denied")).await.1),
+        [11]
+    );
+    assert_eq!(ids(api.get(&rita, &search("decision=held")).await.1), [11]);
+    assert_eq!(ids(api.get(&rita, &search("outcome=error")).await.1), [12]);
+    assert_eq!(
+        ids(api
+            .get(
+                &rita,
+                &search("since=2026-01-01T00:01:00Z&until=2026-01-01T00:03:00Z")
+            )
+            .await
+            .1),
+        [11]
+    );
+    let (_, rows) = api.get(&rita, &search("decision=denied")).await;
+    assert_eq!(rows[0]["request_id"], r.id);
+    assert_eq!(rows[0]["request_status"], "denied");
+    assert_eq!(rows[0]["rule"], "ddl-needs-peer");
+    assert_eq!(rows[0]["db_user"], "alice");
+    assert_eq!(rows[0]["received_at"], "2026-01-01T00:01:40Z");
+    api.shutdown().await;
+}
+
+#[tokio::test]
+async fn audit_exports_as_json_lines_and_csv() {
+    let api = start(ApiOptions::default()).await;
+    let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
+    seed_statements(&api.db, None);
+
+    let response = api
+        .http
+        .get(api.url("/v1/audit/statements?format=jsonl"))
+        .bearer_auth(&rita)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let text = response.text().await.expect("body");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        lines[2]["statement"],
+        "UPDATE customers SET vip = true, note = 'a,\"b\"'"
+    );
+
+    let response = api
+        .http
+        .get(api.url("/v1/audit/statements?format=csv&user=bob"))
+        .bearer_auth(&rita)
+        .send()
+        .await
+        .expect("GET");
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .is_ok_and(|t| t.starts_with("text/csv")));
+    let csv = response.text().await.expect("body");
+    let mut lines = csv.split("\r\n");
+    assert_eq!(
+        lines.next(),
+        Some("id,received_at,completed_at,db_user,database,application,client_addr,statement,outcome,sqlstate,tag,rows,request_id,request_status,rule")
+    );
+    assert_eq!(
+        lines.next(),
+        Some("12,2026-01-01T00:03:20Z,2026-01-01T00:03:20.009Z,bob,crm,app,10.0.0.8,\"UPDATE customers SET vip = true, note = 'a,\"\"b\"\"'\",error,42501,,,,,")
+    );
+
+    let response = api
+        .http
+        .get(api.url("/v1/audit/log?format=csv"))
+        .bearer_auth(&rita)
+        .send()
+        .await
+        .expect("GET");
+    let csv = response.text().await.expect("body");
+    assert!(
+        csv.starts_with("id,at,kind,actor,request_id,details\r\n1,"),
+        "{csv}"
+    );
+    assert!(csv.contains("reviewer.added"), "{csv}");
+    api.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_show_held_requests_and_decisions() {
+    let api = start(ApiOptions::default()).await;
+    let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
+    let r = api.hold(held(Some("alice"), "one", 1, &["dba"])).await;
+    api.hold(held(Some("alice"), "one", 1, &["dba"])).await;
+    api.decide(&rita, r.id, "approve", "").await;
+    let response = api
+        .http
+        .get(api.url("/metrics"))
+        .bearer_auth(&rita)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("body");
+    for series in [
+        "qgate_requests_held",
+        "qgate_request_events_total{kind=\"approved\"}",
+        "qgate_request_wait_seconds_bucket",
+        "qgate_statements_seen_total",
+        "qgate_capture_lost_total",
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+    api.shutdown().await;
+}

@@ -1,0 +1,155 @@
+//! The reviewer CLI: `reviewers` on the store file while the API runs,
+//! `requests` against the API over HTTP.
+mod api_support;
+
+use std::process::ExitCode;
+
+use api_support::{held, start};
+use clap::Parser;
+use qgate_agent::{
+    api::ApiOptions,
+    cli::{
+        requests::{self, RequestsCommand},
+        reviewers::{self, ReviewersCommand},
+    },
+};
+
+#[derive(Parser)]
+struct Reviewers {
+    #[command(subcommand)]
+    cmd: ReviewersCommand,
+}
+
+#[derive(Parser)]
+struct Requests {
+    #[command(subcommand)]
+    cmd: RequestsCommand,
+}
+
+/// Runs a CLI invocation off the async threads (it has its own runtime) and returns its stdout.
+async fn cli(args: Vec<String>, requests_cli: bool) -> (ExitCode, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let argv = std::iter::once("qgate-agent".to_owned()).chain(args);
+        let code = if requests_cli {
+            requests::execute(Requests::parse_from(argv).cmd, &mut out)
+        } else {
+            reviewers::execute(Reviewers::parse_from(argv).cmd, &mut out)
+        }
+        .expect("command runs");
+        (code, String::from_utf8(out).expect("UTF-8 output"))
+    })
+    .await
+    .expect("CLI thread")
+}
+
+fn args(text: &str) -> Vec<String> {
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn reviewers_added_by_the_cli_while_the_api_runs_can_use_their_token_at_once() {
+    let api = start(ApiOptions::default()).await;
+    let db = api.db.display().to_string();
+    let (code, out) = cli(
+        args(&format!(
+            "add rita --groups dba,sre --db-users rita_rw --db {db} --json"
+        )),
+        false,
+    )
+    .await;
+    assert_eq!(code, ExitCode::SUCCESS);
+    let added: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(added["name"], "rita");
+    assert_eq!(added["role"], "reviewer");
+    assert_eq!(added["groups"], serde_json::json!(["dba", "sre"]));
+    let token = added["token"].as_str().expect("token").to_owned();
+
+    let (status, me) = api.get(&token, "/v1/me").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{me}");
+    assert_eq!(me["db_users"], serde_json::json!(["rita_rw"]));
+
+    let (_, out) = cli(args(&format!("add audra --role auditor --db {db}")), false).await;
+    assert!(out.contains("token: qgt_"), "{out}");
+    let (_, out) = cli(args(&format!("list --db {db}")), false).await;
+    assert!(out.starts_with("NAME"), "{out}");
+    assert!(out.contains("audra") && out.contains("auditor"), "{out}");
+    assert!(!out.contains(&token), "list never shows tokens");
+
+    let (code, _) = cli(args(&format!("revoke rita --db {db}")), false).await;
+    assert_eq!(code, ExitCode::SUCCESS);
+    assert_eq!(
+        api.get(&token, "/v1/me").await.0,
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+    let stored = std::fs::read(&api.db).expect("read store");
+    assert!(
+        !stored.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token itself is never stored"
+    );
+    api.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_cli_lists_shows_and_decides_over_the_api() {
+    let api = start(ApiOptions::default()).await;
+    let token = api.reviewer(
+        "rita",
+        qgate_agent::store::requests::Role::Reviewer,
+        &["dba"],
+        &[],
+    );
+    let a = api
+        .hold(held(Some("alice"), "ddl-needs-peer", 1, &["dba"]))
+        .await;
+    let b = api
+        .hold(held(Some("bob"), "ddl-needs-peer", 1, &["dba"]))
+        .await;
+    let common = format!("--api {} --token {token}", api.base);
+
+    let (code, out) = cli(args(&format!("list {common} --json")), true).await;
+    assert_eq!(code, ExitCode::SUCCESS);
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON array");
+    assert_eq!(list[0]["id"], b.id);
+    assert_eq!(list[0]["status"], "pending");
+    assert!(list[0]["statement"]
+        .as_str()
+        .is_some_and(|s| s.contains("DROP TABLE")));
+
+    let (_, out) = cli(args(&format!("list {common}")), true).await;
+    assert!(out.starts_with("ID"), "{out}");
+    assert!(out.contains("alice@shop") && out.contains("0/1"), "{out}");
+
+    let (_, out) = cli(args(&format!("show {} {common}", a.id)), true).await;
+    assert!(out.contains("reason       INC-7 drop stale copy"), "{out}");
+
+    let (code, out) = cli(
+        vec![
+            "approve".into(),
+            a.id.to_string(),
+            "--comment".into(),
+            "fine by me".into(),
+        ]
+        .into_iter()
+        .chain(args(&common))
+        .collect(),
+        true,
+    )
+    .await;
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert_eq!(out.trim(), format!("request {}: approved", a.id));
+
+    let (code, _) = cli(args(&format!("deny {} {common}", a.id)), true).await;
+    assert_eq!(
+        code,
+        ExitCode::FAILURE,
+        "a decided request cannot be decided again"
+    );
+    let (code, out) = cli(args(&format!("deny {} {common} --json", b.id)), true).await;
+    assert_eq!(code, ExitCode::SUCCESS);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["status"],
+        "denied"
+    );
+    api.shutdown().await;
+}
