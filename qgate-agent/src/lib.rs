@@ -10,6 +10,7 @@
 //! | api | [`api`] | the reviewers' HTTP API |
 //!
 //! [`pipeline`] connects the stages; [`cli`] is the command line.
+pub mod agent;
 pub mod api;
 pub mod capture;
 pub mod cli;

@@ -4,8 +4,8 @@ mod store_support;
 
 use std::{path::Path, process::ExitCode};
 
-use qgate_agent::cli::audit::{self as audit_cli, AuditCommand, Format, EXIT_TAMPERED};
 use clap::Parser;
+use qgate_agent::cli::audit::{self as audit_cli, AuditCommand, Format, EXIT_TAMPERED};
 use qgate_agent::store::{audit, Store};
 use serde_json::json;
 

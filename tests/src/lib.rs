@@ -134,6 +134,7 @@ impl Lab {
             quiet(Command::new("ip").args(["netns", "del", ns]));
         }
         let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(self.pin_dir());
     }
 
     /// A command run inside the server namespace.
@@ -156,6 +157,16 @@ impl Lab {
 
     pub fn db_path(&self) -> PathBuf {
         self.dir.join("qgate.sqlite")
+    }
+
+    /// bpffs directory for this lab's pinned maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/qgate-e2e-{}", self.tag))
+    }
+
+    /// The agent's API port on the server namespace's loopback.
+    pub fn api_port(&self) -> u16 {
+        9187
     }
 
     /// initdb + start a PostgreSQL 15 cluster listening on the server address,
@@ -198,12 +209,20 @@ impl Lab {
     /// server's veth, and waits until it has attached.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
         let log = fs::File::create(self.dir.join("agent.log"))?;
-        let child = self
-            .in_server(agent_bin().to_str().context("agent path")?)
+        // nsenter --net, not `ip netns exec`: the latter remounts /sys and
+        // hides the host's bpffs, where the agent pins its maps and links.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.server_ns))
+            .arg("--")
+            .arg(agent_bin())
             .args(["run", "--interface", &self.server_if, "--port"])
             .arg(PG_PORT.to_string())
             .arg("--db")
             .arg(self.db_path())
+            .arg("--pin-dir")
+            .arg(self.pin_dir())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.api_port()))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)

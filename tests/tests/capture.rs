@@ -37,7 +37,7 @@ struct Stored {
 fn stored_statements(lab: &Lab) -> Result<Vec<Stored>> {
     let db = lab.store()?;
     let mut stmt = db.prepare(
-        "SELECT s.text, c.user, c.database, s.outcome, s.sqlstate, s.tag, s.rows
+        "SELECT s.text, c.user, c.database, s.outcome, s.sqlstate, s.command_tag, s.rows
          FROM statements s JOIN connections c ON c.id = s.connection_id
          ORDER BY s.id",
     )?;
@@ -66,7 +66,7 @@ fn completed_count(lab: &Lab) -> Result<i64> {
 fn capture_loss(lab: &Lab) -> Result<i64> {
     Ok(lab
         .store()?
-        .query_row("SELECT coalesce(max(lost), 0) FROM capture_loss", [], |r| {
+        .query_row("SELECT coalesce(max(ringbuf_full + truncated + load_errors + writer_dropped), 0) FROM capture_loss", [], |r| {
             r.get(0)
         })?)
 }
@@ -78,7 +78,7 @@ fn psql_script_statements_are_stored_with_identity_and_outcome() -> Result<()> {
     lab.start_postgres()?;
     lab.sql("CREATE ROLE alice LOGIN")?;
     lab.sql("CREATE DATABASE shop OWNER alice")?;
-    lab.start_agent(&[])?;
+    lab.start_agent(&["--monitor"])?;
 
     let script = lab.dir.join("script.sql");
     std::fs::write(&script, SCRIPT)?;
@@ -147,7 +147,7 @@ fn pgbench_counts_are_exact(tag: &str, mode: &str) -> Result<()> {
     let mut lab = Lab::new(tag)?;
     lab.start_postgres()?;
     lab.pgbench(&["-i", "-q", "-s", "1"])?;
-    lab.start_agent(&[])?;
+    lab.start_agent(&["--monitor"])?;
     let (clients, txs) = (4, 500);
     lab.pgbench(&["-n", "-c", "4", "-j", "2", "-t", "500", "-M", mode])?;
     let per_kind = clients * txs;
@@ -184,15 +184,17 @@ fn pgbench_counts_are_exact(tag: &str, mode: &str) -> Result<()> {
         .filter(|s| s.rows == Some(1))
         .count() as i64;
     assert_eq!(updates, per_kind, "every account UPDATE reports 1 row");
-    // Whatever else is stored is pgbench's own set-up query on connect.
-    for s in stored
+    // Whatever else is stored is pgbench's own start-up: the scale query on
+    // pgbench_branches and the partitioning query on pgbench_accounts.
+    let others: Vec<&Stored> = stored
         .iter()
         .filter(|s| !TPCB.iter().any(|p| s.text.trim_start().starts_with(p)))
-    {
-        assert!(
-            s.text.contains("pgbench_branches"),
-            "unexpected statement {s:?}"
-        );
+        .collect();
+    assert_eq!(others.len(), 2, "{others:#?}");
+    for s in &others {
+        assert!(s.text.to_lowercase().starts_with("select"), "{s:?}");
+        assert!(s.text.contains("pgbench_"), "{s:?}");
+        assert_eq!(s.outcome.as_deref(), Some("ok"), "{s:?}");
     }
     assert_eq!(capture_loss(&lab)?, 0);
     Ok(())

@@ -5,7 +5,6 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::Context;
 use crate::{
     capture::UnixNanos,
     store::{
@@ -14,6 +13,7 @@ use crate::{
         Store, StoreError, DEFAULT_DB_PATH,
     },
 };
+use anyhow::Context;
 
 /// Exit status of `audit verify` when the log was tampered with (1 is left
 /// for "could not check at all").

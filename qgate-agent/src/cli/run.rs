@@ -3,20 +3,19 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
+    sync::{atomic::AtomicBool, Arc},
 };
 
 use anyhow::Context;
 use clap::Args;
+
 use crate::{
-    capture::kernel::KernelCapture,
+    agent,
+    capture::pcap::SegmentReader,
     config::{self, Config},
+    pipeline::Pipeline,
+    store::{self, Store, Writer, WriterConfig},
 };
-use tracing::info;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -38,6 +37,12 @@ pub struct RunArgs {
     /// Policy file.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Capture and audit only, never hold (overrides gate.mode).
+    #[arg(long)]
+    monitor: bool,
+    /// bpffs directory for pinned maps and links (overrides gate.pin_dir).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -70,38 +75,71 @@ fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     if let Some(policy) = &args.policy {
         config.policy.file = Some(policy.clone());
     }
+    if args.monitor {
+        config.gate.mode = config::GateSetting::Monitor;
+    }
+    if let Some(dir) = &args.pin_dir {
+        config.gate.pin_dir = dir.clone();
+    }
     Ok(config)
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = effective_config(&args)?;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     let interfaces = if config.capture.interfaces.is_empty() {
         config::up_interfaces().context("listing interfaces")?
     } else {
         config.capture.interfaces.clone()
     };
-    let pins = crate::capture::kernel::pin_dir(&config.gate.pin_dir);
-    let mut capture = KernelCapture::attach(&interfaces, &config.capture.ports, &pins)?;
-    info!(?interfaces, ports = ?config.capture.ports, "capturing");
     let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook_consts::SIGINT, signal_hook_consts::SIGTERM] {
-        let stop = stop.clone();
-        let _ = signal;
-        let _ = stop;
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
-    while !stop.load(Ordering::Relaxed) {
-        capture.poll(Duration::from_millis(200), |seg| {
-            info!(?seg.flow, ?seg.direction, seq = seg.seq, len = seg.payload.len(), "segment");
-        })?;
-    }
+    agent::run(&config, &interfaces, stop)?;
     Ok(ExitCode::SUCCESS)
 }
 
-mod signal_hook_consts {
-    pub const SIGINT: i32 = libc::SIGINT;
-    pub const SIGTERM: i32 = libc::SIGTERM;
-}
-
-pub fn replay(_args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("replay is not wired yet")
+/// Decodes a capture file into the store, exactly as the live path would.
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let ports = if args.ports.is_empty() {
+        vec![5432]
+    } else {
+        args.ports.clone()
+    };
+    let db = args
+        .db
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(store::DEFAULT_DB_PATH));
+    let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let writer = Writer::spawn(store, WriterConfig::default())?;
+    let mut pipeline = Pipeline::new(writer);
+    let mut reader = SegmentReader::open(&args.pcap, &ports)
+        .with_context(|| format!("reading {}", args.pcap.display()))?;
+    let mut last = 0;
+    for segment in reader.by_ref() {
+        let segment = segment.with_context(|| format!("reading {}", args.pcap.display()))?;
+        last = segment.at;
+        pipeline.on_segment(&segment, |_, _| {});
+    }
+    let skipped = reader.stats();
+    let (summary, stats) = pipeline.finish(last)?;
+    println!(
+        "{}: {} segments, {} connections, {} statements ({} completed, {} errors), \
+         {} undecodable, {} capture gaps; {} events written to {}",
+        args.pcap.display(),
+        summary.segments,
+        summary.connections,
+        summary.statements,
+        summary.completed,
+        summary.errors,
+        summary.undecodable,
+        summary.gaps,
+        stats.written,
+        db.display()
+    );
+    println!("skipped: {skipped:?}");
+    Ok(ExitCode::SUCCESS)
 }
