@@ -11,6 +11,7 @@
 //!
 //! [`pipeline`] connects the stages; `main.rs` is only the command line.
 pub mod capture;
+pub mod classify;
 pub mod config;
 pub mod pipeline;
 pub mod wire;
