@@ -14,4 +14,5 @@ pub mod capture;
 pub mod classify;
 pub mod config;
 pub mod pipeline;
+pub mod policy;
 pub mod wire;

@@ -150,3 +150,31 @@ pub(crate) fn classify_tokens(
         depends_on_literals,
     }
 }
+
+/// `template` (the classification of a string with the same fingerprint) with
+/// each statement's text taken from `sql`; `None` when the pieces do not line up.
+pub(crate) fn with_texts_of(
+    template: &Classification,
+    sql: &str,
+    tokens: &[TokenWithSpan],
+) -> Option<Classification> {
+    let index = split::LineIndex::new(sql);
+    let pieces = split::segments(tokens);
+    if pieces.len() != template.statements.len() {
+        return None;
+    }
+    let mut statements = Vec::with_capacity(pieces.len());
+    for (piece, facts) in pieces.iter().zip(&template.statements) {
+        let text = piece.byte_range(&index).and_then(|r| index.slice(r))?;
+        statements.push(StatementFacts {
+            sql: text.to_owned(),
+            ..facts.clone()
+        });
+    }
+    Some(Classification {
+        dialect: template.dialect,
+        fingerprint: template.fingerprint.clone(),
+        statements,
+        depends_on_literals: template.depends_on_literals,
+    })
+}
