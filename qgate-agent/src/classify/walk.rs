@@ -71,7 +71,11 @@ pub(crate) fn classify_statements(
 /// The string as a whole does not parse: classify each semicolon-separated piece
 /// on its own so the reviewer sees which one failed. The server rejects the
 /// whole string in this case, but the failing piece keeps it `unknown` anyway.
-fn classify_pieces(sql: &str, index: &LineIndex<'_>, dialect: Dialect) -> (Vec<StatementFacts>, bool) {
+fn classify_pieces(
+    sql: &str,
+    index: &LineIndex<'_>,
+    dialect: Dialect,
+) -> (Vec<StatementFacts>, bool) {
     let tokens = match super::tokenize(sql, dialect) {
         Ok(tokens) => tokens,
         Err(error) => {
@@ -136,7 +140,9 @@ fn unparsed(text: String, piece: &Segment<'_>, error: String) -> StatementFacts 
 /// The facts of one parsed statement, and whether they depended on a literal's value.
 pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, bool) {
     match statement {
-        Statement::Prepare { statement: inner, .. } => {
+        Statement::Prepare {
+            statement: inner, ..
+        } => {
             let (mut facts, depends) = facts_of(inner, sql);
             facts.flags.insert(Flag::Prepared);
             (facts, depends)
@@ -238,7 +244,12 @@ fn head(statement: &Statement) -> Head {
         Statement::Query(query) => (Read, query_verb(&query.body).into()),
         Statement::Insert(insert) => (
             Write,
-            if insert.replace_into { "REPLACE" } else { "INSERT" }.into(),
+            if insert.replace_into {
+                "REPLACE"
+            } else {
+                "INSERT"
+            }
+            .into(),
         ),
         Statement::Update(_) => (Write, "UPDATE".into()),
         Statement::Delete(_) => (Write, "DELETE".into()),
@@ -398,7 +409,10 @@ fn head(statement: &Statement) -> Head {
         Statement::Set(set) => set_head(set, &mut flags, &mut settings),
         Statement::Reset(_) => (Session, "RESET".into()),
         Statement::Discard { .. } => (Session, "DISCARD".into()),
-        Statement::Use(_) => (Session, "USE".into()),
+        Statement::Use(_) => {
+            flags.insert(Flag::SearchPathChange);
+            (Session, "USE".into())
+        }
 
         Statement::ShowFunctions { .. }
         | Statement::ShowVariable { .. }
@@ -500,6 +514,9 @@ fn set_head(set: &Set, flags: &mut Flags, settings: &mut Vec<String>) -> (Kind, 
         }
         if name == "role" || name == "session_authorization" {
             flags.insert(Flag::IdentityChange);
+        }
+        if name == "search_path" || name == "schema" {
+            flags.insert(Flag::SearchPathChange);
         }
         settings.push(name);
     };
@@ -835,7 +852,9 @@ impl Visitor for Collector {
                 }
             }
             Statement::Copy { source, to, .. } => match source {
-                CopySource::Table { table_name: name, .. } if !*to => {
+                CopySource::Table {
+                    table_name: name, ..
+                } if !*to => {
                     self.note_write();
                     self.write(table_name(name));
                 }
@@ -956,4 +975,3 @@ impl Visitor for Collector {
         ControlFlow::Continue(())
     }
 }
-

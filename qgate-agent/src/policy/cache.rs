@@ -69,7 +69,12 @@ impl DecisionCache {
         let classification = match self.classifications.get(&key) {
             Some(template) => match classify::with_texts_of(template, sql, &tokens) {
                 Some(c) => c,
-                None => classify::classify_tokens(sql, tokens, dialect, Some(fingerprint.text().to_owned())),
+                None => classify::classify_tokens(
+                    sql,
+                    tokens,
+                    dialect,
+                    Some(fingerprint.text().to_owned()),
+                ),
             },
             None => {
                 let c = classify::classify_tokens(
@@ -80,7 +85,8 @@ impl DecisionCache {
                 );
                 if !c.depends_on_literals {
                     self.make_room();
-                    self.classifications.insert(key.clone(), Arc::new(c.clone()));
+                    self.classifications
+                        .insert(key.clone(), Arc::new(c.clone()));
                 }
                 c
             }

@@ -74,7 +74,13 @@ impl CheckReport {
             writeln!(out, "statement {}: {}", i + 1, s.sql.trim())?;
             writeln!(out, "  kind: {}", s.kind)?;
             writeln!(out, "  verb: {}", s.verb)?;
-            let list = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+            let list = |v: Vec<String>| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
             writeln!(
                 out,
                 "  tables read: {}",

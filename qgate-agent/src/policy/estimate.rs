@@ -25,6 +25,46 @@ pub struct EstimatorConfig {
     pub password: Option<String>,
 }
 
+impl EstimatorConfig {
+    /// Reads a libpq-style `key=value` string (`host`, `port`, `user`,
+    /// `dbname`, `password`); missing keys default to localhost:5432 and the
+    /// user `qgate`.
+    pub fn from_conninfo(conninfo: &str) -> Result<EstimatorConfig, EstimateError> {
+        let mut config = EstimatorConfig {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "qgate".into(),
+            dbname: String::new(),
+            password: None,
+        };
+        for pair in conninfo.split_whitespace() {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| EstimateError::Refused(format!("`{pair}` is not key=value")))?;
+            match key {
+                "host" => config.host = value.to_owned(),
+                "port" => {
+                    config.port = value.parse().map_err(|_| {
+                        EstimateError::Refused(format!("port `{value}` is not a number"))
+                    })?
+                }
+                "user" => config.user = value.to_owned(),
+                "dbname" => config.dbname = value.to_owned(),
+                "password" => config.password = Some(value.to_owned()),
+                other => {
+                    return Err(EstimateError::Refused(format!(
+                        "unknown connection key `{other}` (host, port, user, dbname, password)"
+                    )))
+                }
+            }
+        }
+        if config.dbname.is_empty() {
+            config.dbname = config.user.clone();
+        }
+        Ok(config)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EstimateError {
     #[error("not estimated: {0}")]
@@ -62,7 +102,11 @@ fn plannable(statement: &str) -> Result<(), EstimateError> {
         Err(EstimateError::Refused(format!(
             "a {} statement ({}) cannot be planned by EXPLAIN",
             only.kind,
-            if only.verb.is_empty() { "?" } else { &only.verb }
+            if only.verb.is_empty() {
+                "?"
+            } else {
+                &only.verb
+            }
         )))
     }
 }
@@ -223,13 +267,17 @@ mod tests {
             dbname: "x".into(),
             password: None,
         };
-        let err = explain_rows(&config, "SELECT 1; DROP TABLE t", Duration::from_secs(1))
-            .unwrap_err();
+        let err =
+            explain_rows(&config, "SELECT 1; DROP TABLE t", Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, EstimateError::Refused(_)), "{err}");
         let err = explain_rows(&config, "DROP TABLE t", Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, EstimateError::Refused(_)), "{err}");
-        let err =
-            explain_rows(&config, "EXPLAIN ANALYZE DELETE FROM t", Duration::from_secs(1)).unwrap_err();
+        let err = explain_rows(
+            &config,
+            "EXPLAIN ANALYZE DELETE FROM t",
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert!(matches!(err, EstimateError::Refused(_)), "{err}");
     }
 }

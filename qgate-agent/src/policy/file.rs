@@ -16,6 +16,7 @@ struct RawPolicy {
     default: Option<Spanned<RawAction>>,
     #[serde(default)]
     safe_functions: Vec<String>,
+    search_path: Option<Vec<String>>,
     #[serde(default)]
     groups: BTreeMap<String, Spanned<RawGroup>>,
     #[serde(default)]
@@ -164,16 +165,19 @@ pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
             return Err(invalid(at, "a rule needs a non-empty `name`".into()));
         }
         if let Some(first) = names.insert(r.name.clone(), line) {
-            return Err(fail(format!("name already used by the rule on line {first}")));
+            return Err(fail(format!(
+                "name already used by the rule on line {first}"
+            )));
         }
         let groups = r
             .groups
             .iter()
             .map(|g| {
-                group_index
-                    .get(g)
-                    .copied()
-                    .ok_or_else(|| fail(format!("unknown group `{g}` (define it under [groups.{g}])")))
+                group_index.get(g).copied().ok_or_else(|| {
+                    fail(format!(
+                        "unknown group `{g}` (define it under [groups.{g}])"
+                    ))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let kinds = r
@@ -224,18 +228,31 @@ pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
             .as_ref()
             .map(|t| TimeWindow::parse(&t.days, &t.from, &t.to).map_err(&fail))
             .transpose()?;
-        let action = action(&r.action, r.approvals, r.reviewers.as_deref(), r.message.as_deref())
-            .map_err(&fail)?;
+        let action = action(
+            &r.action,
+            r.approvals,
+            r.reviewers.as_deref(),
+            r.message.as_deref(),
+        )
+        .map_err(&fail)?;
         rules.push(Rule {
             name: r.name.clone(),
             line,
             groups,
             kinds,
-            verbs: r.verbs.iter().map(|v| v.trim().to_ascii_uppercase()).collect(),
+            verbs: r
+                .verbs
+                .iter()
+                .map(|v| v.trim().to_ascii_uppercase())
+                .collect(),
             tags,
             tables,
             flags,
-            functions: r.functions.iter().map(|f| Glob::new(&f.to_lowercase())).collect(),
+            functions: r
+                .functions
+                .iter()
+                .map(|f| Glob::new(&f.to_lowercase()))
+                .collect(),
             unsafe_functions: r.unsafe_functions.unwrap_or(false),
             estimated_rows_above,
             time,
@@ -247,8 +264,13 @@ pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
         None => Action::Allow,
         Some(spanned) => {
             let d = spanned.get_ref();
-            action(&d.action, d.approvals, d.reviewers.as_deref(), d.message.as_deref())
-                .map_err(|e| invalid(spanned.span().start, format!("[default]: {e}")))?
+            action(
+                &d.action,
+                d.approvals,
+                d.reviewers.as_deref(),
+                d.message.as_deref(),
+            )
+            .map_err(|e| invalid(spanned.span().start, format!("[default]: {e}")))?
         }
     };
 
@@ -262,6 +284,19 @@ pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
             .iter()
             .map(|f| Glob::new(&f.to_lowercase()))
             .collect(),
+        search_path: match raw.search_path {
+            None => super::default_search_path(),
+            Some(path) => path
+                .iter()
+                .map(|s| {
+                    let s = s.trim();
+                    match s.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+                        Some(quoted) => quoted.to_owned(),
+                        None => s.to_lowercase(),
+                    }
+                })
+                .collect(),
+        },
     })
 }
 

@@ -83,7 +83,9 @@ pub enum Action {
         reviewer_groups: Vec<String>,
     },
     /// Refused; the client gets `message` as an SQL error.
-    Deny { message: String },
+    Deny {
+        message: String,
+    },
 }
 
 impl Action {
@@ -187,9 +189,7 @@ impl Group {
             }
         }
         let any = |globs: &[Glob], value: &Option<String>| {
-            value
-                .as_deref()
-                .map(|v| globs.iter().any(|g| g.matches(v)))
+            value.as_deref().map(|v| globs.iter().any(|g| g.matches(v)))
         };
         let tests = [
             field(&self.users, any(&self.users, &subject.user)),
@@ -200,7 +200,10 @@ impl Group {
                     .client_addr
                     .map(|a| self.client_addrs.iter().any(|c| c.contains(a))),
             ),
-            field(&self.applications, any(&self.applications, &subject.application)),
+            field(
+                &self.applications,
+                any(&self.applications, &subject.application),
+            ),
             match self.identity_unknown {
                 None => Membership::Yes,
                 Some(wanted) => {
@@ -321,6 +324,13 @@ pub struct Policy {
     rules: Vec<Rule>,
     default: Action,
     safe_functions: Vec<Glob>,
+    /// Schemas unqualified table names resolve to; `$user` is the subject's user.
+    search_path: Vec<String>,
+}
+
+/// PostgreSQL's default search_path.
+pub(crate) fn default_search_path() -> Vec<String> {
+    vec!["$user".to_owned(), "public".to_owned()]
 }
 
 static BUILTIN: LazyLock<Policy> = LazyLock::new(|| {
@@ -370,7 +380,12 @@ impl Policy {
         classification: &Classification,
         estimator: &dyn RowEstimator,
     ) -> Decision {
-        self.decide_at(subject, classification, estimator, OffsetDateTime::now_utc())
+        self.decide_at(
+            subject,
+            classification,
+            estimator,
+            OffsetDateTime::now_utc(),
+        )
     }
 
     /// Decides as if the clock read `now` (time-window rules).
@@ -383,6 +398,7 @@ impl Policy {
     ) -> Decision {
         let membership: Vec<Membership> =
             self.groups.iter().map(|g| g.membership(subject)).collect();
+        let search_path = self.resolved_search_path(subject);
         if classification.statements.is_empty() {
             return Decision {
                 action: Action::Allow,
@@ -395,12 +411,22 @@ impl Policy {
         let mut reasons = Vec::with_capacity(classification.statements.len());
         let mut reusable = true;
         for (i, statement) in classification.statements.iter().enumerate() {
-            let verdict = self.decide_statement(&membership, statement, estimator, now);
+            let verdict = self.decide_statement(
+                &membership,
+                search_path.as_deref(),
+                statement,
+                estimator,
+                now,
+            );
             reusable &= verdict.reusable;
             reasons.push(format!(
                 "statement {} ({}): {} → {} ({})",
                 i + 1,
-                if statement.verb.is_empty() { "?" } else { &statement.verb },
+                if statement.verb.is_empty() {
+                    "?"
+                } else {
+                    &statement.verb
+                },
                 verdict.source,
                 verdict.action.name(),
                 verdict.why
@@ -432,9 +458,25 @@ impl Policy {
         m == Membership::Yes || (m == Membership::Maybe && rule.action.restricts())
     }
 
+    /// The schemas an unqualified name may resolve to for `subject`; `None`
+    /// (any schema) when the path names `$user` and the user is unknown.
+    fn resolved_search_path(&self, subject: &Subject) -> Option<Vec<String>> {
+        self.search_path
+            .iter()
+            .map(|s| {
+                if s == "$user" {
+                    subject.user.clone()
+                } else {
+                    Some(s.clone())
+                }
+            })
+            .collect()
+    }
+
     fn decide_statement(
         &self,
         membership: &[Membership],
+        search_path: Option<&[String]>,
         statement: &StatementFacts,
         estimator: &dyn RowEstimator,
         now: OffsetDateTime,
@@ -444,7 +486,7 @@ impl Policy {
             if !self.rule_applies(rule, membership) {
                 continue;
             }
-            let Some(mut why) = self.static_match(rule, statement) else {
+            let Some(mut why) = self.static_match(rule, statement, search_path) else {
                 continue;
             };
             if let Some(window) = &rule.time {
@@ -488,7 +530,12 @@ impl Policy {
 
     /// The conditions that need neither the clock nor the database; `Some`
     /// with the reasons when all of them hold.
-    fn static_match(&self, rule: &Rule, s: &StatementFacts) -> Option<Vec<String>> {
+    fn static_match(
+        &self,
+        rule: &Rule,
+        s: &StatementFacts,
+        search_path: Option<&[String]>,
+    ) -> Option<Vec<String>> {
         let mut why = Vec::new();
         if !rule.kinds.is_empty() {
             if !rule.kinds.contains(&s.kind) {
@@ -518,7 +565,7 @@ impl Policy {
             let hit = rule.tags.iter().find_map(|t| {
                 let (name, patterns) = self.tags.get(*t)?;
                 s.tables()
-                    .find(|table| patterns.iter().any(|p| p.matches(table)))
+                    .find(|table| patterns.iter().any(|p| p.matches(table, search_path)))
                     .map(|table| format!("touches {table} (tag {name})"))
             })?;
             why.push(hit);
@@ -526,7 +573,7 @@ impl Policy {
         if !rule.tables.is_empty() {
             let table = s
                 .tables()
-                .find(|table| rule.tables.iter().any(|p| p.matches(table)))?;
+                .find(|table| rule.tables.iter().any(|p| p.matches(table, search_path)))?;
             why.push(format!("touches {table}"));
         }
         if !rule.functions.is_empty() {
@@ -582,7 +629,11 @@ fn strictest(a: Action, a_rule: String, b: Action, b_rule: String) -> (Action, S
 /// when no statement of theirs could ever be held or denied. Unknown identity
 /// fields count against the subject.
 pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
-    let membership: Vec<Membership> = policy.groups.iter().map(|g| g.membership(subject)).collect();
+    let membership: Vec<Membership> = policy
+        .groups
+        .iter()
+        .map(|g| g.membership(subject))
+        .collect();
     let mut earlier_rule_applies = false;
     for rule in &policy.rules {
         let m = if rule.groups.is_empty() {

@@ -91,11 +91,15 @@ impl Cidr {
         };
         match (self.network, addr) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -137,15 +141,23 @@ impl TablePattern {
         &self.text
     }
 
-    /// Does `table` match? A name written without a schema may resolve to any
-    /// schema on the session's search_path (which the session can change), so it
-    /// matches on its table part alone: `hr.*` matches every unqualified name.
-    pub fn matches(&self, table: &TableName) -> bool {
+    /// Does `table` match, when an unqualified name may resolve to any of
+    /// `search_path` (`None`: to any schema at all)?
+    ///
+    /// A pattern naming a table (`hr.salaries`, `hr.salar*`) matches an
+    /// unqualified name on the table part alone, whatever the search path: the
+    /// session may have changed its search_path. A schema-wide pattern (`hr.*`)
+    /// matches an unqualified name only when its schema is on the search path.
+    pub fn matches(&self, table: &TableName, search_path: Option<&[String]>) -> bool {
         if !self.relation.matches(table.relation()) {
             return false;
         }
         match (&self.schema, table.schema()) {
             (Some(pattern), Some(schema)) => pattern.matches(schema),
+            (Some(pattern), None) if self.relation.is_any() => match search_path {
+                Some(schemas) => schemas.iter().any(|s| pattern.matches(s)),
+                None => true,
+            },
             _ => true,
         }
     }
@@ -212,7 +224,9 @@ mod tests {
         assert!(block.contains("10.1.200.3".parse().unwrap()));
         assert!(!block.contains("10.2.0.1".parse().unwrap()));
         assert!(block.contains("::ffff:10.1.0.9".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
         assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("nonsense").is_err());
@@ -220,16 +234,21 @@ mod tests {
 
     #[test]
     fn table_patterns_match_qualified_and_unqualified_names() {
+        let path = ["public".to_owned()];
+        let public = Some(&path[..]);
         let salaries = TablePattern::parse("public.salaries").unwrap();
-        assert!(salaries.matches(&table(&["public", "salaries"])));
-        assert!(salaries.matches(&table(&["salaries"])));
-        assert!(!salaries.matches(&table(&["hr", "salaries"])));
-        assert!(!salaries.matches(&table(&["public", "orders"])));
+        assert!(salaries.matches(&table(&["public", "salaries"]), public));
+        assert!(salaries.matches(&table(&["salaries"]), public));
+        assert!(!salaries.matches(&table(&["hr", "salaries"]), public));
+        assert!(!salaries.matches(&table(&["public", "orders"]), public));
         let hr = TablePattern::parse("HR.*").unwrap();
-        assert!(hr.matches(&table(&["hr", "anything"])));
-        assert!(!hr.matches(&table(&["public", "anything"])));
+        assert!(hr.matches(&table(&["hr", "anything"]), public));
+        assert!(!hr.matches(&table(&["public", "anything"]), public));
+        assert!(!hr.matches(&table(&["anything"]), public));
+        assert!(hr.matches(&table(&["anything"]), Some(&["hr".to_owned()])));
+        assert!(hr.matches(&table(&["anything"]), None));
         let quoted = TablePattern::parse("\"HR\".\"Pay\"").unwrap();
-        assert!(quoted.matches(&table(&["HR", "Pay"])));
-        assert!(!quoted.matches(&table(&["hr", "pay"])));
+        assert!(quoted.matches(&table(&["HR", "Pay"]), public));
+        assert!(!quoted.matches(&table(&["hr", "pay"]), public));
     }
 }

@@ -30,7 +30,12 @@ fn hold_rules_of_the_shipped_policy_name_the_reviewers_group() {
             reviewer_groups, ..
         } = &rule.action
         {
-            assert_eq!(reviewer_groups, &vec!["reviewers".to_owned()], "{}", rule.name);
+            assert_eq!(
+                reviewer_groups,
+                &vec!["reviewers".to_owned()],
+                "{}",
+                rule.name
+            );
         }
     }
 }
@@ -105,8 +110,14 @@ fn unknown_identity_fields_count_against_the_client() {
     let d = decide(&p, &unknown, "INSERT INTO t VALUES (1)");
     assert_eq!(d.rule, "interns-denied");
     let d = decide(&p, &unknown, "SELECT 1");
-    assert_eq!(d.rule, "default", "an allow rule must not apply to an unknown user");
-    assert_eq!(decide(&p, &subject("admin"), "SELECT 1").rule, "trusted-free");
+    assert_eq!(
+        d.rule, "default",
+        "an allow rule must not apply to an unknown user"
+    );
+    assert_eq!(
+        decide(&p, &subject("admin"), "SELECT 1").rule,
+        "trusted-free"
+    );
 }
 
 #[test]
@@ -117,7 +128,11 @@ fn missing_estimate_counts_as_exceeded_and_says_why() {
     .unwrap();
     let d = decide(&p, &subject("m"), "DELETE FROM t WHERE id < 5");
     assert_eq!(d.rule, "big");
-    assert!(d.reasons[0].contains("row estimate unavailable"), "{:?}", d.reasons);
+    assert!(
+        d.reasons[0].contains("row estimate unavailable"),
+        "{:?}",
+        d.reasons
+    );
     assert!(!d.reusable);
     let small = |_: &StatementFacts| Ok(5);
     let c = classify("DELETE FROM t WHERE id < 5", Dialect::Postgresql);
@@ -141,9 +156,18 @@ fn time_windows_use_utc_days_and_hours() {
     let monday_night = time::macros::datetime!(2024-01-01 22:00 UTC);
     let saturday_noon = time::macros::datetime!(2024-01-06 12:00 UTC);
     let who = subject("a");
-    assert_eq!(p.decide_at(&who, &c, &NoEstimator, monday_noon).rule, "office-hours-ddl");
-    assert_eq!(p.decide_at(&who, &c, &NoEstimator, monday_night).rule, "default");
-    assert_eq!(p.decide_at(&who, &c, &NoEstimator, saturday_noon).rule, "default");
+    assert_eq!(
+        p.decide_at(&who, &c, &NoEstimator, monday_noon).rule,
+        "office-hours-ddl"
+    );
+    assert_eq!(
+        p.decide_at(&who, &c, &NoEstimator, monday_night).rule,
+        "default"
+    );
+    assert_eq!(
+        p.decide_at(&who, &c, &NoEstimator, saturday_noon).rule,
+        "default"
+    );
 }
 
 #[test]
@@ -153,16 +177,28 @@ fn safe_functions_extend_the_known_safe_list() {
          [[rules]]\nname = \"fn\"\nunsafe_functions = true\naction = \"hold\"\n",
     )
     .unwrap();
-    assert_eq!(decide(&p, &subject("a"), "SELECT myapp.fmt(a) FROM t").rule, "default");
-    assert_eq!(decide(&p, &subject("a"), "SELECT other.fmt(a) FROM t").rule, "fn");
+    assert_eq!(
+        decide(&p, &subject("a"), "SELECT myapp.fmt(a) FROM t").rule,
+        "default"
+    );
+    assert_eq!(
+        decide(&p, &subject("a"), "SELECT other.fmt(a) FROM t").rule,
+        "fn"
+    );
 }
 
 #[test]
 fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
     let free = Policy::from_toml("[default]\naction = \"allow\"\n").unwrap();
     assert_eq!(needs_gate(&free, &subject("a")), GateMode::Monitor);
-    assert_eq!(needs_gate(&Policy::builtin_default(), &subject("a")), GateMode::GateRisky);
-    assert_eq!(needs_gate(&Policy::builtin_default(), &Subject::default()), GateMode::GateRisky);
+    assert_eq!(
+        needs_gate(&Policy::builtin_default(), &subject("a")),
+        GateMode::GateRisky
+    );
+    assert_eq!(
+        needs_gate(&Policy::builtin_default(), &Subject::default()),
+        GateMode::GateRisky
+    );
 
     let p = Policy::from_toml(
         "[groups.bots]\napplications = [\"bot\"]\n\
@@ -210,7 +246,11 @@ fn decision_cache_never_changes_a_decision() {
                 let (c, cached) = cache.decide(&policy, s, sql, Dialect::Postgresql, &NoEstimator);
                 let fresh = decide(&policy, s, sql);
                 assert_eq!(cached, fresh, "round {round}: {sql}");
-                assert_eq!(c.statements, classify(sql, Dialect::Postgresql).statements, "{sql}");
+                assert_eq!(
+                    c.statements,
+                    classify(sql, Dialect::Postgresql).statements,
+                    "{sql}"
+                );
             }
         }
     }
@@ -226,13 +266,19 @@ fn reload_keeps_the_old_policy_when_the_new_one_is_invalid() {
     handle.reload_from(&path).unwrap();
     assert_eq!(handle.generation(), 1);
     let who = subject("a");
-    assert_eq!(decide(&handle.current(), &who, "SELECT 1").action.name(), "deny");
+    assert_eq!(
+        decide(&handle.current(), &who, "SELECT 1").action.name(),
+        "deny"
+    );
 
     std::fs::write(&path, "[default]\naction = \"sometimes\"\n").unwrap();
     let err = handle.reload_from(&path).unwrap_err();
     assert_eq!(err.line(), Some(1), "{err}");
     assert_eq!(handle.generation(), 1);
-    assert_eq!(decide(&handle.current(), &who, "SELECT 1").action.name(), "deny");
+    assert_eq!(
+        decide(&handle.current(), &who, "SELECT 1").action.name(),
+        "deny"
+    );
 }
 
 #[test]
@@ -241,8 +287,12 @@ fn watcher_reloads_a_changed_file_and_ignores_a_broken_one() {
     let path = dir.path().join("policy.toml");
     std::fs::write(&path, "[default]\naction = \"allow\"\n").unwrap();
     let handle = PolicyHandle::new(Policy::from_file(&path).unwrap());
-    let _watcher =
-        watch_file(handle.clone(), path.clone(), std::time::Duration::from_millis(20)).unwrap();
+    let _watcher = watch_file(
+        handle.clone(),
+        path.clone(),
+        std::time::Duration::from_millis(20),
+    )
+    .unwrap();
     let wait_for_generation = |n: u64| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while handle.generation() < n && std::time::Instant::now() < deadline {
@@ -252,12 +302,22 @@ fn watcher_reloads_a_changed_file_and_ignores_a_broken_one() {
     };
     std::fs::write(&path, "[default]\naction = \"deny\"\n# changed\n").unwrap();
     assert_eq!(wait_for_generation(1), 1);
-    assert_eq!(decide(&handle.current(), &subject("a"), "SELECT 1").action.name(), "deny");
+    assert_eq!(
+        decide(&handle.current(), &subject("a"), "SELECT 1")
+            .action
+            .name(),
+        "deny"
+    );
 
     std::fs::write(&path, "[default]\naction = \"allow\"\nbroken = \n").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(handle.generation(), 1);
-    assert_eq!(decide(&handle.current(), &subject("a"), "SELECT 1").action.name(), "deny");
+    assert_eq!(
+        decide(&handle.current(), &subject("a"), "SELECT 1")
+            .action
+            .name(),
+        "deny"
+    );
 
     std::fs::write(&path, "[default]\naction = \"allow\"\n").unwrap();
     assert_eq!(wait_for_generation(2), 2);
