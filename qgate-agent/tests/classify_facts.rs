@@ -157,6 +157,11 @@ fn every_statement_of_a_multi_statement_string_counts() {
         case("BEGIN; DELETE FROM t WHERE id = 1; COMMIT", "allow"),
         case("BEGIN; DELETE FROM t; COMMIT", "hold"),
         case("SELECT 1; SELEC 2", "hold"),
+        case("SELECT 1 --c\r; DROP TABLE t", "hold"),
+        case("SELECT 1\u{0c}; DROP TABLE t", "hold"),
+        case("COPY t FROM STDIN; DROP TABLE x", "hold"),
+        // The server reads text after COPY … FROM STDIN as SQL; sqlparser as data.
+        case("COPY t FROM STDIN;\nDROP TABLE x;\n", "hold").kind(Kind::Unknown),
     ]);
 }
 
@@ -379,6 +384,11 @@ fn safety_switches_and_heavy_locks_are_held() {
         case("set Session_Replication_Role = replica", "hold"),
         case("SET \"session_replication_role\" = replica", "hold"),
         case("SET row_security = off", "hold"),
+        // Would let the server read as SQL what the agent read as a literal.
+        case("SET standard_conforming_strings = off", "hold"),
+        case("SET NAMES 'SJIS'", "hold"),
+        case("SET client_encoding = 'BIG5'", "hold"),
+        case("SET client_encoding = 'UTF8'", "allow"),
         case("ALTER SYSTEM SET fsync = off", "hold").flags(&[Flag::AlterSystem]),
         case(
             "SELECT set_config('session_replication_role', 'replica', false)",
@@ -525,4 +535,30 @@ fn mysql_dialect_is_a_parameter() {
         "allow",
         "MySQL `--1` is minus minus one, not a comment: {c:?}"
     );
+}
+
+#[test]
+fn very_long_operator_chains_classify_without_exhausting_the_stack() {
+    for n in [900, 5_000, 60_000] {
+        let mut sql = String::from("DELETE FROM t WHERE id = 1");
+        for _ in 0..n {
+            sql.push_str(" OR 1 = 1");
+        }
+        let c = facts(&sql);
+        assert_eq!(c.statements.len(), 1);
+        assert!(
+            c.statements[0].kind == Kind::Unknown || c.statements[0].has(Flag::AllRows),
+            "{n}"
+        );
+        let mut sql = String::from("SELECT 1");
+        for _ in 0..n {
+            sql.push_str(" + 1");
+        }
+        let _ = facts(&sql);
+    }
+    // Just under the size that moves classification to a large-stack thread.
+    let sql = format!("DELETE FROM t WHERE a=1{}", "OR(1=1)".repeat(530));
+    assert!(facts(&sql).statements[0].has(Flag::AllRows));
+    let sql = format!("SELECT 1{}", "+1".repeat(1990));
+    assert_eq!(facts(&sql).statements[0].kind, Kind::Read);
 }

@@ -456,6 +456,10 @@ const SAFETY_SETTINGS: &[&str] = &[
     "log_duration",
     "log_connections",
     "log_disconnections",
+    // Change how the server reads string literals: text the agent read as a
+    // literal could become SQL (or the reverse).
+    "standard_conforming_strings",
+    "backslash_quote",
     // MySQL
     "foreign_key_checks",
     "unique_checks",
@@ -465,6 +469,7 @@ const SAFETY_SETTINGS: &[&str] = &[
     "general_log",
     "read_only",
     "super_read_only",
+    "sql_mode",
 ];
 
 static SAFE_SET: LazyLock<HashSet<&'static str>> =

@@ -178,7 +178,7 @@ pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, b
             let mut collector = Collector::new(head.kind);
             let _ = statement.visit(&mut collector);
             let mut flags = head.flags.union(collector.flags);
-            let depends_on_literals = collector.depends_on_literals;
+            let depends_on_literals = collector.depends_on_literals || head.depends_on_literals;
             let functions = dedup(std::mem::take(&mut collector.functions));
             let kind = match head.kind {
                 // A read that writes (writable CTE, DECLARE … FOR DELETE) is a write.
@@ -203,7 +203,11 @@ pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, b
                 functions,
                 settings: head.settings,
                 flags,
-                error: (kind == Kind::Unknown).then(|| "statement type not classified".into()),
+                error: (kind == Kind::Unknown).then(|| {
+                    head.unknown_because
+                        .unwrap_or("statement type not classified")
+                        .to_owned()
+                }),
             };
             (facts, depends_on_literals)
         }
@@ -234,12 +238,18 @@ struct Head {
     verb: Cow<'static, str>,
     flags: Flags,
     settings: Vec<String>,
+    /// A fact came from a literal's value (e.g. the encoding in `SET NAMES 'x'`).
+    depends_on_literals: bool,
+    /// Why a statement that parsed is still `unknown`.
+    unknown_because: Option<&'static str>,
 }
 
 fn head(statement: &Statement) -> Head {
     use Kind::*;
     let mut flags = Flags::default();
     let mut settings = Vec::new();
+    let mut depends_on_literals = false;
+    let mut unknown_because = None;
     let (kind, verb): (Kind, Cow<'static, str>) = match statement {
         Statement::Query(query) => (Read, query_verb(&query.body).into()),
         Statement::Insert(insert) => (
@@ -259,13 +269,24 @@ fn head(statement: &Statement) -> Head {
             flags.insert(Flag::HeavyLock);
             (Write, "TRUNCATE".into())
         }
-        Statement::Copy { target, .. } => {
+        Statement::Copy {
+            target, payload, ..
+        } => {
             match target {
                 CopyTarget::Program { .. } => flags.insert(Flag::CopyProgram),
                 CopyTarget::File { .. } => flags.insert(Flag::CopyServerFile),
                 CopyTarget::Stdin | CopyTarget::Stdout => {}
             }
-            (Copy, "COPY".into())
+            if payload.is_some() {
+                // Text after `COPY … FROM STDIN` in the same string is more SQL
+                // to the server (its data comes in CopyData messages), but the
+                // parser read it as data: whatever it is went unseen.
+                unknown_because =
+                    Some("text after COPY … FROM STDIN is SQL to the server, data to the parser");
+                (Unknown, "COPY".into())
+            } else {
+                (Copy, "COPY".into())
+            }
         }
         Statement::LoadData { .. } => {
             flags.insert(Flag::ServerAccess);
@@ -406,7 +427,7 @@ fn head(statement: &Statement) -> Head {
         Statement::Savepoint { .. } => (Transaction, "SAVEPOINT".into()),
         Statement::ReleaseSavepoint { .. } => (Transaction, "RELEASE SAVEPOINT".into()),
 
-        Statement::Set(set) => set_head(set, &mut flags, &mut settings),
+        Statement::Set(set) => set_head(set, &mut flags, &mut settings, &mut depends_on_literals),
         Statement::Reset(_) => (Session, "RESET".into()),
         Statement::Discard { .. } => (Session, "DISCARD".into()),
         Statement::Use(_) => {
@@ -494,6 +515,8 @@ fn head(statement: &Statement) -> Head {
         verb,
         flags,
         settings,
+        depends_on_literals,
+        unknown_because,
     }
 }
 
@@ -506,7 +529,57 @@ fn first_words(statement: &Statement) -> String {
         .to_ascii_uppercase()
 }
 
-fn set_head(set: &Set, flags: &mut Flags, settings: &mut Vec<String>) -> (Kind, Cow<'static, str>) {
+/// True for a client encoding in which every byte below 0x80 is ASCII, so the
+/// agent (reading UTF-8) and the server tokenize the same characters. In
+/// SJIS, BIG5, GBK and the like a multi-byte character can end in `\` or `'`.
+fn ascii_safe_encoding(name: &str) -> bool {
+    let name = name.trim().to_ascii_lowercase().replace(['-', '_'], "");
+    name.starts_with("utf8") || name == "unicode" || name == "sqlascii" || name == "ascii"
+}
+
+/// The text of a setting's value when written as a single name or string.
+fn setting_text(value: &Expr) -> Option<(&str, bool)> {
+    match value {
+        Expr::Identifier(ident) => Some((&ident.value, ident.quote_style == Some('\''))),
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => Some((s, true)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn set_head(
+    set: &Set,
+    flags: &mut Flags,
+    settings: &mut Vec<String>,
+    depends_on_literals: &mut bool,
+) -> (Kind, Cow<'static, str>) {
+    let mut encoding = |value: Option<(&str, bool)>| match value {
+        Some((text, from_literal)) => {
+            *depends_on_literals |= from_literal;
+            if !ascii_safe_encoding(text) {
+                flags.insert(Flag::DisablesSafety);
+            }
+        }
+        None => flags.insert(Flag::DisablesSafety),
+    };
+    if let Set::SetNames { charset_name, .. } = set {
+        encoding(Some((
+            &charset_name.value,
+            charset_name.quote_style == Some('\''),
+        )));
+        return (Kind::Session, "SET".into());
+    }
+    if let Set::SingleAssignment {
+        variable, values, ..
+    } = set
+    {
+        let name = function_name(variable);
+        if name == "client_encoding" || name == "names" || name == "character_set_client" {
+            encoding(values.first().and_then(setting_text));
+        }
+    }
     let mut assign = |name: &ObjectName| {
         let name = function_name(name);
         if is_safety_setting(&name) {

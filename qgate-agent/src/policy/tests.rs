@@ -238,6 +238,12 @@ fn decision_cache_never_changes_a_decision() {
         "SELECT 2; DROP TABLE x",
         "SELECT 'x' 'y",
         "SELECT 'x' 'z",
+        "SET NAMES 'UTF8'",
+        "SET NAMES 'SJIS'",
+        "SET client_encoding = 'UTF8'",
+        "SET client_encoding = 'GBK'",
+        "EXPLAIN (ANALYZE 0) DELETE FROM t WHERE id = 1",
+        "EXPLAIN (ANALYZE 1) DELETE FROM t WHERE id = 1",
     ];
     let who = [subject("a"), subject("b"), Subject::default()];
     for round in 0..2 {
