@@ -13,9 +13,11 @@
 pub mod agent;
 pub mod api;
 pub mod capture;
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod gate;
 pub mod pipeline;
+pub mod policy;
 pub mod store;
 pub mod wire;

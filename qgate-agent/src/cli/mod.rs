@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod policy;
 pub mod requests;
 pub mod reviewers;
 mod run;
@@ -27,6 +28,9 @@ enum Command {
     Run(run::RunArgs),
     /// Decode and store a pcap/pcapng capture instead of live traffic.
     Replay(run::ReplayArgs),
+    /// Check statements against a policy; validate policy files.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Export and verify the audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -42,6 +46,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Replay(args) => run::replay(args),
+        Command::Policy(cmd) => policy::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Requests(cmd) => requests::run(cmd),
         Command::Reviewers(cmd) => reviewers::run(cmd),

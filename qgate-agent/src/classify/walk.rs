@@ -1,0 +1,1050 @@
+//! The tree walk: sqlparser statements → [`StatementFacts`].
+//!
+//! The top-level statement variant gives the kind and verb; a full visit of the
+//! tree then finds everything nested (writes in CTEs and cursors, subqueries,
+//! function calls anywhere). A variant not named here is [`Kind::Unknown`].
+use std::{borrow::Cow, ops::ControlFlow};
+
+use sqlparser::{
+    ast::{
+        CopySource, CopyTarget, Delete, Expr, FromTable, MergeClauseKind, ObjectName,
+        ObjectNamePart, ObjectType, Query, Select, Set, SetExpr, Statement, TableFactor,
+        TableObject, TableWithJoins, Update, UtilityOption, Value, Visit, Visitor,
+    },
+    parser::Parser,
+    tokenizer::TokenWithSpan,
+};
+
+use super::{
+    facts::{Flag, Flags, Kind, StatementFacts, TableName},
+    functions::is_safety_setting,
+    split::{segments, LineIndex, Segment},
+    truth::Condition,
+    Dialect,
+};
+
+/// Deeper nesting than this is refused by the parser (it recurses per level).
+const PARSER_RECURSION_LIMIT: usize = 200;
+
+/// Classifies every statement of `sql` (already tokenized). Also returns whether
+/// any fact depended on a literal's value.
+pub(crate) fn classify_statements(
+    sql: &str,
+    tokens: Vec<TokenWithSpan>,
+    dialect: Dialect,
+) -> (Vec<StatementFacts>, bool) {
+    let index = LineIndex::new(sql);
+    let pieces = segments(&tokens);
+    let texts: Vec<Option<String>> = pieces
+        .iter()
+        .map(|s| piece_text(s, &index).map(str::to_owned))
+        .collect();
+    drop(pieces);
+
+    let parsed = Parser::new(dialect.parser_dialect())
+        .with_recursion_limit(PARSER_RECURSION_LIMIT)
+        .with_tokens_with_locations(tokens)
+        .parse_statements();
+    match parsed {
+        Ok(statements) => {
+            let texts_fit = texts.len() == statements.len() && texts.iter().all(Option::is_some);
+            let mut depends = false;
+            let facts = statements
+                .iter()
+                .enumerate()
+                .map(|(i, statement)| {
+                    let text = match texts.get(i) {
+                        Some(Some(text)) if texts_fit => text.clone(),
+                        _ => statement.to_string(),
+                    };
+                    let (facts, d) = facts_of(statement, text);
+                    depends |= d;
+                    facts
+                })
+                .collect();
+            (facts, depends)
+        }
+        Err(_) => classify_pieces(sql, &index, dialect),
+    }
+}
+
+/// The string as a whole does not parse: classify each semicolon-separated piece
+/// on its own so the reviewer sees which one failed. The server rejects the
+/// whole string in this case, but the failing piece keeps it `unknown` anyway.
+fn classify_pieces(
+    sql: &str,
+    index: &LineIndex<'_>,
+    dialect: Dialect,
+) -> (Vec<StatementFacts>, bool) {
+    let tokens = match super::tokenize(sql, dialect) {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            let c = super::untokenizable(sql, dialect, error);
+            return (c.statements, false);
+        }
+    };
+    let mut depends = false;
+    let mut out = Vec::new();
+    for piece in segments(&tokens) {
+        let text = piece_text(&piece, index).unwrap_or(sql).to_owned();
+        let parsed = Parser::new(dialect.parser_dialect())
+            .with_recursion_limit(PARSER_RECURSION_LIMIT)
+            .with_tokens_with_locations(piece.tokens.to_vec())
+            .parse_statements();
+        match parsed {
+            Ok(statements) if statements.len() == 1 => {
+                let (facts, d) = facts_of(&statements[0], text);
+                depends |= d;
+                out.push(facts);
+            }
+            Ok(statements) if statements.is_empty() => {}
+            Ok(_) => out.push(StatementFacts::unknown(
+                text,
+                piece.leading_words(),
+                "splits into several statements".into(),
+            )),
+            Err(error) => out.push(unparsed(text, &piece, error.to_string())),
+        }
+    }
+    if out.is_empty() {
+        out.push(StatementFacts::unknown(
+            sql.to_owned(),
+            String::new(),
+            "does not parse".into(),
+        ));
+    }
+    (out, depends)
+}
+
+fn piece_text<'s>(piece: &Segment<'_>, index: &LineIndex<'s>) -> Option<&'s str> {
+    piece.byte_range(index).and_then(|r| index.slice(r))
+}
+
+/// An unparsed statement stays `unknown`; its leading keywords still name what
+/// it claims to be, and the flags say what such a statement would do.
+fn unparsed(text: String, piece: &Segment<'_>, error: String) -> StatementFacts {
+    let verb = piece.leading_words();
+    let mut facts = StatementFacts::unknown(text, verb, error);
+    let first = facts.verb.split(' ').next().unwrap_or("");
+    match first {
+        "DO" => facts.flags.insert(Flag::DoBlock),
+        "CLUSTER" | "REINDEX" | "VACUUM" => facts.flags.insert(Flag::HeavyLock),
+        _ => {}
+    }
+    if facts.verb == "ALTER SYSTEM" {
+        facts.flags.insert(Flag::AlterSystem);
+    }
+    facts
+}
+
+/// The facts of one parsed statement, and whether they depended on a literal's value.
+pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, bool) {
+    match statement {
+        Statement::Prepare {
+            statement: inner, ..
+        } => {
+            let (mut facts, depends) = facts_of(inner, sql);
+            facts.flags.insert(Flag::Prepared);
+            (facts, depends)
+        }
+        Statement::Explain {
+            analyze,
+            options,
+            statement: inner,
+            ..
+        } => {
+            let (mut facts, depends) = facts_of(inner, sql);
+            if *analyze || options.as_deref().is_some_and(has_analyze_option) {
+                facts.flags.insert(Flag::ExplainAnalyze);
+            } else {
+                // Planned, not run: what it would touch is only read.
+                let written = std::mem::take(&mut facts.tables_written);
+                facts.tables_read.extend(written);
+                facts.tables_read.sort();
+                facts.tables_read.dedup();
+                facts.kind = if facts.kind == Kind::Unknown {
+                    Kind::Unknown
+                } else {
+                    Kind::Explain
+                };
+                facts.verb = "EXPLAIN".into();
+                facts.flags = Flags::default();
+                facts.settings.clear();
+            }
+            (facts, depends)
+        }
+        _ => {
+            let head = head(statement);
+            let mut collector = Collector::new(head.kind);
+            let _ = statement.visit(&mut collector);
+            let mut flags = head.flags.union(collector.flags);
+            let depends_on_literals = collector.depends_on_literals || head.depends_on_literals;
+            let functions = dedup(std::mem::take(&mut collector.functions));
+            let kind = match head.kind {
+                // A read that writes (writable CTE, DECLARE … FOR DELETE) is a write.
+                Kind::Read | Kind::Utility | Kind::Explain | Kind::Session
+                    if collector.writes_seen =>
+                {
+                    Kind::Write
+                }
+                Kind::Read | Kind::Write if flags.contains(Flag::SelectInto) => Kind::Ddl,
+                other => other,
+            };
+            if matches!(statement, Statement::Call(_)) {
+                flags.insert(Flag::Call);
+            }
+            let (tables_read, tables_written) = collector.tables();
+            let facts = StatementFacts {
+                sql,
+                kind,
+                verb: head.verb.into_owned(),
+                tables_read,
+                tables_written,
+                functions,
+                settings: head.settings,
+                flags,
+                error: (kind == Kind::Unknown).then(|| {
+                    head.unknown_because
+                        .unwrap_or("statement type not classified")
+                        .to_owned()
+                }),
+            };
+            (facts, depends_on_literals)
+        }
+    }
+}
+
+/// `EXPLAIN (ANALYZE …)`: any ANALYZE option counts unless it is literally false/off.
+fn has_analyze_option(options: &[UtilityOption]) -> bool {
+    options.iter().any(|o| {
+        o.name.value.eq_ignore_ascii_case("analyze")
+            && !matches!(
+                &o.arg,
+                Some(Expr::Value(v)) if matches!(v.value, Value::Boolean(false))
+            )
+            && !matches!(&o.arg, Some(Expr::Identifier(i)) if i.value.eq_ignore_ascii_case("off"))
+    })
+}
+
+fn dedup<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// What the top-level variant says about the statement.
+struct Head {
+    kind: Kind,
+    verb: Cow<'static, str>,
+    flags: Flags,
+    settings: Vec<String>,
+    /// A fact came from a literal's value (e.g. the encoding in `SET NAMES 'x'`).
+    depends_on_literals: bool,
+    /// Why a statement that parsed is still `unknown`.
+    unknown_because: Option<&'static str>,
+}
+
+fn head(statement: &Statement) -> Head {
+    use Kind::*;
+    let mut flags = Flags::default();
+    let mut settings = Vec::new();
+    let mut depends_on_literals = false;
+    let mut unknown_because = None;
+    let (kind, verb): (Kind, Cow<'static, str>) = match statement {
+        Statement::Query(query) => (Read, query_verb(&query.body).into()),
+        Statement::Insert(insert) => (
+            Write,
+            if insert.replace_into {
+                "REPLACE"
+            } else {
+                "INSERT"
+            }
+            .into(),
+        ),
+        Statement::Update(_) => (Write, "UPDATE".into()),
+        Statement::Delete(_) => (Write, "DELETE".into()),
+        Statement::Merge(_) => (Write, "MERGE".into()),
+        Statement::Truncate(_) => {
+            flags.insert(Flag::AllRows);
+            flags.insert(Flag::HeavyLock);
+            (Write, "TRUNCATE".into())
+        }
+        Statement::Copy {
+            target, payload, ..
+        } => {
+            match target {
+                CopyTarget::Program { .. } => flags.insert(Flag::CopyProgram),
+                CopyTarget::File { .. } => flags.insert(Flag::CopyServerFile),
+                CopyTarget::Stdin | CopyTarget::Stdout => {}
+            }
+            if payload.is_some() {
+                // Text after `COPY … FROM STDIN` in the same string is more SQL
+                // to the server (its data comes in CopyData messages), but the
+                // parser read it as data: whatever it is went unseen.
+                unknown_because =
+                    Some("text after COPY … FROM STDIN is SQL to the server, data to the parser");
+                (Unknown, "COPY".into())
+            } else {
+                (Copy, "COPY".into())
+            }
+        }
+        Statement::LoadData { .. } => {
+            flags.insert(Flag::ServerAccess);
+            (Copy, "LOAD DATA".into())
+        }
+
+        Statement::CreateTable(create) => {
+            if create.query.is_some() {
+                flags.insert(Flag::SelectInto);
+            }
+            (Ddl, "CREATE TABLE".into())
+        }
+        Statement::CreateView(view) => (
+            Ddl,
+            if view.materialized {
+                "CREATE MATERIALIZED VIEW"
+            } else {
+                "CREATE VIEW"
+            }
+            .into(),
+        ),
+        Statement::CreateIndex(_) => (Ddl, "CREATE INDEX".into()),
+        Statement::CreateSchema { .. } => (Ddl, "CREATE SCHEMA".into()),
+        Statement::CreateDatabase { .. } => (Ddl, "CREATE DATABASE".into()),
+        Statement::CreateFunction(_) => (Ddl, "CREATE FUNCTION".into()),
+        Statement::CreateProcedure { .. } => (Ddl, "CREATE PROCEDURE".into()),
+        Statement::CreateTrigger(_) => (Ddl, "CREATE TRIGGER".into()),
+        Statement::CreateSequence { .. } => (Ddl, "CREATE SEQUENCE".into()),
+        Statement::CreateDomain(_) => (Ddl, "CREATE DOMAIN".into()),
+        Statement::CreateType { .. } => (Ddl, "CREATE TYPE".into()),
+        Statement::CreateExtension(_) => (Ddl, "CREATE EXTENSION".into()),
+        Statement::CreateCollation(_) => (Ddl, "CREATE COLLATION".into()),
+        Statement::CreatePolicy(_) => (Ddl, "CREATE POLICY".into()),
+        Statement::CreateRule(_) => (Ddl, "CREATE RULE".into()),
+        Statement::CreateServer(_) => (Ddl, "CREATE SERVER".into()),
+        Statement::CreateForeignTable(_) => (Ddl, "CREATE FOREIGN TABLE".into()),
+        Statement::CreateForeignDataWrapper(_) => (Ddl, "CREATE FOREIGN DATA WRAPPER".into()),
+        Statement::CreateUserMapping(_) => (Ddl, "CREATE USER MAPPING".into()),
+        Statement::CreateOperator(_)
+        | Statement::CreateOperatorFamily(_)
+        | Statement::CreateOperatorClass(_) => (Ddl, "CREATE OPERATOR".into()),
+        Statement::CreateTextSearch(_) => (Ddl, "CREATE TEXT SEARCH".into()),
+        Statement::CreateAggregate(_) => (Ddl, "CREATE AGGREGATE".into()),
+        Statement::CreateVirtualTable { .. }
+        | Statement::CreateSecret { .. }
+        | Statement::CreateConnector(_)
+        | Statement::CreateMacro { .. }
+        | Statement::CreateStage { .. }
+        | Statement::CreateFileFormat { .. }
+        | Statement::CreateWarehouse(_) => (Ddl, "CREATE".into()),
+        Statement::AlterTable(_) => (Ddl, "ALTER TABLE".into()),
+        Statement::AlterSchema(_) => (Ddl, "ALTER SCHEMA".into()),
+        Statement::AlterIndex { .. } => (Ddl, "ALTER INDEX".into()),
+        Statement::AlterView(_) => (Ddl, "ALTER VIEW".into()),
+        Statement::AlterFunction(_) => (Ddl, "ALTER FUNCTION".into()),
+        Statement::AlterType(_) => (Ddl, "ALTER TYPE".into()),
+        Statement::AlterCollation(_) => (Ddl, "ALTER COLLATION".into()),
+        Statement::AlterOperator(_)
+        | Statement::AlterOperatorFamily(_)
+        | Statement::AlterOperatorClass(_) => (Ddl, "ALTER OPERATOR".into()),
+        Statement::AlterTextSearch(_) => (Ddl, "ALTER TEXT SEARCH".into()),
+        Statement::AlterPolicy(_) => (Ddl, "ALTER POLICY".into()),
+        Statement::AlterTrigger(_) => (Ddl, "ALTER TRIGGER".into()),
+        Statement::AlterConnector { .. } => (Ddl, "ALTER CONNECTOR".into()),
+        Statement::Drop { object_type, .. } => {
+            let verb = format!("DROP {object_type}");
+            if matches!(object_type, ObjectType::Role | ObjectType::User) {
+                flags.insert(Flag::RoleChange);
+                (Dcl, verb.into())
+            } else {
+                (Ddl, verb.into())
+            }
+        }
+        Statement::DropFunction(_) => (Ddl, "DROP FUNCTION".into()),
+        Statement::DropDomain(_) => (Ddl, "DROP DOMAIN".into()),
+        Statement::DropProcedure { .. } => (Ddl, "DROP PROCEDURE".into()),
+        Statement::DropPolicy(_) => (Ddl, "DROP POLICY".into()),
+        Statement::DropRule(_) => (Ddl, "DROP RULE".into()),
+        Statement::DropTrigger(_) => (Ddl, "DROP TRIGGER".into()),
+        Statement::DropExtension(_) => (Ddl, "DROP EXTENSION".into()),
+        Statement::DropOperator(_)
+        | Statement::DropOperatorFamily(_)
+        | Statement::DropOperatorClass(_) => (Ddl, "DROP OPERATOR".into()),
+        Statement::DropSecret { .. } | Statement::DropConnector { .. } => (Ddl, "DROP".into()),
+        Statement::Comment { .. } => (Ddl, "COMMENT".into()),
+        Statement::RenameTable(_) => (Ddl, "RENAME TABLE".into()),
+
+        Statement::CreateRole(_) => {
+            flags.insert(Flag::RoleChange);
+            (Dcl, "CREATE ROLE".into())
+        }
+        Statement::CreateUser(_) => {
+            flags.insert(Flag::RoleChange);
+            (Dcl, "CREATE USER".into())
+        }
+        Statement::AlterRole { .. } => {
+            flags.insert(Flag::RoleChange);
+            (Dcl, "ALTER ROLE".into())
+        }
+        Statement::AlterUser(_) => {
+            flags.insert(Flag::RoleChange);
+            (Dcl, "ALTER USER".into())
+        }
+        Statement::GrantRole(_) => {
+            flags.insert(Flag::RoleChange);
+            (Dcl, "GRANT".into())
+        }
+        Statement::RevokeRole(_) => {
+            flags.insert(Flag::RoleChange);
+            (Dcl, "REVOKE".into())
+        }
+        Statement::Grant(_) => {
+            flags.insert(Flag::PrivilegeChange);
+            (Dcl, "GRANT".into())
+        }
+        Statement::Revoke(_) => {
+            flags.insert(Flag::PrivilegeChange);
+            (Dcl, "REVOKE".into())
+        }
+        Statement::Deny(_) => {
+            flags.insert(Flag::PrivilegeChange);
+            (Dcl, "DENY".into())
+        }
+        Statement::AlterDefaultPrivileges(_) => {
+            flags.insert(Flag::PrivilegeChange);
+            (Dcl, "ALTER DEFAULT PRIVILEGES".into())
+        }
+
+        Statement::StartTransaction { statements, .. } => {
+            if statements.is_empty() {
+                (Transaction, "BEGIN".into())
+            } else {
+                (Procedural, "BEGIN".into())
+            }
+        }
+        Statement::Commit { .. } => (Transaction, "COMMIT".into()),
+        Statement::Rollback { .. } => (Transaction, "ROLLBACK".into()),
+        Statement::Savepoint { .. } => (Transaction, "SAVEPOINT".into()),
+        Statement::ReleaseSavepoint { .. } => (Transaction, "RELEASE SAVEPOINT".into()),
+
+        Statement::Set(set) => set_head(set, &mut flags, &mut settings, &mut depends_on_literals),
+        Statement::Reset(_) => (Session, "RESET".into()),
+        Statement::Discard { .. } => (Session, "DISCARD".into()),
+        Statement::Use(_) => {
+            flags.insert(Flag::SearchPathChange);
+            (Session, "USE".into())
+        }
+
+        Statement::ShowFunctions { .. }
+        | Statement::ShowVariable { .. }
+        | Statement::ShowStatus { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::ShowCreate { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowCatalogs { .. }
+        | Statement::ShowDatabases { .. }
+        | Statement::ShowProcessList { .. }
+        | Statement::ShowSchemas { .. }
+        | Statement::ShowCharset(_)
+        | Statement::ShowObjects(_)
+        | Statement::ShowTables { .. }
+        | Statement::ShowViews { .. }
+        | Statement::ShowCollation { .. } => (Read, "SHOW".into()),
+        Statement::ExplainTable { .. } => (Read, "DESCRIBE".into()),
+        Statement::Fetch { .. } => (Read, "FETCH".into()),
+        Statement::Declare { .. } => (Read, "DECLARE".into()),
+        Statement::Close { .. } => (Utility, "CLOSE".into()),
+
+        Statement::Analyze(_) => (Utility, "ANALYZE".into()),
+        Statement::Vacuum(vacuum) => {
+            if vacuum.full {
+                flags.insert(Flag::HeavyLock);
+            }
+            (Utility, "VACUUM".into())
+        }
+        Statement::Lock(_) => {
+            flags.insert(Flag::HeavyLock);
+            (Utility, "LOCK".into())
+        }
+        Statement::LockTables { .. } => {
+            flags.insert(Flag::HeavyLock);
+            (Utility, "LOCK TABLES".into())
+        }
+        Statement::UnlockTables => (Utility, "UNLOCK TABLES".into()),
+        Statement::OptimizeTable { .. } => {
+            flags.insert(Flag::HeavyLock);
+            (Utility, "OPTIMIZE TABLE".into())
+        }
+        Statement::Flush { .. } => {
+            flags.insert(Flag::HeavyLock);
+            (Utility, "FLUSH".into())
+        }
+        Statement::RefreshMaterializedView(refresh) => {
+            if !refresh.concurrently {
+                flags.insert(Flag::HeavyLock);
+            }
+            (Utility, "REFRESH MATERIALIZED VIEW".into())
+        }
+        Statement::Kill { .. } => {
+            flags.insert(Flag::TerminatesSession);
+            (Utility, "KILL".into())
+        }
+        Statement::Load { .. } => {
+            flags.insert(Flag::ServerAccess);
+            (Utility, "LOAD".into())
+        }
+        Statement::Deallocate { .. } => (Utility, "DEALLOCATE".into()),
+        Statement::Execute { .. } => (Utility, "EXECUTE".into()),
+        Statement::LISTEN { .. } => (Utility, "LISTEN".into()),
+        Statement::UNLISTEN { .. } => (Utility, "UNLISTEN".into()),
+        Statement::NOTIFY { .. } => (Utility, "NOTIFY".into()),
+
+        Statement::Call(_) => (Procedural, "CALL".into()),
+        Statement::Case(_)
+        | Statement::If(_)
+        | Statement::While(_)
+        | Statement::Raise(_)
+        | Statement::Return(_) => (Procedural, "PROCEDURAL".into()),
+
+        // Other dialects' statements (Snowflake, Hive, DuckDB, MSSQL …) and
+        // anything added to sqlparser later: not understood, so not trusted.
+        _ => (Unknown, first_words(statement).into()),
+    };
+    Head {
+        kind,
+        verb,
+        flags,
+        settings,
+        depends_on_literals,
+        unknown_because,
+    }
+}
+
+fn first_words(statement: &Statement) -> String {
+    statement
+        .to_string()
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase()
+}
+
+/// True for a client encoding in which every byte below 0x80 is ASCII, so the
+/// agent (reading UTF-8) and the server tokenize the same characters. In
+/// SJIS, BIG5, GBK and the like a multi-byte character can end in `\` or `'`.
+fn ascii_safe_encoding(name: &str) -> bool {
+    let name = name.trim().to_ascii_lowercase().replace(['-', '_'], "");
+    name.starts_with("utf8") || name == "unicode" || name == "sqlascii" || name == "ascii"
+}
+
+/// The text of a setting's value when written as a single name or string.
+fn setting_text(value: &Expr) -> Option<(&str, bool)> {
+    match value {
+        Expr::Identifier(ident) => Some((&ident.value, ident.quote_style == Some('\''))),
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => Some((s, true)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn set_head(
+    set: &Set,
+    flags: &mut Flags,
+    settings: &mut Vec<String>,
+    depends_on_literals: &mut bool,
+) -> (Kind, Cow<'static, str>) {
+    let mut encoding = |value: Option<(&str, bool)>| match value {
+        Some((text, from_literal)) => {
+            *depends_on_literals |= from_literal;
+            if !ascii_safe_encoding(text) {
+                flags.insert(Flag::DisablesSafety);
+            }
+        }
+        None => flags.insert(Flag::DisablesSafety),
+    };
+    if let Set::SetNames { charset_name, .. } = set {
+        encoding(Some((
+            &charset_name.value,
+            charset_name.quote_style == Some('\''),
+        )));
+        return (Kind::Session, "SET".into());
+    }
+    if let Set::SingleAssignment {
+        variable, values, ..
+    } = set
+    {
+        let name = function_name(variable);
+        if name == "client_encoding" || name == "names" || name == "character_set_client" {
+            encoding(values.first().and_then(setting_text));
+        }
+    }
+    let mut assign = |name: &ObjectName| {
+        let name = function_name(name);
+        if is_safety_setting(&name) {
+            flags.insert(Flag::DisablesSafety);
+        }
+        if name == "role" || name == "session_authorization" {
+            flags.insert(Flag::IdentityChange);
+        }
+        if name == "search_path" || name == "schema" {
+            flags.insert(Flag::SearchPathChange);
+        }
+        settings.push(name);
+    };
+    match set {
+        Set::SingleAssignment { variable, .. } => {
+            assign(variable);
+            (Kind::Session, "SET".into())
+        }
+        Set::ParenthesizedAssignments { variables, .. } => {
+            variables.iter().for_each(&mut assign);
+            (Kind::Session, "SET".into())
+        }
+        Set::MultipleAssignments { assignments } => {
+            assignments.iter().for_each(|a| assign(&a.name));
+            (Kind::Session, "SET".into())
+        }
+        Set::SetSessionAuthorization(_) => {
+            flags.insert(Flag::IdentityChange);
+            (Kind::Session, "SET SESSION AUTHORIZATION".into())
+        }
+        Set::SetRole { role_name, .. } => {
+            if role_name.is_some() {
+                flags.insert(Flag::IdentityChange);
+            }
+            (Kind::Session, "SET ROLE".into())
+        }
+        Set::SetTransaction { .. } => (Kind::Transaction, "SET TRANSACTION".into()),
+        Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault {} => {
+            (Kind::Session, "SET".into())
+        }
+        // MSSQL session options: not PostgreSQL, not trusted.
+        Set::SetSessionParam(_) => (Kind::Unknown, "SET".into()),
+    }
+}
+
+fn query_verb(body: &SetExpr) -> &'static str {
+    match body {
+        SetExpr::Select(select) if select.into.is_some() => "SELECT INTO",
+        SetExpr::Select(_) | SetExpr::SetOperation { .. } => "SELECT",
+        SetExpr::Query(query) => query_verb(&query.body),
+        SetExpr::Values(_) => "VALUES",
+        SetExpr::Insert(_) => "INSERT",
+        SetExpr::Update(_) => "UPDATE",
+        SetExpr::Delete(_) => "DELETE",
+        SetExpr::Merge(_) => "MERGE",
+        SetExpr::Table(_) => "TABLE",
+    }
+}
+
+/// A function's name as recorded: unquoted parts lower case, joined with dots.
+pub(crate) fn function_name(name: &ObjectName) -> String {
+    let mut out = String::new();
+    for (i, part) in name.0.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        match part {
+            ObjectNamePart::Identifier(ident) => {
+                if ident.quote_style.is_some() {
+                    out.push_str(&ident.value);
+                } else {
+                    out.push_str(&ident.value.to_lowercase());
+                }
+            }
+            ObjectNamePart::Function(f) => out.push_str(&f.name.value.to_lowercase()),
+        }
+    }
+    out
+}
+
+fn table_name(name: &ObjectName) -> TableName {
+    TableName {
+        parts: name
+            .0
+            .iter()
+            .map(|part| match part {
+                ObjectNamePart::Identifier(ident) if ident.quote_style.is_some() => {
+                    ident.value.clone()
+                }
+                ObjectNamePart::Identifier(ident) => ident.value.to_lowercase(),
+                ObjectNamePart::Function(f) => f.name.value.to_lowercase(),
+            })
+            .collect(),
+    }
+}
+
+/// Names and aliases (lower case) of the tables in `from`, for resolving
+/// qualified column references and MySQL's `DELETE alias FROM …`.
+fn factor_names(factors: &[&TableFactor]) -> Vec<(String, Option<TableName>)> {
+    let mut out = Vec::new();
+    for factor in factors {
+        if let TableFactor::Table { name, alias, .. } = factor {
+            let table = table_name(name);
+            out.push((table.relation().to_lowercase(), Some(table.clone())));
+            if let Some(alias) = alias {
+                out.push((alias.name.value.to_lowercase(), Some(table)));
+            }
+        } else if let Some(alias) = factor_alias(factor) {
+            out.push((alias, None));
+        }
+    }
+    out
+}
+
+fn factor_alias(factor: &TableFactor) -> Option<String> {
+    match factor {
+        TableFactor::Derived { alias, .. }
+        | TableFactor::Function { alias, .. }
+        | TableFactor::TableFunction { alias, .. }
+        | TableFactor::UNNEST { alias, .. } => alias.as_ref().map(|a| a.name.value.to_lowercase()),
+        _ => None,
+    }
+}
+
+fn factors(tables: &[TableWithJoins]) -> Vec<&TableFactor> {
+    let mut out = Vec::new();
+    for t in tables {
+        out.push(&t.relation);
+        out.extend(t.joins.iter().map(|j| &j.relation));
+    }
+    out
+}
+
+struct CteFrame {
+    owner: *const Query,
+    ctes: Vec<(*const Query, String)>,
+    recursive: bool,
+    visible: usize,
+}
+
+/// Visits the whole tree of one top-level statement.
+struct Collector {
+    /// DDL and similar: relations outside queries are the objects changed.
+    targets_outside_queries: bool,
+    touched: Vec<TableName>,
+    touched_in_ddl: Vec<TableName>,
+    written: Vec<TableName>,
+    functions: Vec<String>,
+    flags: Flags,
+    writes_seen: bool,
+    depends_on_literals: bool,
+    statement_depth: usize,
+    query_depth: usize,
+    in_cte: usize,
+    frames: Vec<CteFrame>,
+    skip_relations: usize,
+}
+
+impl Collector {
+    fn new(kind: Kind) -> Self {
+        Collector {
+            targets_outside_queries: matches!(kind, Kind::Ddl | Kind::Dcl | Kind::Utility),
+            touched: Vec::new(),
+            touched_in_ddl: Vec::new(),
+            written: Vec::new(),
+            functions: Vec::new(),
+            flags: Flags::default(),
+            writes_seen: false,
+            depends_on_literals: false,
+            statement_depth: 0,
+            query_depth: 0,
+            in_cte: 0,
+            frames: Vec::new(),
+            skip_relations: 0,
+        }
+    }
+
+    /// (read, written): every relation touched, less one occurrence per write target.
+    fn tables(mut self) -> (Vec<TableName>, Vec<TableName>) {
+        for target in &self.written {
+            if let Some(i) = self.touched.iter().position(|t| t == target) {
+                self.touched.swap_remove(i);
+            }
+        }
+        let mut written = self.written;
+        written.extend(self.touched_in_ddl);
+        (dedup(self.touched), dedup(written))
+    }
+
+    fn is_cte_reference(&self, name: &TableName) -> bool {
+        if name.parts.len() != 1 {
+            return false;
+        }
+        let wanted = &name.parts[0];
+        self.frames
+            .iter()
+            .any(|f| f.ctes.iter().take(f.visible).any(|(_, n)| n == wanted))
+    }
+
+    fn write(&mut self, target: TableName) {
+        self.written.push(target);
+    }
+
+    fn note_write(&mut self) {
+        self.writes_seen = true;
+        if self.in_cte > 0 || self.query_depth > 0 {
+            self.flags.insert(Flag::WriteInCte);
+        }
+    }
+
+    fn all_rows_if(&mut self, selection: Option<&Expr>, outer: &[(String, Option<TableName>)]) {
+        let names: Vec<String> = outer.iter().map(|(n, _)| n.clone()).collect();
+        let all = match selection {
+            None => true,
+            Some(condition) => {
+                let mut c = Condition::new(&names);
+                let all = c.selects_all_rows(condition);
+                self.depends_on_literals |= c.depends_on_literals;
+                all
+            }
+        };
+        if all {
+            self.flags.insert(Flag::AllRows);
+        }
+    }
+
+    fn update(&mut self, update: &Update) {
+        let mut all = factors(std::slice::from_ref(&update.table));
+        for factor in &all {
+            if let TableFactor::Table { name, .. } = factor {
+                self.write(table_name(name));
+            }
+        }
+        if let Some(from) = &update.from {
+            let (sqlparser::ast::UpdateTableFromKind::BeforeSet(from)
+            | sqlparser::ast::UpdateTableFromKind::AfterSet(from)) = from;
+            all.extend(factors(from));
+        }
+        let outer = factor_names(&all);
+        self.all_rows_if(update.selection.as_ref(), &outer);
+    }
+
+    fn delete(&mut self, delete: &Delete) {
+        let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &delete.from;
+        let from_factors = factors(from);
+        let mut all = from_factors.clone();
+        if let Some(using) = &delete.using {
+            all.extend(factors(using));
+        }
+        let outer = factor_names(&all);
+        if delete.tables.is_empty() {
+            for factor in &from_factors {
+                if let TableFactor::Table { name, .. } = factor {
+                    self.write(table_name(name));
+                }
+            }
+        } else {
+            // MySQL `DELETE a, b FROM …`: the targets may be aliases.
+            for target in &delete.tables {
+                let target = table_name(target);
+                let resolved = if target.parts.len() == 1 {
+                    outer
+                        .iter()
+                        .find(|(n, _)| *n == target.relation().to_lowercase())
+                        .and_then(|(_, t)| t.clone())
+                } else {
+                    None
+                };
+                self.write(resolved.unwrap_or(target));
+            }
+        }
+        self.all_rows_if(delete.selection.as_ref(), &outer);
+    }
+
+    fn merge(&mut self, merge: &sqlparser::ast::Merge) {
+        if let TableFactor::Table { name, .. } = &merge.table {
+            self.write(table_name(name));
+        }
+        let outer = factor_names(&[&merge.table, &merge.source]);
+        self.all_rows_if(Some(&merge.on), &outer);
+        // Rows of the target with no partner in the source are all of them when
+        // the source is empty.
+        if merge
+            .clauses
+            .iter()
+            .any(|c| matches!(c.clause_kind, MergeClauseKind::NotMatchedBySource))
+        {
+            self.flags.insert(Flag::AllRows);
+        }
+    }
+
+    fn select(&mut self, select: &Select) {
+        if let Some(into) = &select.into {
+            self.flags.insert(Flag::SelectInto);
+            for target in &into.targets {
+                match target {
+                    Expr::Identifier(ident) => {
+                        self.write(table_name(&ObjectName::from(vec![ident.clone()])))
+                    }
+                    Expr::CompoundIdentifier(parts) => {
+                        self.write(table_name(&ObjectName::from(parts.clone())))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl Visitor for Collector {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        self.statement_depth += 1;
+        match statement {
+            Statement::Insert(insert) => {
+                self.note_write();
+                if let TableObject::TableName(name) = &insert.table {
+                    self.write(table_name(name));
+                }
+            }
+            Statement::Update(update) => {
+                self.note_write();
+                self.update(update);
+            }
+            Statement::Delete(delete) => {
+                self.note_write();
+                self.delete(delete);
+            }
+            Statement::Merge(merge) => {
+                self.note_write();
+                self.merge(merge);
+            }
+            Statement::Truncate(truncate) => {
+                self.note_write();
+                for target in &truncate.table_names {
+                    self.write(table_name(&target.name));
+                }
+            }
+            Statement::Drop { names, .. } => {
+                for name in names {
+                    self.touched_in_ddl.push(table_name(name));
+                }
+            }
+            Statement::Copy { source, to, .. } => match source {
+                CopySource::Table {
+                    table_name: name, ..
+                } if !*to => {
+                    self.note_write();
+                    self.write(table_name(name));
+                }
+                _ => {}
+            },
+            Statement::Grant(sqlparser::ast::Grant {
+                objects: Some(sqlparser::ast::GrantObjects::Tables(tables)),
+                ..
+            })
+            | Statement::Revoke(sqlparser::ast::Revoke {
+                objects: Some(sqlparser::ast::GrantObjects::Tables(tables)),
+                ..
+            }) => {
+                for name in tables {
+                    self.touched_in_ddl.push(table_name(name));
+                }
+            }
+            Statement::Call(function) => self.functions.push(function_name(&function.name)),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, _: &Statement) -> ControlFlow<()> {
+        self.statement_depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        let me = query as *const Query;
+        if let Some(frame) = self.frames.last_mut() {
+            if let Some(i) = frame.ctes.iter().position(|(q, _)| *q == me) {
+                frame.visible = if frame.recursive { frame.ctes.len() } else { i };
+                self.in_cte += 1;
+            }
+        }
+        self.query_depth += 1;
+        if let Some(with) = &query.with {
+            self.frames.push(CteFrame {
+                owner: me,
+                ctes: with
+                    .cte_tables
+                    .iter()
+                    .map(|cte| {
+                        let name = if cte.alias.name.quote_style.is_some() {
+                            cte.alias.name.value.clone()
+                        } else {
+                            cte.alias.name.value.to_lowercase()
+                        };
+                        (&*cte.query as *const Query, name)
+                    })
+                    .collect(),
+                recursive: with.recursive,
+                visible: 0,
+            });
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        let me = query as *const Query;
+        if self.frames.last().is_some_and(|f| f.owner == me) {
+            self.frames.pop();
+        }
+        self.query_depth -= 1;
+        if let Some(frame) = self.frames.last_mut() {
+            if frame.ctes.iter().any(|(q, _)| *q == me) {
+                frame.visible = frame.ctes.len();
+                self.in_cte -= 1;
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        self.select(select);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => {
+                // `FROM generate_series(…)`: a function, visited next as a relation.
+                self.functions.push(function_name(name));
+                self.skip_relations += 1;
+            }
+            TableFactor::Function { name, .. } => self.functions.push(function_name(name)),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        if self.skip_relations > 0 {
+            self.skip_relations -= 1;
+            return ControlFlow::Continue(());
+        }
+        let name = table_name(relation);
+        if self.is_cte_reference(&name) {
+            return ControlFlow::Continue(());
+        }
+        if self.targets_outside_queries && self.query_depth == 0 {
+            self.touched_in_ddl.push(name);
+        } else {
+            self.touched.push(name);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(function) = expr {
+            self.functions.push(function_name(&function.name));
+        }
+        ControlFlow::Continue(())
+    }
+}

@@ -1,0 +1,677 @@
+//! The policy engine: who × what × how much → allow / hold / deny.
+//!
+//! A policy (TOML, see `policy.toml` for the documented shipped default) names
+//! identity groups, table tags, and ordered rules; the first rule whose
+//! conditions all hold decides a statement, the default decides when none
+//! does. A query string with several statements gets the strictest of their
+//! decisions. When an identity is unknown (the agent did not see the
+//! connection start), a group test on the missing field counts as a match for
+//! rules that hold or deny and as a miss for rules that allow: an unknown
+//! client is treated as the most restricted identity it could be.
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::LazyLock,
+};
+
+use serde::{Deserialize, Serialize};
+use time::{OffsetDateTime, Weekday};
+
+use crate::classify::{is_known_safe_function, Classification, Flags, Kind, StatementFacts};
+
+mod cache;
+pub mod check;
+pub mod estimate;
+mod file;
+mod pattern;
+mod reload;
+
+pub use cache::DecisionCache;
+pub use file::DEFAULT_REVIEWERS;
+pub use pattern::{Cidr, Glob, TablePattern};
+pub use reload::{watch_file, PolicyHandle, PolicyWatcher};
+
+/// The shipped default policy, documented in place.
+pub const DEFAULT_POLICY: &str = include_str!("../../policy.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("line {line}: {message}")]
+    Invalid { line: usize, message: String },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl PolicyError {
+    /// The line the error is on, when it is about the file's content.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            PolicyError::Syntax { line, .. } | PolicyError::Invalid { line, .. } => Some(*line),
+            PolicyError::Read { .. } => None,
+        }
+    }
+}
+
+/// Who sent a statement. Every field may be unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Subject {
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub client_addr: Option<IpAddr>,
+    pub application: Option<String>,
+}
+
+/// What happens to a statement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    Allow,
+    /// Runs, and the audit log marks it for attention.
+    AuditOnly,
+    /// Waits until `approvals` reviewers from `reviewer_groups` approve.
+    Hold {
+        approvals: u32,
+        reviewer_groups: Vec<String>,
+    },
+    /// Refused; the client gets `message` as an SQL error.
+    Deny {
+        message: String,
+    },
+}
+
+impl Action {
+    /// allow / audit-only / hold / deny.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::AuditOnly => "audit-only",
+            Action::Hold { .. } => "hold",
+            Action::Deny { .. } => "deny",
+        }
+    }
+
+    fn strictness(&self) -> u8 {
+        match self {
+            Action::Allow => 0,
+            Action::AuditOnly => 1,
+            Action::Hold { .. } => 2,
+            Action::Deny { .. } => 3,
+        }
+    }
+
+    fn restricts(&self) -> bool {
+        self.strictness() >= 2
+    }
+}
+
+/// The verdict on a whole query string, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    #[serde(flatten)]
+    pub action: Action,
+    /// The rule that fired (the strictest statement's), or `default`.
+    pub rule: String,
+    /// One line per statement: which rule decided it and on what facts.
+    pub reasons: Vec<String>,
+    /// False when the decision depended on the clock or a row estimate, so it
+    /// must not be reused for the next identical statement.
+    #[serde(skip)]
+    pub(crate) reusable: bool,
+}
+
+/// How much the kernel must gate a connection, from its identity alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateMode {
+    /// No statement from this identity can be held or denied: only watch.
+    Monitor,
+    /// Some statements may be held or denied: send candidates to userspace.
+    GateRisky,
+    /// The policy refuses this identity outright.
+    DenyConnection,
+}
+
+/// Answers `estimated_rows_above` conditions.
+pub trait RowEstimator {
+    /// Rows the statement is estimated to read or change, or why there is no estimate.
+    fn estimate_rows(&self, statement: &StatementFacts) -> Result<u64, String>;
+}
+
+/// No database connection configured: every estimate is missing.
+pub struct NoEstimator;
+
+impl RowEstimator for NoEstimator {
+    fn estimate_rows(&self, _: &StatementFacts) -> Result<u64, String> {
+        Err("no row estimator is configured".into())
+    }
+}
+
+impl<F: Fn(&StatementFacts) -> Result<u64, String>> RowEstimator for F {
+    fn estimate_rows(&self, statement: &StatementFacts) -> Result<u64, String> {
+        self(statement)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Membership {
+    No,
+    /// Depends on a field of the identity that is unknown.
+    Maybe,
+    Yes,
+}
+
+#[derive(Clone, Debug)]
+struct Group {
+    users: Vec<Glob>,
+    databases: Vec<Glob>,
+    client_addrs: Vec<Cidr>,
+    applications: Vec<Glob>,
+    identity_unknown: Option<bool>,
+}
+
+impl Group {
+    fn membership(&self, subject: &Subject) -> Membership {
+        fn field<T>(patterns: &[T], value: Option<bool>) -> Membership {
+            match (patterns.is_empty(), value) {
+                (true, _) => Membership::Yes,
+                (false, None) => Membership::Maybe,
+                (false, Some(true)) => Membership::Yes,
+                (false, Some(false)) => Membership::No,
+            }
+        }
+        let any = |globs: &[Glob], value: &Option<String>| {
+            value.as_deref().map(|v| globs.iter().any(|g| g.matches(v)))
+        };
+        let tests = [
+            field(&self.users, any(&self.users, &subject.user)),
+            field(&self.databases, any(&self.databases, &subject.database)),
+            field(
+                &self.client_addrs,
+                subject
+                    .client_addr
+                    .map(|a| self.client_addrs.iter().any(|c| c.contains(a))),
+            ),
+            field(
+                &self.applications,
+                any(&self.applications, &subject.application),
+            ),
+            match self.identity_unknown {
+                None => Membership::Yes,
+                Some(wanted) => {
+                    if (subject.user.is_none()) == wanted {
+                        Membership::Yes
+                    } else {
+                        Membership::No
+                    }
+                }
+            },
+        ];
+        tests.into_iter().min().unwrap_or(Membership::Yes)
+    }
+}
+
+/// Days of the week and a UTC time of day range (`from` > `to` wraps midnight).
+#[derive(Clone, Debug)]
+struct TimeWindow {
+    days: u8,
+    from_minute: u16,
+    to_minute: u16,
+}
+
+impl TimeWindow {
+    fn parse(days: &[String], from: &str, to: &str) -> Result<TimeWindow, String> {
+        let mut mask = 0u8;
+        for day in days {
+            let index = match day.to_ascii_lowercase().get(..3) {
+                Some("mon") => 0,
+                Some("tue") => 1,
+                Some("wed") => 2,
+                Some("thu") => 3,
+                Some("fri") => 4,
+                Some("sat") => 5,
+                Some("sun") => 6,
+                _ => return Err(format!("time: unknown day `{day}` (mon … sun)")),
+            };
+            mask |= 1 << index;
+        }
+        if days.is_empty() {
+            mask = 0x7f;
+        }
+        Ok(TimeWindow {
+            days: mask,
+            from_minute: minute_of_day(from)?,
+            to_minute: minute_of_day(to)?,
+        })
+    }
+
+    fn contains(&self, now: OffsetDateTime) -> bool {
+        let day = match now.weekday() {
+            Weekday::Monday => 0,
+            Weekday::Tuesday => 1,
+            Weekday::Wednesday => 2,
+            Weekday::Thursday => 3,
+            Weekday::Friday => 4,
+            Weekday::Saturday => 5,
+            Weekday::Sunday => 6,
+        };
+        let minute = u16::from(now.hour()) * 60 + u16::from(now.minute());
+        let in_range = if self.from_minute <= self.to_minute {
+            (self.from_minute..self.to_minute).contains(&minute)
+        } else {
+            minute >= self.from_minute || minute < self.to_minute
+        };
+        self.days & (1 << day) != 0 && in_range
+    }
+}
+
+fn minute_of_day(text: &str) -> Result<u16, String> {
+    let bad = || format!("time: `{text}` is not HH:MM (UTC)");
+    let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
+    let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 24 || m > 59 || (h == 24 && m != 0) {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+#[derive(Clone, Debug)]
+struct Rule {
+    name: String,
+    line: usize,
+    groups: Vec<usize>,
+    kinds: Vec<Kind>,
+    verbs: Vec<String>,
+    tags: Vec<usize>,
+    tables: Vec<TablePattern>,
+    flags: Flags,
+    functions: Vec<Glob>,
+    unsafe_functions: bool,
+    estimated_rows_above: Option<u64>,
+    time: Option<TimeWindow>,
+    action: Action,
+}
+
+impl Rule {
+    /// True when the rule names no statement condition: it decides every
+    /// statement of the identities it applies to.
+    fn matches_every_statement(&self) -> bool {
+        self.kinds.is_empty()
+            && self.verbs.is_empty()
+            && self.tags.is_empty()
+            && self.tables.is_empty()
+            && self.flags.is_empty()
+            && self.functions.is_empty()
+            && !self.unsafe_functions
+            && self.estimated_rows_above.is_none()
+            && self.time.is_none()
+    }
+}
+
+/// A checked policy, ready to decide.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    groups: Vec<Group>,
+    tags: Vec<(String, Vec<TablePattern>)>,
+    rules: Vec<Rule>,
+    default: Action,
+    safe_functions: Vec<Glob>,
+    /// Schemas unqualified table names resolve to; `$user` is the subject's user.
+    search_path: Vec<String>,
+}
+
+/// PostgreSQL's default search_path.
+pub(crate) fn default_search_path() -> Vec<String> {
+    vec!["$user".to_owned(), "public".to_owned()]
+}
+
+static BUILTIN: LazyLock<Policy> = LazyLock::new(|| {
+    // The shipped file is part of the binary and covered by tests.
+    file::parse(DEFAULT_POLICY).expect("the shipped policy.toml is valid")
+});
+
+/// One statement's verdict before statements are combined.
+struct Verdict {
+    action: Action,
+    rule: String,
+    /// "rule NAME (line N)" or "default".
+    source: String,
+    why: String,
+    reusable: bool,
+}
+
+impl Policy {
+    /// Parses and checks a policy; errors name the line.
+    pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
+        file::parse(text)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Policy::from_toml(&text)
+    }
+
+    /// The shipped default (`policy.toml`): holds every risky statement for the
+    /// `reviewers` group, allows the rest.
+    pub fn builtin_default() -> Policy {
+        BUILTIN.clone()
+    }
+
+    /// Rule names in order, then `default`.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.name.as_str())
+    }
+
+    /// Decides `classification` for `subject` now.
+    pub fn decide(
+        &self,
+        subject: &Subject,
+        classification: &Classification,
+        estimator: &dyn RowEstimator,
+    ) -> Decision {
+        self.decide_at(
+            subject,
+            classification,
+            estimator,
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    /// Decides as if the clock read `now` (time-window rules).
+    pub fn decide_at(
+        &self,
+        subject: &Subject,
+        classification: &Classification,
+        estimator: &dyn RowEstimator,
+        now: OffsetDateTime,
+    ) -> Decision {
+        let membership: Vec<Membership> =
+            self.groups.iter().map(|g| g.membership(subject)).collect();
+        let search_path = self.resolved_search_path(subject);
+        if classification.statements.is_empty() {
+            return Decision {
+                action: Action::Allow,
+                rule: "empty-query".into(),
+                reasons: vec!["the string holds no statement".into()],
+                reusable: true,
+            };
+        }
+        let mut combined: Option<(Action, String)> = None;
+        let mut reasons = Vec::with_capacity(classification.statements.len());
+        let mut reusable = true;
+        for (i, statement) in classification.statements.iter().enumerate() {
+            let verdict = self.decide_statement(
+                &membership,
+                search_path.as_deref(),
+                statement,
+                estimator,
+                now,
+            );
+            reusable &= verdict.reusable;
+            reasons.push(format!(
+                "statement {} ({}): {} → {} ({})",
+                i + 1,
+                if statement.verb.is_empty() {
+                    "?"
+                } else {
+                    &statement.verb
+                },
+                verdict.source,
+                verdict.action.name(),
+                verdict.why
+            ));
+            combined = Some(match combined {
+                None => (verdict.action, verdict.rule),
+                Some((current, rule)) => strictest(current, rule, verdict.action, verdict.rule),
+            });
+        }
+        let (action, rule) = combined.unwrap_or((Action::Allow, "empty-query".into()));
+        Decision {
+            action,
+            rule,
+            reasons,
+            reusable,
+        }
+    }
+
+    fn rule_applies(&self, rule: &Rule, membership: &[Membership]) -> bool {
+        let m = if rule.groups.is_empty() {
+            Membership::Yes
+        } else {
+            rule.groups
+                .iter()
+                .map(|g| membership.get(*g).copied().unwrap_or(Membership::No))
+                .max()
+                .unwrap_or(Membership::No)
+        };
+        m == Membership::Yes || (m == Membership::Maybe && rule.action.restricts())
+    }
+
+    /// The schemas an unqualified name may resolve to for `subject`; `None`
+    /// (any schema) when the path names `$user` and the user is unknown.
+    fn resolved_search_path(&self, subject: &Subject) -> Option<Vec<String>> {
+        self.search_path
+            .iter()
+            .map(|s| {
+                if s == "$user" {
+                    subject.user.clone()
+                } else {
+                    Some(s.clone())
+                }
+            })
+            .collect()
+    }
+
+    fn decide_statement(
+        &self,
+        membership: &[Membership],
+        search_path: Option<&[String]>,
+        statement: &StatementFacts,
+        estimator: &dyn RowEstimator,
+        now: OffsetDateTime,
+    ) -> Verdict {
+        let mut reusable = true;
+        for rule in &self.rules {
+            if !self.rule_applies(rule, membership) {
+                continue;
+            }
+            let Some(mut why) = self.static_match(rule, statement, search_path) else {
+                continue;
+            };
+            if let Some(window) = &rule.time {
+                reusable = false;
+                if !window.contains(now) {
+                    continue;
+                }
+                why.push("inside the rule's time window".into());
+            }
+            if let Some(limit) = rule.estimated_rows_above {
+                reusable = false;
+                match estimator.estimate_rows(statement) {
+                    Ok(rows) if rows > limit => {
+                        why.push(format!("estimated {rows} rows > {limit}"))
+                    }
+                    Ok(_) => continue,
+                    Err(reason) => why.push(format!(
+                        "row estimate unavailable ({reason}), counted as above {limit}"
+                    )),
+                }
+            }
+            if why.is_empty() {
+                why.push("applies to every statement of this identity".into());
+            }
+            return Verdict {
+                action: rule.action.clone(),
+                rule: rule.name.clone(),
+                source: format!("rule {} (line {})", rule.name, rule.line),
+                why: why.join("; "),
+                reusable,
+            };
+        }
+        Verdict {
+            action: self.default.clone(),
+            rule: "default".into(),
+            source: "default".into(),
+            why: "no rule matched".into(),
+            reusable,
+        }
+    }
+
+    /// The conditions that need neither the clock nor the database; `Some`
+    /// with the reasons when all of them hold.
+    fn static_match(
+        &self,
+        rule: &Rule,
+        s: &StatementFacts,
+        search_path: Option<&[String]>,
+    ) -> Option<Vec<String>> {
+        let mut why = Vec::new();
+        if !rule.kinds.is_empty() {
+            if !rule.kinds.contains(&s.kind) {
+                return None;
+            }
+            why.push(format!("kind {}", s.kind));
+        }
+        if !rule.verbs.is_empty() {
+            if !rule.verbs.iter().any(|v| s.verb_matches(v)) {
+                return None;
+            }
+            why.push(format!("verb {}", s.verb));
+        }
+        if !rule.flags.is_empty() {
+            if !rule.flags.intersects(s.flags) {
+                return None;
+            }
+            let hit: Vec<&str> = rule
+                .flags
+                .iter()
+                .filter(|f| s.flags.contains(*f))
+                .map(|f| f.name())
+                .collect();
+            why.push(format!("flags {}", hit.join(", ")));
+        }
+        if !rule.tags.is_empty() {
+            let hit = rule.tags.iter().find_map(|t| {
+                let (name, patterns) = self.tags.get(*t)?;
+                s.tables()
+                    .find(|table| patterns.iter().any(|p| p.matches(table, search_path)))
+                    .map(|table| format!("touches {table} (tag {name})"))
+            })?;
+            why.push(hit);
+        }
+        if !rule.tables.is_empty() {
+            let table = s
+                .tables()
+                .find(|table| rule.tables.iter().any(|p| p.matches(table, search_path)))?;
+            why.push(format!("touches {table}"));
+        }
+        if !rule.functions.is_empty() {
+            let f = s
+                .functions
+                .iter()
+                .find(|f| rule.functions.iter().any(|g| g.matches(f)))?;
+            why.push(format!("calls {f}"));
+        }
+        if rule.unsafe_functions {
+            let f = s.functions.iter().find(|f| !self.is_safe_function(f))?;
+            why.push(format!("calls {f}, which is not on the known-safe list"));
+        }
+        Some(why)
+    }
+
+    fn is_safe_function(&self, name: &str) -> bool {
+        is_known_safe_function(name) || self.safe_functions.iter().any(|g| g.matches(name))
+    }
+}
+
+fn strictest(a: Action, a_rule: String, b: Action, b_rule: String) -> (Action, String) {
+    match (a, b) {
+        (
+            Action::Hold {
+                approvals: n,
+                reviewer_groups: mut groups,
+            },
+            Action::Hold {
+                approvals: m,
+                reviewer_groups: more,
+            },
+        ) => {
+            for g in more {
+                if !groups.contains(&g) {
+                    groups.push(g);
+                }
+            }
+            (
+                Action::Hold {
+                    approvals: n.max(m),
+                    reviewer_groups: groups,
+                },
+                a_rule,
+            )
+        }
+        (a, b) if b.strictness() > a.strictness() => (b, b_rule),
+        (a, _) => (a, a_rule),
+    }
+}
+
+/// How strictly the kernel must gate connections of `subject`: `Monitor` only
+/// when no statement of theirs could ever be held or denied. Unknown identity
+/// fields count against the subject.
+pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
+    let membership: Vec<Membership> = policy
+        .groups
+        .iter()
+        .map(|g| g.membership(subject))
+        .collect();
+    let mut earlier_rule_applies = false;
+    for rule in &policy.rules {
+        let m = if rule.groups.is_empty() {
+            Membership::Yes
+        } else {
+            rule.groups
+                .iter()
+                .map(|g| membership.get(*g).copied().unwrap_or(Membership::No))
+                .max()
+                .unwrap_or(Membership::No)
+        };
+        if m == Membership::No {
+            continue;
+        }
+        if rule.action.restricts() {
+            let outright = matches!(rule.action, Action::Deny { .. })
+                && rule.matches_every_statement()
+                && m == Membership::Yes
+                && !earlier_rule_applies;
+            return if outright {
+                GateMode::DenyConnection
+            } else {
+                GateMode::GateRisky
+            };
+        }
+        if m == Membership::Yes {
+            if rule.matches_every_statement() {
+                return GateMode::Monitor;
+            }
+            earlier_rule_applies = true;
+        }
+    }
+    match policy.default {
+        Action::Deny { .. } if !earlier_rule_applies => GateMode::DenyConnection,
+        Action::Deny { .. } | Action::Hold { .. } => GateMode::GateRisky,
+        Action::Allow | Action::AuditOnly => GateMode::Monitor,
+    }
+}
+
+#[cfg(test)]
+mod tests;

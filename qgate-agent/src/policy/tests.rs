@@ -1,0 +1,330 @@
+use super::*;
+use std::sync::Arc;
+
+use crate::classify::{classify, Dialect};
+
+fn subject(user: &str) -> Subject {
+    Subject {
+        user: Some(user.into()),
+        database: Some("app".into()),
+        client_addr: Some("10.0.0.5".parse().unwrap()),
+        application: Some("psql".into()),
+    }
+}
+
+fn decide(policy: &Policy, who: &Subject, sql: &str) -> Decision {
+    policy.decide(who, &classify(sql, Dialect::Postgresql), &NoEstimator)
+}
+
+#[test]
+fn shipped_policy_parses() {
+    let p = Policy::builtin_default();
+    assert!(p.rule_names().count() >= 8);
+}
+
+#[test]
+fn hold_rules_of_the_shipped_policy_name_the_reviewers_group() {
+    let p = Policy::builtin_default();
+    for rule in &p.rules {
+        if let Action::Hold {
+            reviewer_groups, ..
+        } = &rule.action
+        {
+            assert_eq!(
+                reviewer_groups,
+                &vec!["reviewers".to_owned()],
+                "{}",
+                rule.name
+            );
+        }
+    }
+}
+
+#[test]
+fn syntax_errors_name_line_and_column() {
+    let err = Policy::from_toml("[default]\naction = \"allow\"\n[[rules]\n").unwrap_err();
+    assert_eq!(err.line(), Some(3), "{err}");
+}
+
+#[test]
+fn unknown_keys_name_their_line() {
+    let text = "[[rules]]\nname = \"a\"\naction = \"allow\"\n\n[[rules]]\nname = \"b\"\nkindz = [\"ddl\"]\naction = \"hold\"\n";
+    let err = Policy::from_toml(text).unwrap_err();
+    assert_eq!(err.line(), Some(7), "{err}");
+    assert!(err.to_string().contains("kindz"), "{err}");
+}
+
+#[test]
+fn semantic_errors_name_the_rule_and_its_line() {
+    let text = "[[rules]]\nname = \"a\"\naction = \"allow\"\n\n[[rules]]\nname = \"b\"\nkinds = [\"dll\"]\naction = \"hold\"\n";
+    let err = Policy::from_toml(text).unwrap_err();
+    assert_eq!(err.line(), Some(5), "{err}");
+    assert!(err.to_string().contains("dll"), "{err}");
+    for (text, needle) in [
+        ("[[rules]]\nname = \"a\"\ngroups = [\"ghosts\"]\naction = \"allow\"\n", "ghosts"),
+        ("[[rules]]\nname = \"a\"\naction = \"maybe\"\n", "maybe"),
+        ("[[rules]]\nname = \"a\"\naction = \"hold\"\napprovals = 0\n", "approvals"),
+        ("[[rules]]\nname = \"a\"\naction = \"allow\"\n[[rules]]\nname = \"a\"\naction = \"deny\"\n", "already"),
+        ("[groups.g]\nclient_addrs = [\"10.0.0.0/40\"]\n", "prefix"),
+        ("[tags]\ns = [\"a.b.c\"]\n", "table pattern"),
+        ("[[rules]]\nname = \"a\"\naction = \"deny\"\ntime = { from = \"25:00\", to = \"01:00\" }\n", "HH:MM"),
+    ] {
+        let err = Policy::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text:?}: {err}");
+        assert!(err.starts_with("line "), "{err}");
+    }
+}
+
+#[test]
+fn first_matching_rule_wins() {
+    let p = Policy::from_toml(
+        "[[rules]]\nname = \"first\"\nkinds = [\"write\"]\naction = \"deny\"\n\
+         [[rules]]\nname = \"second\"\nverbs = [\"DELETE\"]\naction = \"allow\"\n",
+    )
+    .unwrap();
+    let d = decide(&p, &subject("a"), "DELETE FROM t WHERE id = 1");
+    assert_eq!(d.rule, "first");
+    assert!(matches!(d.action, Action::Deny { .. }));
+}
+
+#[test]
+fn strictest_statement_decides_a_multi_statement_string() {
+    let p = Policy::builtin_default();
+    let d = decide(&p, &subject("a"), "SELECT 1; DROP TABLE t; SELECT 2");
+    assert_eq!(d.action.name(), "hold");
+    assert_eq!(d.rule, "schema-change");
+    assert_eq!(d.reasons.len(), 3);
+}
+
+#[test]
+fn unknown_identity_fields_count_against_the_client() {
+    let p = Policy::from_toml(
+        "[groups.trusted]\nusers = [\"admin\"]\n\
+         [groups.interns]\nusers = [\"intern_*\"]\n\
+         [[rules]]\nname = \"interns-denied\"\ngroups = [\"interns\"]\nkinds = [\"write\"]\naction = \"deny\"\n\
+         [[rules]]\nname = \"trusted-free\"\ngroups = [\"trusted\"]\naction = \"allow\"\n\
+         [default]\naction = \"hold\"\n",
+    )
+    .unwrap();
+    let unknown = Subject::default();
+    let d = decide(&p, &unknown, "INSERT INTO t VALUES (1)");
+    assert_eq!(d.rule, "interns-denied");
+    let d = decide(&p, &unknown, "SELECT 1");
+    assert_eq!(
+        d.rule, "default",
+        "an allow rule must not apply to an unknown user"
+    );
+    assert_eq!(
+        decide(&p, &subject("admin"), "SELECT 1").rule,
+        "trusted-free"
+    );
+}
+
+#[test]
+fn missing_estimate_counts_as_exceeded_and_says_why() {
+    let p = Policy::from_toml(
+        "[[rules]]\nname = \"big\"\nkinds = [\"read\", \"write\"]\nestimated_rows_above = 10000\naction = \"deny\"\n",
+    )
+    .unwrap();
+    let d = decide(&p, &subject("m"), "DELETE FROM t WHERE id < 5");
+    assert_eq!(d.rule, "big");
+    assert!(
+        d.reasons[0].contains("row estimate unavailable"),
+        "{:?}",
+        d.reasons
+    );
+    assert!(!d.reusable);
+    let small = |_: &StatementFacts| Ok(5);
+    let c = classify("DELETE FROM t WHERE id < 5", Dialect::Postgresql);
+    assert_eq!(p.decide(&subject("m"), &c, &small).rule, "default");
+    let large = |_: &StatementFacts| Ok(50_000);
+    let d = p.decide(&subject("m"), &c, &large);
+    assert_eq!(d.rule, "big");
+    assert!(d.reasons[0].contains("50000"), "{:?}", d.reasons);
+}
+
+#[test]
+fn time_windows_use_utc_days_and_hours() {
+    let p = Policy::from_toml(
+        "[[rules]]\nname = \"office-hours-ddl\"\nkinds = [\"ddl\"]\naction = \"allow\"\n\
+         time = { days = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"], from = \"09:00\", to = \"18:00\" }\n\
+         [default]\naction = \"deny\"\n",
+    )
+    .unwrap();
+    let c = classify("CREATE TABLE t (a int)", Dialect::Postgresql);
+    let monday_noon = time::macros::datetime!(2024-01-01 12:00 UTC);
+    let monday_night = time::macros::datetime!(2024-01-01 22:00 UTC);
+    let saturday_noon = time::macros::datetime!(2024-01-06 12:00 UTC);
+    let who = subject("a");
+    assert_eq!(
+        p.decide_at(&who, &c, &NoEstimator, monday_noon).rule,
+        "office-hours-ddl"
+    );
+    assert_eq!(
+        p.decide_at(&who, &c, &NoEstimator, monday_night).rule,
+        "default"
+    );
+    assert_eq!(
+        p.decide_at(&who, &c, &NoEstimator, saturday_noon).rule,
+        "default"
+    );
+}
+
+#[test]
+fn safe_functions_extend_the_known_safe_list() {
+    let p = Policy::from_toml(
+        "safe_functions = [\"myapp.*\"]\n\
+         [[rules]]\nname = \"fn\"\nunsafe_functions = true\naction = \"hold\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        decide(&p, &subject("a"), "SELECT myapp.fmt(a) FROM t").rule,
+        "default"
+    );
+    assert_eq!(
+        decide(&p, &subject("a"), "SELECT other.fmt(a) FROM t").rule,
+        "fn"
+    );
+}
+
+#[test]
+fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
+    let free = Policy::from_toml("[default]\naction = \"allow\"\n").unwrap();
+    assert_eq!(needs_gate(&free, &subject("a")), GateMode::Monitor);
+    assert_eq!(
+        needs_gate(&Policy::builtin_default(), &subject("a")),
+        GateMode::GateRisky
+    );
+    assert_eq!(
+        needs_gate(&Policy::builtin_default(), &Subject::default()),
+        GateMode::GateRisky
+    );
+
+    let p = Policy::from_toml(
+        "[groups.bots]\napplications = [\"bot\"]\n\
+         [groups.admins]\nusers = [\"admin\"]\n\
+         [[rules]]\nname = \"bots-out\"\ngroups = [\"bots\"]\naction = \"deny\"\n\
+         [[rules]]\nname = \"admins-free\"\ngroups = [\"admins\"]\naction = \"allow\"\n\
+         [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
+    )
+    .unwrap();
+    let mut bot = subject("x");
+    bot.application = Some("bot".into());
+    assert_eq!(needs_gate(&p, &bot), GateMode::DenyConnection);
+    assert_eq!(needs_gate(&p, &subject("admin")), GateMode::Monitor);
+    assert_eq!(needs_gate(&p, &subject("someone")), GateMode::GateRisky);
+    // Application unknown: might be a bot, so statements are gated (not refused outright).
+    let mut unsure = subject("admin");
+    unsure.application = None;
+    assert_eq!(needs_gate(&p, &unsure), GateMode::GateRisky);
+}
+
+#[test]
+fn decision_cache_never_changes_a_decision() {
+    let policy = Arc::new(Policy::builtin_default());
+    let mut cache = DecisionCache::new(1000);
+    let statements = [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 2",
+        "DELETE FROM t WHERE 1 = 1",
+        "DELETE FROM t WHERE 1 = 2",
+        "DELETE FROM t WHERE id = 1",
+        "DELETE FROM t WHERE id = 2",
+        "UPDATE t SET a = 1 WHERE 'yes'",
+        "UPDATE t SET a = 1 WHERE 'no'",
+        "UPDATE t SET a = 1 WHERE a + 1 = a + 1",
+        "UPDATE t SET a = 1 WHERE a + 1 = a + 2",
+        "SELECT 1; DROP TABLE x",
+        "SELECT 2; DROP TABLE x",
+        "SELECT 'x' 'y",
+        "SELECT 'x' 'z",
+        "SET NAMES 'UTF8'",
+        "SET NAMES 'SJIS'",
+        "SET client_encoding = 'UTF8'",
+        "SET client_encoding = 'GBK'",
+        "EXPLAIN (ANALYZE 0) DELETE FROM t WHERE id = 1",
+        "EXPLAIN (ANALYZE 1) DELETE FROM t WHERE id = 1",
+    ];
+    let who = [subject("a"), subject("b"), Subject::default()];
+    for round in 0..2 {
+        for sql in statements {
+            for s in &who {
+                let (c, cached) = cache.decide(&policy, s, sql, Dialect::Postgresql, &NoEstimator);
+                let fresh = decide(&policy, s, sql);
+                assert_eq!(cached, fresh, "round {round}: {sql}");
+                assert_eq!(
+                    c.statements,
+                    classify(sql, Dialect::Postgresql).statements,
+                    "{sql}"
+                );
+            }
+        }
+    }
+    assert!(cache.len().1 > 0);
+}
+
+#[test]
+fn reload_keeps_the_old_policy_when_the_new_one_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, "[default]\naction = \"deny\"\n").unwrap();
+    let handle = PolicyHandle::new(Policy::builtin_default());
+    handle.reload_from(&path).unwrap();
+    assert_eq!(handle.generation(), 1);
+    let who = subject("a");
+    assert_eq!(
+        decide(&handle.current(), &who, "SELECT 1").action.name(),
+        "deny"
+    );
+
+    std::fs::write(&path, "[default]\naction = \"sometimes\"\n").unwrap();
+    let err = handle.reload_from(&path).unwrap_err();
+    assert_eq!(err.line(), Some(1), "{err}");
+    assert_eq!(handle.generation(), 1);
+    assert_eq!(
+        decide(&handle.current(), &who, "SELECT 1").action.name(),
+        "deny"
+    );
+}
+
+#[test]
+fn watcher_reloads_a_changed_file_and_ignores_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, "[default]\naction = \"allow\"\n").unwrap();
+    let handle = PolicyHandle::new(Policy::from_file(&path).unwrap());
+    let _watcher = watch_file(
+        handle.clone(),
+        path.clone(),
+        std::time::Duration::from_millis(20),
+    )
+    .unwrap();
+    let wait_for_generation = |n: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while handle.generation() < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        handle.generation()
+    };
+    std::fs::write(&path, "[default]\naction = \"deny\"\n# changed\n").unwrap();
+    assert_eq!(wait_for_generation(1), 1);
+    assert_eq!(
+        decide(&handle.current(), &subject("a"), "SELECT 1")
+            .action
+            .name(),
+        "deny"
+    );
+
+    std::fs::write(&path, "[default]\naction = \"allow\"\nbroken = \n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(handle.generation(), 1);
+    assert_eq!(
+        decide(&handle.current(), &subject("a"), "SELECT 1")
+            .action
+            .name(),
+        "deny"
+    );
+
+    std::fs::write(&path, "[default]\naction = \"allow\"\n").unwrap();
+    assert_eq!(wait_for_generation(2), 2);
+}
