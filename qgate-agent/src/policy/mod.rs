@@ -134,8 +134,13 @@ pub struct Decision {
 pub enum GateMode {
     /// No statement from this identity can be held or denied: only watch.
     Monitor,
-    /// Some statements may be held or denied: send candidates to userspace.
+    /// Some statements may be held or denied, but never a plain read (one
+    /// SELECT/SHOW with no function call, INTO or FOR): the kernel may pass
+    /// those and send the rest to userspace.
     GateRisky,
+    /// Even a plain read may be held (a rule on tables, tags, row estimates
+    /// or the clock applies): every SQL-bearing message goes to userspace.
+    GateAll,
     /// The policy refuses this identity outright.
     DenyConnection,
 }
@@ -303,6 +308,23 @@ struct Rule {
 impl Rule {
     /// True when the rule names no statement condition: it decides every
     /// statement of the identities it applies to.
+    /// Whether the rule could match a statement the kernel passes on its
+    /// own in `GateRisky` mode: one SELECT or SHOW reading tables, with no
+    /// function call and no flag. Conservative: unsure means yes.
+    fn could_match_plain_read(&self) -> bool {
+        let kind_ok = self.kinds.is_empty()
+            || self
+                .kinds
+                .iter()
+                .any(|k| matches!(k, Kind::Read | Kind::Session | Kind::Utility));
+        let verb_ok = self.verbs.is_empty()
+            || self
+                .verbs
+                .iter()
+                .any(|v| v.eq_ignore_ascii_case("select") || v.eq_ignore_ascii_case("show"));
+        kind_ok && verb_ok && self.flags.is_empty() && self.functions.is_empty() && !self.unsafe_functions
+    }
+
     fn matches_every_statement(&self) -> bool {
         self.kinds.is_empty()
             && self.verbs.is_empty()
@@ -629,12 +651,18 @@ fn strictest(a: Action, a_rule: String, b: Action, b_rule: String) -> (Action, S
 /// when no statement of theirs could ever be held or denied. Unknown identity
 /// fields count against the subject.
 pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
-    let membership: Vec<Membership> = policy
-        .groups
-        .iter()
-        .map(|g| g.membership(subject))
-        .collect();
+    let membership: Vec<Membership> = policy.groups.iter().map(|g| g.membership(subject)).collect();
     let mut earlier_rule_applies = false;
+    // A restricting rule applies to this subject; one could hold a plain read.
+    let mut restricted = false;
+    let mut reads_restricted = false;
+    let risky = |reads_restricted: bool| {
+        if reads_restricted {
+            GateMode::GateAll
+        } else {
+            GateMode::GateRisky
+        }
+    };
     for rule in &policy.rules {
         let m = if rule.groups.is_empty() {
             Membership::Yes
@@ -653,22 +681,29 @@ pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
                 && rule.matches_every_statement()
                 && m == Membership::Yes
                 && !earlier_rule_applies;
-            return if outright {
-                GateMode::DenyConnection
+            if outright {
+                return GateMode::DenyConnection;
+            }
+            restricted = true;
+            reads_restricted |= rule.could_match_plain_read();
+            continue;
+        }
+        if m == Membership::Yes && rule.matches_every_statement() {
+            // Everything not restricted above is allowed from here on.
+            return if restricted {
+                risky(reads_restricted)
             } else {
-                GateMode::GateRisky
+                GateMode::Monitor
             };
         }
         if m == Membership::Yes {
-            if rule.matches_every_statement() {
-                return GateMode::Monitor;
-            }
             earlier_rule_applies = true;
         }
     }
     match policy.default {
-        Action::Deny { .. } if !earlier_rule_applies => GateMode::DenyConnection,
-        Action::Deny { .. } | Action::Hold { .. } => GateMode::GateRisky,
+        Action::Deny { .. } if !earlier_rule_applies && !restricted => GateMode::DenyConnection,
+        Action::Deny { .. } | Action::Hold { .. } => GateMode::GateAll,
+        Action::Allow | Action::AuditOnly if restricted => risky(reads_restricted),
         Action::Allow | Action::AuditOnly => GateMode::Monitor,
     }
 }

@@ -213,10 +213,26 @@ fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
     assert_eq!(needs_gate(&p, &bot), GateMode::DenyConnection);
     assert_eq!(needs_gate(&p, &subject("admin")), GateMode::Monitor);
     assert_eq!(needs_gate(&p, &subject("someone")), GateMode::GateRisky);
-    // Application unknown: might be a bot, so statements are gated (not refused outright).
+    // Application unknown: might be a bot, so statements are gated (not
+    // refused outright) — all of them, since a bot's plain read is denied too.
     let mut unsure = subject("admin");
     unsure.application = None;
-    assert_eq!(needs_gate(&p, &unsure), GateMode::GateRisky);
+    assert_eq!(needs_gate(&p, &unsure), GateMode::GateAll);
+}
+
+#[test]
+fn a_rule_that_can_hold_plain_reads_makes_the_kernel_send_every_statement_up() {
+    let p = Policy::from_toml(
+        "[groups.analysts]\nusers = [\"ana\"]\n\
+         [tags]\nsensitive = [\"public.salaries\"]\n\
+         [[rules]]\nname = \"sensitive\"\ngroups = [\"analysts\"]\ntags = [\"sensitive\"]\naction = \"hold\"\n\
+         [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
+    )
+    .unwrap();
+    // A plain `SELECT * FROM salaries` could be held for ana: the kernel must not pass it.
+    assert_eq!(needs_gate(&p, &subject("ana")), GateMode::GateAll);
+    // For others only DDL can be held: plain reads may pass in the kernel.
+    assert_eq!(needs_gate(&p, &subject("bob")), GateMode::GateRisky);
 }
 
 #[test]

@@ -18,4 +18,4 @@ pub mod tcp;
 mod tracker;
 
 pub use events::*;
-pub use tracker::{StatementSpan, StreamSpan, Tracker};
+pub use tracker::{ClientMessage, ClientSql, SqlCarrier, StatementSpan, StreamSpan, Tracker};

@@ -32,9 +32,44 @@ pub struct StatementSpan {
     pub text: Option<StreamSpan>,
 }
 
+/// What a client message carries that the gate must judge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqlCarrier {
+    Query,
+    Parse,
+    /// FunctionCall: runs a function by OID, with no SQL text to judge.
+    FunctionCall,
+    /// The StartupMessage: the identity the policy judges.
+    Startup,
+}
+
+/// One message of a watched connection's client → server stream (see
+/// [`Tracker::watch`]), for the gate: where it is and, when it carries SQL,
+/// the text and where the text sits (for a same-length rewrite).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientMessage {
+    pub conn: ConnId,
+    pub flow: Flow,
+    pub span: StreamSpan,
+    pub sql: Option<ClientSql>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSql {
+    pub carrier: SqlCarrier,
+    /// The text up to its NUL terminator (lossy UTF-8).
+    pub text: String,
+    /// The text's bytes in the stream, NUL excluded.
+    pub text_span: StreamSpan,
+    /// Prepared statement name (Parse).
+    pub statement: String,
+}
+
 #[derive(Debug)]
 struct Connection {
     id: ConnId,
+    /// Report every client message to [`Tracker::take_client_messages`].
+    watched: bool,
     last_seen: UnixNanos,
     client: StreamReassembler,
     server: StreamReassembler,
@@ -54,6 +89,7 @@ impl Connection {
     fn new(id: ConnId, at: UnixNanos, mid_stream: bool) -> Self {
         Self {
             id,
+            watched: false,
             last_seen: at,
             client: StreamReassembler::new(),
             server: StreamReassembler::new(),
@@ -79,6 +115,16 @@ impl Connection {
 }
 
 /// Which backend a CancelRequest names (§55.2.8): from BackendKeyData.
+/// A SQL-bearing message as logged during decoding (offsets, not yet seqs).
+#[derive(Debug)]
+struct LoggedSql {
+    carrier: SqlCarrier,
+    text: String,
+    text_offset: u64,
+    text_len: u64,
+    statement: String,
+}
+
 #[derive(Debug)]
 struct BackendKey {
     conn: ConnId,
@@ -90,6 +136,8 @@ struct BackendKey {
 /// makes it panic; one connection's bytes never affect another's.
 #[derive(Debug, Default)]
 pub struct Tracker {
+    /// Messages of watched connections, as (conn, stream offset, len, sql).
+    client_log: Vec<(ConnId, u64, u64, Option<LoggedSql>)>,
     connections: HashMap<Flow, Connection>,
     flows: HashMap<ConnId, Flow>,
     backends: HashMap<u32, BackendKey>,
@@ -160,6 +208,64 @@ impl Tracker {
         })
     }
 
+    /// Starts (or stops) reporting every client message of `flow` through
+    /// [`Tracker::take_client_messages`]: the gate watches connections whose
+    /// bytes the kernel holds.
+    pub fn watch(&mut self, flow: &Flow, on: bool) {
+        if let Some(c) = self.connections.get_mut(flow) {
+            c.watched = on;
+        }
+    }
+
+    /// The messages of watched connections decoded since the last call, in
+    /// stream order per connection, with TCP sequence numbers.
+    pub fn take_client_messages(&mut self) -> Vec<ClientMessage> {
+        let log = std::mem::take(&mut self.client_log);
+        let mut messages = Vec::with_capacity(log.len());
+        for (conn, offset, len, sql) in log {
+            let Some(flow) = self.flows.get(&conn).copied() else {
+                continue;
+            };
+            let Some(c) = self.connections.get(&flow) else {
+                continue;
+            };
+            let locate = |offset: u64, len: u64| {
+                Some(StreamSpan {
+                    offset,
+                    len,
+                    seq: c.client.seq_at(offset)?,
+                })
+            };
+            let Some(span) = locate(offset, len) else {
+                continue;
+            };
+            let sql = match sql {
+                Some(s) => match locate(s.text_offset, s.text_len) {
+                    Some(text_span) => Some(ClientSql {
+                        carrier: s.carrier,
+                        text: s.text,
+                        text_span,
+                        statement: s.statement,
+                    }),
+                    None => continue,
+                },
+                None => None,
+            };
+            messages.push(ClientMessage {
+                conn,
+                flow,
+                span,
+                sql,
+            });
+        }
+        messages
+    }
+
+    /// The tracker's id for `flow`'s connection.
+    pub fn connection_id(&self, flow: &Flow) -> Option<ConnId> {
+        self.connections.get(flow).map(|c| c.id)
+    }
+
     pub fn on_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) {
         let reopened = seg.direction == Direction::ToServer
             && seg.is_syn()
@@ -203,7 +309,7 @@ impl Tracker {
         // rest is teardown: nothing more to decode or report.
         if !conn.closed_reported {
             match seg.direction {
-                Direction::ToServer => client_segment(conn, seg, out),
+                Direction::ToServer => client_segment(conn, seg, &mut self.client_log, out),
                 Direction::FromServer => server_segment(conn, &mut self.backends, seg, out),
             }
         }
@@ -298,6 +404,7 @@ impl Tracker {
                     encrypted,
                     undecodable_reported,
                     at,
+                    None,
                     out,
                 )
             });
@@ -343,7 +450,13 @@ fn report_closed_if_done(conn: &mut Connection, at: UnixNanos, out: &mut Vec<Wir
     }
 }
 
-fn client_segment(conn: &mut Connection, seg: &Segment, out: &mut Vec<WireEvent>) {
+fn client_segment(
+    conn: &mut Connection,
+    seg: &Segment,
+    log: &mut Vec<(ConnId, u64, u64, Option<LoggedSql>)>,
+    out: &mut Vec<WireEvent>,
+) {
+    let watched = conn.watched;
     let Connection {
         id,
         client,
@@ -369,10 +482,66 @@ fn client_segment(conn: &mut Connection, seg: &Segment, out: &mut Vec<WireEvent>
                 encrypted,
                 undecodable_reported,
                 seg.at,
+                watched.then_some(&mut *log),
                 out,
             )
         },
     );
+}
+
+/// What the gate needs to know of one decoded client message.
+fn log_entry(
+    conn: ConnId,
+    offset: u64,
+    len: u64,
+    message: &FrontendMessage<'_>,
+) -> (ConnId, u64, u64, Option<LoggedSql>) {
+    // Protocol 3.0 "Message Formats": type byte + Int32 length, then the body.
+    const HEADER: u64 = 5;
+    fn text_until_nul(bytes: &[u8]) -> &[u8] {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        &bytes[..end]
+    }
+    let sql = match message {
+        FrontendMessage::Query { text } => {
+            let text = text_until_nul(text);
+            Some(LoggedSql {
+                carrier: SqlCarrier::Query,
+                text: String::from_utf8_lossy(text).into_owned(),
+                text_offset: offset + HEADER,
+                text_len: text.len() as u64,
+                statement: String::new(),
+            })
+        }
+        FrontendMessage::Parse {
+            statement, text, ..
+        } => {
+            let text = text_until_nul(text);
+            Some(LoggedSql {
+                carrier: SqlCarrier::Parse,
+                text: String::from_utf8_lossy(text).into_owned(),
+                text_offset: offset + HEADER + statement.len() as u64 + 1,
+                text_len: text.len() as u64,
+                statement: String::from_utf8_lossy(statement).into_owned(),
+            })
+        }
+        FrontendMessage::FunctionCall { function_oid } => Some(LoggedSql {
+            carrier: SqlCarrier::FunctionCall,
+            text: format!("-- FunctionCall of function OID {function_oid}"),
+            text_offset: offset,
+            text_len: 0,
+            statement: String::new(),
+        }),
+        FrontendMessage::Startup(_) => Some(LoggedSql {
+            carrier: SqlCarrier::Startup,
+            text: String::new(),
+            text_offset: offset,
+            text_len: len,
+            statement: String::new(),
+        }),
+        _ => None,
+    };
+    (conn, offset, len, sql)
 }
 
 fn server_segment(
@@ -458,6 +627,7 @@ fn on_client_delivery(
     encrypted: &mut bool,
     undecodable_reported: &mut bool,
     at: UnixNanos,
+    mut log: Option<&mut Vec<(ConnId, u64, u64, Option<LoggedSql>)>>,
     out: &mut Vec<WireEvent>,
 ) {
     match delivery {
@@ -477,6 +647,9 @@ fn on_client_delivery(
                 } => {
                     if message == FrontendMessage::Tls {
                         tls = true;
+                    }
+                    if let Some(log) = log.as_deref_mut() {
+                        log.push(log_entry(conn, offset, len, &message));
                     }
                     session.on_frontend(conn, MessageSpan { offset, len }, &message, at, out);
                 }
