@@ -19,8 +19,9 @@ use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
     capture::kernel::{pin_dir, CaptureError, KernelCapture},
     config::{Config, FailMode, GateSetting},
-    gate::kernel::GateMode,
+    gate::{inject::Injector, kernel::GateMode, Gate},
     pipeline::Pipeline,
+    policy::{self, Policy, PolicyHandle, Subject},
     store::{self, Store, Writer, WriterConfig},
 };
 
@@ -39,17 +40,24 @@ pub enum AgentError {
     Gate(String),
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("policy: {0}")]
+    Policy(#[from] policy::PolicyError),
 }
 
 /// How often the agent tells the kernel it is alive and reads its counters.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 
-/// Runs until `stop` is set (the CLI sets it on SIGINT/SIGTERM).
-pub fn run(
-    config: &Config,
-    interfaces: &[String],
-    stop: Arc<AtomicBool>,
-) -> Result<(), AgentError> {
+/// Signals the agent reacts to, as flags the hot loop reads.
+pub struct Signals {
+    /// SIGINT/SIGTERM: stop.
+    pub stop: Arc<AtomicBool>,
+    /// SIGHUP: reload the policy file.
+    pub reload: Arc<AtomicBool>,
+}
+
+/// Runs until `signals.stop` is set.
+pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(), AgentError> {
+    let Signals { stop, reload } = signals;
     let store_err = |source| AgentError::Store {
         path: config.store.path.clone(),
         source,
@@ -90,20 +98,50 @@ pub fn run(
     };
     info!(listen = %config.api.listen, "API listening");
 
+    let policy = PolicyHandle::new(match &config.policy.file {
+        Some(path) => Policy::from_file(path)?,
+        None => Policy::builtin_default(),
+    });
+    let _watcher = match &config.policy.file {
+        Some(path) => Some(
+            policy::watch_file(policy.clone(), path.clone(), Duration::from_secs(1))
+                .map_err(|e| AgentError::Gate(format!("watching {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let enforcing = config.gate.mode == GateSetting::Policy;
     let pins = pin_dir(&config.gate.pin_dir);
     let mut capture = KernelCapture::attach(interfaces, &config.capture.ports, &pins)?;
-    let mut gate = capture.take_gate()?;
-    let default_mode = match config.gate.mode {
-        GateSetting::Monitor => GateMode::Monitor,
-        GateSetting::Policy => GateMode::GateRisky,
+    let mut kernel = capture.take_gate()?;
+    // A connection whose identity is not judged yet (or never: opened before
+    // the agent) is gated as the policy treats an unknown identity.
+    let default_mode = if enforcing {
+        match policy::needs_gate(&policy.current(), &Subject::default()) {
+            policy::GateMode::Monitor => GateMode::Monitor,
+            policy::GateMode::GateRisky => GateMode::GateRisky,
+            policy::GateMode::GateAll | policy::GateMode::DenyConnection => GateMode::GateAll,
+        }
+    } else {
+        GateMode::Monitor
     };
-    gate.configure(
-        default_mode,
-        config.gate.fail == FailMode::Open,
-        Duration::from_millis(config.gate.fail_after_ms),
-        false,
-    )
-    .map_err(|e| AgentError::Gate(e.to_string()))?;
+    kernel
+        .configure(
+            default_mode,
+            config.gate.fail == FailMode::Open,
+            Duration::from_millis(config.gate.fail_after_ms),
+            false,
+        )
+        .map_err(|e| AgentError::Gate(e.to_string()))?;
+    let injector = Injector::new().map_err(|e| AgentError::Gate(e.to_string()))?;
+    let mut events = board.subscribe();
+    let mut gate = Gate::new(
+        kernel,
+        injector,
+        policy.clone(),
+        board.clone(),
+        runtime.handle().clone(),
+        enforcing,
+    );
     let _ = runtime.block_on(board.audit(
         "agent.start",
         serde_json::json!({ "interfaces": interfaces, "ports": config.capture.ports, "mode": format!("{default_mode:?}") }),
@@ -113,12 +151,27 @@ pub fn run(
     let mut last_beat = Instant::now();
     let mut last_lost = 0;
     while !stop.load(Ordering::Relaxed) {
-        capture.poll(Duration::from_millis(50), |seg| {
-            pipeline.on_segment(&seg, |_, _| {});
+        // Short waits: a reviewer's decision is picked up within 10 ms.
+        capture.poll(Duration::from_millis(10), |seg| {
+            gate.before_segment(&seg, pipeline.tracker_mut());
+            pipeline.on_segment(&seg, |tracker, event| gate.on_event(tracker, event));
+            gate.after_segment(pipeline.tracker_mut());
         })?;
+        loop {
+            match events.try_recv() {
+                Ok(event) => gate.on_request_event(&event, pipeline.tracker_mut()),
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                    warn!("missed {n} request events; decisions arrive with the next ones");
+                }
+                Err(_) => break,
+            }
+        }
+        if reload.swap(false, Ordering::Relaxed) {
+            reload_policy(config, &policy, &board, &runtime);
+        }
         if last_beat.elapsed() >= HEARTBEAT {
             last_beat = Instant::now();
-            if let Err(e) = gate.heartbeat() {
+            if let Err(e) = gate.kernel().heartbeat() {
                 warn!("heartbeat: {e}");
             }
             let counters = capture.counters();
@@ -145,9 +198,43 @@ pub fn run(
         .record_capture_loss(store::now_nanos(), counters);
     let (summary, stats) = pipeline.finish(store::now_nanos()).map_err(store_err)?;
     info!(?summary, ?stats, "store flushed");
-    let _ = runtime.block_on(board.audit("agent.stop", serde_json::json!({ "summary": summary })));
-    capture.unpin();
+    let _ = runtime.block_on(board.audit(
+        "agent.stop",
+        serde_json::json!({ "summary": summary, "gate": gate.stats() }),
+    ));
+    if gate.holding() == 0 {
+        capture.unpin();
+    } else {
+        // The kernel keeps holding; the next agent picks the holds up.
+        info!(
+            connections = gate.holding(),
+            "statements still held: pins kept for the next agent"
+        );
+    }
     api_stop.notify_one();
     let _ = runtime.block_on(api_task);
     Ok(())
+}
+
+/// SIGHUP: re-read the policy file; a broken file leaves the old policy in force.
+fn reload_policy(
+    config: &Config,
+    policy: &PolicyHandle,
+    board: &crate::api::RequestBoard,
+    runtime: &tokio::runtime::Runtime,
+) {
+    let Some(path) = &config.policy.file else {
+        info!("SIGHUP: the built-in default policy is in force; nothing to reload");
+        return;
+    };
+    match policy.reload_from(path) {
+        Ok(()) => {
+            info!(path = %path.display(), "policy reloaded");
+            let _ = runtime.block_on(board.audit(
+                "policy.reload",
+                serde_json::json!({ "path": path.display().to_string() }),
+            ));
+        }
+        Err(e) => warn!(path = %path.display(), "policy reload refused, the old policy stays: {e}"),
+    }
 }

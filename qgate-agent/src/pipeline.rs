@@ -64,6 +64,10 @@ impl Pipeline {
         &self.tracker
     }
 
+    pub fn tracker_mut(&mut self) -> &mut Tracker {
+        &mut self.tracker
+    }
+
     /// Decodes one segment; `inspect` sees each resulting event (and the
     /// tracker, to locate messages) before it goes to the store.
     pub fn on_segment(&mut self, seg: &Segment, mut inspect: impl FnMut(&Tracker, &WireEvent)) {

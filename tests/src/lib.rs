@@ -278,6 +278,76 @@ impl Lab {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// `qgate-agent <args>` (a CLI command, not `run`) inside the server
+    /// namespace, where the agent's API listens on loopback.
+    pub fn agent_cli(&self, args: &[&str]) -> Result<Output> {
+        self.in_server(agent_bin().to_str().context("agent path")?)
+            .args(args)
+            .output()
+            .context("running qgate-agent")
+    }
+
+    /// Adds a reviewer to the lab's store and returns its API token.
+    pub fn add_reviewer(&self, name: &str, groups: &str, db_users: Option<&str>) -> Result<String> {
+        let db = self.db_path();
+        let mut args = vec![
+            "reviewers",
+            "add",
+            name,
+            "--groups",
+            groups,
+            "--json",
+            "--db",
+        ];
+        args.push(db.to_str().context("db path")?);
+        if let Some(users) = db_users {
+            args.extend(["--db-users", users]);
+        }
+        let out = self.agent_cli(&args)?;
+        if !out.status.success() {
+            bail!("reviewers add: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["token"]
+            .as_str()
+            .context("token in reviewers add --json")?
+            .to_string())
+    }
+
+    /// `qgate-agent requests <args> --json` against the lab's agent.
+    pub fn requests(&self, token: &str, args: &[&str]) -> Result<serde_json::Value> {
+        let api = format!("http://127.0.0.1:{}", self.api_port());
+        let mut all = vec!["requests"];
+        all.extend_from_slice(args);
+        all.extend(["--api", &api, "--token", token, "--json"]);
+        let out = self.agent_cli(&all)?;
+        if !out.status.success() {
+            bail!(
+                "requests {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// psql from the client namespace, started in the background.
+    pub fn psql_spawn(&self, user: &str, db: &str, args: &[&str]) -> Result<Child> {
+        self.in_client("psql")
+            .args([
+                "-h",
+                &self.server_ip.to_string(),
+                "-p",
+                &PG_PORT.to_string(),
+            ])
+            .args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting psql")
+    }
+
     /// psql from the client namespace; `-v ON_ERROR_STOP=0` so a failing
     /// statement in a script does not end it.
     pub fn psql(&self, user: &str, db: &str, args: &[&str]) -> Result<Output> {

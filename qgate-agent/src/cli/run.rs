@@ -98,7 +98,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
-    agent::run(&config, &interfaces, stop)?;
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
+        .context("installing signal handlers")?;
+    agent::run(&config, &interfaces, agent::Signals { stop, reload })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,6 +1,470 @@
 //! Holding, releasing and denying statements: the agent's half of the tc
 //! program's gate.
+//!
+//! The program drops what it cannot prove harmless and reports the dropped
+//! copies (`Segment::held`). [`Gate`] keeps them per connection
+//! ([`held::HeldStream`]), learns the message boundaries from the wire
+//! stage, decides each SQL message with the policy, and then:
+//! - allow: re-injects the held bytes at once ([`inject`]) and tells the
+//!   program where the next message starts ([`kernel`]);
+//! - hold: opens a request on the [`RequestBoard`] and waits for its final
+//!   event (approved → as allow; denied, expired, withdrawn → as deny);
+//! - deny: re-injects the bytes with the statement rewritten to one of the
+//!   same length that fails naming qgate and the request ([`rewrite`]), and
+//!   makes the program drop every later copy of the original.
 pub mod held;
 pub mod inject;
 pub mod kernel;
 pub mod rewrite;
+
+use std::collections::HashMap;
+
+use tracing::{info, warn};
+
+use self::{
+    held::{HeldStream, PendingSql},
+    inject::Injector,
+    kernel::{GateMode, KernelGate},
+};
+use crate::{
+    api::{RequestBoard, RequestEvent, RequestEventKind},
+    capture::{Direction, Flow, Segment},
+    classify::Dialect,
+    policy::{self, Action, DecisionCache, NoEstimator, PolicyHandle, Subject},
+    store::requests::{Identity as RequestIdentity, NewRequest, TransactionState},
+    wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, WireEvent},
+};
+
+/// What a pending SQL message needs to be decided and reported.
+#[derive(Clone, Debug)]
+pub struct SqlInfo {
+    pub conn: ConnId,
+    pub carrier: SqlCarrier,
+    pub text: String,
+}
+
+/// What the gate knows of a connection.
+#[derive(Clone, Debug, Default)]
+struct ConnInfo {
+    subject: Subject,
+    refused: bool,
+}
+
+/// Counts for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct GateStats {
+    pub decided: u64,
+    pub allowed: u64,
+    pub held: u64,
+    pub denied: u64,
+    pub released_bytes: u64,
+    pub inject_errors: u64,
+}
+
+pub struct Gate {
+    kernel: KernelGate,
+    injector: Injector,
+    policy: PolicyHandle,
+    cache: DecisionCache,
+    board: RequestBoard,
+    runtime: tokio::runtime::Handle,
+    /// Whether connections are judged by the policy at all (`gate.mode`).
+    enforcing: bool,
+    streams: HashMap<Flow, HeldStream<SqlInfo>>,
+    conns: HashMap<Flow, ConnInfo>,
+    requests: HashMap<i64, Flow>,
+    stats: GateStats,
+}
+
+fn subject_of(identity: &Identity, flow: &Flow) -> Subject {
+    Subject {
+        user: identity.user.clone(),
+        database: identity.database.clone(),
+        client_addr: Some(flow.client.ip()),
+        application: identity.application.clone(),
+    }
+}
+
+fn kernel_mode(mode: policy::GateMode) -> GateMode {
+    match mode {
+        policy::GateMode::Monitor => GateMode::Monitor,
+        policy::GateMode::GateRisky => GateMode::GateRisky,
+        policy::GateMode::GateAll => GateMode::GateAll,
+        policy::GateMode::DenyConnection => GateMode::Deny,
+    }
+}
+
+impl Gate {
+    pub fn new(
+        kernel: KernelGate,
+        injector: Injector,
+        policy: PolicyHandle,
+        board: RequestBoard,
+        runtime: tokio::runtime::Handle,
+        enforcing: bool,
+    ) -> Self {
+        Self {
+            kernel,
+            injector,
+            policy,
+            cache: DecisionCache::default(),
+            board,
+            runtime,
+            enforcing,
+            streams: HashMap::new(),
+            conns: HashMap::new(),
+            requests: HashMap::new(),
+            stats: GateStats::default(),
+        }
+    }
+
+    pub fn kernel(&mut self) -> &mut KernelGate {
+        &mut self.kernel
+    }
+
+    pub fn stats(&self) -> GateStats {
+        self.stats
+    }
+
+    /// Connections with held bytes or undecided statements.
+    pub fn holding(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Before the wire stage sees a segment: keep the copy if it was held,
+    /// and have the tracker report the connection's message boundaries.
+    pub fn before_segment(&mut self, seg: &Segment, tracker: &mut Tracker) {
+        if seg.direction != Direction::ToServer || !seg.held || seg.payload.is_empty() {
+            return;
+        }
+        let stream = self
+            .streams
+            .entry(seg.flow)
+            .or_insert_with(|| HeldStream::new(seg.seq));
+        stream.add_copy(seg.seq, &seg.payload, &seg.tcp_header);
+        tracker.watch(&seg.flow, true);
+    }
+
+    /// Every wire event: identities set the connection's mode, closes and
+    /// cancels withdraw what the connection had waiting.
+    pub fn on_event(&mut self, tracker: &Tracker, event: &WireEvent) {
+        match event {
+            WireEvent::Identified { conn, identity, .. } => {
+                let Some(flow) = tracker.flow(*conn) else {
+                    return;
+                };
+                let subject = subject_of(identity, &flow);
+                let mode = if self.enforcing {
+                    policy::needs_gate(&self.policy.current(), &subject)
+                } else {
+                    policy::GateMode::Monitor
+                };
+                if let Err(e) = self.kernel.set_mode(&flow, kernel_mode(mode)) {
+                    warn!("setting the gate mode of {flow:?}: {e}");
+                }
+                let refused = mode == policy::GateMode::DenyConnection;
+                if refused {
+                    info!(
+                        ?subject,
+                        "connection refused by policy: its statements will be denied"
+                    );
+                }
+                self.conns.insert(flow, ConnInfo { subject, refused });
+            }
+            WireEvent::ConnectionClosed { conn, .. } => {
+                if let Some(flow) = tracker.flow(*conn) {
+                    self.withdraw(&flow, "the client disconnected");
+                    self.conns.remove(&flow);
+                    self.kernel.forget(&flow);
+                }
+            }
+            WireEvent::CancelRequested { backend_pid, .. } => {
+                if let Some(flow) = tracker
+                    .backend_connection(*backend_pid)
+                    .and_then(|c| tracker.flow(c))
+                {
+                    self.withdraw(&flow, "the client cancelled it");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// After the wire stage processed a segment: place the reported
+    /// messages in their held streams, decide, release.
+    pub fn after_segment(&mut self, tracker: &mut Tracker) {
+        let messages = tracker.take_client_messages();
+        if messages.is_empty() {
+            return;
+        }
+        let mut touched = Vec::new();
+        for m in messages {
+            let flow = m.flow;
+            if self.place(m) && !touched.contains(&flow) {
+                touched.push(flow);
+            }
+        }
+        for flow in touched {
+            self.advance(&flow, tracker);
+        }
+    }
+
+    /// Puts one message into its connection's held stream; false when the
+    /// connection holds nothing or the message was released already.
+    fn place(&mut self, m: ClientMessage) -> bool {
+        let Some(stream) = self.streams.get_mut(&m.flow) else {
+            return false;
+        };
+        let start = m.span.seq;
+        let end = start.wrapping_add(m.span.len as u32);
+        if !held::seq_lt(stream.base(), end) {
+            return false;
+        }
+        match m.sql {
+            Some(sql) => stream.push_sql(PendingSql {
+                start,
+                end,
+                text_start: sql.text_span.seq,
+                text_end: sql.text_span.seq.wrapping_add(sql.text_span.len as u32),
+                info: SqlInfo {
+                    conn: m.conn,
+                    carrier: sql.carrier,
+                    text: sql.text,
+                },
+                request: None,
+            }),
+            None => stream.message_ends(end),
+        }
+        true
+    }
+
+    /// Decides waiting messages in order until one needs reviewers, then
+    /// releases what can go.
+    fn advance(&mut self, flow: &Flow, tracker: &mut Tracker) {
+        loop {
+            let Some(stream) = self.streams.get_mut(flow) else {
+                return;
+            };
+            let Some(front) = stream.front() else {
+                break;
+            };
+            if front.request.is_some() {
+                break;
+            }
+            let front = front.clone();
+            match self.decide(flow, &front) {
+                Verdict::Allow => {
+                    if let Some(s) = self.streams.get_mut(flow) {
+                        s.allow_front();
+                    }
+                }
+                Verdict::Deny { id, reason } => self.deny_front(flow, id, &reason),
+                Verdict::Wait(id) => {
+                    if let Some(f) = self.streams.get_mut(flow).and_then(|s| s.front()) {
+                        f.request = Some(id);
+                    }
+                    self.requests.insert(id, *flow);
+                    break;
+                }
+            }
+        }
+        self.release(flow, tracker);
+    }
+
+    fn decide(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
+        self.stats.decided += 1;
+        let conn = self.conns.get(flow).cloned().unwrap_or_default();
+        if sql.info.carrier == SqlCarrier::Startup {
+            return Verdict::Allow;
+        }
+        if conn.refused {
+            self.stats.denied += 1;
+            let id = self.audit_denial(flow, sql, "connection refused by policy");
+            return Verdict::Deny {
+                id,
+                reason: "connection refused by policy".into(),
+            };
+        }
+        if !self.enforcing {
+            self.stats.allowed += 1;
+            return Verdict::Allow;
+        }
+        let policy = self.policy.current();
+        let (classification, decision) = self.cache.decide(
+            &policy,
+            &conn.subject,
+            &sql.info.text,
+            Dialect::Postgresql,
+            &NoEstimator,
+        );
+        match decision.action {
+            Action::Allow | Action::AuditOnly => {
+                self.stats.allowed += 1;
+                Verdict::Allow
+            }
+            Action::Deny { message } => {
+                self.stats.denied += 1;
+                let reason = format!("{message} (rule {})", decision.rule);
+                let id = self.audit_denial(flow, sql, &reason);
+                Verdict::Deny { id, reason }
+            }
+            Action::Hold {
+                approvals,
+                reviewer_groups,
+            } => {
+                self.stats.held += 1;
+                let facts = serde_json::to_value(&classification).unwrap_or_default();
+                let new = NewRequest {
+                    statement_id: None,
+                    statement: sql.info.text.clone(),
+                    facts,
+                    rule: decision.rule.clone(),
+                    approvals_needed: approvals,
+                    reviewer_groups,
+                    identity: RequestIdentity {
+                        db_user: conn.subject.user.clone(),
+                        database: conn.subject.database.clone(),
+                        application: conn.subject.application.clone(),
+                        client_addr: Some(flow.client.to_string()),
+                    },
+                    connection_id: sql.info.conn.0 as i64,
+                    transaction_state: TransactionState::Unknown,
+                    estimated_rows: None,
+                    timeout: None,
+                };
+                match self.runtime.block_on(self.board.create(new)) {
+                    Ok(request) => {
+                        info!(request = request.id, rule = %decision.rule, "statement held for review");
+                        Verdict::Wait(request.id)
+                    }
+                    Err(e) => {
+                        // No request, no reviewer: refuse rather than run it unreviewed.
+                        warn!("could not open a request, denying: {e}");
+                        self.stats.denied += 1;
+                        let reason = "qgate could not record the request".to_string();
+                        let id = self.audit_denial(flow, sql, &reason);
+                        Verdict::Deny { id, reason }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a denial that no request carries; its audit id names it.
+    fn audit_denial(&self, flow: &Flow, sql: &PendingSql<SqlInfo>, reason: &str) -> i64 {
+        let details = serde_json::json!({
+            "decision": "deny",
+            "reason": reason,
+            "statement": sql.info.text,
+            "client": flow.client.to_string(),
+        });
+        self.runtime
+            .block_on(self.board.audit("decision", details))
+            .unwrap_or(0)
+    }
+
+    fn deny_front(&mut self, flow: &Flow, id: i64, reason: &str) {
+        let Some(stream) = self.streams.get_mut(flow) else {
+            return;
+        };
+        let Some(front) = stream.front() else {
+            return;
+        };
+        let (start, end) = (front.start, front.end);
+        let len = front.text_end.wrapping_sub(front.text_start) as usize;
+        if len == 0 {
+            // Nothing to rewrite (a FunctionCall): the bytes stay held; the
+            // connection is cut by the client's own timeout at worst.
+            warn!("cannot rewrite a message without SQL text; it stays held");
+            return;
+        }
+        stream.deny_front(rewrite::denial_text(len, id, reason));
+        if let Err(e) = self.kernel.deny_range(flow, start, end) {
+            warn!("recording the denied range: {e}");
+        }
+    }
+
+    /// Re-injects what is decided and tells the program where things stand.
+    fn release(&mut self, flow: &Flow, tracker: &mut Tracker) {
+        let Some(stream) = self.streams.get_mut(flow) else {
+            return;
+        };
+        while let Some(r) = stream.take_release() {
+            let end = r.seq.wrapping_add(r.bytes.len() as u32);
+            if let Err(e) = self.injector.inject(flow, &r.template, r.seq, &r.bytes) {
+                self.stats.inject_errors += 1;
+                warn!("re-injecting {} bytes at {}: {e}", r.bytes.len(), r.seq);
+            }
+            self.stats.released_bytes += r.bytes.len() as u64;
+            let still = r.more_held.then_some(end);
+            if let Err(e) = self.kernel.release(flow, end, still) {
+                warn!("releasing in the kernel: {e}");
+            }
+        }
+        if stream.is_idle() {
+            self.streams.remove(flow);
+            tracker.watch(flow, false);
+        }
+    }
+
+    /// A request reached a final state: run or refuse what waited on it.
+    pub fn on_request_event(&mut self, event: &RequestEvent, tracker: &mut Tracker) {
+        if !event.kind.is_final() {
+            return;
+        }
+        let Some(flow) = self.requests.remove(&event.request_id) else {
+            return;
+        };
+        let waiting = self
+            .streams
+            .get_mut(&flow)
+            .and_then(|s| s.front())
+            .is_some_and(|f| f.request == Some(event.request_id));
+        if !waiting {
+            return;
+        }
+        match event.kind {
+            RequestEventKind::Approved => {
+                if let Some(s) = self.streams.get_mut(&flow) {
+                    s.allow_front();
+                }
+            }
+            kind => {
+                let reason = match kind {
+                    RequestEventKind::Expired => "expired before a decision".to_string(),
+                    RequestEventKind::Withdrawn => "withdrawn".to_string(),
+                    _ => match event.request.closing.as_ref() {
+                        Some(c) => match &c.comment {
+                            Some(comment) => format!("denied by {}: {comment}", c.by),
+                            None => format!("denied by {}", c.by),
+                        },
+                        None => "denied".to_string(),
+                    },
+                };
+                self.deny_front(&flow, event.request_id, &reason);
+            }
+        }
+        self.advance(&flow, tracker);
+    }
+
+    /// Withdraws the request the connection waits on, if any.
+    fn withdraw(&mut self, flow: &Flow, why: &str) {
+        let Some(id) = self
+            .streams
+            .get_mut(flow)
+            .and_then(|s| s.front())
+            .and_then(|f| f.request)
+        else {
+            return;
+        };
+        if let Err(e) = self.runtime.block_on(self.board.withdraw(id, why)) {
+            warn!("withdrawing request {id}: {e}");
+        }
+    }
+}
+
+enum Verdict {
+    Allow,
+    Deny { id: i64, reason: String },
+    Wait(i64),
+}

@@ -9,34 +9,48 @@
 /// The replacement for `len` bytes of SQL, in order of preference:
 /// 1. `DO $$BEGIN RAISE EXCEPTION 'qgate: request 7 denied: reason';END$$`
 ///    (the client sees exactly that message; the reason is cut to fit);
-/// 2. `CLOSE qgate_denied_request_7` → `cursor "qgate_denied_request_7" does not exist`;
-/// 3. a bare identifier such as `qgate_denied_7` → `syntax error at or near "qgate_denied_7"`,
-///    cut to `len` (down to `q`).
+/// 2. `SHOW "qgate: request 7 denied: reason"` → `unrecognized configuration
+///    parameter "qgate: request 7 denied: reason"`;
+/// 3. a lone quoted identifier, `"qgate request 7"` down to `"q7"` →
+///    `syntax error at or near ""qgate request 7""`;
+/// 4. below that, a bare identifier cut to `len` (`q`): still a syntax error.
 ///
 /// The result is padded with spaces to exactly `len` bytes; `len` must be at least 1.
 pub fn denial_text(len: usize, request_id: i64, reason: &str) -> Vec<u8> {
-    const PREFIX: &str = "DO $$BEGIN RAISE EXCEPTION '";
-    const SUFFIX: &str = "';END$$";
+    const DO_PREFIX: &str = "DO $$BEGIN RAISE EXCEPTION '";
+    const DO_SUFFIX: &str = "';END$$";
+    // NAMEDATALEN - 1: longer identifiers are truncated by the server.
+    const MAX_IDENT: usize = 63;
     let head = format!("qgate: request {request_id} denied");
     let clean = sanitize(reason);
-    let room = len.saturating_sub(PREFIX.len() + SUFFIX.len());
-    let mut text = if room >= head.len() {
-        let mut message = head;
+    let with_reason = |room: usize| {
+        let mut message = head.clone();
         if !clean.is_empty() && room >= message.len() + 3 {
             message.push_str(": ");
             let keep = (room - message.len()).min(clean.len());
             message.push_str(&clean[..keep]);
         }
-        format!("{PREFIX}{message}{SUFFIX}")
+        message
+    };
+    let do_room = len.saturating_sub(DO_PREFIX.len() + DO_SUFFIX.len());
+    let show_room = len.saturating_sub("SHOW \"\"".len()).min(MAX_IDENT);
+    let mut text = if do_room >= head.len() {
+        format!("{DO_PREFIX}{}{DO_SUFFIX}", with_reason(do_room))
+    } else if show_room >= head.len() {
+        format!("SHOW \"{}\"", with_reason(show_room))
     } else {
-        let cursor = format!("CLOSE qgate_denied_request_{request_id}");
-        if cursor.len() <= len {
-            cursor
-        } else {
-            let mut ident = format!("qgate_denied_{request_id}");
+        [
+            format!("\"qgate request {request_id}\""),
+            format!("\"qgate {request_id}\""),
+            format!("\"q{request_id}\""),
+        ]
+        .into_iter()
+        .find(|candidate| candidate.len() <= len)
+        .unwrap_or_else(|| {
+            let mut ident = "qgate_denied".to_string();
             ident.truncate(len.max(1));
             ident
-        }
+        })
     };
     while text.len() < len {
         text.push(' ');
@@ -44,8 +58,9 @@ pub fn denial_text(len: usize, request_id: i64, reason: &str) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// Keeps what can sit inside a single-quoted literal in a dollar-quoted body
-/// without escaping: printable ASCII except quote, dollar and backslash.
+/// Keeps what can sit, unescaped, inside a single-quoted RAISE format in a
+/// dollar-quoted body or a quoted identifier: printable ASCII except quotes,
+/// dollar, backslash and `%` (a RAISE placeholder).
 fn sanitize(reason: &str) -> String {
     reason
         .chars()
@@ -56,7 +71,7 @@ fn sanitize(reason: &str) -> String {
                 ' '
             }
         })
-        .filter(|c| !matches!(c, '\'' | '$' | '\\'))
+        .filter(|c| !matches!(c, '\'' | '"' | '$' | '\\' | '%'))
         .collect()
 }
 
@@ -90,16 +105,21 @@ mod tests {
     }
 
     #[test]
-    fn medium_statement_becomes_close_of_a_named_cursor() {
-        let text = denial_text("DROP TABLE accounts".len() + 12, 40, "x");
+    fn medium_statement_becomes_show_of_a_parameter_named_for_the_denial() {
+        let text = denial_text("DROP TABLE accounts CASCADE;".len() + 10, 40, "no");
         let text = String::from_utf8(text).unwrap();
-        assert!(text.starts_with("CLOSE qgate_denied_request_40"), "{text}");
+        assert!(
+            text.starts_with("SHOW \"qgate: request 40 denied"),
+            "{text}"
+        );
     }
 
     #[test]
-    fn short_statement_becomes_an_identifier_naming_qgate() {
+    fn short_statement_becomes_a_quoted_identifier_naming_qgate_and_the_request() {
         let text = String::from_utf8(denial_text("DROP TABLE t".len(), 40, "x")).unwrap();
-        assert_eq!(text, "qgate_denied");
+        assert_eq!(text, "\"qgate 40\"  ");
+        assert_eq!(denial_text(5, 40, ""), b"\"q40\"");
+        assert_eq!(denial_text(4, 40, ""), b"qgat");
         assert_eq!(denial_text(1, 40, ""), b"q");
     }
 
@@ -113,6 +133,8 @@ mod tests {
                 "blank at {len}"
             );
             assert!(!text.contains(&b';') || text.starts_with(b"DO $$"), "{len}");
+            let quotes = text.iter().filter(|&&b| b == b'"').count();
+            assert!(quotes == 0 || quotes == 2, "balanced quotes at {len}");
         }
     }
 }

@@ -322,7 +322,11 @@ impl Rule {
                 .verbs
                 .iter()
                 .any(|v| v.eq_ignore_ascii_case("select") || v.eq_ignore_ascii_case("show"));
-        kind_ok && verb_ok && self.flags.is_empty() && self.functions.is_empty() && !self.unsafe_functions
+        kind_ok
+            && verb_ok
+            && self.flags.is_empty()
+            && self.functions.is_empty()
+            && !self.unsafe_functions
     }
 
     fn matches_every_statement(&self) -> bool {
@@ -651,7 +655,11 @@ fn strictest(a: Action, a_rule: String, b: Action, b_rule: String) -> (Action, S
 /// when no statement of theirs could ever be held or denied. Unknown identity
 /// fields count against the subject.
 pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
-    let membership: Vec<Membership> = policy.groups.iter().map(|g| g.membership(subject)).collect();
+    let membership: Vec<Membership> = policy
+        .groups
+        .iter()
+        .map(|g| g.membership(subject))
+        .collect();
     let mut earlier_rule_applies = false;
     // A restricting rule applies to this subject; one could hold a plain read.
     let mut restricted = false;

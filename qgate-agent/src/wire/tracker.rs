@@ -115,6 +115,10 @@ impl Connection {
 }
 
 /// Which backend a CancelRequest names (§55.2.8): from BackendKeyData.
+/// One message of a watched connection as logged during decoding: its
+/// connection, stream offset and length, and what it carries.
+type LogEntry = (ConnId, u64, u64, Option<LoggedSql>);
+
 /// A SQL-bearing message as logged during decoding (offsets, not yet seqs).
 #[derive(Debug)]
 struct LoggedSql {
@@ -137,7 +141,7 @@ struct BackendKey {
 #[derive(Debug, Default)]
 pub struct Tracker {
     /// Messages of watched connections, as (conn, stream offset, len, sql).
-    client_log: Vec<(ConnId, u64, u64, Option<LoggedSql>)>,
+    client_log: Vec<LogEntry>,
     connections: HashMap<Flow, Connection>,
     flows: HashMap<ConnId, Flow>,
     backends: HashMap<u32, BackendKey>,
@@ -453,7 +457,7 @@ fn report_closed_if_done(conn: &mut Connection, at: UnixNanos, out: &mut Vec<Wir
 fn client_segment(
     conn: &mut Connection,
     seg: &Segment,
-    log: &mut Vec<(ConnId, u64, u64, Option<LoggedSql>)>,
+    log: &mut Vec<LogEntry>,
     out: &mut Vec<WireEvent>,
 ) {
     let watched = conn.watched;
@@ -495,7 +499,7 @@ fn log_entry(
     offset: u64,
     len: u64,
     message: &FrontendMessage<'_>,
-) -> (ConnId, u64, u64, Option<LoggedSql>) {
+) -> LogEntry {
     // Protocol 3.0 "Message Formats": type byte + Int32 length, then the body.
     const HEADER: u64 = 5;
     fn text_until_nul(bytes: &[u8]) -> &[u8] {
@@ -627,7 +631,7 @@ fn on_client_delivery(
     encrypted: &mut bool,
     undecodable_reported: &mut bool,
     at: UnixNanos,
-    mut log: Option<&mut Vec<(ConnId, u64, u64, Option<LoggedSql>)>>,
+    mut log: Option<&mut Vec<LogEntry>>,
     out: &mut Vec<WireEvent>,
 ) {
     match delivery {

@@ -1,0 +1,161 @@
+//! Issue 5 end to end: a risky statement is held inside a live psql session
+//! by the tc program, runs within milliseconds of its approval, and a denied
+//! one gets a clean SQL error while the session stays usable.
+use std::{
+    io::Read,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use qgate_e2e::{require_root, Lab};
+
+/// A lab with a table `t` (3 rows), the agent under the shipped default
+/// policy, and one reviewer in the `reviewers` group.
+fn gated_lab(tag: &str) -> Result<(Lab, String)> {
+    require_root();
+    let mut lab = Lab::new(tag)?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")?;
+    lab.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')")?;
+    lab.start_agent(&[])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    Ok((lab, token))
+}
+
+/// Waits for exactly one pending request and returns it.
+fn pending_request(lab: &Lab, token: &str) -> Result<serde_json::Value> {
+    lab.wait_for("a pending request", Duration::from_secs(10), || {
+        let list = lab.requests(token, &["list", "--status", "pending"])?;
+        Ok(list.as_array().and_then(|a| a.first().cloned()))
+    })
+}
+
+fn table_exists(lab: &Lab) -> Result<bool> {
+    Ok(lab.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'")? == "1")
+}
+
+fn finish(mut child: Child, timeout: Duration) -> Result<(bool, String, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut out = String::new();
+            let mut err = String::new();
+            if let Some(mut o) = child.stdout.take() {
+                o.read_to_string(&mut out)?;
+            }
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_string(&mut err)?;
+            }
+            return Ok((status.success(), out, err));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("psql did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn drop_table_is_held_until_approved() -> Result<()> {
+    let (lab, token) = gated_lab("gheld")?;
+    let psql = lab.psql_spawn("postgres", "postgres", &["-c", "DROP TABLE t"])?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    assert_eq!(request["statement"], "DROP TABLE t", "{request}");
+    assert_eq!(request["rule"].as_str().map(|r| !r.is_empty()), Some(true));
+
+    // While held: the table is there, and other sessions run normally.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(table_exists(&lab)?, "DROP ran before approval");
+    let started = Instant::now();
+    assert_eq!(lab.sql("SELECT count(*) FROM t")?, "3");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "other sessions slowed"
+    );
+
+    lab.requests(&token, &["approve", &id.to_string(), "--comment", "ok"])?;
+    let approved_at = Instant::now();
+    let (ok, _, err) = finish(psql, Duration::from_secs(5))?;
+    let latency = approved_at.elapsed();
+    assert!(ok, "psql failed: {err}");
+    assert!(
+        latency < Duration::from_secs(1),
+        "ran {latency:?} after approval"
+    );
+    eprintln!("approved DROP TABLE completed {latency:?} after the approve call returned");
+    assert!(!table_exists(&lab)?, "the approved DROP did not run");
+
+    let shown = lab.requests(&token, &["show", &id.to_string()])?;
+    assert_eq!(shown["status"], "approved", "{shown}");
+    assert_eq!(shown["votes"][0]["reviewer"], "rita", "{shown}");
+    Ok(())
+}
+
+#[test]
+fn denied_statement_returns_sql_error() -> Result<()> {
+    let (lab, token) = gated_lab("gdenied")?;
+    let script = lab.dir.join("deny.sql");
+    std::fs::write(&script, "DROP TABLE t;\nSELECT 40 + 2 AS answer;\n")?;
+    let psql = lab.psql_spawn(
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().unwrap_or_default()],
+    )?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "not today"])?;
+    let (_, out, err) = finish(psql, Duration::from_secs(5))?;
+    // "DROP TABLE t" is 12 bytes: the same-length denial is `"qgate <id>"`.
+    assert!(
+        err.contains(&format!("qgate {id}")),
+        "error names qgate and the request: {err}"
+    );
+    assert!(
+        out.contains("42"),
+        "the session stays usable: {out} / {err}"
+    );
+    assert!(table_exists(&lab)?, "a denied DROP must never run");
+    assert_eq!(lab.sql("SELECT count(*) FROM t")?, "3");
+    Ok(())
+}
+
+#[test]
+fn denied_statement_aborts_the_surrounding_transaction() -> Result<()> {
+    let (lab, token) = gated_lab("gdentx")?;
+    let script = lab.dir.join("tx.sql");
+    std::fs::write(
+        &script,
+        "BEGIN;\nINSERT INTO t VALUES (4, 'd');\n\
+         DROP TABLE /* the old table is not needed any more, says ticket 7 */ t;\n\
+         SELECT 1;\nROLLBACK;\nSELECT count(*) FROM t;\n",
+    )?;
+    let psql = lab.psql_spawn(
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().unwrap_or_default()],
+    )?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    lab.requests(
+        &token,
+        &["deny", &id.to_string(), "--comment", "use a migration"],
+    )?;
+    let (_, out, err) = finish(psql, Duration::from_secs(5))?;
+    assert!(
+        err.contains(&format!("qgate: request {id} denied")),
+        "a long enough statement becomes a RAISE naming the request: {err}"
+    );
+    assert!(
+        err.contains("current transaction is aborted"),
+        "the server aborted the transaction by its own rules: {err}"
+    );
+    assert!(
+        out.trim_end().ends_with('3'),
+        "ROLLBACK worked, the insert is gone: {out}"
+    );
+    assert!(table_exists(&lab)?);
+    Ok(())
+}
