@@ -208,7 +208,11 @@ impl Lab {
     /// Starts `qgate-agent run` in the server namespace, attached to the
     /// server's veth, and waits until it has attached.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
-        let log = fs::File::create(self.dir.join("agent.log"))?;
+        let before = self.agent_log().matches("capturing").count();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
         // nsenter --net, not `ip netns exec`: the latter remounts /sys and
         // hides the host's bpffs, where the agent pins its maps and links.
         let child = Command::new("nsenter")
@@ -232,7 +236,7 @@ impl Lab {
         self.agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self.agent_log().contains("capturing") {
+            if self.agent_log().matches("capturing").count() > before {
                 return Ok(());
             }
             if let Some(status) = self
@@ -248,6 +252,32 @@ impl Lab {
             "qgate-agent did not attach within 20 s:\n{}",
             self.agent_log()
         )
+    }
+
+    /// Writes the shipped qgate.toml with `replacements` applied (whole
+    /// `key = value` lines) into the lab and returns its path, for
+    /// `start_agent(&["--config", path])`.
+    pub fn config_with(&self, replacements: &[(&str, &str)]) -> Result<PathBuf> {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qgate-agent/qgate.toml");
+        let mut text = fs::read_to_string(&shipped)?;
+        for (from, to) in replacements {
+            if !text.contains(from) {
+                bail!("{from:?} is not in the shipped qgate.toml");
+            }
+            text = text.replace(from, to);
+        }
+        let path = self.dir.join("qgate.toml");
+        fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Kills the agent with SIGKILL: no clean-up, pins stay.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// Stops the agent with SIGTERM (it flushes the store) and waits.

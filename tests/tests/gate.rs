@@ -13,11 +13,19 @@ use qgate_e2e::{require_root, Lab};
 /// A lab with a table `t` (3 rows), the agent under the shipped default
 /// policy, and one reviewer in the `reviewers` group.
 fn gated_lab(tag: &str) -> Result<(Lab, String)> {
+    gated_lab_with(tag, &[])
+}
+
+/// As [`gated_lab`], running `setup` statements before the agent starts.
+fn gated_lab_with(tag: &str, setup: &[&str]) -> Result<(Lab, String)> {
     require_root();
     let mut lab = Lab::new(tag)?;
     lab.start_postgres()?;
     lab.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")?;
     lab.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')")?;
+    for sql in setup {
+        lab.sql(sql)?;
+    }
     lab.start_agent(&[])?;
     let token = lab.add_reviewer("rita", "reviewers", None)?;
     Ok((lab, token))
@@ -157,5 +165,200 @@ fn denied_statement_aborts_the_surrounding_transaction() -> Result<()> {
         "ROLLBACK worked, the insert is gone: {out}"
     );
     assert!(table_exists(&lab)?);
+    Ok(())
+}
+
+/// pgbench runs one custom script once over the extended protocol.
+fn pgbench_script(lab: &Lab, name: &str, script: &str, mode: &str) -> Result<Child> {
+    let path = lab.dir.join(name);
+    std::fs::write(&path, script)?;
+    lab.in_client("pgbench")
+        .args([
+            "-h",
+            &lab.server_ip.to_string(),
+            "-U",
+            "postgres",
+            "-n",
+            "-t",
+            "1",
+            "-M",
+            mode,
+        ])
+        .arg("-f")
+        .arg(&path)
+        .arg("postgres")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting pgbench")
+}
+
+#[test]
+fn extended_protocol_statement_is_held_until_approved() -> Result<()> {
+    let (lab, token) = gated_lab("gextok")?;
+    let bench = pgbench_script(&lab, "drop.sql", "DROP TABLE t;\n", "extended")?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(table_exists(&lab)?, "the Parse/Execute ran before approval");
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let (ok, out, err) = finish(bench, Duration::from_secs(5))?;
+    assert!(ok, "pgbench failed: {out}{err}");
+    assert!(!table_exists(&lab)?);
+    Ok(())
+}
+
+#[test]
+fn extended_protocol_denial_is_an_sql_error() -> Result<()> {
+    let (lab, token) = gated_lab("gextden")?;
+    let bench = pgbench_script(
+        &lab,
+        "drop.sql",
+        "DROP TABLE /* cleaning up after the migration of last week */ t;\n",
+        "extended",
+    )?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, out, err) = finish(bench, Duration::from_secs(5))?;
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains(&format!("qgate: request {id} denied")),
+        "{all}"
+    );
+    assert!(table_exists(&lab)?);
+    Ok(())
+}
+
+#[test]
+fn pipelined_statements_behind_a_held_one_wait_and_then_run_in_order() -> Result<()> {
+    let (lab, token) = gated_lab_with("gpipe", &["CREATE TABLE log (n int)"])?;
+    let bench = pgbench_script(
+        &lab,
+        "pipe.sql",
+        "\\startpipeline\nINSERT INTO log VALUES (1);\nALTER TABLE t ADD COLUMN w int;\n\
+         INSERT INTO log VALUES (2);\nINSERT INTO log SELECT count(*) + 10 FROM log;\n\\endpipeline\n",
+        "extended",
+    )?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    std::thread::sleep(Duration::from_millis(500));
+    // Nothing is visible yet: the INSERT before the held ALTER may have run,
+    // but the pipeline's implicit transaction ends only at its Sync.
+    assert_eq!(lab.sql("SELECT count(*) FROM log")?, "0");
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let (ok, out, err) = finish(bench, Duration::from_secs(5))?;
+    assert!(ok, "{out}{err}");
+    // In order: the count saw rows 1 and 2.
+    assert_eq!(
+        lab.sql("SELECT string_agg(n::text, ',' ORDER BY n) FROM log")?,
+        "1,2,12"
+    );
+    assert_eq!(lab.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'w'")?, "1");
+    Ok(())
+}
+
+#[test]
+fn a_statement_over_64_kib_is_held_and_released_whole() -> Result<()> {
+    let (lab, token) = gated_lab("gbig")?;
+    let padding = "x".repeat(70 * 1024);
+    let script = lab.dir.join("big.sql");
+    std::fs::write(
+        &script,
+        format!("DROP TABLE /* {padding} */ t;\nSELECT 'after';\n"),
+    )?;
+    let psql = lab.psql_spawn(
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().unwrap_or_default()],
+    )?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    assert!(request["statement"].as_str().map(str::len).unwrap_or(0) > 70 * 1024);
+    assert!(table_exists(&lab)?);
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let (ok, out, err) = finish(psql, Duration::from_secs(5))?;
+    assert!(ok && out.contains("after"), "{out}{err}");
+    assert!(!table_exists(&lab)?);
+    Ok(())
+}
+
+#[test]
+fn a_held_statement_expires_with_a_clear_error() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("gexpire")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int)")?;
+    let config = lab.config_with(&[("hold_timeout_s = 600", "hold_timeout_s = 3")])?;
+    lab.start_agent(&["--config", config.to_str().unwrap_or_default()])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    let script = lab.dir.join("expire.sql");
+    std::fs::write(
+        &script,
+        "DROP TABLE /* nobody will look at this one in time */ t;\nSELECT 'still here';\n",
+    )?;
+    let psql = lab.psql_spawn(
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().unwrap_or_default()],
+    )?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    let (_, out, err) = finish(psql, Duration::from_secs(10))?;
+    assert!(
+        err.contains(&format!("qgate: request {id} denied: expired")),
+        "{err}"
+    );
+    assert!(out.contains("still here"), "{out}");
+    assert!(table_exists(&lab)?);
+    let shown = lab.requests(&token, &["show", &id.to_string()])?;
+    assert_eq!(shown["status"], "expired", "{shown}");
+    Ok(())
+}
+
+#[test]
+fn a_client_cancel_withdraws_the_held_statement() -> Result<()> {
+    let (lab, token) = gated_lab("gcancel")?;
+    let script = lab.dir.join("cancel.sql");
+    std::fs::write(
+        &script,
+        "DROP TABLE /* the user will think better of it */ t;\n",
+    )?;
+    let psql = lab.psql_spawn(
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().unwrap_or_default()],
+    )?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    // Ctrl-C: psql sends a CancelRequest on a new connection.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
+    let (_, _, err) = finish(psql, Duration::from_secs(5))?;
+    assert!(err.contains("qgate") && err.contains("withdrawn"), "{err}");
+    let shown = lab.requests(&token, &["show", &id.to_string()])?;
+    assert_eq!(shown["status"], "withdrawn", "{shown}");
+    assert!(table_exists(&lab)?);
+    Ok(())
+}
+
+#[test]
+fn a_client_that_disconnects_withdraws_its_held_statement() -> Result<()> {
+    let (lab, token) = gated_lab("gdisc")?;
+    let mut psql = lab.psql_spawn("postgres", "postgres", &["-c", "DROP TABLE t"])?;
+    let request = pending_request(&lab, &token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    psql.kill()?;
+    psql.wait()?;
+    let shown = lab.wait_for(
+        "the request to be withdrawn",
+        Duration::from_secs(10),
+        || {
+            let shown = lab.requests(&token, &["show", &id.to_string()])?;
+            Ok((shown["status"] == "withdrawn").then_some(shown))
+        },
+    )?;
+    assert_eq!(shown["status"], "withdrawn");
+    assert!(table_exists(&lab)?, "a withdrawn DROP never runs");
     Ok(())
 }

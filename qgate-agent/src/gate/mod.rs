@@ -134,7 +134,14 @@ impl Gate {
     /// Before the wire stage sees a segment: keep the copy if it was held,
     /// and have the tracker report the connection's message boundaries.
     pub fn before_segment(&mut self, seg: &Segment, tracker: &mut Tracker) {
-        if seg.direction != Direction::ToServer || !seg.held || seg.payload.is_empty() {
+        if seg.direction != Direction::ToServer {
+            return;
+        }
+        if (seg.is_fin() || seg.is_rst()) && self.streams.contains_key(&seg.flow) {
+            // The client gave up on its held statement (closed or died).
+            self.withdraw(&seg.flow, "the client disconnected");
+        }
+        if !seg.held || seg.payload.is_empty() {
             return;
         }
         let stream = self

@@ -494,12 +494,7 @@ fn client_segment(
 }
 
 /// What the gate needs to know of one decoded client message.
-fn log_entry(
-    conn: ConnId,
-    offset: u64,
-    len: u64,
-    message: &FrontendMessage<'_>,
-) -> LogEntry {
+fn log_entry(conn: ConnId, offset: u64, len: u64, message: &FrontendMessage<'_>) -> LogEntry {
     // Protocol 3.0 "Message Formats": type byte + Int32 length, then the body.
     const HEADER: u64 = 5;
     fn text_until_nul(bytes: &[u8]) -> &[u8] {
