@@ -48,7 +48,9 @@ pub struct CheckArgs {
     json: bool,
     /// Answer `estimated_rows_above` with EXPLAIN over this read-only
     /// connection ("host=… port=… user=… dbname=…"). Without it, estimates
-    /// are unavailable and such conditions count as exceeded.
+    /// are unavailable and such conditions count as exceeded. The user needs
+    /// the privileges of the statements it plans (PostgreSQL checks them for
+    /// EXPLAIN too); its transactions are read only, so nothing runs.
     #[arg(long = "explain-with")]
     explain_with: Option<String>,
     /// Time limit for one EXPLAIN estimate, in milliseconds.
