@@ -30,8 +30,26 @@ fn example_policy() -> String {
 }
 
 /// `qgate-agent policy check --json` for the maintenance user from the
-/// client namespace, estimating with `conninfo`.
+/// client namespace, with the example policy, estimating with `conninfo`.
 fn check_as_maintenance(lab: &Lab, conninfo: &str, sql: &str) -> Result<Value> {
+    let policy = example_policy();
+    check_from_client(
+        lab,
+        &[
+            "--policy",
+            &policy,
+            "--explain-with",
+            conninfo,
+            "--explain-timeout-ms",
+            "5000",
+        ],
+        sql,
+    )
+}
+
+/// `qgate-agent policy check --json` for the maintenance user from the client
+/// namespace; `source` says where the policy and the estimator come from.
+fn check_from_client(lab: &Lab, source: &[&str], sql: &str) -> Result<Value> {
     let agent = agent_bin();
     let agent = agent
         .to_str()
@@ -39,10 +57,10 @@ fn check_as_maintenance(lab: &Lab, conninfo: &str, sql: &str) -> Result<Value> {
         .to_owned();
     let out = lab
         .in_client(&agent)
-        .args(["policy", "check", "--json", "--policy", &example_policy()])
+        .args(["policy", "check", "--json"])
+        .args(source)
         .args(["--user", "maintenance", "--database", "postgres"])
         .args(["--client-addr", &lab.client_ip.to_string()])
-        .args(["--explain-with", conninfo, "--explain-timeout-ms", "5000"])
         .arg(sql)
         .output()
         .with_context(|| format!("running {agent} (build it: cargo build -p qgate-agent)"))?;
@@ -105,6 +123,31 @@ fn maintenance_delete_is_decided_by_the_planners_row_estimate() -> Result<()> {
     let small = check_as_maintenance(&lab, &estimator, "DELETE FROM small WHERE id > 0")?;
     assert_eq!(small["decision"], "allow", "{small}");
     assert_eq!(small["rule"], "maintenance-runs-freely", "{small}");
+
+    // The same decision from the agent's configuration file.
+    let config = lab.dir.join("qgate.toml");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../qgate-agent/qgate.toml"
+    ))?;
+    std::fs::write(
+        &config,
+        shipped.replace(
+            "[policy]\n",
+            &format!(
+                "[policy]\nfile = {:?}\nestimator = {estimator:?}\n",
+                example_policy()
+            ),
+        ),
+    )?;
+    let config = config.to_str().context("config path is not UTF-8")?;
+    let configured =
+        check_from_client(&lab, &["--config", config], "DELETE FROM big WHERE id > 0")?;
+    assert_eq!(configured["decision"], "deny", "{configured}");
+    assert!(
+        reasons(&configured).contains("rows > 10000"),
+        "{configured}"
+    );
 
     // A role that may only read cannot have a DELETE planned: the server's
     // refusal is the reason, and the statement is denied as unestimated.
