@@ -60,8 +60,8 @@ fn busy_wait(attempts: i32) -> bool {
 /// under a shared lock, then needs the write lock. SQLite never calls the
 /// busy handler for that upgrade (two readers waiting on each other would
 /// deadlock), so when several processes open a new database at once all but
-/// one get `SQLITE_BUSY` at once. They retry here; by then the winner has
-/// switched the file and the retry only reads the header.
+/// one get `SQLITE_BUSY` at once. They retry here until the winner has
+/// switched the file; from then on the switch only reads the header.
 fn switch_to_wal(conn: &Connection) -> rusqlite::Result<String> {
     let mut attempts = 0;
     loop {
