@@ -1,7 +1,12 @@
 //! The agent's configuration file (`qgate.toml`); command-line flags override it.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
+
+use crate::policy::{
+    estimate::{EstimateError, EstimatorConfig, ExplainEstimator},
+    NoEstimator, RowEstimator,
+};
 
 /// The shipped, documented default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../qgate.toml");
@@ -89,11 +94,40 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Policy file; absent means the built-in default policy.
     pub file: Option<PathBuf>,
+    /// The agent's own read-only connection for `estimated_rows_above`
+    /// (libpq-style `host=… port=… user=… dbname=…`). Absent: no estimates,
+    /// and such conditions count as exceeded (fail closed).
+    pub estimator: Option<String>,
+    /// Time limit for one EXPLAIN estimate.
+    pub estimator_timeout_ms: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            file: None,
+            estimator: None,
+            estimator_timeout_ms: 2000,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// What answers `estimated_rows_above` under this configuration.
+    pub fn row_estimator(&self) -> Result<Box<dyn RowEstimator + Send + Sync>, EstimateError> {
+        Ok(match &self.estimator {
+            Some(conninfo) => Box::new(ExplainEstimator {
+                config: EstimatorConfig::from_conninfo(conninfo)?,
+                timeout: Duration::from_millis(self.estimator_timeout_ms),
+            }),
+            None => Box::new(NoEstimator),
+        })
+    }
 }
 
 /// Longest hold the client's TCP survives with margin: tcp_retries2 = 15
@@ -123,6 +157,12 @@ impl Config {
                  (the client's TCP gives up after about 15 minutes)",
                 self.gate.hold_timeout_s
             ));
+        }
+        if let Err(e) = self.policy.row_estimator() {
+            return Err(format!("policy.estimator: {e}"));
+        }
+        if self.policy.estimator_timeout_ms == 0 {
+            return Err("policy.estimator_timeout_ms: at least 1".into());
         }
         if self.gate.fail_after_ms < 100 {
             return Err("gate.fail_after_ms: at least 100 (heartbeats come every 250 ms)".into());
@@ -181,6 +221,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("hold_timeout_s"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_has_no_estimator_so_row_limits_fail_closed() {
+        let c = Config::load(None).expect("shipped qgate.toml parses");
+        assert_eq!(c.policy.estimator, None);
+        assert_eq!(c.policy.estimator_timeout_ms, 2000);
+    }
+
+    #[test]
+    fn estimator_connection_that_cannot_be_read_is_refused_naming_the_key() {
+        let text = DEFAULT_CONFIG.replace(
+            "[policy]",
+            "[policy]\nestimator = \"host=db port=fivefourthreetwo\"",
+        );
+        let err = Config::parse(&text, "x.toml".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("policy.estimator") && err.contains("fivefourthreetwo"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -153,3 +153,44 @@ async fn requests_cli_lists_shows_and_decides_over_the_api() {
     );
     api.shutdown().await;
 }
+
+/// The agent starting while an admin adds reviewers, on a store neither has
+/// created yet: every process opens it (one of them migrates it) and every
+/// reviewer is added.
+#[test]
+fn agent_and_reviewers_cli_opening_a_fresh_store_at_once_all_succeed() {
+    use std::process::{Command, Stdio};
+
+    const CLIS: usize = 3;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("state/qgate.sqlite");
+    let clis: Vec<_> = (0..CLIS)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
+                .args(["reviewers", "add", &format!("rev{i}"), "--groups", "dba"])
+                .arg("--db")
+                .arg(&db)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start qgate-agent reviewers add")
+        })
+        .collect();
+    let board = qgate_agent::api::RequestBoard::open(&db, std::time::Duration::from_secs(60));
+    assert!(board.is_ok(), "agent: {:?}", board.err());
+    for cli in clis {
+        let out = cli.wait_with_output().expect("reviewers add ran");
+        assert!(
+            out.status.success(),
+            "reviewers add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let conn = qgate_agent::store::requests::open_db(&db).expect("open the store");
+    let names: Vec<String> = qgate_agent::store::requests::list_reviewers(&conn)
+        .expect("list reviewers")
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names.len(), CLIS, "{names:?}");
+}

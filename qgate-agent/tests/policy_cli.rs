@@ -15,24 +15,6 @@ fn example_policy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies/design-examples.toml")
 }
 
-/// True once main.rs dispatches `policy` to cli/policy.rs. Until then these
-/// tests skip, except under CI where the subcommand must exist.
-fn wired() -> bool {
-    let help = Command::new(binary())
-        .args(["policy", "--help"])
-        .output()
-        .expect("qgate-agent runs");
-    if help.status.success() && String::from_utf8_lossy(&help.stdout).contains("validate") {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "`qgate-agent policy` is not wired into main.rs"
-    );
-    eprintln!("`qgate-agent policy` is not wired into main.rs yet: skipped");
-    false
-}
-
 fn qgate(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(binary())
         .args(args)
@@ -66,9 +48,6 @@ fn check_json(args: &[&str]) -> Value {
 
 #[test]
 fn default_policy_holds_a_drop_and_reports_rule_and_facts() {
-    if !wired() {
-        return;
-    }
     let v = check_json(&["DROP TABLE customers"]);
     assert_eq!(v["decision"], "hold");
     assert_eq!(v["rule"], "schema-change");
@@ -80,9 +59,6 @@ fn default_policy_holds_a_drop_and_reports_rule_and_facts() {
 
 #[test]
 fn default_policy_allows_an_ordinary_select_in_text_output() {
-    if !wired() {
-        return;
-    }
     let out = qgate(
         &["policy", "check", "SELECT * FROM orders WHERE id = 1"],
         None,
@@ -99,9 +75,6 @@ fn default_policy_allows_an_ordinary_select_in_text_output() {
 
 #[test]
 fn sql_can_come_from_stdin() {
-    if !wired() {
-        return;
-    }
     let out = qgate(
         &["policy", "check", "--json", "-"],
         Some("SELECT 1;\nDELETE FROM t;\n"),
@@ -115,9 +88,6 @@ fn sql_can_come_from_stdin() {
 
 #[test]
 fn example_engineers_ddl_needs_a_peer() {
-    if !wired() {
-        return;
-    }
     let policy = example_policy();
     let v = check_json(&[
         "--policy",
@@ -134,9 +104,6 @@ fn example_engineers_ddl_needs_a_peer() {
 
 #[test]
 fn example_analysts_sensitive_tables_are_held_and_the_rest_allowed() {
-    if !wired() {
-        return;
-    }
     let policy = example_policy();
     let p = policy.to_str().unwrap();
     let v = check_json(&[
@@ -161,9 +128,6 @@ fn example_analysts_sensitive_tables_are_held_and_the_rest_allowed() {
 
 #[test]
 fn example_maintenance_is_denied_when_no_estimate_can_be_had() {
-    if !wired() {
-        return;
-    }
     let policy = example_policy();
     let v = check_json(&[
         "--policy",
@@ -192,9 +156,6 @@ fn example_maintenance_is_denied_when_no_estimate_can_be_had() {
 
 #[test]
 fn validate_accepts_the_shipped_and_example_policies() {
-    if !wired() {
-        return;
-    }
     for file in [
         Path::new(env!("CARGO_MANIFEST_DIR")).join("policy.toml"),
         example_policy(),
@@ -210,9 +171,6 @@ fn validate_accepts_the_shipped_and_example_policies() {
 
 #[test]
 fn validate_names_the_line_of_the_error_and_fails() {
-    if !wired() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
     std::fs::write(

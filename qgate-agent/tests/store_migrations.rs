@@ -129,3 +129,30 @@ fn an_up_to_date_database_opens_while_another_process_is_writing() {
     assert_eq!(n, 0);
     writer.conn().execute_batch("COMMIT").unwrap();
 }
+
+/// The window the test above hits by chance, held open: another process has
+/// the fresh file's write lock while it is still in rollback-journal mode
+/// (it is switching it to WAL, or migrating it). SQLite does not call the busy
+/// handler for the switch's lock upgrade, so `open` must wait on its own.
+#[test]
+fn a_database_another_process_is_creating_opens_once_that_process_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let creator = rusqlite::Connection::open(&db).unwrap();
+    creator
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    creator
+        .execute_batch("BEGIN IMMEDIATE; CREATE TABLE other_tool (x INTEGER)")
+        .unwrap();
+    let opener = {
+        let db = db.clone();
+        std::thread::spawn(move || Store::open(&db).map(|_| ()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!opener.is_finished(), "open did not wait for the creator");
+    creator.execute_batch("COMMIT").unwrap();
+    opener.join().unwrap().unwrap();
+    let store = Store::open(&db).unwrap();
+    assert_eq!(applied(&store).len(), migrations::all().count());
+}

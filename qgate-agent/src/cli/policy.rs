@@ -1,13 +1,10 @@
 //! `qgate-agent policy check` and `qgate-agent policy validate`.
-use std::{io::Read, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Read, net::IpAddr, path::PathBuf, process::ExitCode};
 
 use crate::{
     classify::Dialect,
-    policy::{
-        check::check,
-        estimate::{EstimatorConfig, ExplainEstimator},
-        NoEstimator, Policy, RowEstimator, Subject,
-    },
+    config::{Config, PolicyConfig},
+    policy::{check::check, Policy, Subject},
 };
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -25,7 +22,11 @@ pub enum PolicyCommand {
 
 #[derive(Args)]
 pub struct CheckArgs {
-    /// Policy file (default: the shipped default policy).
+    /// The agent's configuration: decide with its `[policy]` file and
+    /// estimator, as the running agent would (the flags below override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Policy file (default: the configuration's, else the shipped default policy).
     #[arg(long)]
     policy: Option<PathBuf>,
     /// Database user of the connection.
@@ -48,12 +49,15 @@ pub struct CheckArgs {
     json: bool,
     /// Answer `estimated_rows_above` with EXPLAIN over this read-only
     /// connection ("host=… port=… user=… dbname=…"). Without it, estimates
-    /// are unavailable and such conditions count as exceeded.
+    /// are unavailable and such conditions count as exceeded. The user needs
+    /// the privileges of the statements it plans (PostgreSQL checks them for
+    /// EXPLAIN too); its transactions are read only, so nothing runs.
     #[arg(long = "explain-with")]
     explain_with: Option<String>,
-    /// Time limit for one EXPLAIN estimate, in milliseconds.
-    #[arg(long = "explain-timeout-ms", default_value_t = 2000)]
-    explain_timeout_ms: u64,
+    /// Time limit for one EXPLAIN estimate, in milliseconds (default: the
+    /// configuration's `estimator_timeout_ms`, 2000).
+    #[arg(long = "explain-timeout-ms")]
+    explain_timeout_ms: Option<u64>,
     /// The SQL string, or `-` to read it from standard input.
     sql: String,
 }
@@ -79,7 +83,20 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let policy = match &args.policy {
+    let mut settings = match &args.config {
+        Some(path) => Config::load(Some(path))?.policy,
+        None => PolicyConfig::default(),
+    };
+    if let Some(path) = &args.policy {
+        settings.file = Some(path.clone());
+    }
+    if let Some(conninfo) = &args.explain_with {
+        settings.estimator = Some(conninfo.clone());
+    }
+    if let Some(millis) = args.explain_timeout_ms {
+        settings.estimator_timeout_ms = millis;
+    }
+    let policy = match &settings.file {
         Some(path) => {
             Policy::from_file(path).with_context(|| format!("policy {}", path.display()))?
         }
@@ -100,13 +117,9 @@ fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         client_addr: args.client_addr,
         application: args.application,
     };
-    let estimator: Box<dyn RowEstimator> = match &args.explain_with {
-        Some(conninfo) => Box::new(ExplainEstimator {
-            config: EstimatorConfig::from_conninfo(conninfo).context("--explain-with")?,
-            timeout: Duration::from_millis(args.explain_timeout_ms),
-        }),
-        None => Box::new(NoEstimator),
-    };
+    let estimator = settings
+        .row_estimator()
+        .context("the estimator connection (--explain-with or [policy] estimator)")?;
     let report = check(&policy, &subject, &sql, args.dialect, estimator.as_ref());
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -154,23 +154,33 @@ fn explain_blocking(
     }
     let mut client = pg
         .connect(postgres::NoTls)
-        .map_err(|e| EstimateError::Connect(e.to_string()))?;
+        .map_err(|e| EstimateError::Connect(describe(&e)))?;
     let mut tx = client
         .build_transaction()
         .read_only(true)
         .start()
-        .map_err(|e| EstimateError::Explain(e.to_string()))?;
+        .map_err(|e| EstimateError::Explain(describe(&e)))?;
     let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
     tx.batch_execute(&format!("SET LOCAL statement_timeout = {millis}"))
-        .map_err(|e| EstimateError::Explain(e.to_string()))?;
+        .map_err(|e| EstimateError::Explain(describe(&e)))?;
     let row = tx
         .query_one(format!("EXPLAIN (FORMAT JSON) {statement}").as_str(), &[])
-        .map_err(|e| EstimateError::Explain(e.to_string()))?;
+        .map_err(|e| EstimateError::Explain(describe(&e)))?;
     let plan: Value = row
         .try_get(0)
-        .map_err(|e| EstimateError::BadPlan(e.to_string()))?;
+        .map_err(|e| EstimateError::BadPlan(describe(&e)))?;
     let _ = tx.rollback();
     rows_from_plan(&plan)
+}
+
+/// A client error with its cause: `postgres::Error` displays only its kind
+/// ("db error", "error connecting to server"), and the operator reading a
+/// denial needs the server's message or the socket error behind it.
+fn describe(error: &postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
 }
 
 /// The row estimate in `EXPLAIN (FORMAT JSON)` output: the top plan's

@@ -53,6 +53,29 @@ fn busy_wait(attempts: i32) -> bool {
     true
 }
 
+/// Puts the database in WAL mode (a no-op once it is) and returns the
+/// journal mode it is in.
+///
+/// Switching a fresh database rewrites its header: the connection reads it
+/// under a shared lock, then needs the write lock. SQLite never calls the
+/// busy handler for that upgrade (two readers waiting on each other would
+/// deadlock), so when several processes open a new database at once all but
+/// one get `SQLITE_BUSY` at once. They retry here until the winner has
+/// switched the file; from then on the switch only reads the header.
+fn switch_to_wal(conn: &Connection) -> rusqlite::Result<String> {
+    let mut attempts = 0;
+    loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && busy_wait(attempts) =>
+            {
+                attempts += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("creating directory {path}: {source}")]
@@ -144,9 +167,7 @@ impl Store {
         };
         let mut conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
         conn.busy_handler(Some(busy_wait)).map_err(open_error)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(open_error)?;
+        let mode = switch_to_wal(&conn).map_err(open_error)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NotWal {
                 path: path.to_owned(),

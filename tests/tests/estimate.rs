@@ -1,0 +1,196 @@
+//! Issue 3 end to end: `estimated_rows_above` answered by a real PostgreSQL
+//! planner. The DESIGN example policy denies the maintenance role any
+//! statement estimated above 10 000 rows; `qgate-agent policy check` run from
+//! the client namespace asks the server's planner over the estimator's own
+//! read-only connection, as an operator trying a statement would.
+use anyhow::{bail, Context, Result};
+use qgate_e2e::{agent_bin, require_root, Lab, PG_PORT};
+use serde_json::Value;
+
+/// The estimator's role may plan DELETEs on the tables: PostgreSQL checks an
+/// explained statement's privileges as if it ran. Its transactions are read
+/// only, so it never changes a row. `reader` may only SELECT.
+const ESTIMATOR_SETUP: &str = "\
+CREATE ROLE qgate_estimator LOGIN;
+CREATE TABLE big AS SELECT g AS id, 'row ' || g AS note FROM generate_series(1, 50000) g;
+CREATE TABLE small AS SELECT g AS id, 'row ' || g AS note FROM generate_series(1, 10) g;
+ANALYZE big;
+ANALYZE small;
+GRANT SELECT, DELETE ON big, small TO qgate_estimator;
+CREATE ROLE reader LOGIN;
+GRANT SELECT ON big, small TO reader;
+";
+
+fn example_policy() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../qgate-agent/examples/policies/design-examples.toml"
+    )
+    .to_owned()
+}
+
+/// `qgate-agent policy check --json` for the maintenance user from the
+/// client namespace, with the example policy, estimating with `conninfo`.
+fn check_as_maintenance(lab: &Lab, conninfo: &str, sql: &str) -> Result<Value> {
+    let policy = example_policy();
+    check_from_client(
+        lab,
+        &[
+            "--policy",
+            &policy,
+            "--explain-with",
+            conninfo,
+            "--explain-timeout-ms",
+            "5000",
+        ],
+        sql,
+    )
+}
+
+/// `qgate-agent policy check --json` for the maintenance user from the client
+/// namespace; `source` says where the policy and the estimator come from.
+fn check_from_client(lab: &Lab, source: &[&str], sql: &str) -> Result<Value> {
+    let agent = agent_bin();
+    let agent = agent
+        .to_str()
+        .context("qgate-agent path is not UTF-8")?
+        .to_owned();
+    let out = lab
+        .in_client(&agent)
+        .args(["policy", "check", "--json"])
+        .args(source)
+        .args(["--user", "maintenance", "--database", "postgres"])
+        .args(["--client-addr", &lab.client_ip.to_string()])
+        .arg(sql)
+        .output()
+        .with_context(|| format!("running {agent} (build it: cargo build -p qgate-agent)"))?;
+    if !out.status.success() {
+        bail!(
+            "policy check {sql:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "policy check printed no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn reasons(report: &Value) -> String {
+    report["reasons"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn maintenance_delete_is_decided_by_the_planners_row_estimate() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("estimate")?;
+    lab.start_postgres()?;
+    lab.sql(ESTIMATOR_SETUP)?;
+    let estimator = format!(
+        "host={} port={PG_PORT} user=qgate_estimator dbname=postgres",
+        lab.server_ip
+    );
+
+    let big = check_as_maintenance(&lab, &estimator, "DELETE FROM big WHERE id > 0")?;
+    assert_eq!(big["decision"], "deny", "{big}");
+    assert_eq!(big["rule"], "maintenance-large-statements-denied", "{big}");
+    assert!(
+        reasons(&big).contains("> 10000"),
+        "the reason names the estimate and the limit: {big}"
+    );
+    let estimated: u64 = reasons(&big)
+        .split_whitespace()
+        .skip_while(|w| *w != "estimated")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no row count in the reasons: {big}"))?;
+    assert!(
+        (45_000..=55_000).contains(&estimated),
+        "the planner estimates about 50 000 rows, got {estimated}"
+    );
+
+    let small = check_as_maintenance(&lab, &estimator, "DELETE FROM small WHERE id > 0")?;
+    assert_eq!(small["decision"], "allow", "{small}");
+    assert_eq!(small["rule"], "maintenance-runs-freely", "{small}");
+
+    // The same decision from the agent's configuration file.
+    let config = lab.dir.join("qgate.toml");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../qgate-agent/qgate.toml"
+    ))?;
+    std::fs::write(
+        &config,
+        shipped.replace(
+            "[policy]\n",
+            &format!(
+                "[policy]\nfile = {:?}\nestimator = {estimator:?}\n",
+                example_policy()
+            ),
+        ),
+    )?;
+    let config = config.to_str().context("config path is not UTF-8")?;
+    let configured =
+        check_from_client(&lab, &["--config", config], "DELETE FROM big WHERE id > 0")?;
+    assert_eq!(configured["decision"], "deny", "{configured}");
+    assert!(
+        reasons(&configured).contains("rows > 10000"),
+        "{configured}"
+    );
+
+    // A role that may only read cannot have a DELETE planned: the server's
+    // refusal is the reason, and the statement is denied as unestimated.
+    let reader = estimator.replace("user=qgate_estimator", "user=reader");
+    let refused = check_as_maintenance(&lab, &reader, "DELETE FROM small WHERE id > 0")?;
+    assert_eq!(refused["decision"], "deny", "{refused}");
+    let why = reasons(&refused);
+    assert!(
+        why.contains("row estimate unavailable")
+            && why.contains("permission denied for table small"),
+        "{why}"
+    );
+
+    assert_eq!(
+        lab.sql("SELECT (SELECT count(*) FROM big) || ' ' || (SELECT count(*) FROM small)")?,
+        "50000 10",
+        "estimating never deletes a row"
+    );
+    Ok(())
+}
+
+#[test]
+fn unreachable_estimator_database_denies_maintenance_and_says_why() -> Result<()> {
+    require_root();
+    let lab = Lab::new("estdown")?;
+    // The lab's server address, where no PostgreSQL listens: connection refused.
+    let nowhere = format!(
+        "host={} port={PG_PORT} user=qgate_estimator dbname=postgres",
+        lab.server_ip
+    );
+    let report = check_as_maintenance(&lab, &nowhere, "DELETE FROM small WHERE id > 0")?;
+    assert_eq!(report["decision"], "deny", "{report}");
+    assert_eq!(
+        report["rule"], "maintenance-large-statements-denied",
+        "{report}"
+    );
+    let why = reasons(&report);
+    assert!(
+        why.contains("row estimate unavailable")
+            && why.contains("cannot connect to the estimator database")
+            && why.contains("Connection refused")
+            && why.contains("counted as above 10000"),
+        "the reason says the estimate failed and how it counted: {why}"
+    );
+    Ok(())
+}
