@@ -134,10 +134,15 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         .map_err(|e| AgentError::Gate(e.to_string()))?;
     let injector = Injector::new().map_err(|e| AgentError::Gate(e.to_string()))?;
     let mut events = board.subscribe();
+    let estimator = config
+        .policy
+        .row_estimator()
+        .map_err(|e| AgentError::Gate(format!("policy.estimator: {e}")))?;
     let mut gate = Gate::new(
         kernel,
         injector,
         policy.clone(),
+        estimator,
         board.clone(),
         runtime.handle().clone(),
         enforcing,

@@ -30,7 +30,7 @@ use crate::{
     api::{RequestBoard, RequestEvent, RequestEventKind},
     capture::{Direction, Flow, Segment},
     classify::Dialect,
-    policy::{self, Action, DecisionCache, NoEstimator, PolicyHandle, Subject},
+    policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::{Identity as RequestIdentity, NewRequest, TransactionState},
     wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, WireEvent},
 };
@@ -66,6 +66,8 @@ pub struct Gate {
     injector: Injector,
     policy: PolicyHandle,
     cache: DecisionCache,
+    /// Answers `estimated_rows_above` (EXPLAIN over the configured connection).
+    estimator: Box<dyn RowEstimator + Send + Sync>,
     board: RequestBoard,
     runtime: tokio::runtime::Handle,
     /// Whether connections are judged by the policy at all (`gate.mode`).
@@ -99,6 +101,7 @@ impl Gate {
         kernel: KernelGate,
         injector: Injector,
         policy: PolicyHandle,
+        estimator: Box<dyn RowEstimator + Send + Sync>,
         board: RequestBoard,
         runtime: tokio::runtime::Handle,
         enforcing: bool,
@@ -108,6 +111,7 @@ impl Gate {
             injector,
             policy,
             cache: DecisionCache::default(),
+            estimator,
             board,
             runtime,
             enforcing,
@@ -302,7 +306,7 @@ impl Gate {
             &conn.subject,
             &sql.info.text,
             Dialect::Postgresql,
-            &NoEstimator,
+            self.estimator.as_ref(),
         );
         match decision.action {
             Action::Allow | Action::AuditOnly => {
