@@ -171,6 +171,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                 Err(_) => break,
             }
         }
+        gate.tick(pipeline.tracker_mut());
         if reload.swap(false, Ordering::Relaxed) {
             reload_policy(config, &policy, &board, &runtime);
         }

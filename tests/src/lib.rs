@@ -228,7 +228,10 @@ impl Lab {
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.api_port()))
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("QGATE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -28,6 +28,11 @@ pub struct PendingSql<T> {
     pub info: T,
     /// Set once a request waits for reviewers.
     pub request: Option<i64>,
+    /// Only a prefix of the message was ever held: the client stopped
+    /// sending (its congestion window is full of bytes the server never
+    /// acknowledged) before the message was whole. `text_end` is then where
+    /// the held bytes end, and `end` where the message will.
+    pub incomplete: bool,
 }
 
 pub struct HeldStream<T> {
@@ -55,6 +60,9 @@ pub struct Release {
     pub template: Vec<u8>,
     /// Held bytes or undecided messages remain after this release.
     pub more_held: bool,
+    /// Where the next message header is: past the released bytes when a
+    /// decided message is still to come in whole (see `PendingSql::incomplete`).
+    pub next_header: u32,
 }
 
 impl<T> HeldStream<T> {
@@ -72,6 +80,18 @@ impl<T> HeldStream<T> {
 
     pub fn base(&self) -> u32 {
         self.base
+    }
+
+    /// End of the last complete message reported.
+    pub fn boundary(&self) -> u32 {
+        self.boundary
+    }
+
+    /// Up to `n` held bytes from `seq` (which must be within the contiguous data).
+    pub fn peek(&self, seq: u32, n: usize) -> &[u8] {
+        let at = seq.wrapping_sub(self.base) as usize;
+        let end = at.saturating_add(n).min(self.data.len());
+        self.data.get(at..end).unwrap_or(&[])
     }
 
     /// End of the contiguous held bytes.
@@ -124,6 +144,11 @@ impl<T> HeldStream<T> {
     pub fn push_sql(&mut self, sql: PendingSql<T>) {
         self.message_ends(sql.end);
         self.pending.push_back(sql);
+    }
+
+    /// Whether a SQL message waits for a decision.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// The first undecided SQL message.
@@ -182,11 +207,19 @@ impl<T> HeldStream<T> {
             }
         });
         self.base = end;
+        let more_held =
+            !self.data.is_empty() || !self.pieces.is_empty() || !self.pending.is_empty();
+        let next_header = if !more_held && seq_lt(end, self.boundary) {
+            self.boundary
+        } else {
+            end
+        };
         Some(Release {
             seq,
             bytes,
             template: self.template.clone(),
-            more_held: !self.data.is_empty() || !self.pieces.is_empty() || !self.pending.is_empty(),
+            more_held,
+            next_header,
         })
     }
 
@@ -208,6 +241,7 @@ mod tests {
             text_end: end.wrapping_sub(1),
             info: "q",
             request: None,
+            incomplete: false,
         }
     }
 
@@ -280,6 +314,22 @@ mod tests {
         let r = h.take_release().expect("contiguous");
         assert_eq!(r.bytes, b"abcdefghijklmno");
         assert_eq!(r.template, b"new");
+    }
+
+    #[test]
+    fn an_approved_incomplete_message_releases_its_prefix_and_lets_the_rest_pass() {
+        let mut h = HeldStream::new(0);
+        h.add_copy(0, &[b'x'; 100], b"");
+        let mut m = sql(0, 1000);
+        m.text_end = 100;
+        m.incomplete = true;
+        h.push_sql(m);
+        h.allow_front();
+        let r = h.take_release().expect("the prefix");
+        assert_eq!(
+            (r.bytes.len(), r.more_held, r.next_header),
+            (100, false, 1000)
+        );
     }
 
     #[test]

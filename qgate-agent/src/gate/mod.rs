@@ -17,9 +17,12 @@ pub mod inject;
 pub mod kernel;
 pub mod rewrite;
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::{
     held::{HeldStream, PendingSql},
@@ -46,6 +49,7 @@ pub struct SqlInfo {
 /// What the gate knows of a connection.
 #[derive(Clone, Debug, Default)]
 struct ConnInfo {
+    conn: ConnId,
     subject: Subject,
     refused: bool,
 }
@@ -75,8 +79,18 @@ pub struct Gate {
     streams: HashMap<Flow, HeldStream<SqlInfo>>,
     conns: HashMap<Flow, ConnInfo>,
     requests: HashMap<i64, Flow>,
+    /// When each holding connection last sent a held copy.
+    last_copy: HashMap<Flow, Instant>,
     stats: GateStats,
 }
+
+/// How long a held message may stay incomplete with the client silent
+/// before it is judged on what was seen (see `PendingSql::incomplete`).
+const STALL: Duration = Duration::from_millis(200);
+
+/// Text decided in place of a statement not seen whole: it never parses, so
+/// the policy's rule for unparseable statements applies.
+const INCOMPLETE: &str = "-- qgate: statement not seen whole\n(";
 
 fn subject_of(identity: &Identity, flow: &Flow) -> Subject {
     Subject {
@@ -118,6 +132,7 @@ impl Gate {
             streams: HashMap::new(),
             conns: HashMap::new(),
             requests: HashMap::new(),
+            last_copy: HashMap::new(),
             stats: GateStats::default(),
         }
     }
@@ -153,7 +168,87 @@ impl Gate {
             .entry(seg.flow)
             .or_insert_with(|| HeldStream::new(seg.seq));
         stream.add_copy(seg.seq, &seg.payload, &seg.tcp_header);
+        debug!(flow = ?seg.flow, seq = seg.seq, len = seg.payload.len(), base = stream.base(), data_end = stream.data_end(), "held copy");
+        self.last_copy.insert(seg.flow, Instant::now());
         tracker.watch(&seg.flow, true);
+    }
+
+    /// Judges held messages the client stopped sending half-way: a statement
+    /// longer than the client's congestion window cannot arrive whole while
+    /// its first bytes are held, so after [`STALL`] it is decided as a
+    /// statement not seen whole (unparseable: the policy's strictest case).
+    pub fn tick(&mut self, tracker: &mut Tracker) {
+        let now = Instant::now();
+        let stalled: Vec<Flow> = self
+            .streams
+            .iter()
+            .filter(|(flow, s)| {
+                !s.has_pending()
+                    && held::seq_lt(s.boundary(), s.data_end())
+                    && self
+                        .last_copy
+                        .get(*flow)
+                        .is_some_and(|t| now.duration_since(*t) >= STALL)
+            })
+            .map(|(flow, _)| *flow)
+            .collect();
+        for flow in stalled {
+            if self.pend_incomplete(&flow) {
+                self.advance(&flow, tracker);
+            }
+        }
+    }
+
+    /// Turns the partial Query/Parse at the stream's boundary into a pending
+    /// message; false when the held bytes are not one.
+    fn pend_incomplete(&mut self, flow: &Flow) -> bool {
+        let Some(stream) = self.streams.get_mut(flow) else {
+            return false;
+        };
+        let start = stream.boundary();
+        let header = stream.peek(start, 5).to_vec();
+        if header.len() < 5 || !matches!(header[0], b'Q' | b'P') {
+            return false;
+        }
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let end = start.wrapping_add(1).wrapping_add(len);
+        let held_end = stream.data_end();
+        if !held::seq_lt(held_end, end) {
+            return false;
+        }
+        let mut text_start = start.wrapping_add(5);
+        if header[0] == b'P' {
+            // Skip the statement name (a C string) if it is all there.
+            let name = stream.peek(text_start, 256);
+            match name.iter().position(|&b| b == 0) {
+                Some(n) => text_start = text_start.wrapping_add(n as u32 + 1),
+                None => return false,
+            }
+        }
+        let prefix = String::from_utf8_lossy(stream.peek(text_start, usize::MAX)).into_owned();
+        let seen = held_end.wrapping_sub(start);
+        let conn = tracker_conn(&self.conns, flow);
+        stream.push_sql(PendingSql {
+            start,
+            end,
+            text_start,
+            text_end: held_end,
+            info: SqlInfo {
+                conn,
+                carrier: if header[0] == b'Q' {
+                    SqlCarrier::Query
+                } else {
+                    SqlCarrier::Parse
+                },
+                text: format!(
+                    "{prefix}\n-- [qgate: statement not seen whole: {seen} of {} bytes]",
+                    len + 1
+                ),
+            },
+            request: None,
+            incomplete: true,
+        });
+        true
     }
 
     /// Every wire event: identities set the connection's mode, closes and
@@ -180,7 +275,14 @@ impl Gate {
                         "connection refused by policy: its statements will be denied"
                     );
                 }
-                self.conns.insert(flow, ConnInfo { subject, refused });
+                self.conns.insert(
+                    flow,
+                    ConnInfo {
+                        conn: *conn,
+                        subject,
+                        refused,
+                    },
+                );
             }
             WireEvent::ConnectionClosed { conn, .. } => {
                 if let Some(flow) = tracker.flow(*conn) {
@@ -223,6 +325,7 @@ impl Gate {
     /// Puts one message into its connection's held stream; false when the
     /// connection holds nothing or the message was released already.
     fn place(&mut self, m: ClientMessage) -> bool {
+        debug!(flow = ?m.flow, seq = m.span.seq, len = m.span.len, sql = m.sql.is_some(), "client message");
         let Some(stream) = self.streams.get_mut(&m.flow) else {
             return false;
         };
@@ -243,6 +346,7 @@ impl Gate {
                     text: sql.text,
                 },
                 request: None,
+                incomplete: false,
             }),
             None => stream.message_ends(end),
         }
@@ -301,10 +405,15 @@ impl Gate {
             return Verdict::Allow;
         }
         let policy = self.policy.current();
+        let judged = if sql.incomplete {
+            INCOMPLETE
+        } else {
+            sql.info.text.as_str()
+        };
         let (classification, decision) = self.cache.decide(
             &policy,
             &conn.subject,
-            &sql.info.text,
+            judged,
             Dialect::Postgresql,
             self.estimator.as_ref(),
         );
@@ -381,15 +490,26 @@ impl Gate {
         let Some(front) = stream.front() else {
             return;
         };
-        let (start, end) = (front.start, front.end);
         let len = front.text_end.wrapping_sub(front.text_start) as usize;
-        if len == 0 {
-            // Nothing to rewrite (a FunctionCall): the bytes stay held; the
-            // connection is cut by the client's own timeout at worst.
-            warn!("cannot rewrite a message without SQL text; it stays held");
+        // Only the held bytes are rewritten: the rest of an incomplete
+        // message must still reach the server, inside the opened string.
+        let (start, end) = (front.start, front.text_end);
+        let replacement = if front.incomplete {
+            let mut nonce = [0u8; 8];
+            let _ = getrandom::fill(&mut nonce);
+            rewrite::prefix_denial_text(len, id, u64::from_le_bytes(nonce))
+        } else if len > 0 {
+            Some(rewrite::denial_text(len, id, reason))
+        } else {
+            None
+        };
+        let Some(replacement) = replacement else {
+            // Nothing to rewrite (a FunctionCall, or a prefix too short to
+            // open a string): the bytes stay held until the client gives up.
+            warn!("cannot rewrite this message; it stays held");
             return;
-        }
-        stream.deny_front(rewrite::denial_text(len, id, reason));
+        };
+        stream.deny_front(replacement);
         if let Err(e) = self.kernel.deny_range(flow, start, end) {
             warn!("recording the denied range: {e}");
         }
@@ -408,12 +528,21 @@ impl Gate {
             }
             self.stats.released_bytes += r.bytes.len() as u64;
             let still = r.more_held.then_some(end);
-            if let Err(e) = self.kernel.release(flow, end, still) {
+            debug!(
+                ?flow,
+                seq = r.seq,
+                len = r.bytes.len(),
+                next = r.next_header,
+                ?still,
+                "released"
+            );
+            if let Err(e) = self.kernel.release(flow, r.next_header, still) {
                 warn!("releasing in the kernel: {e}");
             }
         }
         if stream.is_idle() {
             self.streams.remove(flow);
+            self.last_copy.remove(flow);
             tracker.watch(flow, false);
         }
     }
@@ -472,6 +601,11 @@ impl Gate {
             warn!("withdrawing request {id}: {e}");
         }
     }
+}
+
+/// The tracker's connection id as the gate last saw it (0: not identified).
+fn tracker_conn(conns: &HashMap<Flow, ConnInfo>, flow: &Flow) -> ConnId {
+    conns.get(flow).map(|c| c.conn).unwrap_or_default()
 }
 
 enum Verdict {

@@ -58,6 +58,23 @@ pub fn denial_text(len: usize, request_id: i64, reason: &str) -> Vec<u8> {
     text.into_bytes()
 }
 
+/// The replacement for the held prefix (`len` bytes) of a statement whose
+/// rest the client has not sent yet and will send unchanged: it opens a
+/// dollar-quoted string with a tag the client cannot guess, so whatever
+/// follows is inside it and the server fails with
+/// `unterminated dollar-quoted string at or near "$qgate_denied_7_…$"` and
+/// runs nothing. `None` when `len` is too short for that.
+pub fn prefix_denial_text(len: usize, request_id: i64, nonce: u64) -> Option<Vec<u8>> {
+    let mut text = format!("SELECT $qgate_denied_{request_id}_{nonce:016x}$");
+    if text.len() > len {
+        return None;
+    }
+    while text.len() < len {
+        text.push(' ');
+    }
+    Some(text.into_bytes())
+}
+
 /// Keeps what can sit, unescaped, inside a single-quoted RAISE format in a
 /// dollar-quoted body or a quoted identifier: printable ASCII except quotes,
 /// dollar, backslash and `%` (a RAISE placeholder).
@@ -121,6 +138,17 @@ mod tests {
         assert_eq!(denial_text(5, 40, ""), b"\"q40\"");
         assert_eq!(denial_text(4, 40, ""), b"qgat");
         assert_eq!(denial_text(1, 40, ""), b"q");
+    }
+
+    #[test]
+    fn prefix_denial_opens_a_string_the_rest_cannot_close() {
+        let text = String::from_utf8(prefix_denial_text(100, 7, 0xabc).unwrap()).unwrap();
+        assert_eq!(text.len(), 100);
+        assert!(
+            text.starts_with("SELECT $qgate_denied_7_0000000000000abc$"),
+            "{text}"
+        );
+        assert!(prefix_denial_text(10, 7, 1).is_none());
     }
 
     #[test]

@@ -5,8 +5,9 @@ use serde::Serialize;
 
 use crate::capture::UnixNanos;
 
-/// A connection the tracker knows, numbered from 1 in order of first sight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// A connection the tracker knows, numbered from 1 in order of first sight
+/// (0: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ConnId(pub u64);
 
 /// A statement within its connection, numbered from 1 in order of arrival.
