@@ -147,6 +147,13 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         runtime.handle().clone(),
         enforcing,
     );
+    let recovered = gate.recover();
+    if recovered > 0 {
+        info!(
+            requests = recovered,
+            "pending requests from before the restart: waiting for their statements"
+        );
+    }
     let _ = runtime.block_on(board.audit(
         "agent.start",
         serde_json::json!({ "interfaces": interfaces, "ports": config.capture.ports, "mode": format!("{default_mode:?}") }),
@@ -155,6 +162,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
 
     let mut last_beat = Instant::now();
     let mut last_lost = 0;
+    let mut last_failed_open = 0;
     while !stop.load(Ordering::Relaxed) {
         // Short waits: a reviewer's decision is picked up within 10 ms.
         capture.poll(Duration::from_millis(10), |seg| {
@@ -181,6 +189,18 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                 warn!("heartbeat: {e}");
             }
             let counters = capture.counters();
+            if counters.failed_open > last_failed_open {
+                // The kernel passed gated traffic while no agent was there.
+                warn!(
+                    passed = counters.failed_open - last_failed_open,
+                    "fail-open: statements passed unreviewed while the agent was gone"
+                );
+                let _ = runtime.block_on(board.audit(
+                    "agent.failed_open",
+                    serde_json::json!({ "segments_passed_unreviewed": counters.failed_open - last_failed_open }),
+                ));
+                last_failed_open = counters.failed_open;
+            }
             if counters.lost() != last_lost {
                 warn!(
                     ringbuf_full = counters.ringbuf_full,

@@ -108,9 +108,12 @@ impl KernelCapture {
         std::fs::create_dir_all(pins).map_err(|e| pin_err(pins)(Box::new(e)))?;
         let flows_pin = pins.join(maps::FLOWS);
         let config_pin = pins.join(maps::GATE_CONFIG);
+        let counters_pin = pins.join(maps::COUNTERS);
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(maps::FLOWS, flows_pin.as_path())
             .map_pin_path(maps::GATE_CONFIG, config_pin.as_path())
+            // Counters survive a restart: what passed while no agent ran is audited.
+            .map_pin_path(maps::COUNTERS, counters_pin.as_path())
             .load(PROGRAM_OBJECT)?;
         {
             let map = ebpf
@@ -214,6 +217,8 @@ impl KernelCapture {
                 total.ringbuf_full += c.ringbuf_full;
                 total.truncated += c.truncated;
                 total.load_errors += c.load_errors;
+                total.held += c.held;
+                total.failed_open += c.failed_open;
             }
         }
         total

@@ -34,7 +34,9 @@ use crate::{
     capture::{Direction, Flow, Segment},
     classify::Dialect,
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
-    store::requests::{Identity as RequestIdentity, NewRequest, TransactionState},
+    store::requests::{
+        Identity as RequestIdentity, NewRequest, RequestFilter, RequestStatus, TransactionState,
+    },
     wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, WireEvent},
 };
 
@@ -81,6 +83,12 @@ pub struct Gate {
     requests: HashMap<i64, Flow>,
     /// When each holding connection last sent a held copy.
     last_copy: HashMap<Flow, Instant>,
+    /// Requests a previous agent left pending, by (client address, text):
+    /// the statement comes back with the client's next retransmission and
+    /// is attached to its request instead of opening a second one.
+    recovered: HashMap<(String, String), i64>,
+    /// Final events of recovered requests whose statement has not come back yet.
+    recovered_final: HashMap<i64, RequestEvent>,
     stats: GateStats,
 }
 
@@ -133,8 +141,34 @@ impl Gate {
             conns: HashMap::new(),
             requests: HashMap::new(),
             last_copy: HashMap::new(),
+            recovered: HashMap::new(),
+            recovered_final: HashMap::new(),
             stats: GateStats::default(),
         }
+    }
+
+    /// Takes over the requests a previous agent left pending (it was killed
+    /// or restarted while the kernel kept holding their statements).
+    pub fn recover(&mut self) -> usize {
+        let filter = RequestFilter {
+            status: Some(RequestStatus::Pending),
+            limit: 10_000,
+            ..RequestFilter::default()
+        };
+        let pending = match self.runtime.block_on(self.board.list(filter)) {
+            Ok(pending) => pending,
+            Err(e) => {
+                warn!("listing pending requests to recover: {e}");
+                return 0;
+            }
+        };
+        for request in &pending {
+            if let Some(client) = &request.identity.client_addr {
+                self.recovered
+                    .insert((client.clone(), request.statement.clone()), request.id);
+            }
+        }
+        pending.len()
     }
 
     pub fn kernel(&mut self) -> &mut KernelGate {
@@ -379,6 +413,11 @@ impl Gate {
                         f.request = Some(id);
                     }
                     self.requests.insert(id, *flow);
+                    if let Some(event) = self.recovered_final.remove(&id) {
+                        // Decided while the statement was on its way back.
+                        self.on_request_event(&event, tracker);
+                        return;
+                    }
                     break;
                 }
             }
@@ -433,6 +472,14 @@ impl Gate {
                 reviewer_groups,
             } => {
                 self.stats.held += 1;
+                let key = (flow.client.to_string(), sql.info.text.clone());
+                if let Some(id) = self.recovered.remove(&key) {
+                    info!(
+                        request = id,
+                        "statement back after an agent restart: attached to its request"
+                    );
+                    return Verdict::Wait(id);
+                }
                 let facts = serde_json::to_value(&classification).unwrap_or_default();
                 let new = NewRequest {
                     statement_id: None,
@@ -553,6 +600,9 @@ impl Gate {
             return;
         }
         let Some(flow) = self.requests.remove(&event.request_id) else {
+            if self.recovered.values().any(|id| *id == event.request_id) {
+                self.recovered_final.insert(event.request_id, event.clone());
+            }
             return;
         };
         let waiting = self

@@ -142,6 +142,8 @@ struct BackendKey {
 pub struct Tracker {
     /// Messages of watched connections, as (conn, stream offset, len, sql).
     client_log: Vec<LogEntry>,
+    /// Flows to watch from their first segment on (not known yet).
+    watch_next: std::collections::HashSet<Flow>,
     connections: HashMap<Flow, Connection>,
     flows: HashMap<ConnId, Flow>,
     backends: HashMap<u32, BackendKey>,
@@ -216,8 +218,14 @@ impl Tracker {
     /// [`Tracker::take_client_messages`]: the gate watches connections whose
     /// bytes the kernel holds.
     pub fn watch(&mut self, flow: &Flow, on: bool) {
-        if let Some(c) = self.connections.get_mut(flow) {
-            c.watched = on;
+        match self.connections.get_mut(flow) {
+            Some(c) => c.watched = on,
+            None if on => {
+                self.watch_next.insert(*flow);
+            }
+            None => {
+                self.watch_next.remove(flow);
+            }
         }
     }
 
@@ -301,8 +309,9 @@ impl Tracker {
                 at: seg.at,
                 mid_stream,
             });
-            self.connections
-                .insert(seg.flow, Connection::new(id, seg.at, mid_stream));
+            let mut connection = Connection::new(id, seg.at, mid_stream);
+            connection.watched = self.watch_next.remove(&seg.flow);
+            self.connections.insert(seg.flow, connection);
             self.flows.insert(id, seg.flow);
         }
         let Some(conn) = self.connections.get_mut(&seg.flow) else {

@@ -1,0 +1,182 @@
+//! Issue 5: what happens when the agent dies. The tc program keeps holding
+//! (fail closed) or passes and counts (fail open); a restarted agent takes
+//! over the pending requests and no approved statement runs twice.
+use std::{
+    io::Write,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use qgate_e2e::{require_root, Lab};
+
+fn lab_with_table(tag: &str, config: &[(&str, &str)]) -> Result<(Lab, String)> {
+    require_root();
+    let mut lab = Lab::new(tag)?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")?;
+    lab.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b')")?;
+    let config = lab.config_with(config)?;
+    lab.start_agent(&["--config", config.to_str().unwrap_or_default()])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    Ok((lab, token))
+}
+
+fn config_path(lab: &Lab) -> String {
+    lab.dir.join("qgate.toml").display().to_string()
+}
+
+fn pending(lab: &Lab, token: &str, n: usize) -> Result<Vec<serde_json::Value>> {
+    lab.wait_for(
+        &format!("{n} pending request(s)"),
+        Duration::from_secs(30),
+        || {
+            let list = lab.requests(token, &["list", "--status", "pending"])?;
+            let list = list.as_array().cloned().unwrap_or_default();
+            Ok((list.len() >= n).then_some(list))
+        },
+    )
+}
+
+fn wait_exit(mut child: Child, timeout: Duration) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.success());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn after_kill_9_a_restarted_agent_runs_the_approved_statement_exactly_once() -> Result<()> {
+    let (mut lab, token) = lab_with_table("rkill", &[])?;
+    // An UPDATE of every row is held by the default policy.
+    let held = lab.psql_spawn("postgres", "postgres", &["-c", "UPDATE t SET v = v || 'x'"])?;
+    let first = pending(&lab, &token, 1)?;
+    let id = first[0]["id"].as_i64().context("id")?;
+
+    lab.kill_agent()?;
+    std::thread::sleep(Duration::from_secs(3));
+    // Fail closed: with no agent, a risky statement waits; a plain read
+    // (which the kernel proves harmless by itself) runs.
+    assert_eq!(lab.sql("SELECT v FROM t ORDER BY id")?, "a\nb");
+    let blocked = lab.psql_spawn("postgres", "postgres", &["-c", "DELETE FROM t"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        lab.sql("SELECT v FROM t ORDER BY id")?,
+        "a\nb",
+        "nothing passes while the agent is down"
+    );
+
+    let config = config_path(&lab);
+    lab.start_agent(&["--config", &config])?;
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    // The statement comes back with the client's next retransmission.
+    assert!(
+        wait_exit(held, Duration::from_secs(30))?,
+        "the approved UPDATE finished"
+    );
+    assert_eq!(
+        lab.sql("SELECT string_agg(v, ',' ORDER BY id) FROM t")?,
+        "ax,bx",
+        "ran exactly once"
+    );
+    let shown = lab.requests(&token, &["show", &id.to_string()])?;
+    assert_eq!(shown["status"], "approved");
+    // The DELETE sent while the agent was down is held for review now.
+    let later = pending(&lab, &token, 1)?;
+    assert!(later[0]["statement"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("DELETE"));
+    assert_eq!(lab.sql("SELECT count(*) FROM t")?, "2");
+    let later_id = later[0]["id"].as_i64().context("id")?;
+    lab.requests(&token, &["deny", &later_id.to_string()])?;
+    assert!(
+        !wait_exit(blocked, Duration::from_secs(10))?,
+        "the denied DELETE fails"
+    );
+    assert_eq!(lab.sql("SELECT count(*) FROM t")?, "2");
+    Ok(())
+}
+
+#[test]
+fn in_fail_open_mode_traffic_passes_while_the_agent_is_gone_and_the_gap_is_audited() -> Result<()> {
+    let (mut lab, _token) = lab_with_table(
+        "ropen",
+        &[
+            ("fail = \"closed\"", "fail = \"open\""),
+            ("fail_after_ms = 2000", "fail_after_ms = 500"),
+        ],
+    )?;
+    lab.kill_agent()?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.sql("UPDATE t SET v = 'open'")?;
+
+    assert_eq!(
+        lab.sql("SELECT string_agg(v, ',' ORDER BY id) FROM t")?,
+        "open,open"
+    );
+    let config = config_path(&lab);
+    lab.start_agent(&["--config", &config])?;
+    let audited = lab.wait_for("a fail-open audit row", Duration::from_secs(10), || {
+        let n: i64 = lab.store()?.query_row(
+            "SELECT count(*) FROM audit WHERE kind = 'agent.failed_open'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((n > 0).then_some(n))
+    })?;
+    assert_eq!(audited, 1);
+    Ok(())
+}
+
+#[test]
+fn a_connection_opened_before_the_agent_is_gated_as_an_unknown_identity() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("runknown")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")?;
+    lab.sql("INSERT INTO t VALUES (1, 'a')")?;
+    let mut psql = lab
+        .in_client("psql")
+        .args([
+            "-h",
+            &lab.server_ip.to_string(),
+            "-U",
+            "postgres",
+            "-X",
+            "-q",
+            "-At",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = psql.stdin.take().context("stdin")?;
+    writeln!(stdin, "SELECT 1;")?;
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent(&[])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    writeln!(stdin, "UPDATE t SET v = 'b';")?;
+    let request = pending(&lab, &token, 1)?.remove(0);
+    assert!(
+        request["identity"]["db_user"].is_null(),
+        "identity unknown: {request}"
+    );
+    assert_eq!(lab.sql("SELECT v FROM t")?, "a", "held");
+    let id = request["id"].as_i64().context("id")?;
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    lab.wait_for("the approved UPDATE", Duration::from_secs(5), || {
+        Ok((lab.sql("SELECT v FROM t")? == "b").then_some(()))
+    })?;
+    drop(stdin);
+    assert!(wait_exit(psql, Duration::from_secs(5))?);
+    Ok(())
+}
