@@ -158,9 +158,28 @@ impl ProcessSample {
     }
 }
 
-/// The last lines of the agent's log, for a failure message.
+/// The last lines of the agent's log, colour codes removed, for a failure
+/// message.
 pub fn agent_log_tail(lab: &Lab) -> String {
     let log = lab.agent_log();
     let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join("\n")
+    strip_ansi(&lines[lines.len().saturating_sub(4)..].join("\n"))
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC '[' parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -1,10 +1,16 @@
 //! Scenario 5: the highest statement rate at which the agent still records
-//! every statement. `pgbench -S` with ever more clients against qgate in
-//! monitor mode; after each step the store must hold exactly as many of
-//! pgbench's SELECTs as pgbench completed, and the kernel's and writer's
-//! loss counters must read zero. Stops at the first loss or when more
-//! clients no longer raise the rate (the server is saturated).
-use std::time::Duration;
+//! every statement. pgbench with ever more clients against qgate in monitor
+//! mode, two ways: `-S` (simple protocol, one statement per round trip) and
+//! a pipelined script (extended protocol, [`PIPELINE`] statements per round
+//! trip, far more statements per second for the same server work). After
+//! each step the store must hold exactly as many of pgbench's SELECTs as
+//! pgbench completed, and the kernel's and writer's loss counters must read
+//! zero. A ladder stops at the first loss or when more clients no longer
+//! raise the rate (the server is saturated).
+use std::{
+    fs, thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use qgate_e2e::Lab;
@@ -16,6 +22,9 @@ use crate::{
     Budget, Outcome, Settings,
 };
 
+/// Statements per pipelined transaction.
+const PIPELINE: usize = 10;
+
 fn steps(s: &Settings) -> Vec<u32> {
     if s.quick {
         vec![8, 32]
@@ -25,10 +34,10 @@ fn steps(s: &Settings) -> Vec<u32> {
 }
 
 pub fn budget(s: &Settings) -> Duration {
-    Duration::from_secs(90 + steps(s).len() as u64 * (u64::from(s.seconds) + 40))
+    Duration::from_secs(90 + 2 * steps(s).len() as u64 * (u64::from(s.seconds) + 40))
 }
 
-/// pgbench -S's statement, as stored.
+/// pgbench's SELECT as stored, literal or `$1`.
 const SELECT_LIKE: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = %";
 
 fn stored_selects(lab: &Lab) -> Result<i64> {
@@ -47,124 +56,213 @@ fn loss_counter(lab: &Lab) -> Result<i64> {
     )?)
 }
 
+struct Ladder {
+    name: &'static str,
+    args: Vec<String>,
+    statements_per_transaction: usize,
+}
+
 struct Step {
     clients: u32,
+    /// Statements per second.
     rate: f64,
     sent: i64,
     stored: i64,
     loss: i64,
 }
 
+impl Step {
+    fn lossless(&self) -> bool {
+        self.stored >= self.sent && self.loss == 0
+    }
+}
+
 pub fn run(s: &Settings, budget: Budget) -> Result<Outcome> {
     let mut out = Outcome::default();
     let mut lab = bench_lab::lab_with_pgbench("benchcap", &budget)?;
+    let script = lab.dir.join("pipeline.sql");
+    let mut text = "\\set aid random(1, 100000)\n\\startpipeline\n".to_owned();
+    for _ in 0..PIPELINE {
+        text.push_str("SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n");
+    }
+    text.push_str("\\endpipeline\n");
+    fs::write(&script, text)?;
+    let ladders = [
+        Ladder {
+            name: "pgbench -S (simple protocol, 1 statement per round trip)",
+            args: vec!["-S".into()],
+            statements_per_transaction: 1,
+        },
+        Ladder {
+            name: "pgbench pipeline (extended protocol, 10 statements per round trip)",
+            args: vec![
+                "-M".into(),
+                "extended".into(),
+                "-f".into(),
+                script.display().to_string(),
+            ],
+            statements_per_transaction: PIPELINE,
+        },
+    ];
     lab.start_agent(&["--monitor"])?;
+    let mut stored_before = 0;
+    for ladder in &ladders {
+        let steps = climb(s, &budget, &lab, ladder, &mut stored_before, &mut out);
+        report(ladder, &steps, &mut out);
+    }
+    lab.stop_agent()?;
+    Ok(out)
+}
+
+fn climb(
+    s: &Settings,
+    budget: &Budget,
+    lab: &Lab,
+    ladder: &Ladder,
+    stored_before: &mut i64,
+    out: &mut Outcome,
+) -> Vec<Step> {
     let log_dir = lab.dir.join("pgbench-log");
     let mut done: Vec<Step> = Vec::new();
-    let mut stored_before = 0;
     for c in steps(s) {
-        let cs = c.to_string();
-        let run = match bench_lab::pgbench(
-            &lab,
-            Target::postgres(&lab),
-            &["-S", "-c", &cs, "-j", &bench_lab::threads(c)],
-            s.seconds,
-            &log_dir,
-            &budget,
-        ) {
-            Ok(r) => r,
+        match step(s, budget, lab, ladder, c, &log_dir, stored_before) {
+            Ok(step) => {
+                println!(
+                    "   {}, {c} clients: {:.0} statements/s, sent {}, stored {}, loss counter {}",
+                    ladder.args.join(" "),
+                    step.rate,
+                    step.sent,
+                    step.stored,
+                    step.loss
+                );
+                let best = done.iter().map(|d| d.rate).fold(0.0, f64::max);
+                let stop = !step.lossless() || best * 1.05 > step.rate;
+                done.push(step);
+                if stop {
+                    break;
+                }
+            }
             Err(e) => {
                 out.failures.push(Failure {
                     scenario: 5,
-                    what: format!("{c} clients: {e:#}\n{}", agent_log_tail(&lab)),
+                    what: format!(
+                        "{} at {c} clients: {e:#}\n{}",
+                        ladder.name,
+                        agent_log_tail(lab)
+                    ),
                 });
                 break;
             }
-        };
-        let sent = run.processed as i64;
-        // The writer batches: give it a moment to catch up before counting.
-        let settled = lab.wait_for(
-            "the store to catch up",
-            budget.at_most(Duration::from_secs(20))?,
-            || Ok((stored_selects(&lab)? - stored_before >= sent).then_some(())),
-        );
-        let stored = stored_selects(&lab)? - stored_before;
-        stored_before += stored;
-        // Counters reach the store on the agent's next heartbeat.
-        std::thread::sleep(Duration::from_millis(600));
-        let loss = loss_counter(&lab)?;
-        let step = Step {
-            clients: c,
-            rate: run.tps,
-            sent,
-            stored,
-            loss,
-        };
-        println!(
-            "   {c} clients: {:.0} statements/s, sent {sent}, stored {stored}, loss counter {loss}",
-            run.tps
-        );
-        let lossy = settled.is_err() || stored < sent || loss > 0;
-        let saturated = done.iter().map(|d| d.rate).fold(0.0, f64::max) * 1.05 > step.rate;
-        done.push(step);
-        if lossy || saturated {
-            break;
         }
     }
-    lab.stop_agent()?;
-    let lossless: Vec<&Step> = done
-        .iter()
-        .filter(|d| d.stored >= d.sent && d.loss == 0)
-        .collect();
-    let last = done.last();
-    let why = match last {
-        Some(l) if l.stored < l.sent || l.loss > 0 => format!(
+    done
+}
+
+fn step(
+    s: &Settings,
+    budget: &Budget,
+    lab: &Lab,
+    ladder: &Ladder,
+    clients: u32,
+    log_dir: &std::path::Path,
+    stored_before: &mut i64,
+) -> Result<Step> {
+    let c = clients.to_string();
+    let j = bench_lab::threads(clients);
+    let mut args: Vec<&str> = ladder.args.iter().map(String::as_str).collect();
+    args.extend(["-c", &c, "-j", &j]);
+    let run = bench_lab::pgbench(
+        lab,
+        Target::postgres(lab),
+        &args,
+        s.seconds,
+        log_dir,
+        budget,
+    )?;
+    let per = ladder.statements_per_transaction as i64;
+    let sent = run.processed as i64 * per;
+    settle(lab, budget, *stored_before + sent)?;
+    let stored = stored_selects(lab)? - *stored_before;
+    *stored_before += stored;
+    // Counters reach the store on the agent's next heartbeat.
+    thread::sleep(Duration::from_millis(600));
+    Ok(Step {
+        clients,
+        rate: run.tps * per as f64,
+        sent,
+        stored,
+        loss: loss_counter(lab)?,
+    })
+}
+
+/// Waits until the store holds `expected` SELECTs, or until its count has
+/// stopped rising for [`QUIET`] (the agent drains the ring buffer and the
+/// writer batches, so the last statements land a little after pgbench ends).
+fn settle(lab: &Lab, budget: &Budget, expected: i64) -> Result<()> {
+    const QUIET: Duration = Duration::from_secs(3);
+    let deadline = Instant::now() + budget.at_most(Duration::from_secs(90))?;
+    let (mut last, mut since) = (stored_selects(lab)?, Instant::now());
+    while Instant::now() < deadline {
+        let now = stored_selects(lab)?;
+        if now >= expected {
+            return Ok(());
+        }
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= QUIET {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn report(ladder: &Ladder, done: &[Step], out: &mut Outcome) {
+    let Some(last) = done.last() else { return };
+    let why = if last.lossless() {
+        format!(
+            "no loss; stopped at {} clients (more clients no longer raised the rate, or the last step): {} of {} stored, loss counter {}",
+            last.clients, last.stored, last.sent, last.loss
+        )
+    } else {
+        format!(
             "loss appeared at {} clients: {} of {} statements stored, loss counter {}",
-            l.clients, l.stored, l.sent, l.loss
-        ),
-        Some(l) => format!(
-            "no loss; the server saturated at {} clients (more clients did not raise the rate); last step: {} of {} stored, loss counter {}",
-            l.clients, l.stored, l.sent, l.loss
-        ),
-        None => "no step completed".into(),
+            last.clients, last.stored, last.sent, last.loss
+        )
     };
-    if let Some(best) = lossless.iter().max_by(|a, b| a.rate.total_cmp(&b.rate)) {
-        let value = Spread {
-            median: best.rate,
-            min: best.rate,
-            max: best.rate,
-            n: 1,
-        };
+    let one = |v: f64| Spread {
+        median: v,
+        min: v,
+        max: v,
+        n: 1,
+    };
+    if let Some(best) = done
+        .iter()
+        .filter(|d| d.lossless())
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+    {
         out.rows.push(Row {
             scenario: 5,
-            case: format!("pgbench -S, qgate monitor, {} clients", best.clients),
+            case: format!("{}, qgate monitor, {} clients", ladder.name, best.clients),
             metric: "max statement rate with zero loss".into(),
             unit: "statements/s",
-            value,
+            value: one(best.rate),
             target: None,
             met: None,
             detail: why.clone(),
         });
     }
-    if let Some(l) = last {
-        out.rows.push(Row {
-            scenario: 5,
-            case: format!(
-                "pgbench -S, qgate monitor, {} clients (last step)",
-                l.clients
-            ),
-            metric: "loss counter".into(),
-            unit: "events",
-            value: Spread {
-                median: l.loss as f64,
-                min: l.loss as f64,
-                max: l.loss as f64,
-                n: 1,
-            },
-            target: Some("0".into()),
-            met: Some(l.loss == 0 && l.stored >= l.sent),
-            detail: why,
-        });
-    }
-    Ok(out)
+    out.rows.push(Row {
+        scenario: 5,
+        case: format!(
+            "{}, qgate monitor, {} clients (last step)",
+            ladder.name, last.clients
+        ),
+        metric: "loss counter".into(),
+        unit: "events",
+        value: one(last.loss as f64),
+        target: Some("0".into()),
+        met: Some(last.lossless()),
+        detail: why,
+    });
 }

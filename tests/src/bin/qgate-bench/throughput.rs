@@ -221,7 +221,7 @@ fn run_leg(
         budget,
     )
     .map_err(|e| match lab.agent_pid() {
-        Some(_) => e.context(format!("agent log tail:\n{}", agent_log_tail(lab))),
+        Some(_) => anyhow::anyhow!("{e:#}\nagent log tail:\n{}", agent_log_tail(lab)),
         None => e,
     })?;
     let after = lab.agent_pid().map(ProcessSample::of).transpose()?;
