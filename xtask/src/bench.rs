@@ -38,6 +38,8 @@ pub fn run(root: &Path, quick: bool, args: &[String]) -> Result<()> {
         .current_dir(root)
         .env("QGATE_AGENT_BIN", root.join("target/release/qgate-agent"))
         .env("QGATE_WORKSPACE", root)
+        // Plain agent logs: their tails go into failure reports.
+        .env("NO_COLOR", "1")
         .env_remove("AYA_BUILD_SKIP")
         .status()
         .with_context(|| format!("starting {}", runner.display()))?;

@@ -27,9 +27,9 @@ const PIPELINE: usize = 10;
 
 fn steps(s: &Settings) -> Vec<u32> {
     if s.quick {
-        vec![8, 32]
+        vec![1, 8, 32]
     } else {
-        vec![4, 8, 16, 32, 64]
+        vec![1, 2, 4, 8, 16, 32, 64]
     }
 }
 
@@ -50,7 +50,8 @@ fn stored_selects(lab: &Lab) -> Result<i64> {
 
 fn loss_counter(lab: &Lab) -> Result<i64> {
     Ok(lab.store()?.query_row(
-        "SELECT coalesce(max(ringbuf_full + truncated + load_errors + writer_dropped), 0) FROM capture_loss",
+        "SELECT coalesce((SELECT ringbuf_full + truncated + load_errors + writer_dropped
+                          FROM capture_loss ORDER BY id DESC LIMIT 1), 0)",
         [],
         |r| r.get(0),
     )?)
@@ -104,20 +105,18 @@ pub fn run(s: &Settings, budget: Budget) -> Result<Outcome> {
             statements_per_transaction: PIPELINE,
         },
     ];
-    lab.start_agent(&["--monitor"])?;
     let mut stored_before = 0;
     for ladder in &ladders {
-        let steps = climb(s, &budget, &lab, ladder, &mut stored_before, &mut out);
+        let steps = climb(s, &budget, &mut lab, ladder, &mut stored_before, &mut out);
         report(ladder, &steps, &mut out);
     }
-    lab.stop_agent()?;
     Ok(out)
 }
 
 fn climb(
     s: &Settings,
     budget: &Budget,
-    lab: &Lab,
+    lab: &mut Lab,
     ladder: &Ladder,
     stored_before: &mut i64,
     out: &mut Outcome,
@@ -161,7 +160,7 @@ fn climb(
 fn step(
     s: &Settings,
     budget: &Budget,
-    lab: &Lab,
+    lab: &mut Lab,
     ladder: &Ladder,
     clients: u32,
     log_dir: &std::path::Path,
@@ -171,21 +170,29 @@ fn step(
     let j = bench_lab::threads(clients);
     let mut args: Vec<&str> = ladder.args.iter().map(String::as_str).collect();
     args.extend(["-c", &c, "-j", &j]);
-    let run = bench_lab::pgbench(
+    // A fresh agent per step: it records its final loss counters (the
+    // writer's drops included) in the store when it stops.
+    lab.start_agent(&["--monitor"])?;
+    let run = match bench_lab::pgbench(
         lab,
         Target::postgres(lab),
         &args,
         s.seconds,
         log_dir,
         budget,
-    )?;
+    ) {
+        Ok(run) => run,
+        Err(e) => {
+            let _ = lab.stop_agent();
+            return Err(e);
+        }
+    };
     let per = ladder.statements_per_transaction as i64;
     let sent = run.processed as i64 * per;
     settle(lab, budget, *stored_before + sent)?;
     let stored = stored_selects(lab)? - *stored_before;
     *stored_before += stored;
-    // Counters reach the store on the agent's next heartbeat.
-    thread::sleep(Duration::from_millis(600));
+    lab.stop_agent()?;
     Ok(Step {
         clients,
         rate: run.tps * per as f64,

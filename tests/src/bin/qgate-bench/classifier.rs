@@ -72,7 +72,7 @@ pub fn run(s: &Settings, budget: Budget) -> Result<Outcome> {
         let bound = |k: &str| estimates["mean"]["confidence_interval"][k].as_f64();
         // A longer time per iteration is a lower rate: the bounds swap.
         let value = Spread {
-            median: per_second(point("median")),
+            median: per_second(point("mean")),
             min: per_second(bound("upper_bound")),
             max: per_second(bound("lower_bound")),
             n: 1,
