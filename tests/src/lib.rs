@@ -8,7 +8,8 @@
 //! everything it made when dropped, even when the test fails.
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
@@ -307,6 +308,31 @@ impl Lab {
         Ok(())
     }
 
+    /// The running agent's process id (`nsenter` execs it, so this is the
+    /// agent itself): for reading its RSS and CPU time under /proc.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// A TCP connection to `addr` made from inside the client namespace, for
+    /// tests that speak the protocol themselves and time it to the
+    /// microsecond (no client process in between).
+    pub fn connect_from_client(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        in_netns(&self.client_ns, move || {
+            TcpStream::connect_timeout(&addr, timeout)
+                .with_context(|| format!("connecting to {addr}"))
+        })
+    }
+
+    /// A TCP connection to `addr` made from inside the server namespace (the
+    /// agent's API listens on its loopback).
+    pub fn connect_in_server(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        in_netns(&self.server_ns, move || {
+            TcpStream::connect_timeout(&addr, timeout)
+                .with_context(|| format!("connecting to {addr}"))
+        })
+    }
+
     pub fn agent_log(&self) -> String {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
@@ -485,6 +511,73 @@ impl Drop for Lab {
             self.clear_stale();
         }
     }
+}
+
+/// Runs `f` on a fresh thread that has joined network namespace `ns` (named
+/// under /var/run/netns). The namespace is per thread, so the caller's own
+/// stays untouched; sockets made inside keep their namespace afterwards.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    thread::spawn(move || {
+        // SAFETY: setns(2) on a descriptor we own; it changes only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured, killing it when
+/// it outlives `timeout`: a benchmark or test whose client hangs (a held
+/// statement nobody releases) ends with an error instead of never.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            bail!(
+                "{cmd:?} still running after {timeout:?}, killed: {}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Reads a child's pipe to its end on a thread, so a chatty child never
+/// blocks on a full pipe while we wait for it.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 /// The e2e tests need root (namespaces, BPF). Under CI a non-root run is a

@@ -10,6 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bootstrap;
 
 #[derive(Parser)]
@@ -32,6 +33,17 @@ enum Task {
     /// Bootstrap and run the whole suite: unit, corpus and end-to-end tests.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Bootstrap, then benchmark qgate against a direct connection and proxies
+    /// (release builds; results in target/bench/). Runner options after `--`,
+    /// e.g. `-- --only 1,2`.
+    Bench {
+        /// A short version (about two minutes) for a smoke check.
+        #[arg(long)]
+        quick: bool,
+        /// Options for the runner: --only N,N  --pairs N  --seconds N  --out DIR.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -68,6 +80,10 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => {
             bootstrap::all()?;
             test(&root, &args)
+        }
+        Task::Bench { quick, args } => {
+            bootstrap::all()?;
+            bench::run(&root, quick, &args)
         }
     }
 }
