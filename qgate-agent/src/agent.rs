@@ -163,6 +163,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut last_beat = Instant::now();
     let mut last_lost = 0;
     let mut last_failed_open = 0;
+    let mut last_dropped = 0;
     while !stop.load(Ordering::Relaxed) {
         // Short waits: a reviewer's decision is picked up within 10 ms.
         capture.poll(Duration::from_millis(10), |seg| {
@@ -201,14 +202,22 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                 ));
                 last_failed_open = counters.failed_open;
             }
-            if counters.lost() != last_lost {
+            let dropped = pipeline.writer().stats().dropped;
+            if counters.lost() != last_lost || dropped != last_dropped {
                 warn!(
                     ringbuf_full = counters.ringbuf_full,
                     truncated = counters.truncated,
                     load_errors = counters.load_errors,
                     "capture loss: some statements were not seen whole"
                 );
+                if dropped != last_dropped {
+                    warn!(
+                        dropped,
+                        "the store fell behind the capture: events were dropped"
+                    );
+                }
                 last_lost = counters.lost();
+                last_dropped = dropped;
                 pipeline
                     .writer()
                     .record_capture_loss(store::now_nanos(), counters);

@@ -83,6 +83,11 @@ pub struct Gate {
     requests: HashMap<i64, Flow>,
     /// When each holding connection last sent a held copy.
     last_copy: HashMap<Flow, Instant>,
+    /// Per connection, where the program was last told the next message
+    /// starts: a held copy from before that point was dropped before the
+    /// release took effect and is stale (the client retransmits it, and it
+    /// passes).
+    released_until: HashMap<Flow, u32>,
     /// Requests a previous agent left pending, by (client address, text):
     /// the statement comes back with the client's next retransmission and
     /// is attached to its request instead of opening a second one.
@@ -141,6 +146,7 @@ impl Gate {
             conns: HashMap::new(),
             requests: HashMap::new(),
             last_copy: HashMap::new(),
+            released_until: HashMap::new(),
             recovered: HashMap::new(),
             recovered_final: HashMap::new(),
             stats: GateStats::default(),
@@ -190,6 +196,10 @@ impl Gate {
         if seg.direction != Direction::ToServer {
             return;
         }
+        if seg.is_syn() {
+            // A new connection on a reused address starts from scratch.
+            self.released_until.remove(&seg.flow);
+        }
         if (seg.is_fin() || seg.is_rst()) && self.streams.contains_key(&seg.flow) {
             // The client gave up on its held statement (closed or died).
             self.withdraw(&seg.flow, "the client disconnected");
@@ -197,12 +207,24 @@ impl Gate {
         if !seg.held || seg.payload.is_empty() {
             return;
         }
+        let (mut seq, mut payload) = (seg.seq, seg.payload.as_slice());
+        if let Some(&until) = self.released_until.get(&seg.flow) {
+            let end = seq.wrapping_add(payload.len() as u32);
+            if !held::seq_lt(until, end) {
+                debug!(flow = ?seg.flow, seq, "stale held copy ignored");
+                return;
+            }
+            if held::seq_lt(seq, until) {
+                payload = &payload[until.wrapping_sub(seq) as usize..];
+                seq = until;
+            }
+        }
         let stream = self
             .streams
             .entry(seg.flow)
-            .or_insert_with(|| HeldStream::new(seg.seq));
-        stream.add_copy(seg.seq, &seg.payload, &seg.tcp_header);
-        debug!(flow = ?seg.flow, seq = seg.seq, len = seg.payload.len(), base = stream.base(), data_end = stream.data_end(), "held copy");
+            .or_insert_with(|| HeldStream::new(seq));
+        stream.add_copy(seq, payload, &seg.tcp_header);
+        debug!(flow = ?seg.flow, seq, len = payload.len(), base = stream.base(), data_end = stream.data_end(), "held copy");
         self.last_copy.insert(seg.flow, Instant::now());
         tracker.watch(&seg.flow, true);
     }
@@ -322,6 +344,7 @@ impl Gate {
                 if let Some(flow) = tracker.flow(*conn) {
                     self.withdraw(&flow, "the client disconnected");
                     self.conns.remove(&flow);
+                    self.released_until.remove(&flow);
                     self.kernel.forget(&flow);
                 }
             }
@@ -367,6 +390,11 @@ impl Gate {
         let end = start.wrapping_add(m.span.len as u32);
         if !held::seq_lt(stream.base(), end) {
             return false;
+        }
+        if held::seq_lt(start, stream.base()) {
+            // Began before the held bytes: decided (or passed) already.
+            stream.message_ends(end);
+            return true;
         }
         match m.sql {
             Some(sql) => stream.push_sql(PendingSql {

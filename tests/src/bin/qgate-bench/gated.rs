@@ -14,9 +14,12 @@ use crate::{
     Budget, Outcome, Settings,
 };
 
-/// Allows everything; the kernel's prefilter still sends every statement
-/// that is not a plain read to the agent, so every UPDATE is decided there.
-const ALLOW_ALL: &str = "[default]\naction = \"allow\"\n";
+/// Allows every UPDATE. The one rule that can hold (DDL) makes the kernel
+/// gate the connection (`gate-risky`): every statement that is not a plain
+/// read, so every UPDATE, is sent to the agent and decided there. (A policy
+/// that can hold nothing puts connections in monitor mode instead.)
+const ALLOW_ALL: &str = "[default]\naction = \"allow\"\n\n\
+[[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\nreviewers = [\"reviewers\"]\n";
 
 /// One autocommit UPDATE per transaction: transaction latency is statement latency.
 const SCRIPT: &str = "\\set aid random(1, 100000)\n\
