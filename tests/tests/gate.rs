@@ -39,8 +39,25 @@ fn pending_request(lab: &Lab, token: &str) -> Result<serde_json::Value> {
     })
 }
 
+fn pending_with_id(lab: &Lab, token: &str) -> Result<(serde_json::Value, i64)> {
+    let request = pending_request(lab, token)?;
+    let id = request["id"].as_i64().context("request id")?;
+    Ok((request, id))
+}
+
 fn table_exists(lab: &Lab) -> Result<bool> {
     Ok(lab.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'")? == "1")
+}
+
+/// psql running `text` as a script file (`-At -f`), in the background.
+fn psql_script(lab: &Lab, name: &str, text: impl AsRef<[u8]>) -> Result<Child> {
+    let script = lab.dir.join(name);
+    std::fs::write(&script, text)?;
+    lab.psql_spawn(
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().unwrap_or_default()],
+    )
 }
 
 /// Waits for a client, reading its output as it comes (a big error message
@@ -94,8 +111,7 @@ fn finish(mut child: Child, timeout: Duration) -> Result<(bool, String, String)>
 fn drop_table_is_held_until_approved() -> Result<()> {
     let (lab, token) = gated_lab("gheld")?;
     let psql = lab.psql_spawn("postgres", "postgres", &["-c", "DROP TABLE t"])?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (request, id) = pending_with_id(&lab, &token)?;
     assert_eq!(request["statement"], "DROP TABLE t", "{request}");
     assert_eq!(request["rule"].as_str().map(|r| !r.is_empty()), Some(true));
 
@@ -130,15 +146,12 @@ fn drop_table_is_held_until_approved() -> Result<()> {
 #[test]
 fn denied_statement_returns_sql_error() -> Result<()> {
     let (lab, token) = gated_lab("gdenied")?;
-    let script = lab.dir.join("deny.sql");
-    std::fs::write(&script, "DROP TABLE t;\nSELECT 40 + 2 AS answer;\n")?;
-    let psql = lab.psql_spawn(
-        "postgres",
-        "postgres",
-        &["-At", "-f", script.to_str().unwrap_or_default()],
+    let psql = psql_script(
+        &lab,
+        "deny.sql",
+        "DROP TABLE t;\nSELECT 40 + 2 AS answer;\n",
     )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     lab.requests(&token, &["deny", &id.to_string(), "--comment", "not today"])?;
     let (_, out, err) = finish(psql, Duration::from_secs(5))?;
     // "DROP TABLE t" is 12 bytes: the same-length denial is `"qgate <id>"`.
@@ -158,20 +171,14 @@ fn denied_statement_returns_sql_error() -> Result<()> {
 #[test]
 fn denied_statement_aborts_the_surrounding_transaction() -> Result<()> {
     let (lab, token) = gated_lab("gdentx")?;
-    let script = lab.dir.join("tx.sql");
-    std::fs::write(
-        &script,
+    let psql = psql_script(
+        &lab,
+        "tx.sql",
         "BEGIN;\nINSERT INTO t VALUES (4, 'd');\n\
          DROP TABLE /* the old table is not needed any more, says ticket 7 */ t;\n\
          SELECT 1;\nROLLBACK;\nSELECT count(*) FROM t;\n",
     )?;
-    let psql = lab.psql_spawn(
-        "postgres",
-        "postgres",
-        &["-At", "-f", script.to_str().unwrap_or_default()],
-    )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     lab.requests(
         &token,
         &["deny", &id.to_string(), "--comment", "use a migration"],
@@ -222,8 +229,7 @@ fn pgbench_script(lab: &Lab, name: &str, script: &str, mode: &str) -> Result<Chi
 fn extended_protocol_statement_is_held_until_approved() -> Result<()> {
     let (lab, token) = gated_lab("gextok")?;
     let bench = pgbench_script(&lab, "drop.sql", "DROP TABLE t;\n", "extended")?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     std::thread::sleep(Duration::from_millis(500));
     assert!(table_exists(&lab)?, "the Parse/Execute ran before approval");
     lab.requests(&token, &["approve", &id.to_string()])?;
@@ -242,8 +248,7 @@ fn extended_protocol_denial_is_an_sql_error() -> Result<()> {
         "DROP TABLE /* cleaning up after the migration of last week */ t;\n",
         "extended",
     )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     lab.requests(&token, &["deny", &id.to_string()])?;
     let (_, out, err) = finish(bench, Duration::from_secs(5))?;
     let all = format!("{out}{err}");
@@ -265,8 +270,7 @@ fn pipelined_statements_behind_a_held_one_wait_and_then_run_in_order() -> Result
          INSERT INTO log VALUES (2);\nINSERT INTO log SELECT count(*) + 10 FROM log;\n\\endpipeline\n",
         "extended",
     )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     std::thread::sleep(Duration::from_millis(500));
     // Nothing is visible yet: the INSERT before the held ALTER may have run,
     // but the pipeline's implicit transaction ends only at its Sync.
@@ -288,18 +292,12 @@ fn a_statement_over_64_kib_is_held_and_released_whole() -> Result<()> {
     // Approved: the held prefix is re-injected and the rest flows through.
     let (lab, token) = gated_lab("gbig")?;
     let padding = "x".repeat(70 * 1024);
-    let script = lab.dir.join("big.sql");
-    std::fs::write(
-        &script,
+    let psql = psql_script(
+        &lab,
+        "big.sql",
         format!("DROP TABLE /* {padding} */ t;\nSELECT 'after';\n"),
     )?;
-    let psql = lab.psql_spawn(
-        "postgres",
-        "postgres",
-        &["-At", "-f", script.to_str().unwrap_or_default()],
-    )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (request, id) = pending_with_id(&lab, &token)?;
     // The client stops sending once its congestion window is full of bytes
     // the server never acknowledged: the request is for what was seen, and
     // says so. Never allowed on a prefix: the default policy holds it.
@@ -331,18 +329,12 @@ fn a_held_statement_expires_with_a_clear_error() -> Result<()> {
     let config = lab.config_with(&[("hold_timeout_s = 600", "hold_timeout_s = 3")])?;
     lab.start_agent(&["--config", config.to_str().unwrap_or_default()])?;
     let token = lab.add_reviewer("rita", "reviewers", None)?;
-    let script = lab.dir.join("expire.sql");
-    std::fs::write(
-        &script,
+    let psql = psql_script(
+        &lab,
+        "expire.sql",
         "DROP TABLE /* nobody will look at this one in time */ t;\nSELECT 'still here';\n",
     )?;
-    let psql = lab.psql_spawn(
-        "postgres",
-        "postgres",
-        &["-At", "-f", script.to_str().unwrap_or_default()],
-    )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     let (_, out, err) = finish(psql, Duration::from_secs(10))?;
     assert!(
         err.contains(&format!("qgate: request {id} denied: expired")),
@@ -358,18 +350,12 @@ fn a_held_statement_expires_with_a_clear_error() -> Result<()> {
 #[test]
 fn a_client_cancel_withdraws_the_held_statement() -> Result<()> {
     let (lab, token) = gated_lab("gcancel")?;
-    let script = lab.dir.join("cancel.sql");
-    std::fs::write(
-        &script,
+    let psql = psql_script(
+        &lab,
+        "cancel.sql",
         "DROP TABLE /* the user will think better of it */ t;\n",
     )?;
-    let psql = lab.psql_spawn(
-        "postgres",
-        "postgres",
-        &["-At", "-f", script.to_str().unwrap_or_default()],
-    )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     // Ctrl-C: psql sends a CancelRequest on a new connection.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
@@ -385,8 +371,7 @@ fn a_client_cancel_withdraws_the_held_statement() -> Result<()> {
 fn a_client_that_disconnects_withdraws_its_held_statement() -> Result<()> {
     let (lab, token) = gated_lab("gdisc")?;
     let mut psql = lab.psql_spawn("postgres", "postgres", &["-c", "DROP TABLE t"])?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     psql.kill()?;
     psql.wait()?;
     let shown = lab.wait_for(
@@ -406,18 +391,12 @@ fn a_client_that_disconnects_withdraws_its_held_statement() -> Result<()> {
 fn a_denied_statement_over_64_kib_fails_and_never_runs() -> Result<()> {
     let (lab, token) = gated_lab("gbigden")?;
     let padding = "x".repeat(70 * 1024);
-    let script = lab.dir.join("big.sql");
-    std::fs::write(
-        &script,
+    let psql = psql_script(
+        &lab,
+        "big.sql",
         format!("DROP TABLE /* {padding} */ t;\nSELECT 'after';\n"),
     )?;
-    let psql = lab.psql_spawn(
-        "postgres",
-        "postgres",
-        &["-At", "-f", script.to_str().unwrap_or_default()],
-    )?;
-    let request = pending_request(&lab, &token)?;
-    let id = request["id"].as_i64().context("request id")?;
+    let (_, id) = pending_with_id(&lab, &token)?;
     lab.requests(&token, &["deny", &id.to_string()])?;
     let (_, out, err) = finish(psql, Duration::from_secs(10))?;
     assert!(
