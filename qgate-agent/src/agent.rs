@@ -129,7 +129,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             default_mode,
             config.gate.fail == FailMode::Open,
             Duration::from_millis(config.gate.fail_after_ms),
-            false,
+            enforcing && policy.current().refuses_some_connections(),
         )
         .map_err(|e| AgentError::Gate(e.to_string()))?;
     let injector = Injector::new().map_err(|e| AgentError::Gate(e.to_string()))?;

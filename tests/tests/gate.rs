@@ -408,3 +408,32 @@ fn a_denied_statement_over_64_kib_fails_and_never_runs() -> Result<()> {
     assert!(table_exists(&lab)?, "a denied DROP never runs");
     Ok(())
 }
+
+#[test]
+fn a_connection_the_policy_refuses_gets_an_error_at_startup() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("grefuse")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE ROLE mallory LOGIN")?;
+    let policy = lab.dir.join("refuse.toml");
+    std::fs::write(
+        &policy,
+        "[default]\naction = \"allow\"\n\n[groups.outsiders]\nusers = [\"mallory\"]\n\n\
+         [[rules]]\nname = \"no-outsiders\"\ngroups = [\"outsiders\"]\naction = \"deny\"\n\
+         message = \"outsiders may not connect\"\n",
+    )?;
+    lab.start_agent(&["--policy", policy.to_str().unwrap_or_default()])?;
+    let started = Instant::now();
+    let out = lab.psql("mallory", "postgres", &["-c", "SELECT 1"])?;
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(err.contains("qgate: connection refused"), "{err}");
+    assert!(
+        took < Duration::from_secs(2),
+        "promptly, not a hang: {took:?}"
+    );
+    // Everybody else connects as before.
+    assert_eq!(lab.sql("SELECT 1")?, "1");
+    Ok(())
+}

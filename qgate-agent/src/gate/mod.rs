@@ -457,7 +457,16 @@ impl Gate {
         self.stats.decided += 1;
         let conn = self.conns.get(flow).cloned().unwrap_or_default();
         if sql.info.carrier == SqlCarrier::Startup {
-            return Verdict::Allow;
+            if !conn.refused {
+                return Verdict::Allow;
+            }
+            self.stats.denied += 1;
+            let reason = "the policy refuses this identity";
+            let id = self.audit_denial(flow, sql, reason);
+            return Verdict::Deny {
+                id,
+                reason: reason.into(),
+            };
         }
         if conn.refused {
             self.stats.denied += 1;
@@ -569,7 +578,9 @@ impl Gate {
         // Only the held bytes are rewritten: the rest of an incomplete
         // message must still reach the server, inside the opened string.
         let (start, end) = (front.start, front.text_end);
-        let replacement = if front.incomplete {
+        let replacement = if front.info.carrier == SqlCarrier::Startup {
+            rewrite::startup_refusal(len, id, reason)
+        } else if front.incomplete {
             let mut nonce = [0u8; 8];
             let _ = getrandom::fill(&mut nonce);
             rewrite::prefix_denial_text(len, id, u64::from_le_bytes(nonce))

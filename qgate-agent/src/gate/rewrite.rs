@@ -75,6 +75,31 @@ pub fn prefix_denial_text(len: usize, request_id: i64, nonce: u64) -> Option<Vec
     Some(text.into_bytes())
 }
 
+/// A StartupMessage of exactly `len` bytes (protocol 3.0, "Message
+/// Formats") whose user is a role that cannot exist, naming qgate and the
+/// refusal: the server answers `FATAL: role "qgate: connection refused …"
+/// does not exist` and closes. `None` below the 16 bytes that takes.
+pub fn startup_refusal(len: usize, decision_id: i64, reason: &str) -> Option<Vec<u8>> {
+    // Int32 length, Int32 196608 (3.0), "user\0", name, "\0", final "\0".
+    const FIXED: usize = 4 + 4 + 5 + 1 + 1;
+    let room = len.checked_sub(FIXED).filter(|r| *r >= 1)?;
+    let mut name = format!(
+        "qgate: connection refused (decision {decision_id}): {}",
+        sanitize(reason)
+    );
+    name.truncate(room);
+    while name.len() < room {
+        name.push(' ');
+    }
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.extend_from_slice(&196_608u32.to_be_bytes());
+    msg.extend_from_slice(b"user\0");
+    msg.extend_from_slice(name.as_bytes());
+    msg.extend_from_slice(b"\0\0");
+    Some(msg)
+}
+
 /// Keeps what can sit, unescaped, inside a single-quoted RAISE format in a
 /// dollar-quoted body or a quoted identifier: printable ASCII except quotes,
 /// dollar, backslash and `%` (a RAISE placeholder).
@@ -149,6 +174,18 @@ mod tests {
             "{text}"
         );
         assert!(prefix_denial_text(10, 7, 1).is_none());
+    }
+
+    #[test]
+    fn startup_refusal_is_a_well_formed_startup_message_of_the_same_length() {
+        let msg = startup_refusal(80, 9, "identity refused by rule no-mallory").unwrap();
+        assert_eq!(msg.len(), 80);
+        assert_eq!(u32::from_be_bytes([msg[0], msg[1], msg[2], msg[3]]), 80);
+        assert_eq!(&msg[4..8], &196_608u32.to_be_bytes());
+        assert!(msg.starts_with(&[0, 0, 0, 80, 0, 3, 0, 0, b'u']));
+        assert!(String::from_utf8_lossy(&msg).contains("qgate: connection refused (decision 9)"));
+        assert!(msg.ends_with(b"\0\0"));
+        assert!(startup_refusal(15, 9, "x").is_none());
     }
 
     #[test]

@@ -375,6 +375,17 @@ struct Verdict {
 }
 
 impl Policy {
+    /// Whether some identity could be refused outright (a deny rule with no
+    /// statement condition, or a deny default): the kernel must then hold
+    /// each StartupMessage until the agent has judged who is connecting.
+    pub fn refuses_some_connections(&self) -> bool {
+        matches!(self.default, Action::Deny { .. })
+            || self
+                .rules
+                .iter()
+                .any(|r| matches!(r.action, Action::Deny { .. }) && r.matches_every_statement())
+    }
+
     /// Parses and checks a policy; errors name the line.
     pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
         file::parse(text)
