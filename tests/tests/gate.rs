@@ -437,3 +437,76 @@ fn a_connection_the_policy_refuses_gets_an_error_at_startup() -> Result<()> {
     assert_eq!(lab.sql("SELECT 1")?, "1");
     Ok(())
 }
+
+/// pgbench's "latency average = X ms".
+fn latency_ms(pgbench_stdout: &str) -> Result<f64> {
+    pgbench_stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("latency average = "))
+        .and_then(|v| v.trim_end_matches(" ms").trim().parse().ok())
+        .context("no latency average in pgbench's output")
+}
+
+#[test]
+fn an_auto_allowed_gated_update_adds_little_latency() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("glat")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE acc (id int PRIMARY KEY, n int)")?;
+    lab.sql("INSERT INTO acc SELECT g, 0 FROM generate_series(1, 1000) g")?;
+    let script = lab.dir.join("update.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 1000)\nUPDATE acc SET n = n + 1 WHERE id = :id;\n",
+    )?;
+    let script = script.display().to_string();
+    let run = |lab: &Lab| -> Result<f64> {
+        let out = lab.pgbench(&["-n", "-c", "1", "-T", "3", "-M", "simple", "-f", &script])?;
+        latency_ms(&String::from_utf8_lossy(&out.stdout))
+    };
+    // Alternate monitor (never held) and the default policy (every UPDATE is
+    // held in the kernel, allowed by the agent and re-injected).
+    let mut monitor = Vec::new();
+    let mut gated = Vec::new();
+    for _ in 0..2 {
+        lab.start_agent(&["--monitor"])?;
+        monitor.push(run(&lab)?);
+        lab.stop_agent()?;
+        lab.start_agent(&[])?;
+        gated.push(run(&lab)?);
+        lab.stop_agent()?;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (m, g) = (median(&mut monitor), median(&mut gated));
+    eprintln!(
+        "UPDATE latency: monitor {m:.3} ms, gated and allowed {g:.3} ms, added {:.3} ms",
+        g - m
+    );
+    // Asserted loosely (a debug build on a shared 2-core machine); the bench
+    // measures it properly.
+    assert!(g - m < 5.0, "gating added {:.3} ms per UPDATE", g - m);
+    // The gated runs really decided every UPDATE in the agent; monitor runs none.
+    let db = lab.store()?;
+    let mut stmt = db.prepare("SELECT details FROM audit WHERE kind = 'agent.stop' ORDER BY id")?;
+    let allowed: Vec<i64> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_str(&d?).unwrap_or_default();
+            Ok(v["gate"]["allowed"].as_i64().unwrap_or(-1))
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(allowed.len(), 4, "{allowed:?}");
+    assert_eq!(
+        (allowed[0], allowed[2]),
+        (0, 0),
+        "monitor runs decide nothing: {allowed:?}"
+    );
+    assert!(
+        allowed[1] > 100 && allowed[3] > 100,
+        "gated runs decide each UPDATE: {allowed:?}"
+    );
+    Ok(())
+}
