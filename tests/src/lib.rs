@@ -112,16 +112,50 @@ impl Lab {
             "netns",
             &lab.client_ns,
         ]))?;
-        for (ns, ifname, ip) in [
-            (&lab.server_ns, &lab.server_if, lab.server_ip),
-            (&lab.client_ns, &client_if, lab.client_ip),
+        for (ns, ifname, ip, ip6) in [
+            (
+                &lab.server_ns,
+                &lab.server_if,
+                lab.server_ip,
+                lab.server_ip6(),
+            ),
+            (&lab.client_ns, &client_if, lab.client_ip, lab.client_ip6()),
         ] {
             let addr = format!("{ip}/24");
             run(Command::new("ip").args(["-n", ns, "addr", "add", &addr, "dev", ifname]))?;
+            let addr6 = format!("{ip6}/64");
+            run(Command::new("ip").args(["-n", ns, "addr", "add", &addr6, "dev", ifname, "nodad"]))?;
             run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "up"]))?;
             run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
         }
         Ok(lab)
+    }
+
+    /// The server's IPv6 address (unique local, inside the lab only).
+    pub fn server_ip6(&self) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(
+            0xfd71,
+            0x6761,
+            0x7465,
+            self.server_ip.octets()[2] as u16,
+            0,
+            0,
+            0,
+            1,
+        )
+    }
+
+    pub fn client_ip6(&self) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(
+            0xfd71,
+            0x6761,
+            0x7465,
+            self.server_ip.octets()[2] as u16,
+            0,
+            0,
+            0,
+            2,
+        )
     }
 
     /// Removes what a killed earlier run with the same tag left behind.
@@ -186,11 +220,12 @@ impl Lab {
             .args(["-U", "postgres", "--auth=trust", "--no-sync"]))?;
         fs::write(
             data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 0.0.0.0/0 trust\n",
+            "local all all trust\nhost all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n",
         )?;
         let opts = format!(
-            "-c listen_addresses={} -p {PG_PORT} -k {} -c fsync=off -c max_connections=100",
+            "-c listen_addresses={},{} -p {PG_PORT} -k {} -c fsync=off -c max_connections=100",
             self.server_ip,
+            self.server_ip6(),
             self.dir.display()
         );
         run(self

@@ -510,3 +510,36 @@ fn an_auto_allowed_gated_update_adds_little_latency() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_statement_over_ipv6_is_held_and_released() -> Result<()> {
+    let (lab, token) = gated_lab("gipv6")?;
+    let psql = lab
+        .in_client("psql")
+        .args([
+            "-h",
+            &lab.server_ip6().to_string(),
+            "-U",
+            "postgres",
+            "-X",
+            "-q",
+        ])
+        .args(["-c", "DROP TABLE t"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let (request, id) = pending_with_id(&lab, &token)?;
+    assert!(
+        request["identity"]["client_addr"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fd71:"),
+        "{request}"
+    );
+    assert!(table_exists(&lab)?);
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let (ok, out, err) = finish(psql, Duration::from_secs(5))?;
+    assert!(ok, "{out}{err}");
+    assert!(!table_exists(&lab)?);
+    Ok(())
+}
