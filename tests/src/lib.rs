@@ -427,33 +427,31 @@ impl Lab {
 
     /// psql from the client namespace, started in the background.
     pub fn psql_spawn(&self, user: &str, db: &str, args: &[&str]) -> Result<Child> {
-        self.in_client("psql")
-            .args([
-                "-h",
-                &self.server_ip.to_string(),
-                "-p",
-                &PG_PORT.to_string(),
-            ])
-            .args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
-            .args(args)
+        self.psql_command(user, db, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting psql")
     }
 
-    /// psql from the client namespace; `-v ON_ERROR_STOP=0` so a failing
-    /// statement in a script does not end it.
+    /// psql in the client namespace, connected to the lab's server;
+    /// `-v ON_ERROR_STOP=0` so a failing statement in a script does not end it.
+    fn psql_command(&self, user: &str, db: &str, args: &[&str]) -> Command {
+        let mut cmd = self.in_client("psql");
+        cmd.args([
+            "-h",
+            &self.server_ip.to_string(),
+            "-p",
+            &PG_PORT.to_string(),
+        ])
+        .args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
+        .args(args);
+        cmd
+    }
+
+    /// psql from the client namespace, waited for.
     pub fn psql(&self, user: &str, db: &str, args: &[&str]) -> Result<Output> {
-        self.in_client("psql")
-            .args([
-                "-h",
-                &self.server_ip.to_string(),
-                "-p",
-                &PG_PORT.to_string(),
-            ])
-            .args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
-            .args(args)
+        self.psql_command(user, db, args)
             .output()
             .context("running psql")
     }
