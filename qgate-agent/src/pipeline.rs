@@ -27,7 +27,10 @@ impl Summary {
     fn count(&mut self, event: &WireEvent) {
         match event {
             WireEvent::ConnectionOpened { .. } => self.connections += 1,
-            WireEvent::StatementReceived { .. } => self.statements += 1,
+            WireEvent::StatementReceived { .. } => {
+                self.statements += 1;
+                ::metrics::counter!(crate::api::metrics::STATEMENTS_SEEN).increment(1);
+            }
             WireEvent::StatementCompleted { completion, .. } => {
                 self.completed += 1;
                 if completion.outcome == crate::wire::Outcome::Error {

@@ -30,7 +30,7 @@ use self::{
     kernel::{GateMode, KernelGate},
 };
 use crate::{
-    api::{RequestBoard, RequestEvent, RequestEventKind},
+    api::{metrics, RequestBoard, RequestEvent, RequestEventKind},
     capture::{Direction, Flow, Segment},
     classify::Dialect,
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
@@ -454,6 +454,19 @@ impl Gate {
     }
 
     fn decide(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
+        let started = Instant::now();
+        let verdict = self.judge(flow, sql);
+        let label = match &verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny { .. } => "deny",
+            Verdict::Wait(_) => "hold",
+        };
+        ::metrics::counter!(metrics::DECISIONS, "decision" => label).increment(1);
+        ::metrics::histogram!(metrics::DECISION_LATENCY).record(started.elapsed().as_secs_f64());
+        verdict
+    }
+
+    fn judge(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
         self.stats.decided += 1;
         let conn = self.conns.get(flow).cloned().unwrap_or_default();
         if sql.info.carrier == SqlCarrier::Startup {
