@@ -113,25 +113,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let pins = pin_dir(&config.gate.pin_dir);
     let mut capture = KernelCapture::attach(interfaces, &config.capture.ports, &pins)?;
     let mut kernel = capture.take_gate()?;
-    // A connection whose identity is not judged yet (or never: opened before
-    // the agent) is gated as the policy treats an unknown identity.
-    let default_mode = if enforcing {
-        match policy::needs_gate(&policy.current(), &Subject::default()) {
-            policy::GateMode::Monitor => GateMode::Monitor,
-            policy::GateMode::GateRisky => GateMode::GateRisky,
-            policy::GateMode::GateAll | policy::GateMode::DenyConnection => GateMode::GateAll,
-        }
-    } else {
-        GateMode::Monitor
-    };
-    kernel
-        .configure(
-            default_mode,
-            config.gate.fail == FailMode::Open,
-            Duration::from_millis(config.gate.fail_after_ms),
-            enforcing && policy.current().refuses_some_connections(),
-        )
-        .map_err(|e| AgentError::Gate(e.to_string()))?;
+    let default_mode = configure_kernel(&mut kernel, config, &policy, enforcing)?;
     let injector = Injector::new().map_err(|e| AgentError::Gate(e.to_string()))?;
     let mut events = board.subscribe();
     let estimator = config
@@ -160,6 +142,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     ));
     info!(?interfaces, ports = ?config.capture.ports, mode = ?default_mode, "capturing");
 
+    let mut policy_generation = policy.generation();
     let mut last_beat = Instant::now();
     let mut last_lost = 0;
     let mut last_failed_open = 0;
@@ -182,7 +165,17 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         }
         gate.tick(pipeline.tracker_mut());
         if reload.swap(false, Ordering::Relaxed) {
-            reload_policy(config, &policy, &board, &runtime);
+            reload_policy(config, &policy);
+        }
+        if policy.generation() != policy_generation {
+            // Reloaded (SIGHUP or the file changed): new modes from now on.
+            policy_generation = policy.generation();
+            configure_kernel(gate.kernel(), config, &policy, enforcing)?;
+            gate.refresh_modes();
+            let _ = runtime.block_on(board.audit(
+                "policy.reload",
+                serde_json::json!({ "generation": policy_generation }),
+            ));
         }
         if last_beat.elapsed() >= HEARTBEAT {
             last_beat = Instant::now();
@@ -252,24 +245,43 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
 }
 
 /// SIGHUP: re-read the policy file; a broken file leaves the old policy in force.
-fn reload_policy(
-    config: &Config,
-    policy: &PolicyHandle,
-    board: &crate::api::RequestBoard,
-    runtime: &tokio::runtime::Runtime,
-) {
+fn reload_policy(config: &Config, policy: &PolicyHandle) {
     let Some(path) = &config.policy.file else {
         info!("SIGHUP: the built-in default policy is in force; nothing to reload");
         return;
     };
     match policy.reload_from(path) {
-        Ok(()) => {
-            info!(path = %path.display(), "policy reloaded");
-            let _ = runtime.block_on(board.audit(
-                "policy.reload",
-                serde_json::json!({ "path": path.display().to_string() }),
-            ));
-        }
+        Ok(()) => info!(path = %path.display(), "policy reloaded"),
         Err(e) => warn!(path = %path.display(), "policy reload refused, the old policy stays: {e}"),
     }
+}
+
+/// Writes the program's global settings from the configuration and the
+/// policy in force; returns the mode of connections not judged yet.
+fn configure_kernel(
+    kernel: &mut crate::gate::kernel::KernelGate,
+    config: &Config,
+    policy: &PolicyHandle,
+    enforcing: bool,
+) -> Result<GateMode, AgentError> {
+    // A connection whose identity is not judged yet (or never: opened before
+    // the agent) is gated as the policy treats an unknown identity.
+    let default_mode = if enforcing {
+        match policy::needs_gate(&policy.current(), &Subject::default()) {
+            policy::GateMode::Monitor => GateMode::Monitor,
+            policy::GateMode::GateRisky => GateMode::GateRisky,
+            policy::GateMode::GateAll | policy::GateMode::DenyConnection => GateMode::GateAll,
+        }
+    } else {
+        GateMode::Monitor
+    };
+    kernel
+        .configure(
+            default_mode,
+            config.gate.fail == FailMode::Open,
+            Duration::from_millis(config.gate.fail_after_ms),
+            enforcing && policy.current().refuses_some_connections(),
+        )
+        .map_err(|e| AgentError::Gate(e.to_string()))?;
+    Ok(default_mode)
 }

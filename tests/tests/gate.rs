@@ -543,3 +543,46 @@ fn a_statement_over_ipv6_is_held_and_released() -> Result<()> {
     assert!(!table_exists(&lab)?);
     Ok(())
 }
+
+#[test]
+fn a_reloaded_policy_applies_to_the_next_statement_and_a_broken_one_is_refused() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("greload")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int)")?;
+    let policy = lab.dir.join("policy.toml");
+    std::fs::write(&policy, "[default]\naction = \"allow\"\n")?;
+    lab.start_agent(&["--policy", policy.to_str().unwrap_or_default()])?;
+    // Nothing can be held: the connection is only watched.
+    assert_eq!(lab.sql("INSERT INTO t VALUES (1)")?, "");
+    std::fs::write(
+        &policy,
+        "[default]\naction = \"allow\"\n\n[[rules]]\nname = \"no-drops\"\nverbs = [\"DROP\"]\n\
+         action = \"deny\"\nmessage = \"drops are off this week\"\n",
+    )?;
+    // The agent watches the file (and reloads on SIGHUP).
+    lab.wait_for("the reload", Duration::from_secs(10), || {
+        Ok(lab.agent_log().contains("policy reloaded").then_some(()))
+    })?;
+    let out = lab.psql(
+        "postgres",
+        "postgres",
+        &["-c", "DROP TABLE /* the new policy says no to this one, with a reason the client will read */ t"],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("drops are off this week"), "{err}");
+    assert!(table_exists(&lab)?);
+
+    std::fs::write(&policy, "[[rules]]\nname = \nthis is not TOML")?;
+    lab.wait_for("the refused reload", Duration::from_secs(10), || {
+        Ok(lab.agent_log().contains("refused").then_some(()))
+    })?;
+    let out = lab.psql(
+        "postgres",
+        "postgres",
+        &["-c", "DROP TABLE /* the old policy still says no to this one, the broken file changed nothing */ t"],
+    )?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("drops are off this week"));
+    assert!(table_exists(&lab)?);
+    Ok(())
+}

@@ -185,6 +185,22 @@ impl Gate {
         self.stats
     }
 
+    /// A new policy is in force: re-judge every known connection's mode.
+    pub fn refresh_modes(&mut self) {
+        let policy = self.policy.current();
+        for (flow, info) in self.conns.iter_mut() {
+            let mode = if self.enforcing {
+                policy::needs_gate(&policy, &info.subject)
+            } else {
+                policy::GateMode::Monitor
+            };
+            info.refused = mode == policy::GateMode::DenyConnection;
+            if let Err(e) = self.kernel.set_mode(flow, kernel_mode(mode)) {
+                warn!("setting the gate mode of {flow:?}: {e}");
+            }
+        }
+    }
+
     /// Connections with held bytes or undecided statements.
     pub fn holding(&self) -> usize {
         self.streams.len()
