@@ -350,6 +350,8 @@ const LINE_COMMENT: u8 = 1;
 const BLOCK_COMMENT: u8 = 2;
 const KEYWORD: u8 = 3;
 const BODY: u8 = 4;
+/// After the statement's one `;`: only whitespace may follow.
+const TRAILING: u8 = 5;
 
 #[inline(always)]
 fn is_ident(c: u8) -> bool {
@@ -442,9 +444,23 @@ impl Scan {
                     self.word_len = 0;
                 }
             }
-            _ => {
-                if c == b';' || c == b'(' {
+            TRAILING => {
+                if !c.is_ascii_whitespace() {
                     return self.refuse();
+                }
+            }
+            _ => {
+                if c == b'(' {
+                    return self.refuse();
+                }
+                if c == b';' {
+                    // A terminating semicolon: fine if nothing but blanks follows.
+                    if self.ends_word_badly() {
+                        return self.refuse();
+                    }
+                    self.state = TRAILING;
+                    self.prev = c;
+                    return true;
                 }
                 if is_ident(c) {
                     self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
@@ -473,6 +489,7 @@ impl Scan {
             && match self.state {
                 KEYWORD => self.word == KW_SELECT || self.word == KW_SHOW,
                 BODY => !self.ends_word_badly(),
+                TRAILING => true,
                 _ => false,
             }
     }
@@ -497,8 +514,8 @@ extern "C" fn scan_step(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     }
 }
 
-/// True only for the text of one `SELECT` or `SHOW` statement with no `;`,
-/// no parenthesis (so no function call, subquery or VALUES list) and no
+/// True only for the text of one `SELECT` or `SHOW` statement with no `;`
+/// other than a final one followed by blanks only, no parenthesis (so no function call, subquery or VALUES list) and no
 /// `INTO`/`FOR` word, after leading whitespace and comments. Nested block
 /// comments are refused rather than followed.
 #[inline(always)]

@@ -287,16 +287,21 @@ fn pipelined_statements_behind_a_held_one_wait_and_then_run_in_order() -> Result
     Ok(())
 }
 
+/// psql sending a DROP of over 70 KiB (mostly a comment), then a SELECT.
+fn big_drop(lab: &Lab) -> Result<Child> {
+    let padding = "x".repeat(70 * 1024);
+    psql_script(
+        lab,
+        "big.sql",
+        format!("DROP TABLE /* {padding} */ t;\nSELECT 'after';\n"),
+    )
+}
+
 #[test]
 fn a_statement_over_64_kib_is_held_and_released_whole() -> Result<()> {
     // Approved: the held prefix is re-injected and the rest flows through.
     let (lab, token) = gated_lab("gbig")?;
-    let padding = "x".repeat(70 * 1024);
-    let psql = psql_script(
-        &lab,
-        "big.sql",
-        format!("DROP TABLE /* {padding} */ t;\nSELECT 'after';\n"),
-    )?;
+    let psql = big_drop(&lab)?;
     let (request, id) = pending_with_id(&lab, &token)?;
     // The client stops sending once its congestion window is full of bytes
     // the server never acknowledged: the request is for what was seen, and
@@ -390,12 +395,7 @@ fn a_client_that_disconnects_withdraws_its_held_statement() -> Result<()> {
 #[test]
 fn a_denied_statement_over_64_kib_fails_and_never_runs() -> Result<()> {
     let (lab, token) = gated_lab("gbigden")?;
-    let padding = "x".repeat(70 * 1024);
-    let psql = psql_script(
-        &lab,
-        "big.sql",
-        format!("DROP TABLE /* {padding} */ t;\nSELECT 'after';\n"),
-    )?;
+    let psql = big_drop(&lab)?;
     let (_, id) = pending_with_id(&lab, &token)?;
     lab.requests(&token, &["deny", &id.to_string()])?;
     let (_, out, err) = finish(psql, Duration::from_secs(10))?;
@@ -489,15 +489,10 @@ fn an_auto_allowed_gated_update_adds_little_latency() -> Result<()> {
     // measures it properly.
     assert!(g - m < 5.0, "gating added {:.3} ms per UPDATE", g - m);
     // The gated runs really decided every UPDATE in the agent; monitor runs none.
-    let db = lab.store()?;
-    let mut stmt = db.prepare("SELECT details FROM audit WHERE kind = 'agent.stop' ORDER BY id")?;
-    let allowed: Vec<i64> = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .map(|d| {
-            let v: serde_json::Value = serde_json::from_str(&d?).unwrap_or_default();
-            Ok(v["gate"]["allowed"].as_i64().unwrap_or(-1))
-        })
-        .collect::<Result<_>>()?;
+    let allowed: Vec<i64> = gate_stats(&lab)?
+        .iter()
+        .map(|g| g["allowed"].as_i64().unwrap_or(-1))
+        .collect();
     assert_eq!(allowed.len(), 4, "{allowed:?}");
     assert_eq!(
         (allowed[0], allowed[2]),
@@ -584,5 +579,39 @@ fn a_reloaded_policy_applies_to_the_next_statement_and_a_broken_one_is_refused()
     )?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("drops are off this week"));
     assert!(table_exists(&lab)?);
+    Ok(())
+}
+
+/// The `gate` stats the agent audited when it stopped, one object per run.
+fn gate_stats(lab: &Lab) -> Result<Vec<serde_json::Value>> {
+    let db = lab.store()?;
+    let mut stmt = db.prepare("SELECT details FROM audit WHERE kind = 'agent.stop' ORDER BY id")?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .map(|d| Ok(serde_json::from_str::<serde_json::Value>(&d?)?["gate"].clone()))
+        .collect::<Result<_>>()?;
+    Ok(rows)
+}
+
+#[test]
+fn plain_reads_pass_in_the_kernel_without_a_decision() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("gplain")?;
+    lab.start_postgres()?;
+    lab.pgbench(&["-i", "-q", "-s", "1"])?;
+    lab.start_agent(&[])?;
+    // pgbench -S sends `SELECT abalance FROM pgbench_accounts WHERE aid = N;`
+    lab.pgbench(&["-n", "-S", "-M", "simple", "-c", "1", "-t", "2000"])?;
+    lab.stop_agent()?;
+    let stats = gate_stats(&lab)?;
+    let decided = stats[0]["decided"].as_i64().unwrap_or(-1);
+    // Only pgbench's start-up queries (count(*), the catalog query) go up.
+    assert!((0..10).contains(&decided), "{stats:?}");
+    let stored: i64 = lab.store()?.query_row(
+        "SELECT count(*) FROM statements WHERE text LIKE 'SELECT abalance%'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(stored, 2000, "every read is still captured and stored");
     Ok(())
 }
