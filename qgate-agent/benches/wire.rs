@@ -1,7 +1,11 @@
-//! Throughput of the wire stage on synthetic traffic (run in release:
-//! `cargo test --release -p qgate-agent --test wire_perf -- --ignored --nocapture`).
-use std::{net::SocketAddr, time::Instant};
+//! Throughput of the wire stage (reassembly, decoding, pairing) on synthetic
+//! pgbench-like traffic cut at 1448 bytes, both directions.
+//!
+//! `cargo bench -p qgate-agent --bench wire`; criterion reports statements
+//! per second on one core.
+use std::net::SocketAddr;
 
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qgate_agent::{
     capture::{Direction, Flow, Segment},
     wire::{Tracker, WireEvent},
@@ -132,12 +136,11 @@ fn workload(connections: u16, transactions: usize, rows: usize) -> Vec<Segment> 
     all
 }
 
-fn measure(label: &str, segs: &[Segment], expected_statements: u64) {
-    let bytes: usize = segs.iter().map(|s| s.payload.len()).sum();
+/// Feeds every segment to a fresh tracker; returns the statements completed.
+fn run(segs: &[Segment]) -> u64 {
     let mut tracker = Tracker::new();
     let mut events = Vec::with_capacity(1024);
     let mut statements = 0u64;
-    let start = Instant::now();
     for s in segs {
         tracker.on_segment(s, &mut events);
         statements += events
@@ -146,25 +149,22 @@ fn measure(label: &str, segs: &[Segment], expected_statements: u64) {
             .count() as u64;
         events.clear();
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    assert_eq!(statements, expected_statements);
-    println!(
-        "{label}: {} segments, {:.1} MB, {} statements in {:.3} s: {:.0} MB/s, \
-         {:.2} M segments/s, {:.0} k statements/s, {:.0} ns/segment",
-        segs.len(),
-        bytes as f64 / 1e6,
-        statements,
-        elapsed,
-        bytes as f64 / 1e6 / elapsed,
-        segs.len() as f64 / 1e6 / elapsed,
-        statements as f64 / 1e3 / elapsed,
-        elapsed * 1e9 / segs.len() as f64
-    );
+    statements
 }
 
-#[test]
-#[ignore = "measurement: run in release with --ignored --nocapture"]
-fn measure_tracker_throughput() {
-    measure("100-row results", &workload(100, 500, 100), 100 * 500 * 2);
-    measure("1-row results", &workload(100, 2000, 1), 100 * 2000 * 2);
+fn tracker_throughput(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wire");
+    group.sample_size(10);
+    for (name, segs, statements) in [
+        ("100-row results", workload(20, 200, 100), 20 * 200 * 2),
+        ("1-row results", workload(20, 1000, 1), 20 * 1000 * 2),
+    ] {
+        assert_eq!(run(&segs), statements, "{name}: every statement completes");
+        group.throughput(Throughput::Elements(statements));
+        group.bench_function(name, |b| b.iter(|| run(&segs)));
+    }
+    group.finish();
 }
+
+criterion_group!(benches, tracker_throughput);
+criterion_main!(benches);
