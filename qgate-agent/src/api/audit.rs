@@ -176,6 +176,47 @@ impl Search {
             clause.replace('?', &format!("?{}", self.args.len()))
         ));
     }
+
+    /// The time window, paging cursor and page size every search takes, checked
+    /// in that order; `time` and `id` name the columns they filter and sort on.
+    fn page(
+        &mut self,
+        (time, id): (&str, &str),
+        since: Option<&str>,
+        until: Option<&str>,
+        after: Option<i64>,
+        size: Option<u32>,
+    ) -> Result<(), ApiError> {
+        if let Some(since) = parse_time("since", since)? {
+            self.and(&format!("{time} >= ? * 1000000"), since);
+        }
+        if let Some(until) = parse_time("until", until)? {
+            self.and(&format!("{time} < ? * 1000000"), until);
+        }
+        if let Some(after) = after {
+            self.and(&format!("{id} > ?"), after);
+        }
+        let size = limit(size, DEFAULT_LIMIT, MAX_LIMIT)?;
+        self.sql.push_str(&format!(" ORDER BY {id} LIMIT {size}"));
+        Ok(())
+    }
+
+    /// Runs the search on the agent's database, turning each row into a record with `row`.
+    async fn rows<T, F>(self, state: &AppState, row: F) -> Result<Vec<T>, ApiError>
+    where
+        T: Send + 'static,
+        F: FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T> + Send + 'static,
+    {
+        state
+            .board
+            .with_db(move |c| -> rusqlite::Result<Vec<T>> {
+                let mut stmt = c.prepare(&self.sql)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(self.args), row)?;
+                rows.collect()
+            })
+            .await?
+            .map_err(ApiError::internal)
+    }
 }
 
 /// Search and export statements.
@@ -216,46 +257,34 @@ pub async fn search_statements(
     if let Some(outcome) = q.outcome {
         search.and("s.outcome = ?", outcome);
     }
-    if let Some(since) = parse_time("since", q.since.as_deref())? {
-        search.and("s.received_at >= ? * 1000000", since);
-    }
-    if let Some(until) = parse_time("until", q.until.as_deref())? {
-        search.and("s.received_at < ? * 1000000", until);
-    }
-    if let Some(after) = q.after {
-        search.and("s.id > ?", after);
-    }
-    let limit = limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    search
-        .sql
-        .push_str(&format!(" ORDER BY s.id LIMIT {limit}"));
-    let rows = state
-        .board
-        .with_db(move |c| -> rusqlite::Result<Vec<StatementRecord>> {
-            let mut stmt = c.prepare(&search.sql)?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(search.args), |r| {
-                Ok(StatementRecord {
-                    id: r.get(0)?,
-                    received_at: r.get::<_, Option<i64>>(1)?.map(rfc3339_ms),
-                    completed_at: r.get::<_, Option<i64>>(2)?.map(rfc3339_ms),
-                    db_user: r.get(3)?,
-                    database: r.get(4)?,
-                    application: r.get(5)?,
-                    client_addr: r.get(6)?,
-                    statement: r.get(7)?,
-                    outcome: r.get(8)?,
-                    sqlstate: r.get(9)?,
-                    tag: r.get(10)?,
-                    rows: r.get(11)?,
-                    request_id: r.get(12)?,
-                    request_status: r.get(13)?,
-                    rule: r.get(14)?,
-                })
-            })?;
-            rows.collect()
+    search.page(
+        ("s.received_at", "s.id"),
+        q.since.as_deref(),
+        q.until.as_deref(),
+        q.after,
+        q.limit,
+    )?;
+    let rows = search
+        .rows(&state, |r| {
+            Ok(StatementRecord {
+                id: r.get(0)?,
+                received_at: r.get::<_, Option<i64>>(1)?.map(rfc3339_ms),
+                completed_at: r.get::<_, Option<i64>>(2)?.map(rfc3339_ms),
+                db_user: r.get(3)?,
+                database: r.get(4)?,
+                application: r.get(5)?,
+                client_addr: r.get(6)?,
+                statement: r.get(7)?,
+                outcome: r.get(8)?,
+                sqlstate: r.get(9)?,
+                tag: r.get(10)?,
+                rows: r.get(11)?,
+                request_id: r.get(12)?,
+                request_status: r.get(13)?,
+                rule: r.get(14)?,
+            })
         })
-        .await?
-        .map_err(ApiError::internal)?;
+        .await?;
     export(q.format.unwrap_or_default(), STATEMENT_COLUMNS, rows)
 }
 
@@ -282,37 +311,27 @@ pub async fn search_log(
     if let Some(request) = q.request {
         search.and("request_id = ?", request);
     }
-    if let Some(since) = parse_time("since", q.since.as_deref())? {
-        search.and("at >= ? * 1000000", since);
-    }
-    if let Some(until) = parse_time("until", q.until.as_deref())? {
-        search.and("at < ? * 1000000", until);
-    }
-    if let Some(after) = q.after {
-        search.and("id > ?", after);
-    }
-    let limit = limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    search.sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
-    let rows = state
-        .board
-        .with_db(move |c| -> rusqlite::Result<Vec<AuditRecord>> {
-            let mut stmt = c.prepare(&search.sql)?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(search.args), |r| {
-                let details: String = r.get(5)?;
-                Ok(AuditRecord {
-                    id: r.get(0)?,
-                    at: rfc3339_ms(r.get(1)?),
-                    kind: r.get(2)?,
-                    actor: r.get(3)?,
-                    request_id: r.get(4)?,
-                    details: serde_json::from_str(&details)
-                        .unwrap_or(serde_json::Value::String(details)),
-                })
-            })?;
-            rows.collect()
+    search.page(
+        ("at", "id"),
+        q.since.as_deref(),
+        q.until.as_deref(),
+        q.after,
+        q.limit,
+    )?;
+    let rows = search
+        .rows(&state, |r| {
+            let details: String = r.get(5)?;
+            Ok(AuditRecord {
+                id: r.get(0)?,
+                at: rfc3339_ms(r.get(1)?),
+                kind: r.get(2)?,
+                actor: r.get(3)?,
+                request_id: r.get(4)?,
+                details: serde_json::from_str(&details)
+                    .unwrap_or(serde_json::Value::String(details)),
+            })
         })
-        .await?
-        .map_err(ApiError::internal)?;
+        .await?;
     export(q.format.unwrap_or_default(), LOG_COLUMNS, rows)
 }
 

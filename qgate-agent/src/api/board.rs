@@ -200,36 +200,10 @@ impl RequestBoard {
             .await??)
     }
 
-    pub async fn approve(
-        &self,
-        id: i64,
-        reviewer: &Reviewer,
-        comment: Option<String>,
-    ) -> Result<Request, BoardError> {
-        self.vote(id, reviewer, Verdict::Approve, comment).await
-    }
-
-    pub async fn deny(
-        &self,
-        id: i64,
-        reviewer: &Reviewer,
-        comment: Option<String>,
-    ) -> Result<Request, BoardError> {
-        self.vote(id, reviewer, Verdict::Deny, comment).await
-    }
-
-    /// An admin's break-glass approval: ignores N and groups, never self-approval.
-    pub async fn force_approve(
-        &self,
-        id: i64,
-        reviewer: &Reviewer,
-        comment: Option<String>,
-    ) -> Result<Request, BoardError> {
-        self.vote(id, reviewer, Verdict::ForceApprove, comment)
-            .await
-    }
-
-    async fn vote(
+    /// Records one reviewer's verdict. Approve counts towards the N distinct
+    /// approvals, one Deny ends the request, ForceApprove (an admin's break-glass)
+    /// ignores N and groups but never allows self-approval.
+    pub async fn vote(
         &self,
         id: i64,
         reviewer: &Reviewer,

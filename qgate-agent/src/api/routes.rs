@@ -24,7 +24,9 @@ use utoipa::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::store::requests::{self as store, Request, RequestFilter, RequestStatus, Reviewer};
+use crate::store::requests::{
+    self as store, Request, RequestFilter, RequestStatus, Reviewer, Verdict,
+};
 
 use super::{audit, auth::Caller, error::ApiError, AppState, ErrorBody, RequestEvent};
 
@@ -288,6 +290,24 @@ fn decision_body(
     }
 }
 
+/// The approve, deny and force-approve endpoints differ only in the verdict they
+/// record (and in their OpenAPI text), so they share checks and their order.
+async fn decide(
+    caller: Caller,
+    state: AppState,
+    id: Result<Path<i64>, PathRejection>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    verdict: Verdict,
+) -> Result<Json<Request>, ApiError> {
+    caller.require_decider()?;
+    let id = request_id(id)?;
+    let comment = decision_body(headers, body)?;
+    Ok(Json(
+        state.board.vote(id, &caller.0, verdict, comment).await?,
+    ))
+}
+
 /// Approve: counts as one of the N distinct approvals the rule asks for.
 #[utoipa::path(post, path = "/v1/requests/{id}/approve", tag = "requests",
     params(("id" = i64, Path, minimum = 1, description = "Request id")),
@@ -305,10 +325,7 @@ async fn approve(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Request>, ApiError> {
-    caller.require_decider()?;
-    let id = request_id(id)?;
-    let comment = decision_body(&headers, body)?;
-    Ok(Json(state.board.approve(id, &caller.0, comment).await?))
+    decide(caller, state, id, &headers, body, Verdict::Approve).await
 }
 
 /// Deny: one deny ends the request.
@@ -326,10 +343,7 @@ async fn deny(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Request>, ApiError> {
-    caller.require_decider()?;
-    let id = request_id(id)?;
-    let comment = decision_body(&headers, body)?;
-    Ok(Json(state.board.deny(id, &caller.0, comment).await?))
+    decide(caller, state, id, &headers, body, Verdict::Deny).await
 }
 
 /// Break-glass (admins only): approves at once whatever N and the groups;
@@ -348,12 +362,7 @@ async fn force_approve(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Request>, ApiError> {
-    caller.require_decider()?;
-    let id = request_id(id)?;
-    let comment = decision_body(&headers, body)?;
-    Ok(Json(
-        state.board.force_approve(id, &caller.0, comment).await?,
-    ))
+    decide(caller, state, id, &headers, body, Verdict::ForceApprove).await
 }
 
 /// Server-sent events: one `event:` per request change (`created`,

@@ -25,7 +25,7 @@ const MAX_NAMED: usize = 4096;
 
 const SKIPPED: &str = "not executed: the server skipped it after an earlier error before Sync";
 
-/// A message's place in the client → server stream.
+/// A message's place in its stream (the session keeps the client → server ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct MessageSpan {
     pub offset: u64,

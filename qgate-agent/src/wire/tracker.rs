@@ -625,6 +625,45 @@ fn report_undecodable(
     }
 }
 
+/// Hands a decoded message back with its place in the stream; reports anything
+/// else a decoder says (once per undecodable stretch, re-armed when it finds its
+/// footing again), the same way for both directions. `stream` names the direction.
+fn message_or_report<M>(
+    conn: ConnId,
+    stream: &str,
+    decoded: Decoded<M>,
+    undecodable_reported: &mut bool,
+    at: UnixNanos,
+    out: &mut Vec<WireEvent>,
+) -> Option<(MessageSpan, M)> {
+    match decoded {
+        Decoded::Message {
+            offset,
+            len,
+            message,
+        } => return Some((MessageSpan { offset, len }, message)),
+        Decoded::Error { offset, error } => report_undecodable(
+            conn,
+            undecodable_reported,
+            format!("{stream} stream at offset {offset}: {error}"),
+            at,
+            out,
+        ),
+        Decoded::Unsynchronised { offset } => report_undecodable(
+            conn,
+            undecodable_reported,
+            format!(
+                "{stream} stream at offset {offset}: no PostgreSQL message starts here \
+                 (picked up mid-stream, after a gap, or not PostgreSQL)"
+            ),
+            at,
+            out,
+        ),
+        Decoded::Resynchronised { .. } => *undecodable_reported = false,
+    }
+    None
+}
+
 #[allow(clippy::too_many_arguments)]
 fn on_client_delivery(
     conn: ConnId,
@@ -647,38 +686,19 @@ fn on_client_delivery(
         }
         Delivery::Data { offset, bytes } => {
             let mut tls = false;
-            frontend.push(offset, bytes, &mut |decoded| match decoded {
-                Decoded::Message {
-                    offset,
-                    len,
-                    message,
-                } => {
-                    if message == FrontendMessage::Tls {
-                        tls = true;
-                    }
-                    if let Some(log) = log.as_deref_mut() {
-                        log.push(log_entry(conn, offset, len, &message));
-                    }
-                    session.on_frontend(conn, MessageSpan { offset, len }, &message, at, out);
+            frontend.push(offset, bytes, &mut |decoded| {
+                let Some((span, message)) =
+                    message_or_report(conn, "client", decoded, undecodable_reported, at, out)
+                else {
+                    return;
+                };
+                if message == FrontendMessage::Tls {
+                    tls = true;
                 }
-                Decoded::Error { offset, error } => report_undecodable(
-                    conn,
-                    undecodable_reported,
-                    format!("client stream at offset {offset}: {error}"),
-                    at,
-                    out,
-                ),
-                Decoded::Unsynchronised { offset } => report_undecodable(
-                    conn,
-                    undecodable_reported,
-                    format!(
-                        "client stream at offset {offset}: no PostgreSQL message starts here \
-                         (picked up mid-stream, after a gap, or not PostgreSQL)"
-                    ),
-                    at,
-                    out,
-                ),
-                Decoded::Resynchronised { .. } => *undecodable_reported = false,
+                if let Some(log) = log.as_deref_mut() {
+                    log.push(log_entry(conn, span.offset, span.len, &message));
+                }
+                session.on_frontend(conn, span, &message, at, out);
             });
             if tls {
                 report_encrypted(conn, frontend, backend, encrypted, at, out);
@@ -716,8 +736,13 @@ fn on_server_delivery(
         }
         Delivery::Data { offset, bytes } => {
             let mut encryption_started = false;
-            backend.push(offset, bytes, &mut |decoded| match decoded {
-                Decoded::Message { message, .. } => match message {
+            backend.push(offset, bytes, &mut |decoded| {
+                let Some((_, message)) =
+                    message_or_report(conn, "server", decoded, undecodable_reported, at, out)
+                else {
+                    return;
+                };
+                match message {
                     BackendMessage::EncryptionResponse { accepted: true } | BackendMessage::Tls => {
                         encryption_started = true;
                     }
@@ -735,25 +760,7 @@ fn on_server_delivery(
                         );
                     }
                     other => session.on_backend(conn, &other, at, out),
-                },
-                Decoded::Error { offset, error } => report_undecodable(
-                    conn,
-                    undecodable_reported,
-                    format!("server stream at offset {offset}: {error}"),
-                    at,
-                    out,
-                ),
-                Decoded::Unsynchronised { offset } => report_undecodable(
-                    conn,
-                    undecodable_reported,
-                    format!(
-                        "server stream at offset {offset}: no PostgreSQL message starts here \
-                         (picked up mid-stream, after a gap, or not PostgreSQL)"
-                    ),
-                    at,
-                    out,
-                ),
-                Decoded::Resynchronised { .. } => *undecodable_reported = false,
+                }
             });
             if encryption_started {
                 report_encrypted(conn, frontend, backend, encrypted, at, out);
