@@ -8,7 +8,7 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, MapError};
 use qgate_common::{mode, phase, FlowKey, FlowState, GateConfig};
 
-use crate::capture::Flow;
+use crate::capture::{kernel::monotonic_ns, Flow};
 
 /// How the program treats a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -63,17 +63,6 @@ pub fn flow_key(flow: &Flow) -> FlowKey {
 pub struct KernelGate {
     flows: HashMap<MapData, FlowKey, FlowState>,
     config: Array<MapData, GateConfig>,
-}
-
-/// CLOCK_MONOTONIC now, the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl KernelGate {
