@@ -8,6 +8,7 @@
 //! everything it made when dropped, even when the test fails.
 use std::{
     fs,
+    io::Read,
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -425,6 +426,20 @@ impl Lab {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// Waits until at least `n` requests are pending and returns them.
+    pub fn pending_requests(
+        &self,
+        token: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<serde_json::Value>> {
+        self.wait_for(&format!("{n} pending request(s)"), timeout, || {
+            let list = self.requests(token, &["list", "--status", "pending"])?;
+            let list = list.as_array().cloned().unwrap_or_default();
+            Ok((list.len() >= n).then_some(list))
+        })
+    }
+
     /// psql from the client namespace, started in the background.
     pub fn psql_spawn(&self, user: &str, db: &str, args: &[&str]) -> Result<Child> {
         self.psql_command(user, db, args)
@@ -611,6 +626,53 @@ fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHand
         }
         buf
     })
+}
+
+/// Waits for a client, reading its output as it comes (a big error message
+/// must not fill the pipe and block it).
+pub fn finish(mut child: Child, timeout: Duration) -> Result<(bool, String, String)> {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok((status.success(), out, err)),
+        None => bail!(
+            "the client did not finish within {timeout:?}; it printed: {out} / {}",
+            &err[..err.len().min(600)]
+        ),
+    }
 }
 
 /// The e2e tests need root (namespaces, BPF). Under CI a non-root run is a

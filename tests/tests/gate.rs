@@ -2,13 +2,12 @@
 //! by the tc program, runs within milliseconds of its approval, and a denied
 //! one gets a clean SQL error while the session stays usable.
 use std::{
-    io::Read,
     process::Child,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
-use qgate_e2e::{require_root, Lab};
+use anyhow::{Context, Result};
+use qgate_e2e::{finish, require_root, Lab};
 
 /// A lab with a table `t` (3 rows), the agent under the shipped default
 /// policy, and one reviewer in the `reviewers` group.
@@ -31,16 +30,10 @@ fn gated_lab_with(tag: &str, setup: &[&str]) -> Result<(Lab, String)> {
     Ok((lab, token))
 }
 
-/// Waits for exactly one pending request and returns it.
-fn pending_request(lab: &Lab, token: &str) -> Result<serde_json::Value> {
-    lab.wait_for("a pending request", Duration::from_secs(10), || {
-        let list = lab.requests(token, &["list", "--status", "pending"])?;
-        Ok(list.as_array().and_then(|a| a.first().cloned()))
-    })
-}
-
 fn pending_with_id(lab: &Lab, token: &str) -> Result<(serde_json::Value, i64)> {
-    let request = pending_request(lab, token)?;
+    let request = lab
+        .pending_requests(token, 1, Duration::from_secs(10))?
+        .remove(0);
     let id = request["id"].as_i64().context("request id")?;
     Ok((request, id))
 }
@@ -58,53 +51,6 @@ fn psql_script(lab: &Lab, name: &str, text: impl AsRef<[u8]>) -> Result<Child> {
         "postgres",
         &["-At", "-f", script.to_str().unwrap_or_default()],
     )
-}
-
-/// Waits for a client, reading its output as it comes (a big error message
-/// must not fill the pipe and block it).
-fn finish(mut child: Child, timeout: Duration) -> Result<(bool, String, String)> {
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut text);
-            }
-            text
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let out = out.join().unwrap_or_default();
-    let err = err.join().unwrap_or_default();
-    match status {
-        Some(status) => Ok((status.success(), out, err)),
-        None => bail!(
-            "the client did not finish within {timeout:?}; it printed: {out} / {}",
-            &err[..err.len().min(600)]
-        ),
-    }
 }
 
 #[test]

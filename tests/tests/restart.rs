@@ -1,14 +1,10 @@
 //! Issue 5: what happens when the agent dies. The tc program keeps holding
 //! (fail closed) or passes and counts (fail open); a restarted agent takes
 //! over the pending requests and no approved statement runs twice.
-use std::{
-    io::Write,
-    process::{Child, Stdio},
-    time::{Duration, Instant},
-};
+use std::{io::Write, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
-use qgate_e2e::{require_root, Lab};
+use qgate_e2e::{finish, require_root, Lab};
 
 fn lab_with_table(tag: &str, config: &[(&str, &str)]) -> Result<(Lab, String)> {
     require_root();
@@ -26,39 +22,12 @@ fn config_path(lab: &Lab) -> String {
     lab.dir.join("qgate.toml").display().to_string()
 }
 
-fn pending(lab: &Lab, token: &str, n: usize) -> Result<Vec<serde_json::Value>> {
-    lab.wait_for(
-        &format!("{n} pending request(s)"),
-        Duration::from_secs(30),
-        || {
-            let list = lab.requests(token, &["list", "--status", "pending"])?;
-            let list = list.as_array().cloned().unwrap_or_default();
-            Ok((list.len() >= n).then_some(list))
-        },
-    )
-}
-
-fn wait_exit(mut child: Child, timeout: Duration) -> Result<bool> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status.success());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn after_kill_9_a_restarted_agent_runs_the_approved_statement_exactly_once() -> Result<()> {
     let (mut lab, token) = lab_with_table("rkill", &[])?;
     // An UPDATE of every row is held by the default policy.
     let held = lab.psql_spawn("postgres", "postgres", &["-c", "UPDATE t SET v = v || 'x'"])?;
-    let first = pending(&lab, &token, 1)?;
+    let first = lab.pending_requests(&token, 1, Duration::from_secs(30))?;
     let id = first[0]["id"].as_i64().context("id")?;
 
     lab.kill_agent()?;
@@ -79,7 +48,7 @@ fn after_kill_9_a_restarted_agent_runs_the_approved_statement_exactly_once() -> 
     lab.requests(&token, &["approve", &id.to_string()])?;
     // The statement comes back with the client's next retransmission.
     assert!(
-        wait_exit(held, Duration::from_secs(30))?,
+        finish(held, Duration::from_secs(30))?.0,
         "the approved UPDATE finished"
     );
     assert_eq!(
@@ -90,7 +59,7 @@ fn after_kill_9_a_restarted_agent_runs_the_approved_statement_exactly_once() -> 
     let shown = lab.requests(&token, &["show", &id.to_string()])?;
     assert_eq!(shown["status"], "approved");
     // The DELETE sent while the agent was down is held for review now.
-    let later = pending(&lab, &token, 1)?;
+    let later = lab.pending_requests(&token, 1, Duration::from_secs(30))?;
     assert!(later[0]["statement"]
         .as_str()
         .unwrap_or_default()
@@ -99,7 +68,7 @@ fn after_kill_9_a_restarted_agent_runs_the_approved_statement_exactly_once() -> 
     let later_id = later[0]["id"].as_i64().context("id")?;
     lab.requests(&token, &["deny", &later_id.to_string()])?;
     assert!(
-        !wait_exit(blocked, Duration::from_secs(10))?,
+        !finish(blocked, Duration::from_secs(10))?.0,
         "the denied DELETE fails"
     );
     assert_eq!(lab.sql("SELECT count(*) FROM t")?, "2");
@@ -165,7 +134,9 @@ fn a_connection_opened_before_the_agent_is_gated_as_an_unknown_identity() -> Res
     lab.start_agent(&[])?;
     let token = lab.add_reviewer("rita", "reviewers", None)?;
     writeln!(stdin, "UPDATE t SET v = 'b';")?;
-    let request = pending(&lab, &token, 1)?.remove(0);
+    let request = lab
+        .pending_requests(&token, 1, Duration::from_secs(30))?
+        .remove(0);
     assert!(
         request["identity"]["db_user"].is_null(),
         "identity unknown: {request}"
@@ -177,6 +148,6 @@ fn a_connection_opened_before_the_agent_is_gated_as_an_unknown_identity() -> Res
         Ok((lab.sql("SELECT v FROM t")? == "b").then_some(()))
     })?;
     drop(stdin);
-    assert!(wait_exit(psql, Duration::from_secs(5))?);
+    assert!(finish(psql, Duration::from_secs(5))?.0);
     Ok(())
 }
