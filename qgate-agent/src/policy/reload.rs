@@ -96,6 +96,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// Polls `path` every `interval` and reloads `handle` from it when it changes.
+/// A change is read only once the file has stayed the same for one interval,
+/// so a file caught half-written (truncated, then filled) is never loaded.
 /// Failed reloads are logged and leave the old policy in force; the file is
 /// tried again at its next change.
 pub fn watch_file(
@@ -105,6 +107,8 @@ pub fn watch_file(
 ) -> std::io::Result<PolicyWatcher> {
     let (stop, stopped) = mpsc::channel::<()>();
     let mut last = stamp(&path);
+    // A new stamp seen once; reloaded when the next poll sees it again.
+    let mut settling: Option<Stamp> = None;
     let thread = std::thread::Builder::new()
         .name("qgate-policy-watch".into())
         .spawn(move || loop {
@@ -114,8 +118,14 @@ pub fn watch_file(
             }
             let now = stamp(&path);
             if now == last || now.is_none() {
+                settling = None;
                 continue;
             }
+            if settling != now {
+                settling = now;
+                continue;
+            }
+            settling = None;
             last = now;
             match handle.reload_from(&path) {
                 Ok(()) => tracing::info!(path = %path.display(), "policy reloaded"),
