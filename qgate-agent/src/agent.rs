@@ -17,12 +17,16 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
-    capture::kernel::{pin_dir, CaptureError, KernelCapture},
+    capture::{
+        backend::{BackendStep, BackendStreams, PortInfo},
+        kernel::{pin_dir, CaptureError, Captured, KernelCapture},
+    },
     config::{Config, FailMode, GateSetting},
     gate::{inject::Injector, kernel::GateMode, Gate},
     pipeline::Pipeline,
     policy::{self, Policy, PolicyHandle, Subject},
     store::{self, Store, Writer, WriterConfig},
+    wire::WireEvent,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +117,16 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let pins = pin_dir(&config.gate.pin_dir);
     let mut capture = KernelCapture::attach(interfaces, &config.capture.ports, &pins)?;
     let mut kernel = capture.take_gate()?;
+    let mut backends = BackendStreams::new(capture.clock_offset());
+    if config.server_hook.enabled {
+        capture.enable_server_hook()?;
+        if !capture.discover_servers(&config.capture.ports).is_empty() {
+            kernel.forget_ignored_backends();
+        }
+        if capture.hooked_servers().is_empty() {
+            warn!(ports = ?config.capture.ports, "server hook: no PostgreSQL server found on these ports yet; looking again every {} ms", config.server_hook.rescan_ms);
+        }
+    }
     let default_mode = configure_kernel(&mut kernel, config, &policy, enforcing)?;
     let injector = Injector::new().map_err(|e| AgentError::Gate(e.to_string()))?;
     let mut events = board.subscribe();
@@ -144,16 +158,32 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
 
     let mut policy_generation = policy.generation();
     let mut last_beat = Instant::now();
+    let mut last_scan = Instant::now();
     let mut last_lost = 0;
     let mut last_failed_open = 0;
     let mut last_dropped = 0;
     while !stop.load(Ordering::Relaxed) {
         // Short waits: a reviewer's decision is picked up within 10 ms.
-        capture.poll(Duration::from_millis(10), |seg| {
-            gate.before_segment(&seg, pipeline.tracker_mut());
-            pipeline.on_segment(&seg, |tracker, event| gate.on_event(tracker, event));
-            gate.after_segment(pipeline.tracker_mut());
+        capture.poll(Duration::from_millis(10), |item| match item {
+            Captured::Segment(seg) => {
+                gate.before_segment(&seg, pipeline.tracker_mut());
+                pipeline.on_segment(&seg, |tracker, event| gate.on_event(tracker, event));
+                gate.after_segment(pipeline.tracker_mut());
+            }
+            Captured::Hook(record) => {
+                for step in backends.steps(record, read_backend_port) {
+                    on_backend_step(step, &mut gate, &mut pipeline);
+                }
+            }
         })?;
+        if config.server_hook.enabled
+            && last_scan.elapsed() >= Duration::from_millis(config.server_hook.rescan_ms)
+        {
+            last_scan = Instant::now();
+            if !capture.discover_servers(&config.capture.ports).is_empty() {
+                gate.kernel().forget_ignored_backends();
+            }
+        }
         loop {
             match events.try_recv() {
                 Ok(event) => gate.on_request_event(&event, pipeline.tracker_mut()),
@@ -242,6 +272,41 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     api_stop.notify_one();
     let _ = runtime.block_on(api_task);
     Ok(())
+}
+
+/// One server hook step through the same stages as a wire segment.
+fn on_backend_step(step: BackendStep, gate: &mut Gate, pipeline: &mut Pipeline) {
+    match step {
+        BackendStep::Hooked {
+            flow,
+            pid,
+            transport,
+        } => {
+            gate.hooked_session(flow, pid, transport);
+            if let Some(conn) = pipeline.tracker().connection_id(&flow) {
+                pipeline.writer().send(WireEvent::ServerHooked {
+                    conn,
+                    transport,
+                    backend_pid: pid,
+                });
+            }
+        }
+        BackendStep::Stopped(read) => gate.backend_stopped(&read, pipeline.tracker_mut()),
+        BackendStep::Segment(seg) => {
+            pipeline.on_segment(&seg, |tracker, event| gate.on_event(tracker, event));
+            gate.after_segment(pipeline.tracker_mut());
+        }
+        BackendStep::Exited { pid, flow } => gate.backend_exited(pid, flow),
+    }
+}
+
+/// The `Port` of a backend this agent first meets mid-session.
+fn read_backend_port(pid: u32, port: u64) -> Option<PortInfo> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = vec![0u8; qgate_common::hook::PORT_PREFIX];
+    mem.read_exact_at(&mut buf, port).ok()?;
+    PortInfo::parse(&buf)
 }
 
 /// SIGHUP: re-read the policy file; a broken file leaves the old policy in force.

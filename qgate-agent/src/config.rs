@@ -36,6 +36,28 @@ pub struct Config {
     #[serde(default)]
     pub policy: PolicyConfig,
     pub gate: GateConfig,
+    #[serde(default)]
+    pub server_hook: ServerHookConfig,
+}
+
+/// The second capture point, inside the PostgreSQL servers.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerHookConfig {
+    /// Read and hold every session of the servers on `capture.ports` inside
+    /// the server process: plaintext TCP, TLS and Unix sockets alike.
+    pub enabled: bool,
+    /// How often the agent looks for servers started after it.
+    pub rescan_ms: u64,
+}
+
+impl Default for ServerHookConfig {
+    fn default() -> Self {
+        ServerHookConfig {
+            enabled: true,
+            rescan_ms: 2000,
+        }
+    }
 }
 
 /// How statements are gated.

@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bumped on every change of a shared layout or map; part of pinned names.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `SO_MARK` value on packets the agent re-injects; the tc program passes
 /// them untouched so a released statement is not held a second time.
@@ -25,6 +25,12 @@ pub mod maps {
     pub const GATE_CONFIG: &str = "GATE_CONFIG";
     /// Per-CPU array of [`super::Counters`] at index 0.
     pub const COUNTERS: &str = "COUNTERS";
+    /// Ring buffer of [`super::HookEvent`] + bytes: what the server hook saw.
+    pub const HOOK_EVENTS: &str = "HOOK_EVENTS";
+    /// `LruHashMap<u32 (tgid), BackendState>`: per PostgreSQL backend.
+    pub const BACKENDS: &str = "BACKENDS";
+    /// `Array<ManagedServer>` of [`super::MAX_MANAGED_SERVERS`]: the postmasters gated.
+    pub const MANAGED_SERVERS: &str = "MANAGED_SERVERS";
 }
 
 /// Payload bytes carried by one ring-buffer record of the large class.
@@ -185,13 +191,124 @@ pub struct Counters {
     pub held: u64,
     /// Gated segments passed because the agent was gone and `fail_open` is set.
     pub failed_open: u64,
+    /// Server hook: reads and writes of gated backends seen.
+    pub hook_events: u64,
+    /// Server hook: records that could not be reserved or copied (loss).
+    pub hook_lost: u64,
+    /// Server hook: backends stopped to wait for a decision.
+    pub hook_stops: u64,
 }
 
 impl Counters {
     /// Loss of any kind: when non-zero, some statement was not seen whole.
     pub fn lost(&self) -> u64 {
-        self.ringbuf_full + self.truncated + self.load_errors
+        self.ringbuf_full + self.truncated + self.load_errors + self.hook_lost
     }
+}
+
+/// The server hook: uprobes on PostgreSQL's `secure_read` / `secure_write`
+/// (src/backend/libpq/be-secure.c), which see the bytes the backend parses
+/// after TLS decryption, over TCP and Unix sockets alike.
+pub mod hook {
+    /// `HookEvent::kind`.
+    pub const READ: u8 = 0;
+    pub const WRITE: u8 = 1;
+    /// First read of a backend: the record carries the first
+    /// [`PORT_PREFIX`] bytes of its `Port` (socket, local and remote address).
+    pub const OPENED: u8 = 2;
+    /// `secure_open_server`: the session switched to TLS.
+    pub const TLS: u8 = 3;
+    /// `secure_open_gssapi`: the session switched to GSSAPI encryption.
+    pub const GSS: u8 = 4;
+    /// The backend process exited.
+    pub const EXIT: u8 = 5;
+
+    /// `HookEvent::flags`.
+    /// The backend was sent SIGSTOP after this read: it waits for the agent.
+    pub const STOPPED: u8 = 1 << 0;
+    /// Bytes of this read or write were not delivered (loss: fail closed).
+    pub const TRUNCATED: u8 = 1 << 1;
+    /// The backend was first seen after its start (the agent was not running).
+    pub const MID_STREAM: u8 = 1 << 2;
+
+    /// `struct Port` up to the end of `raddr` (sock, noblock, proto,
+    /// laddr, raddr: 4 + 4 + 8 + 136 + 136, the same in PostgreSQL 12–17).
+    pub const PORT_PREFIX: usize = 288;
+
+    /// `BackendState::phase`.
+    /// Before the StartupMessage: messages have no type byte.
+    pub const STARTUP: u8 = 0;
+    /// After it: type byte + Int32 length.
+    pub const READY: u8 = 1;
+    /// Not a backend of a gated server: never looked at again.
+    pub const IGNORED: u8 = 2;
+    /// Boundaries lost (a read could not be walked): every read waits.
+    pub const LOST: u8 = 3;
+}
+
+/// How many postmasters one agent gates through the server hook.
+pub const MAX_MANAGED_SERVERS: usize = 16;
+
+/// A postmaster whose backends the hook gates. A backend is recognised by
+/// the value of PostgreSQL's global `PostmasterPid`, which it inherits at
+/// fork at the same address as its postmaster.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ManagedServer {
+    /// Address of `PostmasterPid` in the postmaster (and its backends); 0: empty slot.
+    pub pid_addr: u64,
+    pub postmaster_pid: u32,
+    pub _pad: u32,
+}
+
+/// What the hook knows of one backend's client → server stream.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendState {
+    /// Body bytes of the current message still to come.
+    pub need: u32,
+    /// Header bytes of the next message collected so far.
+    pub hdr_have: u8,
+    /// Type byte of the current message (0 in the startup phase).
+    pub msg_type: u8,
+    /// [`mode`] value.
+    pub mode: u8,
+    /// [`hook`] phase.
+    pub phase: u8,
+    pub hdr: [u8; 8],
+    /// 1 while the kernel stopped it and the agent has not resumed it.
+    pub stopped: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Header of one hook ring-buffer record; `chunk_len` bytes follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HookEvent {
+    /// `bpf_ktime_get_ns`.
+    pub ts_ns: u64,
+    /// User address of the bytes read or written (the `Port` for `OPENED`).
+    pub addr: u64,
+    /// User address of the backend's `Port` (a restarted agent reads it).
+    pub port: u64,
+    pub tgid: u32,
+    /// Bytes of the whole read or write.
+    pub len: u32,
+    pub chunk_offset: u32,
+    pub chunk_len: u32,
+    /// [`hook`] kind.
+    pub kind: u8,
+    /// [`hook`] flags.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// A hook record with room for `N` bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HookRecord<const N: usize> {
+    pub header: HookEvent,
+    pub data: [u8; N],
 }
 
 #[cfg(feature = "user")]
@@ -202,4 +319,22 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::GateConfig {}
+    unsafe impl aya::Pod for super::ManagedServer {}
+    unsafe impl aya::Pod for super::BackendState {}
+    unsafe impl aya::Pod for super::HookEvent {}
+}
+
+/// PostgreSQL protocol 3.0 facts both sides rely on ("Message Formats").
+pub mod pg {
+    /// Request codes in the Int32 after a startup packet's length.
+    pub const SSL_REQUEST: u32 = 80_877_103;
+    pub const GSSENC_REQUEST: u32 = 80_877_104;
+    pub const CANCEL_REQUEST: u32 = 80_877_102;
+    /// Protocol 3.0 in a StartupMessage.
+    pub const PROTOCOL_3_0: u32 = 196_608;
+    /// Longest startup packet the server accepts (`MAX_STARTUP_PACKET_LENGTH`).
+    pub const MAX_STARTUP_LEN: u32 = 10_000;
+    /// Largest length a message header may carry (`PQ_LARGE_MESSAGE_LIMIT`
+    /// is 1 GiB - 1; the Int32 counts itself).
+    pub const MAX_MESSAGE_LEN: u32 = (1 << 30) - 1;
 }

@@ -17,9 +17,16 @@ use aya_ebpf::{
     maps::{Array, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
-use qgate_common::{mode, phase, tcp_flags, Counters, FlowKey, FlowState, GateConfig};
+use qgate_common::{
+    mode,
+    pg::{GSSENC_REQUEST, MAX_MESSAGE_LEN, MAX_STARTUP_LEN, SSL_REQUEST},
+    phase, tcp_flags, Counters, FlowKey, FlowState, GateConfig,
+};
 
-use crate::packet::{Segment, SkbRef};
+use crate::{
+    packet::{Segment, SkbRef},
+    scan,
+};
 
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(65536, 0);
@@ -27,18 +34,12 @@ static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(6553
 #[map(name = "GATE_CONFIG")]
 static GATE_CONFIG: Array<GateConfig> = Array::with_max_entries(1, 0);
 
-/// Longest statement text the program reads to prove it harmless.
-const SCAN: usize = 512;
-const SCAN_MASK: usize = SCAN - 1;
-
-/// Per-CPU working memory. The walk and scan states live here rather than
-/// on the stack on purpose: values read back from a map are unknown to the
-/// verifier, so the `bpf_loop` callbacks converge after a few iterations
+/// Per-CPU working memory. The walk state lives here rather than on the
+/// stack on purpose: values read back from a map are unknown to the
+/// verifier, so the `bpf_loop` callback converges after a few iterations
 /// instead of being explored once per possible constant.
 #[repr(C)]
 struct Scratch {
-    buf: [u8; SCAN],
-    scan: Scan,
     walk: Walk,
 }
 
@@ -48,9 +49,6 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// Messages per segment the program walks; a segment with more is held.
 const MAX_MESSAGES: usize = 24;
 
-/// Protocol 3.0 request codes in a startup packet ("Message Formats").
-const SSL_REQUEST: u32 = 80_877_103;
-const GSSENC_REQUEST: u32 = 80_877_104;
 /// First byte of a TLS record of type handshake (RFC 8446 §5.1).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -70,8 +68,15 @@ fn seq_lt(a: u32, b: u32) -> bool {
 }
 
 #[inline(always)]
-fn config() -> GateConfig {
+pub fn config() -> GateConfig {
     GATE_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The agent's heartbeat is older than it may be.
+#[inline(always)]
+pub fn agent_gone(cfg: &GateConfig) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(cfg.heartbeat_ns) > cfg.fail_after_ns
 }
 
 #[inline(always)]
@@ -87,8 +92,7 @@ pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Co
     if !matches!(v, Verdict::Hold) || cfg.fail_open == 0 {
         return v;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(cfg.heartbeat_ns) <= cfg.fail_after_ns {
+    if !agent_gone(&cfg) {
         return v;
     }
     // The agent is gone and the operator chose to fail open: pass, count,
@@ -209,7 +213,7 @@ fn startup(
         state.next_msg_seq = state.next_msg_seq.wrapping_add(8);
         return Verdict::Pass;
     }
-    if cfg.hold_startup != 0 || len < 8 || len > 10_000 {
+    if cfg.hold_startup != 0 || len < 8 || len > MAX_STARTUP_LEN {
         return hold(state, seg.seq);
     }
     state.next_msg_seq = state.next_msg_seq.wrapping_add(len);
@@ -269,7 +273,7 @@ extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
     let ty = header[0];
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    if !(4..=(1 << 30)).contains(&len) {
+    if !(4..=MAX_MESSAGE_LEN).contains(&len) {
         w.outcome = WALK_HOLD;
         return 1;
     }
@@ -338,228 +342,13 @@ fn messages(ctx: &TcContext, seg: &Segment, state: &mut FlowState, first: u32) -
     Verdict::Pass
 }
 
-/// Lower-case ASCII letters packed big-endian, for keyword comparison.
-const KW_SELECT: u64 = 0x73656c656374; // "select"
-const KW_SHOW: u64 = 0x73686f77; // "show"
-const W_INTO: u64 = 0x696e746f; // "into": SELECT INTO creates a table
-const W_FOR: u64 = 0x666f72; // "for": FOR UPDATE/SHARE take row locks
-
-/// Scanner states.
-const LEADING: u8 = 0;
-const LINE_COMMENT: u8 = 1;
-const BLOCK_COMMENT: u8 = 2;
-const KEYWORD: u8 = 3;
-const BODY: u8 = 4;
-/// After the statement's one `;`: only whitespace may follow.
-const TRAILING: u8 = 5;
-
-#[inline(always)]
-fn is_ident(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
-/// The scanner's state between characters. `bpf_loop` calls [`scan_step`]
-/// once per character, so the verifier checks the step once instead of
-/// walking 512 unrolled iterations.
-#[repr(C)]
-struct Scan {
-    word: u64,
-    n: u32,
-    word_len: u32,
-    state: u8,
-    prev: u8,
-    skip_name: u8,
-    refused: u8,
-}
-
-impl Scan {
-    fn ends_word_badly(&self) -> bool {
-        (self.word_len == 4 && self.word == W_INTO) || (self.word_len == 3 && self.word == W_FOR)
-    }
-
-    /// Feeds one character; `false` ends the scan (refused or end of text).
-    #[inline(always)]
-    fn step(&mut self, c: u8) -> bool {
-        if self.skip_name != 0 {
-            if c == 0 {
-                self.skip_name = 0;
-            }
-            return true;
-        }
-        if c == 0 {
-            return false;
-        }
-        match self.state {
-            LEADING => {
-                if self.prev == b'-' || self.prev == b'/' {
-                    // The second character of a comment opener, or a stray operator.
-                    if self.prev == b'-' && c == b'-' {
-                        self.state = LINE_COMMENT;
-                    } else if self.prev == b'/' && c == b'*' {
-                        self.state = BLOCK_COMMENT;
-                    } else {
-                        return self.refuse();
-                    }
-                    self.prev = 0;
-                    return true;
-                }
-                if c.is_ascii_alphabetic() {
-                    self.state = KEYWORD;
-                    self.word = c.to_ascii_lowercase() as u64;
-                    self.word_len = 1;
-                } else if !(c.is_ascii_whitespace() || c == b'-' || c == b'/') {
-                    return self.refuse();
-                }
-            }
-            LINE_COMMENT => {
-                // The lexer ends `--` comments at either newline character.
-                if c == b'\n' || c == b'\r' {
-                    self.state = LEADING;
-                }
-            }
-            BLOCK_COMMENT => {
-                if c == b'*' && self.prev == b'/' {
-                    return self.refuse();
-                }
-                if c == b'/' && self.prev == b'*' {
-                    self.state = LEADING;
-                    // This '/' must not start another comment.
-                    self.prev = 0;
-                    return true;
-                }
-            }
-            KEYWORD => {
-                if is_ident(c) {
-                    if !c.is_ascii_alphabetic() || self.word_len >= 6 {
-                        return self.refuse();
-                    }
-                    self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
-                    self.word_len += 1;
-                } else {
-                    if (self.word != KW_SELECT && self.word != KW_SHOW) || c == b';' || c == b'(' {
-                        return self.refuse();
-                    }
-                    self.state = BODY;
-                    self.word = 0;
-                    self.word_len = 0;
-                }
-            }
-            TRAILING => {
-                if !c.is_ascii_whitespace() {
-                    return self.refuse();
-                }
-            }
-            _ => {
-                if c == b'(' {
-                    return self.refuse();
-                }
-                if c == b';' {
-                    // A terminating semicolon: fine if nothing but blanks follows.
-                    if self.ends_word_badly() {
-                        return self.refuse();
-                    }
-                    self.state = TRAILING;
-                    self.prev = c;
-                    return true;
-                }
-                if is_ident(c) {
-                    self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
-                    self.word_len += 1;
-                } else {
-                    if self.ends_word_badly() {
-                        return self.refuse();
-                    }
-                    self.word = 0;
-                    self.word_len = 0;
-                }
-            }
-        }
-        self.prev = c;
-        true
-    }
-
-    fn refuse(&mut self) -> bool {
-        self.refused = 1;
-        false
-    }
-
-    /// The verdict once the text ended.
-    fn harmless(&self) -> bool {
-        self.refused == 0
-            && match self.state {
-                KEYWORD => self.word == KW_SELECT || self.word == KW_SHOW,
-                BODY => !self.ends_word_badly(),
-                TRAILING => true,
-                _ => false,
-            }
-    }
-}
-
-/// `bpf_loop` callback: one character of the scratch buffer.
-extern "C" fn scan_step(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: per-CPU slot, this program run is its only user.
-    let (buf, scan) = unsafe { (&(*scratch).buf, &mut (*scratch).scan) };
-    let i = index as usize & SCAN_MASK;
-    if i >= scan.n as usize {
-        return 1;
-    }
-    let c = buf[i];
-    if scan.step(c) {
-        0
-    } else {
-        1
-    }
-}
-
-/// True only for the text of one `SELECT` or `SHOW` statement with no `;`
-/// other than a final one followed by blanks only, no parenthesis (so no function call, subquery or VALUES list) and no
-/// `INTO`/`FOR` word, after leading whitespace and comments. Nested block
-/// comments are refused rather than followed.
+/// Copies the statement text out of the skb and asks [`scan::harmless`].
 #[inline(always)]
 fn plain_read(ctx: &TcContext, at: u32, len: u32, is_parse: bool) -> bool {
-    if len == 0 || len as usize > SCAN {
-        return false;
-    }
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some((buf, n)) = scan::buffer(len) else {
         return false;
     };
-    // Keep the bound visible to the verifier: 1 <= n <= SCAN.
-    let n = ((core::hint::black_box(len) - 1) & (SCAN as u32 - 1)) + 1;
-    // SAFETY: the scratch buffer holds SCAN >= n bytes.
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            at,
-            (*scratch).buf.as_mut_ptr() as *mut _,
-            n,
-        )
-    };
-    if rc != 0 {
-        return false;
-    }
-    // SAFETY: per-CPU slot, this program run is its only user.
-    let scan = unsafe { &mut (*scratch).scan };
-    *scan = Scan {
-        word: 0,
-        n,
-        word_len: 0,
-        state: LEADING,
-        prev: 0,
-        skip_name: is_parse as u8,
-        refused: 0,
-    };
-    // SAFETY: callback and context are valid for the call's duration.
-    let rc = unsafe {
-        bpf_loop(
-            n,
-            scan_step as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    // SAFETY: per-CPU slot, written by the callback.
-    rc >= 0 && unsafe { (*scratch).scan.harmless() }
+    // SAFETY: the scan buffer holds SCAN >= n bytes.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, at, buf as *mut _, n) };
+    rc == 0 && scan::harmless(n, is_parse)
 }

@@ -1,4 +1,5 @@
-//! qgate's tc programs.
+//! qgate's eBPF programs: the tc programs on the wire and the server hook
+//! inside PostgreSQL (`hook.rs`).
 //!
 //! `qgate_ingress` sees segments travelling to a database port (client →
 //! server), `qgate_egress` segments leaving one (server → client). On `lo`
@@ -15,20 +16,25 @@ mod capture;
 #[cfg(target_arch = "bpf")]
 mod gate;
 #[cfg(target_arch = "bpf")]
+mod hook;
+#[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod scan;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        macros::classifier,
-        programs::TcContext,
+        macros::{classifier, raw_tracepoint, uprobe, uretprobe},
+        programs::{ProbeContext, RawTracePointContext, RetProbeContext, TcContext},
     };
     use qgate_common::{flags, DIR_FROM_SERVER, DIR_TO_SERVER, QGATE_MARK};
 
     use crate::{
         capture::{capture, count, counters, db_segment},
         gate::{verdict, Verdict},
+        hook,
     };
 
     /// tc ingress (tcx): segments addressed to a database port. Captured,
@@ -67,6 +73,62 @@ mod programs {
             capture(&ctx, &seg, DIR_FROM_SERVER, 0);
         }
         TC_ACT_OK
+    }
+
+    /// Entry of PostgreSQL's `secure_read(Port *port, void *ptr, size_t len)`.
+    #[uprobe]
+    pub fn qgate_secure_read(ctx: ProbeContext) -> u32 {
+        hook::save_args(
+            ctx.arg::<u64>(0).unwrap_or(0),
+            ctx.arg::<u64>(1).unwrap_or(0),
+        );
+        0
+    }
+
+    /// Return of `secure_read`: the bytes the backend will parse.
+    #[uretprobe]
+    pub fn qgate_secure_read_ret(ctx: RetProbeContext) -> u32 {
+        hook::on_read(ctx.ret::<i64>());
+        0
+    }
+
+    /// Entry of `secure_write(Port *port, void *ptr, size_t len)`.
+    #[uprobe]
+    pub fn qgate_secure_write(ctx: ProbeContext) -> u32 {
+        hook::save_args(
+            ctx.arg::<u64>(0).unwrap_or(0),
+            ctx.arg::<u64>(1).unwrap_or(0),
+        );
+        0
+    }
+
+    /// Return of `secure_write`: the server's answers, before encryption.
+    #[uretprobe]
+    pub fn qgate_secure_write_ret(ctx: RetProbeContext) -> u32 {
+        hook::on_write(ctx.ret::<i64>());
+        0
+    }
+
+    /// `secure_open_server`: the session negotiated TLS.
+    #[uprobe]
+    pub fn qgate_secure_open_server(_ctx: ProbeContext) -> u32 {
+        hook::on_encryption(qgate_common::hook::TLS);
+        0
+    }
+
+    /// `secure_open_gssapi`: the session negotiated GSSAPI encryption.
+    #[uprobe]
+    pub fn qgate_secure_open_gssapi(_ctx: ProbeContext) -> u32 {
+        hook::on_encryption(qgate_common::hook::GSS);
+        0
+    }
+
+    /// Raw tracepoint `sched_process_exit`: forget exited backends (pids
+    /// are reused). Raw, so no tracefs is needed to attach it.
+    #[raw_tracepoint(tracepoint = "sched_process_exit")]
+    pub fn qgate_backend_exit(_ctx: RawTracePointContext) -> i32 {
+        hook::on_exit();
+        0
     }
 
     #[panic_handler]

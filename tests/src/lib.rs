@@ -10,7 +10,7 @@ use std::{
     fs,
     io::Read,
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
@@ -22,6 +22,30 @@ use anyhow::{bail, Context, Result};
 /// PostgreSQL 15 server binaries (Debian's layout).
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 pub const PG_PORT: u16 = 5432;
+
+/// How a client reaches the lab's server: the three kinds of session the
+/// server hook gates, where the tc program reads only plaintext TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Plaintext TCP from the client namespace (`PGSSLMODE=disable`).
+    Tcp,
+    /// TLS over TCP from the client namespace (`PGSSLMODE=require`); needs
+    /// [`Lab::start_postgres_tls`].
+    Tls,
+    /// The Unix socket in the lab's directory, from the server namespace.
+    Unix,
+}
+
+impl Via {
+    /// The store's `connections.transport` for a session made this way.
+    pub fn transport(self) -> &'static str {
+        match self {
+            Via::Tcp => "tcp",
+            Via::Tls => "tls",
+            Via::Unix => "unix",
+        }
+    }
+}
 
 /// One test's private network: `<tag>s` (server side) and `<tag>c` (client
 /// side), both namespaces and veth ends.
@@ -208,6 +232,37 @@ impl Lab {
     /// initdb + start a PostgreSQL 15 cluster listening on the server address,
     /// trusting every client (the lab is private).
     pub fn start_postgres(&mut self) -> Result<()> {
+        self.start_postgres_with("")
+    }
+
+    /// As [`Lab::start_postgres`], with TLS on: a self-signed certificate made
+    /// for this lab only, so that a client may choose a session the tc
+    /// program cannot read (what the server hook is for). Plaintext stays
+    /// allowed: `pg_hba.conf` trusts `host` lines either way.
+    pub fn start_postgres_tls(&mut self) -> Result<()> {
+        let cert = self.dir.join("server.crt");
+        let key = self.dir.join("server.key");
+        run(Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=qgate-lab", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert))?;
+        // PostgreSQL refuses a key that anyone but its owner may read; the
+        // owner becomes postgres with the rest of the lab's directory.
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600))?;
+        self.start_postgres_with(&format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            cert.display(),
+            key.display()
+        ))
+    }
+
+    /// initdb + pg_ctl start, with `extra_opts` appended to the server's
+    /// command line.
+    fn start_postgres_with(&mut self, extra_opts: &str) -> Result<()> {
         let data = self.pg_data();
         fs::create_dir_all(&data)?;
         run(Command::new("chown")
@@ -224,7 +279,7 @@ impl Lab {
             "local all all trust\nhost all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n",
         )?;
         let opts = format!(
-            "-c listen_addresses={},{} -p {PG_PORT} -k {} -c fsync=off -c max_connections=100",
+            "-c listen_addresses={},{} -p {PG_PORT} -k {} -c fsync=off -c max_connections=100{extra_opts}",
             self.server_ip,
             self.server_ip6(),
             self.dir.display()
@@ -440,69 +495,141 @@ impl Lab {
         })
     }
 
-    /// psql from the client namespace, started in the background.
-    pub fn psql_spawn(&self, user: &str, db: &str, args: &[&str]) -> Result<Child> {
-        self.psql_command(user, db, args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting psql")
-    }
-
-    /// psql in the client namespace, connected to the lab's server;
-    /// `-v ON_ERROR_STOP=0` so a failing statement in a script does not end it.
-    fn psql_command(&self, user: &str, db: &str, args: &[&str]) -> Command {
-        let mut cmd = self.in_client("psql");
-        cmd.args([
-            "-h",
-            &self.server_ip.to_string(),
-            "-p",
-            &PG_PORT.to_string(),
-        ])
-        .args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
-        .args(args);
+    /// A libpq client (`psql`, `pgbench`) that reaches the lab's server
+    /// `via` one transport, with its host and port set. Over TCP the
+    /// encryption is forced one way or the other (libpq's default `prefer`
+    /// would pick TLS whenever the server offers it). Over the Unix socket
+    /// the client runs as the OS user postgres in the server namespace;
+    /// `setpriv` execs it in place (`runuser` would fork and wait), so a
+    /// signal sent to the returned child reaches the client itself.
+    fn client_command(&self, via: Via, program: &str) -> Command {
+        let mut cmd = match via {
+            Via::Tcp | Via::Tls => {
+                let mut cmd = self.in_client(program);
+                let mode = if via == Via::Tls {
+                    "require"
+                } else {
+                    "disable"
+                };
+                cmd.env("PGSSLMODE", mode)
+                    .args(["-h", &self.server_ip.to_string()]);
+                cmd
+            }
+            Via::Unix => {
+                let mut cmd = self.in_server("setpriv");
+                cmd.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+                    .args([program, "-h"])
+                    .arg(&self.dir);
+                cmd
+            }
+        };
+        cmd.args(["-p", &PG_PORT.to_string()]);
         cmd
     }
 
-    /// psql from the client namespace, waited for.
-    pub fn psql(&self, user: &str, db: &str, args: &[&str]) -> Result<Output> {
-        self.psql_command(user, db, args)
+    /// psql connected to the lab's server `via` a transport;
+    /// `-v ON_ERROR_STOP=0` so a failing statement in a script does not end it.
+    fn psql_command(&self, via: Via, user: &str, db: &str, args: &[&str]) -> Command {
+        let mut cmd = self.client_command(via, "psql");
+        cmd.args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
+            .args(args);
+        cmd
+    }
+
+    /// psql `via` a transport, started in the background with its output
+    /// piped (read it with [`finish`]).
+    pub fn psql_via_spawn(&self, via: Via, user: &str, db: &str, args: &[&str]) -> Result<Child> {
+        spawn_piped(self.psql_command(via, user, db, args), "psql")
+    }
+
+    /// psql `via` a transport, waited for.
+    pub fn psql_via(&self, via: Via, user: &str, db: &str, args: &[&str]) -> Result<Output> {
+        self.psql_command(via, user, db, args)
             .output()
             .context("running psql")
     }
 
-    /// psql -c, failing the test if psql itself fails.
-    pub fn sql(&self, sql: &str) -> Result<String> {
-        let out = self.psql("postgres", "postgres", &["-At", "-c", sql])?;
+    /// psql -c `via` a transport as postgres, failing the test if psql itself
+    /// fails, and giving up after a minute: a statement the gate holds by
+    /// mistake ends the test with an error instead of hanging it.
+    pub fn sql_via(&self, via: Via, sql: &str) -> Result<String> {
+        let mut cmd = self.psql_command(via, "postgres", "postgres", &["-At", "-c", sql]);
+        let out = output_within(&mut cmd, Duration::from_secs(60))?;
         if !out.status.success() {
-            bail!("psql -c {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "psql ({via:?}) -c {sql:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// pgbench from the client namespace.
-    pub fn pgbench(&self, args: &[&str]) -> Result<Output> {
+    /// pgbench `via` a transport as postgres on database postgres.
+    fn pgbench_command(&self, via: Via, args: &[&str]) -> Command {
+        let mut cmd = self.client_command(via, "pgbench");
+        cmd.args(["-U", "postgres"]).args(args).arg("postgres");
+        cmd
+    }
+
+    /// pgbench `via` a transport, failing the test if pgbench fails.
+    pub fn pgbench_via(&self, via: Via, args: &[&str]) -> Result<Output> {
         let out = self
-            .in_client("pgbench")
-            .args([
-                "-h",
-                &self.server_ip.to_string(),
-                "-p",
-                &PG_PORT.to_string(),
-            ])
-            .args(["-U", "postgres"])
-            .args(args)
-            .arg("postgres")
+            .pgbench_command(via, args)
             .output()
             .context("running pgbench")?;
         if !out.status.success() {
             bail!(
-                "pgbench {args:?}: {}{}",
+                "pgbench ({via:?}) {args:?}: {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
         Ok(out)
+    }
+
+    /// pgbench `via` a transport, started in the background with its output
+    /// piped: for a script whose statement the gate holds.
+    pub fn pgbench_via_spawn(&self, via: Via, args: &[&str]) -> Result<Child> {
+        spawn_piped(self.pgbench_command(via, args), "pgbench")
+    }
+
+    /// psql from the client namespace over plaintext TCP, started in the
+    /// background.
+    pub fn psql_spawn(&self, user: &str, db: &str, args: &[&str]) -> Result<Child> {
+        self.psql_via_spawn(Via::Tcp, user, db, args)
+    }
+
+    /// psql from the client namespace over plaintext TCP, waited for.
+    pub fn psql(&self, user: &str, db: &str, args: &[&str]) -> Result<Output> {
+        self.psql_via(Via::Tcp, user, db, args)
+    }
+
+    /// psql -c over plaintext TCP, failing the test if psql itself fails.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        self.sql_via(Via::Tcp, sql)
+    }
+
+    /// pgbench from the client namespace over plaintext TCP.
+    pub fn pgbench(&self, args: &[&str]) -> Result<Output> {
+        self.pgbench_via(Via::Tcp, args)
+    }
+
+    /// Process ids of the server's client backends, except the one asking:
+    /// to find a held session's backend and to check the one the store
+    /// names. Asked over the Unix socket, which needs no network.
+    pub fn backend_pids(&self) -> Result<Vec<u32>> {
+        self.sql_via(
+            Via::Unix,
+            "SELECT pid FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )?
+        .lines()
+        .map(|l| {
+            l.trim()
+                .parse()
+                .with_context(|| format!("backend pid {l:?}"))
+        })
+        .collect()
     }
 
     /// Polls `probe` until it returns `Some`, or fails after `timeout`.
@@ -579,6 +706,14 @@ pub fn in_netns<T: Send + 'static>(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
+}
+
+/// Starts `cmd` in the background with stdout and stderr piped.
+fn spawn_piped(mut cmd: Command, what: &str) -> Result<Child> {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))
 }
 
 /// Runs `cmd` to completion with stdout and stderr captured, killing it when

@@ -22,7 +22,10 @@ use qgate_common::{flags, maps, Counters, FlowKey, SegmentEvent, ABI_VERSION, DI
 use crate::gate::kernel::KernelGate;
 use tracing::{info, warn};
 
-use super::{Direction, Flow, Segment};
+use super::{
+    hook::{HookRecord, Postmaster, ServerHook},
+    Direction, Flow, Segment,
+};
 
 /// The tc programs, built by build.rs from `qgate-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qgate"));
@@ -83,6 +86,17 @@ pub struct KernelCapture {
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
     assembler: ChunkAssembler,
+    /// The server hook, once enabled.
+    hook: Option<ServerHook>,
+}
+
+/// One thing the kernel side reported.
+#[derive(Debug)]
+pub enum Captured {
+    /// A segment seen by the tc programs.
+    Segment(Segment),
+    /// A read, write or event seen inside a PostgreSQL backend.
+    Hook(HookRecord),
 }
 
 /// Puts the chunks of a segment back together.
@@ -109,11 +123,19 @@ impl KernelCapture {
         let flows_pin = pins.join(maps::FLOWS);
         let config_pin = pins.join(maps::GATE_CONFIG);
         let counters_pin = pins.join(maps::COUNTERS);
+        let hook_events_pin = pins.join(maps::HOOK_EVENTS);
+        let backends_pin = pins.join(maps::BACKENDS);
+        let managed_pin = pins.join(maps::MANAGED_SERVERS);
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(maps::FLOWS, flows_pin.as_path())
             .map_pin_path(maps::GATE_CONFIG, config_pin.as_path())
             // Counters survive a restart: what passed while no agent ran is audited.
             .map_pin_path(maps::COUNTERS, counters_pin.as_path())
+            // The server hook's probes outlive a killed agent (pinned links):
+            // the next agent reads their maps and ring where they write.
+            .map_pin_path(maps::HOOK_EVENTS, hook_events_pin.as_path())
+            .map_pin_path(maps::BACKENDS, backends_pin.as_path())
+            .map_pin_path(maps::MANAGED_SERVERS, managed_pin.as_path())
             .load(PROGRAM_OBJECT)?;
         {
             let map = ebpf
@@ -205,7 +227,45 @@ impl KernelCapture {
                 clock_offset: monotonic_to_unix_offset(),
                 partial: None,
             },
+            hook: None,
         })
+    }
+
+    /// Loads the server hook (its binaries are attached by
+    /// [`Self::discover_servers`]).
+    pub fn enable_server_hook(&mut self) -> Result<(), CaptureError> {
+        self.hook = Some(ServerHook::load(&mut self.ebpf, &self.pins)?);
+        Ok(())
+    }
+
+    /// Gates the PostgreSQL servers on `ports` through the server hook (see
+    /// [`ServerHook::discover`]); their ports leave the tc capture, so each
+    /// session is read once, inside the server. Returns the servers newly gated.
+    pub fn discover_servers(&mut self, ports: &[u16]) -> Vec<Postmaster> {
+        let Some(hook) = self.hook.as_mut() else {
+            return Vec::new();
+        };
+        let fresh = hook.discover(&mut self.ebpf, ports);
+        if !fresh.is_empty() {
+            if let Some(map) = self.ebpf.map_mut(maps::DB_PORTS) {
+                if let Ok(mut db_ports) = HashMap::<_, u16, u8>::try_from(map) {
+                    for pm in &fresh {
+                        let _ = db_ports.remove(&pm.port);
+                    }
+                }
+            }
+        }
+        fresh
+    }
+
+    /// The servers the hook gates.
+    pub fn hooked_servers(&self) -> &[Postmaster] {
+        self.hook.as_ref().map(|h| h.servers()).unwrap_or(&[])
+    }
+
+    /// `CLOCK_MONOTONIC` → Unix time, as the records' timestamps need.
+    pub fn clock_offset(&self) -> i64 {
+        self.assembler.clock_offset
     }
 
     /// The programs' counters summed over CPUs.
@@ -219,6 +279,9 @@ impl KernelCapture {
                 total.load_errors += c.load_errors;
                 total.held += c.held;
                 total.failed_open += c.failed_open;
+                total.hook_events += c.hook_events;
+                total.hook_lost += c.hook_lost;
+                total.hook_stops += c.hook_stops;
             }
         }
         total
@@ -244,7 +307,16 @@ impl KernelCapture {
             name: maps::GATE_CONFIG,
             source,
         })?;
-        Ok(KernelGate::new(flows, config))
+        let backends = HashMap::try_from(
+            self.ebpf
+                .take_map(maps::BACKENDS)
+                .ok_or(CaptureError::MissingMap(maps::BACKENDS))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: maps::BACKENDS,
+            source,
+        })?;
+        Ok(KernelGate::new(flows, config, backends))
     }
 
     /// Removes every pin: the links detach when this process lets go of
@@ -259,23 +331,30 @@ impl KernelCapture {
         let _ = std::fs::remove_dir(&self.pins);
     }
 
-    /// Waits up to `timeout` for records and hands every complete segment to
-    /// `sink`. Returns how many segments were delivered.
+    /// Waits up to `timeout` for records and hands every complete segment
+    /// and hook record to `sink`. Returns how many were delivered.
     pub fn poll(
         &mut self,
         timeout: Duration,
-        mut sink: impl FnMut(Segment),
+        mut sink: impl FnMut(Captured),
     ) -> Result<usize, CaptureError> {
         let mut delivered = self.drain(&mut sink);
         if delivered == 0 {
-            let mut pfd = libc::pollfd {
-                fd: self.ring.as_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfds = [
+                libc::pollfd {
+                    fd: self.ring.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.hook.as_ref().map(|h| h.ring_fd()).unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
             let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd, for the duration of the call.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            // SAFETY: valid pollfds (a negative fd is ignored), for the call's duration.
+            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
             if rc < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.kind() != std::io::ErrorKind::Interrupted {
@@ -287,8 +366,11 @@ impl KernelCapture {
         Ok(delivered)
     }
 
-    fn drain(&mut self, sink: &mut impl FnMut(Segment)) -> usize {
+    fn drain(&mut self, sink: &mut impl FnMut(Captured)) -> usize {
         let mut delivered = 0;
+        if let Some(hook) = self.hook.as_mut() {
+            delivered += hook.drain(&mut |r| sink(Captured::Hook(r)));
+        }
         while let Some(item) = self.ring.next() {
             let record: &[u8] = &item;
             if record.len() < size_of::<SegmentEvent>() {
@@ -304,7 +386,7 @@ impl KernelCapture {
             let data = &record[data_start..data_end];
             self.assembler.assemble(&header, data, &mut |seg| {
                 delivered += 1;
-                sink(seg)
+                sink(Captured::Segment(seg))
             });
         }
         delivered

@@ -1,6 +1,8 @@
 //! Where segments come from: the tc programs through the ring buffer
 //! ([`kernel`]), or a capture file ([`pcap`]). Both yield [`Segment`]s, so
 //! everything after this stage runs the same on live traffic and on a pcap.
+pub mod backend;
+pub mod hook;
 pub mod kernel;
 pub mod pcap;
 

@@ -43,6 +43,9 @@ pub struct RunArgs {
     /// bpffs directory for pinned maps and links (overrides gate.pin_dir).
     #[arg(long)]
     pin_dir: Option<PathBuf>,
+    /// Gate on the wire only: no server hook (overrides server_hook.enabled).
+    #[arg(long)]
+    no_server_hook: bool,
 }
 
 #[derive(Args)]
@@ -80,6 +83,9 @@ fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(dir) = &args.pin_dir {
         config.gate.pin_dir = dir.clone();
+    }
+    if args.no_server_hook {
+        config.server_hook.enabled = false;
     }
     Ok(config)
 }

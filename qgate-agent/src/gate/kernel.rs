@@ -1,12 +1,13 @@
-//! The agent's side of the tc program's gating maps: per-connection state
-//! (`FLOWS`) and the global settings with the heartbeat (`GATE_CONFIG`).
+//! The agent's side of the programs' gating maps: per-connection state of
+//! the tc programs (`FLOWS`), per-backend state of the server hook
+//! (`BACKENDS`), and the global settings with the heartbeat (`GATE_CONFIG`).
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use qgate_common::{mode, phase, FlowKey, FlowState, GateConfig};
+use qgate_common::{hook, mode, phase, BackendState, FlowKey, FlowState, GateConfig};
 
 use crate::capture::{kernel::monotonic_ns, Flow};
 
@@ -63,14 +64,20 @@ pub fn flow_key(flow: &Flow) -> FlowKey {
 pub struct KernelGate {
     flows: HashMap<MapData, FlowKey, FlowState>,
     config: Array<MapData, GateConfig>,
+    backends: HashMap<MapData, u32, BackendState>,
 }
 
 impl KernelGate {
     pub fn new(
         flows: HashMap<MapData, FlowKey, FlowState>,
         config: Array<MapData, GateConfig>,
+        backends: HashMap<MapData, u32, BackendState>,
     ) -> Self {
-        Self { flows, config }
+        Self {
+            flows,
+            config,
+            backends,
+        }
     }
 
     /// Writes the global settings and a first heartbeat.
@@ -148,5 +155,50 @@ impl KernelGate {
 
     pub fn forget(&mut self, flow: &Flow) {
         let _ = self.flows.remove(&flow_key(flow));
+    }
+
+    /// Sets a hooked backend's mode once its identity is judged.
+    pub fn set_backend_mode(&mut self, pid: u32, mode: GateMode) -> Result<(), GateMapError> {
+        let Ok(mut state) = self.backends.get(&pid, 0) else {
+            return Ok(());
+        };
+        state.mode = mode.as_raw();
+        self.backends
+            .insert(pid, state, 0)
+            .map_err(map_err("BACKENDS"))
+    }
+
+    /// Clears the program's "stopped" mark just before the agent resumes
+    /// the backend (a restarted agent takes over the marked ones).
+    pub fn backend_resumed(&mut self, pid: u32) {
+        if let Ok(mut state) = self.backends.get(&pid, 0) {
+            state.stopped = 0;
+            let _ = self.backends.insert(pid, state, 0);
+        }
+    }
+
+    /// Backends the program stopped that no agent resumed.
+    pub fn stopped_backends(&self) -> Vec<u32> {
+        self.backends
+            .iter()
+            .flatten()
+            .filter(|(_, s)| s.stopped != 0)
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Processes judged "not a gated server's backend" are looked at again
+    /// at their next read: a server just became gated.
+    pub fn forget_ignored_backends(&mut self) {
+        let ignored: Vec<u32> = self
+            .backends
+            .iter()
+            .flatten()
+            .filter(|(_, s)| s.phase == hook::IGNORED)
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in ignored {
+            let _ = self.backends.remove(&pid);
+        }
     }
 }

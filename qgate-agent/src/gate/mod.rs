@@ -12,6 +12,11 @@
 //! - deny: re-injects the bytes with the statement rewritten to one of the
 //!   same length that fails naming qgate and the request ([`rewrite`]), and
 //!   makes the program drop every later copy of the original.
+//!
+//! Sessions the server hook reads are held the other way, by stopping the
+//! backend (`backend`): same decisions, requests and audit, a different
+//! way to hold, release and refuse.
+mod backend;
 pub mod held;
 pub mod inject;
 pub mod kernel;
@@ -31,13 +36,15 @@ use self::{
 };
 use crate::{
     api::{metrics, RequestBoard, RequestEvent, RequestEventKind},
+    capture::backend::StoppedRead,
     capture::{Direction, Flow, Segment},
     classify::Dialect,
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::{
-        Identity as RequestIdentity, NewRequest, RequestFilter, RequestStatus, TransactionState,
+        HookHold, Identity as RequestIdentity, NewRequest, RequestFilter, RequestStatus,
+        TransactionState,
     },
-    wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, WireEvent},
+    wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, Transport, WireEvent},
 };
 
 /// What a pending SQL message needs to be decided and reported.
@@ -46,6 +53,8 @@ pub struct SqlInfo {
     pub conn: ConnId,
     pub carrier: SqlCarrier,
     pub text: String,
+    /// Held by the server hook: the stopped backend and how to refuse there.
+    pub hook: Option<HookHold>,
 }
 
 /// What the gate knows of a connection.
@@ -94,6 +103,14 @@ pub struct Gate {
     recovered: HashMap<(String, String), i64>,
     /// Final events of recovered requests whose statement has not come back yet.
     recovered_final: HashMap<i64, RequestEvent>,
+    /// Server hook: connections read inside the server, with their backend.
+    hooked: HashMap<Flow, (u32, Transport)>,
+    /// Server hook: backends stopped and not resumed yet, by pid.
+    stopped: HashMap<u32, backend::StoppedBackend>,
+    /// Server hook: stopped reads whose messages the wire stage is decoding.
+    stopped_reads: HashMap<Flow, StoppedRead>,
+    /// Server hook: which stopped backend each request holds.
+    backend_requests: HashMap<i64, u32>,
     stats: GateStats,
 }
 
@@ -149,6 +166,10 @@ impl Gate {
             released_until: HashMap::new(),
             recovered: HashMap::new(),
             recovered_final: HashMap::new(),
+            hooked: HashMap::new(),
+            stopped: HashMap::new(),
+            stopped_reads: HashMap::new(),
+            backend_requests: HashMap::new(),
             stats: GateStats::default(),
         }
     }
@@ -168,12 +189,13 @@ impl Gate {
                 return 0;
             }
         };
-        for request in &pending {
+        for request in pending.iter().filter(|r| r.backend_pid.is_none()) {
             if let Some(client) = &request.identity.client_addr {
                 self.recovered
                     .insert((client.clone(), request.statement.clone()), request.id);
             }
         }
+        self.recover_backends(&pending);
         pending.len()
     }
 
@@ -195,15 +217,44 @@ impl Gate {
                 policy::GateMode::Monitor
             };
             info.refused = mode == policy::GateMode::DenyConnection;
-            if let Err(e) = self.kernel.set_mode(flow, kernel_mode(mode)) {
+            let set = match self.hooked.get(flow) {
+                Some((pid, _)) => self.kernel.set_backend_mode(*pid, kernel_mode(mode)),
+                None => self.kernel.set_mode(flow, kernel_mode(mode)),
+            };
+            if let Err(e) = set {
                 warn!("setting the gate mode of {flow:?}: {e}");
             }
         }
     }
 
-    /// Connections with held bytes or undecided statements.
+    /// Connections with held bytes or undecided statements, and stopped backends.
     pub fn holding(&self) -> usize {
-        self.streams.len()
+        self.streams.len() + self.stopped.len()
+    }
+
+    /// A connection the server hook reads (from its first segment on).
+    pub fn hooked_session(&mut self, flow: Flow, pid: u32, transport: Transport) {
+        self.hooked.insert(flow, (pid, transport));
+    }
+
+    /// A hooked backend exited: nothing of it is held any more.
+    pub fn backend_exited(&mut self, pid: u32, flow: Option<Flow>) {
+        if let Some(flow) = flow {
+            self.hooked.remove(&flow);
+            self.stopped_reads.remove(&flow);
+        }
+        if let Some(b) = self.stopped.remove(&pid) {
+            drop(b);
+        }
+    }
+
+    /// The client address as requests and the policy see it: none for a
+    /// Unix-socket session.
+    fn client_of(&self, flow: &Flow) -> Option<std::net::SocketAddr> {
+        match self.hooked.get(flow) {
+            Some((_, Transport::Unix)) => None,
+            _ => Some(flow.client),
+        }
     }
 
     /// Before the wire stage sees a segment: keep the copy if it was held,
@@ -250,6 +301,7 @@ impl Gate {
     /// its first bytes are held, so after [`STALL`] it is decided as a
     /// statement not seen whole (unparseable: the policy's strictest case).
     pub fn tick(&mut self, tracker: &mut Tracker) {
+        self.watch_stopped();
         let now = Instant::now();
         let stalled: Vec<Flow> = self
             .streams
@@ -316,6 +368,7 @@ impl Gate {
                     "{prefix}\n-- [qgate: statement not seen whole: {seen} of {} bytes]",
                     len + 1
                 ),
+                hook: None,
             },
             request: None,
             incomplete: true,
@@ -331,13 +384,18 @@ impl Gate {
                 let Some(flow) = tracker.flow(*conn) else {
                     return;
                 };
-                let subject = subject_of(identity, &flow);
+                let mut subject = subject_of(identity, &flow);
+                subject.client_addr = self.client_of(&flow).map(|a| a.ip());
                 let mode = if self.enforcing {
                     policy::needs_gate(&self.policy.current(), &subject)
                 } else {
                     policy::GateMode::Monitor
                 };
-                if let Err(e) = self.kernel.set_mode(&flow, kernel_mode(mode)) {
+                let set = match self.hooked.get(&flow) {
+                    Some((pid, _)) => self.kernel.set_backend_mode(*pid, kernel_mode(mode)),
+                    None => self.kernel.set_mode(&flow, kernel_mode(mode)),
+                };
+                if let Err(e) = set {
                     warn!("setting the gate mode of {flow:?}: {e}");
                 }
                 let refused = mode == policy::GateMode::DenyConnection;
@@ -357,6 +415,9 @@ impl Gate {
                 );
             }
             WireEvent::ConnectionClosed { conn, .. } => {
+                if let Some(pid) = tracker.flow(*conn).and_then(|f| self.stopped_pid(&f)) {
+                    self.withdraw_backend(pid, "the client disconnected");
+                }
                 if let Some(flow) = tracker.flow(*conn) {
                     self.withdraw(&flow, "the client disconnected");
                     self.conns.remove(&flow);
@@ -365,7 +426,9 @@ impl Gate {
                 }
             }
             WireEvent::CancelRequested { backend_pid, .. } => {
-                if let Some(flow) = tracker
+                if self.stopped.contains_key(backend_pid) {
+                    self.withdraw_backend(*backend_pid, "the client cancelled it");
+                } else if let Some(flow) = tracker
                     .backend_connection(*backend_pid)
                     .and_then(|c| tracker.flow(c))
                 {
@@ -380,15 +443,28 @@ impl Gate {
     /// messages in their held streams, decide, release.
     pub fn after_segment(&mut self, tracker: &mut Tracker) {
         let messages = tracker.take_client_messages();
-        if messages.is_empty() {
+        if messages.is_empty() && self.stopped_reads.is_empty() {
             return;
         }
         let mut touched = Vec::new();
+        let mut stopped: HashMap<Flow, Vec<ClientMessage>> = self
+            .stopped_reads
+            .keys()
+            .map(|flow| (*flow, Vec::new()))
+            .collect();
         for m in messages {
             let flow = m.flow;
+            if let Some(list) = stopped.get_mut(&flow) {
+                list.push(m);
+                continue;
+            }
             if self.place(m) && !touched.contains(&flow) {
                 touched.push(flow);
             }
+        }
+        for (flow, messages) in stopped {
+            tracker.watch(&flow, false);
+            self.decide_stopped(flow, messages);
         }
         for flow in touched {
             self.advance(&flow, tracker);
@@ -422,6 +498,7 @@ impl Gate {
                     conn: m.conn,
                     carrier: sql.carrier,
                     text: sql.text,
+                    hook: None,
                 },
                 request: None,
                 incomplete: false,
@@ -538,7 +615,10 @@ impl Gate {
                 reviewer_groups,
             } => {
                 self.stats.held += 1;
-                let key = (flow.client.to_string(), sql.info.text.clone());
+                let client = self
+                    .client_of(flow)
+                    .map_or_else(|| "local".to_string(), |a| a.to_string());
+                let key = (client.clone(), sql.info.text.clone());
                 if let Some(id) = self.recovered.remove(&key) {
                     info!(
                         request = id,
@@ -558,12 +638,13 @@ impl Gate {
                         db_user: conn.subject.user.clone(),
                         database: conn.subject.database.clone(),
                         application: conn.subject.application.clone(),
-                        client_addr: Some(flow.client.to_string()),
+                        client_addr: Some(client),
                     },
                     connection_id: sql.info.conn.0 as i64,
                     transaction_state: TransactionState::Unknown,
                     estimated_rows: None,
                     timeout: None,
+                    hook: sql.info.hook.clone(),
                 };
                 match self.runtime.block_on(self.board.create(new)) {
                     Ok(request) => {
@@ -667,6 +748,12 @@ impl Gate {
         if !event.kind.is_final() {
             return;
         }
+        if let Some(pid) = self.backend_requests.remove(&event.request_id) {
+            let approved = event.kind == RequestEventKind::Approved;
+            let reason = final_reason(event);
+            self.backend_request_final(pid, event.request_id, approved, &reason);
+            return;
+        }
         let Some(flow) = self.requests.remove(&event.request_id) else {
             if self.recovered.values().any(|id| *id == event.request_id) {
                 self.recovered_final.insert(event.request_id, event.clone());
@@ -687,18 +774,8 @@ impl Gate {
                     s.allow_front();
                 }
             }
-            kind => {
-                let reason = match kind {
-                    RequestEventKind::Expired => "expired before a decision".to_string(),
-                    RequestEventKind::Withdrawn => "withdrawn".to_string(),
-                    _ => match event.request.closing.as_ref() {
-                        Some(c) => match &c.comment {
-                            Some(comment) => format!("denied by {}: {comment}", c.by),
-                            None => format!("denied by {}", c.by),
-                        },
-                        None => "denied".to_string(),
-                    },
-                };
+            _ => {
+                let reason = final_reason(event);
                 self.deny_front(&flow, event.request_id, &reason);
             }
         }
@@ -718,6 +795,21 @@ impl Gate {
         if let Err(e) = self.runtime.block_on(self.board.withdraw(id, why)) {
             warn!("withdrawing request {id}: {e}");
         }
+    }
+}
+
+/// Why a request that did not end approved refuses its statement.
+fn final_reason(event: &RequestEvent) -> String {
+    match event.kind {
+        RequestEventKind::Expired => "expired before a decision".to_string(),
+        RequestEventKind::Withdrawn => "withdrawn".to_string(),
+        _ => match event.request.closing.as_ref() {
+            Some(c) => match &c.comment {
+                Some(comment) => format!("denied by {}: {comment}", c.by),
+                None => format!("denied by {}", c.by),
+            },
+            None => "denied".to_string(),
+        },
     }
 }
 

@@ -75,6 +75,34 @@ pub fn prefix_denial_text(len: usize, request_id: i64, nonce: u64) -> Option<Vec
     Some(text.into_bytes())
 }
 
+/// The replacement for the last `len` bytes of a statement whose earlier
+/// bytes the server already holds unchanged (the server hook: a long
+/// statement's first reads were copied out of the receive buffer before the
+/// read that completed it). A newline ends a `--` comment the tail might be
+/// in, then a dollar quote opens whose tag occurs nowhere in `text`: in
+/// plain code it is an unterminated dollar-quoted string, inside a string,
+/// quoted identifier or block comment that construct stays unterminated;
+/// either way the whole string fails to parse and nothing of it runs, with
+/// `unterminated dollar-quoted string at or near "$qgate_7_…$ …"` in the
+/// common case. `None` when `len` is too short for any safe tag.
+pub fn tail_denial_text(len: usize, request_id: i64, nonce: u64, text: &str) -> Option<Vec<u8>> {
+    let tags = [
+        format!("$qgate_{request_id}_{nonce:016x}$"),
+        format!("$qgate_{request_id}_{:08x}$", nonce as u32),
+        format!("$q{:04x}$", nonce as u16),
+        "$q$".to_string(),
+    ];
+    let tag = tags
+        .into_iter()
+        .find(|tag| tag.len() < len && !text.contains(tag.as_str()))?;
+    let mut tail = format!("\n{tag} qgate: request {request_id} denied");
+    tail.truncate(len);
+    while tail.len() < len {
+        tail.push(' ');
+    }
+    Some(tail.into_bytes())
+}
+
 /// A StartupMessage of exactly `len` bytes (protocol 3.0, "Message
 /// Formats") whose user is a role that cannot exist, naming qgate and the
 /// refusal: the server answers `FATAL: role "qgate: connection refused …"

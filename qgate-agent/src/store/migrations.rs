@@ -41,9 +41,10 @@ pub fn all() -> impl Iterator<Item = &'static Migration> {
 
 /// What the capture stage records: connections, statements, what could not
 /// be decoded, and how much the capture lost. Times are Unix nanoseconds.
-pub const CAPTURE_MIGRATIONS: &[Migration] = &[Migration {
-    name: "capture_0001_connections_statements",
-    sql: r#"
+pub const CAPTURE_MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "capture_0001_connections_statements",
+        sql: r#"
 CREATE TABLE connections (
     id            INTEGER PRIMARY KEY,
     client_addr   TEXT    NOT NULL,
@@ -109,7 +110,22 @@ CREATE TABLE capture_loss (
 ) STRICT;
 CREATE INDEX capture_loss_at ON capture_loss (at);
 "#,
-}];
+    },
+    Migration {
+        name: "capture_0002_connection_transport",
+        sql: r#"
+-- How the session reached the server and which capture point read it:
+-- 'wire' (the tc program: plaintext TCP only) or 'server_hook' (inside the
+-- backend: TCP, TLS and Unix-socket sessions in plain). 'unknown': a TCP
+-- session the hook first saw mid-stream (TLS or not is not known then).
+ALTER TABLE connections ADD COLUMN transport TEXT NOT NULL DEFAULT 'tcp'
+    CHECK (transport IN ('tcp', 'tls', 'gss', 'unix', 'unknown'));
+ALTER TABLE connections ADD COLUMN gated_by TEXT NOT NULL DEFAULT 'wire'
+    CHECK (gated_by IN ('wire', 'server_hook'));
+ALTER TABLE connections ADD COLUMN backend_pid INTEGER;
+"#,
+    },
+];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from
 /// several processes at once: each migration re-checks, inside its own

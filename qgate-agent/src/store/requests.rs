@@ -69,6 +69,17 @@ CREATE TABLE votes (
 -- N-of-M means N distinct reviewers: a second approval by the same name is refused.
 CREATE UNIQUE INDEX votes_one_approval_each ON votes(request_id, reviewer) WHERE verdict = 'approve';
 ",
+}, Migration {
+    name: "requests-0002-held-by-server-hook",
+    sql: "
+-- Which capture point holds the statement: 'wire' (tc program, held
+-- segment) or 'server_hook' (a stopped backend), and for the latter what a
+-- restarted agent needs to take the backend over.
+ALTER TABLE requests ADD COLUMN held_by TEXT NOT NULL DEFAULT 'wire'
+    CHECK (held_by IN ('wire', 'server_hook'));
+ALTER TABLE requests ADD COLUMN backend_pid INTEGER;
+ALTER TABLE requests ADD COLUMN resume TEXT;
+",
 }];
 
 /// Opens the store the way every user of these tables must: the one place
@@ -273,6 +284,26 @@ pub struct NewRequest {
     pub estimated_rows: Option<i64>,
     /// How long the request may wait; `None` takes the agent's hold timeout.
     pub timeout: Option<std::time::Duration>,
+    /// Set when the server hook holds the statement (a stopped backend).
+    pub hook: Option<HookHold>,
+}
+
+/// A statement the server hook holds: the stopped backend and what a
+/// restarted agent needs to finish it (opaque to the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookHold {
+    pub backend_pid: u32,
+    pub resume: String,
+}
+
+/// Which capture point holds a request's statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldBy {
+    /// The tc program: the statement's segment is dropped until released.
+    Wire,
+    /// The server hook: the backend is stopped before it parses the statement.
+    ServerHook,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
@@ -320,6 +351,12 @@ pub struct Request {
     #[schema(format = DateTime)]
     pub expires_at: String,
     pub closing: Option<Closing>,
+    pub held_by: HeldBy,
+    /// The stopped backend's process id (server hook only).
+    pub backend_pid: Option<u32>,
+    /// What a restarted agent needs to take a stopped backend over.
+    #[serde(skip)]
+    pub resume: Option<String>,
 }
 
 /// Filters of a request listing; all optional, combined with AND.
@@ -587,7 +624,7 @@ const REQUEST_COLUMNS: &str =
     "id, status, statement, justification, facts, rule, db_user, database,
     application, client_addr, connection_id, statement_id, transaction_state, estimated_rows,
     approvals_needed, reviewer_groups, created_at, expires_at, closed_at, closed_by,
-    close_comment, forced";
+    close_comment, forced, held_by, backend_pid, resume";
 
 /// A request row before its votes are attached.
 fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestError>> {
@@ -620,6 +657,8 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestEr
         Option<i64>,
     ) = (row.get(10)?, row.get(11)?, row.get(12)?, row.get(13)?);
     let (created, expires): (i64, i64) = (row.get(16)?, row.get(17)?);
+    let (held_by, backend_pid, resume): (String, Option<u32>, Option<String>) =
+        (row.get(22)?, row.get(23)?, row.get(24)?);
     Ok((|| {
         let approvals_needed = u32::try_from(needed)
             .map_err(|_| RequestError::Corrupt(format!("approvals_needed {needed}")))?;
@@ -644,6 +683,12 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestEr
             created_at: rfc3339_ms(created),
             expires_at: rfc3339_ms(expires),
             closing,
+            held_by: match held_by.as_str() {
+                "server_hook" => HeldBy::ServerHook,
+                _ => HeldBy::Wire,
+            },
+            backend_pid,
+            resume,
         })
     })())
 }
@@ -743,8 +788,10 @@ pub fn create_request(
     tx.execute(
         "INSERT INTO requests (statement_id, statement, justification, facts, rule,
             approvals_needed, reviewer_groups, db_user, database, application, client_addr,
-            connection_id, transaction_state, estimated_rows, status, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', ?15, ?16)",
+            connection_id, transaction_state, estimated_rows, status, created_at, expires_at,
+            held_by, backend_pid, resume)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', ?15, ?16,
+            ?17, ?18, ?19)",
         params![
             new.statement_id,
             new.statement,
@@ -762,6 +809,13 @@ pub fn create_request(
             new.estimated_rows,
             created,
             expires,
+            if new.hook.is_some() {
+                "server_hook"
+            } else {
+                "wire"
+            },
+            new.hook.as_ref().map(|h| h.backend_pid),
+            new.hook.as_ref().map(|h| h.resume.as_str()),
         ],
     )?;
     let id = tx.last_insert_rowid();
@@ -1137,6 +1191,9 @@ mod tests {
             created_at: String::new(),
             expires_at: String::new(),
             closing: None,
+            held_by: HeldBy::Wire,
+            backend_pid: None,
+            resume: None,
         }
     }
 

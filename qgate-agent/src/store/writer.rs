@@ -408,6 +408,22 @@ fn apply(
             };
             undo.push(Undo::Conn(*conn, connections.insert(*conn, rows)));
         }
+        WireEvent::ServerHooked {
+            conn,
+            transport,
+            backend_pid,
+        } => {
+            let Some(rows) = connections.get(conn) else {
+                return Ok(false);
+            };
+            tx.prepare_cached(
+                "UPDATE connections SET transport = ?2, gated_by = 'server_hook', backend_pid = ?3,
+                     client_addr = CASE WHEN ?2 = 'unix' THEN 'local' ELSE client_addr END,
+                     client_port = CASE WHEN ?2 = 'unix' THEN 0 ELSE client_port END
+                 WHERE id = ?1",
+            )?
+            .execute((rows.row, transport.as_str(), backend_pid))?;
+        }
         WireEvent::Identified { conn, identity, at } => {
             let Some(rows) = connections.get(conn) else {
                 return Ok(false);

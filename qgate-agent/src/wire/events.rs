@@ -33,6 +33,31 @@ pub struct Identity {
     pub application: Option<String>,
 }
 
+/// How a session reached the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Tls,
+    Gss,
+    Unix,
+    /// TCP first seen mid-stream by the server hook: TLS or not is unknown.
+    Unknown,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Gss => "gss",
+            Transport::Unix => "unix",
+            Transport::Unknown => "unknown",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -65,6 +90,13 @@ pub enum WireEvent {
         server: SocketAddr,
         at: UnixNanos,
         mid_stream: bool,
+    },
+    /// The connection is read inside the server (the server hook), not on
+    /// the wire: how it reached the server and which backend serves it.
+    ServerHooked {
+        conn: ConnId,
+        transport: Transport,
+        backend_pid: u32,
     },
     /// StartupMessage seen.
     Identified {

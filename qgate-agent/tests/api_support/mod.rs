@@ -156,5 +156,6 @@ pub fn held(user: Option<&str>, rule: &str, approvals: u32, groups: &[&str]) -> 
         transaction_state: TransactionState::InTransaction,
         estimated_rows: Some(1200),
         timeout: None,
+        hook: None,
     }
 }

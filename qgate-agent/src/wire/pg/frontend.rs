@@ -7,9 +7,7 @@ use super::{
 /// Startup request codes (§55.7: StartupMessage, SSLRequest, GSSENCRequest,
 /// CancelRequest).
 const PROTOCOL_MAJOR_3: u16 = 3;
-const SSL_REQUEST: u32 = 80_877_103;
-const GSSENC_REQUEST: u32 = 80_877_104;
-const CANCEL_REQUEST: u32 = 80_877_102;
+use qgate_common::pg::{CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 
 /// Bind and FunctionCall carry parameter values of any size; only their
 /// leading names (or function OID) matter here, so at most this much is kept.

@@ -21,11 +21,9 @@ pub use backend::{
 };
 pub use frontend::{FrontendDecoder, FrontendMessage, ParamTypes, StartupMessage, Target};
 
-/// Largest message body the server accepts (`PQ_LARGE_MESSAGE_LIMIT`,
-/// 1 GiB − 1); anything longer is not PostgreSQL.
-pub const MAX_MESSAGE_LEN: u32 = (1 << 30) - 1;
-/// Largest startup packet the server accepts (`MAX_STARTUP_PACKET_LENGTH`).
-pub const MAX_STARTUP_LEN: u32 = 10_000;
+/// Largest message body the server accepts and largest startup packet:
+/// shared with the kernel programs.
+pub use qgate_common::pg::{MAX_MESSAGE_LEN, MAX_STARTUP_LEN};
 /// Largest length the server accepts for its "small" frontend messages
 /// (`PQ_SMALL_MESSAGE_LIMIT`: Execute, Describe, Close, Sync, Flush, …).
 pub const MAX_SMALL_MESSAGE_LEN: u32 = 10_000;

@@ -1,0 +1,430 @@
+//! The server hook's capture: finding the PostgreSQL servers this agent
+//! gates, attaching the uprobes of `qgate-ebpf/src/hook.rs` to their
+//! binaries, and reading the hook's ring buffer back into [`HookRecord`]s.
+//!
+//! A server is gated when its postmaster runs in the agent's network
+//! namespace and listens on one of the configured ports (its data
+//! directory's `postmaster.pid` says which). Its binary must export
+//! `secure_read`, `secure_write` and `PostmasterPid` (PostgreSQL 12–17 do).
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    mem::size_of,
+    os::{fd::AsFd, fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, MapData, RingBuf},
+    programs::{
+        links::{FdLink, PinnedLink},
+        raw_trace_point::RawTracePoint,
+        uprobe::{UProbe, UProbeScope},
+    },
+    Ebpf,
+};
+use object::{Object, ObjectSymbol};
+use qgate_common::{hook, maps, HookEvent, ManagedServer, MAX_MANAGED_SERVERS};
+use tracing::{info, warn};
+
+use super::kernel::CaptureError;
+
+/// The hook's programs: (program, function, return probe).
+const PROBES: &[(&str, &str, bool)] = &[
+    ("qgate_secure_read", "secure_read", false),
+    ("qgate_secure_read_ret", "secure_read", true),
+    ("qgate_secure_write", "secure_write", false),
+    ("qgate_secure_write_ret", "secure_write", true),
+    ("qgate_secure_open_server", "secure_open_server", false),
+    ("qgate_secure_open_gssapi", "secure_open_gssapi", false),
+];
+const EXIT_PROGRAM: &str = "qgate_backend_exit";
+
+/// What the hook reported, one whole read or write (chunks reassembled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookRecord {
+    /// `CLOCK_MONOTONIC` ns.
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub kind: HookKind,
+    /// User address of `bytes` in the backend (the read buffer).
+    pub addr: u64,
+    /// User address of the backend's `Port`.
+    pub port: u64,
+    pub bytes: Vec<u8>,
+    pub stopped: bool,
+    pub truncated: bool,
+    pub mid_stream: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookKind {
+    /// First sight of a backend; `bytes` is the start of its `Port`.
+    Opened,
+    Read,
+    Write,
+    Tls,
+    Gss,
+    Exited,
+}
+
+/// A postmaster the agent gates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Postmaster {
+    pub pid: u32,
+    pub port: u16,
+    pub binary: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+/// The loaded hook: its ring buffer, its maps, and the binaries attached.
+pub struct ServerHook {
+    ring: RingBuf<MapData>,
+    managed: Array<MapData, ManagedServer>,
+    pins: PathBuf,
+    /// Binaries attached, by (device, inode).
+    attached: HashSet<(u64, u64)>,
+    servers: Vec<Postmaster>,
+    partial: Option<HookRecord>,
+}
+
+fn program_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
+    move |source| CaptureError::Program { name, source }
+}
+
+impl ServerHook {
+    /// Loads the hook's programs from the already loaded object and attaches
+    /// the process-exit tracepoint; binaries are attached by [`Self::discover`].
+    pub fn load(ebpf: &mut Ebpf, pins: &Path) -> Result<Self, CaptureError> {
+        for (name, _, _) in PROBES {
+            let program: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(program_err(name))?;
+            program.load().map_err(program_err(name))?;
+        }
+        let exit: &mut RawTracePoint = ebpf
+            .program_mut(EXIT_PROGRAM)
+            .ok_or(CaptureError::Program {
+                name: EXIT_PROGRAM,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(program_err(EXIT_PROGRAM))?;
+        exit.load().map_err(program_err(EXIT_PROGRAM))?;
+        let link_pin = pins.join("link-backend-exit");
+        if PinnedLink::from_pin(&link_pin).is_err() {
+            attach_exit(exit, &link_pin)?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))
+        };
+        let map_err = |name: &'static str| move |source| CaptureError::Map { name, source };
+        Ok(Self {
+            ring: RingBuf::try_from(take(ebpf, maps::HOOK_EVENTS)?)
+                .map_err(map_err(maps::HOOK_EVENTS))?,
+            managed: Array::try_from(take(ebpf, maps::MANAGED_SERVERS)?)
+                .map_err(map_err(maps::MANAGED_SERVERS))?,
+            pins: pins.to_owned(),
+            attached: HashSet::new(),
+            servers: Vec::new(),
+            partial: None,
+        })
+    }
+
+    /// The ring buffer's descriptor, to wait on.
+    pub fn ring_fd(&self) -> i32 {
+        self.ring.as_fd().as_raw_fd()
+    }
+
+    pub fn servers(&self) -> &[Postmaster] {
+        &self.servers
+    }
+
+    /// Finds the postmasters to gate (see the module doc), attaches the
+    /// probes to binaries not attached yet and records each postmaster in the
+    /// kernel. Returns the postmasters newly gated (their backends judged
+    /// "not ours" earlier must then be forgotten:
+    /// `KernelGate::forget_ignored_backends`).
+    pub fn discover(&mut self, ebpf: &mut Ebpf, ports: &[u16]) -> Vec<Postmaster> {
+        let mut fresh = Vec::new();
+        for pm in find_postmasters(ports) {
+            if self.servers.iter().any(|s| s.pid == pm.pid) {
+                continue;
+            }
+            if self.servers.len() >= MAX_MANAGED_SERVERS {
+                warn!(
+                    pid = pm.pid,
+                    "too many PostgreSQL servers to gate; this one is not"
+                );
+                continue;
+            }
+            if let Err(e) = self.attach_binary(ebpf, &pm.binary) {
+                warn!(binary = %pm.binary.display(), "server hook not attached: {e}");
+                continue;
+            }
+            let pid_addr = match postmaster_pid_address(&pm) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    warn!(
+                        pid = pm.pid,
+                        "server hook: cannot locate PostmasterPid: {e}"
+                    );
+                    continue;
+                }
+            };
+            let slot = ManagedServer {
+                pid_addr,
+                postmaster_pid: pm.pid,
+                _pad: 0,
+            };
+            if let Err(e) = self.managed.set(self.servers.len() as u32, slot, 0) {
+                warn!(pid = pm.pid, "server hook: recording the postmaster: {e}");
+                continue;
+            }
+            info!(pid = pm.pid, port = pm.port, data = %pm.data_dir.display(), binary = %pm.binary.display(), "server hook attached");
+            self.servers.push(pm.clone());
+            fresh.push(pm);
+        }
+        fresh
+    }
+
+    fn attach_binary(&mut self, ebpf: &mut Ebpf, binary: &Path) -> Result<(), CaptureError> {
+        let meta = std::fs::metadata(binary).map_err(|e| CaptureError::Pin {
+            path: binary.to_owned(),
+            source: Box::new(e),
+        })?;
+        if !self.attached.insert((meta.dev(), meta.ino())) {
+            return Ok(());
+        }
+        for (name, function, _) in PROBES {
+            let pin = self
+                .pins
+                .join(format!("link-{}-{}-{name}", meta.dev(), meta.ino()));
+            if PinnedLink::from_pin(&pin).is_ok() {
+                // A previous agent's probe, still attached and writing into
+                // the pinned maps this agent reads: keep it (replacing it
+                // would leave a moment with no probe, or two).
+                continue;
+            }
+            let program: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(program_err(name))?;
+            let id = program
+                .attach(*function, binary, UProbeScope::AllProcesses)
+                .map_err(program_err(name))?;
+            // Pinned: a killed agent leaves the backends gated (fail closed
+            // or open as configured, by the heartbeat the programs read).
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(program_err(name))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
+                    path: binary.to_owned(),
+                    source: Box::new(e),
+                })?;
+            link.pin(&pin).map_err(|e| CaptureError::Pin {
+                path: pin.clone(),
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Hands every complete record waiting in the ring to `sink`.
+    pub fn drain(&mut self, sink: &mut impl FnMut(HookRecord)) -> usize {
+        let mut delivered = 0;
+        while let Some(item) = self.ring.next() {
+            let record: &[u8] = &item;
+            if record.len() < size_of::<HookEvent>() {
+                warn!(len = record.len(), "short hook record ignored");
+                continue;
+            }
+            // SAFETY: the record starts with a HookEvent written by the program.
+            let h: HookEvent =
+                unsafe { std::ptr::read_unaligned(record.as_ptr() as *const HookEvent) };
+            let start = size_of::<HookEvent>();
+            let end = (start + h.chunk_len as usize).min(record.len());
+            assemble(&mut self.partial, &h, &record[start..end], &mut |r| {
+                delivered += 1;
+                sink(r)
+            });
+        }
+        delivered
+    }
+}
+
+/// Attaches the process-exit tracepoint and pins its link.
+fn attach_exit(exit: &mut RawTracePoint, link_pin: &Path) -> Result<(), CaptureError> {
+    let id = exit
+        .attach("sched_process_exit")
+        .map_err(program_err(EXIT_PROGRAM))?;
+    let link: FdLink = exit
+        .take_link(id)
+        .map_err(program_err(EXIT_PROGRAM))?
+        .into();
+    link.pin(link_pin).map_err(|e| CaptureError::Pin {
+        path: link_pin.to_owned(),
+        source: Box::new(e),
+    })?;
+    Ok(())
+}
+
+fn kind_of(raw: u8) -> Option<HookKind> {
+    Some(match raw {
+        hook::READ => HookKind::Read,
+        hook::WRITE => HookKind::Write,
+        hook::OPENED => HookKind::Opened,
+        hook::TLS => HookKind::Tls,
+        hook::GSS => HookKind::Gss,
+        hook::EXIT => HookKind::Exited,
+        _ => return None,
+    })
+}
+
+/// Chunks of one read arrive back to back (one program run); anything that
+/// breaks the order, and every `TRUNCATED` marker, ends it as truncated.
+fn assemble(
+    partial: &mut Option<HookRecord>,
+    h: &HookEvent,
+    data: &[u8],
+    sink: &mut impl FnMut(HookRecord),
+) {
+    let marker = h.flags & hook::TRUNCATED != 0;
+    if let Some(prev) = partial.as_mut() {
+        let continues = h.chunk_offset != 0
+            && prev.pid == h.tgid
+            && prev.addr == h.addr
+            && prev.bytes.len() == h.chunk_offset as usize;
+        if continues && !marker {
+            prev.bytes.extend_from_slice(data);
+            if prev.bytes.len() >= h.len as usize {
+                if let Some(done) = partial.take() {
+                    sink(done);
+                }
+            }
+            return;
+        }
+        if let Some(mut prev) = partial.take() {
+            prev.truncated = true;
+            sink(prev);
+        }
+        if continues {
+            return;
+        }
+    }
+    let Some(kind) = kind_of(h.kind) else {
+        warn!(kind = h.kind, "unknown hook record kind ignored");
+        return;
+    };
+    let mut record = HookRecord {
+        ts_ns: h.ts_ns,
+        pid: h.tgid,
+        kind,
+        addr: h.addr,
+        port: h.port,
+        bytes: Vec::with_capacity(h.len as usize),
+        stopped: h.flags & hook::STOPPED != 0,
+        truncated: marker || h.chunk_offset != 0,
+        mid_stream: h.flags & hook::MID_STREAM != 0,
+    };
+    if record.truncated {
+        sink(record);
+        return;
+    }
+    record.bytes.extend_from_slice(data);
+    if record.bytes.len() >= h.len as usize {
+        sink(record);
+    } else {
+        *partial = Some(record);
+    }
+}
+
+/// Postmasters in this network namespace listening on one of `ports`.
+pub fn find_postmasters(ports: &[u16]) -> Vec<Postmaster> {
+    let Ok(own_ns) = std::fs::metadata("/proc/self/ns/net") else {
+        return Vec::new();
+    };
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    let mut comms: StdHashMap<i32, (i32, String)> = StdHashMap::new();
+    let procs: Vec<_> = all.flatten().collect();
+    for p in &procs {
+        if let Ok(stat) = p.stat() {
+            comms.insert(p.pid, (stat.ppid, stat.comm));
+        }
+    }
+    let mut found = Vec::new();
+    for p in &procs {
+        let Some((ppid, comm)) = comms.get(&p.pid) else {
+            continue;
+        };
+        // A postmaster is a `postgres` process whose parent is not one.
+        if comm != "postgres" || comms.get(ppid).is_some_and(|(_, c)| c == "postgres") {
+            continue;
+        }
+        let same_ns = std::fs::metadata(format!("/proc/{}/ns/net", p.pid))
+            .is_ok_and(|m| m.ino() == own_ns.ino() && m.dev() == own_ns.dev());
+        if !same_ns {
+            continue;
+        }
+        let (Ok(binary), Ok(cwd)) = (p.exe(), p.cwd()) else {
+            continue;
+        };
+        let Some(port) = postmaster_port(&cwd) else {
+            continue;
+        };
+        if ports.contains(&port) {
+            found.push(Postmaster {
+                pid: p.pid as u32,
+                port,
+                binary: PathBuf::from(format!("/proc/{}/exe", p.pid))
+                    .canonicalize()
+                    .unwrap_or(binary),
+                data_dir: cwd,
+            });
+        }
+    }
+    found
+}
+
+/// Line 4 of `postmaster.pid` in the data directory (the postmaster's cwd).
+fn postmaster_port(data_dir: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    text.lines().nth(3)?.trim().parse().ok()
+}
+
+/// Where `PostmasterPid` lives in the postmaster (and so in every backend
+/// it forked): the binary's load address plus the symbol's offset.
+fn postmaster_pid_address(pm: &Postmaster) -> Result<u64, String> {
+    let data = std::fs::read(&pm.binary).map_err(|e| format!("{}: {e}", pm.binary.display()))?;
+    let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
+    let symbol = file
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("PostmasterPid"))
+        .ok_or("no PostmasterPid in the dynamic symbol table")?;
+    let process = procfs::process::Process::new(pm.pid as i32).map_err(|e| e.to_string())?;
+    let maps = process.maps().map_err(|e| e.to_string())?;
+    // The lowest mapping of the binary is its load base (offset 0) for PIE.
+    let base = maps
+        .iter()
+        .filter(|m| matches!(&m.pathname, procfs::process::MMapPath::Path(p) if p == &pm.binary))
+        .map(|m| m.address.0 - m.offset)
+        .min()
+        .ok_or("the binary is not mapped in the postmaster")?;
+    let pie = file.kind() == object::ObjectKind::Dynamic;
+    Ok(if pie {
+        base + symbol.address()
+    } else {
+        symbol.address()
+    })
+}

@@ -1,0 +1,494 @@
+//! Holding statements inside the server: the gate's half of the server hook
+//! (`qgate-ebpf/src/hook.rs`).
+//!
+//! The program stopped the backend (SIGSTOP) right after a read that
+//! completed a message needing a decision ([`StoppedRead`]), before the
+//! backend parsed anything. Every SQL-bearing message that ended in that
+//! read is decided in order with the same policy as the tc path:
+//! - allow: nothing to do;
+//! - deny: the message is rewritten in the backend's receive buffer
+//!   (`/proc/PID/mem`), so the server itself answers with an error naming
+//!   qgate and the request ([`Rewrite`]);
+//! - hold: a request opens; its final event allows or rewrites it.
+//!
+//! When nothing in the read is left waiting, the backend gets SIGCONT. While
+//! it waits, the gate watches what PostgreSQL would lose: a client that hung
+//! up (its socket, duplicated with `pidfd_getfd`, reports POLLRDHUP) and a
+//! `pg_cancel_backend` / `pg_terminate_backend` (SIGINT / SIGTERM pending in
+//! `/proc/PID/status`): each withdraws the waiting requests.
+//!
+//! The postgres OS user can send SIGCONT to its own backends: that account
+//! owns the database anyway and is qgate's trust boundary.
+use std::{
+    fs::OpenOptions,
+    os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::fs::FileExt,
+    },
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::{held::PendingSql, rewrite, Gate, SqlInfo, Verdict};
+use crate::{
+    capture::{backend::StoppedRead, Flow},
+    store::requests::HookHold,
+    wire::{ClientMessage, SqlCarrier, Tracker},
+};
+
+/// Where a waiting message sits in the stopped backend's receive buffer,
+/// and how to refuse it there. Stored with the request (as JSON) so a
+/// restarted agent can finish the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rewrite {
+    pub carrier: Carrier,
+    /// First byte of the message (its type byte; a StartupMessage's length)
+    /// when it is in the buffer.
+    pub message_addr: Option<u64>,
+    /// First writable byte of the text and how many are writable (the text
+    /// may have begun in an earlier read, already copied out).
+    pub text_addr: u64,
+    pub writable: usize,
+    /// The whole text is writable: a same-length statement replaces it.
+    pub whole: bool,
+    /// The byte after the text (its NUL terminator), always in the buffer.
+    pub end_addr: u64,
+    /// The backend's client socket descriptor, to notice a hang-up.
+    pub socket_fd: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Carrier {
+    Query,
+    Parse,
+    FunctionCall,
+    Startup,
+}
+
+impl From<SqlCarrier> for Carrier {
+    fn from(c: SqlCarrier) -> Self {
+        match c {
+            SqlCarrier::Query => Carrier::Query,
+            SqlCarrier::Parse => Carrier::Parse,
+            SqlCarrier::FunctionCall => Carrier::FunctionCall,
+            SqlCarrier::Startup => Carrier::Startup,
+        }
+    }
+}
+
+/// A message of a stopped read waiting for reviewers.
+#[derive(Debug)]
+struct Waiting {
+    request: i64,
+    rewrite: Rewrite,
+    text: String,
+}
+
+/// A backend the program stopped, until the gate resumes it.
+#[derive(Debug)]
+pub(super) struct StoppedBackend {
+    pid: u32,
+    /// The wire stage's connection (unknown for one taken over after a restart).
+    flow: Option<Flow>,
+    waiting: Vec<Waiting>,
+    /// The client's socket, duplicated from the backend, to notice a hang-up.
+    socket: Option<OwnedFd>,
+    /// A withdrawal was asked for already (once is enough).
+    withdrawing: bool,
+}
+
+/// SIGINT and SIGTERM bits of a `/proc/PID/status` signal mask.
+const CANCEL_SIGNALS: u64 = (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
+
+impl Gate {
+    /// The program stopped `read.pid`: watch its connection so the wire
+    /// stage reports the messages of this read.
+    pub fn backend_stopped(&mut self, read: &StoppedRead, tracker: &mut Tracker) {
+        tracker.watch(&read.flow, true);
+        let socket = read.socket_fd.and_then(|fd| duplicate_socket(read.pid, fd));
+        self.stopped_reads.insert(read.flow, read.clone());
+        self.stopped.insert(
+            read.pid,
+            StoppedBackend {
+                pid: read.pid,
+                flow: Some(read.flow),
+                waiting: Vec::new(),
+                socket,
+                withdrawing: false,
+            },
+        );
+    }
+
+    /// The messages of a stopped read, decoded: decide each, then resume
+    /// the backend unless one waits for reviewers.
+    pub(super) fn decide_stopped(&mut self, flow: Flow, messages: Vec<ClientMessage>) {
+        let Some(read) = self.stopped_reads.remove(&flow) else {
+            return;
+        };
+        for m in messages {
+            let Some(sql) = m.sql else {
+                continue;
+            };
+            let end = m.span.offset + m.span.len;
+            if end <= read.start || end > read.end {
+                continue;
+            }
+            let Some(rewrite) = locate(&read, m.span.offset, end, &sql) else {
+                continue;
+            };
+            let pending = PendingSql {
+                start: 0,
+                end: 0,
+                text_start: 0,
+                text_end: 0,
+                info: SqlInfo {
+                    conn: m.conn,
+                    carrier: sql.carrier,
+                    text: sql.text.clone(),
+                    hook: Some(HookHold {
+                        backend_pid: read.pid,
+                        resume: serde_json::to_string(&rewrite).unwrap_or_default(),
+                    }),
+                },
+                request: None,
+                incomplete: false,
+            };
+            match self.decide(&flow, &pending) {
+                Verdict::Allow => {}
+                Verdict::Deny { id, reason } => {
+                    self.refuse_in_backend(read.pid, &rewrite, &sql.text, id, &reason)
+                }
+                Verdict::Wait(id) => {
+                    self.backend_requests.insert(id, read.pid);
+                    if let Some(b) = self.stopped.get_mut(&read.pid) {
+                        b.waiting.push(Waiting {
+                            request: id,
+                            rewrite,
+                            text: sql.text,
+                        });
+                    }
+                }
+            }
+        }
+        self.resume_if_done(read.pid);
+    }
+
+    /// A request of a stopped backend reached its final state.
+    pub(super) fn backend_request_final(
+        &mut self,
+        pid: u32,
+        request: i64,
+        approved: bool,
+        reason: &str,
+    ) {
+        let Some(b) = self.stopped.get_mut(&pid) else {
+            return;
+        };
+        let Some(i) = b.waiting.iter().position(|w| w.request == request) else {
+            return;
+        };
+        let w = b.waiting.remove(i);
+        if !approved {
+            self.refuse_in_backend(pid, &w.rewrite, &w.text, request, reason);
+        }
+        self.resume_if_done(pid);
+    }
+
+    fn resume_if_done(&mut self, pid: u32) {
+        if self
+            .stopped
+            .get(&pid)
+            .is_some_and(|b| !b.waiting.is_empty())
+        {
+            return;
+        }
+        if let Some(b) = self.stopped.remove(&pid) {
+            self.resume(b.pid);
+        }
+    }
+
+    fn resume(&mut self, pid: u32) {
+        self.kernel.backend_resumed(pid);
+        // SAFETY: kill(2) with a plain signal number.
+        if unsafe { libc::kill(pid as i32, libc::SIGCONT) } != 0 {
+            warn!(
+                pid,
+                "resuming the backend: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        self.stats.released_bytes += 1;
+    }
+
+    /// Rewrites a refused message in the stopped backend so the server
+    /// answers with an error and runs nothing of it. Where no rewrite is
+    /// possible the backend is terminated (the session ends; audited).
+    fn refuse_in_backend(&mut self, pid: u32, r: &Rewrite, text: &str, id: i64, reason: &str) {
+        let result = match r.carrier {
+            Carrier::Query | Carrier::Parse => {
+                if r.whole && r.writable > 0 {
+                    write_backend(
+                        pid,
+                        r.text_addr,
+                        &rewrite::denial_text(r.writable, id, reason),
+                    )
+                } else {
+                    let mut nonce = [0u8; 8];
+                    let _ = getrandom::fill(&mut nonce);
+                    match rewrite::tail_denial_text(r.writable, id, u64::from_le_bytes(nonce), text)
+                    {
+                        Some(tail) => write_backend(pid, r.text_addr, &tail),
+                        // Too short a tail for a safe tag. A Query whose NUL
+                        // is gone fails with "invalid string in message"; a
+                        // Parse announcing 32 767 parameter types it does not
+                        // carry fails with "insufficient data left in message".
+                        None if r.carrier == Carrier::Query => write_backend(pid, r.end_addr, b"$"),
+                        None => write_backend(pid, r.end_addr + 1, &0x7fffu16.to_be_bytes()),
+                    }
+                }
+            }
+            // An OID no function has: "function with OID 0 does not exist".
+            Carrier::FunctionCall => match r.message_addr {
+                Some(at) => write_backend(pid, at + 5, &[0; 4]),
+                None => Err(std::io::Error::other("the function OID was read earlier")),
+            },
+            Carrier::Startup => match (
+                r.message_addr,
+                rewrite::startup_refusal(r.writable, id, reason),
+            ) {
+                (Some(at), Some(packet)) => write_backend(pid, at, &packet),
+                _ => Err(std::io::Error::other(
+                    "the startup packet is not whole in the buffer",
+                )),
+            },
+        };
+        if let Err(e) = result {
+            warn!(
+                pid,
+                request = id,
+                "cannot rewrite the refused statement ({e}); terminating its backend"
+            );
+            // SAFETY: kill(2) with a plain signal number; SIGTERM is handled
+            // by the backend on SIGCONT, before it parses anything.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let details =
+                serde_json::json!({ "request": id, "backend_pid": pid, "error": e.to_string() });
+            if let Err(e) = self
+                .runtime
+                .block_on(self.board.audit("backend.terminated", details))
+            {
+                warn!("auditing the terminated backend: {e}");
+            }
+        }
+    }
+
+    /// Withdraws everything a stopped backend waits on (client gone, or the
+    /// statement cancelled: PostgreSQL would lose the cancel).
+    pub(super) fn withdraw_backend(&mut self, pid: u32, why: &str) {
+        let Some(b) = self.stopped.get_mut(&pid) else {
+            return;
+        };
+        if b.withdrawing {
+            return;
+        }
+        b.withdrawing = true;
+        let ids: Vec<i64> = b.waiting.iter().map(|w| w.request).collect();
+        for id in ids {
+            if let Err(e) = self.runtime.block_on(self.board.withdraw(id, why)) {
+                warn!("withdrawing request {id}: {e}");
+            }
+        }
+    }
+
+    /// The stopped backend of a wire-stage connection, if any.
+    pub(super) fn stopped_pid(&self, flow: &Flow) -> Option<u32> {
+        self.stopped
+            .values()
+            .find(|b| b.flow.as_ref() == Some(flow))
+            .map(|b| b.pid)
+    }
+
+    /// Periodic look at stopped backends: hung-up clients, pending cancels,
+    /// vanished processes.
+    pub(super) fn watch_stopped(&mut self) {
+        let mut withdraw = Vec::new();
+        let mut gone = Vec::new();
+        for b in self.stopped.values() {
+            if b.waiting.is_empty() || b.withdrawing {
+                continue;
+            }
+            match pending_signals(b.pid) {
+                None => gone.push(b.pid),
+                Some(sigs) if sigs & CANCEL_SIGNALS != 0 => withdraw.push((
+                    b.pid,
+                    "cancelled on the server (pg_cancel_backend or pg_terminate_backend)",
+                )),
+                Some(_) => {
+                    if b.socket.as_ref().is_some_and(hung_up) {
+                        withdraw.push((b.pid, "the client disconnected"));
+                    }
+                }
+            }
+        }
+        for (pid, why) in withdraw {
+            info!(pid, "{why}: withdrawing its held statement");
+            self.withdraw_backend(pid, why);
+        }
+        for pid in gone {
+            if let Some(b) = self.stopped.remove(&pid) {
+                for w in b.waiting {
+                    let _ = self
+                        .runtime
+                        .block_on(self.board.withdraw(w.request, "the backend exited"));
+                }
+            }
+        }
+    }
+
+    /// After a restart: stopped backends waiting on pending requests are
+    /// taken over; stopped ones that wait on nothing known are terminated
+    /// (their statement was never recorded: fail closed).
+    pub(super) fn recover_backends(&mut self, pending: &[crate::store::requests::Request]) {
+        for request in pending {
+            let (Some(pid), Some(resume)) = (request.backend_pid, request.resume.as_deref()) else {
+                continue;
+            };
+            let Ok(rewrite) = serde_json::from_str::<Rewrite>(resume) else {
+                warn!(
+                    request = request.id,
+                    "unreadable resume data of a held statement"
+                );
+                continue;
+            };
+            if pending_signals(pid).is_none() {
+                let _ = self
+                    .runtime
+                    .block_on(self.board.withdraw(request.id, "the backend exited"));
+                continue;
+            }
+            self.backend_requests.insert(request.id, pid);
+            self.stopped
+                .entry(pid)
+                .or_insert_with(|| StoppedBackend {
+                    pid,
+                    flow: None,
+                    waiting: Vec::new(),
+                    socket: rewrite.socket_fd.and_then(|fd| duplicate_socket(pid, fd)),
+                    withdrawing: false,
+                })
+                .waiting
+                .push(Waiting {
+                    request: request.id,
+                    rewrite,
+                    text: request.statement.clone(),
+                });
+            info!(
+                request = request.id,
+                pid, "took over a backend held before the restart"
+            );
+        }
+        for pid in self.kernel.stopped_backends() {
+            if self.stopped.contains_key(&pid) || pending_signals(pid).is_none() {
+                continue;
+            }
+            warn!(
+                pid,
+                "a backend stopped by the previous agent with no request: terminating it"
+            );
+            // SAFETY: kill(2) with plain signal numbers.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+            self.resume(pid);
+            let details = serde_json::json!({ "backend_pid": pid, "why": "stopped by the previous agent before a decision was recorded" });
+            if let Err(e) = self
+                .runtime
+                .block_on(self.board.audit("backend.terminated", details))
+            {
+                warn!("auditing the terminated backend: {e}");
+            }
+        }
+    }
+}
+
+/// Where a message of a stopped read lies in the backend's buffer.
+fn locate(
+    read: &StoppedRead,
+    start: u64,
+    end: u64,
+    sql: &crate::wire::ClientSql,
+) -> Option<Rewrite> {
+    let addr = |offset: u64| read.addr + (offset - read.start);
+    let text_start = sql.text_span.offset;
+    let text_end = text_start + sql.text_span.len;
+    let (writable_from, whole) = if text_start >= read.start {
+        (text_start, true)
+    } else {
+        (read.start, false)
+    };
+    Some(Rewrite {
+        carrier: sql.carrier.into(),
+        message_addr: (start >= read.start).then(|| addr(start)),
+        text_addr: addr(writable_from.min(text_end).max(read.start)),
+        writable: text_end.saturating_sub(writable_from) as usize,
+        whole,
+        end_addr: addr(text_end.min(end.saturating_sub(1)).max(read.start)),
+        socket_fd: read.socket_fd,
+    })
+}
+
+fn write_backend(pid: u32, addr: u64, bytes: &[u8]) -> std::io::Result<()> {
+    let mem = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))?;
+    mem.write_all_at(bytes, addr)
+}
+
+/// SigPnd | ShdPnd of `/proc/PID/status`; `None` when the process is gone.
+fn pending_signals(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut mask = 0;
+    for line in status.lines() {
+        if let Some(hex) = line
+            .strip_prefix("SigPnd:")
+            .or_else(|| line.strip_prefix("ShdPnd:"))
+        {
+            mask |= u64::from_str_radix(hex.trim(), 16).unwrap_or(0);
+        }
+    }
+    Some(mask)
+}
+
+/// A copy of the backend's client socket (`pidfd_getfd(2)`), only ever
+/// polled for a hang-up: nothing is read from it.
+fn duplicate_socket(pid: u32, fd: i32) -> Option<OwnedFd> {
+    // SAFETY: plain syscalls; the descriptors returned are ours to own.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        if pidfd < 0 {
+            return None;
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let sock = libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        );
+        (sock >= 0).then(|| OwnedFd::from_raw_fd(sock as i32))
+    }
+}
+
+fn hung_up(socket: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(socket),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
