@@ -30,6 +30,7 @@ fn held(i: i64, approvals: u32) -> NewRequest {
         transaction_state: TransactionState::Idle,
         estimated_rows: Some(i * 10),
         timeout: None,
+        hook: None,
     }
 }
 

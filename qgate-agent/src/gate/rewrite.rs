@@ -230,4 +230,30 @@ mod tests {
             assert!(quotes == 0 || quotes == 2, "balanced quotes at {len}");
         }
     }
+
+    #[test]
+    fn a_denied_tail_opens_a_dollar_quote_with_a_tag_not_in_the_statement() {
+        let text = "DROP TABLE t /* long comment */";
+        let tail = tail_denial_text(40, 7, 0xabcdef, text).unwrap();
+        assert_eq!(tail.len(), 40);
+        let tail = String::from_utf8(tail).unwrap();
+        // A newline first: it ends a `--` comment the tail could be in.
+        assert!(tail.starts_with("\n$qgate_7_"), "{tail:?}");
+        let tag_end = tail[2..].find('$').unwrap() + 3;
+        assert!(!text.contains(&tail[1..tag_end]));
+    }
+
+    #[test]
+    fn a_denied_tail_never_reuses_a_tag_the_statement_contains() {
+        // The attacker's text holds every short tag: a shorter one that
+        // would close their own dollar quote must not be chosen.
+        let text = "SELECT $q$ x $q0001$ $qgate_7_00000001$";
+        let tail = tail_denial_text(8, 7, 1, text);
+        assert!(tail.is_none(), "{tail:?}");
+        let tail = String::from_utf8(tail_denial_text(30, 7, 1, text).unwrap()).unwrap();
+        assert!(tail.starts_with("\n$qgate_7_0000000000000001$"), "{tail:?}");
+        assert!(tail_denial_text(3, 7, 2, "DROP TABLE t").is_none(), "no room for newline + tag");
+        assert_eq!(tail_denial_text(4, 7, 2, "DROP TABLE t").unwrap(), b"\n$q$".to_vec());
+        assert_eq!(tail_denial_text(5, 7, 2, "x").unwrap(), b"\n$q$ ".to_vec());
+    }
 }
