@@ -19,14 +19,16 @@ use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
     capture::{
         backend::{BackendStep, BackendStreams, PortInfo},
+        hook::{existing_backends, Postmaster},
         kernel::{pin_dir, CaptureError, Captured, KernelCapture},
+        Flow,
     },
     config::{Config, FailMode, GateSetting},
     gate::{inject::Injector, kernel::GateMode, Gate},
     pipeline::Pipeline,
     policy::{self, Policy, PolicyHandle, Subject},
     store::{self, Store, Writer, WriterConfig},
-    wire::WireEvent,
+    wire::{Tracker, Transport, WireEvent},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -118,11 +120,14 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut capture = KernelCapture::attach(interfaces, &config.capture.ports, &pins)?;
     let mut kernel = capture.take_gate()?;
     let mut backends = BackendStreams::new(capture.clock_offset());
+    let mut servers_before_gate = Vec::new();
     if config.server_hook.enabled {
         capture.enable_server_hook()?;
-        if !capture.discover_servers(&config.capture.ports).is_empty() {
+        let fresh = capture.discover_servers(&config.capture.ports);
+        if !fresh.is_empty() {
             kernel.forget_ignored_backends();
         }
+        servers_before_gate = fresh;
         if capture.hooked_servers().is_empty() {
             warn!(ports = ?config.capture.ports, "server hook: no PostgreSQL server found on these ports yet; looking again every {} ms", config.server_hook.rescan_ms);
         }
@@ -143,6 +148,9 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         runtime.handle().clone(),
         enforcing,
     );
+    for pm in servers_before_gate {
+        take_over_sessions(&mut gate, &pm);
+    }
     let recovered = gate.recover();
     if recovered > 0 {
         info!(
@@ -171,7 +179,14 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                 gate.after_segment(pipeline.tracker_mut());
             }
             Captured::Hook(record) => {
-                for step in backends.steps(record, read_backend_port) {
+                let (pid, stopped) = (record.pid, record.stopped);
+                let steps = backends.steps(record, read_backend_port);
+                if followed_on_the_wire(&steps, pipeline.tracker()) {
+                    backends.disown(pid);
+                    gate.disown_backend(pid, stopped);
+                    return;
+                }
+                for step in steps {
                     on_backend_step(step, &mut gate, &mut pipeline);
                 }
             }
@@ -180,8 +195,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             && last_scan.elapsed() >= Duration::from_millis(config.server_hook.rescan_ms)
         {
             last_scan = Instant::now();
-            if !capture.discover_servers(&config.capture.ports).is_empty() {
+            let fresh = capture.discover_servers(&config.capture.ports);
+            if !fresh.is_empty() {
                 gate.kernel().forget_ignored_backends();
+            }
+            for pm in fresh {
+                take_over_sessions(&mut gate, &pm);
             }
         }
         loop {
@@ -281,13 +300,17 @@ fn on_backend_step(step: BackendStep, gate: &mut Gate, pipeline: &mut Pipeline) 
             flow,
             pid,
             transport,
+            client,
+            server,
         } => {
-            gate.hooked_session(flow, pid, transport);
+            gate.hooked_session(flow, pid, client);
             if let Some(conn) = pipeline.tracker().connection_id(&flow) {
                 pipeline.writer().send(WireEvent::ServerHooked {
                     conn,
                     transport,
                     backend_pid: pid,
+                    client,
+                    server,
                 });
             }
         }
@@ -297,6 +320,33 @@ fn on_backend_step(step: BackendStep, gate: &mut Gate, pipeline: &mut Pipeline) 
             gate.after_segment(pipeline.tracker_mut());
         }
         BackendStep::Exited { pid, flow } => gate.backend_exited(pid, flow),
+    }
+}
+
+/// A session the hook first meets mid-stream that the tc programs already
+/// follow in plain (it started before its server became gated).
+fn followed_on_the_wire(steps: &[BackendStep], tracker: &Tracker) -> bool {
+    steps.iter().any(|s| match s {
+        BackendStep::Hooked {
+            transport: Transport::Unknown,
+            client: Some(client),
+            server: Some(server),
+            ..
+        } => tracker
+            .connection_id(&Flow {
+                client: *client,
+                server: *server,
+            })
+            .is_some_and(|conn| !tracker.is_encrypted(conn)),
+        _ => false,
+    })
+}
+
+/// A server just became gated: its sessions from before are either left to
+/// the wire path or ended (see `Gate::session_before_hook`).
+fn take_over_sessions(gate: &mut Gate, pm: &Postmaster) {
+    for (pid, socket) in existing_backends(pm.pid) {
+        gate.session_before_hook(pid, socket);
     }
 }
 

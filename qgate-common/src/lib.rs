@@ -17,7 +17,8 @@ pub const QGATE_MARK: u32 = 0x7167_0001; // "qg" + 1
 pub mod maps {
     /// Ring buffer of [`super::SegmentEvent`] + payload chunk.
     pub const SEGMENTS: &str = "SEGMENTS";
-    /// `HashMap<u16 (host order), u8>`: TCP ports that carry database traffic.
+    /// `HashMap<u16 (host order), u8>`: TCP ports that carry database
+    /// traffic, with a [`super::port_kind`] value.
     pub const DB_PORTS: &str = "DB_PORTS";
     /// `LruHashMap<FlowKey, FlowState>`: gating state per connection.
     pub const FLOWS: &str = "FLOWS";
@@ -31,6 +32,15 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     /// `Array<ManagedServer>` of [`super::MAX_MANAGED_SERVERS`]: the postmasters gated.
     pub const MANAGED_SERVERS: &str = "MANAGED_SERVERS";
+}
+
+/// `DB_PORTS` values.
+pub mod port_kind {
+    /// The tc programs capture and gate every connection.
+    pub const WIRE: u8 = 1;
+    /// The server hook reads this port's server: connections that start
+    /// from now on are left to it; older ones stay on the wire path.
+    pub const HOOKED: u8 = 2;
 }
 
 /// Payload bytes carried by one ring-buffer record of the large class.
@@ -78,6 +88,8 @@ pub mod phase {
     pub const UNSYNCED: u8 = 2;
     /// TLS or GSS encryption: nothing to read.
     pub const OPAQUE: u8 = 3;
+    /// Started on a port the server hook reads: passed without capture.
+    pub const HOOKED: u8 = 4;
 }
 
 /// Gating state of one connection. The program creates it on SYN (or on the

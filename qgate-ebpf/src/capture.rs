@@ -49,9 +49,10 @@ pub fn count(f: impl FnOnce(&mut Counters)) {
 }
 
 /// The database segment in this skb, if it is one: TCP to (`DIR_TO_SERVER`)
-/// or from (`DIR_FROM_SERVER`) a configured port.
+/// or from (`DIR_FROM_SERVER`) a configured port, with the port's
+/// `port_kind`.
 #[inline(always)]
-pub fn db_segment(ctx: &TcContext, direction: u8) -> Option<Segment> {
+pub fn db_segment(ctx: &TcContext, direction: u8) -> Option<(Segment, u8)> {
     let ports = packet::ports(ctx)?;
     let db_port = if direction == DIR_TO_SERVER {
         ports.dst_port
@@ -59,9 +60,9 @@ pub fn db_segment(ctx: &TcContext, direction: u8) -> Option<Segment> {
         ports.src_port
     };
     // SAFETY: read-only lookup of a plain value.
-    unsafe { DB_PORTS.get(&db_port) }?;
+    let kind = *unsafe { DB_PORTS.get(&db_port) }?;
     count(|c| c.segments_seen += 1);
-    packet::segment(ctx, &ports)
+    Some((packet::segment(ctx, &ports)?, kind))
 }
 
 /// Sends the segment to the agent unless it is a pure ACK (nothing in it

@@ -79,6 +79,27 @@ pub fn agent_gone(cfg: &GateConfig) -> bool {
     now.saturating_sub(cfg.heartbeat_ns) > cfg.fail_after_ns
 }
 
+/// On a port the server hook reads: true when the connection is the
+/// hook's (it started after the port became hooked), so the tc programs
+/// leave it alone. A SYN on such a port makes a connection the hook's.
+#[inline(always)]
+pub fn left_to_hook(seg: &Segment, flow: &FlowKey, to_server: bool) -> bool {
+    if to_server && seg.tcp_flags & tcp_flags::SYN != 0 {
+        let state = FlowState {
+            phase: phase::HOOKED,
+            ..FlowState::default()
+        };
+        let _ = FLOWS.insert(flow, &state, 0);
+        return true;
+    }
+    match FLOWS.get_ptr(flow) {
+        // SAFETY: read of a plain byte of a map value.
+        Some(state) => unsafe { (*state).phase == phase::HOOKED },
+        // Older than the program: the wire path picks it up mid-stream.
+        None => !to_server,
+    }
+}
+
 #[inline(always)]
 fn hold(state: &mut FlowState, seq: u32) -> Verdict {
     state.held = 1;

@@ -29,11 +29,11 @@ mod programs {
         macros::{classifier, raw_tracepoint, uprobe, uretprobe},
         programs::{ProbeContext, RawTracePointContext, RetProbeContext, TcContext},
     };
-    use qgate_common::{flags, DIR_FROM_SERVER, DIR_TO_SERVER, QGATE_MARK};
+    use qgate_common::{flags, port_kind, DIR_FROM_SERVER, DIR_TO_SERVER, QGATE_MARK};
 
     use crate::{
         capture::{capture, count, counters, db_segment},
-        gate::{verdict, Verdict},
+        gate::{left_to_hook, verdict, Verdict},
         hook,
     };
 
@@ -47,10 +47,13 @@ mod programs {
             // Re-injected by the agent: already decided.
             return TC_ACT_OK;
         }
-        let Some(seg) = db_segment(&ctx, DIR_TO_SERVER) else {
+        let Some((seg, kind)) = db_segment(&ctx, DIR_TO_SERVER) else {
             return TC_ACT_OK;
         };
         let flow = seg.flow(true);
+        if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, true) {
+            return TC_ACT_OK;
+        }
         match verdict(&ctx, &seg, &flow, counters()) {
             Verdict::Pass => {
                 capture(&ctx, &seg, DIR_TO_SERVER, 0);
@@ -69,7 +72,10 @@ mod programs {
     /// answers). Capture never changes what happens to them.
     #[classifier]
     pub fn qgate_egress(ctx: TcContext) -> i32 {
-        if let Some(seg) = db_segment(&ctx, DIR_FROM_SERVER) {
+        if let Some((seg, kind)) = db_segment(&ctx, DIR_FROM_SERVER) {
+            if kind == port_kind::HOOKED && left_to_hook(&seg, &seg.flow(false), false) {
+                return TC_ACT_OK;
+            }
             capture(&ctx, &seg, DIR_FROM_SERVER, 0);
         }
         TC_ACT_OK

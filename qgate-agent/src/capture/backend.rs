@@ -3,10 +3,11 @@
 //! order, then FINs when the backend exits), so the same decoder, session
 //! pairing and store serve both capture points.
 //!
-//! The synthetic connection is named by the session's real addresses for
-//! TCP and TLS (from the backend's `Port`), and by `[::<pid>]:0` →
-//! `[::]:0` for Unix-socket sessions, which have none; the store is told
-//! the transport ([`BackendStep::Hooked`]) and records those as `local`.
+//! The synthetic connection is named `[::<pid>]:0` → `[::]:0` (the
+//! IPv4-compatible range no client uses), never by the session's real
+//! addresses, so it cannot collide with a connection the tc programs
+//! follow; [`BackendStep::Hooked`] gives the store and the gate the real
+//! addresses from the backend's `Port` (none for a Unix socket: `local`).
 //!
 //! An SSLRequest or GSSENCRequest is not fed: the server's one-byte answer
 //! does not go through `secure_write`, and after it the session goes on in
@@ -50,6 +51,9 @@ pub enum BackendStep {
         flow: Flow,
         pid: u32,
         transport: Transport,
+        /// The real addresses (`None` for a Unix socket or when unknown).
+        client: Option<SocketAddr>,
+        server: Option<SocketAddr>,
     },
     /// Announced before the segment carrying the read, so the gate watches
     /// the connection while the wire stage decodes it.
@@ -132,7 +136,7 @@ pub struct BackendStreams {
     clock_offset: i64,
 }
 
-/// The synthetic name of a Unix-socket session (no addresses of its own).
+/// The synthetic name of a hooked session.
 fn local_flow(pid: u32) -> Flow {
     let [a, b, c, d] = pid.to_be_bytes();
     Flow {
@@ -174,6 +178,11 @@ impl BackendStreams {
     /// The synthetic connection of a backend, if it is followed.
     pub fn flow_of(&self, pid: u32) -> Option<Flow> {
         self.streams.get(&pid).map(|s| s.flow)
+    }
+
+    /// Stops following a backend (another capture point owns its session).
+    pub fn disown(&mut self, pid: u32) {
+        self.streams.remove(&pid);
     }
 
     /// Turns one record into pipeline steps. `read_port` reads a backend's
@@ -242,11 +251,7 @@ impl BackendStreams {
                 }));
                 if announce_after {
                     // Mid-stream: the wire stage knows the connection only now.
-                    steps.push(BackendStep::Hooked {
-                        flow: s.flow,
-                        pid: r.pid,
-                        transport: s.transport,
-                    });
+                    steps.push(hooked(r.pid, s));
                 }
             }
             HookKind::Exited => {
@@ -275,21 +280,16 @@ impl BackendStreams {
 }
 
 fn new_stream(pid: u32, port: Option<PortInfo>, mid_stream: bool) -> BackendStream {
-    let (flow, transport) = match port.and_then(|p| Some((p.client?, p.server?))) {
-        Some((client, server)) => (
-            Flow { client, server },
-            if mid_stream {
-                Transport::Unknown
-            } else {
-                Transport::Tcp
-            },
-        ),
-        None if port.is_some() => (local_flow(pid), Transport::Unix),
-        // No Port: named like a local session, transport unknown.
-        None => (local_flow(pid), Transport::Unknown),
+    let transport = match port {
+        Some(PortInfo {
+            client: Some(_), ..
+        }) if !mid_stream => Transport::Tcp,
+        Some(PortInfo { client: None, .. }) => Transport::Unix,
+        // TLS or not cannot be told mid-stream; no Port: nothing known.
+        _ => Transport::Unknown,
     };
     BackendStream {
-        flow,
+        flow: local_flow(pid),
         port,
         transport,
         opened: false,
@@ -331,11 +331,17 @@ fn open(pid: u32, s: &mut BackendStream, at: UnixNanos, steps: &mut Vec<BackendS
         SYN | ACK,
         at,
     )));
-    steps.push(BackendStep::Hooked {
+    steps.push(hooked(pid, s));
+}
+
+fn hooked(pid: u32, s: &BackendStream) -> BackendStep {
+    BackendStep::Hooked {
         flow: s.flow,
         pid,
         transport: s.transport,
-    });
+        client: s.port.and_then(|p| p.client),
+        server: s.port.and_then(|p| p.server),
+    }
 }
 
 fn control(flow: Flow, direction: Direction, seq: u32, tcp_flags: u8, at: UnixNanos) -> Segment {
@@ -393,7 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tls_session_is_named_by_its_addresses_and_skips_the_ssl_request() {
+    fn a_tls_session_keeps_its_addresses_and_skips_the_ssl_request() {
         let mut streams = BackendStreams::new(0);
         assert!(streams
             .steps(record(HookKind::Opened, &tcp_port(), false), |_, _| None)

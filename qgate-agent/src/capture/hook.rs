@@ -428,3 +428,75 @@ fn postmaster_pid_address(pm: &Postmaster) -> Result<u64, String> {
         symbol.address()
     })
 }
+
+/// The socket a backend talks to its client on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientSocket {
+    Unix,
+    /// As the wire stage names it: the client's address, the server's.
+    Tcp(super::Flow),
+}
+
+/// The client backends of `postmaster` right now (children with a client
+/// socket), with that socket. Used when a server becomes gated: a backend
+/// already blocked in `secure_read` returns from it without the probes (a
+/// uretprobe only fires for calls entered after it was attached), so its
+/// next statement is invisible to the hook.
+pub fn existing_backends(postmaster: u32) -> Vec<(u32, ClientSocket)> {
+    use procfs::process::FDTarget;
+    let unix: HashSet<u64> = procfs::net::unix()
+        .map(|v| v.into_iter().map(|e| e.inode).collect())
+        .unwrap_or_default();
+    let mut tcp: StdHashMap<u64, super::Flow> = StdHashMap::new();
+    for entries in [procfs::net::tcp(), procfs::net::tcp6()]
+        .into_iter()
+        .flatten()
+    {
+        for e in entries {
+            tcp.insert(
+                e.inode,
+                super::Flow {
+                    client: unmapped(e.remote_address),
+                    server: unmapped(e.local_address),
+                },
+            );
+        }
+    }
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for p in all.flatten() {
+        if p.stat().map(|s| s.ppid as u32).ok() != Some(postmaster) {
+            continue;
+        }
+        let Ok(fds) = p.fd() else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let FDTarget::Socket(inode) = fd.target else {
+                continue;
+            };
+            if let Some(flow) = tcp.get(&inode) {
+                found.push((p.pid as u32, ClientSocket::Tcp(*flow)));
+                break;
+            }
+            if unix.contains(&inode) {
+                found.push((p.pid as u32, ClientSocket::Unix));
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, as the wire stage names them.
+fn unmapped(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a.ip() {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), a.port()),
+            None => a,
+        },
+        _ => a,
+    }
+}

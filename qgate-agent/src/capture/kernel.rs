@@ -17,7 +17,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use qgate_common::{flags, maps, Counters, FlowKey, SegmentEvent, ABI_VERSION, DIR_TO_SERVER};
+use qgate_common::{
+    flags, maps, port_kind, Counters, FlowKey, SegmentEvent, ABI_VERSION, DIR_TO_SERVER,
+};
 
 use crate::gate::kernel::KernelGate;
 use tracing::{info, warn};
@@ -148,7 +150,7 @@ impl KernelCapture {
                 })?;
             for port in ports {
                 db_ports
-                    .insert(port, 1, 0)
+                    .insert(port, port_kind::WIRE, 0)
                     .map_err(|source| CaptureError::Map {
                         name: maps::DB_PORTS,
                         source,
@@ -239,8 +241,10 @@ impl KernelCapture {
     }
 
     /// Gates the PostgreSQL servers on `ports` through the server hook (see
-    /// [`ServerHook::discover`]); their ports leave the tc capture, so each
-    /// session is read once, inside the server. Returns the servers newly gated.
+    /// [`ServerHook::discover`]). Connections to them that start from now
+    /// on are left to the hook by the tc programs, so each session is read
+    /// once; older plaintext ones stay on the wire path (the hook cannot see
+    /// the read they are blocked in). Returns the servers newly gated.
     pub fn discover_servers(&mut self, ports: &[u16]) -> Vec<Postmaster> {
         let Some(hook) = self.hook.as_mut() else {
             return Vec::new();
@@ -250,7 +254,7 @@ impl KernelCapture {
             if let Some(map) = self.ebpf.map_mut(maps::DB_PORTS) {
                 if let Ok(mut db_ports) = HashMap::<_, u16, u8>::try_from(map) {
                     for pm in &fresh {
-                        let _ = db_ports.remove(&pm.port);
+                        let _ = db_ports.insert(pm.port, port_kind::HOOKED, 0);
                     }
                 }
             }

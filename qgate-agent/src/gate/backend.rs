@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use super::{held::PendingSql, rewrite, Gate, SqlInfo, Verdict};
 use crate::{
-    capture::{backend::StoppedRead, Flow},
+    capture::{backend::StoppedRead, hook::ClientSocket, Flow},
     store::requests::HookHold,
     wire::{ClientMessage, SqlCarrier, Tracker},
 };
@@ -299,6 +299,57 @@ impl Gate {
             if let Err(e) = self.runtime.block_on(self.board.withdraw(id, why)) {
                 warn!("withdrawing request {id}: {e}");
             }
+        }
+    }
+
+    /// A backend that was connected before its server became gated: the
+    /// read it is blocked in returns unseen by the hook. Over a Unix socket
+    /// nothing else can see that statement, so the session is ended now;
+    /// over TCP the tc programs gate it (the port keeps its older
+    /// connections), unless it turns out to be TLS, which they cannot read:
+    /// then it is ended as soon as that is known ([`Self::wire_encrypted`]).
+    pub fn session_before_hook(&mut self, pid: u32, socket: ClientSocket) {
+        match socket {
+            ClientSocket::Unix => self.terminate_unseen(
+                pid,
+                "connected over a Unix socket before qgate's server hook: its next statement could not be seen",
+            ),
+            ClientSocket::Tcp(flow) => {
+                self.before_hook.insert(flow, pid);
+            }
+        }
+    }
+
+    /// The wire stage found a connection encrypted: if it is one of those
+    /// connected before the hook, nothing can read it: end it.
+    pub(super) fn wire_encrypted(&mut self, flow: &Flow) {
+        if let Some(pid) = self.before_hook.remove(flow) {
+            self.terminate_unseen(
+                pid,
+                "a TLS session connected before qgate's server hook: its next statement could not be seen",
+            );
+        }
+    }
+
+    fn terminate_unseen(&mut self, pid: u32, why: &str) {
+        warn!(pid, "{why}: terminating the session");
+        // SAFETY: kill(2) with a plain signal number.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let details = serde_json::json!({ "backend_pid": pid, "why": why });
+        if let Err(e) = self
+            .runtime
+            .block_on(self.board.audit("backend.terminated", details))
+        {
+            warn!("auditing the terminated backend: {e}");
+        }
+    }
+
+    /// The tc programs follow this session (it started before the hook): the
+    /// hook lets go of the backend, resuming it if it stopped it.
+    pub fn disown_backend(&mut self, pid: u32, stopped: bool) {
+        self.kernel.ignore_backend(pid);
+        if stopped {
+            self.resume(pid);
         }
     }
 

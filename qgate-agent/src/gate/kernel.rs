@@ -201,4 +201,13 @@ impl KernelGate {
             let _ = self.backends.remove(&pid);
         }
     }
+
+    /// The hook stops looking at this backend (another path owns it).
+    pub fn ignore_backend(&mut self, pid: u32) {
+        let state = BackendState {
+            phase: hook::IGNORED,
+            ..BackendState::default()
+        };
+        let _ = self.backends.insert(pid, state, 0);
+    }
 }

@@ -44,7 +44,7 @@ use crate::{
         HookHold, Identity as RequestIdentity, NewRequest, RequestFilter, RequestStatus,
         TransactionState,
     },
-    wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, Transport, WireEvent},
+    wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, WireEvent},
 };
 
 /// What a pending SQL message needs to be decided and reported.
@@ -63,6 +63,14 @@ struct ConnInfo {
     conn: ConnId,
     subject: Subject,
     refused: bool,
+}
+
+/// A session the server hook reads.
+#[derive(Clone, Copy, Debug)]
+struct HookedSession {
+    pid: u32,
+    /// `None` for a Unix socket.
+    client: Option<std::net::SocketAddr>,
 }
 
 /// Counts for logs and metrics.
@@ -103,14 +111,18 @@ pub struct Gate {
     recovered: HashMap<(String, String), i64>,
     /// Final events of recovered requests whose statement has not come back yet.
     recovered_final: HashMap<i64, RequestEvent>,
-    /// Server hook: connections read inside the server, with their backend.
-    hooked: HashMap<Flow, (u32, Transport)>,
+    /// Server hook: connections read inside the server (by their synthetic
+    /// wire-stage name), with their backend, transport and real client.
+    hooked: HashMap<Flow, HookedSession>,
     /// Server hook: backends stopped and not resumed yet, by pid.
     stopped: HashMap<u32, backend::StoppedBackend>,
     /// Server hook: stopped reads whose messages the wire stage is decoding.
     stopped_reads: HashMap<Flow, StoppedRead>,
     /// Server hook: which stopped backend each request holds.
     backend_requests: HashMap<i64, u32>,
+    /// Server hook: TCP sessions connected before their server became gated
+    /// (the wire path gates them), by connection, with their backend.
+    before_hook: HashMap<Flow, u32>,
     stats: GateStats,
 }
 
@@ -170,6 +182,7 @@ impl Gate {
             stopped: HashMap::new(),
             stopped_reads: HashMap::new(),
             backend_requests: HashMap::new(),
+            before_hook: HashMap::new(),
             stats: GateStats::default(),
         }
     }
@@ -218,7 +231,7 @@ impl Gate {
             };
             info.refused = mode == policy::GateMode::DenyConnection;
             let set = match self.hooked.get(flow) {
-                Some((pid, _)) => self.kernel.set_backend_mode(*pid, kernel_mode(mode)),
+                Some(session) => self.kernel.set_backend_mode(session.pid, kernel_mode(mode)),
                 None => self.kernel.set_mode(flow, kernel_mode(mode)),
             };
             if let Err(e) = set {
@@ -233,8 +246,8 @@ impl Gate {
     }
 
     /// A connection the server hook reads (from its first segment on).
-    pub fn hooked_session(&mut self, flow: Flow, pid: u32, transport: Transport) {
-        self.hooked.insert(flow, (pid, transport));
+    pub fn hooked_session(&mut self, flow: Flow, pid: u32, client: Option<std::net::SocketAddr>) {
+        self.hooked.insert(flow, HookedSession { pid, client });
     }
 
     /// A hooked backend exited: nothing of it is held any more.
@@ -252,8 +265,8 @@ impl Gate {
     /// Unix-socket session.
     fn client_of(&self, flow: &Flow) -> Option<std::net::SocketAddr> {
         match self.hooked.get(flow) {
-            Some((_, Transport::Unix)) => None,
-            _ => Some(flow.client),
+            Some(session) => session.client,
+            None => Some(flow.client),
         }
     }
 
@@ -392,7 +405,7 @@ impl Gate {
                     policy::GateMode::Monitor
                 };
                 let set = match self.hooked.get(&flow) {
-                    Some((pid, _)) => self.kernel.set_backend_mode(*pid, kernel_mode(mode)),
+                    Some(session) => self.kernel.set_backend_mode(session.pid, kernel_mode(mode)),
                     None => self.kernel.set_mode(&flow, kernel_mode(mode)),
                 };
                 if let Err(e) = set {
@@ -414,11 +427,17 @@ impl Gate {
                     },
                 );
             }
+            WireEvent::Encrypted { conn, .. } => {
+                if let Some(flow) = tracker.flow(*conn) {
+                    self.wire_encrypted(&flow);
+                }
+            }
             WireEvent::ConnectionClosed { conn, .. } => {
                 if let Some(pid) = tracker.flow(*conn).and_then(|f| self.stopped_pid(&f)) {
                     self.withdraw_backend(pid, "the client disconnected");
                 }
                 if let Some(flow) = tracker.flow(*conn) {
+                    self.before_hook.remove(&flow);
                     self.withdraw(&flow, "the client disconnected");
                     self.conns.remove(&flow);
                     self.released_until.remove(&flow);

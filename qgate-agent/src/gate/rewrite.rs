@@ -252,8 +252,14 @@ mod tests {
         assert!(tail.is_none(), "{tail:?}");
         let tail = String::from_utf8(tail_denial_text(30, 7, 1, text).unwrap()).unwrap();
         assert!(tail.starts_with("\n$qgate_7_0000000000000001$"), "{tail:?}");
-        assert!(tail_denial_text(3, 7, 2, "DROP TABLE t").is_none(), "no room for newline + tag");
-        assert_eq!(tail_denial_text(4, 7, 2, "DROP TABLE t").unwrap(), b"\n$q$".to_vec());
+        assert!(
+            tail_denial_text(3, 7, 2, "DROP TABLE t").is_none(),
+            "no room for newline + tag"
+        );
+        assert_eq!(
+            tail_denial_text(4, 7, 2, "DROP TABLE t").unwrap(),
+            b"\n$q$".to_vec()
+        );
         assert_eq!(tail_denial_text(5, 7, 2, "x").unwrap(), b"\n$q$ ".to_vec());
     }
 }

@@ -412,17 +412,29 @@ fn apply(
             conn,
             transport,
             backend_pid,
+            client,
+            server,
         } => {
             let Some(rows) = connections.get(conn) else {
                 return Ok(false);
             };
+            let ip = |a: &Option<std::net::SocketAddr>| {
+                a.map_or_else(|| "local".to_string(), |a| a.ip().to_string())
+            };
             tx.prepare_cached(
                 "UPDATE connections SET transport = ?2, gated_by = 'server_hook', backend_pid = ?3,
-                     client_addr = CASE WHEN ?2 = 'unix' THEN 'local' ELSE client_addr END,
-                     client_port = CASE WHEN ?2 = 'unix' THEN 0 ELSE client_port END
+                     client_addr = ?4, client_port = ?5, server_addr = ?6, server_port = ?7
                  WHERE id = ?1",
             )?
-            .execute((rows.row, transport.as_str(), backend_pid))?;
+            .execute((
+                rows.row,
+                transport.as_str(),
+                backend_pid,
+                ip(client),
+                client.map_or(0, |a| a.port()),
+                ip(server),
+                server.map_or(0, |a| a.port()),
+            ))?;
         }
         WireEvent::Identified { conn, identity, at } => {
             let Some(rows) = connections.get(conn) else {

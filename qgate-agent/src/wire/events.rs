@@ -97,6 +97,10 @@ pub enum WireEvent {
         conn: ConnId,
         transport: Transport,
         backend_pid: u32,
+        /// The real addresses (the wire stage's are synthetic); `None` for
+        /// a Unix socket.
+        client: Option<SocketAddr>,
+        server: Option<SocketAddr>,
     },
     /// StartupMessage seen.
     Identified {

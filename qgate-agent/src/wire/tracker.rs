@@ -273,6 +273,14 @@ impl Tracker {
         messages
     }
 
+    /// Whether the connection turned out TLS or GSS-encrypted (unreadable).
+    pub fn is_encrypted(&self, conn: ConnId) -> bool {
+        self.flows
+            .get(&conn)
+            .and_then(|f| self.connections.get(f))
+            .is_some_and(|c| c.encrypted)
+    }
+
     /// The tracker's id for `flow`'s connection.
     pub fn connection_id(&self, flow: &Flow) -> Option<ConnId> {
         self.connections.get(flow).map(|c| c.id)
