@@ -78,6 +78,13 @@ fn quiet(cmd: &mut Command) {
     let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
+/// `QGATE_E2E_SERVER_HOOK=off` (set by `cargo xtask test` for its second
+/// pass over the gate tests) starts every agent with the server hook off, so
+/// the same tests prove the tc path.
+fn hook_off() -> Option<&'static str> {
+    (std::env::var("QGATE_E2E_SERVER_HOOK").as_deref() == Ok("off")).then_some("--no-server-hook")
+}
+
 /// Where `qgate-agent` was built: `QGATE_AGENT_BIN` (set by `cargo xtask
 /// test`), else next to this test binary's target directory.
 pub fn agent_bin() -> PathBuf {
@@ -319,6 +326,7 @@ impl Lab {
             .arg(self.pin_dir())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.api_port()))
+            .args(hook_off())
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -540,6 +548,20 @@ impl Lab {
     /// piped (read it with [`finish`]).
     pub fn psql_via_spawn(&self, via: Via, user: &str, db: &str, args: &[&str]) -> Result<Child> {
         spawn_piped(self.psql_command(via, user, db, args), "psql")
+    }
+
+    /// psql `via` a transport reading its statements from a pipe (for a
+    /// session that stays open while the test does other things).
+    pub fn psql_via_spawn_stdin(
+        &self,
+        via: Via,
+        user: &str,
+        db: &str,
+        args: &[&str],
+    ) -> Result<Child> {
+        let mut cmd = self.psql_command(via, user, db, args);
+        cmd.stdin(Stdio::piped());
+        spawn_piped(cmd, "psql")
     }
 
     /// psql `via` a transport, waited for.

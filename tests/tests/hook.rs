@@ -648,3 +648,78 @@ fn without_the_server_hook_tls_is_not_held_and_plaintext_is_held_on_the_wire() -
     deny_and_check(&lab, &token, id, psql, Via::Tcp, false)?;
     Ok(())
 }
+
+/// A psql session `via` a transport opened before the agent (its backend
+/// idles inside `secure_read` when the hook attaches), then the agent.
+fn session_before_the_agent(tag: &str, via: Via) -> Result<(Lab, Child, std::process::ChildStdin)> {
+    require_root();
+    let mut lab = Lab::new(tag)?;
+    lab.start_postgres_tls()?;
+    create_t(&lab, Via::Tcp)?;
+    let mut psql = lab.psql_via_spawn_stdin(via, "postgres", "postgres", &["-At"])?;
+    let mut stdin = psql.stdin.take().context("psql stdin")?;
+    writeln!(stdin, "SELECT 'before';")?;
+    thread::sleep(Duration::from_millis(500));
+    lab.start_agent(&[])?;
+    Ok((lab, psql, stdin))
+}
+
+fn terminations(lab: &Lab) -> Result<i64> {
+    Ok(lab.store()?.query_row(
+        "SELECT count(*) FROM audit WHERE kind = 'backend.terminated'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// The hook cannot see the read such a backend is already blocked in, and
+/// nothing else can read a Unix socket or TLS: the session is ended, audited,
+/// and what it sends next never runs.
+fn unseeable_session_before_the_agent_is_ended(tag: &str, via: Via) -> Result<()> {
+    let (lab, psql, mut stdin) = session_before_the_agent(tag, via)?;
+    // TLS is only known to be TLS once its next bytes reach the wire path.
+    let _ = writeln!(stdin, "DROP TABLE t;");
+    drop(stdin);
+    let (ok, out, err) = finish(psql, Duration::from_secs(10))?;
+    assert!(out.contains("before"), "the session worked before: {out}");
+    assert!(
+        !ok || err.contains("terminat"),
+        "the session was ended: {out} / {err}"
+    );
+    assert!(untouched(&lab, Via::Tcp)?, "the unseen DROP never runs");
+    lab.wait_for(
+        "the termination in the audit",
+        Duration::from_secs(5),
+        || Ok((terminations(&lab)? == 1).then_some(())),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_unix_socket_session_opened_before_the_agent_is_ended_and_audited() -> Result<()> {
+    unseeable_session_before_the_agent_is_ended("hunixold", Via::Unix)
+}
+
+#[test]
+fn a_tls_session_opened_before_the_agent_is_ended_and_audited() -> Result<()> {
+    unseeable_session_before_the_agent_is_ended("htlsold", Via::Tls)
+}
+
+#[test]
+fn a_plaintext_session_opened_before_the_agent_stays_gated_on_the_wire() -> Result<()> {
+    let (lab, psql, mut stdin) = session_before_the_agent("htcpold", Via::Tcp)?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    writeln!(stdin, "DROP TABLE t;")?;
+    writeln!(stdin, "SELECT 'after';")?;
+    let (request, id) = pending(&lab, &token)?;
+    assert_eq!(request["held_by"], "wire", "{request}");
+    assert!(untouched(&lab, Via::Tcp)?, "held, not run");
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    drop(stdin);
+    let (_, out, err) = finish(psql, Duration::from_secs(10))?;
+    assert!(err.contains("qgate"), "{err}");
+    assert!(out.contains("after"), "the session goes on: {out}");
+    assert!(untouched(&lab, Via::Tcp)?);
+    assert_eq!(terminations(&lab)?, 0, "nothing ended");
+    Ok(())
+}

@@ -12,6 +12,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
     ("iproute2", "/usr/sbin/ip"),
     ("sqlite3", "/usr/bin/sqlite3"),
+    // The e2e harness makes the TLS certificate of its PostgreSQL clusters.
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

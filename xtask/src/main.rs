@@ -90,7 +90,9 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Unit and corpus tests of every crate, then the end-to-end tests (root,
 /// network namespaces, real PostgreSQL) one at a time: each starts its own
-/// cluster and the 2-core machines are the limit.
+/// cluster and the 2-core machines are the limit. The gate tests run twice:
+/// with the server hook holding (the default) and with the hook off, where
+/// the tc programs hold on the wire.
 fn test(root: &Path, args: &[String]) -> Result<()> {
     cargo(root, &["build", "-p", "qgate-agent"])?;
     let mut unit = vec!["test", "--workspace", "--exclude", "qgate-e2e", "--"];
@@ -98,15 +100,34 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     cargo(root, &unit)?;
     let mut e2e = vec!["test", "-p", "qgate-e2e", "--", "--test-threads=1"];
     e2e.extend(args.iter().map(String::as_str));
-    cargo(root, &e2e)
+    cargo(root, &e2e)?;
+    let mut wire = vec![
+        "test",
+        "-p",
+        "qgate-e2e",
+        "--test",
+        "gate",
+        "--test",
+        "restart",
+        "--",
+        "--test-threads=1",
+    ];
+    wire.extend(args.iter().map(String::as_str));
+    println!("xtask: the gate and restart tests again, with the server hook off");
+    cargo_env(root, &wire, &[("QGATE_E2E_SERVER_HOOK", "off")])
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    cargo_env(root, args, &[])
+}
+
+fn cargo_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     println!("xtask: cargo {}", args.join(" "));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
         .current_dir(root)
         .env("QGATE_AGENT_BIN", root.join("target/debug/qgate-agent"))
+        .envs(env.iter().copied())
         .status()
         .context("running cargo")?;
     if !status.success() {

@@ -127,6 +127,17 @@ impl Gate {
         let Some(read) = self.stopped_reads.remove(&flow) else {
             return;
         };
+        if self.broken_reads.remove(&flow) {
+            // What the backend is about to parse was not decoded whole (lost
+            // bytes, or not the protocol): nothing judged may run. End it.
+            self.stopped.remove(&read.pid);
+            self.terminate_unseen(
+                read.pid,
+                "its statement could not be decoded whole (capture loss or malformed bytes)",
+            );
+            self.resume(read.pid);
+            return;
+        }
         for m in messages {
             let Some(sql) = m.sql else {
                 continue;

@@ -118,6 +118,8 @@ pub struct Gate {
     stopped: HashMap<u32, backend::StoppedBackend>,
     /// Server hook: stopped reads whose messages the wire stage is decoding.
     stopped_reads: HashMap<Flow, StoppedRead>,
+    /// Server hook: stopped reads the wire stage could not decode whole.
+    broken_reads: std::collections::HashSet<Flow>,
     /// Server hook: which stopped backend each request holds.
     backend_requests: HashMap<i64, u32>,
     /// Server hook: TCP sessions connected before their server became gated
@@ -181,6 +183,7 @@ impl Gate {
             hooked: HashMap::new(),
             stopped: HashMap::new(),
             stopped_reads: HashMap::new(),
+            broken_reads: std::collections::HashSet::new(),
             backend_requests: HashMap::new(),
             before_hook: HashMap::new(),
             stats: GateStats::default(),
@@ -430,6 +433,13 @@ impl Gate {
             WireEvent::Encrypted { conn, .. } => {
                 if let Some(flow) = tracker.flow(*conn) {
                     self.wire_encrypted(&flow);
+                }
+            }
+            WireEvent::Undecodable { conn, .. } | WireEvent::CaptureGap { conn, .. } => {
+                if let Some(flow) = tracker.flow(*conn) {
+                    if self.stopped_reads.contains_key(&flow) {
+                        self.broken_reads.insert(flow);
+                    }
                 }
             }
             WireEvent::ConnectionClosed { conn, .. } => {
