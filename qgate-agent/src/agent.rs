@@ -23,7 +23,7 @@ use crate::{
         kernel::{pin_dir, CaptureError, Captured, KernelCapture},
         Flow,
     },
-    config::{Config, FailMode, GateSetting},
+    config::{Config, FailMode, GateSetting, Unreadable},
     gate::{inject::Injector, kernel::GateMode, Gate},
     pipeline::Pipeline,
     policy::{self, Policy, PolicyHandle, Subject},
@@ -396,6 +396,7 @@ fn configure_kernel(
             config.gate.fail == FailMode::Open,
             Duration::from_millis(config.gate.fail_after_ms),
             enforcing && policy.current().refuses_some_connections(),
+            enforcing && config.gate.unreadable == Unreadable::Refuse,
         )
         .map_err(|e| AgentError::Gate(e.to_string()))?;
     Ok(default_mode)

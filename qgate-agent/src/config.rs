@@ -92,6 +92,22 @@ pub struct GateConfig {
     pub hold_timeout_s: u64,
     /// bpffs directory for pinned maps and links (a `v<N>` directory is made in it).
     pub pin_dir: PathBuf,
+    /// What happens to a session qgate cannot read (TLS or GSSAPI
+    /// encryption where only the wire path sees it).
+    #[serde(default)]
+    pub unreadable: Unreadable,
+}
+
+/// A session qgate cannot read: TLS or GSSAPI-encrypted TCP on a port the
+/// server hook does not read (the hook is off, or could not attach).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unreadable {
+    /// Refused at its first packet with an error naming qgate (audited).
+    #[default]
+    Refuse,
+    /// Let through unread; audited as unreadable.
+    Allow,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

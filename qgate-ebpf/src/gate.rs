@@ -231,6 +231,10 @@ fn startup(
     };
     let (len, code) = (u32::from_be(len), u32::from_be(code));
     if code == SSL_REQUEST || code == GSSENC_REQUEST {
+        if cfg.hold_encryption != 0 {
+            // The agent refuses what it will not be able to read.
+            return hold(state, seg.seq);
+        }
         state.next_msg_seq = state.next_msg_seq.wrapping_add(8);
         return Verdict::Pass;
     }

@@ -624,28 +624,75 @@ fn after_kill_9_a_restarted_agent_releases_the_held_tls_statement_once() -> Resu
 }
 
 #[test]
-fn without_the_server_hook_tls_is_not_held_and_plaintext_is_held_on_the_wire() -> Result<()> {
+fn without_the_server_hook_tls_is_refused_naming_qgate_and_plaintext_is_held_on_the_wire(
+) -> Result<()> {
     let (lab, token) = hook_lab("hnohook", &["--no-server-hook"])?;
-    // The tc program cannot read TLS: the DROP is never seen, so never held.
-    let psql = lab.psql_via_spawn(Via::Tls, "postgres", "postgres", &["-c", DROP])?;
-    let quiet_until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < quiet_until {
-        let list = lab.requests(&token, &["list"])?;
-        assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
-        thread::sleep(Duration::from_millis(200));
-    }
-    let (ok, _, err) = finish(psql, Duration::from_secs(5))?;
-    assert!(ok, "{err}");
-    assert!(!table_exists(&lab, Via::Tls)?, "the unseen DROP ran");
+    // The tc program cannot read TLS: under `unreadable = "refuse"` the
+    // session ends at its SSLRequest with an error naming qgate.
+    let out = lab.psql_via(Via::Tls, "postgres", "postgres", &["-c", DROP])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {err}");
+    // The server's side answers with a FATAL error naming qgate. libpq from
+    // 15.8 on no longer prints an error received during the SSL exchange (a
+    // security fix against forged errors) and says only that one came.
+    assert!(
+        err.contains("qgate: connection refused")
+            || err.contains("server sent an error response during SSL exchange"),
+        "{err}"
+    );
+    assert!(untouched(&lab, Via::Tcp)?, "nothing ran");
+    // What the client is sent, read raw: the ErrorResponse itself.
+    let mut raw = lab.connect_from_client(
+        SocketAddr::new(lab.server_ip.into(), PG_PORT),
+        Duration::from_secs(5),
+    )?;
+    raw.set_read_timeout(Some(Duration::from_secs(5)))?;
+    raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])?;
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.contains("FATAL") && reply.contains("qgate: connection refused"),
+        "{reply}"
+    );
+    let audited: i64 = lab.store()?.query_row(
+        "SELECT count(*) FROM audit WHERE kind = 'decision' AND details LIKE '%encrypted session%'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(audited, 2, "each refusal is audited");
 
-    // Over TLS again: the CREATE would be held on plaintext.
-    create_t(&lab, Via::Tls)?;
     let psql = lab.psql_via_spawn(Via::Tcp, "postgres", "postgres", &["-c", DROP])?;
     let (request, id) = pending(&lab, &token)?;
     assert_eq!(request["statement"], DROP, "{request}");
     assert_eq!(request["held_by"], "wire", "{request}");
     assert!(untouched(&lab, Via::Tcp)?, "DROP ran before a decision");
     deny_and_check(&lab, &token, id, psql, Via::Tcp, false)?;
+    Ok(())
+}
+
+#[test]
+fn without_the_server_hook_and_unreadable_allowed_tls_runs_unseen() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("hnoread")?;
+    lab.start_postgres_tls()?;
+    create_t(&lab, Via::Tcp)?;
+    let config = lab.config_with(&[("unreadable = \"refuse\"", "unreadable = \"allow\"")])?;
+    let config = config.to_str().context("config path")?.to_string();
+    lab.start_agent(&["--no-server-hook", "--config", &config])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    // What the DBA chose: the DROP is never seen, so never held.
+    lab.sql_via(Via::Tls, DROP)?;
+    assert!(!table_exists(&lab, Via::Tcp)?, "the unseen DROP ran");
+    let list = lab.requests(&token, &["list"])?;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    let encrypted: i64 = lab.store()?.query_row(
+        "SELECT count(*) FROM connections WHERE encrypted = 1",
+        [],
+        |r| r.get(0),
+    )?;
+    assert!(encrypted >= 1, "the unread session is on record");
     Ok(())
 }
 

@@ -104,6 +104,37 @@ impl Injector {
         Ok(())
     }
 
+    /// Ends a connection whose first request the kernel holds, answering
+    /// the client in the server's name (the server never saw the request):
+    /// `reply` (an ErrorResponse) with FIN from the server's side at
+    /// `server_seq`, acknowledging the client up to `client_next`, then an
+    /// RST to the server at `client_seq` so its backend goes away at once.
+    pub fn refuse(
+        &self,
+        flow: &Flow,
+        server_seq: u32,
+        client_seq: u32,
+        client_next: u32,
+        reply: &[u8],
+    ) -> Result<(), InjectError> {
+        let back = Flow {
+            client: flow.server,
+            server: flow.client,
+        };
+        let mut to_client =
+            TcpHeader::new(flow.server.port(), flow.client.port(), server_seq, 65535);
+        to_client.ack = true;
+        to_client.acknowledgment_number = client_next;
+        to_client.psh = true;
+        to_client.fin = true;
+        let packet = segment_packet(&back, to_client, reply)?;
+        self.send(&back, &packet, server_seq, reply.len())?;
+        let mut to_server = TcpHeader::new(flow.client.port(), flow.server.port(), client_seq, 0);
+        to_server.rst = true;
+        let packet = segment_packet(flow, to_server, &[])?;
+        self.send(flow, &packet, client_seq, 0)
+    }
+
     fn send(&self, flow: &Flow, packet: &[u8], seq: u32, len: usize) -> Result<(), InjectError> {
         let dst = flow.server;
         let rc = match dst.ip() {
@@ -185,6 +216,12 @@ pub fn build_packet(
     tcp.syn = false;
     tcp.rst = false;
     tcp.psh = true;
+    segment_packet(flow, tcp, payload)
+}
+
+/// An IP packet from `flow.client` to `flow.server` with `tcp` and
+/// `payload`, checksums computed.
+fn segment_packet(flow: &Flow, mut tcp: TcpHeader, payload: &[u8]) -> Result<Vec<u8>, InjectError> {
     let tcp_len = tcp.header_len() + payload.len();
     let mut packet = Vec::with_capacity(60 + tcp_len);
     match (flow.client.ip(), flow.server.ip()) {

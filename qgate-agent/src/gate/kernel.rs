@@ -87,6 +87,7 @@ impl KernelGate {
         fail_open: bool,
         fail_after: Duration,
         hold_startup: bool,
+        hold_encryption: bool,
     ) -> Result<(), GateMapError> {
         let cfg = GateConfig {
             heartbeat_ns: monotonic_ns(),
@@ -94,7 +95,8 @@ impl KernelGate {
             default_mode: default_mode.as_raw(),
             fail_open: fail_open as u8,
             hold_startup: hold_startup as u8,
-            _pad: [0; 5],
+            hold_encryption: hold_encryption as u8,
+            _pad: [0; 4],
         };
         self.config.set(0, cfg, 0).map_err(map_err("GATE_CONFIG"))
     }

@@ -557,6 +557,10 @@ impl Gate {
                         s.allow_front();
                     }
                 }
+                Verdict::Deny { id, .. } if front.info.carrier == SqlCarrier::EncryptionRequest => {
+                    self.refuse_unreadable(flow, tracker, &front, id);
+                    return;
+                }
                 Verdict::Deny { id, reason } => self.deny_front(flow, id, &reason),
                 Verdict::Wait(id) => {
                     if let Some(f) = self.streams.get_mut(flow).and_then(|s| s.front()) {
@@ -591,6 +595,16 @@ impl Gate {
     fn judge(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
         self.stats.decided += 1;
         let conn = self.conns.get(flow).cloned().unwrap_or_default();
+        if sql.info.carrier == SqlCarrier::EncryptionRequest {
+            // Held only under `gate.unreadable = "refuse"`.
+            self.stats.denied += 1;
+            let reason = "qgate cannot read an encrypted session on this port";
+            let id = self.audit_denial(flow, sql, reason);
+            return Verdict::Deny {
+                id,
+                reason: reason.into(),
+            };
+        }
         if sql.info.carrier == SqlCarrier::Startup {
             if !conn.refused {
                 return Verdict::Allow;
@@ -738,6 +752,44 @@ impl Gate {
         if let Err(e) = self.kernel.deny_range(flow, start, end) {
             warn!("recording the denied range: {e}");
         }
+    }
+
+    /// An SSLRequest or GSSENCRequest held under `gate.unreadable =
+    /// "refuse"`: the server never gets it; the client gets a FATAL error
+    /// naming qgate in the server's name, and the server an RST.
+    fn refuse_unreadable(
+        &mut self,
+        flow: &Flow,
+        tracker: &mut Tracker,
+        request: &PendingSql<SqlInfo>,
+        id: i64,
+    ) {
+        let message = format!(
+            "qgate: connection refused (decision {id}): an encrypted session (TLS or GSSAPI) \
+             cannot be read by qgate on this server; connect with sslmode=disable, or ask \
+             the DBA to enable qgate's server hook"
+        );
+        let refused = tracker
+            .server_seq_at(request.info.conn, 0)
+            .ok_or_else(|| "the server's sequence numbers were not seen".to_string())
+            .and_then(|server_seq| {
+                self.injector
+                    .refuse(
+                        flow,
+                        server_seq,
+                        request.start,
+                        request.end,
+                        &rewrite::fatal_error(&message),
+                    )
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = refused {
+            // The request stays dropped: the client times out instead.
+            warn!(?flow, "refusing an unreadable session: {e}");
+        }
+        self.streams.remove(flow);
+        self.last_copy.remove(flow);
+        tracker.watch(flow, false);
     }
 
     /// Re-injects what is decided and tells the program where things stand.

@@ -41,6 +41,9 @@ pub enum SqlCarrier {
     FunctionCall,
     /// The StartupMessage: the identity the policy judges.
     Startup,
+    /// SSLRequest or GSSENCRequest: what follows is encrypted, unreadable
+    /// on the wire.
+    EncryptionRequest,
 }
 
 /// One message of a watched connection's client → server stream (see
@@ -180,6 +183,12 @@ impl Tracker {
         self.backends
             .get(&backend_pid)
             .is_some_and(|b| *b.secret_key == *secret_key)
+    }
+
+    /// TCP sequence number of a server → client stream offset.
+    pub fn server_seq_at(&self, conn: ConnId, offset: u64) -> Option<u32> {
+        let flow = self.flows.get(&conn)?;
+        self.connections.get(flow)?.server.seq_at(offset)
     }
 
     /// TCP sequence number of a client → server stream offset.
@@ -544,6 +553,17 @@ fn log_entry(conn: ConnId, offset: u64, len: u64, message: &FrontendMessage<'_>)
         FrontendMessage::FunctionCall { function_oid } => Some(LoggedSql {
             carrier: SqlCarrier::FunctionCall,
             text: format!("-- FunctionCall of function OID {function_oid}"),
+            text_offset: offset,
+            text_len: 0,
+            statement: String::new(),
+        }),
+        FrontendMessage::SslRequest | FrontendMessage::GssEncRequest => Some(LoggedSql {
+            carrier: SqlCarrier::EncryptionRequest,
+            text: if *message == FrontendMessage::SslRequest {
+                "-- SSLRequest: TLS".into()
+            } else {
+                "-- GSSENCRequest: GSSAPI encryption".into()
+            },
             text_offset: offset,
             text_len: 0,
             statement: String::new(),
