@@ -19,7 +19,7 @@ use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
     capture::{
         backend::{BackendStep, BackendStreams, PortInfo},
-        hook::{existing_backends, Postmaster},
+        hook::{existing_backends, postmaster_of, HookKind, Postmaster},
         kernel::{pin_dir, CaptureError, Captured, KernelCapture},
         Flow,
     },
@@ -149,7 +149,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         enforcing,
     );
     for pm in servers_before_gate {
-        take_over_sessions(&mut gate, &pm);
+        take_over_sessions(&mut gate, &pm, |_| false);
     }
     let recovered = gate.recover();
     if recovered > 0 {
@@ -167,6 +167,9 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut policy_generation = policy.generation();
     let mut last_beat = Instant::now();
     let mut last_scan = Instant::now();
+    // Backends of servers this agent does not gate, met before it knew.
+    let mut disowned = std::collections::HashSet::new();
+    let mut rescan_now = false;
     let mut last_lost = 0;
     let mut last_failed_open = 0;
     let mut last_dropped = 0;
@@ -180,6 +183,26 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
             Captured::Hook(record) => {
                 let (pid, stopped) = (record.pid, record.stopped);
+                if disowned.contains(&pid) {
+                    // Not one of ours: records already on their way.
+                    if stopped {
+                        gate.disown_backend(pid, true);
+                    }
+                    if record.kind == HookKind::Exited {
+                        disowned.remove(&pid);
+                    }
+                    return;
+                }
+                if record.candidate {
+                    if postmaster_of(pid, &config.capture.ports).is_some() {
+                        // A server started since the last look: register it now.
+                        rescan_now = true;
+                    } else {
+                        disowned.insert(pid);
+                        gate.disown_backend(pid, stopped);
+                        return;
+                    }
+                }
                 let steps = backends.steps(record, read_backend_port);
                 if followed_on_the_wire(&steps, pipeline.tracker()) {
                     backends.disown(pid);
@@ -192,15 +215,17 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
         })?;
         if config.server_hook.enabled
-            && last_scan.elapsed() >= Duration::from_millis(config.server_hook.rescan_ms)
+            && (rescan_now
+                || last_scan.elapsed() >= Duration::from_millis(config.server_hook.rescan_ms))
         {
             last_scan = Instant::now();
+            rescan_now = false;
             let fresh = capture.discover_servers(&config.capture.ports);
             if !fresh.is_empty() {
                 gate.kernel().forget_ignored_backends();
             }
             for pm in fresh {
-                take_over_sessions(&mut gate, &pm);
+                take_over_sessions(&mut gate, &pm, |pid| backends.flow_of(pid).is_some());
             }
         }
         loop {
@@ -342,11 +367,14 @@ fn followed_on_the_wire(steps: &[BackendStep], tracker: &Tracker) -> bool {
     })
 }
 
-/// A server just became gated: its sessions from before are either left to
-/// the wire path or ended (see `Gate::session_before_hook`).
-fn take_over_sessions(gate: &mut Gate, pm: &Postmaster) {
+/// A server just became gated: its sessions from before (but those the
+/// hook already `follows` from their start) are either left to the wire
+/// path or ended (see `Gate::session_before_hook`).
+fn take_over_sessions(gate: &mut Gate, pm: &Postmaster, follows: impl Fn(u32) -> bool) {
     for (pid, socket) in existing_backends(pm.pid) {
-        gate.session_before_hook(pid, socket);
+        if !follows(pid) {
+            gate.session_before_hook(pid, socket);
+        }
     }
 }
 

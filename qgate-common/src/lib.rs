@@ -245,6 +245,9 @@ pub mod hook {
     pub const TRUNCATED: u8 = 1 << 1;
     /// The backend was first seen after its start (the agent was not running).
     pub const MID_STREAM: u8 = 1 << 2;
+    /// `OPENED` of a process no gated postmaster is known to have forked:
+    /// followed until the agent says whether its server is one it gates.
+    pub const CANDIDATE: u8 = 1 << 3;
 
     /// `struct Port` up to the end of `raddr` (sock, noblock, proto,
     /// laddr, raddr: 4 + 4 + 8 + 136 + 136, the same in PostgreSQL 12–17).

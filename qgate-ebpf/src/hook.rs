@@ -245,35 +245,42 @@ fn first_sight(tgid: u32, args: &CallArgs, n: u32) -> Option<(*mut BackendState,
             break;
         }
     }
-    if !managed {
-        let ignored = BackendState {
-            phase: hook::IGNORED,
-            ..BackendState::default()
-        };
-        let _ = BACKENDS.insert(&tgid, &ignored, 0);
-        return None;
-    }
     let cfg = gate::config();
+    let mut flags = 0;
+    if !managed {
+        if gate::agent_gone(&cfg) {
+            let ignored = BackendState {
+                phase: hook::IGNORED,
+                ..BackendState::default()
+            };
+            let _ = BACKENDS.insert(&tgid, &ignored, 0);
+            return None;
+        }
+        // Perhaps a server started since the agent last looked: follow it
+        // as one of ours until the agent says otherwise.
+        flags = hook::CANDIDATE;
+    }
     let mut state = BackendState {
         mode: cfg.default_mode,
         phase: hook::STARTUP,
         ..BackendState::default()
     };
-    let mut flags = 0;
     if !starts_like_startup(args.buf, n) {
         // Connected before the agent: assume this read starts a message
         // (the backend was idle between messages) and have the agent check.
         state.phase = hook::READY;
-        flags = hook::MID_STREAM;
+        flags |= hook::MID_STREAM;
     }
     BACKENDS.insert(&tgid, &state, 0).ok()?;
+    let flags_opened = flags;
+    let flags = flags & hook::MID_STREAM;
     emit(
         hook::OPENED,
         tgid,
         args.port,
         args.port,
         hook::PORT_PREFIX as u32,
-        flags,
+        flags_opened,
     );
     Some((BACKENDS.get_ptr_mut(&tgid)?, flags))
 }

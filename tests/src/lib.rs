@@ -304,6 +304,20 @@ impl Lab {
         Ok(())
     }
 
+    /// `pg_ctl restart -m fast`: a new postmaster (new pid) with the same
+    /// options.
+    pub fn restart_postgres(&self) -> Result<()> {
+        run(self
+            .in_server("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(self.pg_data())
+            .args(["-m", "fast", "-w", "restart", "-l"])
+            .arg(self.dir.join("postgres.log")))?;
+        Ok(())
+    }
+
     /// Starts `qgate-agent run` in the server namespace, attached to the
     /// server's veth, and waits until it has attached.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {

@@ -770,3 +770,17 @@ fn a_plaintext_session_opened_before_the_agent_stays_gated_on_the_wire() -> Resu
     assert_eq!(terminations(&lab)?, 0, "nothing ended");
     Ok(())
 }
+
+#[test]
+fn a_server_restarted_under_the_agent_is_gated_from_its_first_session() -> Result<()> {
+    let (lab, token) = hook_lab("hrestart", &[])?;
+    lab.restart_postgres()?;
+    // At once, before the agent's periodic look for servers.
+    let psql = lab.psql_via_spawn(Via::Unix, "postgres", "postgres", &["-c", DROP])?;
+    let (request, id) = pending(&lab, &token)?;
+    assert_eq!(request["held_by"], "server_hook", "{request}");
+    assert!(untouched(&lab, Via::Tcp)?, "held, not run");
+    deny_and_check(&lab, &token, id, psql, Via::Unix, false)?;
+    assert_eq!(terminations(&lab)?, 0, "nothing ended");
+    Ok(())
+}

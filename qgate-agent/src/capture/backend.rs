@@ -373,6 +373,7 @@ mod tests {
             stopped,
             truncated: false,
             mid_stream: false,
+            candidate: false,
         }
     }
 

@@ -54,6 +54,9 @@ pub struct HookRecord {
     pub stopped: bool,
     pub truncated: bool,
     pub mid_stream: bool,
+    /// First sight of a process whose postmaster the programs do not know
+    /// (yet): the agent decides whether it is one of its servers'.
+    pub candidate: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +153,20 @@ impl ServerHook {
     /// "not ours" earlier must then be forgotten:
     /// `KernelGate::forget_ignored_backends`).
     pub fn discover(&mut self, ebpf: &mut Ebpf, ports: &[u16]) -> Vec<Postmaster> {
+        let before = self.servers.len();
+        self.servers
+            .retain(|s| std::path::Path::new(&format!("/proc/{}", s.pid)).exists());
+        if self.servers.len() != before {
+            // A postmaster stopped: its slot goes to the next one.
+            for (i, s) in self.servers.iter().enumerate() {
+                if let Ok(slot) = managed_slot(s) {
+                    let _ = self.managed.set(i as u32, slot, 0);
+                }
+            }
+            for i in self.servers.len()..MAX_MANAGED_SERVERS {
+                let _ = self.managed.set(i as u32, ManagedServer::default(), 0);
+            }
+        }
         let mut fresh = Vec::new();
         for pm in find_postmasters(ports) {
             if self.servers.iter().any(|s| s.pid == pm.pid) {
@@ -335,6 +352,7 @@ fn assemble(
         stopped: h.flags & hook::STOPPED != 0,
         truncated: marker || h.chunk_offset != 0,
         mid_stream: h.flags & hook::MID_STREAM != 0,
+        candidate: h.flags & hook::CANDIDATE != 0,
     };
     if record.truncated {
         sink(record);
@@ -350,9 +368,6 @@ fn assemble(
 
 /// Postmasters in this network namespace listening on one of `ports`.
 pub fn find_postmasters(ports: &[u16]) -> Vec<Postmaster> {
-    let Ok(own_ns) = std::fs::metadata("/proc/self/ns/net") else {
-        return Vec::new();
-    };
     let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
@@ -363,44 +378,61 @@ pub fn find_postmasters(ports: &[u16]) -> Vec<Postmaster> {
             comms.insert(p.pid, (stat.ppid, stat.comm));
         }
     }
-    let mut found = Vec::new();
-    for p in &procs {
-        let Some((ppid, comm)) = comms.get(&p.pid) else {
-            continue;
-        };
-        // A postmaster is a `postgres` process whose parent is not one.
-        if comm != "postgres" || comms.get(ppid).is_some_and(|(_, c)| c == "postgres") {
-            continue;
-        }
-        let same_ns = std::fs::metadata(format!("/proc/{}/ns/net", p.pid))
-            .is_ok_and(|m| m.ino() == own_ns.ino() && m.dev() == own_ns.dev());
-        if !same_ns {
-            continue;
-        }
-        let (Ok(binary), Ok(cwd)) = (p.exe(), p.cwd()) else {
-            continue;
-        };
-        let Some(port) = postmaster_port(&cwd) else {
-            continue;
-        };
-        if ports.contains(&port) {
-            found.push(Postmaster {
-                pid: p.pid as u32,
-                port,
-                binary: PathBuf::from(format!("/proc/{}/exe", p.pid))
-                    .canonicalize()
-                    .unwrap_or(binary),
-                data_dir: cwd,
-            });
-        }
+    procs
+        .iter()
+        .filter(|p| {
+            // A postmaster is a `postgres` process whose parent is not one.
+            comms.get(&p.pid).is_some_and(|(ppid, comm)| {
+                comm == "postgres" && !comms.get(ppid).is_some_and(|(_, c)| c == "postgres")
+            })
+        })
+        .filter_map(|p| gated_postmaster(p, ports))
+        .collect()
+}
+
+/// The postmaster that forked `backend`, when it is one this agent gates:
+/// for a backend the programs met before the agent knew its server (a
+/// server started since the last look).
+pub fn postmaster_of(backend: u32, ports: &[u16]) -> Option<Postmaster> {
+    let stat = procfs::process::Process::new(backend as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    let parent = procfs::process::Process::new(stat.ppid).ok()?;
+    (parent.stat().ok()?.comm == "postgres")
+        .then(|| gated_postmaster(&parent, ports))
+        .flatten()
+}
+
+/// `p` as a gated postmaster: in this network namespace, on one of `ports`.
+fn gated_postmaster(p: &procfs::process::Process, ports: &[u16]) -> Option<Postmaster> {
+    let own_ns = std::fs::metadata("/proc/self/ns/net").ok()?;
+    let ns = std::fs::metadata(format!("/proc/{}/ns/net", p.pid)).ok()?;
+    if ns.ino() != own_ns.ino() || ns.dev() != own_ns.dev() {
+        return None;
     }
-    found
+    let (binary, cwd) = (p.exe().ok()?, p.cwd().ok()?);
+    let port = postmaster_port(&cwd)?;
+    ports.contains(&port).then(|| Postmaster {
+        pid: p.pid as u32,
+        port,
+        binary,
+        data_dir: cwd,
+    })
 }
 
 /// Line 4 of `postmaster.pid` in the data directory (the postmaster's cwd).
 fn postmaster_port(data_dir: &Path) -> Option<u16> {
     let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
     text.lines().nth(3)?.trim().parse().ok()
+}
+
+fn managed_slot(pm: &Postmaster) -> Result<ManagedServer, String> {
+    Ok(ManagedServer {
+        pid_addr: postmaster_pid_address(pm)?,
+        postmaster_pid: pm.pid,
+        _pad: 0,
+    })
 }
 
 /// Where `PostmasterPid` lives in the postmaster (and so in every backend
