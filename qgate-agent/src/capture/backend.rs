@@ -411,16 +411,20 @@ mod tests {
             .is_empty());
         streams.steps(record(HookKind::Tls, &[], false), |_, _| None);
         let steps = streams.steps(record(HookKind::Read, b"startup", true), |_, _| None);
-        let flow = streams.flow_of(4242).expect("followed");
-        assert_eq!(flow.client, "10.0.0.2:40000".parse().unwrap());
-        assert_eq!(flow.server, "10.0.0.1:5432".parse().unwrap());
-        assert!(matches!(
-            &steps[2],
+        assert_eq!(streams.flow_of(4242), Some(local_flow(4242)));
+        match &steps[2] {
             BackendStep::Hooked {
-                transport: Transport::Tls,
+                transport,
+                client,
+                server,
                 ..
+            } => {
+                assert_eq!(*transport, Transport::Tls);
+                assert_eq!(*client, Some("10.0.0.2:40000".parse().unwrap()));
+                assert_eq!(*server, Some("10.0.0.1:5432".parse().unwrap()));
             }
-        ));
+            other => panic!("expected the session's announcement, got {other:?}"),
+        }
         match &steps[3] {
             BackendStep::Stopped(s) => {
                 assert_eq!((s.start, s.end, s.socket_fd), (0, 7, Some(11)));
