@@ -385,6 +385,17 @@ fn write_request(out: &mut dyn Write, r: &Value) -> std::io::Result<()> {
         str_of(&r["transaction_state"])
     )?;
     writeln!(out, "est. rows    {}", str_of(&r["estimated_rows"]))?;
+    if r["held_by"] == "server_hook" {
+        writeln!(
+            out,
+            "held by      server hook: backend {} is stopped before parsing the statement; \
+             it keeps the locks of its open transaction, and an \
+             idle_in_transaction_session_timeout shorter than the wait ends the session",
+            str_of(&r["backend_pid"])
+        )?;
+    } else {
+        writeln!(out, "held by      wire (the statement's segment is held)")?;
+    }
     writeln!(out, "created      {}", str_of(&r["created_at"]))?;
     writeln!(out, "expires      {}", str_of(&r["expires_at"]))?;
     writeln!(out, "reason       {}", str_of(&r["justification"]))?;
