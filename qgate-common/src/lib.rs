@@ -30,6 +30,10 @@ pub mod maps {
     pub const HOOK_EVENTS: &str = "HOOK_EVENTS";
     /// `LruHashMap<u32 (tgid), BackendState>`: per PostgreSQL backend.
     pub const BACKENDS: &str = "BACKENDS";
+    /// `LruHashMap<u32 (tgid), u8>`: a backend's gating mode, written by the
+    /// agent only (the program's own `BackendState` is never written back
+    /// while the backend runs: that would race with its walk).
+    pub const BACKEND_MODES: &str = "BACKEND_MODES";
     /// `Array<ManagedServer>` of [`super::MAX_MANAGED_SERVERS`]: the postmasters gated.
     pub const MANAGED_SERVERS: &str = "MANAGED_SERVERS";
 }
@@ -289,7 +293,8 @@ pub struct BackendState {
     pub hdr_have: u8,
     /// Type byte of the current message (0 in the startup phase).
     pub msg_type: u8,
-    /// [`mode`] value.
+    /// [`mode`] value until the agent judged the identity (see
+    /// `maps::BACKEND_MODES`).
     pub mode: u8,
     /// [`hook`] phase.
     pub phase: u8,

@@ -38,6 +38,9 @@ static HOOK_EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 #[map(name = "BACKENDS")]
 static BACKENDS: LruHashMap<u32, BackendState> = LruHashMap::with_max_entries(16384, 0);
 
+#[map(name = "BACKEND_MODES")]
+static BACKEND_MODES: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
 #[map(name = "MANAGED_SERVERS")]
 static MANAGED_SERVERS: Array<ManagedServer> =
     Array::with_max_entries(MAX_MANAGED_SERVERS as u32, 0);
@@ -156,7 +159,13 @@ pub fn on_read(ret: i64) {
     }
     count(|c| c.hook_events += 1);
     let cfg = gate::config();
-    let mut stop = walk(state, args.buf, n, cfg.hold_startup != 0) || flags & hook::MID_STREAM != 0;
+    // SAFETY: read-only lookup of a plain byte.
+    if let Some(m) = unsafe { BACKEND_MODES.get(&tgid) } {
+        state.mode = *m;
+    }
+    let mut stop = walk(state, args.buf, n, cfg.hold_startup != 0)
+        || flags & hook::MID_STREAM != 0
+        || state.mode == mode::DENY;
     if state.mode == mode::MONITOR {
         stop = false;
     }
@@ -220,6 +229,7 @@ pub fn on_exit() {
         return;
     };
     let _ = BACKENDS.remove(&tgid);
+    let _ = BACKEND_MODES.remove(&tgid);
     if state.phase != hook::IGNORED {
         emit(hook::EXIT, tgid, 0, 0, 0, 0);
     }
@@ -308,7 +318,7 @@ fn starts_like_startup(buf: u64, n: u32) -> bool {
 /// backend must wait for the agent.
 #[inline(always)]
 fn walk(state: &mut BackendState, buf: u64, n: u32, hold_startup: bool) -> bool {
-    if state.phase == hook::LOST || state.mode == mode::DENY {
+    if state.phase == hook::LOST {
         return true;
     }
     let Some(w) = HOOK_WALK.get_ptr_mut(0) else {

@@ -127,6 +127,7 @@ impl KernelCapture {
         let counters_pin = pins.join(maps::COUNTERS);
         let hook_events_pin = pins.join(maps::HOOK_EVENTS);
         let backends_pin = pins.join(maps::BACKENDS);
+        let modes_pin = pins.join(maps::BACKEND_MODES);
         let managed_pin = pins.join(maps::MANAGED_SERVERS);
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(maps::FLOWS, flows_pin.as_path())
@@ -137,6 +138,7 @@ impl KernelCapture {
             // the next agent reads their maps and ring where they write.
             .map_pin_path(maps::HOOK_EVENTS, hook_events_pin.as_path())
             .map_pin_path(maps::BACKENDS, backends_pin.as_path())
+            .map_pin_path(maps::BACKEND_MODES, modes_pin.as_path())
             .map_pin_path(maps::MANAGED_SERVERS, managed_pin.as_path())
             .load(PROGRAM_OBJECT)?;
         {
@@ -320,7 +322,16 @@ impl KernelCapture {
             name: maps::BACKENDS,
             source,
         })?;
-        Ok(KernelGate::new(flows, config, backends))
+        let backend_modes = HashMap::try_from(
+            self.ebpf
+                .take_map(maps::BACKEND_MODES)
+                .ok_or(CaptureError::MissingMap(maps::BACKEND_MODES))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: maps::BACKEND_MODES,
+            source,
+        })?;
+        Ok(KernelGate::new(flows, config, backends, backend_modes))
     }
 
     /// Removes every pin: the links detach when this process lets go of

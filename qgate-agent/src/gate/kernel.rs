@@ -65,6 +65,7 @@ pub struct KernelGate {
     flows: HashMap<MapData, FlowKey, FlowState>,
     config: Array<MapData, GateConfig>,
     backends: HashMap<MapData, u32, BackendState>,
+    backend_modes: HashMap<MapData, u32, u8>,
 }
 
 impl KernelGate {
@@ -72,11 +73,13 @@ impl KernelGate {
         flows: HashMap<MapData, FlowKey, FlowState>,
         config: Array<MapData, GateConfig>,
         backends: HashMap<MapData, u32, BackendState>,
+        backend_modes: HashMap<MapData, u32, u8>,
     ) -> Self {
         Self {
             flows,
             config,
             backends,
+            backend_modes,
         }
     }
 
@@ -161,17 +164,14 @@ impl KernelGate {
 
     /// Sets a hooked backend's mode once its identity is judged.
     pub fn set_backend_mode(&mut self, pid: u32, mode: GateMode) -> Result<(), GateMapError> {
-        let Ok(mut state) = self.backends.get(&pid, 0) else {
-            return Ok(());
-        };
-        state.mode = mode.as_raw();
-        self.backends
-            .insert(pid, state, 0)
-            .map_err(map_err("BACKENDS"))
+        self.backend_modes
+            .insert(pid, mode.as_raw(), 0)
+            .map_err(map_err("BACKEND_MODES"))
     }
 
     /// Clears the program's "stopped" mark just before the agent resumes
-    /// the backend (a restarted agent takes over the marked ones).
+    /// the backend (a restarted agent takes over the marked ones). Only
+    /// while the backend is stopped: it cannot race the program's walk.
     pub fn backend_resumed(&mut self, pid: u32) {
         if let Ok(mut state) = self.backends.get(&pid, 0) {
             state.stopped = 0;
