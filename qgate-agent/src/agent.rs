@@ -256,6 +256,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             if let Err(e) = gate.kernel().heartbeat() {
                 warn!("heartbeat: {e}");
             }
+            gate.reap_orphan_stops();
             let counters = capture.counters();
             if counters.failed_open > last_failed_open {
                 // The kernel passed gated traffic while no agent was there.

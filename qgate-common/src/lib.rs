@@ -302,6 +302,10 @@ pub struct BackendState {
     /// 1 while the kernel stopped it and the agent has not resumed it.
     pub stopped: u8,
     pub _pad: [u8; 7],
+    /// Bytes read and written since the program first saw the backend: the
+    /// position of each record, so a lost record is a gap, never a splice.
+    pub read_bytes: u64,
+    pub written_bytes: u64,
 }
 
 /// Header of one hook ring-buffer record; `chunk_len` bytes follow.
@@ -314,6 +318,8 @@ pub struct HookEvent {
     pub addr: u64,
     /// User address of the backend's `Port` (a restarted agent reads it).
     pub port: u64,
+    /// Position of the first byte in the backend's read (or write) stream.
+    pub stream_offset: u64,
     pub tgid: u32,
     /// Bytes of the whole read or write.
     pub len: u32,

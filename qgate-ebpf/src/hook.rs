@@ -177,7 +177,9 @@ pub fn on_read(ret: i64) {
         state.stopped = 1;
         flags |= hook::STOPPED;
     }
-    emit(hook::READ, tgid, args.buf, args.port, n, flags);
+    let offset = state.read_bytes;
+    state.read_bytes += n as u64;
+    emit(hook::READ, tgid, args.buf, args.port, offset, n, flags);
     if stop {
         count(|c| c.hook_stops += 1);
         // SAFETY: signals the current task, a user process.
@@ -195,13 +197,26 @@ pub fn on_write(ret: i64) {
     if ret <= 0 || ret > u32::MAX as i64 {
         return;
     }
-    // SAFETY: read-only lookup of plain data.
-    match unsafe { BACKENDS.get(&tgid) } {
-        Some(state) if state.phase != hook::IGNORED => {}
-        _ => return,
+    let Some(state) = BACKENDS.get_ptr_mut(&tgid) else {
+        return;
+    };
+    // SAFETY: map value; only this backend's own thread writes it here.
+    let state = unsafe { &mut *state };
+    if state.phase == hook::IGNORED {
+        return;
     }
     count(|c| c.hook_events += 1);
-    emit(hook::WRITE, tgid, args.buf, args.port, ret as u32, 0);
+    let offset = state.written_bytes;
+    state.written_bytes += ret as u64;
+    emit(
+        hook::WRITE,
+        tgid,
+        args.buf,
+        args.port,
+        offset,
+        ret as u32,
+        0,
+    );
 }
 
 /// `secure_open_server` / `secure_open_gssapi`: the session is encrypted
@@ -212,7 +227,7 @@ pub fn on_encryption(kind: u8) {
     // SAFETY: read-only lookup of plain data.
     if let Some(state) = unsafe { BACKENDS.get(&tgid) } {
         if state.phase != hook::IGNORED {
-            emit(kind, tgid, 0, 0, 0, 0);
+            emit(kind, tgid, 0, 0, 0, 0, 0);
         }
     }
 }
@@ -231,7 +246,7 @@ pub fn on_exit() {
     let _ = BACKENDS.remove(&tgid);
     let _ = BACKEND_MODES.remove(&tgid);
     if state.phase != hook::IGNORED {
-        emit(hook::EXIT, tgid, 0, 0, 0, 0);
+        emit(hook::EXIT, tgid, 0, 0, 0, 0, 0);
     }
 }
 
@@ -289,6 +304,7 @@ fn first_sight(tgid: u32, args: &CallArgs, n: u32) -> Option<(*mut BackendState,
         tgid,
         args.port,
         args.port,
+        0,
         hook::PORT_PREFIX as u32,
         flags_opened,
     );
@@ -513,7 +529,7 @@ fn message_complete(w: &mut HookWalk) {
 
 /// Sends `len` bytes at user address `addr` as records of `kind`.
 #[inline(always)]
-fn emit(kind: u8, tgid: u32, addr: u64, port: u64, len: u32, flags: u8) {
+fn emit(kind: u8, tgid: u32, addr: u64, port: u64, stream_offset: u64, len: u32, flags: u8) {
     let Some(e) = HOOK_EMIT.get_ptr_mut(0) else {
         count(|c| c.hook_lost += 1);
         return;
@@ -524,6 +540,7 @@ fn emit(kind: u8, tgid: u32, addr: u64, port: u64, len: u32, flags: u8) {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         addr,
         port,
+        stream_offset,
         tgid,
         len,
         chunk_offset: 0,

@@ -124,8 +124,12 @@ struct BackendStream {
     /// The SYN went to the wire stage.
     opened: bool,
     mid_stream: bool,
+    /// Next wire-stage offset of each direction.
     client_offset: u64,
     server_offset: u64,
+    /// Read-stream bytes not given to the wire stage (SSLRequest,
+    /// GSSENCRequest): the program's positions run ahead by this much.
+    skipped: u64,
 }
 
 /// Every hooked backend's synthetic connection.
@@ -218,6 +222,7 @@ impl BackendStreams {
                 let opening = !s.opened;
                 if opening {
                     if to_server && !s.mid_stream && is_negotiation(&r.bytes) {
+                        s.skipped = r.stream_offset + r.bytes.len() as u64;
                         if r.stopped {
                             steps.push(BackendStep::Stopped(stopped(r.pid, s, r.addr, 0)));
                         }
@@ -226,6 +231,18 @@ impl BackendStreams {
                     open(r.pid, s, at, &mut steps);
                 }
                 let announce_after = opening && s.mid_stream;
+                // Where the program says these bytes are: a record lost in
+                // between shows as a gap in the wire stage, never a splice.
+                let at_offset = if to_server {
+                    r.stream_offset.saturating_sub(s.skipped)
+                } else {
+                    r.stream_offset
+                };
+                if to_server {
+                    s.client_offset = at_offset;
+                } else {
+                    s.server_offset = at_offset;
+                }
                 if to_server && r.stopped {
                     let len = r.bytes.len() as u64;
                     steps.push(BackendStep::Stopped(stopped(r.pid, s, r.addr, len)));
@@ -296,6 +313,7 @@ fn new_stream(pid: u32, port: Option<PortInfo>, mid_stream: bool) -> BackendStre
         mid_stream,
         client_offset: 0,
         server_offset: 0,
+        skipped: 0,
     }
 }
 
@@ -363,12 +381,17 @@ mod tests {
     use super::*;
 
     fn record(kind: HookKind, bytes: &[u8], stopped: bool) -> HookRecord {
+        at(kind, bytes, stopped, 0)
+    }
+
+    fn at(kind: HookKind, bytes: &[u8], stopped: bool, stream_offset: u64) -> HookRecord {
         HookRecord {
             ts_ns: 1,
             pid: 4242,
             kind,
             addr: 0x1000,
             port: 0x2000,
+            stream_offset,
             bytes: bytes.to_vec(),
             stopped,
             truncated: false,
@@ -410,7 +433,7 @@ mod tests {
             .steps(record(HookKind::Read, &ssl, false), |_, _| None)
             .is_empty());
         streams.steps(record(HookKind::Tls, &[], false), |_, _| None);
-        let steps = streams.steps(record(HookKind::Read, b"startup", true), |_, _| None);
+        let steps = streams.steps(at(HookKind::Read, b"startup", true, 8), |_, _| None);
         assert_eq!(streams.flow_of(4242), Some(local_flow(4242)));
         match &steps[2] {
             BackendStep::Hooked {
@@ -451,13 +474,24 @@ mod tests {
         ));
         let flow = streams.flow_of(4242).expect("followed");
         assert_eq!(flow, local_flow(4242));
-        let steps = streams.steps(record(HookKind::Read, b"defg", false), |_, _| None);
+        let steps = streams.steps(at(HookKind::Read, b"defg", false, 3), |_, _| None);
         match &steps[0] {
             BackendStep::Segment(seg) => assert_eq!(seg.seq, 4),
             other => panic!("{other:?}"),
         }
+        // A record the ring lost (bytes 7..10): the next one lands where the
+        // program says, so the wire stage sees a gap, not a splice.
+        let steps = streams.steps(at(HookKind::Read, b"hij", false, 10), |_, _| None);
+        match &steps[0] {
+            BackendStep::Segment(seg) => assert_eq!(seg.seq, 11),
+            other => panic!("{other:?}"),
+        }
         let steps = streams.steps(record(HookKind::Exited, &[], false), |_, _| None);
         assert_eq!(steps.len(), 3);
+        match &steps[0] {
+            BackendStep::Segment(seg) => assert!(seg.is_fin() && seg.seq == 14),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             steps[2],
             BackendStep::Exited {

@@ -50,6 +50,8 @@ pub struct HookRecord {
     pub addr: u64,
     /// User address of the backend's `Port`.
     pub port: u64,
+    /// Position of `bytes` in the backend's read (or write) stream.
+    pub stream_offset: u64,
     pub bytes: Vec<u8>,
     pub stopped: bool,
     pub truncated: bool,
@@ -348,6 +350,7 @@ fn assemble(
         kind,
         addr: h.addr,
         port: h.port,
+        stream_offset: h.stream_offset,
         bytes: Vec::with_capacity(h.len as usize),
         stopped: h.flags & hook::STOPPED != 0,
         truncated: marker || h.chunk_offset != 0,

@@ -101,6 +101,12 @@ pub(super) struct StoppedBackend {
     withdrawing: bool,
 }
 
+impl StoppedBackend {
+    pub(super) fn waiting_requests(&self) -> Vec<i64> {
+        self.waiting.iter().map(|w| w.request).collect()
+    }
+}
+
 /// SIGINT and SIGTERM bits of a `/proc/PID/status` signal mask.
 const CANCEL_SIGNALS: u64 = (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
 
@@ -364,6 +370,33 @@ impl Gate {
         if stopped {
             self.resume(pid);
         }
+    }
+
+    /// Backends the program stopped whose record never reached the agent
+    /// (the ring was full): twice in a row unknown, they are ended rather
+    /// than left stopped forever (their statement was never seen).
+    pub fn reap_orphan_stops(&mut self) {
+        let known: std::collections::HashSet<u32> = self
+            .stopped
+            .keys()
+            .copied()
+            .chain(self.stopped_reads.values().map(|r| r.pid))
+            .collect();
+        let unknown: std::collections::HashSet<u32> = self
+            .kernel
+            .stopped_backends()
+            .into_iter()
+            .filter(|pid| !known.contains(pid))
+            .collect();
+        let orphans: Vec<u32> = unknown
+            .intersection(&self.orphan_suspects)
+            .copied()
+            .collect();
+        for pid in orphans {
+            self.terminate_unseen(pid, "stopped for a statement whose record was lost");
+            self.resume(pid);
+        }
+        self.orphan_suspects = unknown;
     }
 
     /// The stopped backend of a wire-stage connection, if any.

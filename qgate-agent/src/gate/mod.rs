@@ -122,6 +122,9 @@ pub struct Gate {
     broken_reads: std::collections::HashSet<Flow>,
     /// Server hook: which stopped backend each request holds.
     backend_requests: HashMap<i64, u32>,
+    /// Server hook: backends the program stopped that the agent heard
+    /// nothing of at the last look (their record was lost).
+    orphan_suspects: std::collections::HashSet<u32>,
     /// Server hook: TCP sessions connected before their server became gated
     /// (the wire path gates them), by connection, with their backend.
     before_hook: HashMap<Flow, u32>,
@@ -186,6 +189,7 @@ impl Gate {
             broken_reads: std::collections::HashSet::new(),
             backend_requests: HashMap::new(),
             before_hook: HashMap::new(),
+            orphan_suspects: std::collections::HashSet::new(),
             stats: GateStats::default(),
         }
     }
@@ -260,7 +264,15 @@ impl Gate {
             self.stopped_reads.remove(&flow);
         }
         if let Some(b) = self.stopped.remove(&pid) {
-            drop(b);
+            for w in b.waiting_requests() {
+                self.backend_requests.remove(&w);
+                if let Err(e) = self
+                    .runtime
+                    .block_on(self.board.withdraw(w, "the backend exited"))
+                {
+                    warn!("withdrawing request {w}: {e}");
+                }
+            }
         }
     }
 
