@@ -50,6 +50,10 @@ pub enum AgentError {
     Policy(#[from] policy::PolicyError),
 }
 
+/// After a postmaster starts, how long and how often to look for it.
+const RESCAN_BURST: Duration = Duration::from_secs(10);
+const RESCAN_BURST_EVERY: Duration = Duration::from_millis(20);
+
 /// How often the agent tells the kernel it is alive and reads its counters.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 
@@ -170,6 +174,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     // Backends of servers this agent does not gate, met before it knew.
     let mut disowned = std::collections::HashSet::new();
     let mut rescan_now = false;
+    let mut rescan_burst_until = Instant::now();
     let mut last_lost = 0;
     let mut last_failed_open = 0;
     let mut last_dropped = 0;
@@ -193,9 +198,19 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     }
                     return;
                 }
+                if record.kind == HookKind::PostmasterStarted {
+                    // Look at once and for a while: its postmaster.pid is
+                    // written a moment after PostmasterMain begins.
+                    rescan_burst_until = Instant::now() + RESCAN_BURST;
+                    return;
+                }
                 if record.candidate {
                     if postmaster_of(pid, &config.capture.ports).is_some() {
-                        // A server started since the last look: register it now.
+                        // A server started since the last look: hold its
+                        // backend from now on, register the server next.
+                        if let Err(e) = gate.kernel().claim_backend(pid) {
+                            warn!(pid, "claiming a backend: {e}");
+                        }
                         rescan_now = true;
                     } else {
                         disowned.insert(pid);
@@ -214,10 +229,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                 }
             }
         })?;
-        if config.server_hook.enabled
-            && (rescan_now
-                || last_scan.elapsed() >= Duration::from_millis(config.server_hook.rescan_ms))
-        {
+        let rescan_every = if Instant::now() < rescan_burst_until {
+            RESCAN_BURST_EVERY
+        } else {
+            Duration::from_millis(config.server_hook.rescan_ms)
+        };
+        if config.server_hook.enabled && (rescan_now || last_scan.elapsed() >= rescan_every) {
             last_scan = Instant::now();
             rescan_now = false;
             let fresh = capture.discover_servers(&config.capture.ports);

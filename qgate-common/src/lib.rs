@@ -241,6 +241,9 @@ pub mod hook {
     pub const GSS: u8 = 4;
     /// The backend process exited.
     pub const EXIT: u8 = 5;
+    /// `PostmasterMain`: a PostgreSQL server is starting (the agent looks
+    /// for it at once, before it accepts connections).
+    pub const POSTMASTER: u8 = 6;
 
     /// `HookEvent::flags`.
     /// The backend was sent SIGSTOP after this read: it waits for the agent.
@@ -301,7 +304,12 @@ pub struct BackendState {
     pub hdr: [u8; 8],
     /// 1 while the kernel stopped it and the agent has not resumed it.
     pub stopped: u8,
-    pub _pad: [u8; 7],
+    /// 1: its postmaster was not known to be gated at first sight. It is
+    /// followed but never stopped until the agent claims it (writes its
+    /// mode into `maps::BACKEND_MODES`): an agent never holds a backend of
+    /// a server that is not its own.
+    pub candidate: u8,
+    pub _pad: [u8; 6],
     /// Bytes read and written since the program first saw the backend: the
     /// position of each record, so a lost record is a gap, never a splice.
     pub read_bytes: u64,

@@ -160,13 +160,17 @@ pub fn on_read(ret: i64) {
     count(|c| c.hook_events += 1);
     let cfg = gate::config();
     // SAFETY: read-only lookup of a plain byte.
-    if let Some(m) = unsafe { BACKEND_MODES.get(&tgid) } {
-        state.mode = *m;
-    }
+    let claimed = match unsafe { BACKEND_MODES.get(&tgid) } {
+        Some(m) => {
+            state.mode = *m;
+            true
+        }
+        None => false,
+    };
     let mut stop = walk(state, args.buf, n, cfg.hold_startup != 0)
         || flags & hook::MID_STREAM != 0
         || state.mode == mode::DENY;
-    if state.mode == mode::MONITOR {
+    if state.mode == mode::MONITOR || (state.candidate != 0 && !claimed) {
         stop = false;
     }
     if stop && cfg.fail_open != 0 && gate::agent_gone(&cfg) {
@@ -232,6 +236,13 @@ pub fn on_encryption(kind: u8) {
     }
 }
 
+/// `PostmasterMain`: a server is starting; the agent looks at it now.
+#[inline(always)]
+pub fn on_postmaster_start() {
+    let (_, tgid) = current();
+    emit(hook::POSTMASTER, tgid, 0, 0, 0, 0, 0);
+}
+
 /// `sched_process_exit`: a backend is gone; its pid may be reused.
 #[inline(always)]
 pub fn on_exit() {
@@ -288,6 +299,7 @@ fn first_sight(tgid: u32, args: &CallArgs, n: u32) -> Option<(*mut BackendState,
     let mut state = BackendState {
         mode: cfg.default_mode,
         phase: hook::STARTUP,
+        candidate: (flags & hook::CANDIDATE != 0) as u8,
         ..BackendState::default()
     };
     if !starts_like_startup(args.buf, n) {

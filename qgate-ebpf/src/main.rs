@@ -129,6 +129,13 @@ mod programs {
         0
     }
 
+    /// `PostmasterMain`: a PostgreSQL server starts.
+    #[uprobe]
+    pub fn qgate_postmaster_main(_ctx: ProbeContext) -> u32 {
+        hook::on_postmaster_start();
+        0
+    }
+
     /// Raw tracepoint `sched_process_exit`: forget exited backends (pids
     /// are reused). Raw, so no tracefs is needed to attach it.
     #[raw_tracepoint(tracepoint = "sched_process_exit")]

@@ -271,6 +271,8 @@ impl BackendStreams {
                     steps.push(hooked(r.pid, s));
                 }
             }
+            // For discovery, not for the wire stage.
+            HookKind::PostmasterStarted => {}
             HookKind::Exited => {
                 let flow = self.streams.remove(&r.pid).map(|s| {
                     if s.opened {

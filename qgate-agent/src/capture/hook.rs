@@ -36,6 +36,7 @@ const PROBES: &[(&str, &str, bool)] = &[
     ("qgate_secure_write_ret", "secure_write", true),
     ("qgate_secure_open_server", "secure_open_server", false),
     ("qgate_secure_open_gssapi", "secure_open_gssapi", false),
+    ("qgate_postmaster_main", "PostmasterMain", false),
 ];
 const EXIT_PROGRAM: &str = "qgate_backend_exit";
 
@@ -70,6 +71,8 @@ pub enum HookKind {
     Tls,
     Gss,
     Exited,
+    /// A postmaster started (`pid` is the postmaster).
+    PostmasterStarted,
 }
 
 /// A postmaster the agent gates.
@@ -305,6 +308,7 @@ fn kind_of(raw: u8) -> Option<HookKind> {
         hook::TLS => HookKind::Tls,
         hook::GSS => HookKind::Gss,
         hook::EXIT => HookKind::Exited,
+        hook::POSTMASTER => HookKind::PostmasterStarted,
         _ => return None,
     })
 }

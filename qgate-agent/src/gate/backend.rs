@@ -445,8 +445,9 @@ impl Gate {
     }
 
     /// After a restart: stopped backends waiting on pending requests are
-    /// taken over; stopped ones that wait on nothing known are terminated
-    /// (their statement was never recorded: fail closed).
+    /// taken over. Stopped ones with no request are decided from their
+    /// record, still in the pinned ring; if none comes, the orphan reaper
+    /// ends them ([`Self::reap_orphan_stops`]).
     pub(super) fn recover_backends(&mut self, pending: &[crate::store::requests::Request]) {
         for request in pending {
             let (Some(pid), Some(resume)) = (request.backend_pid, request.resume.as_deref()) else {
@@ -485,27 +486,6 @@ impl Gate {
                 request = request.id,
                 pid, "took over a backend held before the restart"
             );
-        }
-        for pid in self.kernel.stopped_backends() {
-            if self.stopped.contains_key(&pid) || pending_signals(pid).is_none() {
-                continue;
-            }
-            warn!(
-                pid,
-                "a backend stopped by the previous agent with no request: terminating it"
-            );
-            // SAFETY: kill(2) with plain signal numbers.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-            self.resume(pid);
-            let details = serde_json::json!({ "backend_pid": pid, "why": "stopped by the previous agent before a decision was recorded" });
-            if let Err(e) = self
-                .runtime
-                .block_on(self.board.audit("backend.terminated", details))
-            {
-                warn!("auditing the terminated backend: {e}");
-            }
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct KernelGate {
     config: Array<MapData, GateConfig>,
     backends: HashMap<MapData, u32, BackendState>,
     backend_modes: HashMap<MapData, u32, u8>,
+    /// Mode of a connection whose identity is not judged yet.
+    default_mode: GateMode,
 }
 
 impl KernelGate {
@@ -80,6 +82,7 @@ impl KernelGate {
             config,
             backends,
             backend_modes,
+            default_mode: GateMode::GateAll,
         }
     }
 
@@ -101,7 +104,14 @@ impl KernelGate {
             hold_encryption: hold_encryption as u8,
             _pad: [0; 4],
         };
+        self.default_mode = default_mode;
         self.config.set(0, cfg, 0).map_err(map_err("GATE_CONFIG"))
+    }
+
+    /// A candidate backend turned out to be one of this agent's servers':
+    /// from now on the program may hold it, as an unjudged identity.
+    pub fn claim_backend(&mut self, pid: u32) -> Result<(), GateMapError> {
+        self.set_backend_mode(pid, self.default_mode)
     }
 
     /// Tells the program the agent is alive.

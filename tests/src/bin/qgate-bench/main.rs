@@ -24,6 +24,7 @@ mod bench_lab;
 mod capture;
 mod classifier;
 mod gated;
+mod hook;
 mod release;
 mod report;
 mod stats;
@@ -35,7 +36,8 @@ use report::{Failure, Machine, Report, Row};
 const USAGE: &str = "qgate-bench [--quick] [--only 1,2,...] [--pairs N] [--seconds N] [--out DIR]
 
 Scenarios: 1 ungated overhead, 2 proxy peer, 3 gated but allowed,
-4 release latency, 5 capture completeness, 6 classifier, 7 agent footprint.
+4 release latency, 5 capture completeness, 6 classifier, 7 agent footprint,
+8 server hook cost.
 Needs root; QGATE_AGENT_BIN names a release build of qgate-agent.";
 
 /// What a run measures and for how long.
@@ -61,7 +63,7 @@ impl Settings {
         let quick = args.iter().any(|a| a == "--quick");
         let mut s = Settings {
             quick,
-            only: (1..=7).collect(),
+            only: (1..=8).collect(),
             pairs: if quick { 2 } else { 5 },
             seconds: if quick { 3 } else { 10 },
             clients: if quick { vec![8] } else { vec![1, 8, 32] },
@@ -77,8 +79,8 @@ impl Settings {
                     s.only = value("--only")?
                         .split(',')
                         .map(|n| match n.trim().parse::<u8>() {
-                            Ok(n @ 1..=7) => Ok(n),
-                            _ => bail!("--only takes scenario numbers 1 to 7, got {n:?}"),
+                            Ok(n @ 1..=8) => Ok(n),
+                            _ => bail!("--only takes scenario numbers 1 to 8, got {n:?}"),
                         })
                         .collect::<Result<_>>()?;
                 }
@@ -178,6 +180,12 @@ const GROUPS: &[Group] = &[
         name: "classifier",
         budget: classifier::budget,
         job: classifier::run,
+    },
+    Group {
+        scenarios: &[8],
+        name: "server hook cost",
+        budget: hook::budget,
+        job: hook::run,
     },
 ];
 
