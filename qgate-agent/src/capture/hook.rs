@@ -390,7 +390,7 @@ pub fn find_postmasters(ports: &[u16]) -> Vec<Postmaster> {
         .filter(|p| {
             // A postmaster is a `postgres` process whose parent is not one.
             comms.get(&p.pid).is_some_and(|(ppid, comm)| {
-                comm == "postgres" && !comms.get(ppid).is_some_and(|(_, c)| c == "postgres")
+                comm == "postgres" && comms.get(ppid).is_none_or(|(_, c)| c != "postgres")
             })
         })
         .filter_map(|p| gated_postmaster(p, ports))
@@ -420,7 +420,7 @@ fn gated_postmaster(p: &procfs::process::Process, ports: &[u16]) -> Option<Postm
     }
     let (binary, cwd) = (p.exe().ok()?, p.cwd().ok()?);
     let port = postmaster_port(&cwd)?;
-    ports.contains(&port).then(|| Postmaster {
+    ports.contains(&port).then_some(Postmaster {
         pid: p.pid as u32,
         port,
         binary,
