@@ -139,6 +139,10 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let default_mode = configure_kernel(&mut kernel, config, &policy, enforcing)?;
     let injector = Injector::new().map_err(|e| AgentError::Gate(e.to_string()))?;
     let mut events = board.subscribe();
+    // A reviewer's decision wakes the loop at once instead of at its next
+    // 10 ms look: an eventfd the poll waits on, written on every event.
+    let decisions = DecisionBell::ring_on(board.subscribe(), runtime.handle())
+        .map_err(|e| AgentError::Gate(format!("decision wake-up: {e}")))?;
     let estimator = config
         .policy
         .row_estimator()
@@ -155,6 +159,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     for pm in servers_before_gate {
         take_over_sessions(&mut gate, &pm, |_| false);
     }
+    gate.refuse_encrypted_sessions(enforcing && config.gate.unreadable == Unreadable::Refuse);
     let recovered = gate.recover();
     if recovered > 0 {
         info!(
@@ -180,55 +185,59 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut last_dropped = 0;
     while !stop.load(Ordering::Relaxed) {
         // Short waits: a reviewer's decision is picked up within 10 ms.
-        capture.poll(Duration::from_millis(10), |item| match item {
-            Captured::Segment(seg) => {
-                gate.before_segment(&seg, pipeline.tracker_mut());
-                pipeline.on_segment(&seg, |tracker, event| gate.on_event(tracker, event));
-                gate.after_segment(pipeline.tracker_mut());
-            }
-            Captured::Hook(record) => {
-                let (pid, stopped) = (record.pid, record.stopped);
-                if disowned.contains(&pid) {
-                    // Not one of ours: records already on their way.
-                    if stopped {
-                        gate.disown_backend(pid, true);
-                    }
-                    if record.kind == HookKind::Exited {
-                        disowned.remove(&pid);
-                    }
-                    return;
+        capture.poll(
+            Duration::from_millis(10),
+            Some(decisions.fd()),
+            |item| match item {
+                Captured::Segment(seg) => {
+                    gate.before_segment(&seg, pipeline.tracker_mut());
+                    pipeline.on_segment(&seg, |tracker, event| gate.on_event(tracker, event));
+                    gate.after_segment(pipeline.tracker_mut());
                 }
-                if record.kind == HookKind::PostmasterStarted {
-                    // Look at once and for a while: its postmaster.pid is
-                    // written a moment after PostmasterMain begins.
-                    rescan_burst_until = Instant::now() + RESCAN_BURST;
-                    return;
-                }
-                if record.candidate {
-                    if postmaster_of(pid, &config.capture.ports).is_some() {
-                        // A server started since the last look: hold its
-                        // backend from now on, register the server next.
-                        if let Err(e) = gate.kernel().claim_backend(pid) {
-                            warn!(pid, "claiming a backend: {e}");
+                Captured::Hook(record) => {
+                    let (pid, stopped) = (record.pid, record.stopped);
+                    if disowned.contains(&pid) {
+                        // Not one of ours: records already on their way.
+                        if stopped {
+                            gate.disown_backend(pid, true);
                         }
-                        rescan_now = true;
-                    } else {
-                        disowned.insert(pid);
+                        if record.kind == HookKind::Exited {
+                            disowned.remove(&pid);
+                        }
+                        return;
+                    }
+                    if record.kind == HookKind::PostmasterStarted {
+                        // Look at once and for a while: its postmaster.pid is
+                        // written a moment after PostmasterMain begins.
+                        rescan_burst_until = Instant::now() + RESCAN_BURST;
+                        return;
+                    }
+                    if record.candidate {
+                        if postmaster_of(pid, &config.capture.ports).is_some() {
+                            // A server started since the last look: hold its
+                            // backend from now on, register the server next.
+                            if let Err(e) = gate.kernel().claim_backend(pid) {
+                                warn!(pid, "claiming a backend: {e}");
+                            }
+                            rescan_now = true;
+                        } else {
+                            disowned.insert(pid);
+                            gate.disown_backend(pid, stopped);
+                            return;
+                        }
+                    }
+                    let steps = backends.steps(record, read_backend_port);
+                    if followed_on_the_wire(&steps, pipeline.tracker()) {
+                        backends.disown(pid);
                         gate.disown_backend(pid, stopped);
                         return;
                     }
+                    for step in steps {
+                        on_backend_step(step, &mut gate, &mut pipeline);
+                    }
                 }
-                let steps = backends.steps(record, read_backend_port);
-                if followed_on_the_wire(&steps, pipeline.tracker()) {
-                    backends.disown(pid);
-                    gate.disown_backend(pid, stopped);
-                    return;
-                }
-                for step in steps {
-                    on_backend_step(step, &mut gate, &mut pipeline);
-                }
-            }
-        })?;
+            },
+        )?;
         let rescan_every = if Instant::now() < rescan_burst_until {
             RESCAN_BURST_EVERY
         } else {
@@ -245,6 +254,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                 take_over_sessions(&mut gate, &pm, |pid| backends.flow_of(pid).is_some());
             }
         }
+        decisions.quiet();
         loop {
             match events.try_recv() {
                 Ok(event) => gate.on_request_event(&event, pipeline.tracker_mut()),
@@ -334,6 +344,53 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     api_stop.notify_one();
     let _ = runtime.block_on(api_task);
     Ok(())
+}
+
+/// An eventfd that becomes readable whenever a request event is published.
+struct DecisionBell {
+    fd: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+impl DecisionBell {
+    fn ring_on(
+        mut events: tokio::sync::broadcast::Receiver<crate::api::RequestEvent>,
+        runtime: &tokio::runtime::Handle,
+    ) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain eventfd(2); the descriptor is owned right away.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = std::sync::Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) });
+        let writer = fd.clone();
+        runtime.spawn(async move {
+            use std::os::fd::AsRawFd;
+            while !matches!(
+                events.recv().await,
+                Err(tokio::sync::broadcast::error::RecvError::Closed)
+            ) {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: 8 bytes to an eventfd we keep alive through `writer`.
+                unsafe { libc::write(writer.as_raw_fd(), one.as_ptr() as *const _, 8) };
+            }
+        });
+        Ok(Self { fd })
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Resets the counter (the events themselves are read elsewhere).
+    fn quiet(&self) {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 8];
+        // SAFETY: 8-byte buffer; non-blocking eventfd.
+        unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, 8) };
+    }
 }
 
 /// One server hook step through the same stages as a wire segment.

@@ -130,8 +130,9 @@ pub struct GateConfig {
     pub fail_open: u8,
     /// 1: hold each StartupMessage until the agent has judged the identity.
     pub hold_startup: u8,
-    /// 1: hold each SSLRequest / GSSENCRequest on the wire path: the agent
-    /// refuses sessions it could not read (`gate.unreadable = "refuse"`).
+    /// 1: hold the TLS handshake of a session whose server accepted TLS on
+    /// the wire path: the agent refuses sessions it could not read
+    /// (`gate.unreadable = "refuse"`).
     pub hold_encryption: u8,
     pub _pad: [u8; 4],
 }

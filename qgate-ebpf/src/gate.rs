@@ -220,6 +220,11 @@ fn startup(
         return hold(state, seg.seq);
     };
     if first_byte == TLS_HANDSHAKE {
+        if cfg.hold_encryption != 0 {
+            // The server said yes to TLS: the agent refuses what it will
+            // not be able to read, before the handshake.
+            return hold(state, seg.seq);
+        }
         state.phase = phase::OPAQUE;
         return Verdict::Pass;
     }
@@ -231,10 +236,6 @@ fn startup(
     };
     let (len, code) = (u32::from_be(len), u32::from_be(code));
     if code == SSL_REQUEST || code == GSSENC_REQUEST {
-        if cfg.hold_encryption != 0 {
-            // The agent refuses what it will not be able to read.
-            return hold(state, seg.seq);
-        }
         state.next_msg_seq = state.next_msg_seq.wrapping_add(8);
         return Verdict::Pass;
     }

@@ -628,41 +628,20 @@ fn without_the_server_hook_tls_is_refused_naming_qgate_and_plaintext_is_held_on_
 ) -> Result<()> {
     let (lab, token) = hook_lab("hnohook", &["--no-server-hook"])?;
     // The tc program cannot read TLS: under `unreadable = "refuse"` the
-    // session ends at its SSLRequest with an error naming qgate.
+    // session is reset once the server accepted TLS, before the handshake
+    // (libpq shows no server error text during the SSL exchange, so the
+    // client sees the reset; the audit names qgate's decision).
     let out = lab.psql_via(Via::Tls, "postgres", "postgres", &["-c", DROP])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "refused: {err}");
-    // The server's side answers with a FATAL error naming qgate. libpq from
-    // 15.8 on no longer prints an error received during the SSL exchange (a
-    // security fix against forged errors) and says only that one came.
-    assert!(
-        err.contains("qgate: connection refused")
-            || err.contains("server sent an error response during SSL exchange"),
-        "{err}"
-    );
     assert!(untouched(&lab, Via::Tcp)?, "nothing ran");
-    // What the client is sent, read raw: the ErrorResponse itself.
-    let mut raw = lab.connect_from_client(
-        SocketAddr::new(lab.server_ip.into(), PG_PORT),
-        Duration::from_secs(5),
-    )?;
-    raw.set_read_timeout(Some(Duration::from_secs(5)))?;
-    raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])?;
-    let mut reply = Vec::new();
-    let _ = raw.read_to_end(&mut reply);
-    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
-    let reply = String::from_utf8_lossy(&reply);
-    assert!(
-        reply.contains("FATAL") && reply.contains("qgate: connection refused"),
-        "{reply}"
-    );
     let audited: i64 = lab.store()?.query_row(
         "SELECT count(*) FROM audit WHERE kind = 'decision' AND details LIKE '%encrypted session%'",
         [],
         |r| r.get(0),
     )?;
-    assert_eq!(audited, 2, "each refusal is audited");
-
+    assert_eq!(audited, 1, "the refusal is audited: {err}");
+    // Plaintext on the same server is read, so it is gated, not refused.
     let psql = lab.psql_via_spawn(Via::Tcp, "postgres", "postgres", &["-c", DROP])?;
     let (request, id) = pending(&lab, &token)?;
     assert_eq!(request["statement"], DROP, "{request}");

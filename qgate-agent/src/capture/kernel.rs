@@ -346,11 +346,13 @@ impl KernelCapture {
         let _ = std::fs::remove_dir(&self.pins);
     }
 
-    /// Waits up to `timeout` for records and hands every complete segment
-    /// and hook record to `sink`. Returns how many were delivered.
+    /// Waits up to `timeout` for records (or for `wake` to become readable)
+    /// and hands every complete segment and hook record to `sink`. Returns
+    /// how many were delivered.
     pub fn poll(
         &mut self,
         timeout: Duration,
+        wake: Option<std::os::fd::BorrowedFd<'_>>,
         mut sink: impl FnMut(Captured),
     ) -> Result<usize, CaptureError> {
         let mut delivered = self.drain(&mut sink);
@@ -363,6 +365,11 @@ impl KernelCapture {
                 },
                 libc::pollfd {
                     fd: self.hook.as_ref().map(|h| h.ring_fd()).unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake.map(|fd| fd.as_raw_fd()).unwrap_or(-1),
                     events: libc::POLLIN,
                     revents: 0,
                 },

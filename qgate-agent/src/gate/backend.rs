@@ -74,8 +74,6 @@ impl From<SqlCarrier> for Carrier {
             SqlCarrier::Parse => Carrier::Parse,
             SqlCarrier::FunctionCall => Carrier::FunctionCall,
             SqlCarrier::Startup => Carrier::Startup,
-            // Never reaches the hook (it reads inside the encryption).
-            SqlCarrier::EncryptionRequest => Carrier::Startup,
         }
     }
 }

@@ -104,31 +104,23 @@ impl Injector {
         Ok(())
     }
 
-    /// Ends a connection whose first request the kernel holds, answering
-    /// the client in the server's name (the server never saw the request):
-    /// `reply` (an ErrorResponse) with FIN from the server's side at
-    /// `server_seq`, acknowledging the client up to `client_next`, then an
-    /// RST to the server at `client_seq` so its backend goes away at once.
-    pub fn refuse(
+    /// Resets a connection on both sides, in each side's name: the client
+    /// gets an RST from the server at `server_seq` (the server's next
+    /// sequence number), the server one from the client at `client_seq`.
+    pub fn reset_both(
         &self,
         flow: &Flow,
         server_seq: u32,
         client_seq: u32,
-        client_next: u32,
-        reply: &[u8],
     ) -> Result<(), InjectError> {
         let back = Flow {
             client: flow.server,
             server: flow.client,
         };
-        let mut to_client =
-            TcpHeader::new(flow.server.port(), flow.client.port(), server_seq, 65535);
-        to_client.ack = true;
-        to_client.acknowledgment_number = client_next;
-        to_client.psh = true;
-        to_client.fin = true;
-        let packet = segment_packet(&back, to_client, reply)?;
-        self.send(&back, &packet, server_seq, reply.len())?;
+        let mut to_client = TcpHeader::new(flow.server.port(), flow.client.port(), server_seq, 0);
+        to_client.rst = true;
+        let packet = segment_packet(&back, to_client, &[])?;
+        self.send(&back, &packet, server_seq, 0)?;
         let mut to_server = TcpHeader::new(flow.client.port(), flow.server.port(), client_seq, 0);
         to_server.rst = true;
         let packet = segment_packet(flow, to_server, &[])?;

@@ -122,6 +122,9 @@ pub struct Gate {
     broken_reads: std::collections::HashSet<Flow>,
     /// Server hook: which stopped backend each request holds.
     backend_requests: HashMap<i64, u32>,
+    /// `gate.unreadable = "refuse"`: the program holds the TLS handshake of
+    /// sessions it cannot read, and the gate resets them.
+    refuse_encrypted_sessions: bool,
     /// Server hook: backends the program stopped that the agent heard
     /// nothing of at the last look (their record was lost).
     orphan_suspects: std::collections::HashSet<u32>,
@@ -190,6 +193,7 @@ impl Gate {
             backend_requests: HashMap::new(),
             before_hook: HashMap::new(),
             orphan_suspects: std::collections::HashSet::new(),
+            refuse_encrypted_sessions: false,
             stats: GateStats::default(),
         }
     }
@@ -217,6 +221,11 @@ impl Gate {
         }
         self.recover_backends(&pending);
         pending.len()
+    }
+
+    /// `gate.unreadable = "refuse"` in force (the program holds TLS handshakes).
+    pub fn refuse_encrypted_sessions(&mut self, refuse: bool) {
+        self.refuse_encrypted_sessions = refuse;
     }
 
     pub fn kernel(&mut self) -> &mut KernelGate {
@@ -312,6 +321,16 @@ impl Gate {
             if held::seq_lt(seq, until) {
                 payload = &payload[until.wrapping_sub(seq) as usize..];
                 seq = until;
+            }
+        }
+        if self.refuse_encrypted_sessions {
+            if let Some(conn) = tracker
+                .connection_id(&seg.flow)
+                .filter(|c| tracker.is_encrypted(*c))
+            {
+                // Held only because the session turned encrypted.
+                self.refuse_encrypted(&seg.flow, tracker, conn, seq);
+                return;
             }
         }
         let stream = self
@@ -569,10 +588,6 @@ impl Gate {
                         s.allow_front();
                     }
                 }
-                Verdict::Deny { id, .. } if front.info.carrier == SqlCarrier::EncryptionRequest => {
-                    self.refuse_unreadable(flow, tracker, &front, id);
-                    return;
-                }
                 Verdict::Deny { id, reason } => self.deny_front(flow, id, &reason),
                 Verdict::Wait(id) => {
                     if let Some(f) = self.streams.get_mut(flow).and_then(|s| s.front()) {
@@ -607,16 +622,6 @@ impl Gate {
     fn judge(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
         self.stats.decided += 1;
         let conn = self.conns.get(flow).cloned().unwrap_or_default();
-        if sql.info.carrier == SqlCarrier::EncryptionRequest {
-            // Held only under `gate.unreadable = "refuse"`.
-            self.stats.denied += 1;
-            let reason = "qgate cannot read an encrypted session on this port";
-            let id = self.audit_denial(flow, sql, reason);
-            return Verdict::Deny {
-                id,
-                reason: reason.into(),
-            };
-        }
         if sql.info.carrier == SqlCarrier::Startup {
             if !conn.refused {
                 return Verdict::Allow;
@@ -766,38 +771,35 @@ impl Gate {
         }
     }
 
-    /// An SSLRequest or GSSENCRequest held under `gate.unreadable =
-    /// "refuse"`: the server never gets it; the client gets a FATAL error
-    /// naming qgate in the server's name, and the server an RST.
-    fn refuse_unreadable(
-        &mut self,
-        flow: &Flow,
-        tracker: &mut Tracker,
-        request: &PendingSql<SqlInfo>,
-        id: i64,
-    ) {
-        let message = format!(
-            "qgate: connection refused (decision {id}): an encrypted session (TLS or GSSAPI) \
-             cannot be read by qgate on this server; connect with sslmode=disable, or ask \
-             the DBA to enable qgate's server hook"
-        );
-        let refused = tracker
-            .server_seq_at(request.info.conn, 0)
+    /// A TLS handshake the program held under `gate.unreadable =
+    /// "refuse"` (the server accepted TLS; qgate could not read the
+    /// session): both sides are reset before the handshake and the decision
+    /// is audited. No error text can reach the client here: libpq (15.8 on)
+    /// shows no server error during the SSL exchange, and after the
+    /// server's `S` only TLS is expected.
+    fn refuse_encrypted(&mut self, flow: &Flow, tracker: &mut Tracker, conn: ConnId, seq: u32) {
+        let details = serde_json::json!({
+            "decision": "deny",
+            "reason": "qgate: an encrypted session cannot be read on this port (server hook \
+                       not attached): refused before its TLS handshake",
+            "client": flow.client.to_string(),
+        });
+        match self.runtime.block_on(self.board.audit("decision", details)) {
+            Ok(id) => info!(decision = id, ?flow, "encrypted session refused"),
+            Err(e) => warn!("auditing a refused encrypted session: {e}"),
+        }
+        // The server sent its one-byte `S`: its next sequence number.
+        let reset = tracker
+            .server_seq_at(conn, 1)
             .ok_or_else(|| "the server's sequence numbers were not seen".to_string())
             .and_then(|server_seq| {
                 self.injector
-                    .refuse(
-                        flow,
-                        server_seq,
-                        request.start,
-                        request.end,
-                        &rewrite::fatal_error(&message),
-                    )
+                    .reset_both(flow, server_seq, seq)
                     .map_err(|e| e.to_string())
             });
-        if let Err(e) = refused {
-            // The request stays dropped: the client times out instead.
-            warn!(?flow, "refusing an unreadable session: {e}");
+        if let Err(e) = reset {
+            // The handshake stays dropped: the client times out instead.
+            warn!(?flow, "resetting an unreadable session: {e}");
         }
         self.streams.remove(flow);
         self.last_copy.remove(flow);

@@ -128,29 +128,6 @@ pub fn startup_refusal(len: usize, decision_id: i64, reason: &str) -> Option<Vec
     Some(msg)
 }
 
-/// A FATAL ErrorResponse (protocol 3.0, "ErrorResponse": type `E`, then
-/// fields `S`, `V`, `C`, `M`, each a C string, and a final NUL) with
-/// SQLSTATE 08004 (the server rejected the connection). libpq reports it
-/// as the connection's error even in answer to an SSLRequest.
-pub fn fatal_error(message: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (field, value) in [
-        (b'S', "FATAL"),
-        (b'V', "FATAL"),
-        (b'C', "08004"),
-        (b'M', sanitize(message).as_str()),
-    ] {
-        body.push(field);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut msg = vec![b'E'];
-    msg.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    msg.extend_from_slice(&body);
-    msg
-}
-
 /// Keeps what can sit, unescaped, inside a single-quoted RAISE format in a
 /// dollar-quoted body or a quoted identifier: printable ASCII except quotes,
 /// dollar, backslash and `%` (a RAISE placeholder).

@@ -41,9 +41,6 @@ pub enum SqlCarrier {
     FunctionCall,
     /// The StartupMessage: the identity the policy judges.
     Startup,
-    /// SSLRequest or GSSENCRequest: what follows is encrypted, unreadable
-    /// on the wire.
-    EncryptionRequest,
 }
 
 /// One message of a watched connection's client → server stream (see
@@ -553,17 +550,6 @@ fn log_entry(conn: ConnId, offset: u64, len: u64, message: &FrontendMessage<'_>)
         FrontendMessage::FunctionCall { function_oid } => Some(LoggedSql {
             carrier: SqlCarrier::FunctionCall,
             text: format!("-- FunctionCall of function OID {function_oid}"),
-            text_offset: offset,
-            text_len: 0,
-            statement: String::new(),
-        }),
-        FrontendMessage::SslRequest | FrontendMessage::GssEncRequest => Some(LoggedSql {
-            carrier: SqlCarrier::EncryptionRequest,
-            text: if *message == FrontendMessage::SslRequest {
-                "-- SSLRequest: TLS".into()
-            } else {
-                "-- GSSENCRequest: GSSAPI encryption".into()
-            },
             text_offset: offset,
             text_len: 0,
             statement: String::new(),
