@@ -103,10 +103,10 @@ pub struct GateConfig {
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Unreadable {
-    /// Refused at its first packet with an error naming qgate (audited).
+    /// Reset before its TLS handshake, once the server accepted TLS (audited).
     #[default]
     Refuse,
-    /// Let through unread; audited as unreadable.
+    /// Let through unread; recorded as an encrypted connection.
     Allow,
 }
 
