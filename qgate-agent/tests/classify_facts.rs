@@ -370,6 +370,18 @@ fn explain_analyze_of_a_write_counts_as_the_write() {
             "allow",
         ),
         case("EXPLAIN ANALYZE DELETE FROM t", "hold").flags(&[Flag::AllRows]),
+        // The British spelling and every value PostgreSQL reads as true run
+        // the statement too; only what it reads as false does not.
+        case("EXPLAIN (ANALYSE) DELETE FROM t", "hold")
+            .kind(Kind::Write)
+            .flags(&[Flag::ExplainAnalyze, Flag::AllRows]),
+        case("EXPLAIN (BUFFERS, analyse 1) DELETE FROM t", "hold").flags(&[Flag::ExplainAnalyze]),
+        case("EXPLAIN (ANALYZE 'on') DELETE FROM t", "hold").flags(&[Flag::ExplainAnalyze]),
+        case("EXPLAIN (ANALYZE 0) DELETE FROM t WHERE id = 1", "allow"),
+        case(
+            "EXPLAIN (ANALYSE 'off') DELETE FROM t WHERE id = 1",
+            "allow",
+        ),
     ]);
 }
 

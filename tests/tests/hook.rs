@@ -763,3 +763,41 @@ fn a_server_restarted_under_the_agent_is_gated_from_its_first_session() -> Resul
     assert_eq!(terminations(&lab)?, 0, "nothing ended");
     Ok(())
 }
+
+#[test]
+fn a_function_call_by_oid_is_held_and_a_denied_one_never_runs() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("hfcall")?;
+    lab.start_postgres_tls()?;
+    create_t(&lab, Via::Tcp)?;
+    lab.sql_via(Via::Tcp, "SELECT lo_create(4242)")?;
+    lab.start_agent(&[])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    // psql's \lo_unlink runs lo_unlink through libpq's fast path: a
+    // FunctionCall message with the function's OID and no SQL text.
+    let psql = lab.psql_via_spawn(
+        Via::Unix,
+        "postgres",
+        "postgres",
+        &["-c", "\\lo_unlink 4242"],
+    )?;
+    let (request, id) = pending(&lab, &token)?;
+    assert!(
+        request["statement"]
+            .as_str()
+            .is_some_and(|s| s.contains("FunctionCall")),
+        "{request}"
+    );
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (ok, _, err) = finish(psql, Duration::from_secs(10))?;
+    assert!(!ok, "the denied call failed: {err}");
+    assert_eq!(
+        lab.sql_via(
+            Via::Tcp,
+            "SELECT oid FROM pg_largeobject_metadata WHERE oid = 4242"
+        )?,
+        "4242",
+        "the large object survives"
+    );
+    Ok(())
+}

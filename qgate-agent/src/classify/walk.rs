@@ -214,15 +214,29 @@ pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, b
     }
 }
 
-/// `EXPLAIN (ANALYZE …)`: any ANALYZE option counts unless it is literally false/off.
+/// `EXPLAIN (ANALYZE …)`: any ANALYZE option counts unless its value is one
+/// PostgreSQL reads as false (`defGetBoolean`: false, off, 0, as a keyword,
+/// number or string). The grammar accepts the British spelling too
+/// (`analyze_keyword: ANALYZE | ANALYSE`).
 fn has_analyze_option(options: &[UtilityOption]) -> bool {
+    let falsy = |arg: &Option<Expr>| match arg {
+        Some(Expr::Value(v)) => match &v.value {
+            Value::Boolean(b) => !b,
+            Value::Number(n, _) => n == "0",
+            Value::SingleQuotedString(s) => {
+                s.eq_ignore_ascii_case("false") || s.eq_ignore_ascii_case("off")
+            }
+            _ => false,
+        },
+        Some(Expr::Identifier(i)) => {
+            i.value.eq_ignore_ascii_case("off") || i.value.eq_ignore_ascii_case("false")
+        }
+        _ => false,
+    };
     options.iter().any(|o| {
-        o.name.value.eq_ignore_ascii_case("analyze")
-            && !matches!(
-                &o.arg,
-                Some(Expr::Value(v)) if matches!(v.value, Value::Boolean(false))
-            )
-            && !matches!(&o.arg, Some(Expr::Identifier(i)) if i.value.eq_ignore_ascii_case("off"))
+        (o.name.value.eq_ignore_ascii_case("analyze")
+            || o.name.value.eq_ignore_ascii_case("analyse"))
+            && !falsy(&o.arg)
     })
 }
 

@@ -142,6 +142,11 @@ const STALL: Duration = Duration::from_millis(200);
 /// the policy's rule for unparseable statements applies.
 const INCOMPLETE: &str = "-- qgate: statement not seen whole\n(";
 
+/// Text decided in place of a FunctionCall message (libpq's fast path: a
+/// function run by OID, with no SQL to read): qgate does not resolve the
+/// OID yet, so it is judged as a statement qgate does not understand.
+const FUNCTION_CALL: &str = "-- qgate: FunctionCall by OID, not resolved\n(";
+
 fn subject_of(identity: &Identity, flow: &Flow) -> Subject {
     Subject {
         user: identity.user.clone(),
@@ -649,6 +654,8 @@ impl Gate {
         let policy = self.policy.current();
         let judged = if sql.incomplete {
             INCOMPLETE
+        } else if sql.info.carrier == SqlCarrier::FunctionCall {
+            FUNCTION_CALL
         } else {
             sql.info.text.as_str()
         };
