@@ -498,7 +498,9 @@ fn configure_kernel(
             default_mode,
             config.gate.fail == FailMode::Open,
             Duration::from_millis(config.gate.fail_after_ms),
-            enforcing && policy.current().refuses_some_connections(),
+            // Every StartupMessage waits for the agent: its settings are
+            // judged as SETs, and the policy may refuse the identity.
+            enforcing,
             enforcing && config.gate.unreadable == Unreadable::Refuse,
         )
         .map_err(|e| AgentError::Gate(e.to_string()))?;

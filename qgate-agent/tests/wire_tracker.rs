@@ -287,6 +287,7 @@ fn a_connection_is_opened_and_identified_from_its_startup_message() {
             user: Some("alice".into()),
             database: Some("shop".into()),
             application: Some("pgbench".into()),
+            settings: Vec::new(),
         }
     ));
     assert_eq!(events.len(), 2);

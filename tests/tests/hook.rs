@@ -801,3 +801,38 @@ fn a_function_call_by_oid_is_held_and_a_denied_one_never_runs() -> Result<()> {
     );
     Ok(())
 }
+
+/// psql `via` a transport with `PGOPTIONS` (the StartupMessage's `options`).
+fn psql_with_options(lab: &Lab, via: Via, options: &str) -> Result<std::process::Output> {
+    let arg = format!("options='{options}'");
+    lab.psql_via(
+        via,
+        "postgres",
+        &format!("dbname=postgres {arg}"),
+        &["-c", "SELECT 'in'"],
+    )
+}
+
+#[test]
+fn startup_settings_are_judged_as_the_sets_they_are() -> Result<()> {
+    let (lab, _token) = hook_lab("hstartup", &[])?;
+    for via in [Via::Unix, Via::Tls, Via::Tcp] {
+        // Held as a statement (it turns triggers and foreign keys off), so
+        // refused as a startup setting, naming qgate.
+        let out = psql_with_options(&lab, via, "-c session_replication_role=replica")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{via:?}: {err}");
+        assert!(err.contains("qgate"), "{via:?}: {err}");
+        // A switch that is not a setting is refused too.
+        let out = psql_with_options(&lab, via, "-P")?;
+        assert!(!out.status.success(), "{via:?}");
+        // Harmless settings pass.
+        let out = psql_with_options(&lab, via, "-c extra_float_digits=2")?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("in"),
+            "{via:?}: {said}"
+        );
+    }
+    Ok(())
+}

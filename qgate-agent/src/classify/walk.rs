@@ -153,7 +153,11 @@ pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, b
             statement: inner,
             ..
         } => {
-            let (mut facts, depends) = facts_of(inner, sql);
+            let (mut facts, mut depends) = facts_of(inner, sql);
+            // `ANALYZE 0` and `ANALYZE 1` differ only in a literal.
+            depends |= options
+                .as_deref()
+                .is_some_and(|o| o.iter().any(|o| matches!(o.arg, Some(Expr::Value(_)))));
             if *analyze || options.as_deref().is_some_and(has_analyze_option) {
                 facts.flags.insert(Flag::ExplainAnalyze);
             } else {

@@ -21,6 +21,7 @@ pub mod held;
 pub mod inject;
 pub mod kernel;
 pub mod rewrite;
+pub mod startup;
 
 use std::{
     collections::HashMap,
@@ -63,6 +64,8 @@ struct ConnInfo {
     conn: ConnId,
     subject: Subject,
     refused: bool,
+    /// StartupMessage settings beyond the identity (judged as `SET`s).
+    settings: Vec<(String, String)>,
 }
 
 /// A session the server hook reads.
@@ -463,6 +466,7 @@ impl Gate {
                         conn: *conn,
                         subject,
                         refused,
+                        settings: identity.settings.clone(),
                     },
                 );
             }
@@ -629,7 +633,14 @@ impl Gate {
         let conn = self.conns.get(flow).cloned().unwrap_or_default();
         if sql.info.carrier == SqlCarrier::Startup {
             if !conn.refused {
-                return Verdict::Allow;
+                return match self.judge_startup_settings(&conn) {
+                    None => Verdict::Allow,
+                    Some(reason) => {
+                        self.stats.denied += 1;
+                        let id = self.audit_denial(flow, sql, &reason);
+                        Verdict::Deny { id, reason }
+                    }
+                };
             }
             self.stats.denied += 1;
             let reason = "the policy refuses this identity";
@@ -729,6 +740,38 @@ impl Gate {
                 }
             }
         }
+    }
+
+    /// A StartupMessage's settings judged as the `SET`s they are (see
+    /// [`startup`]): why the connection is refused, if a setting is one the
+    /// policy would not let run at once. (Holding a connection for review
+    /// is not offered: issue such a SET inside the session instead, where
+    /// it is held like any statement.)
+    fn judge_startup_settings(&mut self, conn: &ConnInfo) -> Option<String> {
+        if !self.enforcing || conn.settings.is_empty() {
+            return None;
+        }
+        let statements = match startup::settings_as_statements(&conn.settings) {
+            Ok(statements) => statements,
+            Err(why) => return Some(why),
+        };
+        let policy = self.policy.current();
+        for sql in statements {
+            let (_, decision) = self.cache.decide(
+                &policy,
+                &conn.subject,
+                &sql,
+                Dialect::Postgresql,
+                self.estimator.as_ref(),
+            );
+            if !matches!(decision.action, Action::Allow | Action::AuditOnly) {
+                return Some(format!(
+                    "startup setting `{sql}` needs review (rule {}): set it inside the session",
+                    decision.rule
+                ));
+            }
+        }
+        None
     }
 
     /// Records a denial that no request carries; its audit id names it.

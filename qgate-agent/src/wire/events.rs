@@ -31,6 +31,11 @@ pub struct Identity {
     pub user: Option<String>,
     pub database: Option<String>,
     pub application: Option<String>,
+    /// Every other StartupMessage parameter (`options`, `client_encoding`,
+    /// any GUC), in order: settings the session starts with, which the
+    /// gate judges as the `SET`s they are.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub settings: Vec<(String, String)>,
 }
 
 /// How a session reached the server.

@@ -194,6 +194,13 @@ impl Session {
                     user: startup.param("user").map(lossy),
                     database: startup.param("database").map(lossy),
                     application: startup.param("application_name").map(lossy),
+                    settings: startup
+                        .params()
+                        .filter(|(name, _)| {
+                            !matches!(*name, b"user" | b"database" | b"application_name")
+                        })
+                        .map(|(name, value)| (lossy(name), lossy(value)))
+                        .collect(),
                 },
                 at,
             }),

@@ -35,6 +35,7 @@ pub fn identified(conn: u64, user: &str, database: &str, application: &str, at: 
             user: Some(user.into()),
             database: Some(database.into()),
             application: Some(application.into()),
+            settings: Vec::new(),
         },
         at,
     }
