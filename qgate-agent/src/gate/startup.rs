@@ -12,8 +12,9 @@
 /// The `SET` statements a session's startup settings amount to, or why one
 /// of them is refused outright: any switch other than `-c`/`--` in
 /// `options` (they map to settings qgate does not model, some of them
-/// dangerous, e.g. `-P` ignores system indexes), and `replication`, which
-/// turns the session into a replication protocol session.
+/// dangerous, e.g. `-P` ignores system indexes), and
+/// `replication=database`, a logical replication session that also takes
+/// SQL. Physical replication (`replication=true`) passes.
 pub fn settings_as_statements(settings: &[(String, String)]) -> Result<Vec<String>, String> {
     let mut statements = Vec::new();
     for (name, value) in settings {
@@ -23,15 +24,27 @@ pub fn settings_as_statements(settings: &[(String, String)]) -> Result<Vec<Strin
                     statements.push(set_statement(&name, &value));
                 }
             }
+            // Physical replication (standbys, pg_basebackup) speaks only
+            // replication commands, no SQL; `database` also takes SQL,
+            // which qgate does not follow in that protocol yet.
+            "replication" if is_physical_replication(value) => {}
             "replication" => {
                 return Err(format!(
-                    "startup parameter replication={value} (a replication session) is not gated by qgate"
+                    "startup parameter replication={value} (a logical replication session, \
+                     which also takes SQL) is not gated by qgate"
                 ))
             }
             _ => statements.push(set_statement(name, value)),
         }
     }
     Ok(statements)
+}
+
+/// `replication=true` (or on, yes, 1): a physical replication connection.
+fn is_physical_replication(value: &str) -> bool {
+    ["true", "on", "yes", "1"]
+        .iter()
+        .any(|v| value.eq_ignore_ascii_case(v))
 }
 
 /// `SET "name" = 'value'`, quoted so that nothing in either can end it;
@@ -157,5 +170,7 @@ mod tests {
         }
         let s = settings(&[("replication", "database")]);
         assert!(settings_as_statements(&s).is_err());
+        let s = settings(&[("replication", "true")]);
+        assert_eq!(settings_as_statements(&s).unwrap(), Vec::<String>::new());
     }
 }
