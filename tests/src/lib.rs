@@ -8,7 +8,7 @@
 //! everything it made when dropped, even when the test fails.
 use std::{
     fs,
-    io::Read,
+    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::{fd::AsRawFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
@@ -578,6 +578,34 @@ impl Lab {
         spawn_piped(cmd, "psql")
     }
 
+    /// An open psql session `via` a transport, for statements sent one at a
+    /// time on the same connection (e.g. while the agent is down, when a new
+    /// connection's StartupMessage waits for it).
+    pub fn session(&self, via: Via) -> Result<PsqlSession> {
+        let mut child = self.psql_via_spawn_stdin(via, "postgres", "postgres", &["-At"])?;
+        let stdin = child.stdin.take().context("psql stdin")?;
+        let stdout = child.stdout.take().context("psql stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut session = PsqlSession {
+            child,
+            stdin,
+            lines,
+        };
+        session.query("SELECT 1", Duration::from_secs(30))?;
+        Ok(session)
+    }
+
     /// psql `via` a transport, waited for.
     pub fn psql_via(&self, via: Via, user: &str, db: &str, args: &[&str]) -> Result<Output> {
         self.psql_command(via, user, db, args)
@@ -721,6 +749,40 @@ impl Drop for Lab {
         if std::env::var_os("QGATE_KEEP_LAB").is_none() {
             self.clear_stale();
         }
+    }
+}
+
+/// See [`Lab::session`].
+pub struct PsqlSession {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl PsqlSession {
+    /// Runs `sql` and returns its output lines joined, or fails after `timeout`.
+    pub fn query(&mut self, sql: &str, timeout: Duration) -> Result<String> {
+        const END: &str = "__qgate_session_end__";
+        writeln!(self.stdin, "{sql};")?;
+        writeln!(self.stdin, "\\echo {END}")?;
+        self.stdin.flush()?;
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == END => return Ok(out.join("\n")),
+                Ok(line) => out.push(line),
+                Err(_) => bail!("no answer to {sql:?} within {timeout:?}: {out:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for PsqlSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

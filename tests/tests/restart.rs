@@ -4,7 +4,7 @@
 use std::{io::Write, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
-use qgate_e2e::{finish, require_root, Lab};
+use qgate_e2e::{finish, require_root, Lab, Via};
 
 fn lab_with_table(tag: &str, config: &[(&str, &str)]) -> Result<(Lab, String)> {
     require_root();
@@ -30,15 +30,19 @@ fn after_kill_9_a_restarted_agent_runs_the_approved_statement_exactly_once() -> 
     let first = lab.pending_requests(&token, 1, Duration::from_secs(30))?;
     let id = first[0]["id"].as_i64().context("id")?;
 
+    // Opened now: while the agent is down, a new connection's StartupMessage
+    // waits for it too (its settings are judged).
+    let mut open = lab.session(Via::Tcp)?;
     lab.kill_agent()?;
     std::thread::sleep(Duration::from_secs(3));
     // Fail closed: with no agent, a risky statement waits; a plain read
     // (which the kernel proves harmless by itself) runs.
-    assert_eq!(lab.sql("SELECT v FROM t ORDER BY id")?, "a\nb");
+    let read = "SELECT v FROM t ORDER BY id";
+    assert_eq!(open.query(read, Duration::from_secs(10))?, "a\nb");
     let blocked = lab.psql_spawn("postgres", "postgres", &["-c", "DELETE FROM t"])?;
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
-        lab.sql("SELECT v FROM t ORDER BY id")?,
+        open.query(read, Duration::from_secs(10))?,
         "a\nb",
         "nothing passes while the agent is down"
     );
