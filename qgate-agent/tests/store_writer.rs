@@ -260,6 +260,7 @@ fn gaps_undecodable_bytes_cancels_and_encryption_are_recorded_against_their_conn
         WireEvent::CancelRequested {
             conn: ConnId(2),
             backend_pid: 4242,
+            secret_key: vec![0, 0, 0, 1],
             at: T0 + 5,
         },
     ] {

@@ -568,3 +568,42 @@ fn plain_reads_pass_in_the_kernel_without_a_decision() -> Result<()> {
     assert_eq!(stored, 2000, "every read is still captured and stored");
     Ok(())
 }
+
+#[test]
+fn a_cancel_request_with_a_wrong_key_withdraws_nothing() -> Result<()> {
+    let (lab, token) = gated_lab("gbadkey")?;
+    let psql = lab.psql_spawn(
+        "postgres",
+        "dbname=postgres application_name=victim",
+        &["-c", "DROP TABLE t"],
+    )?;
+    let (_, id) = pending_with_id(&lab, &token)?;
+    let pid: u32 = lab
+        .sql("SELECT pid FROM pg_stat_activity WHERE application_name = 'victim'")?
+        .parse()
+        .context("the held backend's pid")?;
+    // A CancelRequest (protocol 3.0: length 16, code 80877102, pid, key)
+    // naming the held backend with a key that is not its own.
+    let mut raw = lab.connect_from_client(
+        std::net::SocketAddr::new(lab.server_ip.into(), qgate_e2e::PG_PORT),
+        Duration::from_secs(5),
+    )?;
+    let mut cancel = Vec::new();
+    cancel.extend_from_slice(&16u32.to_be_bytes());
+    cancel.extend_from_slice(&80_877_102u32.to_be_bytes());
+    cancel.extend_from_slice(&pid.to_be_bytes());
+    cancel.extend_from_slice(&0x5eed_f00du32.to_be_bytes());
+    std::io::Write::write_all(&mut raw, &cancel)?;
+    drop(raw);
+    std::thread::sleep(Duration::from_millis(1500));
+    let shown = lab.requests(&token, &["show", &id.to_string()])?;
+    assert_eq!(
+        shown["status"], "pending",
+        "a forged cancel ended it: {shown}"
+    );
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (ok, _, err) = finish(psql, Duration::from_secs(10))?;
+    assert!(!ok && err.contains("qgate"), "{err}");
+    assert!(table_exists(&lab)?);
+    Ok(())
+}

@@ -494,10 +494,21 @@ impl Gate {
                     self.kernel.forget(&flow);
                 }
             }
-            WireEvent::CancelRequested { backend_pid, .. } => {
-                if self.stopped.contains_key(backend_pid) {
-                    self.withdraw_backend(*backend_pid, "the client cancelled it");
-                } else if let Some(flow) = tracker
+            WireEvent::CancelRequested {
+                backend_pid,
+                secret_key,
+                ..
+            } => {
+                // Only what the server would honour ends a request. A
+                // stopped backend is left to the server: it checks the key
+                // and signals the backend, and the pending SIGINT withdraws
+                // the request (`watch_stopped`).
+                if self.stopped.contains_key(backend_pid)
+                    || !tracker.cancel_key_matches(*backend_pid, secret_key)
+                {
+                    return;
+                }
+                if let Some(flow) = tracker
                     .backend_connection(*backend_pid)
                     .and_then(|c| tracker.flow(c))
                 {

@@ -522,6 +522,7 @@ fn apply(
             conn,
             backend_pid,
             at,
+            ..
         } => {
             return capture_event(
                 tx,

@@ -140,6 +140,10 @@ pub enum WireEvent {
     CancelRequested {
         conn: ConnId,
         backend_pid: u32,
+        /// The key it presents: only the right one ends anything (the
+        /// server ignores a wrong one). Kept out of the record.
+        #[serde(skip)]
+        secret_key: Vec<u8>,
         at: UnixNanos,
     },
     /// Bytes that are not PostgreSQL protocol, or a broken stream; decoding of

@@ -207,10 +207,14 @@ impl Session {
             FrontendMessage::SslRequest | FrontendMessage::GssEncRequest => {
                 self.awaiting_encryption_answer = true;
             }
-            FrontendMessage::CancelRequest { backend_pid, .. } => {
+            FrontendMessage::CancelRequest {
+                backend_pid,
+                secret_key,
+            } => {
                 out.push(WireEvent::CancelRequested {
                     conn,
                     backend_pid,
+                    secret_key: secret_key.to_vec(),
                     at,
                 });
             }
