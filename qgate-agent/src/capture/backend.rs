@@ -97,12 +97,7 @@ impl PortInfo {
                 }
                 AF_INET6 => {
                     let ip: [u8; 16] = port.get(at + 8..at + 24)?.try_into().ok()?;
-                    let v6 = Ipv6Addr::from(ip);
-                    let ip = v6
-                        .to_ipv4_mapped()
-                        .map(IpAddr::V4)
-                        .unwrap_or(IpAddr::V6(v6));
-                    Some(SocketAddr::new(ip, num))
+                    Some(SocketAddr::new(super::unmapped(Ipv6Addr::from(ip)), num))
                 }
                 AF_UNIX => None,
                 _ => return None,

@@ -8,7 +8,6 @@
 //! `secure_read`, `secure_write` and `PostmasterPid` (PostgreSQL 12–17 do).
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    mem::size_of,
     os::{fd::AsFd, fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -26,7 +25,7 @@ use object::{Object, ObjectSymbol};
 use qgate_common::{hook, maps, HookEvent, ManagedServer, MAX_MANAGED_SERVERS};
 use tracing::{info, warn};
 
-use super::kernel::CaptureError;
+use super::kernel::{split_record, CaptureError};
 
 /// The hook's programs: (program, function, return probe).
 const PROBES: &[(&str, &str, bool)] = &[
@@ -104,15 +103,7 @@ impl ServerHook {
     /// the process-exit tracepoint; binaries are attached by [`Self::discover`].
     pub fn load(ebpf: &mut Ebpf, pins: &Path) -> Result<Self, CaptureError> {
         for (name, _, _) in PROBES {
-            let program: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Program {
-                    name,
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(program_err(name))?;
-            program.load().map_err(program_err(name))?;
+            uprobe(ebpf, name)?.load().map_err(program_err(name))?;
         }
         let exit: &mut RawTracePoint = ebpf
             .program_mut(EXIT_PROGRAM)
@@ -232,14 +223,7 @@ impl ServerHook {
                 // would leave a moment with no probe, or two).
                 continue;
             }
-            let program: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Program {
-                    name,
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(program_err(name))?;
+            let program = uprobe(ebpf, name)?;
             let id = program
                 .attach(*function, binary, UProbeScope::AllProcesses)
                 .map_err(program_err(name))?;
@@ -265,23 +249,27 @@ impl ServerHook {
     pub fn drain(&mut self, sink: &mut impl FnMut(HookRecord)) -> usize {
         let mut delivered = 0;
         while let Some(item) = self.ring.next() {
-            let record: &[u8] = &item;
-            if record.len() < size_of::<HookEvent>() {
-                warn!(len = record.len(), "short hook record ignored");
+            let Some((h, data)) = split_record::<HookEvent>(&item, |h| h.chunk_len) else {
                 continue;
-            }
-            // SAFETY: the record starts with a HookEvent written by the program.
-            let h: HookEvent =
-                unsafe { std::ptr::read_unaligned(record.as_ptr() as *const HookEvent) };
-            let start = size_of::<HookEvent>();
-            let end = (start + h.chunk_len as usize).min(record.len());
-            assemble(&mut self.partial, &h, &record[start..end], &mut |r| {
+            };
+            assemble(&mut self.partial, &h, data, &mut |r| {
                 delivered += 1;
                 sink(r)
             });
         }
         delivered
     }
+}
+
+/// The loaded object's uprobe program `name`.
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, CaptureError> {
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(program_err(name))
 }
 
 /// Attaches the process-exit tracepoint and pins its link.
@@ -529,13 +517,10 @@ pub fn existing_backends(postmaster: u32) -> Vec<(u32, ClientSocket)> {
     found
 }
 
-/// IPv4-mapped IPv6 addresses as IPv4, as the wire stage names them.
+/// An address with an IPv4-mapped IPv6 ip made IPv4.
 fn unmapped(a: std::net::SocketAddr) -> std::net::SocketAddr {
     match a.ip() {
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => std::net::SocketAddr::new(v4.into(), a.port()),
-            None => a,
-        },
+        std::net::IpAddr::V6(v6) => std::net::SocketAddr::new(super::unmapped(v6), a.port()),
         _ => a,
     }
 }

@@ -2,7 +2,7 @@
 //! records back into [`Segment`]s.
 use std::{
     mem::size_of,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     time::Duration,
 };
@@ -394,18 +394,9 @@ impl KernelCapture {
             delivered += hook.drain(&mut |r| sink(Captured::Hook(r)));
         }
         while let Some(item) = self.ring.next() {
-            let record: &[u8] = &item;
-            if record.len() < size_of::<SegmentEvent>() {
-                warn!(len = record.len(), "short ring-buffer record ignored");
+            let Some((header, data)) = split_record::<SegmentEvent>(&item, |h| h.chunk_len) else {
                 continue;
-            }
-            // SAFETY: the record starts with a SegmentEvent written by the program;
-            // read_unaligned copes with the ring's 8-byte alignment either way.
-            let header: SegmentEvent =
-                unsafe { std::ptr::read_unaligned(record.as_ptr() as *const SegmentEvent) };
-            let data_start = size_of::<SegmentEvent>();
-            let data_end = (data_start + header.chunk_len as usize).min(record.len());
-            let data = &record[data_start..data_end];
+            };
             self.assembler.assemble(&header, data, &mut |seg| {
                 delivered += 1;
                 sink(Captured::Segment(seg))
@@ -479,15 +470,27 @@ fn same_segment(seg: &Segment, h: &SegmentEvent) -> bool {
     seg.seq == h.seq && seg.flow == flow_from_key(&h.flow)
 }
 
+/// A ring-buffer record as its header `H` (written by a program) and the
+/// `chunk_len(header)` bytes after it; `None` (logged) for a short record.
+pub(super) fn split_record<H: aya::Pod>(
+    record: &[u8],
+    chunk_len: impl Fn(&H) -> u32,
+) -> Option<(H, &[u8])> {
+    if record.len() < size_of::<H>() {
+        warn!(len = record.len(), "short ring-buffer record ignored");
+        return None;
+    }
+    // SAFETY: the record starts with an `H` written by the program;
+    // read_unaligned copes with the ring's 8-byte alignment either way.
+    let header: H = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const H) };
+    let start = size_of::<H>();
+    let end = (start + chunk_len(&header) as usize).min(record.len());
+    Some((header, &record[start..end]))
+}
+
 /// IPv4-mapped addresses come back as IPv4.
 pub fn flow_from_key(k: &FlowKey) -> Flow {
-    let ip = |a: [u8; 16]| {
-        let v6 = Ipv6Addr::from(a);
-        match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        }
-    };
+    let ip = |a: [u8; 16]| super::unmapped(Ipv6Addr::from(a));
     Flow {
         client: SocketAddr::new(ip(k.client_addr), k.client_port),
         server: SocketAddr::new(ip(k.server_addr), k.server_port),

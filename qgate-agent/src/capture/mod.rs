@@ -6,7 +6,12 @@ pub mod hook;
 pub mod kernel;
 pub mod pcap;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+/// An IPv4-mapped IPv6 address as IPv4, as the wire stage names addresses.
+pub fn unmapped(ip: Ipv6Addr) -> IpAddr {
+    ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4)
+}
 
 /// Which way a segment travels, relative to the database server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]

@@ -236,7 +236,7 @@ impl Gate {
                 std::io::Error::last_os_error()
             );
         }
-        self.stats.released_bytes += 1;
+        self.stats.backends_resumed += 1;
     }
 
     /// Rewrites a refused message in the stopped backend so the server

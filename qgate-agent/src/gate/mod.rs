@@ -85,6 +85,8 @@ pub struct GateStats {
     pub denied: u64,
     pub released_bytes: u64,
     pub inject_errors: u64,
+    /// Stopped backends sent SIGCONT (server hook).
+    pub backends_resumed: u64,
 }
 
 pub struct Gate {
