@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
+    catalog::{self, Catalogs},
     capture::{
         backend::{BackendStep, BackendStreams, PortInfo},
         hook::{existing_backends, postmaster_of, HookKind, Postmaster},
@@ -159,6 +160,13 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     for pm in servers_before_gate {
         take_over_sessions(&mut gate, &pm, |_| false);
     }
+    let catalogs = (enforcing && config.catalog.enabled).then(|| {
+        let catalogs = Catalogs::start(decisions.waker());
+        catalogs.set_server(catalog_server(&config.capture.ports));
+        gate.use_catalogs(catalogs.clone());
+        catalogs
+    });
+    let mut catalog_generation = 0;
     gate.refuse_encrypted_sessions(enforcing && config.gate.unreadable == Unreadable::Refuse);
     let recovered = gate.recover();
     if recovered > 0 {
@@ -176,6 +184,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut policy_generation = policy.generation();
     let mut last_beat = Instant::now();
     let mut last_scan = Instant::now();
+    let mut last_catalog_look = Instant::now();
     // Backends of servers this agent does not gate, met before it knew.
     let mut disowned = std::collections::HashSet::new();
     let mut rescan_now = false;
@@ -252,6 +261,17 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
             for pm in fresh {
                 take_over_sessions(&mut gate, &pm, |pid| backends.flow_of(pid).is_some());
+            }
+        }
+        if let Some(catalogs) = &catalogs {
+            if last_catalog_look.elapsed() >= CATALOG_SERVER_LOOK {
+                last_catalog_look = Instant::now();
+                catalogs.set_server(catalog_server(&config.capture.ports));
+            }
+            let generation = catalogs.generation();
+            if generation != catalog_generation {
+                catalog_generation = generation;
+                gate.catalogs_changed(pipeline.tracker_mut());
             }
         }
         decisions.quiet();
@@ -346,6 +366,24 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     Ok(())
 }
 
+/// How often the agent looks for the server whose catalogs it reads.
+const CATALOG_SERVER_LOOK: Duration = Duration::from_secs(2);
+
+/// The gated PostgreSQL server whose catalogs the gate reads: the first
+/// postmaster (by port order in the configuration) in this network namespace.
+fn catalog_server(ports: &[u16]) -> Option<catalog::load::Server> {
+    let mut postmasters = crate::capture::hook::find_postmasters(ports);
+    postmasters.sort_by_key(|pm| ports.iter().position(|p| *p == pm.port));
+    let pm = postmasters.first()?;
+    match catalog::load::Server::of_postmaster(pm.pid, &pm.data_dir, pm.port) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            warn!(pid = pm.pid, "catalog reader: {e}");
+            None
+        }
+    }
+}
+
 /// An eventfd that becomes readable whenever a request event is published.
 struct DecisionBell {
     fd: std::sync::Arc<std::os::fd::OwnedFd>,
@@ -382,6 +420,17 @@ impl DecisionBell {
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.fd.as_fd()
+    }
+
+    /// Rings the bell from elsewhere (the catalog reader's thread).
+    fn waker(&self) -> Box<dyn Fn() + Send + Sync> {
+        let fd = self.fd.clone();
+        Box::new(move || {
+            use std::os::fd::AsRawFd;
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: 8 bytes to an eventfd kept alive by `fd`.
+            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr() as *const _, 8) };
+        })
     }
 
     /// Resets the counter (the events themselves are read elsewhere).

@@ -38,6 +38,25 @@ pub struct Config {
     pub gate: GateConfig,
     #[serde(default)]
     pub server_hook: ServerHookConfig,
+    #[serde(default)]
+    pub catalog: CatalogConfig,
+}
+
+/// Reading each database's catalog for what can run user code.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// Read the catalog of every database the gated server's sessions use
+    /// (over its Unix socket, as the user the server runs as) and hold what
+    /// reaches user code. Off: user functions, operators, casts, views and
+    /// triggers are judged by name only, and the kernel passes plain reads.
+    pub enabled: bool,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        CatalogConfig { enabled: true }
+    }
 }
 
 /// The second capture point, inside the PostgreSQL servers.

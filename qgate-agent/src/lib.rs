@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod api;
 pub mod capture;
+pub mod catalog;
 pub mod classify;
 pub mod cli;
 pub mod config;

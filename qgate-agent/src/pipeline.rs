@@ -78,6 +78,9 @@ impl Pipeline {
         self.tracker.on_segment(seg, &mut self.events);
         for event in self.events.drain(..) {
             inspect(&self.tracker, &event);
+            if matches!(event, WireEvent::ServerReport { .. }) {
+                continue;
+            }
             self.summary.count(&event);
             self.writer.send(event);
         }

@@ -198,6 +198,8 @@ fn tracker_events(segments: &[Segment]) -> Vec<WireEvent> {
     }
     let end = segments.last().map_or(0, |s| s.at);
     tracker.close_all(end, &mut events);
+    // Session reports are for the gate, never stored.
+    events.retain(|e| !matches!(e, WireEvent::ServerReport { .. }));
     events
 }
 

@@ -551,7 +551,7 @@ impl Lab {
 
     /// psql connected to the lab's server `via` a transport;
     /// `-v ON_ERROR_STOP=0` so a failing statement in a script does not end it.
-    fn psql_command(&self, via: Via, user: &str, db: &str, args: &[&str]) -> Command {
+    pub fn psql_command(&self, via: Via, user: &str, db: &str, args: &[&str]) -> Command {
         let mut cmd = self.client_command(via, "psql");
         cmd.args(["-U", user, "-d", db, "-X", "-q", "-v", "ON_ERROR_STOP=0"])
             .args(args);
@@ -629,7 +629,7 @@ impl Lab {
     }
 
     /// pgbench `via` a transport as postgres on database postgres.
-    fn pgbench_command(&self, via: Via, args: &[&str]) -> Command {
+    pub fn pgbench_command(&self, via: Via, args: &[&str]) -> Command {
         let mut cmd = self.client_command(via, "pgbench");
         cmd.args(["-U", "postgres"]).args(args).arg("postgres");
         cmd

@@ -115,10 +115,14 @@ pub enum Flag {
     /// SET search_path (or MySQL USE): later unqualified table names may
     /// resolve to other schemas than the policy's `search_path` assumes.
     SearchPathChange,
+    /// Calls code a user wrote (a function, or an operator, cast, type,
+    /// view, rule, trigger or policy that calls one), as the database's
+    /// catalog says (`catalog`); also set when the catalog cannot be read.
+    UserCode,
 }
 
 impl Flag {
-    pub const ALL: [Flag; 18] = [
+    pub const ALL: [Flag; 19] = [
         Flag::AllRows,
         Flag::WriteInCte,
         Flag::ExplainAnalyze,
@@ -137,6 +141,7 @@ impl Flag {
         Flag::ServerAccess,
         Flag::TerminatesSession,
         Flag::SearchPathChange,
+        Flag::UserCode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -159,6 +164,7 @@ impl Flag {
             Flag::ServerAccess => "server_access",
             Flag::TerminatesSession => "terminates_session",
             Flag::SearchPathChange => "search_path_change",
+            Flag::UserCode => "user_code",
         }
     }
 
@@ -275,6 +281,36 @@ impl Serialize for TableName {
     }
 }
 
+/// What in a statement names code besides function calls: the catalog
+/// matches these against the database's user code (`catalog`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CodeRefs {
+    /// Operator symbols, including those the grammar implies (`LIKE` is
+    /// `~~`, `IN` and `CASE x WHEN` are `=`, `BETWEEN` is `>=` and `<=`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<String>,
+    /// Types converted to: casts (`::t`, `CAST(… AS t)`) and typed literals (`t '…'`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+    /// Last names of qualified references (`t.f`): a one-argument function
+    /// may be called this way.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<String>,
+    /// The user code these reach in the session's database, as its catalog
+    /// says (set by the gate, with [`Flag::UserCode`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<String>,
+}
+
+impl CodeRefs {
+    pub fn is_empty(&self) -> bool {
+        self.operators.is_empty()
+            && self.types.is_empty()
+            && self.attributes.is_empty()
+            && self.runs.is_empty()
+    }
+}
+
 /// The facts of one statement.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StatementFacts {
@@ -291,6 +327,9 @@ pub struct StatementFacts {
     /// Settings assigned by SET (lower case).
     pub settings: Vec<String>,
     pub flags: Flags,
+    /// Operators, cast types and attribute names: what else may call code.
+    #[serde(skip_serializing_if = "CodeRefs::is_empty")]
+    pub code: CodeRefs,
     /// Why the statement is [`Kind::Unknown`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -307,6 +346,7 @@ impl StatementFacts {
             functions: Vec::new(),
             settings: Vec::new(),
             flags: Flags::default(),
+            code: CodeRefs::default(),
             error: Some(error),
         }
     }

@@ -15,7 +15,7 @@ mod split;
 mod truth;
 mod walk;
 
-pub use facts::{Flag, Flags, Kind, StatementFacts, TableName};
+pub use facts::{CodeRefs, Flag, Flags, Kind, StatementFacts, TableName};
 pub use fingerprint::Fingerprint;
 pub use functions::is_known_safe_function;
 
@@ -66,6 +66,16 @@ pub struct Classification {
 }
 
 impl Classification {
+    /// One statement qgate will not read, and why.
+    pub fn unknown(sql: &str, dialect: Dialect, why: String) -> Classification {
+        Classification {
+            dialect,
+            fingerprint: None,
+            statements: vec![StatementFacts::unknown(sql.to_owned(), String::new(), why)],
+            depends_on_literals: false,
+        }
+    }
+
     /// True when any statement is [`Kind::Unknown`].
     pub fn has_unknown(&self) -> bool {
         self.statements.iter().any(|s| s.kind == Kind::Unknown)

@@ -7,16 +7,16 @@ use std::{borrow::Cow, ops::ControlFlow};
 
 use sqlparser::{
     ast::{
-        CopySource, CopyTarget, Delete, Expr, FromTable, MergeClauseKind, ObjectName,
+        BinaryOperator, CopySource, CopyTarget, Delete, Expr, FromTable, MergeClauseKind, ObjectName,
         ObjectNamePart, ObjectType, Query, Select, Set, SetExpr, Statement, TableFactor,
-        TableObject, TableWithJoins, Update, UtilityOption, Value, Visit, Visitor,
+        TableObject, TableWithJoins, UnaryOperator, Update, UtilityOption, Value, Visit, Visitor,
     },
     parser::Parser,
     tokenizer::TokenWithSpan,
 };
 
 use super::{
-    facts::{Flag, Flags, Kind, StatementFacts, TableName},
+    facts::{CodeRefs, Flag, Flags, Kind, StatementFacts, TableName},
     functions::is_safety_setting,
     split::{segments, LineIndex, Segment},
     truth::Condition,
@@ -184,6 +184,10 @@ pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, b
             let mut flags = head.flags.union(collector.flags);
             let depends_on_literals = collector.depends_on_literals || head.depends_on_literals;
             let functions = dedup(std::mem::take(&mut collector.functions));
+            let mut code = std::mem::take(&mut collector.code);
+            code.operators = dedup(code.operators);
+            code.types = dedup(code.types);
+            code.attributes = dedup(code.attributes);
             let kind = match head.kind {
                 // A read that writes (writable CTE, DECLARE … FOR DELETE) is a write.
                 Kind::Read | Kind::Utility | Kind::Explain | Kind::Session
@@ -207,6 +211,7 @@ pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, b
                 functions,
                 settings: head.settings,
                 flags,
+                code,
                 error: (kind == Kind::Unknown).then(|| {
                     head.unknown_because
                         .unwrap_or("statement type not classified")
@@ -678,6 +683,30 @@ pub(crate) fn function_name(name: &ObjectName) -> String {
     out
 }
 
+/// An operator's symbol as the catalog names it (`OPERATOR(s.===)` → `===`).
+fn operator_name(op: &BinaryOperator) -> String {
+    match op {
+        BinaryOperator::PGCustomBinaryOperator(parts) => parts.last().cloned().unwrap_or_default(),
+        BinaryOperator::Custom(symbol) => symbol.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A type's name as written, lower case, without modifiers or array brackets.
+fn type_name(data_type: &sqlparser::ast::DataType) -> String {
+    let text = data_type.to_string().to_lowercase();
+    let text = text.split('(').next().unwrap_or(&text);
+    text.trim_end_matches("[]").trim().trim_matches('"').to_string()
+}
+
+fn ident_name(ident: &sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
 fn table_name(name: &ObjectName) -> TableName {
     TableName {
         parts: name
@@ -746,6 +775,7 @@ struct Collector {
     touched_in_ddl: Vec<TableName>,
     written: Vec<TableName>,
     functions: Vec<String>,
+    code: CodeRefs,
     flags: Flags,
     writes_seen: bool,
     depends_on_literals: bool,
@@ -764,6 +794,7 @@ impl Collector {
             touched_in_ddl: Vec::new(),
             written: Vec::new(),
             functions: Vec::new(),
+            code: CodeRefs::default(),
             flags: Flags::default(),
             writes_seen: false,
             depends_on_literals: false,
@@ -1060,8 +1091,46 @@ impl Visitor for Collector {
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(function) = expr {
-            self.functions.push(function_name(&function.name));
+        let ops = &mut self.code.operators;
+        match expr {
+            Expr::Function(function) => self.functions.push(function_name(&function.name)),
+            Expr::BinaryOp { op, .. } => ops.push(operator_name(op)),
+            Expr::AnyOp { compare_op, .. } | Expr::AllOp { compare_op, .. } => {
+                ops.push(operator_name(compare_op))
+            }
+            Expr::UnaryOp { op, .. } => {
+                if !matches!(op, UnaryOperator::Not) {
+                    ops.push(op.to_string());
+                }
+            }
+            Expr::Like { negated, .. } => ops.push(if *negated { "!~~" } else { "~~" }.into()),
+            Expr::ILike { negated, .. } => ops.push(if *negated { "!~~*" } else { "~~*" }.into()),
+            Expr::SimilarTo { negated, .. } | Expr::RLike { negated, .. } => {
+                ops.push(if *negated { "!~" } else { "~" }.into())
+            }
+            Expr::Between { .. } => ops.extend([">=".into(), "<=".into()]),
+            Expr::In { negated, .. } => {
+                ops.push(if *negated { "<>" } else { "=" }.into())
+            }
+            Expr::IsDistinctFrom(..) | Expr::IsNotDistinctFrom(..) => ops.push("=".into()),
+            Expr::Case { operand: Some(_), .. } => ops.push("=".into()),
+            Expr::Cast { data_type, .. } | Expr::Convert { data_type: Some(data_type), .. } => {
+                self.code.types.push(type_name(data_type))
+            }
+            Expr::TypedString(typed) => self.code.types.push(type_name(&typed.data_type)),
+            Expr::CompoundIdentifier(parts) if parts.len() > 1 => {
+                if let Some(last) = parts.last() {
+                    self.code.attributes.push(ident_name(last));
+                }
+            }
+            Expr::CompoundFieldAccess { access_chain, .. } => {
+                for access in access_chain {
+                    if let sqlparser::ast::AccessExpr::Dot(Expr::Identifier(ident)) = access {
+                        self.code.attributes.push(ident_name(ident));
+                    }
+                }
+            }
+            _ => {}
         }
         ControlFlow::Continue(())
     }

@@ -144,6 +144,16 @@ impl Gate {
             self.resume(read.pid);
             return;
         }
+        let needs_catalog = messages.iter().any(|m| {
+            m.sql
+                .as_ref()
+                .is_some_and(|s| s.carrier != SqlCarrier::Startup)
+        });
+        if needs_catalog && self.catalog_pending(&flow) {
+            // The backend stays stopped until its database's catalog is read.
+            self.deferred.insert(flow, (read, messages));
+            return;
+        }
         for m in messages {
             let Some(sql) = m.sql else {
                 continue;

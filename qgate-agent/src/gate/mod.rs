@@ -37,15 +37,16 @@ use self::{
 };
 use crate::{
     api::{metrics, RequestBoard, RequestEvent, RequestEventKind},
+    catalog::{Catalogs, Lookup},
     capture::backend::StoppedRead,
     capture::{Direction, Flow, Segment},
-    classify::Dialect,
+    classify::{Classification, Dialect, Flag, Kind},
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::{
         HookHold, Identity as RequestIdentity, NewRequest, RequestFilter, RequestStatus,
         TransactionState,
     },
-    wire::{ClientMessage, ConnId, Identity, SqlCarrier, Tracker, WireEvent},
+    wire::{ClientMessage, ConnId, Identity, ServerReport, SqlCarrier, Tracker, WireEvent},
 };
 
 /// What a pending SQL message needs to be decided and reported.
@@ -66,6 +67,71 @@ struct ConnInfo {
     refused: bool,
     /// StartupMessage settings beyond the identity (judged as `SET`s).
     settings: Vec<(String, String)>,
+    /// The policy's mode for it (the kernel may be told a stricter one).
+    mode: Option<policy::GateMode>,
+    /// How the server reads this session's text, as far as qgate can model it.
+    lexing: Lexing,
+    /// A statement that may change the schema ran in the transaction still
+    /// open: its uncommitted objects are invisible to the catalog reader.
+    schema_changed: bool,
+    /// The agent's own catalog session (its one-time token was presented).
+    own: bool,
+}
+
+/// Session settings that change how the server splits statement text.
+#[derive(Clone, Debug, Default)]
+struct Lexing {
+    /// `client_encoding` whose multibyte characters may contain `\` or `'`
+    /// bytes (SJIS, BIG5, GBK, GB18030, JOHAB, UHC), or one not known.
+    encoding: Option<String>,
+    /// `standard_conforming_strings = off`: backslashes escape in '…'.
+    backslashes: bool,
+}
+
+impl Lexing {
+    /// Why the session's reading of `text` may differ from qgate's.
+    fn unmodelled(&self, text: &str) -> Option<String> {
+        if let Some(enc) = &self.encoding {
+            if !text.is_ascii() {
+                return Some(format!(
+                    "the session's client_encoding {enc} may read these non-ASCII bytes \
+                     differently from qgate (a multibyte character can hide a quote or backslash)"
+                ));
+            }
+        }
+        if self.backslashes && text.contains('\\') {
+            return Some(
+                "standard_conforming_strings is off in this session: backslashes in \
+                 strings escape, which qgate does not model"
+                    .into(),
+            );
+        }
+        None
+    }
+
+    fn any(&self) -> bool {
+        self.encoding.is_some() || self.backslashes
+    }
+}
+
+/// Client encodings whose every byte ≥ 0x80 starts or continues a character
+/// that contains no ASCII byte: text in them splits like qgate splits it.
+fn encoding_is_modelled(name: &str) -> bool {
+    let n: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    matches!(
+        n.as_str(),
+        "UTF8" | "UNICODE" | "SQLASCII" | "LATIN1" | "LATIN2" | "LATIN3" | "LATIN4" | "LATIN5"
+            | "LATIN6" | "LATIN7" | "LATIN8" | "LATIN9" | "LATIN10" | "ISO88591" | "ISO88592"
+            | "ISO88593" | "ISO88594" | "ISO88595" | "ISO88596" | "ISO88597" | "ISO88598"
+            | "ISO88599" | "ISO885910" | "ISO885913" | "ISO885914" | "ISO885915" | "ISO885916"
+            | "WIN1250" | "WIN1251" | "WIN1252" | "WIN1253" | "WIN1254" | "WIN1255" | "WIN1256"
+            | "WIN1257" | "WIN1258" | "WIN866" | "WIN874" | "KOI8R" | "KOI8U" | "EUCJP"
+            | "EUCCN" | "EUCKR" | "EUCTW" | "EUCJIS2004" | "MULEINTERNAL"
+    )
 }
 
 /// A session the server hook reads.
@@ -136,6 +202,10 @@ pub struct Gate {
     /// Server hook: TCP sessions connected before their server became gated
     /// (the wire path gates them), by connection, with their backend.
     before_hook: HashMap<Flow, u32>,
+    /// Each database's user code (`None`: not read, `catalog.enabled = false`).
+    catalogs: Option<Catalogs>,
+    /// Server hook: stopped reads waiting for their database's catalog.
+    deferred: HashMap<Flow, (StoppedRead, Vec<ClientMessage>)>,
     stats: GateStats,
 }
 
@@ -151,6 +221,24 @@ const INCOMPLETE: &str = "-- qgate: statement not seen whole\n(";
 /// function run by OID, with no SQL to read): qgate does not resolve the
 /// OID yet, so it is judged as a statement qgate does not understand.
 const FUNCTION_CALL: &str = "-- qgate: FunctionCall by OID, not resolved\n(";
+
+/// The database a session works in (PostgreSQL's default: the user's name).
+fn database_of(subject: &Subject) -> String {
+    subject
+        .database
+        .clone()
+        .or_else(|| subject.user.clone())
+        .unwrap_or_default()
+}
+
+/// A FunctionCall judged as the call it is: `SELECT schema.name()` for the
+/// function its OID names; `None` when the OID is unknown (then held).
+fn function_call_text(view: &crate::catalog::CatalogView, text: &str) -> Option<String> {
+    let oid: u32 = text.rsplit(' ').next()?.trim().parse().ok()?;
+    let (schema, name, _) = view.function_by_oid(oid)?;
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    Some(format!("SELECT {}.{}()", quote(schema), quote(name)))
+}
 
 fn subject_of(identity: &Identity, flow: &Flow) -> Subject {
     Subject {
@@ -204,8 +292,15 @@ impl Gate {
             before_hook: HashMap::new(),
             orphan_suspects: std::collections::HashSet::new(),
             refuse_encrypted_sessions: false,
+            catalogs: None,
+            deferred: HashMap::new(),
             stats: GateStats::default(),
         }
+    }
+
+    /// Judge with each database's catalog (user code, FunctionCall by OID).
+    pub fn use_catalogs(&mut self, catalogs: Catalogs) {
+        self.catalogs = Some(catalogs);
     }
 
     /// Takes over the requests a previous agent left pending (it was killed
@@ -249,21 +344,96 @@ impl Gate {
     /// A new policy is in force: re-judge every known connection's mode.
     pub fn refresh_modes(&mut self) {
         let policy = self.policy.current();
-        for (flow, info) in self.conns.iter_mut() {
+        let flows: Vec<Flow> = self.conns.keys().copied().collect();
+        for flow in flows {
+            let Some(info) = self.conns.get_mut(&flow) else {
+                continue;
+            };
             let mode = if self.enforcing {
                 policy::needs_gate(&policy, &info.subject)
             } else {
                 policy::GateMode::Monitor
             };
             info.refused = mode == policy::GateMode::DenyConnection;
-            let set = match self.hooked.get(flow) {
-                Some(session) => self.kernel.set_backend_mode(session.pid, kernel_mode(mode)),
-                None => self.kernel.set_mode(flow, kernel_mode(mode)),
-            };
-            if let Err(e) = set {
-                warn!("setting the gate mode of {flow:?}: {e}");
+            info.mode = Some(mode);
+            self.apply_mode(&flow);
+        }
+    }
+
+    /// Tells the kernel the connection's mode: the policy's, made stricter
+    /// (every statement to the agent) where the kernel's fast path cannot be
+    /// proved safe for this session: the database's catalog not read, or
+    /// holding user code a plain SELECT can reach; text the session reads
+    /// in a way qgate does not model; an uncommitted schema change.
+    fn apply_mode(&mut self, flow: &Flow) {
+        let Some(info) = self.conns.get(flow) else {
+            return;
+        };
+        if info.own {
+            return;
+        }
+        let mode = info.mode.unwrap_or(policy::GateMode::Monitor);
+        let mode = if mode == policy::GateMode::GateRisky && !self.fast_path_allowed(info) {
+            GateMode::GateAll
+        } else {
+            kernel_mode(mode)
+        };
+        let set = match self.hooked.get(flow) {
+            Some(session) => self.kernel.set_backend_mode(session.pid, mode),
+            None => self.kernel.set_mode(flow, mode),
+        };
+        if let Err(e) = set {
+            warn!("setting the gate mode of {flow:?}: {e}");
+        }
+    }
+
+    fn fast_path_allowed(&self, info: &ConnInfo) -> bool {
+        let Some(catalogs) = &self.catalogs else {
+            return true;
+        };
+        if info.lexing.any() || info.schema_changed {
+            return false;
+        }
+        match catalogs.lookup(&database_of(&info.subject)) {
+            Lookup::Ready(view) => view.fast_path_safe(),
+            _ => false,
+        }
+    }
+
+    /// A catalog read ended: decide what waited for it, and let the kernel
+    /// pass plain reads again where the database allows.
+    pub fn catalogs_changed(&mut self, tracker: &mut Tracker) {
+        let deferred: Vec<Flow> = self.deferred.keys().copied().collect();
+        for flow in deferred {
+            if let Some((read, messages)) = self.deferred.remove(&flow) {
+                self.stopped_reads.insert(flow, read);
+                self.decide_stopped(flow, messages);
             }
         }
+        let flows: Vec<Flow> = self.streams.keys().copied().collect();
+        for flow in flows {
+            self.advance(&flow, tracker);
+        }
+        let conns: Vec<Flow> = self.conns.keys().copied().collect();
+        for flow in conns {
+            self.apply_mode(&flow);
+        }
+    }
+
+    /// True while `flow`'s database catalog is being read (its statements wait).
+    fn catalog_pending(&self, flow: &Flow) -> bool {
+        let (Some(catalogs), true) = (&self.catalogs, self.enforcing) else {
+            return false;
+        };
+        let Some(info) = self.conns.get(flow) else {
+            return false;
+        };
+        !info.own
+            && !info.refused
+            && matches!(
+                catalogs.lookup(&database_of(&info.subject)),
+                Lookup::Pending
+            )
     }
 
     /// Connections with held bytes or undecided statements, and stopped backends.
@@ -281,6 +451,7 @@ impl Gate {
         if let Some(flow) = flow {
             self.hooked.remove(&flow);
             self.stopped_reads.remove(&flow);
+            self.deferred.remove(&flow);
         }
         if let Some(b) = self.stopped.remove(&pid) {
             for w in b.waiting_requests() {
@@ -443,24 +614,26 @@ impl Gate {
                 };
                 let mut subject = subject_of(identity, &flow);
                 subject.client_addr = self.client_of(&flow).map(|a| a.ip());
-                let mode = if self.enforcing {
+                // The agent's own catalog session: a one-time token, over a
+                // Unix socket the server hook reads.
+                let own = self.hooked.get(&flow).is_some_and(|h| h.client.is_none())
+                    && identity.application.as_deref().is_some_and(|app| {
+                        self.catalogs.as_ref().is_some_and(|c| c.consume_token(app))
+                    });
+                let mode = if self.enforcing && !own {
                     policy::needs_gate(&self.policy.current(), &subject)
                 } else {
                     policy::GateMode::Monitor
                 };
-                let set = match self.hooked.get(&flow) {
-                    Some(session) => self.kernel.set_backend_mode(session.pid, kernel_mode(mode)),
-                    None => self.kernel.set_mode(&flow, kernel_mode(mode)),
-                };
-                if let Err(e) = set {
-                    warn!("setting the gate mode of {flow:?}: {e}");
-                }
                 let refused = mode == policy::GateMode::DenyConnection;
                 if refused {
                     info!(
                         ?subject,
                         "connection refused by policy: its statements will be denied"
                     );
+                }
+                if let (Some(catalogs), false) = (&self.catalogs, own || refused) {
+                    catalogs.prefetch(&database_of(&subject));
                 }
                 self.conns.insert(
                     flow,
@@ -469,8 +642,26 @@ impl Gate {
                         subject,
                         refused,
                         settings: identity.settings.clone(),
+                        mode: Some(mode),
+                        lexing: Lexing::default(),
+                        schema_changed: false,
+                        own,
                     },
                 );
+                if own {
+                    if let Some(pid) = self.hooked.get(&flow).map(|h| h.pid) {
+                        // Not followed from here on; resumed with its read.
+                        self.kernel.ignore_backend(pid);
+                    }
+                } else {
+                    self.apply_mode(&flow);
+                }
+            }
+            WireEvent::ServerReport { conn, report } => {
+                let Some(flow) = tracker.flow(*conn) else {
+                    return;
+                };
+                self.server_report(&flow, report);
             }
             WireEvent::Encrypted { conn, .. } => {
                 if let Some(flow) = tracker.flow(*conn) {
@@ -489,6 +680,7 @@ impl Gate {
                     self.withdraw_backend(pid, "the client disconnected");
                 }
                 if let Some(flow) = tracker.flow(*conn) {
+                    self.deferred.remove(&flow);
                     self.before_hook.remove(&flow);
                     self.withdraw(&flow, "the client disconnected");
                     self.conns.remove(&flow);
@@ -518,6 +710,40 @@ impl Gate {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// ParameterStatus and ReadyForQuery: how the session reads text, and
+    /// whether a schema change it made is committed (then visible to the
+    /// catalog reader) or rolled back.
+    fn server_report(&mut self, flow: &Flow, report: &ServerReport) {
+        let Some(info) = self.conns.get_mut(flow) else {
+            return;
+        };
+        match report {
+            ServerReport::Parameter { name, value } => {
+                match name.as_str() {
+                    "client_encoding" => {
+                        info.lexing.encoding =
+                            (!encoding_is_modelled(value)).then(|| value.clone());
+                    }
+                    "standard_conforming_strings" => {
+                        info.lexing.backslashes = !value.eq_ignore_ascii_case("on");
+                    }
+                    _ => return,
+                }
+                self.apply_mode(flow);
+            }
+            ServerReport::Ready { idle } => {
+                if *idle && info.schema_changed {
+                    info.schema_changed = false;
+                    let database = database_of(&info.subject);
+                    if let Some(c) = &self.catalogs {
+                        c.invalidate(&database);
+                    }
+                    self.apply_mode(flow);
+                }
+            }
         }
     }
 
@@ -604,6 +830,10 @@ impl Gate {
                 break;
             }
             let front = front.clone();
+            if front.info.carrier != SqlCarrier::Startup && self.catalog_pending(flow) {
+                // Decided when the database's catalog is read (`catalogs_changed`).
+                break;
+            }
             match self.decide(flow, &front) {
                 Verdict::Allow => {
                     if let Some(s) = self.streams.get_mut(flow) {
@@ -676,20 +906,8 @@ impl Gate {
             return Verdict::Allow;
         }
         let policy = self.policy.current();
-        let judged = if sql.incomplete {
-            INCOMPLETE
-        } else if sql.info.carrier == SqlCarrier::FunctionCall {
-            FUNCTION_CALL
-        } else {
-            sql.info.text.as_str()
-        };
-        let (classification, decision) = self.cache.decide(
-            &policy,
-            &conn.subject,
-            judged,
-            Dialect::Postgresql,
-            self.estimator.as_ref(),
-        );
+        let (classification, decision) = self.classify_and_decide(&conn, sql, &policy);
+        self.note_schema_change(flow, &classification);
         match decision.action {
             Action::Allow | Action::AuditOnly => {
                 self.stats.allowed += 1;
@@ -752,6 +970,111 @@ impl Gate {
                     }
                 }
             }
+        }
+    }
+
+    /// The statement's facts, with what the session and the database's
+    /// catalog add, and the policy's decision on them.
+    fn classify_and_decide(
+        &mut self,
+        conn: &ConnInfo,
+        sql: &PendingSql<SqlInfo>,
+        policy: &std::sync::Arc<policy::Policy>,
+    ) -> (Classification, policy::Decision) {
+        let text = sql.info.text.as_str();
+        if let Some(why) = conn.lexing.unmodelled(text) {
+            let c = Classification::unknown(text, Dialect::Postgresql, why);
+            let d = policy.decide(&conn.subject, &c, self.estimator.as_ref());
+            return (c, d);
+        }
+        let view = match &self.catalogs {
+            None => None,
+            Some(catalogs) => Some(match catalogs.lookup(&database_of(&conn.subject)) {
+                Lookup::Ready(view) => Ok(view),
+                // Asked again after the deadline: decide without it (below).
+                Lookup::Pending => Err("the database's catalog is still being read".to_string()),
+                Lookup::Unavailable(why) => Err(why),
+            }),
+        };
+        let function_call;
+        let judged = if sql.incomplete {
+            INCOMPLETE
+        } else if sql.info.carrier == SqlCarrier::FunctionCall {
+            function_call = view
+                .as_ref()
+                .and_then(|v| v.as_ref().ok())
+                .and_then(|v| function_call_text(v, text));
+            function_call.as_deref().unwrap_or(FUNCTION_CALL)
+        } else {
+            text
+        };
+        let (mut classification, decision) = self.cache.decide(
+            policy,
+            &conn.subject,
+            judged,
+            Dialect::Postgresql,
+            self.estimator.as_ref(),
+        );
+        if judged != text {
+            // The reviewer reads what the client sent.
+            for s in &mut classification.statements {
+                s.sql = text.to_owned();
+            }
+        }
+        let Some(view) = view else {
+            return (classification, decision);
+        };
+        let mut flagged = false;
+        for statement in &mut classification.statements {
+            let mut runs = match &view {
+                Ok(view) => view.user_code(statement, &|f| policy.lists_safe_function(f)),
+                Err(why) if !matches!(statement.kind, Kind::Transaction) => vec![why.clone()],
+                Err(_) => Vec::new(),
+            };
+            if conn.schema_changed && !matches!(statement.kind, Kind::Transaction) {
+                runs.push(
+                    "this session changed the schema in its open transaction; qgate reads \
+                     only committed catalogs"
+                        .into(),
+                );
+            }
+            if !runs.is_empty() {
+                statement.flags.insert(Flag::UserCode);
+                statement.code.runs = runs;
+                flagged = true;
+            }
+        }
+        if !flagged {
+            return (classification, decision);
+        }
+        let decision = policy.decide(&conn.subject, &classification, self.estimator.as_ref());
+        (classification, decision)
+    }
+
+    /// A statement that may create or change what runs user code (DDL, a
+    /// statement qgate does not understand, server-side code): the database's
+    /// catalog is read again, and this session's statements count as user
+    /// code until its transaction ends.
+    fn note_schema_change(&mut self, flow: &Flow, classification: &Classification) {
+        let changes = classification.statements.iter().any(|s| {
+            matches!(
+                s.kind,
+                Kind::Ddl | Kind::Dcl | Kind::Unknown | Kind::Procedural | Kind::Utility
+            ) || s.has(Flag::UserCode)
+        });
+        if !changes {
+            return;
+        }
+        let Some(catalogs) = self.catalogs.clone() else {
+            return;
+        };
+        let Some(info) = self.conns.get_mut(flow) else {
+            return;
+        };
+        catalogs.invalidate(&database_of(&info.subject));
+        if !info.schema_changed {
+            info.schema_changed = true;
+            self.apply_mode(flow);
         }
     }
 

@@ -627,6 +627,11 @@ impl Policy {
         Some(why)
     }
 
+    /// True when the policy's `safe_functions` names this (user) function.
+    pub fn lists_safe_function(&self, name: &str) -> bool {
+        self.safe_functions.iter().any(|g| g.matches(name))
+    }
+
     fn is_safe_function(&self, name: &str) -> bool {
         is_known_safe_function(name) || self.safe_functions.iter().any(|g| g.matches(name))
     }

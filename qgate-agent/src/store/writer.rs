@@ -547,6 +547,8 @@ fn apply(
                 .execute((rows.row, at))?;
             undo.push(Undo::Conn(*conn, Some(rows)));
         }
+        // The gate's only; the pipeline does not send it here.
+        WireEvent::ServerReport { .. } => return Ok(false),
     }
     Ok(true)
 }

@@ -165,4 +165,18 @@ pub enum WireEvent {
         conn: ConnId,
         at: UnixNanos,
     },
+    /// What the server says of the session's state that changes how it
+    /// reads statement text or whether a transaction is open. For the
+    /// gate only: not stored.
+    ServerReport { conn: ConnId, report: ServerReport },
+}
+
+/// See [`WireEvent::ServerReport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "report", rename_all = "snake_case")]
+pub enum ServerReport {
+    /// ParameterStatus of `client_encoding` or `standard_conforming_strings`.
+    Parameter { name: String, value: String },
+    /// ReadyForQuery: idle (no transaction open) or not.
+    Ready { idle: bool },
 }

@@ -14,8 +14,8 @@ use std::{
 };
 
 use super::{
-    pg::{command_rows, BackendMessage, ErrorFields, FrontendMessage, Target},
-    Completion, ConnId, Identity, Outcome, ProtocolPath, StmtSeq, WireEvent,
+    pg::{command_rows, BackendMessage, ErrorFields, FrontendMessage, Target, TransactionStatus},
+    Completion, ConnId, Identity, Outcome, ProtocolPath, ServerReport, StmtSeq, WireEvent,
 };
 use crate::capture::UnixNanos;
 
@@ -399,7 +399,26 @@ impl Session {
                 }
             }
             BackendMessage::ErrorResponse(fields) => self.on_error(conn, &fields, at, out),
-            BackendMessage::ReadyForQuery { .. } => self.on_ready(conn, at, out),
+            BackendMessage::ReadyForQuery { status } => {
+                out.push(WireEvent::ServerReport {
+                    conn,
+                    report: ServerReport::Ready {
+                        idle: status == TransactionStatus::Idle,
+                    },
+                });
+                self.on_ready(conn, at, out)
+            }
+            BackendMessage::ParameterStatus { name, value }
+                if matches!(name, b"client_encoding" | b"standard_conforming_strings") =>
+            {
+                out.push(WireEvent::ServerReport {
+                    conn,
+                    report: ServerReport::Parameter {
+                        name: lossy(name),
+                        value: lossy(value),
+                    },
+                });
+            }
             _ => {}
         }
     }

@@ -1,0 +1,273 @@
+//! Reading one database's catalog: over the server's Unix socket, as the
+//! operating-system user the postmaster runs as (on a stock host `postgres`,
+//! whose `peer` login needs no password and no connection string), in a
+//! READ ONLY transaction.
+//!
+//! Only the connecting thread takes the postmaster's user id, for the
+//! `connect(2)` alone (the server reads the peer's credentials then): the
+//! raw `setresuid` system call changes one thread's credentials, unlike
+//! libc's wrapper, which changes every thread's.
+use std::{
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::view::{CastRow, Depend, FunctionRow, Snapshot, TypeRow};
+
+/// Where and as whom the agent reads a server's catalogs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Server {
+    /// The server's Unix socket (`<dir>/.s.PGSQL.<port>`).
+    pub socket: PathBuf,
+    /// The postmaster's user and group ids, and that user's name (the role).
+    pub uid: u32,
+    pub gid: u32,
+    pub user: String,
+}
+
+impl Server {
+    /// The server a postmaster runs: its socket from `postmaster.pid`, its
+    /// user from `/proc`.
+    pub fn of_postmaster(pid: u32, data_dir: &Path, port: u16) -> Result<Server, String> {
+        let pidfile = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+            .map_err(|e| format!("reading postmaster.pid: {e}"))?;
+        let dir = pidfile
+            .lines()
+            .nth(4)
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .ok_or("the server listens on no Unix socket (postmaster.pid names none)")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("reading the postmaster's status: {e}"))?;
+        let id = |key: &str| -> Option<u32> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        };
+        let (uid, gid) = id("Uid:")
+            .zip(id("Gid:"))
+            .ok_or("the postmaster's user id is unreadable")?;
+        Ok(Server {
+            socket: Path::new(dir).join(format!(".s.PGSQL.{port}")),
+            uid,
+            gid,
+            user: user_name(uid).ok_or_else(|| format!("user id {uid} has no name"))?,
+        })
+    }
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: an all-zero passwd is a valid out-parameter for getpwuid_r.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: buffers are valid for the call; `result` points into `pwd`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r filled pw_name with a NUL-terminated string in `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// Connects to `socket` with this thread's effective ids set to `uid`/`gid`.
+fn connect_as(socket: &Path, uid: u32, gid: u32) -> std::io::Result<UnixStream> {
+    const KEEP: libc::c_long = -1;
+    // SAFETY: raw setres[ug]id change the calling thread's credentials only;
+    // real and saved ids stay root, so the effective ones can come back.
+    let switch = |uid: libc::c_long, gid: libc::c_long| unsafe {
+        if gid != KEEP && libc::syscall(libc::SYS_setresgid, KEEP, gid, KEEP) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if uid != KEEP && libc::syscall(libc::SYS_setresuid, KEEP, uid, KEEP) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: geteuid/getegid cannot fail.
+    let (own_uid, own_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if own_uid == uid {
+        return UnixStream::connect(socket);
+    }
+    switch(uid as libc::c_long, gid as libc::c_long)?;
+    let stream = UnixStream::connect(socket);
+    // Back to root: the user id first (a non-root thread cannot change its group).
+    // SAFETY: as above.
+    let restored = unsafe {
+        libc::syscall(libc::SYS_setresuid, KEEP, own_uid as libc::c_long, KEEP) == 0
+            && libc::syscall(libc::SYS_setresgid, KEEP, own_gid as libc::c_long, KEEP) == 0
+    };
+    if !restored {
+        // A thread left as another user must not go on working.
+        panic!("qgate: could not restore the catalog thread's credentials");
+    }
+    stream
+}
+
+/// Reads `database`'s catalog. `application_name` identifies the session to
+/// the agent's own gate (a one-time token, see `service`).
+pub fn read(
+    server: &Server,
+    database: &str,
+    application_name: &str,
+    timeout: Duration,
+) -> Result<Snapshot, String> {
+    let stream = connect_as(&server.socket, server.uid, server.gid)
+        .map_err(|e| format!("connecting to {}: {e}", server.socket.display()))?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let work = async {
+            let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
+            let mut config = tokio_postgres::Config::new();
+            config
+                .user(&server.user)
+                .dbname(database)
+                .application_name(application_name);
+            let (client, connection) = config
+                .connect_raw(stream, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| describe(&e))?;
+            let driver = tokio::spawn(connection);
+            let snapshot = read_snapshot(&client).await;
+            drop(client);
+            let _ = driver.await;
+            snapshot
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    })
+}
+
+fn describe(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+const FUNCTIONS: &str = "SELECT p.oid::int8, n.nspname::text, p.proname::text, \
+    CASE WHEN p.oid >= 16384 THEN pg_catalog.pg_get_function_identity_arguments(p.oid) ELSE '' END, \
+    (p.pronargs - p.pronargdefaults)::int2 \
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
+const OPERATORS: &str =
+    "SELECT oid::int8, oprname::text FROM pg_catalog.pg_operator WHERE oid >= 16384";
+const TYPES: &str =
+    "SELECT oid::int8, typname::text, typrelid <> 0 FROM pg_catalog.pg_type WHERE oid >= 16384";
+const CASTS: &str = "SELECT c.oid::int8, s.typname::text, t.typname::text, \
+    pg_catalog.format_type(c.castsource, NULL), pg_catalog.format_type(c.casttarget, NULL), \
+    c.castcontext::text FROM pg_catalog.pg_cast c \
+    JOIN pg_catalog.pg_type s ON s.oid = c.castsource JOIN pg_catalog.pg_type t ON t.oid = c.casttarget \
+    WHERE c.oid >= 16384";
+const RELATIONS: &str = "SELECT c.oid::int8, n.nspname::text, c.relname::text \
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+    WHERE c.oid >= 16384 AND c.relkind IN ('r', 'v', 'm', 'f', 'p')";
+const DEPENDS: &str = "SELECT classid::int8, objid::int8, objsubid, refclassid::int8, refobjid::int8 \
+    FROM pg_catalog.pg_depend WHERE refobjid >= 16384 AND deptype IN ('n', 'a', 'i')";
+const RULES: &str =
+    "SELECT oid::int8, ev_class::int8, ev_type::text FROM pg_catalog.pg_rewrite WHERE oid >= 16384";
+const TRIGGERS: &str =
+    "SELECT oid::int8, tgrelid::int8 FROM pg_catalog.pg_trigger WHERE NOT tgisinternal";
+const DEFAULTS: &str = "SELECT oid::int8, adrelid::int8 FROM pg_catalog.pg_attrdef";
+const CONSTRAINTS: &str = "SELECT oid::int8, conrelid::int8, contypid::int8 \
+    FROM pg_catalog.pg_constraint WHERE oid >= 16384";
+const POLICIES: &str = "SELECT oid::int8, polrelid::int8 FROM pg_catalog.pg_policy";
+const INDEXES: &str = "SELECT indexrelid::int8, indrelid::int8 FROM pg_catalog.pg_index \
+    WHERE indexrelid >= 16384";
+
+async fn read_snapshot(client: &tokio_postgres::Client) -> Result<Snapshot, String> {
+    let fail = |e: tokio_postgres::Error| describe(&e);
+    client
+        .batch_execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+        .map_err(fail)?;
+    let oid = |row: &tokio_postgres::Row, i: usize| -> u32 { row.get::<_, i64>(i) as u32 };
+    let pairs = |rows: Vec<tokio_postgres::Row>| -> Vec<(u32, u32)> {
+        rows.iter().map(|r| (oid(r, 0), oid(r, 1))).collect()
+    };
+    let q = |sql: &'static str| client.query(sql, &[]);
+    let mut s = Snapshot::default();
+    for r in q(FUNCTIONS).await.map_err(fail)? {
+        s.functions.push(FunctionRow {
+            oid: oid(&r, 0),
+            schema: r.get(1),
+            name: r.get(2),
+            args: r.get(3),
+            required_args: r.get(4),
+        });
+    }
+    s.operators = q(OPERATORS)
+        .await
+        .map_err(fail)?
+        .iter()
+        .map(|r| (oid(r, 0), r.get(1)))
+        .collect();
+    for r in q(TYPES).await.map_err(fail)? {
+        s.types.push(TypeRow {
+            oid: oid(&r, 0),
+            name: r.get(1),
+            row_type: r.get(2),
+        });
+    }
+    for r in q(CASTS).await.map_err(fail)? {
+        let context: String = r.get(5);
+        let context = context.chars().next().unwrap_or('e');
+        // Both the catalog name (`int4`) and the SQL one (`integer`).
+        for (source, target) in [(1, 2), (3, 4)] {
+            s.casts.push(CastRow {
+                oid: oid(&r, 0),
+                source: r.get(source),
+                target: r.get(target),
+                context,
+            });
+        }
+    }
+    s.relations = q(RELATIONS)
+        .await
+        .map_err(fail)?
+        .iter()
+        .map(|r| (oid(r, 0), r.get(1), r.get(2)))
+        .collect();
+    s.depends = q(DEPENDS)
+        .await
+        .map_err(fail)?
+        .iter()
+        .map(|r| Depend {
+            classid: oid(r, 0),
+            objid: oid(r, 1),
+            objsubid: r.get(2),
+            refclassid: oid(r, 3),
+            refobjid: oid(r, 4),
+        })
+        .collect();
+    s.rules = q(RULES)
+        .await
+        .map_err(fail)?
+        .iter()
+        .map(|r| {
+            let ev: String = r.get(2);
+            (oid(r, 0), oid(r, 1), ev.chars().next().unwrap_or('1'))
+        })
+        .collect();
+    s.triggers = pairs(q(TRIGGERS).await.map_err(fail)?);
+    s.defaults = pairs(q(DEFAULTS).await.map_err(fail)?);
+    s.constraints = q(CONSTRAINTS)
+        .await
+        .map_err(fail)?
+        .iter()
+        .map(|r| (oid(r, 0), oid(r, 1), oid(r, 2)))
+        .collect();
+    s.policies = pairs(q(POLICIES).await.map_err(fail)?);
+    s.indexes = pairs(q(INDEXES).await.map_err(fail)?);
+    let _ = client.batch_execute("ROLLBACK").await;
+    Ok(s)
+}

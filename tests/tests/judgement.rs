@@ -1,0 +1,277 @@
+//! Issue 10 end to end: the gate's judgement is not walked around. The
+//! database holds user code created before the agent starts (over the Unix
+//! socket): an operator, a cast, a domain CHECK, an attribute-callable
+//! function, an overload of a built-in name, an operator shadowing `+` in
+//! another schema, a view and a DO INSTEAD rule, each of which deletes a row
+//! of `victim`. Every attack then comes from the client namespace over TCP
+//! (and the extended protocol where it applies), the shipped default policy
+//! in force; the test checks for a request naming the attack and then for
+//! damage: `victim` keeps its rows, `sac` still exists, the large object is
+//! still there.
+use std::{io::Write, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use qgate_e2e::{finish, require_root, Lab, Via, PG_PORT};
+
+const SETUP: &str = r#"
+CREATE TABLE victim (id int PRIMARY KEY);
+INSERT INTO victim SELECT generate_series(1, 5);
+CREATE TABLE sac (id int);
+CREATE TABLE t (id int PRIMARY KEY, v text);
+INSERT INTO t VALUES (1, 'a'), (2, 'b');
+CREATE FUNCTION evil_op(int, int) RETURNS bool LANGUAGE sql
+    AS 'DELETE FROM victim RETURNING true';
+CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = evil_op);
+CREATE FUNCTION public.lower(int) RETURNS int LANGUAGE sql
+    AS 'DELETE FROM victim RETURNING 0';
+CREATE TYPE thing AS (x int);
+CREATE FUNCTION evil_cast(int) RETURNS thing LANGUAGE sql
+    AS 'DELETE FROM victim RETURNING ROW(1)::thing';
+CREATE CAST (int AS thing) WITH FUNCTION evil_cast(int);
+CREATE FUNCTION evil_check(int) RETURNS bool LANGUAGE sql
+    AS 'DELETE FROM victim RETURNING true';
+CREATE DOMAIN evil_dom AS int CHECK (evil_check(VALUE));
+CREATE FUNCTION evil(t) RETURNS int LANGUAGE sql AS 'DELETE FROM victim RETURNING 1';
+CREATE SCHEMA evil;
+CREATE FUNCTION evil.plus(int, int) RETURNS int LANGUAGE sql
+    AS 'DELETE FROM victim RETURNING 2';
+CREATE OPERATOR evil.+ (LEFTARG = int, RIGHTARG = int, FUNCTION = evil.plus);
+CREATE VIEW v AS SELECT evil_op(1, 1) AS x;
+CREATE TABLE r (id int);
+CREATE RULE r_instead AS ON INSERT TO r DO INSTEAD DELETE FROM victim;
+SELECT lo_create(4242);
+"#;
+
+/// Rows of `victim`, tables `sac` and large object 4242: what no attack may
+/// change. Asked over the Unix socket as postgres.
+fn damage_report(lab: &Lab) -> Result<String> {
+    lab.sql_via(
+        Via::Unix,
+        "SELECT (SELECT count(*) FROM victim) || ' ' || \
+         (SELECT count(*) FROM pg_tables WHERE tablename = 'sac') || ' ' || \
+         (SELECT count(*) FROM pg_largeobject_metadata WHERE oid = 4242)",
+    )
+}
+
+const INTACT: &str = "5 1 1";
+
+fn lab(tag: &str) -> Result<(Lab, String)> {
+    require_root();
+    let mut lab = Lab::new(tag)?;
+    lab.start_postgres()?;
+    lab.sql_via(Via::Unix, SETUP)?;
+    lab.start_agent(&[])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    // The catalog is read on first use: the first statement may wait for it.
+    assert_eq!(damage_report(&lab)?, INTACT);
+    Ok((lab, token))
+}
+
+/// Runs `client`, expects a request for it (its statement containing
+/// `expect`) with facts naming `names`, denies it, and checks nothing was
+/// damaged.
+fn held_not_run(
+    lab: &Lab,
+    token: &str,
+    what: &str,
+    client: std::process::Command,
+    expect: &str,
+    names: &str,
+) -> Result<()> {
+    let mut client = client;
+    client
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = client.spawn().context("spawning the client")?;
+    let list = lab
+        .pending_requests(token, 1, Duration::from_secs(15))
+        .with_context(|| format!("{what}: no request"))?;
+    let request = &list[0];
+    let statement = request["statement"].as_str().unwrap_or_default();
+    if !statement.contains(expect) {
+        bail!("{what}: the request is for {statement:?}, not {expect:?}");
+    }
+    let facts = request["facts"].to_string();
+    if !facts.contains(names) {
+        bail!("{what}: the request's facts do not name {names:?}: {facts}");
+    }
+    let id = request["id"].as_i64().context("id")?;
+    lab.requests(token, &["deny", &id.to_string(), "--comment", "red team"])?;
+    let (_, _, stderr) = finish(child, Duration::from_secs(20))?;
+    let report = damage_report(lab)?;
+    if report != INTACT {
+        bail!("{what}: damage done ({report}); client said {stderr}");
+    }
+    Ok(())
+}
+
+fn psql(lab: &Lab, sql: &str) -> std::process::Command {
+    lab.psql_command(Via::Tcp, "postgres", "postgres", &["-At", "-c", sql])
+}
+
+/// pgbench sending `sql` once through Parse/Bind/Execute.
+fn extended(lab: &Lab, name: &str, sql: &str) -> Result<std::process::Command> {
+    let path = lab.dir.join(format!("{name}.sql"));
+    std::fs::write(&path, format!("{sql};\n"))?;
+    let mut cmd = lab.pgbench_command(
+        Via::Tcp,
+        &["-n", "-M", "extended", "-t", "1", "-f", path.to_str().context("path")?],
+    );
+    cmd.env("PGCONNECT_TIMEOUT", "30");
+    Ok(cmd)
+}
+
+#[test]
+fn user_code_is_held_however_it_is_reached() -> Result<()> {
+    let (lab, token) = lab("judge-code")?;
+    for (sql, names) in [
+        ("SELECT 1 OPERATOR(public.===) 2", "does not"),
+        ("SELECT 1 === 2", "does not"),
+        ("SELECT 1::thing", "type thing"),
+        ("SELECT CAST(2 AS thing)", "type thing"),
+        ("SELECT 1::evil_dom", "type evil_dom"),
+        ("SELECT evil_dom '1'", "type evil_dom"),
+        ("SELECT t.evil FROM t", "function public.evil(t)"),
+        ("SELECT lower(1)", "function public.lower(integer)"),
+        ("SELECT x FROM v", "reading v"),
+        ("INSERT INTO r VALUES (1)", "writing r"),
+    ] {
+        held_not_run(&lab, &token, sql, psql(&lab, sql), sql, names)?;
+    }
+    // The same through the extended protocol (Parse/Bind/Execute).
+    for (i, (sql, names)) in [
+        ("SELECT 1::thing", "type thing"),
+        ("SELECT t.evil FROM t", "function public.evil(t)"),
+        ("SELECT x FROM v", "reading v"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let client = extended(&lab, &format!("ext{i}"), sql)?;
+        held_not_run(&lab, &token, &format!("extended: {sql}"), client, sql, names)?;
+    }
+    // An operator resolved through the session's search path: the Query
+    // carries the SET and the SELECT, one string, one request.
+    let sql = "SET search_path = evil, pg_catalog; SELECT 1 + 1";
+    held_not_run(&lab, &token, sql, psql(&lab, sql), "SELECT 1 + 1", "operator +")?;
+    // Ordinary statements still run at once.
+    assert_eq!(lab.sql_via(Via::Tcp, "SELECT v FROM t WHERE id = 1")?, "a");
+    assert_eq!(lab.sql_via(Via::Tcp, "SELECT upper(v) FROM t WHERE id = 2")?, "B");
+    Ok(())
+}
+
+#[test]
+fn schema_changes_are_seen_before_the_next_statement() -> Result<()> {
+    let (lab, token) = lab("judge-ddl")?;
+    // Allowed at once before the change.
+    assert_eq!(lab.sql_via(Via::Tcp, "SELECT 2 <-> 3")?, "");
+    // The DBA creates an operator (the DDL is held; approved here).
+    let child = lab.psql_via_spawn(
+        Via::Tcp,
+        "postgres",
+        "postgres",
+        &["-At", "-c", "CREATE OPERATOR <-> (LEFTARG = int, RIGHTARG = int, FUNCTION = evil_op)"],
+    )?;
+    let list = lab.pending_requests(&token, 1, Duration::from_secs(15))?;
+    let id = list[0]["id"].as_i64().context("id")?;
+    lab.requests(&token, &["approve", &id.to_string(), "--comment", "ok"])?;
+    let (ok, _, err) = finish(child, Duration::from_secs(20))?;
+    assert!(ok, "CREATE OPERATOR: {err}");
+    // The very next use of it is held.
+    let sql = "SELECT 2 <-> 3";
+    held_not_run(&lab, &token, sql, psql(&lab, sql), sql, "does not")?;
+    Ok(())
+}
+
+#[test]
+fn session_settings_and_fast_paths_are_not_walked_around() -> Result<()> {
+    let (lab, token) = lab("judge-session")?;
+    // A multibyte SJIS character whose second byte is a backslash: the
+    // server reads `'\x95\'` as a closed string and then a DROP.
+    let script = lab.dir.join("sjis.sql");
+    let mut bytes = b"SELECT E'".to_vec();
+    bytes.extend_from_slice(&[0x95, b'\\']);
+    bytes.extend_from_slice(b"'; DROP TABLE sac; --';\n");
+    std::fs::File::create(&script)?.write_all(&bytes)?;
+    let mut client = lab.psql_command(
+        Via::Tcp,
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().context("path")?],
+    );
+    client.env("PGCLIENTENCODING", "SJIS");
+    held_not_run(&lab, &token, "SJIS", client, "DROP TABLE sac", "client_encoding SJIS")?;
+
+    // Backslashes escaping under standard_conforming_strings = off: as a
+    // startup option the connection is refused (the SET needs review) …
+    let mut client = psql(&lab, "SELECT 1");
+    client.env("PGOPTIONS", "-c standard_conforming_strings=off");
+    let out = client.output()?;
+    assert!(!out.status.success(), "a startup option that needs review is refused");
+    // … and set in the session (approved), the next statement with a
+    // backslash is held: qgate does not lex backslash escapes.
+    let script = lab.dir.join("scs.sql");
+    std::fs::write(
+        &script,
+        "SET standard_conforming_strings = off;\nSELECT 'x\\' , $$' ; DROP TABLE sac; -- $$;\n",
+    )?;
+    let mut client = lab.psql_command(
+        Via::Tcp,
+        "postgres",
+        "postgres",
+        &["-At", "-f", script.to_str().context("path")?],
+    );
+    client
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = client.spawn()?;
+    let list = lab.pending_requests(&token, 1, Duration::from_secs(15))?;
+    assert!(list[0]["statement"].as_str().unwrap_or_default().starts_with("SET standard"));
+    let id = list[0]["id"].as_i64().context("id")?;
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let sql = lab.wait_for("the next request", Duration::from_secs(15), || {
+        let list = lab.requests(&token, &["list", "--status", "pending"])?;
+        Ok(list.as_array().and_then(|l| l.first().cloned()))
+    })?;
+    let facts = sql["facts"].to_string();
+    assert!(sql["statement"].as_str().unwrap_or_default().contains("DROP TABLE sac"), "{sql}");
+    assert!(facts.contains("standard_conforming_strings"), "{facts}");
+    let id = sql["id"].as_i64().context("id")?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    finish(child, Duration::from_secs(20))?;
+    assert_eq!(damage_report(&lab)?, INTACT);
+
+    // libpq's fast path: \lo_unlink sends a FunctionCall of lo_unlink by OID.
+    let client = psql(&lab, "\\lo_unlink 4242");
+    held_not_run(&lab, &token, "FunctionCall", client, "FunctionCall", "lo_unlink")?;
+
+    // A StartupMessage and a Query in one segment.
+    let mut raw = Vec::new();
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196608u32.to_be_bytes());
+    for kv in ["user", "postgres", "database", "postgres"] {
+        startup.extend_from_slice(kv.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    raw.extend_from_slice(&((startup.len() + 4) as u32).to_be_bytes());
+    raw.extend_from_slice(&startup);
+    let query = b"DROP TABLE sac\0";
+    raw.push(b'Q');
+    raw.extend_from_slice(&((query.len() + 4) as u32).to_be_bytes());
+    raw.extend_from_slice(query);
+    let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
+    let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
+    stream.write_all(&raw)?;
+    let list = lab.pending_requests(&token, 1, Duration::from_secs(15))?;
+    assert!(
+        list[0]["statement"].as_str().unwrap_or_default().contains("DROP TABLE sac"),
+        "{}",
+        list[0]
+    );
+    let id = list[0]["id"].as_i64().context("id")?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    drop(stream);
+    assert_eq!(damage_report(&lab)?, INTACT);
+    Ok(())
+}
