@@ -438,7 +438,13 @@ fn head(statement: &Statement) -> Head {
             (Dcl, "ALTER DEFAULT PRIVILEGES".into())
         }
 
-        Statement::StartTransaction { statements, .. } => {
+        Statement::StartTransaction {
+            statements, modes, ..
+        } => {
+            if read_write(modes) {
+                // Switches off a database's default_transaction_read_only.
+                flags.insert(Flag::DisablesSafety);
+            }
             if statements.is_empty() {
                 (Transaction, "BEGIN".into())
             } else {
@@ -555,6 +561,14 @@ fn first_words(statement: &Statement) -> String {
 /// True for a client encoding in which every byte below 0x80 is ASCII, so the
 /// agent (reading UTF-8) and the server tokenize the same characters. In
 /// SJIS, BIG5, GBK and the like a multi-byte character can end in `\` or `'`.
+/// `READ WRITE` among transaction modes.
+fn read_write(modes: &[sqlparser::ast::TransactionMode]) -> bool {
+    use sqlparser::ast::{TransactionAccessMode, TransactionMode};
+    modes
+        .iter()
+        .any(|m| matches!(m, TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)))
+}
+
 fn ascii_safe_encoding(name: &str) -> bool {
     let name = name.trim().to_ascii_lowercase().replace(['-', '_'], "");
     name.starts_with("utf8") || name == "unicode" || name == "sqlascii" || name == "ascii"
@@ -639,10 +653,22 @@ fn set_head(
             }
             (Kind::Session, "SET ROLE".into())
         }
-        Set::SetTransaction { .. } => (Kind::Transaction, "SET TRANSACTION".into()),
-        Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault {} => {
+        Set::SetTransaction { modes, .. } => {
+            if read_write(modes) {
+                // As `SET default_transaction_read_only = off` (with SESSION
+                // CHARACTERISTICS) or for this transaction.
+                flags.insert(Flag::DisablesSafety);
+            }
+            (Kind::Transaction, "SET TRANSACTION".into())
+        }
+        Set::SetNames { charset_name, .. } => {
+            // `SET NAMES x` is `SET client_encoding = x`.
+            if !ascii_safe_encoding(&charset_name.value) {
+                flags.insert(Flag::DisablesSafety);
+            }
             (Kind::Session, "SET".into())
         }
+        Set::SetTimeZone { .. } | Set::SetNamesDefault {} => (Kind::Session, "SET".into()),
         // MSSQL session options: not PostgreSQL, not trusted.
         Set::SetSessionParam(_) => (Kind::Unknown, "SET".into()),
     }
