@@ -17,13 +17,13 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
-    catalog::{self, Catalogs},
     capture::{
         backend::{BackendStep, BackendStreams, PortInfo},
         hook::{existing_backends, postmaster_of, HookKind, Postmaster},
         kernel::{pin_dir, CaptureError, Captured, KernelCapture},
         Flow,
     },
+    catalog::{self, Catalogs},
     config::{Config, FailMode, GateSetting, Unreadable},
     gate::{inject::Injector, kernel::GateMode, Gate},
     pipeline::Pipeline,

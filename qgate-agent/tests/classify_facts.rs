@@ -404,11 +404,17 @@ fn safety_switches_and_heavy_locks_are_held() {
         // Each undoes a database's default_transaction_read_only, as the
         // SET of that setting (held) does.
         case("SET default_transaction_read_only = off", "hold"),
-        case("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE", "hold")
-            .flags(&[Flag::DisablesSafety]),
+        case(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "hold",
+        )
+        .flags(&[Flag::DisablesSafety]),
         case("SET TRANSACTION READ WRITE", "hold"),
         case("BEGIN READ WRITE", "hold"),
-        case("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE", "hold"),
+        case(
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+            "hold",
+        ),
         case("BEGIN READ ONLY", "allow"),
         case("BEGIN ISOLATION LEVEL REPEATABLE READ", "allow"),
         case("ALTER SYSTEM SET fsync = off", "hold").flags(&[Flag::AlterSystem]),

@@ -421,6 +421,7 @@ fn counts_by_path(lab: &Lab, after: i64, upto: i64) -> Result<Vec<PathCount>> {
         "SELECT c.transport, c.gated_by, s.text LIKE ?3, count(*), sum(s.outcome = 'ok')
          FROM statements s JOIN connections c ON c.id = s.connection_id
          WHERE c.id > ?1 AND c.id <= ?2
+           AND coalesce(c.application, '') NOT LIKE 'qgate-catalog-%'
          GROUP BY 1, 2, 3 ORDER BY 3 DESC, 1, 2",
     )?;
     let rows = stmt

@@ -8,6 +8,7 @@
 //! raw `setresuid` system call changes one thread's credentials, unlike
 //! libc's wrapper, which changes every thread's.
 use std::{
+    collections::HashMap,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -108,44 +109,238 @@ fn connect_as(socket: &Path, uid: u32, gid: u32) -> std::io::Result<UnixStream> 
     stream
 }
 
-/// Reads `database`'s catalog. `application_name` identifies the session to
-/// the agent's own gate (a one-time token, see `service`).
-pub fn read(
-    server: &Server,
-    database: &str,
-    application_name: &str,
-    timeout: Duration,
-) -> Result<Snapshot, String> {
-    let stream = connect_as(&server.socket, server.uid, server.gid)
-        .map_err(|e| format!("connecting to {}: {e}", server.socket.display()))?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let work = async {
+/// The reader's sessions, one per database, kept open between reads; the
+/// runtime that drives them lives on the reader's thread.
+pub struct Reader {
+    runtime: tokio::runtime::Runtime,
+    sessions: HashMap<String, std::sync::Arc<tokio_postgres::Client>>,
+}
+
+/// The planner's estimate for a write: rows changed against the size of the
+/// table they are in (the largest share over every table written).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Share {
+    pub rows: u64,
+    pub of: u64,
+    pub relation: String,
+}
+
+impl Reader {
+    pub fn new() -> std::io::Result<Reader> {
+        Ok(Reader {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            sessions: HashMap::new(),
+        })
+    }
+
+    /// The open session to `database`, connecting with `token` as its
+    /// `application_name` if there is none (the gate lets that session go).
+    fn session(
+        &mut self,
+        server: &Server,
+        database: &str,
+        token: &dyn Fn() -> String,
+    ) -> Result<std::sync::Arc<tokio_postgres::Client>, String> {
+        if let Some(client) = self.sessions.get(database).filter(|c| !c.is_closed()) {
+            return Ok(std::sync::Arc::clone(client));
+        }
+        let stream = connect_as(&server.socket, server.uid, server.gid)
+            .map_err(|e| format!("connecting to {}: {e}", server.socket.display()))?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let application_name = token();
+        let connected = self.runtime.block_on(async {
             let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
             let mut config = tokio_postgres::Config::new();
             config
                 .user(&server.user)
                 .dbname(database)
-                .application_name(application_name);
-            let (client, connection) = config
-                .connect_raw(stream, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| describe(&e))?;
-            let driver = tokio::spawn(connection);
-            let snapshot = read_snapshot(&client).await;
-            drop(client);
-            let _ = driver.await;
-            snapshot
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+                .application_name(&application_name);
+            let work = config.connect_raw(stream, tokio_postgres::NoTls);
+            match tokio::time::timeout(CONNECT_TIMEOUT, work).await {
+                Ok(r) => r.map_err(|e| describe(&e)),
+                Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+            }
+        })?;
+        let (client, connection) = connected;
+        self.runtime.spawn(connection);
+        let client = std::sync::Arc::new(client);
+        self.sessions
+            .insert(database.to_owned(), std::sync::Arc::clone(&client));
+        Ok(client)
+    }
+
+    /// Reads `database`'s catalog.
+    pub fn snapshot(
+        &mut self,
+        server: &Server,
+        database: &str,
+        token: &dyn Fn() -> String,
+        timeout: Duration,
+    ) -> Result<Snapshot, String> {
+        let client = self.session(server, database, token)?;
+        let result = self.runtime.block_on(async {
+            match tokio::time::timeout(timeout, read_snapshot(&client)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            }
+        });
+        if result.is_err() {
+            self.sessions.remove(database);
         }
-    })
+        result
+    }
+
+    /// The planner's estimate for `sql` (one UPDATE, DELETE, MERGE or
+    /// INSERT … ON CONFLICT, possibly inside WITH), planned in `database`
+    /// and never run: `EXPLAIN` without ANALYZE in a READ ONLY transaction,
+    /// sent over the extended protocol (one statement only). A statement with
+    /// parameters (`$1`) is planned generically (`PREPARE` with
+    /// `plan_cache_mode = force_generic_plan`, then `EXPLAIN EXECUTE` with
+    /// NULLs), the plan every execution may get.
+    pub fn estimate(
+        &mut self,
+        server: &Server,
+        database: &str,
+        sql: &str,
+        params: usize,
+        token: &dyn Fn() -> String,
+        timeout: Duration,
+    ) -> Result<Share, String> {
+        let client = self.session(server, database, token)?;
+        let result = self.runtime.block_on(async {
+            match tokio::time::timeout(timeout, explain_share(&client, sql, params, timeout)).await
+            {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            }
+        });
+        if let Err(e) = &result {
+            if client.is_closed() || e.starts_with("no answer") {
+                self.sessions.remove(database);
+            }
+        }
+        result
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn explain_share(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: usize,
+    timeout: Duration,
+) -> Result<Share, String> {
+    let fail = |e: tokio_postgres::Error| describe(&e);
+    let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
+    client
+        .batch_execute(&format!(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}; \
+             SET LOCAL lock_timeout = {millis}; SET LOCAL plan_cache_mode = force_generic_plan"
+        ))
+        .await
+        .map_err(fail)?;
+    let result = async {
+        let explain = if params == 0 {
+            format!("EXPLAIN (FORMAT JSON, VERBOSE) {sql}")
+        } else {
+            // Extended protocol: the server refuses a second statement.
+            client
+                .execute(format!("PREPARE qgate_estimate AS {sql}").as_str(), &[])
+                .await
+                .map_err(fail)?;
+            let nulls = vec!["NULL"; params].join(", ");
+            format!("EXPLAIN (FORMAT JSON, VERBOSE) EXECUTE qgate_estimate({nulls})")
+        };
+        let row = client
+            .query_one(explain.as_str(), &[])
+            .await
+            .map_err(fail)?;
+        let plan: serde_json::Value = row.try_get(0).map_err(fail)?;
+        let writes = written_rows(&plan)?;
+        let mut best: Option<Share> = None;
+        for (relation, rows) in writes {
+            let size = client
+                .query_one(
+                    format!("EXPLAIN (FORMAT JSON) SELECT 1 FROM {relation}").as_str(),
+                    &[],
+                )
+                .await
+                .map_err(fail)?;
+            let size: serde_json::Value = size.try_get(0).map_err(fail)?;
+            let of = size
+                .get(0)
+                .and_then(|e| e.get("Plan"))
+                .and_then(|p| p.get("Plan Rows"))
+                .and_then(serde_json::Value::as_f64)
+                .ok_or("no table size in the plan")?
+                .max(1.0) as u64;
+            let share = Share { rows, of, relation };
+            let fraction = |s: &Share| s.rows as f64 / s.of as f64;
+            if best.as_ref().is_none_or(|b| fraction(&share) > fraction(b)) {
+                best = Some(share);
+            }
+        }
+        best.ok_or_else(|| "the plan changes no existing rows".to_string())
+    }
+    .await;
+    let _ = client.batch_execute("ROLLBACK; DEALLOCATE ALL").await;
+    result
+}
+
+/// Each ModifyTable that changes existing rows (UPDATE, DELETE, MERGE, or
+/// INSERT with ON CONFLICT DO UPDATE) in a VERBOSE JSON plan: its table
+/// (quoted, schema-qualified) and the rows its input produces.
+pub fn written_rows(plan: &serde_json::Value) -> Result<Vec<(String, u64)>, String> {
+    let top = plan
+        .get(0)
+        .and_then(|e| e.get("Plan"))
+        .ok_or("no [0].Plan in the EXPLAIN output")?;
+    let mut out = Vec::new();
+    let mut stack = vec![top];
+    while let Some(node) = stack.pop() {
+        let children = node
+            .get("Plans")
+            .and_then(serde_json::Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        stack.extend(children);
+        if node.get("Node Type").and_then(serde_json::Value::as_str) != Some("ModifyTable") {
+            continue;
+        }
+        let operation = node.get("Operation").and_then(serde_json::Value::as_str);
+        let changes_existing = match operation {
+            Some("Update" | "Delete" | "Merge") => true,
+            Some("Insert") => {
+                node.get("Conflict Resolution")
+                    .and_then(serde_json::Value::as_str)
+                    == Some("UPDATE")
+            }
+            _ => false,
+        };
+        if !changes_existing {
+            continue;
+        }
+        let name = |key: &str| node.get(key).and_then(serde_json::Value::as_str);
+        let (Some(schema), Some(relation)) = (name("Schema"), name("Relation Name")) else {
+            return Err("a ModifyTable without its table in the plan".into());
+        };
+        let rows = children
+            .iter()
+            .filter_map(|c| c.get("Plan Rows").and_then(serde_json::Value::as_f64))
+            .fold(0.0, f64::max);
+        out.push((
+            format!("{}.{}", quote_ident(schema), quote_ident(relation)),
+            rows.ceil() as u64,
+        ));
+    }
+    Ok(out)
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn describe(error: &tokio_postgres::Error) -> String {
@@ -171,7 +366,8 @@ const CASTS: &str = "SELECT c.oid::int8, s.typname::text, t.typname::text, \
 const RELATIONS: &str = "SELECT c.oid::int8, n.nspname::text, c.relname::text \
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
     WHERE c.oid >= 16384 AND c.relkind IN ('r', 'v', 'm', 'f', 'p')";
-const DEPENDS: &str = "SELECT classid::int8, objid::int8, objsubid, refclassid::int8, refobjid::int8 \
+const DEPENDS: &str =
+    "SELECT classid::int8, objid::int8, objsubid, refclassid::int8, refobjid::int8 \
     FROM pg_catalog.pg_depend WHERE refobjid >= 16384 AND deptype IN ('n', 'a', 'i')";
 const RULES: &str =
     "SELECT oid::int8, ev_class::int8, ev_type::text FROM pg_catalog.pg_rewrite WHERE oid >= 16384";

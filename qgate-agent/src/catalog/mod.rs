@@ -7,5 +7,5 @@ pub mod load;
 pub mod service;
 pub mod view;
 
-pub use service::{Catalogs, Lookup};
+pub use service::{Catalogs, Estimate, Lookup};
 pub use view::CatalogView;

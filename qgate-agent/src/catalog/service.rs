@@ -19,7 +19,7 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
-    load::{self, Server},
+    load::{Reader, Server, Share},
     view::CatalogView,
 };
 
@@ -38,6 +38,37 @@ pub enum Lookup {
     Pending,
     /// Cannot be read: why.
     Unavailable(String),
+}
+
+/// A write's estimated share of its table (see [`Catalogs::estimate`]).
+pub enum Estimate {
+    Ready(Result<Share, String>),
+    Pending,
+}
+
+/// Work for the reader thread.
+enum Job {
+    Catalog(String),
+    Estimate {
+        database: String,
+        sql: String,
+        params: usize,
+    },
+}
+
+/// Estimates kept (by database and text) before the oldest are dropped.
+const MAX_ESTIMATES: usize = 4096;
+/// An estimate serves identical statements this long.
+const ESTIMATE_FRESH: Duration = Duration::from_secs(10);
+
+enum EstimateEntry {
+    Pending {
+        since: Instant,
+    },
+    Ready {
+        result: Result<Share, String>,
+        at: Instant,
+    },
 }
 
 enum Entry {
@@ -61,6 +92,7 @@ struct State {
     server: Option<Server>,
     entries: HashMap<String, Entry>,
     tokens: HashSet<String>,
+    estimates: HashMap<(String, String), EstimateEntry>,
     /// Bumped whenever a read ends: the gate re-tries what waited.
     generation: u64,
 }
@@ -71,54 +103,95 @@ type Wake = Box<dyn Fn() + Send + Sync>;
 #[derive(Clone)]
 pub struct Catalogs {
     state: Arc<Mutex<State>>,
-    jobs: crossbeam_channel::Sender<String>,
+    jobs: crossbeam_channel::Sender<Job>,
 }
 
 impl Catalogs {
     /// Starts the worker; `wake` is called after each read (success or not).
     pub fn start(wake: Wake) -> Catalogs {
         let state = Arc::new(Mutex::new(State::default()));
-        let (jobs, queue) = crossbeam_channel::unbounded::<String>();
+        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
         let worker_state = Arc::clone(&state);
         let spawned = std::thread::Builder::new()
             .name("qgate-catalog".into())
             .spawn(move || {
-                for database in queue {
+                let mut reader = match Reader::new() {
+                    Ok(reader) => reader,
+                    Err(e) => {
+                        warn!("cannot start the catalog reader: {e}");
+                        return;
+                    }
+                };
+                for job in queue {
                     let server = lock(&worker_state).server.clone();
-                    let token = one_time_token();
-                    let result = match &server {
-                        Some(server) => {
-                            lock(&worker_state).tokens.insert(token.clone());
-                            let started = Instant::now();
-                            let r = load::read(server, &database, &token, LOAD_TIMEOUT)
-                                .map(|s| Arc::new(CatalogView::build(&s)));
-                            if let Ok(view) = &r {
-                                info!(
-                                    database,
-                                    ms = started.elapsed().as_millis() as u64,
-                                    fast_path = view.fast_path_safe(),
-                                    "catalog read"
-                                );
+                    let token = || {
+                        let token = one_time_token();
+                        lock(&worker_state).tokens.insert(token.clone());
+                        token
+                    };
+                    match job {
+                        Job::Catalog(database) => {
+                            let result = match &server {
+                                Some(server) => {
+                                    let started = Instant::now();
+                                    let r = reader
+                                        .snapshot(server, &database, &token, LOAD_TIMEOUT)
+                                        .map(|s| Arc::new(CatalogView::build(&s)));
+                                    if let Ok(view) = &r {
+                                        info!(
+                                            database,
+                                            ms = started.elapsed().as_millis() as u64,
+                                            fast_path = view.fast_path_safe(),
+                                            "catalog read"
+                                        );
+                                    }
+                                    r
+                                }
+                                None => Err(NO_SERVER.into()),
+                            };
+                            let mut s = lock(&worker_state);
+                            let now = Instant::now();
+                            let entry = match result {
+                                Ok(view) => Entry::Ready { view, at: now },
+                                Err(error) => {
+                                    warn!(database, "cannot read the catalog: {error}");
+                                    Entry::Failed { error, at: now }
+                                }
+                            };
+                            s.entries.insert(database, entry);
+                            s.generation += 1;
+                        }
+                        Job::Estimate {
+                            database,
+                            sql,
+                            params,
+                        } => {
+                            let result = match &server {
+                                Some(server) => reader.estimate(
+                                    server,
+                                    &database,
+                                    &sql,
+                                    params,
+                                    &token,
+                                    LOAD_TIMEOUT,
+                                ),
+                                None => Err(NO_SERVER.into()),
+                            };
+                            let mut s = lock(&worker_state);
+                            if s.estimates.len() >= MAX_ESTIMATES {
+                                s.estimates.clear();
                             }
-                            r
+                            s.estimates.insert(
+                                (database, sql),
+                                EstimateEntry::Ready {
+                                    result,
+                                    at: Instant::now(),
+                                },
+                            );
+                            s.generation += 1;
                         }
-                        None => Err("no local PostgreSQL server on the gated ports whose \
-                                     catalog qgate can read"
-                            .into()),
-                    };
-                    let mut s = lock(&worker_state);
-                    s.tokens.remove(&token);
-                    let now = Instant::now();
-                    let entry = match result {
-                        Ok(view) => Entry::Ready { view, at: now },
-                        Err(error) => {
-                            warn!(database, "cannot read the catalog: {error}");
-                            Entry::Failed { error, at: now }
-                        }
-                    };
-                    s.entries.insert(database, entry);
-                    s.generation += 1;
-                    drop(s);
+                    }
+                    lock(&worker_state).tokens.clear();
                     wake();
                 }
             });
@@ -163,7 +236,7 @@ impl Catalogs {
                         },
                     );
                     drop(s);
-                    let _ = self.jobs.send(database.to_owned());
+                    let _ = self.jobs.send(Job::Catalog(database.to_owned()));
                 }
                 Lookup::Ready(view)
             }
@@ -202,15 +275,51 @@ impl Catalogs {
     /// longer serves; statements wait for a fresh read.
     pub fn invalidate(&self, database: &str) {
         let mut s = lock(&self.state);
-        if matches!(s.entries.get(database), Some(Entry::Loading { previous: None, .. })) {
+        s.estimates
+            .retain(|(db, _), e| db != database || matches!(e, EstimateEntry::Pending { .. }));
+        if matches!(
+            s.entries.get(database),
+            Some(Entry::Loading { previous: None, .. })
+        ) {
             // A read under way may have started before the change: read again after it.
             drop(s);
-            let _ = self.jobs.send(database.to_owned());
+            let _ = self.jobs.send(Job::Catalog(database.to_owned()));
             return;
         }
         if s.entries.contains_key(database) {
             self.load(&mut s, database, None);
         }
+    }
+
+    /// The planner's estimate of the share of its table `sql` changes
+    /// (`params`: how many `$n` it has), asked once and kept briefly.
+    pub fn estimate(&self, database: &str, sql: &str, params: usize) -> Estimate {
+        let now = Instant::now();
+        let key = (database.to_owned(), sql.to_owned());
+        let mut s = lock(&self.state);
+        match s.estimates.get(&key) {
+            Some(EstimateEntry::Ready { result, at })
+                if now.duration_since(*at) < ESTIMATE_FRESH =>
+            {
+                return Estimate::Ready(result.clone());
+            }
+            Some(EstimateEntry::Pending { since }) => {
+                if now.duration_since(*since) > LOAD_TIMEOUT + Duration::from_secs(1) {
+                    return Estimate::Ready(Err(format!("no estimate within {LOAD_TIMEOUT:?}")));
+                }
+                return Estimate::Pending;
+            }
+            _ => {}
+        }
+        s.estimates
+            .insert(key, EstimateEntry::Pending { since: now });
+        drop(s);
+        let _ = self.jobs.send(Job::Estimate {
+            database: database.to_owned(),
+            sql: sql.to_owned(),
+            params,
+        });
+        Estimate::Pending
     }
 
     /// True once for a token the worker is connecting with.
@@ -226,9 +335,12 @@ impl Catalogs {
                 previous,
             },
         );
-        let _ = self.jobs.send(database.to_owned());
+        let _ = self.jobs.send(Job::Catalog(database.to_owned()));
     }
 }
+
+const NO_SERVER: &str =
+    "no local PostgreSQL server on the gated ports whose catalog qgate can read";
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
@@ -262,4 +374,3 @@ impl Catalogs {
         }
     }
 }
-

@@ -144,13 +144,10 @@ impl CatalogView {
             if !user {
                 continue;
             }
-            view.functions
-                .entry(f.name.clone())
-                .or_default()
-                .push((
-                    format!("{}.{}", f.schema, f.name),
-                    format!("{}.{}({})", f.schema, f.name, f.args),
-                ));
+            view.functions.entry(f.name.clone()).or_default().push((
+                format!("{}.{}", f.schema, f.name),
+                format!("{}.{}({})", f.schema, f.name, f.args),
+            ));
             if f.required_args <= 1 {
                 view.attribute_functions.insert(f.name.clone());
             }
@@ -160,9 +157,9 @@ impl CatalogView {
         let mut taint: HashMap<(u32, u32), u8> = HashMap::new();
         let mut queue = VecDeque::new();
         let mark = |taint: &mut HashMap<(u32, u32), u8>,
-                        queue: &mut VecDeque<(u32, u32)>,
-                        key: (u32, u32),
-                        bits: u8| {
+                    queue: &mut VecDeque<(u32, u32)>,
+                    key: (u32, u32),
+                    bits: u8| {
             let old = taint.get(&key).copied().unwrap_or(0);
             if old | bits != old {
                 taint.insert(key, old | bits);
@@ -183,7 +180,8 @@ impl CatalogView {
         }
         let rules: HashMap<u32, (u32, char)> =
             s.rules.iter().map(|&(o, r, t)| (o, (r, t))).collect();
-        let owner_rel = |rows: &[(u32, u32)]| -> HashMap<u32, u32> { rows.iter().copied().collect() };
+        let owner_rel =
+            |rows: &[(u32, u32)]| -> HashMap<u32, u32> { rows.iter().copied().collect() };
         let triggers = owner_rel(&s.triggers);
         let defaults = owner_rel(&s.defaults);
         let policies = owner_rel(&s.policies);
@@ -209,9 +207,15 @@ impl CatalogView {
                         // rule on a write runs when its table is written.
                         ((class::PG_CLASS, rel), if ev == '1' { bits } else { WRITE })
                     }),
-                    class::PG_TRIGGER => triggers.get(&d.objid).map(|&r| ((class::PG_CLASS, r), WRITE)),
-                    class::PG_ATTRDEF => defaults.get(&d.objid).map(|&r| ((class::PG_CLASS, r), WRITE)),
-                    class::PG_POLICY => policies.get(&d.objid).map(|&r| ((class::PG_CLASS, r), BOTH)),
+                    class::PG_TRIGGER => triggers
+                        .get(&d.objid)
+                        .map(|&r| ((class::PG_CLASS, r), WRITE)),
+                    class::PG_ATTRDEF => defaults
+                        .get(&d.objid)
+                        .map(|&r| ((class::PG_CLASS, r), WRITE)),
+                    class::PG_POLICY => policies
+                        .get(&d.objid)
+                        .map(|&r| ((class::PG_CLASS, r), BOTH)),
                     class::PG_CONSTRAINT => constraints.get(&d.objid).map(|&(rel, typ)| {
                         if typ != 0 {
                             ((class::PG_TYPE, typ), BOTH)
@@ -223,7 +227,10 @@ impl CatalogView {
                         // An index expression or predicate runs on writes.
                         Some(&table) => Some(((class::PG_CLASS, table), WRITE)),
                         // A column of a tainted type: its output runs on reads.
-                        None => Some(((class::PG_CLASS, d.objid), if d.objsubid > 0 { BOTH } else { bits })),
+                        None => Some((
+                            (class::PG_CLASS, d.objid),
+                            if d.objsubid > 0 { BOTH } else { bits },
+                        )),
                     },
                     class::PG_TYPE | class::PG_OPERATOR | class::PG_CAST | class::PG_PROC => {
                         Some(((d.classid, d.objid), BOTH))
@@ -257,7 +264,8 @@ impl CatalogView {
                     view.types.insert(type_base_name(name));
                 }
                 if c.context != 'e' {
-                    view.implicit_casts.push(format!("{} → {}", c.source, c.target));
+                    view.implicit_casts
+                        .push(format!("{} → {}", c.source, c.target));
                 }
             }
         }
@@ -434,13 +442,37 @@ mod tests {
                 f(20006, "public", "count", "t", 1),
                 f(20007, "public", "audit_fn", "", 0),
             ],
-            operators: vec![(30000, "===".into()), (30001, "+".into()), (30002, "<->".into())],
+            operators: vec![
+                (30000, "===".into()),
+                (30001, "+".into()),
+                (30002, "<->".into()),
+            ],
             types: vec![
-                TypeRow { oid: 40000, name: "thing".into(), row_type: false },
-                TypeRow { oid: 40001, name: "evil_dom".into(), row_type: false },
-                TypeRow { oid: 40002, name: "plain_dom".into(), row_type: false },
-                TypeRow { oid: 40003, name: "t".into(), row_type: true },
-                TypeRow { oid: 40004, name: "v".into(), row_type: true },
+                TypeRow {
+                    oid: 40000,
+                    name: "thing".into(),
+                    row_type: false,
+                },
+                TypeRow {
+                    oid: 40001,
+                    name: "evil_dom".into(),
+                    row_type: false,
+                },
+                TypeRow {
+                    oid: 40002,
+                    name: "plain_dom".into(),
+                    row_type: false,
+                },
+                TypeRow {
+                    oid: 40003,
+                    name: "t".into(),
+                    row_type: true,
+                },
+                TypeRow {
+                    oid: 40004,
+                    name: "v".into(),
+                    row_type: true,
+                },
             ],
             casts: vec![CastRow {
                 oid: 50000,
@@ -498,16 +530,25 @@ mod tests {
             ("SELECT CAST(1 AS thing)", "type thing"),
             ("SELECT 1::evil_dom", "type evil_dom"),
             ("SELECT evil_dom '1'", "type evil_dom"),
-            ("SELECT t.evil FROM t", "function public.evil(t) (as attribute `.evil`)"),
+            (
+                "SELECT t.evil FROM t",
+                "function public.evil(t) (as attribute `.evil`)",
+            ),
             ("SELECT lower(1)", "function public.lower(integer)"),
-            ("SELECT pg_catalog.lower('A')", "function public.lower(integer)"),
+            (
+                "SELECT pg_catalog.lower('A')",
+                "function public.lower(integer)",
+            ),
             ("SELECT count(t) FROM plain t", "function public.count(t)"),
             ("SELECT * FROM v", "reading v"),
             ("SELECT * FROM public.v", "reading public.v"),
             ("INSERT INTO ruled VALUES (1)", "writing ruled"),
             ("UPDATE logged SET a = 1 WHERE id = 2", "writing logged"),
             ("EXPLAIN SELECT 1 + 2", "operator +"),
-            ("SELECT * FROM plain WHERE a IN (SELECT 1 + 2)", "operator +"),
+            (
+                "SELECT * FROM plain WHERE a IN (SELECT 1 + 2)",
+                "operator +",
+            ),
         ] {
             let hits = runs(&v, sql);
             assert!(hits.iter().any(|h| h == expect), "{sql}: {hits:?}");

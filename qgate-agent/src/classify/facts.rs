@@ -119,10 +119,12 @@ pub enum Flag {
     /// view, rule, trigger or policy that calls one), as the database's
     /// catalog says (`catalog`); also set when the catalog cannot be read.
     UserCode,
+    /// INSERT … ON CONFLICT … DO UPDATE: may change existing rows.
+    Upsert,
 }
 
 impl Flag {
-    pub const ALL: [Flag; 19] = [
+    pub const ALL: [Flag; 20] = [
         Flag::AllRows,
         Flag::WriteInCte,
         Flag::ExplainAnalyze,
@@ -142,6 +144,7 @@ impl Flag {
         Flag::TerminatesSession,
         Flag::SearchPathChange,
         Flag::UserCode,
+        Flag::Upsert,
     ];
 
     pub fn name(self) -> &'static str {
@@ -165,6 +168,7 @@ impl Flag {
             Flag::TerminatesSession => "terminates_session",
             Flag::SearchPathChange => "search_path_change",
             Flag::UserCode => "user_code",
+            Flag::Upsert => "upsert",
         }
     }
 
@@ -311,6 +315,29 @@ impl CodeRefs {
     }
 }
 
+/// How much of its table a write is estimated to change.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "estimate", rename_all = "snake_case")]
+pub enum RowShare {
+    /// `rows` of about `of` rows of `relation`.
+    Estimated {
+        rows: u64,
+        of: u64,
+        relation: String,
+    },
+    /// No estimate, and why (rules asking for one count it as exceeded).
+    Unavailable { reason: String },
+}
+
+impl RowShare {
+    pub fn fraction(&self) -> Option<f64> {
+        match self {
+            RowShare::Estimated { rows, of, .. } => Some(*rows as f64 / (*of).max(1) as f64),
+            RowShare::Unavailable { .. } => None,
+        }
+    }
+}
+
 /// The facts of one statement.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StatementFacts {
@@ -330,6 +357,10 @@ pub struct StatementFacts {
     /// Operators, cast types and attribute names: what else may call code.
     #[serde(skip_serializing_if = "CodeRefs::is_empty")]
     pub code: CodeRefs,
+    /// For a write that changes existing rows: the planner's estimate of the
+    /// share of its table it changes (set by the gate; see `catalog`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share: Option<RowShare>,
     /// Why the statement is [`Kind::Unknown`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -347,6 +378,7 @@ impl StatementFacts {
             settings: Vec::new(),
             flags: Flags::default(),
             code: CodeRefs::default(),
+            share: None,
             error: Some(error),
         }
     }
@@ -358,6 +390,19 @@ impl StatementFacts {
     /// Every table read or written.
     pub fn tables(&self) -> impl Iterator<Item = &TableName> {
         self.tables_read.iter().chain(self.tables_written.iter())
+    }
+
+    /// True for a write that may change rows already in a table: UPDATE,
+    /// DELETE, MERGE, an INSERT with ON CONFLICT DO UPDATE, any of them in
+    /// WITH or prepared, or a statement qgate reads as a write in a CTE.
+    pub fn changes_existing_rows(&self) -> bool {
+        if !matches!(self.kind, Kind::Write) {
+            return false;
+        }
+        let first = self.verb.split(' ').next().unwrap_or("");
+        matches!(first, "UPDATE" | "DELETE" | "MERGE")
+            || self.has(Flag::WriteInCte)
+            || self.has(Flag::Upsert)
     }
 
     /// True when `pattern` names this statement's verb: the whole verb or its

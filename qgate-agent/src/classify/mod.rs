@@ -15,7 +15,7 @@ mod split;
 mod truth;
 mod walk;
 
-pub use facts::{CodeRefs, Flag, Flags, Kind, StatementFacts, TableName};
+pub use facts::{CodeRefs, Flag, Flags, Kind, RowShare, StatementFacts, TableName};
 pub use fingerprint::Fingerprint;
 pub use functions::is_known_safe_function;
 

@@ -7,9 +7,10 @@ use std::{borrow::Cow, ops::ControlFlow};
 
 use sqlparser::{
     ast::{
-        BinaryOperator, CopySource, CopyTarget, Delete, Expr, FromTable, MergeClauseKind, ObjectName,
-        ObjectNamePart, ObjectType, Query, Select, Set, SetExpr, Statement, TableFactor,
-        TableObject, TableWithJoins, UnaryOperator, Update, UtilityOption, Value, Visit, Visitor,
+        BinaryOperator, CopySource, CopyTarget, Delete, Expr, FromTable, MergeClauseKind,
+        ObjectName, ObjectNamePart, ObjectType, Query, Select, Set, SetExpr, Statement,
+        TableFactor, TableObject, TableWithJoins, UnaryOperator, Update, UtilityOption, Value,
+        Visit, Visitor,
     },
     parser::Parser,
     tokenizer::TokenWithSpan,
@@ -212,6 +213,7 @@ pub(crate) fn facts_of(statement: &Statement, sql: String) -> (StatementFacts, b
                 settings: head.settings,
                 flags,
                 code,
+                share: None,
                 error: (kind == Kind::Unknown).then(|| {
                     head.unknown_because
                         .unwrap_or("statement type not classified")
@@ -564,9 +566,12 @@ fn first_words(statement: &Statement) -> String {
 /// `READ WRITE` among transaction modes.
 fn read_write(modes: &[sqlparser::ast::TransactionMode]) -> bool {
     use sqlparser::ast::{TransactionAccessMode, TransactionMode};
-    modes
-        .iter()
-        .any(|m| matches!(m, TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)))
+    modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)
+        )
+    })
 }
 
 fn ascii_safe_encoding(name: &str) -> bool {
@@ -722,7 +727,10 @@ fn operator_name(op: &BinaryOperator) -> String {
 fn type_name(data_type: &sqlparser::ast::DataType) -> String {
     let text = data_type.to_string().to_lowercase();
     let text = text.split('(').next().unwrap_or(&text);
-    text.trim_end_matches("[]").trim().trim_matches('"').to_string()
+    text.trim_end_matches("[]")
+        .trim()
+        .trim_matches('"')
+        .to_string()
 }
 
 fn ident_name(ident: &sqlparser::ast::Ident) -> String {
@@ -975,6 +983,16 @@ impl Visitor for Collector {
                 if let TableObject::TableName(name) = &insert.table {
                     self.write(table_name(name));
                 }
+                let upsert = match &insert.on {
+                    Some(sqlparser::ast::OnInsert::OnConflict(c)) => {
+                        matches!(c.action, sqlparser::ast::OnConflictAction::DoUpdate(_))
+                    }
+                    Some(sqlparser::ast::OnInsert::DuplicateKeyUpdate(_)) => true,
+                    _ => false,
+                };
+                if upsert {
+                    self.flags.insert(Flag::Upsert);
+                }
             }
             Statement::Update(update) => {
                 self.note_write();
@@ -1135,14 +1153,16 @@ impl Visitor for Collector {
                 ops.push(if *negated { "!~" } else { "~" }.into())
             }
             Expr::Between { .. } => ops.extend([">=".into(), "<=".into()]),
-            Expr::In { negated, .. } => {
-                ops.push(if *negated { "<>" } else { "=" }.into())
-            }
+            Expr::In { negated, .. } => ops.push(if *negated { "<>" } else { "=" }.into()),
             Expr::IsDistinctFrom(..) | Expr::IsNotDistinctFrom(..) => ops.push("=".into()),
-            Expr::Case { operand: Some(_), .. } => ops.push("=".into()),
-            Expr::Cast { data_type, .. } | Expr::Convert { data_type: Some(data_type), .. } => {
-                self.code.types.push(type_name(data_type))
-            }
+            Expr::Case {
+                operand: Some(_), ..
+            } => ops.push("=".into()),
+            Expr::Cast { data_type, .. }
+            | Expr::Convert {
+                data_type: Some(data_type),
+                ..
+            } => self.code.types.push(type_name(data_type)),
             Expr::TypedString(typed) => self.code.types.push(type_name(&typed.data_type)),
             Expr::CompoundIdentifier(parts) if parts.len() > 1 => {
                 if let Some(last) = parts.last() {

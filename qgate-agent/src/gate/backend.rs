@@ -154,7 +154,9 @@ impl Gate {
             self.deferred.insert(flow, (read, messages));
             return;
         }
-        for m in messages {
+        let mut messages = messages.into_iter();
+        while let Some(m) = messages.next() {
+            let original = m.clone();
             let Some(sql) = m.sql else {
                 continue;
             };
@@ -184,6 +186,14 @@ impl Gate {
             };
             match self.decide(&flow, &pending) {
                 Verdict::Allow => {}
+                Verdict::Defer => {
+                    // The backend stays stopped; this message and those after
+                    // it are decided when the estimate arrives.
+                    let rest: Vec<ClientMessage> =
+                        std::iter::once(original).chain(messages).collect();
+                    self.deferred.insert(flow, (read, rest));
+                    return;
+                }
                 Verdict::Deny { id, reason } => {
                     self.refuse_in_backend(read.pid, &rewrite, &sql.text, id, &reason)
                 }
@@ -389,16 +399,19 @@ impl Gate {
             .keys()
             .copied()
             .chain(self.stopped_reads.values().map(|r| r.pid))
+            .chain(self.deferred.values().map(|(r, _)| r.pid))
             .collect();
-        let unknown: std::collections::HashSet<u32> = self
+        // The same stop (same pid, stopped at the same read position) twice:
+        // a backend stopped anew since the last look is not an orphan yet.
+        let unknown: std::collections::HashSet<(u32, u64)> = self
             .kernel
             .stopped_backends()
             .into_iter()
-            .filter(|pid| !known.contains(pid))
+            .filter(|(pid, _)| !known.contains(pid))
             .collect();
         let orphans: Vec<u32> = unknown
             .intersection(&self.orphan_suspects)
-            .copied()
+            .map(|(pid, _)| *pid)
             .collect();
         for pid in orphans {
             self.terminate_unseen(pid, "stopped for a statement whose record was lost");

@@ -189,13 +189,15 @@ impl KernelGate {
         }
     }
 
-    /// Backends the program stopped that no agent resumed.
-    pub fn stopped_backends(&self) -> Vec<u32> {
+    /// Backends the program stopped that no agent resumed, each with how
+    /// far its reads had gone (which stop it is: a busy backend is stopped
+    /// again and again, each time at a further point).
+    pub fn stopped_backends(&self) -> Vec<(u32, u64)> {
         self.backends
             .iter()
             .flatten()
             .filter(|(_, s)| s.stopped != 0)
-            .map(|(pid, _)| pid)
+            .map(|(pid, s)| (pid, s.read_bytes))
             .collect()
     }
 

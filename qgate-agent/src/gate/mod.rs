@@ -37,10 +37,10 @@ use self::{
 };
 use crate::{
     api::{metrics, RequestBoard, RequestEvent, RequestEventKind},
-    catalog::{Catalogs, Lookup},
     capture::backend::StoppedRead,
     capture::{Direction, Flow, Segment},
-    classify::{Classification, Dialect, Flag, Kind},
+    catalog::{Catalogs, Estimate, Lookup},
+    classify::{Classification, Dialect, Flag, Kind, RowShare},
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::{
         HookHold, Identity as RequestIdentity, NewRequest, RequestFilter, RequestStatus,
@@ -76,6 +76,9 @@ struct ConnInfo {
     schema_changed: bool,
     /// The agent's own catalog session (its one-time token was presented).
     own: bool,
+    /// A `SET search_path` (or similar) ran: table names may resolve
+    /// elsewhere than in the estimator's session.
+    search_path_changed: bool,
 }
 
 /// Session settings that change how the server splits statement text.
@@ -124,13 +127,52 @@ fn encoding_is_modelled(name: &str) -> bool {
         .to_ascii_uppercase();
     matches!(
         n.as_str(),
-        "UTF8" | "UNICODE" | "SQLASCII" | "LATIN1" | "LATIN2" | "LATIN3" | "LATIN4" | "LATIN5"
-            | "LATIN6" | "LATIN7" | "LATIN8" | "LATIN9" | "LATIN10" | "ISO88591" | "ISO88592"
-            | "ISO88593" | "ISO88594" | "ISO88595" | "ISO88596" | "ISO88597" | "ISO88598"
-            | "ISO88599" | "ISO885910" | "ISO885913" | "ISO885914" | "ISO885915" | "ISO885916"
-            | "WIN1250" | "WIN1251" | "WIN1252" | "WIN1253" | "WIN1254" | "WIN1255" | "WIN1256"
-            | "WIN1257" | "WIN1258" | "WIN866" | "WIN874" | "KOI8R" | "KOI8U" | "EUCJP"
-            | "EUCCN" | "EUCKR" | "EUCTW" | "EUCJIS2004" | "MULEINTERNAL"
+        "UTF8"
+            | "UNICODE"
+            | "SQLASCII"
+            | "LATIN1"
+            | "LATIN2"
+            | "LATIN3"
+            | "LATIN4"
+            | "LATIN5"
+            | "LATIN6"
+            | "LATIN7"
+            | "LATIN8"
+            | "LATIN9"
+            | "LATIN10"
+            | "ISO88591"
+            | "ISO88592"
+            | "ISO88593"
+            | "ISO88594"
+            | "ISO88595"
+            | "ISO88596"
+            | "ISO88597"
+            | "ISO88598"
+            | "ISO88599"
+            | "ISO885910"
+            | "ISO885913"
+            | "ISO885914"
+            | "ISO885915"
+            | "ISO885916"
+            | "WIN1250"
+            | "WIN1251"
+            | "WIN1252"
+            | "WIN1253"
+            | "WIN1254"
+            | "WIN1255"
+            | "WIN1256"
+            | "WIN1257"
+            | "WIN1258"
+            | "WIN866"
+            | "WIN874"
+            | "KOI8R"
+            | "KOI8U"
+            | "EUCJP"
+            | "EUCCN"
+            | "EUCKR"
+            | "EUCTW"
+            | "EUCJIS2004"
+            | "MULEINTERNAL"
     )
 }
 
@@ -198,7 +240,7 @@ pub struct Gate {
     refuse_encrypted_sessions: bool,
     /// Server hook: backends the program stopped that the agent heard
     /// nothing of at the last look (their record was lost).
-    orphan_suspects: std::collections::HashSet<u32>,
+    orphan_suspects: std::collections::HashSet<(u32, u64)>,
     /// Server hook: TCP sessions connected before their server became gated
     /// (the wire path gates them), by connection, with their backend.
     before_hook: HashMap<Flow, u32>,
@@ -206,6 +248,8 @@ pub struct Gate {
     catalogs: Option<Catalogs>,
     /// Server hook: stopped reads waiting for their database's catalog.
     deferred: HashMap<Flow, (StoppedRead, Vec<ClientMessage>)>,
+    /// Requests for statements that may change the schema (see `schema_changed`).
+    schema_requests: std::collections::HashSet<i64>,
     stats: GateStats,
 }
 
@@ -294,6 +338,7 @@ impl Gate {
             refuse_encrypted_sessions: false,
             catalogs: None,
             deferred: HashMap::new(),
+            schema_requests: std::collections::HashSet::new(),
             stats: GateStats::default(),
         }
     }
@@ -646,6 +691,7 @@ impl Gate {
                         lexing: Lexing::default(),
                         schema_changed: false,
                         own,
+                        search_path_changed: false,
                     },
                 );
                 if own {
@@ -841,6 +887,8 @@ impl Gate {
                     }
                 }
                 Verdict::Deny { id, reason } => self.deny_front(flow, id, &reason),
+                // Decided when the estimate arrives (`catalogs_changed`).
+                Verdict::Defer => break,
                 Verdict::Wait(id) => {
                     if let Some(f) = self.streams.get_mut(flow).and_then(|s| s.front()) {
                         f.request = Some(id);
@@ -865,6 +913,7 @@ impl Gate {
             Verdict::Allow => "allow",
             Verdict::Deny { .. } => "deny",
             Verdict::Wait(_) => "hold",
+            Verdict::Defer => return verdict,
         };
         ::metrics::counter!(metrics::DECISIONS, "decision" => label).increment(1);
         ::metrics::histogram!(metrics::DECISION_LATENCY).record(started.elapsed().as_secs_f64());
@@ -874,6 +923,11 @@ impl Gate {
     fn judge(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
         self.stats.decided += 1;
         let conn = self.conns.get(flow).cloned().unwrap_or_default();
+        if conn.own {
+            // The agent's own catalog session (let go of at its startup; a
+            // statement already on its way is let through).
+            return Verdict::Allow;
+        }
         if sql.info.carrier == SqlCarrier::Startup {
             if !conn.refused {
                 return match self.judge_startup_settings(&conn) {
@@ -906,10 +960,26 @@ impl Gate {
             return Verdict::Allow;
         }
         let policy = self.policy.current();
-        let (classification, decision) = self.classify_and_decide(&conn, sql, &policy);
-        self.note_schema_change(flow, &classification);
+        let Some((classification, decision)) = self.classify_and_decide(&conn, sql, &policy) else {
+            // Waits for the planner's estimate (`catalogs_changed` retries).
+            self.stats.decided -= 1;
+            return Verdict::Defer;
+        };
+        let changes_schema = may_change_schema(&classification);
         match decision.action {
             Action::Allow | Action::AuditOnly => {
+                if changes_schema {
+                    self.schema_changed(flow);
+                }
+                if classification
+                    .statements
+                    .iter()
+                    .any(|s| s.has(Flag::SearchPathChange) || s.kind == Kind::Unknown)
+                {
+                    if let Some(info) = self.conns.get_mut(flow) {
+                        info.search_path_changed = true;
+                    }
+                }
                 self.stats.allowed += 1;
                 Verdict::Allow
             }
@@ -957,6 +1027,10 @@ impl Gate {
                 };
                 match self.runtime.block_on(self.board.create(new)) {
                     Ok(request) => {
+                        if changes_schema {
+                            // Marked when (if) it is approved.
+                            self.schema_requests.insert(request.id);
+                        }
                         info!(request = request.id, rule = %decision.rule, "statement held for review");
                         Verdict::Wait(request.id)
                     }
@@ -980,12 +1054,12 @@ impl Gate {
         conn: &ConnInfo,
         sql: &PendingSql<SqlInfo>,
         policy: &std::sync::Arc<policy::Policy>,
-    ) -> (Classification, policy::Decision) {
+    ) -> Option<(Classification, policy::Decision)> {
         let text = sql.info.text.as_str();
         if let Some(why) = conn.lexing.unmodelled(text) {
             let c = Classification::unknown(text, Dialect::Postgresql, why);
             let d = policy.decide(&conn.subject, &c, self.estimator.as_ref());
-            return (c, d);
+            return Some((c, d));
         }
         let view = match &self.catalogs {
             None => None,
@@ -1022,7 +1096,7 @@ impl Gate {
             }
         }
         let Some(view) = view else {
-            return (classification, decision);
+            return Some((classification, decision));
         };
         let mut flagged = false;
         for statement in &mut classification.statements {
@@ -1044,27 +1118,68 @@ impl Gate {
                 flagged = true;
             }
         }
+        if policy.wants_row_shares() {
+            for statement in &mut classification.statements {
+                if !statement.changes_existing_rows()
+                    || statement.has(Flag::UserCode)
+                    || statement.has(Flag::AllRows)
+                {
+                    // Held already, or planning it could run user code.
+                    continue;
+                }
+                statement.share = Some(match self.row_share(conn, &view, &statement.sql) {
+                    Some(share) => share,
+                    None => return None,
+                });
+                flagged = true;
+            }
+        }
         if !flagged {
-            return (classification, decision);
+            return Some((classification, decision));
         }
         let decision = policy.decide(&conn.subject, &classification, self.estimator.as_ref());
-        (classification, decision)
+        Some((classification, decision))
+    }
+
+    /// The planner's estimate of how much of its table a write changes;
+    /// `None` while it is being asked.
+    fn row_share(
+        &self,
+        conn: &ConnInfo,
+        view: &Result<std::sync::Arc<crate::catalog::CatalogView>, String>,
+        sql: &str,
+    ) -> Option<RowShare> {
+        let unavailable = |reason: String| Some(RowShare::Unavailable { reason });
+        if let Err(why) = view {
+            return unavailable(why.clone());
+        }
+        if conn.search_path_changed {
+            return unavailable(
+                "the session changed its search_path, so the planner here may read \
+                 other tables"
+                    .into(),
+            );
+        }
+        if let Err(e) = crate::policy::estimate::plannable(sql) {
+            return unavailable(e.to_string());
+        }
+        let catalogs = self.catalogs.as_ref()?;
+        match catalogs.estimate(&database_of(&conn.subject), sql, placeholders(sql)) {
+            Estimate::Pending => None,
+            Estimate::Ready(Ok(share)) => Some(RowShare::Estimated {
+                rows: share.rows,
+                of: share.of,
+                relation: share.relation,
+            }),
+            Estimate::Ready(Err(reason)) => unavailable(reason),
+        }
     }
 
     /// A statement that may create or change what runs user code (DDL, a
-    /// statement qgate does not understand, server-side code): the database's
-    /// catalog is read again, and this session's statements count as user
-    /// code until its transaction ends.
-    fn note_schema_change(&mut self, flow: &Flow, classification: &Classification) {
-        let changes = classification.statements.iter().any(|s| {
-            matches!(
-                s.kind,
-                Kind::Ddl | Kind::Dcl | Kind::Unknown | Kind::Procedural | Kind::Utility
-            ) || s.has(Flag::UserCode)
-        });
-        if !changes {
-            return;
-        }
+    /// statement qgate does not understand, server-side code) was let run:
+    /// the database's catalog is read again, and this session's statements
+    /// count as user code until its transaction ends.
+    fn schema_changed(&mut self, flow: &Flow) {
         let Some(catalogs) = self.catalogs.clone() else {
             return;
         };
@@ -1229,6 +1344,21 @@ impl Gate {
         if !event.kind.is_final() {
             return;
         }
+        if self.schema_requests.remove(&event.request_id)
+            && event.kind == RequestEventKind::Approved
+        {
+            let flow = match self.backend_requests.get(&event.request_id) {
+                Some(pid) => self
+                    .hooked
+                    .iter()
+                    .find(|(_, h)| h.pid == *pid)
+                    .map(|(flow, _)| *flow),
+                None => self.requests.get(&event.request_id).copied(),
+            };
+            if let Some(flow) = flow {
+                self.schema_changed(&flow);
+            }
+        }
         if let Some(pid) = self.backend_requests.remove(&event.request_id) {
             let approved = event.kind == RequestEventKind::Approved;
             let reason = final_reason(event);
@@ -1279,6 +1409,31 @@ impl Gate {
     }
 }
 
+/// How many parameters (`$1` … `$n`) a statement text takes.
+fn placeholders(sql: &str) -> usize {
+    let Ok(tokens) = crate::classify::tokenize(sql, Dialect::Postgresql) else {
+        return 0;
+    };
+    tokens
+        .iter()
+        .filter_map(|t| match &t.token {
+            sqlparser::tokenizer::Token::Placeholder(p) => p.strip_prefix('$')?.parse().ok(),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// True when a statement may create or change what runs user code.
+fn may_change_schema(classification: &Classification) -> bool {
+    classification.statements.iter().any(|s| {
+        matches!(
+            s.kind,
+            Kind::Ddl | Kind::Dcl | Kind::Unknown | Kind::Procedural | Kind::Utility
+        ) || s.has(Flag::UserCode)
+    })
+}
+
 /// Why a request that did not end approved refuses its statement.
 fn final_reason(event: &RequestEvent) -> String {
     match event.kind {
@@ -1301,6 +1456,11 @@ fn tracker_conn(conns: &HashMap<Flow, ConnInfo>, flow: &Flow) -> ConnId {
 
 enum Verdict {
     Allow,
-    Deny { id: i64, reason: String },
+    Deny {
+        id: i64,
+        reason: String,
+    },
     Wait(i64),
+    /// Not decided yet: a fact it needs is being read (`catalogs_changed`).
+    Defer,
 }

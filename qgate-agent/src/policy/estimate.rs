@@ -80,7 +80,7 @@ pub enum EstimateError {
 }
 
 /// Checks that `statement` is one statement EXPLAIN can plan.
-fn plannable(statement: &str) -> Result<(), EstimateError> {
+pub(crate) fn plannable(statement: &str) -> Result<(), EstimateError> {
     let c = classify(statement, Dialect::Postgresql);
     let [only] = c.statements.as_slice() else {
         return Err(EstimateError::Refused(format!(

@@ -68,6 +68,7 @@ struct RawRule {
     functions: Vec<String>,
     unsafe_functions: Option<bool>,
     estimated_rows_above: Option<i64>,
+    estimated_share_above: Option<f64>,
     time: Option<RawTime>,
     action: String,
     approvals: Option<i64>,
@@ -223,6 +224,19 @@ pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
             .estimated_rows_above
             .map(|n| u64::try_from(n).map_err(|_| fail("estimated_rows_above must be ≥ 0".into())))
             .transpose()?;
+        let estimated_share_above = r
+            .estimated_share_above
+            .map(|f| {
+                if (0.0..=1.0).contains(&f) {
+                    Ok(f)
+                } else {
+                    Err(fail(
+                        "estimated_share_above must be between 0 and 1 (a share of the table)"
+                            .into(),
+                    ))
+                }
+            })
+            .transpose()?;
         let time = r
             .time
             .as_ref()
@@ -255,6 +269,7 @@ pub(super) fn parse(text: &str) -> Result<Policy, PolicyError> {
                 .collect(),
             unsafe_functions: r.unsafe_functions.unwrap_or(false),
             estimated_rows_above,
+            estimated_share_above,
             time,
             action,
         });

@@ -17,7 +17,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, Weekday};
 
-use crate::classify::{is_known_safe_function, Classification, Flags, Kind, StatementFacts};
+use crate::classify::{
+    is_known_safe_function, Classification, Flags, Kind, RowShare, StatementFacts,
+};
 
 mod cache;
 pub mod check;
@@ -301,6 +303,9 @@ struct Rule {
     functions: Vec<Glob>,
     unsafe_functions: bool,
     estimated_rows_above: Option<u64>,
+    /// Writes changing existing rows whose planner estimate is above this
+    /// share of their table (or that have no estimate).
+    estimated_share_above: Option<f64>,
     time: Option<TimeWindow>,
     action: Action,
 }
@@ -324,6 +329,7 @@ impl Rule {
                 .any(|v| v.eq_ignore_ascii_case("select") || v.eq_ignore_ascii_case("show"));
         kind_ok
             && verb_ok
+            && self.estimated_share_above.is_none()
             && self.flags.is_empty()
             && self.functions.is_empty()
             && !self.unsafe_functions
@@ -338,6 +344,7 @@ impl Rule {
             && self.functions.is_empty()
             && !self.unsafe_functions
             && self.estimated_rows_above.is_none()
+            && self.estimated_share_above.is_none()
             && self.time.is_none()
     }
 }
@@ -545,6 +552,36 @@ impl Policy {
                     )),
                 }
             }
+            if let Some(limit) = rule.estimated_share_above {
+                reusable = false;
+                // Only writes the gate estimated (it sets `share`); `policy
+                // check` and replays have no planner to ask.
+                let Some(share) = statement
+                    .share
+                    .as_ref()
+                    .filter(|_| statement.changes_existing_rows())
+                else {
+                    continue;
+                };
+                match share {
+                    RowShare::Estimated { rows, of, relation } => {
+                        let fraction = share.fraction().unwrap_or(1.0);
+                        if fraction <= limit {
+                            continue;
+                        }
+                        why.push(format!(
+                            "the planner estimates it changes {rows} of about {of} rows of {relation} \
+                             ({:.0}% > {:.0}%)",
+                            fraction * 100.0,
+                            limit * 100.0
+                        ));
+                    }
+                    RowShare::Unavailable { reason } => why.push(format!(
+                        "no row estimate ({reason}), counted as above {:.0}% of the table",
+                        limit * 100.0
+                    )),
+                }
+            }
             if why.is_empty() {
                 why.push("applies to every statement of this identity".into());
             }
@@ -625,6 +662,11 @@ impl Policy {
             why.push(format!("calls {f}, which is not on the known-safe list"));
         }
         Some(why)
+    }
+
+    /// True when some rule asks for a write's estimated share of its table.
+    pub fn wants_row_shares(&self) -> bool {
+        self.rules.iter().any(|r| r.estimated_share_above.is_some())
     }
 
     /// True when the policy's `safe_functions` names this (user) function.

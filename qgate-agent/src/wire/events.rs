@@ -168,7 +168,10 @@ pub enum WireEvent {
     /// What the server says of the session's state that changes how it
     /// reads statement text or whether a transaction is open. For the
     /// gate only: not stored.
-    ServerReport { conn: ConnId, report: ServerReport },
+    ServerReport {
+        conn: ConnId,
+        report: ServerReport,
+    },
 }
 
 /// See [`WireEvent::ServerReport`].
