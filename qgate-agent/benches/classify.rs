@@ -12,6 +12,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use qgate_agent::{
+    catalog::{view::Snapshot, CatalogView, Catalogs, Lookup},
     classify::{classify, script::split_psql, Dialect},
     policy::{DecisionCache, NoEstimator, Policy, Subject},
 };
@@ -46,6 +47,44 @@ fn pgbench_statements(variants: u32) -> Vec<String> {
         out.push("END;".to_owned());
     }
     out
+}
+
+/// A catalog with user code of every kind, none named like pgbench's.
+fn synthetic_catalog() -> Snapshot {
+    use qgate_agent::catalog::view::{class, Depend, FunctionRow, TypeRow};
+    let mut s = Snapshot::default();
+    for i in 0..500u32 {
+        s.functions.push(FunctionRow {
+            oid: 20_000 + i,
+            schema: "app".into(),
+            name: format!("fn_{i}"),
+            args: "integer".into(),
+            required_args: (i % 3) as i16,
+        });
+    }
+    for i in 0..50u32 {
+        s.operators.push((30_000 + i, format!("<~{i}")));
+        s.depends.push(Depend {
+            classid: class::PG_OPERATOR,
+            objid: 30_000 + i,
+            objsubid: 0,
+            refclassid: class::PG_PROC,
+            refobjid: 20_000 + i,
+        });
+        s.types.push(TypeRow {
+            oid: 40_000 + i,
+            name: format!("type_{i}"),
+            row_type: false,
+        });
+    }
+    for i in 0..200u32 {
+        s.relations
+            .push((60_000 + i, "app".into(), format!("rel_{i}")));
+        if i % 4 == 0 {
+            s.triggers.push((90_000 + i, 60_000 + i));
+        }
+    }
+    s
 }
 
 fn corpus_statements() -> Vec<String> {
@@ -86,6 +125,43 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             for sql in &statements {
                 black_box(cache.decide(&policy, &subject, sql, Dialect::Postgresql, &NoEstimator));
+            }
+        })
+    });
+    group.finish();
+
+    // What catalog awareness adds per statement (issue 10): the same warm
+    // decisions, then the database's view looked up and every statement's
+    // names matched against a catalog of 500 user functions, 50 operators,
+    // 50 types and 200 relations, some of them tainted.
+    let catalogs = Catalogs::fixed(
+        [(
+            "bench".to_string(),
+            CatalogView::build(&synthetic_catalog()),
+        )]
+        .into(),
+    );
+    let mut group = c.benchmark_group("catalog_aware");
+    group.throughput(Throughput::Elements(statements.len() as u64));
+    group.bench_function("baseline_decide", |b| {
+        b.iter(|| {
+            for sql in &statements {
+                black_box(cache.decide(&policy, &subject, sql, Dialect::Postgresql, &NoEstimator));
+            }
+        })
+    });
+    group.bench_function("decide_and_match_catalog", |b| {
+        b.iter(|| {
+            for sql in &statements {
+                let (c, d) =
+                    cache.decide(&policy, &subject, sql, Dialect::Postgresql, &NoEstimator);
+                let Lookup::Ready(view) = catalogs.lookup("bench") else {
+                    panic!("fixed catalog");
+                };
+                for s in &c.statements {
+                    black_box(view.user_code(s, &|f| policy.lists_safe_function(f)));
+                }
+                black_box(d);
             }
         })
     });

@@ -191,6 +191,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut rescan_burst_until = Instant::now();
     let mut last_lost = 0;
     let mut last_failed_open = 0;
+    let mut last_refused = 0;
     let mut last_dropped = 0;
     while !stop.load(Ordering::Relaxed) {
         // Short waits: a reviewer's decision is picked up within 10 ms.
@@ -316,6 +317,21 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     serde_json::json!({ "segments_passed_unreviewed": counters.failed_open - last_failed_open }),
                 ));
                 last_failed_open = counters.failed_open;
+            }
+            if counters.refused_segments > last_refused {
+                warn!(
+                    dropped = counters.refused_segments - last_refused,
+                    "IP fragments or TCP urgent data to a database port were dropped \
+                     (the server would read them differently from qgate)"
+                );
+                let _ = runtime.block_on(board.audit(
+                    "capture.refused_segments",
+                    serde_json::json!({
+                        "segments": counters.refused_segments - last_refused,
+                        "why": "IP fragment or TCP urgent data to a database port",
+                    }),
+                ));
+                last_refused = counters.refused_segments;
             }
             let dropped = pipeline.writer().stats().dropped;
             if counters.lost() != last_lost || dropped != last_dropped {

@@ -99,7 +99,20 @@ fn reads_are_allowed_whatever_the_spelling() {
         case("select\n\t*\r\nfrom\n t\n;", "allow").kind(Read),
         case("VALUES (1), (2)", "allow").kind(Read).verb("VALUES"),
         case("SELECT a FROM t UNION SELECT b FROM u", "allow").kind(Read),
-        case("SELECT * FROM t FOR UPDATE", "allow").kind(Read),
+        // Locks every row against writers until the transaction ends.
+        case("SELECT * FROM t FOR UPDATE", "hold")
+            .kind(Read)
+            .flags(&[Flag::LocksAllRows]),
+        case("SELECT * FROM t FOR SHARE", "hold"),
+        case("SELECT * FROM t WHERE id = 1 FOR UPDATE", "allow"),
+        case("SELECT * FROM t WHERE id > 0 FOR NO KEY UPDATE", "allow").kind(Read),
+        case("SELECT * FROM t FOR KEY SHARE", "hold"),
+        // sqlparser does not read these; qgate does.
+        case("TABLE t", "allow").kind(Read),
+        case("TABLE public.t;", "allow").kind(Read),
+        case("SET CONSTRAINTS ALL DEFERRED", "allow").kind(Kind::Transaction),
+        case("SET CONSTRAINTS c1, s.c2 IMMEDIATE", "allow"),
+        case("SET CONSTRAINTS ALL DEFERRED; DROP TABLE t", "hold"),
         case("SHOW search_path", "allow").kind(Read).verb("SHOW"),
         case(
             "SELECT count(*), lower(name), now() FROM t GROUP BY 2",
@@ -430,7 +443,7 @@ fn safety_switches_and_heavy_locks_are_held() {
         case("CLUSTER t USING i", "hold").flags(&[Flag::HeavyLock]),
         case("REINDEX TABLE t", "hold").flags(&[Flag::HeavyLock]),
         case("REFRESH MATERIALIZED VIEW v", "hold").flags(&[Flag::HeavyLock]),
-        case("REFRESH MATERIALIZED VIEW CONCURRENTLY v", "allow"),
+        case("REFRESH MATERIALIZED VIEW CONCURRENTLY v", "hold"),
     ]);
 }
 

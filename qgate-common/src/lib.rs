@@ -185,6 +185,7 @@ pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
     pub const RST: u8 = 0x04;
+    pub const URG: u8 = 0x20;
 }
 
 /// A ring-buffer record with room for `N` payload bytes.
@@ -217,6 +218,10 @@ pub struct Counters {
     pub hook_lost: u64,
     /// Server hook: backends stopped to wait for a decision.
     pub hook_stops: u64,
+    /// Segments to a database port dropped because the server would read
+    /// them differently from the capture: IP fragments (reassembled after
+    /// tc) and TCP urgent data (taken out of the stream by the receiver).
+    pub refused_segments: u64,
 }
 
 impl Counters {

@@ -29,7 +29,7 @@ mod programs {
         macros::{classifier, raw_tracepoint, uprobe, uretprobe},
         programs::{ProbeContext, RawTracePointContext, RetProbeContext, TcContext},
     };
-    use qgate_common::{flags, port_kind, DIR_FROM_SERVER, DIR_TO_SERVER, QGATE_MARK};
+    use qgate_common::{flags, port_kind, tcp_flags, DIR_FROM_SERVER, DIR_TO_SERVER, QGATE_MARK};
 
     use crate::{
         capture::{capture, count, counters, db_segment},
@@ -50,6 +50,14 @@ mod programs {
         let Some((seg, kind)) = db_segment(&ctx, DIR_TO_SERVER) else {
             return TC_ACT_OK;
         };
+        if seg.fragment || seg.tcp_flags & tcp_flags::URG != 0 {
+            // What the server's stack would make of it (the reassembled
+            // packet; the stream without its urgent byte) is not what this
+            // program sees: refused. Without its first fragment the packet
+            // is never reassembled; urgent data is never sent by libpq.
+            count(|c| c.refused_segments += 1);
+            return TC_ACT_SHOT;
+        }
         let flow = seg.flow(true);
         if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, true) {
             return TC_ACT_OK;

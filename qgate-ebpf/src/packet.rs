@@ -13,6 +13,7 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_HLEN: usize = 14;
 /// IANA protocol number of TCP (RFC 790).
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_FRAGMENT: u8 = 44;
 /// Fixed IPv6 header length (RFC 8200 §3).
 const IPV6_HLEN: usize = 40;
 
@@ -32,6 +33,8 @@ pub struct Segment {
     /// Offset of the first payload byte from the start of the skb data.
     pub payload_offset: u32,
     pub payload_len: u32,
+    /// The first fragment of a fragmented IP packet (see [`Ports::fragment`]).
+    pub fragment: bool,
 }
 
 /// Only the ports, for the early return on non-database traffic.
@@ -42,6 +45,8 @@ pub struct Ports {
     pub is_v6: bool,
     pub src_port: u16,
     pub dst_port: u16,
+    /// The first fragment of a fragmented IP packet.
+    pub fragment: bool,
 }
 
 /// Where the IP header starts: after an Ethernet header when one is there
@@ -58,6 +63,7 @@ fn l3_offset(ctx: &TcContext, ethertype: u16) -> usize {
 #[inline(always)]
 pub fn ports(ctx: &TcContext) -> Option<Ports> {
     let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let mut fragment = false;
     let (l3_offset, l4_offset, ip_len, is_v6) = if proto == ETH_P_IP {
         let l3 = l3_offset(ctx, ETH_P_IP);
         let ver_ihl: u8 = ctx.load(l3).ok()?;
@@ -72,6 +78,7 @@ pub fn ports(ctx: &TcContext) -> Option<Ports> {
         if frag & 0x1FFF != 0 {
             return None;
         }
+        fragment = frag & 0x2000 != 0;
         let tot_len = u16::from_be(ctx.load::<u16>(l3 + 2).ok()?) as usize;
         let ihl = ((ver_ihl & 0x0F) as usize) * 4;
         // GSO super-packets may carry tot_len 0 (BIG TCP): fall back to the skb length.
@@ -83,7 +90,19 @@ pub fn ports(ctx: &TcContext) -> Option<Ports> {
         (l3, l3 + ihl, ip_len.saturating_sub(ihl), false)
     } else if proto == ETH_P_IPV6 {
         let l3 = l3_offset(ctx, ETH_P_IPV6);
-        if ctx.load::<u8>(l3 + 6).ok()? != IPPROTO_TCP {
+        let mut l4 = l3 + IPV6_HLEN;
+        let mut next = ctx.load::<u8>(l3 + 6).ok()?;
+        if next == IPPROTO_FRAGMENT {
+            // RFC 8200 §4.5: next header, reserved, offset (13 bits) + M.
+            let offset = u16::from_be(ctx.load::<u16>(l4 + 2).ok()?);
+            if offset & 0xFFF8 != 0 {
+                return None;
+            }
+            next = ctx.load::<u8>(l4).ok()?;
+            l4 += 8;
+            fragment = true;
+        }
+        if next != IPPROTO_TCP {
             return None;
         }
         let payload_len = u16::from_be(ctx.load::<u16>(l3 + 4).ok()?) as usize;
@@ -91,8 +110,9 @@ pub fn ports(ctx: &TcContext) -> Option<Ports> {
             (ctx.len() as usize).saturating_sub(l3 + IPV6_HLEN)
         } else {
             payload_len
-        };
-        (l3, l3 + IPV6_HLEN, ip_len, true)
+        }
+        .saturating_sub(l4 - l3 - IPV6_HLEN);
+        (l3, l4, ip_len, true)
     } else {
         return None;
     };
@@ -105,6 +125,7 @@ pub fn ports(ctx: &TcContext) -> Option<Ports> {
         is_v6,
         src_port,
         dst_port,
+        fragment,
     })
 }
 
@@ -146,6 +167,7 @@ pub fn segment(ctx: &TcContext, p: &Ports) -> Option<Segment> {
         tcp_header_len: doff as u32,
         payload_offset: (l4 + doff) as u32,
         payload_len: p.ip_len.saturating_sub(doff) as u32,
+        fragment: p.fragment,
     })
 }
 

@@ -288,6 +288,7 @@ impl KernelCapture {
                 total.hook_events += c.hook_events;
                 total.hook_lost += c.hook_lost;
                 total.hook_stops += c.hook_stops;
+                total.refused_segments += c.refused_segments;
             }
         }
         total

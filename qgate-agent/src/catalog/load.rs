@@ -467,3 +467,45 @@ async fn read_snapshot(client: &tokio_postgres::Client) -> Result<Snapshot, Stri
     let _ = client.batch_execute("ROLLBACK").await;
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn writes_are_read_from_every_modify_table() {
+        let plan = json!([{"Plan": {
+            "Node Type": "CTE Scan", "Plan Rows": 1,
+            "Plans": [
+                {"Node Type": "ModifyTable", "Operation": "Delete", "Schema": "public",
+                 "Relation Name": "t", "Plan Rows": 0,
+                 "Plans": [{"Node Type": "Seq Scan", "Plan Rows": 753.0}]},
+                {"Node Type": "ModifyTable", "Operation": "Insert", "Schema": "public",
+                 "Relation Name": "log", "Plan Rows": 0,
+                 "Plans": [{"Node Type": "Result", "Plan Rows": 1.0}]},
+                {"Node Type": "ModifyTable", "Operation": "Insert", "Schema": "a\"b",
+                 "Relation Name": "u", "Conflict Resolution": "UPDATE", "Plan Rows": 0,
+                 "Plans": [{"Node Type": "Seq Scan", "Plan Rows": 10.0}]}
+            ]
+        }}]);
+        let mut writes = written_rows(&plan).unwrap();
+        writes.sort();
+        assert_eq!(
+            writes,
+            vec![
+                ("\"a\"\"b\".\"u\"".to_string(), 10),
+                ("\"public\".\"t\"".to_string(), 753)
+            ],
+            "a plain INSERT changes no existing row"
+        );
+    }
+
+    #[test]
+    fn plans_without_their_tables_are_errors() {
+        let plan =
+            json!([{"Plan": {"Node Type": "ModifyTable", "Operation": "Update", "Plans": []}}]);
+        assert!(written_rows(&plan).is_err());
+        assert!(written_rows(&json!({})).is_err());
+    }
+}

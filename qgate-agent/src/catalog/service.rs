@@ -93,6 +93,9 @@ struct State {
     entries: HashMap<String, Entry>,
     tokens: HashSet<String>,
     estimates: HashMap<(String, String), EstimateEntry>,
+    /// Per database, bumped by each invalidation: a read that began before
+    /// the last one does not count as fresh.
+    epochs: HashMap<String, u64>,
     /// Bumped whenever a read ends: the gate re-tries what waited.
     generation: u64,
 }
@@ -131,6 +134,7 @@ impl Catalogs {
                     };
                     match job {
                         Job::Catalog(database) => {
+                            let epoch = lock(&worker_state).epochs.get(&database).copied();
                             let result = match &server {
                                 Some(server) => {
                                     let started = Instant::now();
@@ -151,6 +155,11 @@ impl Catalogs {
                             };
                             let mut s = lock(&worker_state);
                             let now = Instant::now();
+                            if s.epochs.get(&database).copied() != epoch {
+                                // Invalidated while reading: the read queued
+                                // since then is the one that counts.
+                                continue;
+                            }
                             let entry = match result {
                                 Ok(view) => Entry::Ready { view, at: now },
                                 Err(error) => {
@@ -275,6 +284,7 @@ impl Catalogs {
     /// longer serves; statements wait for a fresh read.
     pub fn invalidate(&self, database: &str) {
         let mut s = lock(&self.state);
+        *s.epochs.entry(database.to_owned()).or_default() += 1;
         s.estimates
             .retain(|(db, _), e| db != database || matches!(e, EstimateEntry::Pending { .. }));
         if matches!(

@@ -121,10 +121,14 @@ pub enum Flag {
     UserCode,
     /// INSERT … ON CONFLICT … DO UPDATE: may change existing rows.
     Upsert,
+    /// SELECT … FOR UPDATE/SHARE (any strength) whose WHERE may select
+    /// every row: the whole table stays locked against writers until the
+    /// transaction ends.
+    LocksAllRows,
 }
 
 impl Flag {
-    pub const ALL: [Flag; 20] = [
+    pub const ALL: [Flag; 21] = [
         Flag::AllRows,
         Flag::WriteInCte,
         Flag::ExplainAnalyze,
@@ -145,6 +149,7 @@ impl Flag {
         Flag::SearchPathChange,
         Flag::UserCode,
         Flag::Upsert,
+        Flag::LocksAllRows,
     ];
 
     pub fn name(self) -> &'static str {
@@ -169,6 +174,7 @@ impl Flag {
             Flag::SearchPathChange => "search_path_change",
             Flag::UserCode => "user_code",
             Flag::Upsert => "upsert",
+            Flag::LocksAllRows => "locks_all_rows",
         }
     }
 

@@ -104,7 +104,13 @@ fn classify_pieces(
                 piece.leading_words(),
                 "splits into several statements".into(),
             )),
-            Err(error) => out.push(unparsed(text, &piece, error.to_string())),
+            Err(error) => match parse_spelled_otherwise(&piece, text.clone(), dialect) {
+                Some((facts, d)) => {
+                    depends |= d;
+                    out.push(facts);
+                }
+                None => out.push(unparsed(text, &piece, error.to_string())),
+            },
         }
     }
     if out.is_empty() {
@@ -115,6 +121,105 @@ fn classify_pieces(
         ));
     }
     (out, depends)
+}
+
+/// PostgreSQL statements sqlparser does not read, parsed as the statement
+/// they equal for every fact qgate records: `TABLE t` is `SELECT * FROM t`;
+/// `FOR NO KEY UPDATE` and `FOR KEY SHARE` lock rows like `FOR UPDATE` and
+/// `FOR SHARE` (more weakly); `SET CONSTRAINTS` only moves constraint checks
+/// within the transaction.
+fn parse_spelled_otherwise(
+    piece: &Segment<'_>,
+    text: String,
+    dialect: Dialect,
+) -> Option<(StatementFacts, bool)> {
+    use sqlparser::tokenizer::{Token, Whitespace};
+    if dialect != Dialect::Postgresql {
+        return None;
+    }
+    let significant: Vec<&TokenWithSpan> = piece
+        .tokens
+        .iter()
+        .filter(|t| !matches!(t.token, Token::Whitespace(_) | Token::SemiColon))
+        .collect();
+    let keyword = |t: &TokenWithSpan, k: &str| matches!(&t.token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(k));
+    if significant.len() >= 2
+        && keyword(significant[0], "SET")
+        && keyword(significant[1], "CONSTRAINTS")
+    {
+        let names_only = significant[2..]
+            .iter()
+            .all(|t| matches!(t.token, Token::Word(_) | Token::Comma | Token::Period));
+        if !names_only {
+            return None;
+        }
+        let mut facts = StatementFacts::unknown(text, "SET CONSTRAINTS".into(), String::new());
+        facts.kind = Kind::Transaction;
+        facts.error = None;
+        return Some((facts, false));
+    }
+    let word = |value: &str| TokenWithSpan::wrap(Token::make_word(value, None));
+    let space = || TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space));
+    let mut tokens: Vec<TokenWithSpan> = Vec::with_capacity(piece.tokens.len() + 4);
+    let mut changed = false;
+    let mut i = 0;
+    let all = piece.tokens;
+    let next_significant =
+        |from: usize| (from..all.len()).find(|&j| !matches!(all[j].token, Token::Whitespace(_)));
+    while i < all.len() {
+        let t = &all[i];
+        if i == 0
+            || tokens
+                .iter()
+                .all(|t| matches!(t.token, Token::Whitespace(_)))
+        {
+            if keyword(t, "TABLE") {
+                tokens.extend([
+                    word("SELECT"),
+                    space(),
+                    TokenWithSpan::wrap(Token::Mul),
+                    space(),
+                    word("FROM"),
+                ]);
+                changed = true;
+                i += 1;
+                continue;
+            }
+        }
+        if keyword(t, "FOR") {
+            if let Some(a) = next_significant(i + 1) {
+                if keyword(&all[a], "NO") {
+                    if let Some(b) = next_significant(a + 1).filter(|&b| keyword(&all[b], "KEY")) {
+                        tokens.push(t.clone());
+                        i = b + 1;
+                        changed = true;
+                        continue;
+                    }
+                } else if keyword(&all[a], "KEY") {
+                    if next_significant(a + 1).is_some_and(|b| keyword(&all[b], "SHARE")) {
+                        tokens.push(t.clone());
+                        i = a + 1;
+                        changed = true;
+                        continue;
+                    }
+                }
+            }
+        }
+        tokens.push(t.clone());
+        i += 1;
+    }
+    if !changed {
+        return None;
+    }
+    let statements = Parser::new(dialect.parser_dialect())
+        .with_recursion_limit(PARSER_RECURSION_LIMIT)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .ok()?;
+    let [statement] = statements.as_slice() else {
+        return None;
+    };
+    Some(facts_of(statement, text))
 }
 
 fn piece_text<'s>(piece: &Segment<'_>, index: &LineIndex<'s>) -> Option<&'s str> {
@@ -510,10 +615,10 @@ fn head(statement: &Statement) -> Head {
             flags.insert(Flag::HeavyLock);
             (Utility, "FLUSH".into())
         }
-        Statement::RefreshMaterializedView(refresh) => {
-            if !refresh.concurrently {
-                flags.insert(Flag::HeavyLock);
-            }
+        Statement::RefreshMaterializedView(_) => {
+            // CONCURRENTLY too: its EXCLUSIVE lock blocks every writer of the
+            // view for the whole refresh.
+            flags.insert(Flag::HeavyLock);
             (Utility, "REFRESH MATERIALIZED VIEW".into())
         }
         Statement::Kill { .. } => {
@@ -874,6 +979,18 @@ impl Collector {
     }
 
     fn all_rows_if(&mut self, selection: Option<&Expr>, outer: &[(String, Option<TableName>)]) {
+        if self.selects_all(selection, outer) {
+            self.flags.insert(Flag::AllRows);
+        }
+    }
+
+    /// True when `selection` (a WHERE over the rows named in `outer`) may
+    /// select every row.
+    fn selects_all(
+        &mut self,
+        selection: Option<&Expr>,
+        outer: &[(String, Option<TableName>)],
+    ) -> bool {
         let names: Vec<String> = outer.iter().map(|(n, _)| n.clone()).collect();
         let all = match selection {
             None => true,
@@ -884,9 +1001,7 @@ impl Collector {
                 all
             }
         };
-        if all {
-            self.flags.insert(Flag::AllRows);
-        }
+        all
     }
 
     fn update(&mut self, update: &Update) {
@@ -1058,6 +1173,16 @@ impl Visitor for Collector {
             }
         }
         self.query_depth += 1;
+        if !query.locks.is_empty() {
+            // SELECT … FOR UPDATE/SHARE: every row its WHERE selects is
+            // locked until the transaction ends.
+            if let SetExpr::Select(select) = &*query.body {
+                let outer = factor_names(&factors(&select.from));
+                if self.selects_all(select.selection.as_ref(), &outer) {
+                    self.flags.insert(Flag::LocksAllRows);
+                }
+            }
+        }
         if let Some(with) = &query.with {
             self.frames.push(CteFrame {
                 owner: me,

@@ -1464,3 +1464,90 @@ enum Verdict {
     /// Not decided yet: a fact it needs is being read (`catalogs_changed`).
     Defer,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodings_qgate_splits_like_the_server() {
+        for (name, modelled) in [
+            ("UTF8", true),
+            ("utf-8", true),
+            ("SQL_ASCII", true),
+            ("LATIN1", true),
+            ("WIN1252", true),
+            ("EUC_JP", true),
+            ("SJIS", false),
+            ("Shift_JIS", false),
+            ("BIG5", false),
+            ("GBK", false),
+            ("GB18030", false),
+            ("UHC", false),
+            ("JOHAB", false),
+            ("SHIFT_JIS_2004", false),
+            ("made-up", false),
+        ] {
+            assert_eq!(encoding_is_modelled(name), modelled, "{name}");
+        }
+    }
+
+    #[test]
+    fn session_lexing_holds_only_what_it_cannot_model() {
+        let plain = Lexing::default();
+        assert!(plain.unmodelled("SELECT 'é\\'").is_none());
+        let sjis = Lexing {
+            encoding: Some("SJIS".into()),
+            backslashes: false,
+        };
+        assert!(
+            sjis.unmodelled("SELECT 'a\\b'").is_none(),
+            "ASCII reads alike"
+        );
+        let why = sjis
+            .unmodelled("SELECT E'\u{fffd}\\'; DROP TABLE t; --'")
+            .unwrap();
+        assert!(why.contains("client_encoding SJIS"), "{why}");
+        let escapes = Lexing {
+            encoding: None,
+            backslashes: true,
+        };
+        assert!(escapes.unmodelled("SELECT 'x'").is_none());
+        let why = escapes
+            .unmodelled("SELECT 'x\\' , $$' ; DROP TABLE t; -- $$")
+            .unwrap();
+        assert!(why.contains("standard_conforming_strings"), "{why}");
+        assert!(!plain.any() && sjis.any() && escapes.any());
+    }
+
+    #[test]
+    fn parameters_are_counted_from_tokens() {
+        assert_eq!(placeholders("DELETE FROM t WHERE id > $1"), 1);
+        assert_eq!(placeholders("UPDATE t SET v = $2 WHERE id = $1"), 2);
+        assert_eq!(placeholders("SELECT '$3' FROM t"), 0, "inside a string");
+        assert_eq!(placeholders("DELETE FROM t WHERE id = 1"), 0);
+    }
+
+    #[test]
+    fn function_calls_are_judged_as_the_function_their_oid_names() {
+        use crate::catalog::view::{FunctionRow, Snapshot};
+        let view = crate::catalog::CatalogView::build(&Snapshot {
+            functions: vec![FunctionRow {
+                oid: 964,
+                schema: "pg_catalog".into(),
+                name: "lo_unlink".into(),
+                args: String::new(),
+                required_args: 1,
+            }],
+            ..Snapshot::default()
+        });
+        assert_eq!(
+            function_call_text(&view, "-- FunctionCall of function OID 964").as_deref(),
+            Some("SELECT \"pg_catalog\".\"lo_unlink\"()")
+        );
+        assert_eq!(
+            function_call_text(&view, "-- FunctionCall of function OID 1"),
+            None
+        );
+    }
+}

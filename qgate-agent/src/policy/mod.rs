@@ -553,7 +553,6 @@ impl Policy {
                 }
             }
             if let Some(limit) = rule.estimated_share_above {
-                reusable = false;
                 // Only writes the gate estimated (it sets `share`); `policy
                 // check` and replays have no planner to ask.
                 let Some(share) = statement
@@ -563,6 +562,7 @@ impl Policy {
                 else {
                     continue;
                 };
+                reusable = false;
                 match share {
                     RowShare::Estimated { rows, of, relation } => {
                         let fraction = share.fraction().unwrap_or(1.0);
