@@ -391,3 +391,65 @@ fn all_rows_writes_are_held_by_the_planners_estimate() -> Result<()> {
     assert_eq!(damage_report(&lab)?, INTACT);
     Ok(())
 }
+
+/// TCP urgent data: Linux takes the urgent byte out of the stream the server
+/// reads, so a capture that keeps it sees other messages than the server
+/// does. The tc program drops such segments on a database port and the agent
+/// audits it; the Query carried as urgent data never runs.
+#[test]
+fn urgent_data_never_reaches_the_server() -> Result<()> {
+    use std::{io::Read, os::fd::AsRawFd};
+    let (lab, _token) = lab("jurg")?;
+    let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
+    let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196608u32.to_be_bytes());
+    for kv in ["user", "postgres", "database", "postgres"] {
+        startup.extend_from_slice(kv.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let mut raw = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+    raw.extend_from_slice(&startup);
+    stream.write_all(&raw)?;
+    // Up to ReadyForQuery ('Z', 5 bytes + status).
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            bail!("the server closed the session during startup");
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let query = b"DROP TABLE sac\0";
+    let mut message = vec![b'Q'];
+    message.extend_from_slice(&((query.len() + 4) as u32).to_be_bytes());
+    message.extend_from_slice(query);
+    // SAFETY: send(2) on a connected socket with a valid buffer.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            message.as_ptr() as *const libc::c_void,
+            message.len(),
+            libc::MSG_OOB,
+        )
+    };
+    assert_eq!(sent, message.len() as isize, "send(MSG_OOB)");
+    lab.wait_for(
+        "the refused segment audited",
+        Duration::from_secs(15),
+        || {
+            let n: i64 = lab.store()?.query_row(
+                "SELECT count(*) FROM audit WHERE kind = 'capture.refused_segments'",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok((n > 0).then_some(()))
+        },
+    )?;
+    drop(stream);
+    assert_eq!(damage_report(&lab)?, INTACT);
+    Ok(())
+}

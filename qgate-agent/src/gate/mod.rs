@@ -76,6 +76,9 @@ struct ConnInfo {
     schema_changed: bool,
     /// The agent's own catalog session (its one-time token was presented).
     own: bool,
+    /// A schema change ran in the transaction still open: the catalog is
+    /// read again once it ends.
+    catalog_stale: bool,
     /// A `SET search_path` (or similar) ran: table names may resolve
     /// elsewhere than in the estimator's session.
     search_path_changed: bool,
@@ -249,7 +252,7 @@ pub struct Gate {
     /// Server hook: stopped reads waiting for their database's catalog.
     deferred: HashMap<Flow, (StoppedRead, Vec<ClientMessage>)>,
     /// Requests for statements that may change the schema (see `schema_changed`).
-    schema_requests: std::collections::HashSet<i64>,
+    schema_requests: HashMap<i64, bool>,
     stats: GateStats,
 }
 
@@ -338,7 +341,7 @@ impl Gate {
             refuse_encrypted_sessions: false,
             catalogs: None,
             deferred: HashMap::new(),
-            schema_requests: std::collections::HashSet::new(),
+            schema_requests: HashMap::new(),
             stats: GateStats::default(),
         }
     }
@@ -691,6 +694,7 @@ impl Gate {
                         lexing: Lexing::default(),
                         schema_changed: false,
                         own,
+                        catalog_stale: false,
                         search_path_changed: false,
                     },
                 );
@@ -781,8 +785,9 @@ impl Gate {
                 self.apply_mode(flow);
             }
             ServerReport::Ready { idle } => {
-                if *idle && info.schema_changed {
+                if *idle && (info.schema_changed || info.catalog_stale) {
                     info.schema_changed = false;
+                    info.catalog_stale = false;
                     let database = database_of(&info.subject);
                     if let Some(c) = &self.catalogs {
                         c.invalidate(&database);
@@ -969,7 +974,7 @@ impl Gate {
         match decision.action {
             Action::Allow | Action::AuditOnly => {
                 if changes_schema {
-                    self.schema_changed(flow);
+                    self.schema_changed(flow, may_create_code(&classification));
                 }
                 if classification
                     .statements
@@ -1029,7 +1034,8 @@ impl Gate {
                     Ok(request) => {
                         if changes_schema {
                             // Marked when (if) it is approved.
-                            self.schema_requests.insert(request.id);
+                            self.schema_requests
+                                .insert(request.id, may_create_code(&classification));
                         }
                         info!(request = request.id, rule = %decision.rule, "statement held for review");
                         Verdict::Wait(request.id)
@@ -1179,7 +1185,7 @@ impl Gate {
     /// statement qgate does not understand, server-side code) was let run:
     /// the database's catalog is read again, and this session's statements
     /// count as user code until its transaction ends.
-    fn schema_changed(&mut self, flow: &Flow) {
+    fn schema_changed(&mut self, flow: &Flow, creates_code: bool) {
         let Some(catalogs) = self.catalogs.clone() else {
             return;
         };
@@ -1187,7 +1193,9 @@ impl Gate {
             return;
         };
         catalogs.invalidate(&database_of(&info.subject));
-        if !info.schema_changed {
+        // Read again once it is committed (the session is idle).
+        info.catalog_stale = true;
+        if creates_code && !info.schema_changed {
             info.schema_changed = true;
             self.apply_mode(flow);
         }
@@ -1344,8 +1352,10 @@ impl Gate {
         if !event.kind.is_final() {
             return;
         }
-        if self.schema_requests.remove(&event.request_id)
-            && event.kind == RequestEventKind::Approved
+        if let Some(creates_code) = self
+            .schema_requests
+            .remove(&event.request_id)
+            .filter(|_| event.kind == RequestEventKind::Approved)
         {
             let flow = match self.backend_requests.get(&event.request_id) {
                 Some(pid) => self
@@ -1356,7 +1366,7 @@ impl Gate {
                 None => self.requests.get(&event.request_id).copied(),
             };
             if let Some(flow) = flow {
-                self.schema_changed(&flow);
+                self.schema_changed(&flow, creates_code);
             }
         }
         if let Some(pid) = self.backend_requests.remove(&event.request_id) {
@@ -1431,6 +1441,39 @@ fn may_change_schema(classification: &Classification) -> bool {
             s.kind,
             Kind::Ddl | Kind::Dcl | Kind::Unknown | Kind::Procedural | Kind::Utility
         ) || s.has(Flag::UserCode)
+    })
+}
+
+/// True when a statement may create or change code the catalog reader
+/// would find (functions, operators, casts, types, views, rules, triggers,
+/// policies …), or may do anything (server-side code, not understood):
+/// until its transaction ends, the session's later statements count as
+/// user code. Other DDL (a table, a column, an index) only has the catalog
+/// read again.
+fn may_create_code(classification: &Classification) -> bool {
+    const CODE_OBJECTS: &[&str] = &[
+        "FUNCTION",
+        "PROCEDURE",
+        "OPERATOR",
+        "CAST",
+        "TYPE",
+        "DOMAIN",
+        "RULE",
+        "TRIGGER",
+        "VIEW",
+        "POLICY",
+        "AGGREGATE",
+        "EXTENSION",
+        "LANGUAGE",
+        "TRANSFORM",
+        "CONVERSION",
+        "METHOD",
+        "SCHEMA",
+    ];
+    classification.statements.iter().any(|s| match s.kind {
+        Kind::Unknown | Kind::Procedural => true,
+        Kind::Ddl => s.verb.split(' ').any(|w| CODE_OBJECTS.contains(&w)),
+        _ => s.has(Flag::UserCode),
     })
 }
 
