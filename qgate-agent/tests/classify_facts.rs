@@ -109,6 +109,8 @@ fn reads_are_allowed_whatever_the_spelling() {
         case("SELECT * FROM t FOR KEY SHARE", "hold"),
         // sqlparser does not read these; qgate does.
         case("TABLE t", "allow").kind(Read),
+        case("EXPLAIN ANALYSE DELETE FROM t WHERE id = 1", "hold").flags(&[Flag::ExplainAnalyze]),
+        case("ANALYSE t", "allow"),
         case("TABLE public.t;", "allow").kind(Read),
         case("SET CONSTRAINTS ALL DEFERRED", "allow").kind(Kind::Transaction),
         case("SET CONSTRAINTS c1, s.c2 IMMEDIATE", "allow"),

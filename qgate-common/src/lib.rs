@@ -13,6 +13,8 @@ pub const ABI_VERSION: u32 = 2;
 /// them untouched so a released statement is not held a second time.
 pub const QGATE_MARK: u32 = 0x7167_0001; // "qg" + 1
 
+pub mod scan;
+
 /// Map names, as the agent looks them up in the loaded object.
 pub mod maps {
     /// Ring buffer of [`super::SegmentEvent`] + payload chunk.

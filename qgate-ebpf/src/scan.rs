@@ -3,6 +3,7 @@
 //! (bytes from the backend's receive buffer); both copy the text into this
 //! module's per-CPU buffer and call [`harmless`].
 use aya_ebpf::{helpers::generated::bpf_loop, macros::map, maps::PerCpuArray};
+use qgate_common::scan::Scan;
 
 /// Longest statement text the programs read to prove it harmless.
 pub const SCAN: usize = 512;
@@ -19,163 +20,6 @@ struct ScanScratch {
 
 #[map(name = "SCAN_SCRATCH")]
 static SCAN_SCRATCH: PerCpuArray<ScanScratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// Lower-case ASCII letters packed big-endian, for keyword comparison.
-const KW_SELECT: u64 = 0x73656c656374; // "select"
-const KW_SHOW: u64 = 0x73686f77; // "show"
-const W_INTO: u64 = 0x696e746f; // "into": SELECT INTO creates a table
-const W_FOR: u64 = 0x666f72; // "for": FOR UPDATE/SHARE take row locks
-
-/// Scanner states.
-const LEADING: u8 = 0;
-const LINE_COMMENT: u8 = 1;
-const BLOCK_COMMENT: u8 = 2;
-const KEYWORD: u8 = 3;
-const BODY: u8 = 4;
-/// After the statement's one `;`: only whitespace may follow.
-const TRAILING: u8 = 5;
-
-#[inline(always)]
-fn is_ident(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
-/// The scanner's state between characters. `bpf_loop` calls [`scan_step`]
-/// once per character, so the verifier checks the step once instead of
-/// walking 512 unrolled iterations.
-#[repr(C)]
-struct Scan {
-    word: u64,
-    n: u32,
-    word_len: u32,
-    state: u8,
-    prev: u8,
-    skip_name: u8,
-    refused: u8,
-}
-
-impl Scan {
-    fn ends_word_badly(&self) -> bool {
-        (self.word_len == 4 && self.word == W_INTO) || (self.word_len == 3 && self.word == W_FOR)
-    }
-
-    /// Feeds one character; `false` ends the scan (refused or end of text).
-    #[inline(always)]
-    fn step(&mut self, c: u8) -> bool {
-        if self.skip_name != 0 {
-            if c == 0 {
-                self.skip_name = 0;
-            }
-            return true;
-        }
-        if c == 0 {
-            return false;
-        }
-        match self.state {
-            LEADING => {
-                if self.prev == b'-' || self.prev == b'/' {
-                    // The second character of a comment opener, or a stray operator.
-                    if self.prev == b'-' && c == b'-' {
-                        self.state = LINE_COMMENT;
-                    } else if self.prev == b'/' && c == b'*' {
-                        self.state = BLOCK_COMMENT;
-                    } else {
-                        return self.refuse();
-                    }
-                    self.prev = 0;
-                    return true;
-                }
-                if c.is_ascii_alphabetic() {
-                    self.state = KEYWORD;
-                    self.word = c.to_ascii_lowercase() as u64;
-                    self.word_len = 1;
-                } else if !(c.is_ascii_whitespace() || c == b'-' || c == b'/') {
-                    return self.refuse();
-                }
-            }
-            LINE_COMMENT => {
-                // The lexer ends `--` comments at either newline character.
-                if c == b'\n' || c == b'\r' {
-                    self.state = LEADING;
-                }
-            }
-            BLOCK_COMMENT => {
-                if c == b'*' && self.prev == b'/' {
-                    return self.refuse();
-                }
-                if c == b'/' && self.prev == b'*' {
-                    self.state = LEADING;
-                    // This '/' must not start another comment.
-                    self.prev = 0;
-                    return true;
-                }
-            }
-            KEYWORD => {
-                if is_ident(c) {
-                    if !c.is_ascii_alphabetic() || self.word_len >= 6 {
-                        return self.refuse();
-                    }
-                    self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
-                    self.word_len += 1;
-                } else {
-                    if (self.word != KW_SELECT && self.word != KW_SHOW) || c == b';' || c == b'(' {
-                        return self.refuse();
-                    }
-                    self.state = BODY;
-                    self.word = 0;
-                    self.word_len = 0;
-                }
-            }
-            TRAILING => {
-                if !c.is_ascii_whitespace() {
-                    return self.refuse();
-                }
-            }
-            _ => {
-                if c == b'(' {
-                    return self.refuse();
-                }
-                if c == b';' {
-                    // A terminating semicolon: fine if nothing but blanks follows.
-                    if self.ends_word_badly() {
-                        return self.refuse();
-                    }
-                    self.state = TRAILING;
-                    self.prev = c;
-                    return true;
-                }
-                if is_ident(c) {
-                    self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
-                    self.word_len += 1;
-                } else {
-                    if self.ends_word_badly() {
-                        return self.refuse();
-                    }
-                    self.word = 0;
-                    self.word_len = 0;
-                }
-            }
-        }
-        self.prev = c;
-        true
-    }
-
-    fn refuse(&mut self) -> bool {
-        self.refused = 1;
-        false
-    }
-
-    /// The verdict once the text ended.
-    fn harmless(&self) -> bool {
-        self.refused == 0
-            && match self.state {
-                KEYWORD => self.word == KW_SELECT || self.word == KW_SHOW,
-                BODY => !self.ends_word_badly(),
-                TRAILING => true,
-                _ => false,
-            }
-    }
-}
 
 /// `bpf_loop` callback: one character of the scratch buffer.
 extern "C" fn scan_step(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
@@ -221,15 +65,7 @@ pub fn harmless(n: u32, is_parse: bool) -> bool {
     };
     // SAFETY: per-CPU slot, this program run is its only user.
     let scan = unsafe { &mut (*scratch).scan };
-    *scan = Scan {
-        word: 0,
-        n,
-        word_len: 0,
-        state: LEADING,
-        prev: 0,
-        skip_name: is_parse as u8,
-        refused: 0,
-    };
+    *scan = Scan::new(n, is_parse);
     // SAFETY: callback and context are valid for the call's duration.
     let rc = unsafe {
         bpf_loop(

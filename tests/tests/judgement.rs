@@ -453,3 +453,150 @@ fn urgent_data_never_reaches_the_server() -> Result<()> {
     assert_eq!(damage_report(&lab)?, INTACT);
     Ok(())
 }
+
+/// A StartupMessage (user and database postgres).
+fn startup_message() -> Vec<u8> {
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    for kv in ["user", "postgres", "database", "postgres"] {
+        body.extend_from_slice(kv.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut m = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    m.extend_from_slice(&body);
+    m
+}
+
+/// One protocol message: type byte, length, body.
+fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// A FunctionCall of `oid` with one int4 argument in text format.
+fn function_call(oid: u32, arg: &str) -> Vec<u8> {
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend_from_slice(&1u16.to_be_bytes()); // one format code
+    body.extend_from_slice(&0u16.to_be_bytes()); // text
+    body.extend_from_slice(&1u16.to_be_bytes()); // one argument
+    body.extend_from_slice(&(arg.len() as i32).to_be_bytes());
+    body.extend_from_slice(arg.as_bytes());
+    body.extend_from_slice(&0u16.to_be_bytes()); // result in text
+    message(b'F', &body)
+}
+
+/// Sends `bytes` in one write from the client namespace; expects a request
+/// whose statement contains `expect`, denies it and checks for damage.
+fn raw_held(lab: &Lab, token: &str, what: &str, bytes: &[u8], expect: &str) -> Result<()> {
+    let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
+    let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
+    stream.write_all(bytes)?;
+    let list = lab
+        .pending_requests(token, 1, Duration::from_secs(15))
+        .with_context(|| format!("{what}: no request"))?;
+    let statement = list[0]["statement"].as_str().unwrap_or_default();
+    if !statement.contains(expect) {
+        bail!("{what}: the request is for {statement:?}, not {expect:?}");
+    }
+    let id = list[0]["id"].as_i64().context("id")?;
+    lab.requests(token, &["deny", &id.to_string()])?;
+    drop(stream);
+    let report = damage_report(lab)?;
+    if report != INTACT {
+        bail!("{what}: damage done ({report})");
+    }
+    Ok(())
+}
+
+/// libpq's fast path and protocol framing: a user function, a function
+/// that ends sessions and one that changes settings, each called by OID;
+/// Parse/Bind/Execute and FunctionCall riding in the StartupMessage's
+/// segment; spellings and startup options.
+#[test]
+fn framing_function_calls_spellings_and_startup_options() -> Result<()> {
+    let (lab, token) = lab("jframe")?;
+    let oid = |name: &str| -> Result<u32> {
+        Ok(lab
+            .sql_via(Via::Unix, &format!("SELECT '{name}'::regprocedure::oid"))?
+            .parse()?)
+    };
+    // A user function by OID: evil(t) deletes every row of victim.
+    let evil_check = oid("evil_check(int)")?;
+    let mut bytes = startup_message();
+    bytes.extend(function_call(evil_check, "1"));
+    raw_held(
+        &lab,
+        &token,
+        "FunctionCall of a user function",
+        &bytes,
+        "FunctionCall",
+    )?;
+    // pg_terminate_backend by OID, after a startup in its own segment.
+    let terminate = oid("pg_terminate_backend(int,bigint)")?;
+    let mut bytes = startup_message();
+    bytes.extend(function_call(terminate, "1"));
+    raw_held(
+        &lab,
+        &token,
+        "FunctionCall of pg_terminate_backend",
+        &bytes,
+        "FunctionCall",
+    )?;
+    // Parse/Bind/Execute/Sync in the StartupMessage's segment.
+    let mut bytes = startup_message();
+    bytes.extend(message(b'P', b"\0DROP TABLE sac\0\0\0"));
+    bytes.extend(message(b'B', b"\0\0\0\0\0\0\0\0"));
+    bytes.extend(message(b'E', b"\0\0\0\0\0"));
+    bytes.extend(message(b'S', b""));
+    raw_held(
+        &lab,
+        &token,
+        "Parse after startup",
+        &bytes,
+        "DROP TABLE sac",
+    )?;
+    // The British spelling of EXPLAIN's ANALYZE runs the statement.
+    for sql in [
+        "EXPLAIN (ANALYSE) DELETE FROM victim",
+        "EXPLAIN (ANALYZE true, BUFFERS) DELETE FROM victim WHERE id = 1",
+        "EXPLAIN ANALYSE DELETE FROM victim WHERE id = 1",
+    ] {
+        held_not_run(&lab, &token, sql, psql(&lab, sql), sql, "explain_analyze")?;
+    }
+    // Startup options are the SETs they amount to: refused (the SET needs
+    // review), so nothing of the session runs.
+    for options in [
+        "-c session_replication_role=replica",
+        "-c default_transaction_read_only=off",
+        "--session_replication_role=replica",
+    ] {
+        let mut client = psql(&lab, "DELETE FROM victim WHERE id = 1");
+        client.env("PGOPTIONS", options);
+        let out = client.output()?;
+        assert!(
+            !out.status.success(),
+            "{options}: the connection is refused"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("qgate"),
+            "{options}: the client is told why: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(damage_report(&lab)?, INTACT, "{options}");
+    }
+    // A search path set at startup is allowed; the operator it would put
+    // first is still found by name.
+    let mut client = psql(&lab, "SELECT 1 + 1");
+    client.env("PGOPTIONS", "-c search_path=evil,pg_catalog");
+    held_not_run(
+        &lab,
+        &token,
+        "search_path at startup",
+        client,
+        "SELECT 1 + 1",
+        "operator +",
+    )?;
+    Ok(())
+}

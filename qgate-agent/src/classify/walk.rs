@@ -124,7 +124,8 @@ fn classify_pieces(
 }
 
 /// PostgreSQL statements sqlparser does not read, parsed as the statement
-/// they equal for every fact qgate records: `TABLE t` is `SELECT * FROM t`;
+/// they equal for every fact qgate records: `ANALYSE` is `ANALYZE`;
+/// `TABLE t` is `SELECT * FROM t`;
 /// `FOR NO KEY UPDATE` and `FOR KEY SHARE` lock rows like `FOR UPDATE` and
 /// `FOR SHARE` (more weakly); `SET CONSTRAINTS` only moves constraint checks
 /// within the transaction.
@@ -185,6 +186,14 @@ fn parse_spelled_otherwise(
                 i += 1;
                 continue;
             }
+        }
+        if keyword(t, "ANALYSE") {
+            // The grammar's `analyze_keyword: ANALYZE | ANALYSE`, everywhere
+            // (a reserved word: never an unquoted name).
+            tokens.push(word("ANALYZE"));
+            changed = true;
+            i += 1;
+            continue;
         }
         if keyword(t, "FOR") {
             if let Some(a) = next_significant(i + 1) {

@@ -442,7 +442,11 @@ impl Gate {
         if info.lexing.any() || info.schema_changed {
             return false;
         }
-        match catalogs.lookup(&database_of(&info.subject)) {
+        let database = database_of(&info.subject);
+        if database.is_empty() {
+            return false;
+        }
+        match catalogs.lookup(&database) {
             Lookup::Ready(view) => view.fast_path_safe(),
             _ => false,
         }
@@ -476,12 +480,11 @@ impl Gate {
         let Some(info) = self.conns.get(flow) else {
             return false;
         };
+        let database = database_of(&info.subject);
         !info.own
             && !info.refused
-            && matches!(
-                catalogs.lookup(&database_of(&info.subject)),
-                Lookup::Pending
-            )
+            && !database.is_empty()
+            && matches!(catalogs.lookup(&database), Lookup::Pending)
     }
 
     /// Connections with held bytes or undecided statements, and stopped backends.
@@ -1067,9 +1070,14 @@ impl Gate {
             let d = policy.decide(&conn.subject, &c, self.estimator.as_ref());
             return Some((c, d));
         }
+        let database = database_of(&conn.subject);
         let view = match &self.catalogs {
             None => None,
-            Some(catalogs) => Some(match catalogs.lookup(&database_of(&conn.subject)) {
+            Some(_) if database.is_empty() => Some(Err(
+                "the session's database is unknown (it was open before the agent started)"
+                    .to_string(),
+            )),
+            Some(catalogs) => Some(match catalogs.lookup(&database) {
                 Lookup::Ready(view) => Ok(view),
                 // Asked again after the deadline: decide without it (below).
                 Lookup::Pending => Err("the database's catalog is still being read".to_string()),

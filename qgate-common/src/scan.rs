@@ -1,0 +1,197 @@
+//! The plain-read proof both kernel programs run (tc gate and server hook),
+//! as a byte-at-a-time state machine: here so that the agent's tests run
+//! the very code the kernel runs against the classifier (`harmless_text`).
+//!
+//! True only for the text of one `SELECT` or `SHOW` statement with no `;`
+//! other than a final one followed by blanks only, no parenthesis (so no
+//! function call, subquery or VALUES list) and no `INTO`/`FOR` word, after
+//! leading whitespace and comments. Nested block comments are refused
+//! rather than followed.
+
+/// Lower-case ASCII letters packed big-endian, for keyword comparison.
+const KW_SELECT: u64 = 0x73656c656374; // "select"
+const KW_SHOW: u64 = 0x73686f77; // "show"
+const W_INTO: u64 = 0x696e746f; // "into": SELECT INTO creates a table
+const W_FOR: u64 = 0x666f72; // "for": FOR UPDATE/SHARE take row locks
+
+/// Scanner states.
+const LEADING: u8 = 0;
+const LINE_COMMENT: u8 = 1;
+const BLOCK_COMMENT: u8 = 2;
+const KEYWORD: u8 = 3;
+const BODY: u8 = 4;
+/// After the statement's one `;`: only whitespace may follow.
+const TRAILING: u8 = 5;
+
+#[inline(always)]
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+/// The scanner's state between characters. `bpf_loop` calls [`scan_step`]
+/// once per character, so the verifier checks the step once instead of
+/// walking 512 unrolled iterations.
+#[repr(C)]
+pub struct Scan {
+    pub word: u64,
+    pub n: u32,
+    pub word_len: u32,
+    pub state: u8,
+    pub prev: u8,
+    pub skip_name: u8,
+    pub refused: u8,
+}
+
+impl Scan {
+    /// A fresh scanner; `is_parse`: the text starts with a Parse message's
+    /// statement name (skipped up to its NUL).
+    pub const fn new(n: u32, is_parse: bool) -> Scan {
+        Scan {
+            word: 0,
+            n,
+            word_len: 0,
+            state: LEADING,
+            prev: 0,
+            skip_name: is_parse as u8,
+            refused: 0,
+        }
+    }
+}
+
+impl Scan {
+    fn ends_word_badly(&self) -> bool {
+        (self.word_len == 4 && self.word == W_INTO) || (self.word_len == 3 && self.word == W_FOR)
+    }
+
+    /// Feeds one character; `false` ends the scan (refused or end of text).
+    #[inline(always)]
+    pub fn step(&mut self, c: u8) -> bool {
+        if self.skip_name != 0 {
+            if c == 0 {
+                self.skip_name = 0;
+            }
+            return true;
+        }
+        if c == 0 {
+            return false;
+        }
+        match self.state {
+            LEADING => {
+                if self.prev == b'-' || self.prev == b'/' {
+                    // The second character of a comment opener, or a stray operator.
+                    if self.prev == b'-' && c == b'-' {
+                        self.state = LINE_COMMENT;
+                    } else if self.prev == b'/' && c == b'*' {
+                        self.state = BLOCK_COMMENT;
+                    } else {
+                        return self.refuse();
+                    }
+                    self.prev = 0;
+                    return true;
+                }
+                if c.is_ascii_alphabetic() {
+                    self.state = KEYWORD;
+                    self.word = c.to_ascii_lowercase() as u64;
+                    self.word_len = 1;
+                } else if !(c.is_ascii_whitespace() || c == b'-' || c == b'/') {
+                    return self.refuse();
+                }
+            }
+            LINE_COMMENT => {
+                // The lexer ends `--` comments at either newline character.
+                if c == b'\n' || c == b'\r' {
+                    self.state = LEADING;
+                }
+            }
+            BLOCK_COMMENT => {
+                if c == b'*' && self.prev == b'/' {
+                    return self.refuse();
+                }
+                if c == b'/' && self.prev == b'*' {
+                    self.state = LEADING;
+                    // This '/' must not start another comment.
+                    self.prev = 0;
+                    return true;
+                }
+            }
+            KEYWORD => {
+                if is_ident(c) {
+                    if !c.is_ascii_alphabetic() || self.word_len >= 6 {
+                        return self.refuse();
+                    }
+                    self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
+                    self.word_len += 1;
+                } else {
+                    if (self.word != KW_SELECT && self.word != KW_SHOW) || c == b';' || c == b'(' {
+                        return self.refuse();
+                    }
+                    self.state = BODY;
+                    self.word = 0;
+                    self.word_len = 0;
+                }
+            }
+            TRAILING => {
+                if !c.is_ascii_whitespace() {
+                    return self.refuse();
+                }
+            }
+            _ => {
+                if c == b'(' {
+                    return self.refuse();
+                }
+                if c == b';' {
+                    // A terminating semicolon: fine if nothing but blanks follows.
+                    if self.ends_word_badly() {
+                        return self.refuse();
+                    }
+                    self.state = TRAILING;
+                    self.prev = c;
+                    return true;
+                }
+                if is_ident(c) {
+                    self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
+                    self.word_len += 1;
+                } else {
+                    if self.ends_word_badly() {
+                        return self.refuse();
+                    }
+                    self.word = 0;
+                    self.word_len = 0;
+                }
+            }
+        }
+        self.prev = c;
+        true
+    }
+
+    fn refuse(&mut self) -> bool {
+        self.refused = 1;
+        false
+    }
+
+    /// The verdict once the text ended.
+    pub fn harmless(&self) -> bool {
+        self.refused == 0
+            && match self.state {
+                KEYWORD => self.word == KW_SELECT || self.word == KW_SHOW,
+                BODY => !self.ends_word_badly(),
+                TRAILING => true,
+                _ => false,
+            }
+    }
+}
+
+/// The whole proof over `text` in one call (userspace; the kernel feeds the
+/// same [`Scan::step`] from `bpf_loop`, at most 512 bytes).
+pub fn harmless_text(text: &[u8], is_parse: bool) -> bool {
+    if text.is_empty() || text.len() > 512 {
+        return false;
+    }
+    let mut scan = Scan::new(text.len() as u32, is_parse);
+    for &c in text {
+        if !scan.step(c) {
+            break;
+        }
+    }
+    scan.harmless()
+}
