@@ -169,23 +169,21 @@ fn parse_spelled_otherwise(
         |from: usize| (from..all.len()).find(|&j| !matches!(all[j].token, Token::Whitespace(_)));
     while i < all.len() {
         let t = &all[i];
-        if i == 0
+        let leading = i == 0
             || tokens
                 .iter()
-                .all(|t| matches!(t.token, Token::Whitespace(_)))
-        {
-            if keyword(t, "TABLE") {
-                tokens.extend([
-                    word("SELECT"),
-                    space(),
-                    TokenWithSpan::wrap(Token::Mul),
-                    space(),
-                    word("FROM"),
-                ]);
-                changed = true;
-                i += 1;
-                continue;
-            }
+                .all(|t| matches!(t.token, Token::Whitespace(_)));
+        if leading && keyword(t, "TABLE") {
+            tokens.extend([
+                word("SELECT"),
+                space(),
+                TokenWithSpan::wrap(Token::Mul),
+                space(),
+                word("FROM"),
+            ]);
+            changed = true;
+            i += 1;
+            continue;
         }
         if keyword(t, "ANALYSE") {
             // The grammar's `analyze_keyword: ANALYZE | ANALYSE`, everywhere
@@ -204,13 +202,13 @@ fn parse_spelled_otherwise(
                         changed = true;
                         continue;
                     }
-                } else if keyword(&all[a], "KEY") {
-                    if next_significant(a + 1).is_some_and(|b| keyword(&all[b], "SHARE")) {
-                        tokens.push(t.clone());
-                        i = a + 1;
-                        changed = true;
-                        continue;
-                    }
+                } else if keyword(&all[a], "KEY")
+                    && next_significant(a + 1).is_some_and(|b| keyword(&all[b], "SHARE"))
+                {
+                    tokens.push(t.clone());
+                    i = a + 1;
+                    changed = true;
+                    continue;
                 }
             }
         }
@@ -1276,10 +1274,8 @@ impl Visitor for Collector {
             Expr::AnyOp { compare_op, .. } | Expr::AllOp { compare_op, .. } => {
                 ops.push(operator_name(compare_op))
             }
-            Expr::UnaryOp { op, .. } => {
-                if !matches!(op, UnaryOperator::Not) {
-                    ops.push(op.to_string());
-                }
+            Expr::UnaryOp { op, .. } if !matches!(op, UnaryOperator::Not) => {
+                ops.push(op.to_string())
             }
             Expr::Like { negated, .. } => ops.push(if *negated { "!~~" } else { "~~" }.into()),
             Expr::ILike { negated, .. } => ops.push(if *negated { "!~~*" } else { "~~*" }.into()),

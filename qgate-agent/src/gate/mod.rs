@@ -1141,10 +1141,7 @@ impl Gate {
                     // Held already, or planning it could run user code.
                     continue;
                 }
-                statement.share = Some(match self.row_share(conn, &view, &statement.sql) {
-                    Some(share) => share,
-                    None => return None,
-                });
+                statement.share = Some(self.row_share(conn, &view, &statement.sql)?);
                 flagged = true;
             }
         }
