@@ -5,6 +5,8 @@
 //! ALTER, GRANT and REVOKE must be held by the shipped default; the decision
 //! cache must agree with deciding afresh. Counts are printed (run with
 //! `--nocapture` to see them).
+mod corpus_support;
+use corpus_support::corpus;
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -22,23 +24,6 @@ use sqlparser::{
     dialect::PostgreSqlDialect,
     tokenizer::{Token, Tokenizer},
 };
-
-/// The corpus directory, or `None` (a skip) when it is absent outside CI.
-fn corpus() -> Option<PathBuf> {
-    let dir = std::env::var_os("QGATE_CORPUS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "corpus missing at {} and CI is set",
-        dir.display()
-    );
-    eprintln!("corpus missing at {}: skipped", dir.display());
-    None
-}
 
 fn files(dir: &Path, extensions: &[&str]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)

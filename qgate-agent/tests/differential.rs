@@ -8,7 +8,9 @@
 //! whose catalog leaves the fast path on. Checked on every statement of the
 //! PostgreSQL regression scripts, on each family of the red team's attacks,
 //! and on 200 000 generated texts.
-use std::path::{Path, PathBuf};
+mod corpus_support;
+use corpus_support::corpus;
+use std::path::PathBuf;
 
 use qgate_agent::{
     catalog::{
@@ -195,21 +197,6 @@ fn every_family_is_refused_by_the_scanner_or_turns_the_fast_path_off() {
     ] {
         assert!(!agrees(text, &policy), "the kernel would pass {text:?}");
     }
-}
-
-fn corpus() -> Option<PathBuf> {
-    let dir = std::env::var_os("QGATE_CORPUS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "corpus missing at {}",
-        dir.display()
-    );
-    None
 }
 
 #[test]

@@ -223,12 +223,7 @@ fn session_settings_and_fast_paths_are_not_walked_around() -> Result<()> {
     let mut sjis = b"SELECT E'".to_vec();
     sjis.extend_from_slice(&[0x95, b'\\']);
     sjis.extend_from_slice(b"'; DROP TABLE sac; --'");
-    let mut client = psql(&lab, "SELECT 1");
-    client.env("PGCLIENTENCODING", "SJIS");
-    assert!(
-        !client.output()?.status.success(),
-        "SJIS at startup is refused"
-    );
+    refused_at_startup(&lab, "PGCLIENTENCODING", "SJIS")?;
     // Set in the session (approved), the statement is held: qgate does not
     // split SJIS text.
     approved_then_held(
@@ -242,12 +237,7 @@ fn session_settings_and_fast_paths_are_not_walked_around() -> Result<()> {
 
     // Backslashes escaping under standard_conforming_strings = off: as a
     // startup option the connection is refused (the SET needs review) …
-    let mut client = psql(&lab, "SELECT 1");
-    client.env("PGOPTIONS", "-c standard_conforming_strings=off");
-    assert!(
-        !client.output()?.status.success(),
-        "a startup option that needs review is refused"
-    );
+    refused_at_startup(&lab, "PGOPTIONS", "-c standard_conforming_strings=off")?;
     // … and set in the session (approved), the next statement with a
     // backslash is held: qgate does not lex backslash escapes.
     approved_then_held(
@@ -274,20 +264,8 @@ fn session_settings_and_fast_paths_are_not_walked_around() -> Result<()> {
     )?;
 
     // A StartupMessage and a Query in one segment.
-    let mut raw = Vec::new();
-    let mut startup = Vec::new();
-    startup.extend_from_slice(&196608u32.to_be_bytes());
-    for kv in ["user", "postgres", "database", "postgres"] {
-        startup.extend_from_slice(kv.as_bytes());
-        startup.push(0);
-    }
-    startup.push(0);
-    raw.extend_from_slice(&((startup.len() + 4) as u32).to_be_bytes());
-    raw.extend_from_slice(&startup);
-    let query = b"DROP TABLE sac\0";
-    raw.push(b'Q');
-    raw.extend_from_slice(&((query.len() + 4) as u32).to_be_bytes());
-    raw.extend_from_slice(query);
+    let mut raw = startup_message();
+    raw.extend(message(b'Q', b"DROP TABLE sac\0"));
     let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
     let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
     stream.write_all(&raw)?;
@@ -402,16 +380,7 @@ fn urgent_data_never_reaches_the_server() -> Result<()> {
     let (lab, _token) = lab("jurg")?;
     let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
     let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
-    let mut startup = Vec::new();
-    startup.extend_from_slice(&196608u32.to_be_bytes());
-    for kv in ["user", "postgres", "database", "postgres"] {
-        startup.extend_from_slice(kv.as_bytes());
-        startup.push(0);
-    }
-    startup.push(0);
-    let mut raw = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
-    raw.extend_from_slice(&startup);
-    stream.write_all(&raw)?;
+    stream.write_all(&startup_message())?;
     // Up to ReadyForQuery ('Z', 5 bytes + status).
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut seen = Vec::new();
@@ -423,10 +392,7 @@ fn urgent_data_never_reaches_the_server() -> Result<()> {
         }
         seen.extend_from_slice(&buf[..n]);
     }
-    let query = b"DROP TABLE sac\0";
-    let mut message = vec![b'Q'];
-    message.extend_from_slice(&((query.len() + 4) as u32).to_be_bytes());
-    message.extend_from_slice(query);
+    let message = message(b'Q', b"DROP TABLE sac\0");
     // SAFETY: send(2) on a connected socket with a valid buffer.
     let sent = unsafe {
         libc::send(
@@ -572,19 +538,7 @@ fn framing_function_calls_spellings_and_startup_options() -> Result<()> {
         "-c default_transaction_read_only=off",
         "--session_replication_role=replica",
     ] {
-        let mut client = psql(&lab, "DELETE FROM victim WHERE id = 1");
-        client.env("PGOPTIONS", options);
-        let out = client.output()?;
-        assert!(
-            !out.status.success(),
-            "{options}: the connection is refused"
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("qgate"),
-            "{options}: the client is told why: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(damage_report(&lab)?, INTACT, "{options}");
+        refused_at_startup(&lab, "PGOPTIONS", options)?;
     }
     // A search path set at startup is allowed; the operator it would put
     // first is still found by name.
@@ -598,5 +552,22 @@ fn framing_function_calls_spellings_and_startup_options() -> Result<()> {
         "SELECT 1 + 1",
         "operator +",
     )?;
+    Ok(())
+}
+
+/// psql with `variable=value` in its environment (a startup setting) is
+/// refused with an error naming qgate, and nothing is damaged.
+fn refused_at_startup(lab: &Lab, variable: &str, value: &str) -> Result<()> {
+    let mut client = psql(lab, "DELETE FROM victim WHERE id = 1");
+    client.env(variable, value);
+    let out = client.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !stderr.contains("qgate") {
+        bail!("{variable}={value}: the connection was not refused by qgate: {stderr}");
+    }
+    let report = damage_report(lab)?;
+    if report != INTACT {
+        bail!("{variable}={value}: damage done ({report})");
+    }
     Ok(())
 }
