@@ -791,3 +791,35 @@ fn idle_connections_are_expired() {
         Some(WireEvent::ConnectionClosed { .. })
     ));
 }
+
+#[test]
+fn a_reset_or_fin_far_from_the_stream_ends_nothing() {
+    let mut c = Conn::new(40100);
+    let mut s = c.opened(4243);
+    // A forged RST and FIN with sequence numbers the server would drop.
+    let mut rst = c.client(b"");
+    rst.tcp_flags |= 0x04;
+    rst.seq = rst.seq.wrapping_add(0x4000_0000);
+    let mut fin = c.client(b"");
+    fin.tcp_flags |= 0x01;
+    fin.seq = fin.seq.wrapping_sub(0x2000_0000);
+    s.push(rst);
+    s.push(fin);
+    s.push(c.client(&query("SELECT 1")));
+    let events = run(&s);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, WireEvent::ConnectionClosed { .. })),
+        "{events:?}"
+    );
+    assert_eq!(received(&events).len(), 1, "the connection is still read");
+    // The client's own RST, where its stream is, ends it.
+    let mut real = c.client(b"");
+    real.tcp_flags |= 0x04;
+    s.push(real);
+    let events = run(&s);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, WireEvent::ConnectionClosed { .. })));
+}

@@ -536,9 +536,17 @@ impl Gate {
             // A new connection on a reused address starts from scratch.
             self.released_until.remove(&seg.flow);
         }
-        if (seg.is_fin() || seg.is_rst()) && self.streams.contains_key(&seg.flow) {
-            // The client gave up on its held statement (closed or died).
-            self.withdraw(&seg.flow, "the client disconnected");
+        if seg.is_fin() || seg.is_rst() {
+            // The client gave up on its held statement (closed or died) —
+            // if the server would take it so: a FIN or RST outside what the
+            // server can still receive (before the held bytes or past them,
+            // a forged one) ends nothing.
+            let honoured = self.streams.get(&seg.flow).is_some_and(|s| {
+                !held::seq_lt(seg.seq, s.base()) && !held::seq_lt(s.data_end(), seg.seq)
+            });
+            if honoured {
+                self.withdraw(&seg.flow, "the client disconnected");
+            }
         }
         if !seg.held || seg.payload.is_empty() {
             return;

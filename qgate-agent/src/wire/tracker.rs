@@ -331,6 +331,11 @@ impl Tracker {
         let Some(conn) = self.connections.get_mut(&seg.flow) else {
             return;
         };
+        if (seg.is_rst() || seg.is_fin()) && !in_receive_window(conn, seg) {
+            // A receiver drops a RST or FIN far from where its stream is
+            // (RFC 5961 §3, RFC 9293 §3.10.7.4): a forged one ends nothing.
+            return;
+        }
         conn.last_seen = seg.at;
         // Once reported closed (Terminate or FIN with nothing pending), the
         // rest is teardown: nothing more to decode or report.
@@ -781,4 +786,25 @@ fn on_server_delivery(
             }
         }
     }
+}
+
+/// How far from the next expected byte a RST or FIN may be and still be
+/// taken as the peer's (a receive window's worth).
+const CONTROL_WINDOW: i64 = 1 << 20;
+
+/// True when `seg`'s sequence number is near where its direction's stream
+/// is (or that stream has not started, so nothing can be checked).
+fn in_receive_window(conn: &Connection, seg: &Segment) -> bool {
+    let stream = match seg.direction {
+        Direction::ToServer => &conn.client,
+        Direction::FromServer => &conn.server,
+    };
+    let Some(expected) = stream
+        .seq_at(stream.next_offset())
+        .filter(|_| stream.is_started())
+    else {
+        return true;
+    };
+    let delta = i64::from(seg.seq.wrapping_sub(expected) as i32);
+    (-CONTROL_WINDOW..=CONTROL_WINDOW).contains(&delta)
 }
