@@ -192,6 +192,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut last_lost = 0;
     let mut last_failed_open = 0;
     let mut last_refused = 0;
+    let mut last_shed = 0;
     let mut last_dropped = 0;
     while !stop.load(Ordering::Relaxed) {
         // Short waits: a reviewer's decision is picked up within 10 ms.
@@ -332,6 +333,19 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     }),
                 ));
                 last_refused = counters.refused_segments;
+            }
+            let shed = pipeline.tracker().shed();
+            if shed > last_shed {
+                warn!(
+                    connections = shed - last_shed,
+                    limit = crate::wire::MAX_CONNECTIONS,
+                    "connection table full: connections that carried no byte were forgotten"
+                );
+                let _ = runtime.block_on(board.audit(
+                    "capture.connections_shed",
+                    serde_json::json!({ "connections": shed - last_shed }),
+                ));
+                last_shed = shed;
             }
             let dropped = pipeline.writer().stats().dropped;
             if counters.lost() != last_lost || dropped != last_dropped {

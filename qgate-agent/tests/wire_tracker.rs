@@ -823,3 +823,35 @@ fn a_reset_or_fin_far_from_the_stream_ends_nothing() {
         .iter()
         .any(|e| matches!(e, WireEvent::ConnectionClosed { .. })));
 }
+
+#[test]
+fn a_syn_flood_is_bounded_and_leaves_no_record_and_sessions_still_read() {
+    use qgate_agent::wire::MAX_CONNECTIONS;
+    let mut tracker = Tracker::new();
+    let mut events = Vec::new();
+    for i in 0..(MAX_CONNECTIONS as u32 + 500) {
+        let mut c = Conn::new(1024 + (i % 60_000) as u16);
+        c.flow.client = std::net::SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+            c.flow.client.port(),
+        );
+        for s in c.handshake() {
+            tracker.on_segment(&s, &mut events);
+        }
+    }
+    assert!(
+        events.is_empty(),
+        "handshakes alone leave no record: {}",
+        events.len()
+    );
+    assert!(tracker.len() <= MAX_CONNECTIONS);
+    assert!(tracker.shed() >= 500, "{}", tracker.shed());
+    // A real session after the flood is tracked and read.
+    let mut c = Conn::new(40200);
+    for s in c.opened(4244) {
+        tracker.on_segment(&s, &mut events);
+    }
+    tracker.on_segment(&c.client(&query("SELECT 1")), &mut events);
+    assert!(received(&events).len() == 1, "{events:?}");
+    assert!(matches!(events[0], WireEvent::ConnectionOpened { .. }));
+}

@@ -18,4 +18,6 @@ pub mod tcp;
 mod tracker;
 
 pub use events::*;
-pub use tracker::{ClientMessage, ClientSql, SqlCarrier, StatementSpan, StreamSpan, Tracker};
+pub use tracker::{
+    ClientMessage, ClientSql, SqlCarrier, StatementSpan, StreamSpan, Tracker, MAX_CONNECTIONS,
+};

@@ -83,11 +83,20 @@ struct Connection {
     client_fin: bool,
     server_fin: bool,
     backend_pid: Option<u32>,
+    /// `ConnectionOpened` was reported: only once the connection carried
+    /// bytes (a SYN flood's handshakes leave no record, and are the first
+    /// state shed when the table is full).
+    announced: bool,
+    opened_at: UnixNanos,
+    mid_stream: bool,
 }
 
 impl Connection {
     fn new(id: ConnId, at: UnixNanos, mid_stream: bool) -> Self {
         Self {
+            announced: false,
+            opened_at: at,
+            mid_stream,
             id,
             watched: false,
             last_seen: at,
@@ -148,11 +157,45 @@ pub struct Tracker {
     flows: HashMap<ConnId, Flow>,
     backends: HashMap<u32, BackendKey>,
     opened: u64,
+    /// Connections that carried no byte yet, oldest first (may name ones
+    /// gone since): what is shed when the table is full.
+    silent: std::collections::VecDeque<(Flow, ConnId)>,
+    /// Connections forgotten, or never tracked, because the table was full.
+    shed: u64,
 }
+
+/// Connections tracked at most. Beyond, the oldest that never carried a
+/// byte is forgotten first; with none such, new connections are not
+/// tracked (counted in [`Tracker::shed`]; their statements, on a gated
+/// port, stay held: nothing unread runs).
+pub const MAX_CONNECTIONS: usize = 65_536;
 
 impl Tracker {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Connections shed or refused because the table was full.
+    pub fn shed(&self) -> u64 {
+        self.shed
+    }
+
+    /// Forgets the oldest connection that never carried a byte; false when
+    /// there is none.
+    fn shed_one(&mut self) -> bool {
+        while let Some((flow, id)) = self.silent.pop_front() {
+            let silent = self
+                .connections
+                .get(&flow)
+                .is_some_and(|c| c.id == id && !c.announced);
+            if silent {
+                self.connections.remove(&flow);
+                self.flows.remove(&id);
+                self.shed += 1;
+                return true;
+            }
+        }
+        false
     }
 
     /// Connections currently tracked.
@@ -313,20 +356,26 @@ impl Tracker {
             if seg.is_rst() || !(seg.is_syn() || !seg.payload.is_empty() || seg.truncated) {
                 return;
             }
+            if self.connections.len() >= MAX_CONNECTIONS && !self.shed_one() {
+                self.shed += 1;
+                return;
+            }
             self.opened += 1;
             let id = ConnId(self.opened);
             let mid_stream = !seg.is_syn();
-            out.push(WireEvent::ConnectionOpened {
-                conn: id,
-                client: seg.flow.client,
-                server: seg.flow.server,
-                at: seg.at,
-                mid_stream,
-            });
             let mut connection = Connection::new(id, seg.at, mid_stream);
             connection.watched = self.watch_next.remove(&seg.flow);
             self.connections.insert(seg.flow, connection);
             self.flows.insert(id, seg.flow);
+            self.silent.push_back((seg.flow, id));
+            if self.silent.len() > 2 * MAX_CONNECTIONS {
+                let connections = &self.connections;
+                self.silent.retain(|(flow, id)| {
+                    connections
+                        .get(flow)
+                        .is_some_and(|c| c.id == *id && !c.announced)
+                });
+            }
         }
         let Some(conn) = self.connections.get_mut(&seg.flow) else {
             return;
@@ -335,6 +384,20 @@ impl Tracker {
             // A receiver drops a RST or FIN far from where its stream is
             // (RFC 5961 §3, RFC 9293 §3.10.7.4): a forged one ends nothing.
             return;
+        }
+        // Synthetic connections (the server hook's, server port 0) are
+        // reported at once: the hook's own record about them follows.
+        if !conn.announced
+            && (!seg.payload.is_empty() || seg.truncated || seg.flow.server.port() == 0)
+        {
+            conn.announced = true;
+            out.push(WireEvent::ConnectionOpened {
+                conn: conn.id,
+                client: seg.flow.client,
+                server: seg.flow.server,
+                at: conn.opened_at,
+                mid_stream: conn.mid_stream,
+            });
         }
         conn.last_seen = seg.at;
         // Once reported closed (Terminate or FIN with nothing pending), the
@@ -412,7 +475,7 @@ impl Tracker {
                 self.backends.remove(&pid);
             }
         }
-        if conn.closed_reported {
+        if conn.closed_reported || !conn.announced {
             return;
         }
         {
@@ -476,7 +539,7 @@ impl Tracker {
 }
 
 fn report_closed_if_done(conn: &mut Connection, at: UnixNanos, out: &mut Vec<WireEvent>) {
-    if conn.session.closing && conn.session.is_idle() && !conn.closed_reported {
+    if conn.session.closing && conn.session.is_idle() && !conn.closed_reported && conn.announced {
         conn.closed_reported = true;
         out.push(WireEvent::ConnectionClosed { conn: conn.id, at });
     }
