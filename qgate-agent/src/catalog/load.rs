@@ -114,7 +114,13 @@ fn connect_as(socket: &Path, uid: u32, gid: u32) -> std::io::Result<UnixStream> 
 pub struct Reader {
     runtime: tokio::runtime::Runtime,
     sessions: HashMap<String, std::sync::Arc<tokio_postgres::Client>>,
+    /// The planner's size of each table written lately, by (database, table).
+    sizes: HashMap<(String, String), (u64, std::time::Instant)>,
 }
+
+/// A table's planned size serves this long (it moves slowly; the row
+/// estimate of each statement is asked every time).
+const SIZE_FRESH: Duration = Duration::from_secs(30);
 
 /// The planner's estimate for a write: rows changed against the size of the
 /// table they are in (the largest share over every table written).
@@ -132,6 +138,7 @@ impl Reader {
                 .enable_all()
                 .build()?,
             sessions: HashMap::new(),
+            sizes: HashMap::new(),
         })
     }
 
@@ -209,9 +216,13 @@ impl Reader {
         timeout: Duration,
     ) -> Result<Share, String> {
         let client = self.session(server, database, token)?;
+        if self.sizes.len() > 10_000 {
+            self.sizes.clear();
+        }
+        let sizes = &mut self.sizes;
         let result = self.runtime.block_on(async {
-            match tokio::time::timeout(timeout, explain_share(&client, sql, params, timeout)).await
-            {
+            let work = explain_share(&client, database, sql, params, timeout, sizes);
+            match tokio::time::timeout(timeout, work).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {timeout:?}")),
             }
@@ -229,9 +240,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn explain_share(
     client: &tokio_postgres::Client,
+    database: &str,
     sql: &str,
     params: usize,
     timeout: Duration,
+    sizes: &mut HashMap<(String, String), (u64, std::time::Instant)>,
 ) -> Result<Share, String> {
     let fail = |e: tokio_postgres::Error| describe(&e);
     let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
@@ -262,6 +275,18 @@ async fn explain_share(
         let writes = written_rows(&plan)?;
         let mut best: Option<Share> = None;
         for (relation, rows) in writes {
+            let key = (database.to_owned(), relation.clone());
+            if let Some((of, _)) = sizes.get(&key).filter(|(_, at)| at.elapsed() < SIZE_FRESH) {
+                keep_largest(
+                    &mut best,
+                    Share {
+                        rows,
+                        of: *of,
+                        relation,
+                    },
+                );
+                continue;
+            }
             let size = client
                 .query_one(
                     format!("EXPLAIN (FORMAT JSON) SELECT 1 FROM {relation}").as_str(),
@@ -277,17 +302,22 @@ async fn explain_share(
                 .and_then(serde_json::Value::as_f64)
                 .ok_or("no table size in the plan")?
                 .max(1.0) as u64;
-            let share = Share { rows, of, relation };
-            let fraction = |s: &Share| s.rows as f64 / s.of as f64;
-            if best.as_ref().is_none_or(|b| fraction(&share) > fraction(b)) {
-                best = Some(share);
-            }
+            sizes.insert(key, (of, std::time::Instant::now()));
+            keep_largest(&mut best, Share { rows, of, relation });
         }
         best.ok_or_else(|| "the plan changes no existing rows".to_string())
     }
     .await;
     let _ = client.batch_execute("ROLLBACK; DEALLOCATE ALL").await;
     result
+}
+
+/// Keeps in `best` the share that is the larger part of its table.
+fn keep_largest(best: &mut Option<Share>, share: Share) {
+    let fraction = |s: &Share| s.rows as f64 / s.of.max(1) as f64;
+    if best.as_ref().is_none_or(|b| fraction(&share) > fraction(b)) {
+        *best = Some(share);
+    }
 }
 
 /// Each ModifyTable that changes existing rows (UPDATE, DELETE, MERGE, or

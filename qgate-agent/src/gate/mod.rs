@@ -1272,6 +1272,9 @@ impl Gate {
         let (start, end) = (front.start, front.text_end);
         let replacement = if front.info.carrier == SqlCarrier::Startup {
             rewrite::startup_refusal(len, id, reason)
+        } else if front.info.carrier == SqlCarrier::FunctionCall {
+            // An OID no function has: "function with OID 0 does not exist".
+            (len == 4 && !front.incomplete).then(|| vec![0; 4])
         } else if front.incomplete {
             let mut nonce = [0u8; 8];
             let _ = getrandom::fill(&mut nonce);
@@ -1282,8 +1285,9 @@ impl Gate {
             None
         };
         let Some(replacement) = replacement else {
-            // Nothing to rewrite (a FunctionCall, or a prefix too short to
-            // open a string): the bytes stay held until the client gives up.
+            // Nothing to rewrite (a prefix too short to open a string, or a
+            // FunctionCall not seen whole): the bytes stay held until the
+            // client gives up; nothing of them runs.
             warn!("cannot rewrite this message; it stays held");
             return;
         };

@@ -615,11 +615,13 @@ fn log_entry(conn: ConnId, offset: u64, len: u64, message: &FrontendMessage<'_>)
                 statement: String::from_utf8_lossy(statement).into_owned(),
             })
         }
+        // The "text" of a FunctionCall is its function's OID (4 bytes after
+        // the header): what a refusal rewrites.
         FrontendMessage::FunctionCall { function_oid } => Some(LoggedSql {
             carrier: SqlCarrier::FunctionCall,
             text: format!("-- FunctionCall of function OID {function_oid}"),
-            text_offset: offset,
-            text_len: 0,
+            text_offset: offset + HEADER,
+            text_len: 4,
             statement: String::new(),
         }),
         FrontendMessage::Startup(_) => Some(LoggedSql {
