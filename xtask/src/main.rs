@@ -109,11 +109,13 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         "gate",
         "--test",
         "restart",
+        "--test",
+        "judgement",
         "--",
         "--test-threads=1",
     ];
     wire.extend(args.iter().map(String::as_str));
-    println!("xtask: the gate and restart tests again, with the server hook off");
+    println!("xtask: the gate, restart and judgement tests again, with the server hook off");
     cargo_env(root, &wire, &[("QGATE_E2E_SERVER_HOOK", "off")])
 }
 
