@@ -90,9 +90,9 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Unit and corpus tests of every crate, then the end-to-end tests (root,
 /// network namespaces, real PostgreSQL) one at a time: each starts its own
-/// cluster and the 2-core machines are the limit. The gate tests run twice:
-/// with the server hook holding (the default) and with the hook off, where
-/// the tc programs hold on the wire.
+/// cluster and the 2-core machines are the limit. The gate, restart and
+/// judgement tests run twice: with the server hook holding (the default)
+/// and with the hook off, where the tc programs hold on the wire.
 fn test(root: &Path, args: &[String]) -> Result<()> {
     cargo(root, &["build", "-p", "qgate-agent"])?;
     let mut unit = vec!["test", "--workspace", "--exclude", "qgate-e2e", "--"];
