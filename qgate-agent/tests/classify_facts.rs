@@ -109,6 +109,14 @@ fn reads_are_allowed_whatever_the_spelling() {
         case("SELECT * FROM t FOR KEY SHARE", "hold"),
         // sqlparser does not read these; qgate does.
         case("TABLE t", "allow").kind(Read),
+        // The changed row compared with itself: no outside value chooses.
+        case("DELETE FROM t WHERE id = id + 0", "hold").flags(&[Flag::AllRows]),
+        case("DELETE FROM t WHERE id = t.id", "hold"),
+        case("DELETE FROM t tt WHERE tt.id = tt.id + 0", "hold"),
+        case("UPDATE t SET v = 1 WHERE NOT (a = b)", "hold"),
+        case("DELETE FROM t WHERE a = b AND id = 3", "allow"),
+        case("UPDATE t SET x = s.x FROM s WHERE t.id = s.id", "allow"),
+        case("DELETE FROM t WHERE id = (SELECT max(id) FROM t)", "allow"),
         case("EXPLAIN ANALYSE DELETE FROM t WHERE id = 1", "hold").flags(&[Flag::ExplainAnalyze]),
         case("ANALYSE t", "allow"),
         case("TABLE public.t;", "allow").kind(Read),

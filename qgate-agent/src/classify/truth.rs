@@ -72,6 +72,9 @@ impl Truth {
 /// (`t.id`) counts as looking at the row.
 pub(crate) struct Condition<'a> {
     outer: &'a [String],
+    /// Names and aliases of the rows being changed (a subset of `outer`);
+    /// empty when unknown.
+    own: &'a [String],
     /// Set when the answer depended on a literal's value: another statement with
     /// the same fingerprint could get a different answer.
     pub depends_on_literals: bool,
@@ -79,8 +82,17 @@ pub(crate) struct Condition<'a> {
 
 impl<'a> Condition<'a> {
     pub fn new(outer: &'a [String]) -> Self {
+        Self::with_own(outer, &[])
+    }
+
+    /// As [`Condition::new`], knowing which of `outer` are the rows being
+    /// changed: a comparison of such a row with itself (`id = id + 0`,
+    /// `id = t.id`) picks no row by anything outside it, and counts as
+    /// selecting all rows.
+    pub fn with_own(outer: &'a [String], own: &'a [String]) -> Self {
         Condition {
             outer,
+            own,
             depends_on_literals: false,
         }
     }
@@ -228,6 +240,10 @@ impl<'a> Condition<'a> {
                 | BinaryOperator::Spaceship => Truth::True,
                 _ => Truth::False,
             };
+        }
+        if own_row_only(left, self.own, self.outer) && own_row_only(right, self.own, self.outer) {
+            // The row against itself: no value from outside it chooses.
+            return Truth::Constant;
         }
         Truth::Depends
     }
@@ -476,6 +492,74 @@ pub(crate) fn references_row(expr: &Expr, outer: &[String]) -> bool {
         },
     )
     .is_break()
+}
+
+/// True when `expr` reads the changed row's own columns and nothing else
+/// that varies: no other table, no subquery, no parameter. Unqualified
+/// columns count as the row's own only when no other table is in scope.
+fn own_row_only(expr: &Expr, own: &[String], outer: &[String]) -> bool {
+    if own.is_empty() {
+        return false;
+    }
+    let alone = outer.iter().all(|n| own.contains(n));
+    struct Look<'a> {
+        own: &'a [String],
+        alone: bool,
+        columns: usize,
+        foreign: bool,
+    }
+    impl Visitor for Look<'_> {
+        type Break = ();
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.foreign = true;
+            ControlFlow::Break(())
+        }
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            match expr {
+                Expr::Identifier(ident) => {
+                    if SESSION_VALUES.contains(&ident.value.to_ascii_lowercase().as_str())
+                        && ident.quote_style.is_none()
+                    {
+                        return ControlFlow::Continue(());
+                    }
+                    if self.alone {
+                        self.columns += 1;
+                    } else {
+                        self.foreign = true;
+                    }
+                }
+                Expr::CompoundIdentifier(parts) => {
+                    let qualifier = parts
+                        .len()
+                        .checked_sub(2)
+                        .map(|i| parts[i].value.to_ascii_lowercase());
+                    if qualifier.is_some_and(|q| self.own.contains(&q)) {
+                        self.columns += 1;
+                    } else {
+                        self.foreign = true;
+                    }
+                }
+                Expr::Value(ValueWithSpan {
+                    value: Value::Placeholder(_),
+                    ..
+                }) => self.foreign = true,
+                _ => {}
+            }
+            if self.foreign {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    }
+    let mut look = Look {
+        own,
+        alone,
+        columns: 0,
+        foreign: false,
+    };
+    let _ = Visit::visit(expr, &mut look);
+    look.columns > 0 && !look.foreign
 }
 
 #[cfg(test)]

@@ -985,8 +985,14 @@ impl Collector {
         }
     }
 
-    fn all_rows_if(&mut self, selection: Option<&Expr>, outer: &[(String, Option<TableName>)]) {
-        if self.selects_all(selection, outer) {
+    fn all_rows_if(
+        &mut self,
+        selection: Option<&Expr>,
+        outer: &[(String, Option<TableName>)],
+        own: &[(String, Option<TableName>)],
+    ) {
+        let own: Vec<String> = own.iter().map(|(n, _)| n.clone()).collect();
+        if self.selects_all_of(selection, outer, &own) {
             self.flags.insert(Flag::AllRows);
         }
     }
@@ -998,17 +1004,26 @@ impl Collector {
         selection: Option<&Expr>,
         outer: &[(String, Option<TableName>)],
     ) -> bool {
+        self.selects_all_of(selection, outer, &[])
+    }
+
+    /// As [`Self::selects_all`], `own` naming the rows being changed.
+    fn selects_all_of(
+        &mut self,
+        selection: Option<&Expr>,
+        outer: &[(String, Option<TableName>)],
+        own: &[String],
+    ) -> bool {
         let names: Vec<String> = outer.iter().map(|(n, _)| n.clone()).collect();
-        let all = match selection {
+        match selection {
             None => true,
             Some(condition) => {
-                let mut c = Condition::new(&names);
+                let mut c = Condition::with_own(&names, own);
                 let all = c.selects_all_rows(condition);
                 self.depends_on_literals |= c.depends_on_literals;
                 all
             }
-        };
-        all
+        }
     }
 
     fn update(&mut self, update: &Update) {
@@ -1024,7 +1039,8 @@ impl Collector {
             all.extend(factors(from));
         }
         let outer = factor_names(&all);
-        self.all_rows_if(update.selection.as_ref(), &outer);
+        let own = factor_names(&factors(std::slice::from_ref(&update.table)));
+        self.all_rows_if(update.selection.as_ref(), &outer, &own);
     }
 
     fn delete(&mut self, delete: &Delete) {
@@ -1056,7 +1072,8 @@ impl Collector {
                 self.write(resolved.unwrap_or(target));
             }
         }
-        self.all_rows_if(delete.selection.as_ref(), &outer);
+        let own = factor_names(&from_factors);
+        self.all_rows_if(delete.selection.as_ref(), &outer, &own);
     }
 
     fn merge(&mut self, merge: &sqlparser::ast::Merge) {
@@ -1064,7 +1081,8 @@ impl Collector {
             self.write(table_name(name));
         }
         let outer = factor_names(&[&merge.table, &merge.source]);
-        self.all_rows_if(Some(&merge.on), &outer);
+        let own = factor_names(&[&merge.table]);
+        self.all_rows_if(Some(&merge.on), &outer, &own);
         // Rows of the target with no partner in the source are all of them when
         // the source is empty.
         if merge
