@@ -81,6 +81,7 @@ pub(crate) struct Condition<'a> {
 }
 
 impl<'a> Condition<'a> {
+    #[cfg(test)]
     pub fn new(outer: &'a [String]) -> Self {
         Self::with_own(outer, &[])
     }
