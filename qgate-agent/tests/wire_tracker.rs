@@ -855,3 +855,51 @@ fn a_syn_flood_is_bounded_and_leaves_no_record_and_sessions_still_read() {
     assert!(received(&events).len() == 1, "{events:?}");
     assert!(matches!(events[0], WireEvent::ConnectionOpened { .. }));
 }
+
+#[test]
+fn a_syn_on_a_live_connection_changes_nothing_unless_the_server_accepts_it() {
+    let mut c = Conn::new(40300);
+    let mut s = c.opened(4245);
+    // A forged SYN far from the connection's sequence numbers, and a forged
+    // SYN|ACK towards the server: the server ignores both.
+    let mut syn = c.client(b"");
+    syn.tcp_flags = SYN;
+    syn.seq = syn.seq.wrapping_add(0x7000_0000);
+    s.push(syn);
+    let mut synack = c.client(b"");
+    synack.tcp_flags = SYN | ACK;
+    synack.seq = synack.seq.wrapping_sub(0x1000_0000);
+    s.push(synack);
+    s.push(c.client(&query("DELETE FROM t")));
+    let events = run(&s);
+    let opened = events
+        .iter()
+        .filter(|e| matches!(e, WireEvent::ConnectionOpened { .. }))
+        .count();
+    assert_eq!(opened, 1, "no new connection: {events:?}");
+    assert_eq!(
+        received(&events).len(),
+        1,
+        "the statement is still read in place"
+    );
+
+    // A new connection on the reused address: the server's SYN|ACK
+    // acknowledges the client's new SYN.
+    let mut reuse = Conn::new(40300);
+    reuse.client_seq = c.client_seq.wrapping_add(0x4000_0000);
+    let mut again = reuse.handshake();
+    let mut synack = again.remove(1);
+    let ack = again[0].seq.wrapping_add(1);
+    synack.tcp_header = vec![0; 20];
+    synack.tcp_header[8..12].copy_from_slice(&ack.to_be_bytes());
+    s.extend(again);
+    s.push(synack);
+    s.push(reuse.client(&startup("bob", "shop")));
+    let events = run(&s);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, WireEvent::Identified { identity, .. } if identity.user.as_deref() == Some("bob"))),
+        "{events:?}"
+    );
+}

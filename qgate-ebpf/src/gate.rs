@@ -135,6 +135,20 @@ pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Co
 #[inline(always)]
 fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> Verdict {
     if seg.tcp_flags & tcp_flags::SYN != 0 {
+        if let Some(state) = FLOWS.get_ptr_mut(flow) {
+            // SAFETY: map value; plain integers.
+            let state = unsafe { &mut *state };
+            if state.phase == phase::STARTUP && state.next_msg_seq == seg.seq.wrapping_add(1) {
+                // The same SYN again (a retransmission).
+                return Verdict::Pass;
+            }
+            // A SYN on a flow already under way: the server ignores it (or,
+            // for a new connection on a reused address, accepts it); either
+            // way its sequence number is not trusted. Nothing passes on its
+            // own until the agent, which sees the server's answer, re-syncs.
+            state.phase = phase::UNSYNCED;
+            return Verdict::Pass;
+        }
         let state = FlowState {
             next_msg_seq: seg.seq.wrapping_add(1),
             mode: cfg.default_mode,

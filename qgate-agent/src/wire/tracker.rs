@@ -89,11 +89,15 @@ struct Connection {
     announced: bool,
     opened_at: UnixNanos,
     mid_stream: bool,
+    /// A client SYN with another initial sequence number, kept until the
+    /// server's SYN|ACK shows it accepted a new connection.
+    new_syn: Option<Segment>,
 }
 
 impl Connection {
     fn new(id: ConnId, at: UnixNanos, mid_stream: bool) -> Self {
         Self {
+            new_syn: None,
             announced: false,
             opened_at: at,
             mid_stream,
@@ -336,19 +340,47 @@ impl Tracker {
     }
 
     pub fn on_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) {
-        let reopened = seg.direction == Direction::ToServer
+        // A SYN on a connection under way: the server ignores it unless it
+        // is a new connection on a reused address, which the server's
+        // SYN|ACK acknowledging it shows. Until then it changes nothing.
+        if seg.is_syn() && seg.tcp_flags & TCP_ACK == 0 && seg.direction == Direction::ToServer {
+            if let Some(c) = self.connections.get_mut(&seg.flow) {
+                if c.client.is_started() && c.client.seq_at(0) != Some(seg.seq.wrapping_add(1)) {
+                    c.new_syn = Some(seg.clone());
+                    return;
+                }
+            }
+        }
+        let accepted_syn = (seg.direction == Direction::FromServer
             && seg.is_syn()
-            && seg.tcp_flags & TCP_ACK == 0
-            && self.connections.get(&seg.flow).is_some_and(|c| {
-                c.client.is_started() && c.client.seq_at(0) != Some(seg.seq.wrapping_add(1))
+            && seg.tcp_flags & TCP_ACK != 0)
+            .then(|| self.connections.get_mut(&seg.flow))
+            .flatten()
+            .and_then(|c| {
+                let syn = c.new_syn.as_ref()?;
+                (ack_of(seg) == Some(syn.seq.wrapping_add(1))).then(|| c.new_syn.take())?
             });
-        if reopened {
+        if let Some(syn) = accepted_syn {
             self.close(
                 seg.flow,
                 "the client reused the address for a new connection",
                 seg.at,
                 out,
             );
+            self.on_segment(&syn, out);
+        } else if seg.is_syn()
+            && self
+                .connections
+                .get(&seg.flow)
+                .is_some_and(|c| match seg.direction {
+                    Direction::ToServer => c.client.is_started(),
+                    Direction::FromServer => c.server.is_started(),
+                })
+        {
+            // Any other SYN on a live connection (a SYN|ACK towards the
+            // server, one the server did not answer): ignored, as the
+            // server's stack ignores it.
+            return;
         }
         if !self.connections.contains_key(&seg.flow) {
             // A stray FIN, RST or ACK of a connection already forgotten
@@ -872,4 +904,10 @@ fn in_receive_window(conn: &Connection, seg: &Segment) -> bool {
     };
     let delta = i64::from(seg.seq.wrapping_sub(expected) as i32);
     (-CONTROL_WINDOW..=CONTROL_WINDOW).contains(&delta)
+}
+
+/// The acknowledgment number of a segment whose TCP header was captured.
+fn ack_of(seg: &Segment) -> Option<u32> {
+    let h = seg.tcp_header.get(8..12)?;
+    Some(u32::from_be_bytes([h[0], h[1], h[2], h[3]]))
 }
