@@ -579,3 +579,124 @@ fn refused_at_startup(lab: &Lab, variable: &str, value: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A SYN on the live connection with a far sequence number (which the
+/// server ignores), sent raw from the client's namespace, then a DROP on the
+/// real connection: still held (the tc program used to take the SYN's
+/// sequence number as the connection's, and pass the DROP as a
+/// retransmission).
+#[test]
+fn a_forged_syn_on_a_live_connection_changes_nothing() -> Result<()> {
+    use std::io::Read;
+    let (lab, token) = lab("jsyn")?;
+    let server = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
+    let mut stream = lab.connect_from_client(server, Duration::from_secs(10))?;
+    stream.write_all(&startup_message())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            bail!("the server closed the session during startup");
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let std::net::SocketAddr::V4(client) = stream.local_addr()? else {
+        bail!("IPv4 expected");
+    };
+    let server_ip = lab.server_ip;
+    qgate_e2e::in_netns(&lab.client_ns, move || {
+        send_raw_syn(*client.ip(), client.port(), server_ip, PG_PORT, 0x5eed_0000)
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    stream.write_all(&message(b'Q', b"DROP TABLE sac\0"))?;
+    let list = lab.pending_requests(&token, 1, Duration::from_secs(15))?;
+    assert!(
+        list[0]["statement"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("DROP TABLE sac"),
+        "{}",
+        list[0]
+    );
+    let id = list[0]["id"].as_i64().context("id")?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    drop(stream);
+    assert_eq!(damage_report(&lab)?, INTACT);
+    Ok(())
+}
+
+/// One IPv4 TCP SYN from `src:sport` to `dst:dport` with sequence `seq`,
+/// through a raw socket (the header built here, checksums included).
+fn send_raw_syn(
+    src: std::net::Ipv4Addr,
+    sport: u16,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    seq: u32,
+) -> Result<()> {
+    fn checksum(data: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for chunk in data.chunks(2) {
+            let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    // SAFETY: plain socket(2)/sendto(2) with buffers valid for the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        if fd < 0 {
+            bail!("raw socket: {}", std::io::Error::last_os_error());
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let sent = libc::sendto(
+            fd,
+            ip.as_ptr() as *const libc::c_void,
+            ip.len(),
+            0,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        libc::close(fd);
+        if sent != ip.len() as isize {
+            bail!("sendto: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
