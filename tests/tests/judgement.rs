@@ -607,7 +607,15 @@ fn a_forged_syn_on_a_live_connection_changes_nothing() -> Result<()> {
     };
     let server_ip = lab.server_ip;
     qgate_e2e::in_netns(&lab.client_ns, move || {
-        send_raw_syn(*client.ip(), client.port(), server_ip, PG_PORT, 0x5eed_0000)
+        send_raw_tcp(
+            *client.ip(),
+            client.port(),
+            server_ip,
+            PG_PORT,
+            0x5eed_0000,
+            0x02,
+            false,
+        )
     })?;
     std::thread::sleep(Duration::from_millis(200));
     stream.write_all(&message(b'Q', b"DROP TABLE sac\0"))?;
@@ -627,14 +635,18 @@ fn a_forged_syn_on_a_live_connection_changes_nothing() -> Result<()> {
     Ok(())
 }
 
-/// One IPv4 TCP SYN from `src:sport` to `dst:dport` with sequence `seq`,
-/// through a raw socket (the header built here, checksums included).
-fn send_raw_syn(
+/// One IPv4 TCP segment (no payload) from `src:sport` to `dst:dport` with
+/// sequence `seq` and `flags`, through a raw socket (headers built here,
+/// checksums included); `first_fragment`: sent as the first fragment of a
+/// fragmented packet (MF set), whose rest never comes.
+fn send_raw_tcp(
     src: std::net::Ipv4Addr,
     sport: u16,
     dst: std::net::Ipv4Addr,
     dport: u16,
     seq: u32,
+    flags: u8,
+    first_fragment: bool,
 ) -> Result<()> {
     fn checksum(data: &[u8]) -> u16 {
         let mut sum: u32 = 0;
@@ -652,7 +664,7 @@ fn send_raw_syn(
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = 0x02; // SYN
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
@@ -664,6 +676,9 @@ fn send_raw_syn(
     let mut ip = vec![0u8; 20];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    if first_fragment {
+        ip[6] = 0x20; // more fragments, offset 0
+    }
     ip[8] = 64;
     ip[9] = 6;
     ip[12..16].copy_from_slice(&src.octets());
@@ -698,5 +713,27 @@ fn send_raw_syn(
             bail!("sendto: {}", std::io::Error::last_os_error());
         }
     }
+    Ok(())
+}
+
+/// The first fragment of a fragmented TCP packet to the database port is
+/// dropped by the tc program (tc runs before reassembly: the rest of the
+/// packet would carry bytes the program never saw) and audited.
+#[test]
+fn ip_fragments_to_the_database_port_are_refused_and_audited() -> Result<()> {
+    let (lab, _token) = lab("jfrag")?;
+    let (client, server) = (lab.client_ip, lab.server_ip);
+    qgate_e2e::in_netns(&lab.client_ns, move || {
+        send_raw_tcp(client, 40_999, server, PG_PORT, 1, 0x18, true)
+    })?;
+    lab.wait_for("the fragment audited", Duration::from_secs(15), || {
+        let n: i64 = lab.store()?.query_row(
+            "SELECT count(*) FROM audit WHERE kind = 'capture.refused_segments'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((n > 0).then_some(()))
+    })?;
+    assert_eq!(damage_report(&lab)?, INTACT);
     Ok(())
 }
