@@ -15,7 +15,7 @@
 //! user `+` anywhere. That over-approximates what the server resolves (a
 //! name shared with user code is held even where the server would pick the
 //! built-in) and cannot be walked around with `SET search_path`.
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
@@ -105,6 +105,11 @@ pub struct Depend {
     pub refobjid: u32,
 }
 
+/// The user functions a tainted object ends up calling (their OIDs);
+/// [`RULE`] for a rule's own statements, which no function list exempts.
+pub type Roots = BTreeSet<u32>;
+const RULE: u32 = 0;
+
 /// How touching a tainted relation reaches user code.
 const READ: u8 = 1;
 const WRITE: u8 = 2;
@@ -117,18 +122,22 @@ pub struct CatalogView {
     functions: HashMap<String, Vec<(String, String)>>,
     /// Names of user functions one argument can call (attribute notation `t.f`).
     attribute_functions: HashSet<String>,
-    /// Operators that run user code, by symbol.
-    operators: BTreeSet<String>,
+    /// Operators that run user code, by symbol, with the user functions
+    /// behind them (see [`Roots`]).
+    operators: BTreeMap<String, Roots>,
     /// Types whose input, output or CHECK runs user code, or that a user cast
     /// converts to or from.
-    types: BTreeSet<String>,
+    types: BTreeMap<String, Roots>,
     /// Casts the server applies without being asked (`AS IMPLICIT` /
     /// `AS ASSIGNMENT`) that run user code.
-    implicit_casts: Vec<String>,
+    implicit_casts: Vec<(String, Roots)>,
     /// Relations whose reads run user code.
-    read_relations: BTreeSet<String>,
+    read_relations: BTreeMap<String, Roots>,
     /// Relations whose writes run user code (a superset of the reads).
-    write_relations: BTreeSet<String>,
+    write_relations: BTreeMap<String, Roots>,
+    /// `schema.name` of each user function that is a root.
+    #[serde(skip)]
+    root_names: HashMap<u32, String>,
     /// Every function by OID: (schema, name, user code).
     #[serde(skip)]
     by_oid: HashMap<u32, (String, String, bool)>,
@@ -153,30 +162,35 @@ impl CatalogView {
             }
         }
 
-        // Taint: every user function, then whatever depends on a tainted object.
-        let mut taint: HashMap<(u32, u32), u8> = HashMap::new();
+        // Taint: every user function, then whatever depends on a tainted
+        // object, carrying which user functions are behind it.
+        let mut taint: HashMap<(u32, u32), (u8, Roots)> = HashMap::new();
         let mut queue = VecDeque::new();
-        let mark = |taint: &mut HashMap<(u32, u32), u8>,
+        let mark = |taint: &mut HashMap<(u32, u32), (u8, Roots)>,
                     queue: &mut VecDeque<(u32, u32)>,
                     key: (u32, u32),
-                    bits: u8| {
-            let old = taint.get(&key).copied().unwrap_or(0);
-            if old | bits != old {
-                taint.insert(key, old | bits);
+                    bits: u8,
+                    roots: &Roots| {
+            let entry = taint.entry(key).or_insert_with(|| (0, Roots::new()));
+            let grows = entry.0 | bits != entry.0 || !roots.is_subset(&entry.1);
+            if grows {
+                entry.0 |= bits;
+                entry.1.extend(roots.iter().copied());
                 queue.push_back(key);
             }
         };
         for f in s.functions.iter().filter(|f| f.oid >= FIRST_USER_OID) {
-            mark(&mut taint, &mut queue, (class::PG_PROC, f.oid), BOTH);
+            view.root_names
+                .insert(f.oid, format!("{}.{}", f.schema, f.name));
+            let root = Roots::from([f.oid]);
+            mark(&mut taint, &mut queue, (class::PG_PROC, f.oid), BOTH, &root);
         }
         for &(_, rel, ev_type) in &s.rules {
             if ev_type != '1' {
                 // A rule on INSERT/UPDATE/DELETE runs its own statements.
-                mark(&mut taint, &mut queue, (class::PG_CLASS, rel), WRITE);
+                let root = Roots::from([RULE]);
+                mark(&mut taint, &mut queue, (class::PG_CLASS, rel), WRITE, &root);
             }
-        }
-        for &(_, rel) in &s.triggers {
-            mark(&mut taint, &mut queue, (class::PG_CLASS, rel), WRITE);
         }
         let rules: HashMap<u32, (u32, char)> =
             s.rules.iter().map(|&(o, r, t)| (o, (r, t))).collect();
@@ -196,7 +210,7 @@ impl CatalogView {
                 .push(d);
         }
         while let Some(key) = queue.pop_front() {
-            let bits = taint[&key];
+            let (bits, roots) = taint[&key].clone();
             let Some(deps) = dependents.get(&key) else {
                 continue;
             };
@@ -235,55 +249,61 @@ impl CatalogView {
                     class::PG_TYPE | class::PG_OPERATOR | class::PG_CAST | class::PG_PROC => {
                         Some(((d.classid, d.objid), BOTH))
                     }
-                    _ => None,
+                    // Anything else (a foreign server, a wrapper, an operator
+                    // class …) passes the taint on as itself.
+                    _ => Some(((d.classid, d.objid), bits)),
                 };
                 if let Some((owner, owner_bits)) = owner {
-                    mark(&mut taint, &mut queue, owner, owner_bits);
+                    mark(&mut taint, &mut queue, owner, owner_bits, &roots);
                 }
             }
         }
 
-        let tainted = |classid: u32, oid: u32| taint.get(&(classid, oid)).copied().unwrap_or(0);
+        let tainted = |classid: u32, oid: u32| taint.get(&(classid, oid)).filter(|t| t.0 != 0);
+        let add = |map: &mut BTreeMap<String, Roots>, name: String, roots: &Roots| {
+            map.entry(name).or_default().extend(roots.iter().copied());
+        };
         for (oid, name) in &s.operators {
-            if tainted(class::PG_OPERATOR, *oid) != 0 {
-                view.operators.insert(name.clone());
+            if let Some((_, roots)) = tainted(class::PG_OPERATOR, *oid) {
+                add(&mut view.operators, name.clone(), roots);
             }
         }
         let mut row_types = HashSet::new();
         for t in &s.types {
-            if tainted(class::PG_TYPE, t.oid) != 0 {
+            if let Some((_, roots)) = tainted(class::PG_TYPE, t.oid) {
                 if t.row_type {
                     row_types.insert(t.name.clone());
                 }
-                view.types.insert(t.name.clone());
+                add(&mut view.types, t.name.clone(), roots);
             }
         }
         for c in &s.casts {
-            if tainted(class::PG_CAST, c.oid) != 0 {
+            if let Some((_, roots)) = tainted(class::PG_CAST, c.oid) {
                 for name in [&c.source, &c.target] {
-                    view.types.insert(type_base_name(name));
+                    add(&mut view.types, type_base_name(name), roots);
                 }
                 if c.context != 'e' {
                     view.implicit_casts
-                        .push(format!("{} → {}", c.source, c.target));
+                        .push((format!("{} → {}", c.source, c.target), roots.clone()));
                 }
             }
         }
         for (oid, schema, name) in &s.relations {
-            let bits = tainted(class::PG_CLASS, *oid);
-            if bits & READ != 0 {
-                view.read_relations.insert(name.clone());
-                view.read_relations.insert(format!("{schema}.{name}"));
-            }
-            if bits != 0 {
-                view.write_relations.insert(name.clone());
-                view.write_relations.insert(format!("{schema}.{name}"));
+            let Some((bits, roots)) = tainted(class::PG_CLASS, *oid) else {
+                continue;
+            };
+            for key in [name.clone(), format!("{schema}.{name}")] {
+                if bits & READ != 0 {
+                    add(&mut view.read_relations, key.clone(), roots);
+                }
+                add(&mut view.write_relations, key, roots);
             }
         }
         // A table's own row type is tainted with it; it only matters as a
         // cast target when the table's reads are.
+        let reads = view.read_relations.clone();
         view.types
-            .retain(|t| !row_types.contains(t) || view.read_relations.contains(t));
+            .retain(|t, _| !row_types.contains(t) || reads.contains_key(t));
         view
     }
 
@@ -302,19 +322,19 @@ impl CatalogView {
     /// Why the kernel may not pass this database's reads on its own.
     pub fn fast_path_blockers(&self) -> Vec<String> {
         let mut why = Vec::new();
-        if let Some(op) = self.operators.iter().next() {
+        if let Some(op) = self.operators.keys().next() {
             why.push(format!("user operator {op}"));
         }
-        if let Some(t) = self.types.iter().next() {
+        if let Some(t) = self.types.keys().next() {
             why.push(format!("type {t} runs user code"));
         }
-        if let Some(c) = self.implicit_casts.first() {
+        if let Some((c, _)) = self.implicit_casts.first() {
             why.push(format!("implicit cast {c}"));
         }
         if let Some(f) = self.attribute_functions.iter().next() {
             why.push(format!("function {f} callable as an attribute"));
         }
-        if let Some(r) = self.read_relations.iter().next() {
+        if let Some(r) = self.read_relations.keys().next() {
             why.push(format!("reading {r} runs user code"));
         }
         why
@@ -355,33 +375,57 @@ impl CatalogView {
                 }
             }
         }
+        // What a hit reaches, named; `None` when the policy lists every
+        // user function behind it as safe (a rule's statements never are).
+        let reached = |roots: &Roots| -> Option<String> {
+            let names: Vec<&str> = roots
+                .iter()
+                .map(|r| match r {
+                    &RULE => "a rule's statements",
+                    oid => self.root_names.get(oid).map_or("?", String::as_str),
+                })
+                .collect();
+            let exempt = !roots.is_empty()
+                && roots
+                    .iter()
+                    .all(|r| *r != RULE && self.root_names.get(r).is_some_and(|n| listed_safe(n)));
+            (!exempt).then(|| names.join(", "))
+        };
         for op in &statement.code.operators {
-            if self.operators.contains(op) {
-                hits.push(format!("operator {op}"));
+            if let Some(calls) = self.operators.get(op).and_then(reached) {
+                hits.push(format!("operator {op} (calls {calls})"));
             }
         }
         for t in &statement.code.types {
-            if self.types.contains(last_part(t)) {
-                hits.push(format!("type {t}"));
+            if let Some(calls) = self.types.get(last_part(t)).and_then(reached) {
+                hits.push(format!("type {t} (calls {calls})"));
             }
         }
         for t in &statement.tables_read {
             let name = t.to_string();
-            if self.read_relations.contains(&name) || self.read_relations.contains(t.relation()) {
-                hits.push(format!("reading {name}"));
+            let roots = self
+                .read_relations
+                .get(&name)
+                .or_else(|| self.read_relations.get(t.relation()));
+            if let Some(calls) = roots.and_then(reached) {
+                hits.push(format!("reading {name} (calls {calls})"));
             }
         }
         for t in &statement.tables_written {
             let name = t.to_string();
-            if self.write_relations.contains(&name) || self.write_relations.contains(t.relation()) {
-                hits.push(format!("writing {name}"));
+            let roots = self
+                .write_relations
+                .get(&name)
+                .or_else(|| self.write_relations.get(t.relation()));
+            if let Some(calls) = roots.and_then(reached) {
+                hits.push(format!("writing {name} (calls {calls})"));
             }
         }
-        if !self.implicit_casts.is_empty()
-            && !matches!(statement.kind, Kind::Transaction | Kind::Session)
-        {
-            for c in &self.implicit_casts {
-                hits.push(format!("implicit cast {c}"));
+        if !matches!(statement.kind, Kind::Transaction | Kind::Session) {
+            for (c, roots) in &self.implicit_casts {
+                if let Some(calls) = reached(roots) {
+                    hits.push(format!("implicit cast {c} (calls {calls})"));
+                }
             }
         }
         hits.sort();
@@ -551,7 +595,10 @@ mod tests {
             ),
         ] {
             let hits = runs(&v, sql);
-            assert!(hits.iter().any(|h| h == expect), "{sql}: {hits:?}");
+            assert!(
+                hits.iter().any(|h| h.starts_with(expect)),
+                "{sql}: {hits:?}"
+            );
         }
     }
 
@@ -596,7 +643,30 @@ mod tests {
         let v = CatalogView::build(&s);
         assert!(v.fast_path_safe(), "{:?}", v.fast_path_blockers());
         let c = classify("DELETE FROM t WHERE id = 1", Dialect::Postgresql);
-        assert_eq!(v.user_code(&c.statements[0], &|_| false), vec!["writing t"]);
+        assert_eq!(
+            v.user_code(&c.statements[0], &|_| false),
+            vec!["writing t (calls public.f2)"]
+        );
+        // The DBA lists the trigger's function as safe: the write runs.
+        assert!(v
+            .user_code(&c.statements[0], &|f| f == "public.f2")
+            .is_empty());
+    }
+
+    #[test]
+    fn a_rule_is_never_exempted_and_hits_name_their_functions() {
+        let v = attacked();
+        let c = classify("INSERT INTO ruled VALUES (1)", Dialect::Postgresql);
+        let hits = v.user_code(&c.statements[0], &|_| true);
+        assert_eq!(hits, vec!["writing ruled (calls a rule's statements)"]);
+        let c = classify("SELECT x FROM v", Dialect::Postgresql);
+        assert_eq!(
+            v.user_code(&c.statements[0], &|_| false),
+            vec!["reading v (calls public.lower)"]
+        );
+        assert!(v
+            .user_code(&c.statements[0], &|f| f == "public.lower")
+            .is_empty());
     }
 
     #[test]
