@@ -207,8 +207,7 @@ fn schema_changes_are_seen_before_the_next_statement() -> Result<()> {
     lab.requests(&token, &["approve", &id.to_string(), "--comment", "ok"])?;
     let (ok, _, err) = finish(child, Duration::from_secs(20))?;
     assert!(ok, "CREATE OPERATOR: {err}");
-    // The very next use of the name is held (whichever `#` the server
-    // would pick: qgate matches operators by name).
+    // In a new session.
     let sql = "SELECT 6 # 3";
     held_not_run(&lab, &token, sql, psql(&lab, sql), sql, "operator #")?;
     Ok(())
@@ -735,5 +734,72 @@ fn ip_fragments_to_the_database_port_are_refused_and_audited() -> Result<()> {
         Ok((n > 0).then_some(()))
     })?;
     assert_eq!(damage_report(&lab)?, INTACT);
+    Ok(())
+}
+
+/// In a database with no user code the kernel passes plain reads on its
+/// own; the moment a change that creates code is let run, no session of that
+/// database keeps that fast path: a session open from before is held on its
+/// very next use of the new operator.
+#[test]
+fn a_new_operator_ends_the_fast_path_of_every_open_session() -> Result<()> {
+    let (lab, token) = lab("jfast")?;
+    let approve_next = |what: &str| -> Result<()> {
+        let list = lab
+            .pending_requests(&token, 1, Duration::from_secs(15))
+            .with_context(|| format!("{what}: no request"))?;
+        let id = list[0]["id"].as_i64().context("id")?;
+        lab.requests(&token, &["approve", &id.to_string()])?;
+        Ok(())
+    };
+    // Over the Unix socket: held by the server hook (approved here), not
+    // seen at all on the wire path.
+    let mut create = lab.psql_via_spawn(
+        Via::Unix,
+        "postgres",
+        "postgres",
+        &["-c", "CREATE DATABASE clean"],
+    )?;
+    let started = std::time::Instant::now();
+    while create.try_wait()?.is_none() {
+        let pending = lab.requests(&token, &["list", "--status", "pending"])?;
+        let first = pending.as_array().and_then(|l| l.first());
+        if let Some(id) = first.and_then(|r| r["id"].as_i64()) {
+            lab.requests(&token, &["approve", &id.to_string()])?;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("CREATE DATABASE did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(finish(create, Duration::from_secs(5))?.0, "CREATE DATABASE");
+    let mut open = lab.psql_via_spawn_stdin(Via::Tcp, "postgres", "clean", &["-At"])?;
+    let mut open_in = open.stdin.take().context("stdin")?;
+    open_in.write_all(b"SELECT 6 # 3;\n")?;
+    let ddl = lab.psql_via_spawn(
+        Via::Tcp,
+        "postgres",
+        "clean",
+        &[
+            "-c",
+            "CREATE FUNCTION f(int, int) RETURNS int LANGUAGE sql AS 'SELECT 7'; \
+             CREATE OPERATOR public.# (LEFTARG = int, RIGHTARG = int, FUNCTION = f)",
+        ],
+    )?;
+    approve_next("CREATE OPERATOR")?;
+    assert!(finish(ddl, Duration::from_secs(30))?.0, "the DDL ran");
+    open_in.write_all(b"SELECT 6 # 3;\n")?;
+    let list = lab.pending_requests(&token, 1, Duration::from_secs(15))?;
+    let facts = list[0]["facts"].to_string();
+    assert!(facts.contains("operator #"), "{facts}");
+    let id = list[0]["id"].as_i64().context("id")?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    drop(open_in);
+    let (_, out, _) = finish(open, Duration::from_secs(20))?;
+    assert_eq!(
+        out.trim(),
+        "5",
+        "the first read ran, the second did not: {out}"
+    );
     Ok(())
 }

@@ -319,18 +319,37 @@ impl Gate {
     /// the database's catalog is read again, and this session's statements
     /// count as user code until its transaction ends.
     pub(super) fn schema_changed(&mut self, flow: &Flow, creates_code: bool) {
-        let Some(catalogs) = self.catalogs.clone() else {
+        if self.catalogs.is_none() {
             return;
-        };
+        }
         let Some(info) = self.conns.get_mut(flow) else {
             return;
         };
-        catalogs.invalidate(&database_of(&info.subject));
+        let database = database_of(&info.subject);
         // Read again once it is committed (the session is idle).
         info.catalog_stale = true;
-        if creates_code && !info.schema_changed {
+        if creates_code {
             info.schema_changed = true;
-            self.apply_mode(flow);
+        }
+        self.invalidate_database(&database);
+    }
+
+    /// `database`'s catalog no longer serves: it is read again, and until
+    /// then no session in it gets the kernel's fast path (a statement of
+    /// another session must not reach, unasked, what the change created).
+    pub(super) fn invalidate_database(&mut self, database: &str) {
+        let Some(catalogs) = self.catalogs.clone() else {
+            return;
+        };
+        catalogs.invalidate(database);
+        let flows: Vec<Flow> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| database_of(&c.subject) == database)
+            .map(|(flow, _)| *flow)
+            .collect();
+        for flow in flows {
+            self.apply_mode(&flow);
         }
     }
 }

@@ -691,10 +691,7 @@ impl Gate {
                     info.schema_changed = false;
                     info.catalog_stale = false;
                     let database = database_of(&info.subject);
-                    if let Some(c) = &self.catalogs {
-                        c.invalidate(&database);
-                    }
-                    self.apply_mode(flow);
+                    self.invalidate_database(&database);
                 }
             }
         }
