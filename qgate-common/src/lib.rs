@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bumped on every change of a shared layout or map; part of pinned names.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// `SO_MARK` value on packets the agent re-injects; the tc program passes
 /// them untouched so a released statement is not held a second time.
@@ -116,6 +116,9 @@ pub struct FlowState {
     pub phase: u8,
     pub held: u8,
     pub _pad: u8,
+    /// The client's initial sequence number (its SYN's): the same SYN again
+    /// is a retransmission; another one on the live flow is not trusted.
+    pub isn: u32,
 }
 
 /// Settings the agent writes; read by the program on every gated segment.

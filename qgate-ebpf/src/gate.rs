@@ -138,19 +138,22 @@ fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> V
         if let Some(state) = FLOWS.get_ptr_mut(flow) {
             // SAFETY: map value; plain integers.
             let state = unsafe { &mut *state };
-            if state.phase == phase::STARTUP && state.next_msg_seq == seg.seq.wrapping_add(1) {
-                // The same SYN again (a retransmission).
+            if state.isn == seg.seq {
+                // The same SYN again (a retransmission, possibly late).
                 return Verdict::Pass;
             }
-            // A SYN on a flow already under way: the server ignores it (or,
-            // for a new connection on a reused address, accepts it); either
-            // way its sequence number is not trusted. Nothing passes on its
-            // own until the agent, which sees the server's answer, re-syncs.
+            // Another SYN on a flow already under way: the server ignores it
+            // (or, for a new connection on a reused address, accepts it);
+            // either way its sequence number is not trusted. Nothing passes
+            // on its own until the agent, which sees the server's answer,
+            // re-syncs.
             state.phase = phase::UNSYNCED;
+            state.isn = seg.seq;
             return Verdict::Pass;
         }
         let state = FlowState {
             next_msg_seq: seg.seq.wrapping_add(1),
+            isn: seg.seq,
             mode: cfg.default_mode,
             phase: phase::STARTUP,
             ..FlowState::default()

@@ -86,6 +86,8 @@ struct ConnInfo {
     /// A `SET search_path` (or similar) ran: table names may resolve
     /// elsewhere than in the estimator's session.
     search_path_changed: bool,
+    /// The mode the kernel was last told.
+    kernel_mode: Option<GateMode>,
 }
 
 /// A session the server hook reads.
@@ -317,6 +319,15 @@ impl Gate {
         } else {
             kernel_mode(mode)
         };
+        if info.kernel_mode == Some(mode) {
+            // Unchanged: the wire path's flow state is rewritten whole, and
+            // a needless write could undo the program's own progress on a
+            // busy connection.
+            return;
+        }
+        if let Some(info) = self.conns.get_mut(flow) {
+            info.kernel_mode = Some(mode);
+        }
         let set = match self.hooked.get(flow) {
             Some(session) => self.kernel.set_backend_mode(session.pid, mode),
             None => self.kernel.set_mode(flow, mode),
@@ -598,6 +609,7 @@ impl Gate {
                         own,
                         catalog_stale: false,
                         search_path_changed: false,
+                        kernel_mode: None,
                     },
                 );
                 if own {
