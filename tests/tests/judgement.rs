@@ -383,22 +383,9 @@ fn all_rows_writes_are_held_by_the_planners_estimate() -> Result<()> {
 /// audits it; the Query carried as urgent data never runs.
 #[test]
 fn urgent_data_never_reaches_the_server() -> Result<()> {
-    use std::{io::Read, os::fd::AsRawFd};
+    use std::os::fd::AsRawFd;
     let (lab, _token) = lab("jurg")?;
-    let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
-    let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
-    stream.write_all(&startup_message())?;
-    // Up to ReadyForQuery ('Z', 5 bytes + status).
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            bail!("the server closed the session during startup");
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let stream = raw_session(&lab)?;
     let message = message(b'Q', b"DROP TABLE sac\0");
     // SAFETY: send(2) on a connected socket with a valid buffer.
     let sent = unsafe {
@@ -586,21 +573,8 @@ fn refused_at_startup(lab: &Lab, variable: &str, value: &str) -> Result<()> {
 /// retransmission).
 #[test]
 fn a_forged_syn_on_a_live_connection_changes_nothing() -> Result<()> {
-    use std::io::Read;
     let (lab, token) = lab("jsyn")?;
-    let server = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
-    let mut stream = lab.connect_from_client(server, Duration::from_secs(10))?;
-    stream.write_all(&startup_message())?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            bail!("the server closed the session during startup");
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let mut stream = raw_session(&lab)?;
     let std::net::SocketAddr::V4(client) = stream.local_addr()? else {
         bail!("IPv4 expected");
     };
@@ -802,4 +776,25 @@ fn a_new_operator_ends_the_fast_path_of_every_open_session() -> Result<()> {
         "the first read ran, the second did not: {out}"
     );
     Ok(())
+}
+
+/// A session opened from the client namespace by hand: StartupMessage sent,
+/// the server's answer read up to its first ReadyForQuery.
+fn raw_session(lab: &Lab) -> Result<std::net::TcpStream> {
+    use std::io::Read;
+    let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
+    let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
+    stream.write_all(&startup_message())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // ReadyForQuery: 'Z', length 5, status idle.
+    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            bail!("the server closed the session during startup");
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(stream)
 }
