@@ -195,9 +195,11 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut last_shed = 0;
     let mut last_dropped = 0;
     while !stop.load(Ordering::Relaxed) {
-        // Short waits: a reviewer's decision is picked up within 10 ms.
+        // Ordinary ring records wake nobody (qgate-ebpf's ring.rs): this
+        // timeout is how often they are drained. Held statements, stopped
+        // backends and reviewers' decisions (the eventfd) wake the loop.
         capture.poll(
-            Duration::from_millis(10),
+            crate::capture::DRAIN_EVERY,
             Some(decisions.fd()),
             |item| match item {
                 Captured::Segment(seg) => {
@@ -369,6 +371,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
             pipeline.tick(store::now_nanos());
         }
+        pipeline.push();
     }
 
     info!("stopping");

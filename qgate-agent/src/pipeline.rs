@@ -95,6 +95,12 @@ impl Pipeline {
         }
     }
 
+    /// Hands the events of this round to the store writer (see
+    /// [`Writer::push`]).
+    pub fn push(&self) {
+        self.writer.push();
+    }
+
     pub fn writer(&self) -> &Writer {
         &self.writer
     }

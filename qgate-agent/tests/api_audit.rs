@@ -5,17 +5,19 @@ use api_support::{held, start};
 use qgate_agent::{api::ApiOptions, store::requests::Role};
 use reqwest::StatusCode;
 
-/// Statements and connections as the store writes them (columns per the store's schema).
+/// Statements and connections as the store writes them (columns per the store's schema;
+/// texts inline and by reference).
 fn seed_statements(db: &std::path::Path, request_statement: Option<i64>) -> i64 {
     let conn = qgate_agent::store::requests::open_db(db).expect("open");
     conn.execute_batch(
         "INSERT INTO connections (id, client_addr, client_port, server_addr, server_port, user, database, application, mid_stream, started_at)
             VALUES (1, '10.0.0.7', 50432, '10.0.0.1', 5432, 'alice', 'shop', 'psql', 0, 1),
                    (2, '10.0.0.8', 50500, '10.0.0.1', 5432, 'bob', 'crm', 'app', 0, 1);
-         INSERT INTO statements (id, connection_id, seq, path, text, received_at, completed_at, outcome, sqlstate, command_tag, rows)
-            VALUES (10, 1, 1, 'simple', 'SELECT * FROM orders', 1767225600000000000, 1767225600002000000, 'ok', NULL, 'SELECT 3', 3),
-                   (11, 1, 2, 'simple', 'DROP TABLE orders_copy', 1767225700000000000, NULL, 'unknown', NULL, NULL, NULL),
-                   (12, 2, 1, 'simple', 'UPDATE customers SET vip = true, note = ''a,\"b\"''', 1767225800000000000, 1767225800009000000, 'error', '42501', NULL, NULL);",
+         INSERT INTO statement_texts (id, text) VALUES (1, 'SELECT * FROM orders');
+         INSERT INTO statement_log (id, connection_id, seq, path, text_id, text, received_at, completed_at, outcome, sqlstate, command_tag, rows)
+            VALUES (10, 1, 1, 'simple', 1, NULL, 1767225600000000000, 1767225600002000000, 'ok', NULL, 'SELECT 3', 3),
+                   (11, 1, 2, 'simple', NULL, 'DROP TABLE orders_copy', 1767225700000000000, NULL, 'unknown', NULL, NULL, NULL),
+                   (12, 2, 1, 'simple', NULL, 'UPDATE customers SET vip = true, note = ''a,\"b\"''', 1767225800000000000, 1767225800009000000, 'error', '42501', NULL, NULL);",
     )
     .expect("seed statements");
     request_statement.unwrap_or(11)

@@ -156,3 +156,75 @@ fn a_database_another_process_is_creating_opens_once_that_process_commits() {
     let store = Store::open(&db).unwrap();
     assert_eq!(applied(&store).len(), migrations::all().count());
 }
+
+/// A database written before texts were stored once (capture_0003): its
+/// statements read back the same through the `statements` view.
+#[test]
+fn statements_written_before_texts_were_shared_survive_the_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    {
+        let mut conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, applied_at INTEGER NOT NULL) STRICT",
+        )
+        .unwrap();
+        // The schema as it was: every migration before capture_0003.
+        let tx = conn.transaction().unwrap();
+        for m in migrations::all().take_while(|m| m.name != "capture_0003_statement_texts") {
+            tx.execute_batch(m.sql).unwrap();
+            tx.execute(
+                "INSERT INTO schema_migrations (name, applied_at) VALUES (?1, 0)",
+                [m.name],
+            )
+            .unwrap();
+        }
+        tx.execute_batch(
+            "INSERT INTO connections (id, client_addr, client_port, server_addr, server_port, mid_stream, started_at)
+                 VALUES (1, '10.0.0.7', 50432, '10.0.0.1', 5432, 0, 1);
+             INSERT INTO statements (id, connection_id, seq, text, path, received_at, completed_at, outcome, command_tag, rows)
+                 VALUES (5, 1, 1, 'SELECT 1', 'simple', 10, 11, 'ok', 'SELECT 1', 1),
+                        (6, 1, 2, 'DELETE FROM t', 'extended', 20, NULL, 'unknown', NULL, NULL),
+                        (9, 1, 3, 'SELECT 1', 'simple', 30, 31, 'error', NULL, NULL);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = Store::open(&db).unwrap();
+    let rows: Vec<(i64, i64, String, String, String)> = store
+        .conn()
+        .prepare("SELECT id, seq, text, path, outcome FROM statements ORDER BY id")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let row = |id, seq, text: &str, path: &str, outcome: &str| {
+        (
+            id,
+            seq,
+            text.to_string(),
+            path.to_string(),
+            outcome.to_string(),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row(5, 1, "SELECT 1", "simple", "ok"),
+            row(6, 2, "DELETE FROM t", "extended", "unknown"),
+            row(9, 3, "SELECT 1", "simple", "error"),
+        ]
+    );
+    let moved: i64 = store
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM statement_log WHERE text IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(moved, 3, "moved inline");
+}

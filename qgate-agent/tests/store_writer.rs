@@ -532,3 +532,80 @@ fn writer_keeps_up_with_fifty_thousand_statements_per_second() {
         assert!(rate >= 50_000.0, "{rate:.0} statements/s");
     }
 }
+
+/// pgbench sends a handful of texts millions of times: each distinct text is
+/// stored once, yet the export gives every statement its whole text and
+/// outcome, whether its completion came in the same batch as the statement
+/// or a later one.
+#[test]
+fn texts_are_stored_once_and_exported_whole_for_every_statement() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = spawn(&db);
+    let long = format!("SELECT '{}'", "x".repeat(5000));
+    let texts = [
+        "SELECT 1",
+        "UPDATE t SET x = 1 WHERE id = $1",
+        long.as_str(),
+    ];
+    writer.send(opened(1, T0));
+    writer.send(opened(2, T0));
+    let mut expected = Vec::new();
+    for i in 0..300u64 {
+        let (conn, text) = (1 + i % 2, texts[(i % 3) as usize]);
+        let at = T0 + i as i64 * MS;
+        writer.send(received(conn, i + 1, text, at));
+        if i % 10 == 0 {
+            // Completed in a later batch: the row is written, then updated.
+            writer.flush();
+        }
+        writer.send(completed_ok(conn, i + 1, "SELECT 1", Some(i), at + 1));
+        expected.push((text.to_string(), "ok".to_string(), i as i64));
+    }
+    // One still running: stored with its text, outcome unknown.
+    writer.send(received(1, 1000, "SELECT pg_sleep(60)", T0 + 400 * MS));
+    expected.push(("SELECT pg_sleep(60)".into(), "unknown".into(), -1));
+    let stats = writer.shutdown().unwrap();
+    assert_eq!((stats.written, stats.dropped, stats.unmatched), (603, 0, 0));
+
+    let conn = reader(&db);
+    // The three repeated texts once each; the one-off inline.
+    let stored: Vec<String> = conn
+        .prepare("SELECT text FROM statement_texts ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored, texts);
+    let inline: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM statement_log WHERE text IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(inline, 4, "first sightings and the one-off");
+    let mut out = Vec::new();
+    let n = qgate_agent::store::export::export_statements(
+        &conn,
+        qgate_agent::store::export::TimeRange::default(),
+        qgate_agent::store::export::ExportFormat::Jsonl,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(n, 301);
+    let exported: Vec<(String, String, i64)> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                v["text"].as_str().unwrap().to_string(),
+                v["outcome"].as_str().unwrap().to_string(),
+                v["rows"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(exported, expected);
+}

@@ -22,11 +22,16 @@ use qgate_common::{
     DIR_TO_SERVER, MAX_CHUNKS,
 };
 
-use crate::packet::{self, Segment, SkbRef};
+use crate::{
+    packet::{self, Segment, SkbRef},
+    ring,
+};
 
 /// 32 MiB: about 8 000 full 4 KiB chunks or 100 000 small records in flight.
+const SEGMENTS_BYTES: u32 = 32 << 20;
+
 #[map(name = "SEGMENTS")]
-static SEGMENTS: RingBuf = RingBuf::with_byte_size(32 << 20, 0);
+static SEGMENTS: RingBuf = RingBuf::with_byte_size(SEGMENTS_BYTES, 0);
 
 #[map(name = "DB_PORTS")]
 static DB_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
@@ -84,6 +89,8 @@ struct Emit {
     payload_offset: u32,
     offset: u32,
     failed: u32,
+    /// The segment's last record wakes the agent (see `ring`).
+    wake: u32,
 }
 
 #[map(name = "EMIT")]
@@ -132,6 +139,13 @@ fn emit_segment(ctx: &TcContext, seg: &Segment, direction: u8, extra_flags: u32)
     emit.payload_offset = seg.payload_offset;
     emit.offset = 0;
     emit.failed = 0;
+    // A held segment waits for the agent: its last record wakes it.
+    emit.wake = ring::wakes(
+        &SEGMENTS,
+        SEGMENTS_BYTES as u64,
+        seg.payload_len as u64 + core::mem::size_of::<SegmentEvent>() as u64,
+        extra_flags & flags::HELD != 0,
+    ) as u32;
     let mut skb_ref = SkbRef { skb: ctx.skb.skb };
     // SAFETY: callback and context are valid for the call's duration.
     unsafe {
@@ -144,7 +158,7 @@ fn emit_segment(ctx: &TcContext, seg: &Segment, direction: u8, extra_flags: u32)
     };
     if emit.failed == 0 && emit.offset < emit.header.payload_len {
         count(|c| c.truncated += 1);
-        emit_truncated(&emit.header, emit.offset);
+        emit_truncated(&emit.header, emit.offset, emit.wake != 0);
     }
 }
 
@@ -220,24 +234,24 @@ fn emit_chunk<const N: usize>(
         if rc != 0 {
             entry.discard(0);
             count(|c| c.load_errors += 1);
-            emit_truncated(header, offset);
+            emit_truncated(header, offset, emit.wake != 0);
             return None;
         }
     }
-    entry.submit(0);
+    entry.submit(ring::submit_flags(emit.wake != 0 && len == remaining));
     Some(len)
 }
 
 /// Tells the agent the segment's payload from `offset` on was not delivered.
 #[inline(always)]
-fn emit_truncated(header: &SegmentEvent, offset: u32) {
+fn emit_truncated(header: &SegmentEvent, offset: u32, wake: bool) {
     if let Some(mut entry) = SEGMENTS.reserve::<SegmentEvent>(0) {
         let mut h = *header;
         h.chunk_offset = offset;
         h.chunk_len = 0;
         h.flags = flags::TRUNCATED;
         entry.write(h);
-        entry.submit(0);
+        entry.submit(ring::submit_flags(wake));
     } else {
         count(|c| c.ringbuf_full += 1);
     }

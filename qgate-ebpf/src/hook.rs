@@ -29,11 +29,13 @@ use qgate_common::{
     MAX_MANAGED_SERVERS,
 };
 
-use crate::{capture::count, gate, scan};
+use crate::{capture::count, gate, ring, scan};
 
 /// 16 MiB: reads and writes are at most 8 KiB each in PostgreSQL's buffers.
+const HOOK_EVENTS_BYTES: u32 = 16 << 20;
+
 #[map(name = "HOOK_EVENTS")]
-static HOOK_EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+static HOOK_EVENTS: RingBuf = RingBuf::with_byte_size(HOOK_EVENTS_BYTES, 0);
 
 #[map(name = "BACKENDS")]
 static BACKENDS: LruHashMap<u32, BackendState> = LruHashMap::with_max_entries(16384, 0);
@@ -97,6 +99,8 @@ struct HookEmit {
     header: HookEvent,
     offset: u32,
     failed: u32,
+    /// The last record wakes the agent (see `ring`).
+    wake: u32,
 }
 
 #[map(name = "HOOK_EMIT")]
@@ -563,10 +567,20 @@ fn emit(kind: u8, tgid: u32, addr: u64, port: u64, stream_offset: u64, len: u32,
     };
     e.offset = 0;
     e.failed = 0;
+    // Anything but an ordinary read or write (a connection's first record,
+    // TLS, exit, a new postmaster: rare, and acted on) and a read that
+    // stopped its backend wake the agent at once.
+    let urgent = (kind != hook::READ && kind != hook::WRITE) || flags & hook::STOPPED != 0;
+    e.wake = ring::wakes(
+        &HOOK_EVENTS,
+        HOOK_EVENTS_BYTES as u64,
+        len as u64 + core::mem::size_of::<HookEvent>() as u64,
+        urgent,
+    ) as u32;
     if len == 0 {
         if let Some(mut entry) = HOOK_EVENTS.reserve::<HookEvent>(0) {
             entry.write(e.header);
-            entry.submit(0);
+            entry.submit(ring::submit_flags(e.wake != 0));
         } else {
             count(|c| c.hook_lost += 1);
         }
@@ -584,7 +598,7 @@ fn emit(kind: u8, tgid: u32, addr: u64, port: u64, stream_offset: u64, len: u32,
     if e.failed == 0 && e.offset < len {
         // Longer than the program copies: the agent must not trust the rest.
         count(|c| c.hook_lost += 1);
-        emit_truncated(&e.header, e.offset);
+        emit_truncated(&e.header, e.offset, e.wake != 0);
     }
 }
 
@@ -644,23 +658,23 @@ fn emit_chunk<const N: usize>(e: &HookEmit, remaining: u32) -> Option<u32> {
         if rc != 0 {
             entry.discard(0);
             count(|c| c.hook_lost += 1);
-            emit_truncated(&e.header, e.offset);
+            emit_truncated(&e.header, e.offset, e.wake != 0);
             return None;
         }
     }
-    entry.submit(0);
+    entry.submit(ring::submit_flags(e.wake != 0 && len == remaining));
     Some(len)
 }
 
 #[inline(always)]
-fn emit_truncated(header: &HookEvent, offset: u32) {
+fn emit_truncated(header: &HookEvent, offset: u32, wake: bool) {
     if let Some(mut entry) = HOOK_EVENTS.reserve::<HookEvent>(0) {
         let mut h = *header;
         h.chunk_offset = offset;
         h.chunk_len = 0;
         h.flags |= hook::TRUNCATED;
         entry.write(h);
-        entry.submit(0);
+        entry.submit(ring::submit_flags(wake));
     } else {
         count(|c| c.hook_lost += 1);
     }

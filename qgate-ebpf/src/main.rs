@@ -20,6 +20,8 @@ mod hook;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod ring;
+#[cfg(target_arch = "bpf")]
 mod scan;
 
 #[cfg(target_arch = "bpf")]

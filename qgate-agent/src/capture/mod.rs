@@ -6,7 +6,18 @@ pub mod hook;
 pub mod kernel;
 pub mod pcap;
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+/// How often the agent drains the kernel's rings when nothing wakes it.
+/// The programs submit ordinary records without a wake-up (each costs the
+/// database's CPU an interrupt and the agent a context switch) and wake the
+/// agent only for what waits on it, or when a ring fills past 1/8; so this
+/// bounds how late a statement reaches the audit log, not how long any
+/// client waits.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// An IPv4-mapped IPv6 address as IPv4, as the wire stage names addresses.
 pub fn unmapped(ip: Ipv6Addr) -> IpAddr {

@@ -125,6 +125,54 @@ ALTER TABLE connections ADD COLUMN gated_by TEXT NOT NULL DEFAULT 'wire'
 ALTER TABLE connections ADD COLUMN backend_pid INTEGER;
 "#,
     },
+    Migration {
+        name: "capture_0003_statement_texts",
+        sql: r#"
+-- Statement texts that repeat, stored once: a workload sends a handful of
+-- texts millions of times (prepared statements, ORMs). The writer stores a
+-- text inline the first time it sees it and by reference from the second
+-- (`store::writer`), so a text seen once costs what it did before.
+CREATE TABLE statement_texts (
+    id   INTEGER PRIMARY KEY,
+    text TEXT    NOT NULL
+) STRICT;
+
+-- One row per statement: its text inline or by reference, never both.
+CREATE TABLE statement_log (
+    id             INTEGER PRIMARY KEY,
+    connection_id  INTEGER NOT NULL REFERENCES connections (id),
+    seq            INTEGER NOT NULL,
+    text           TEXT,
+    text_id        INTEGER REFERENCES statement_texts (id),
+    path           TEXT    NOT NULL CHECK (path = 'simple' OR path = 'extended'),
+    statement_name TEXT,
+    received_at    INTEGER NOT NULL,
+    completed_at   INTEGER,
+    outcome        TEXT    NOT NULL DEFAULT 'unknown'
+                   CHECK (outcome = 'ok' OR outcome = 'error' OR outcome = 'unknown'),
+    sqlstate       TEXT,
+    error_message  TEXT,
+    command_tag    TEXT,
+    rows           INTEGER,
+    CHECK ((text IS NULL) <> (text_id IS NULL))
+) STRICT;
+INSERT INTO statement_log (id, connection_id, seq, text, path, statement_name, received_at,
+                           completed_at, outcome, sqlstate, error_message, command_tag, rows)
+    SELECT id, connection_id, seq, text, path, statement_name, received_at,
+           completed_at, outcome, sqlstate, error_message, command_tag, rows
+    FROM statements;
+DROP TABLE statements;
+CREATE INDEX statement_log_received_at ON statement_log (received_at);
+CREATE INDEX statement_log_connection ON statement_log (connection_id, seq);
+
+-- What every reader (API, export, CLI, `sqlite3`) reads, as before.
+CREATE VIEW statements AS
+    SELECT l.id, l.connection_id, l.seq, coalesce(l.text, t.text) AS text, l.path,
+           l.statement_name, l.received_at, l.completed_at, l.outcome, l.sqlstate,
+           l.error_message, l.command_tag, l.rows
+    FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id;
+"#,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

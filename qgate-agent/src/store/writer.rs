@@ -1,16 +1,17 @@
 //! The live path into the store: wire events in, batched transactions out,
 //! on a thread of its own so the capture thread never waits on the disk.
 use std::{
+    cell::RefCell,
     collections::HashMap,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::{insert_capture_loss, now_nanos, sql_count, Store, StoreError};
@@ -22,8 +23,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct WriterConfig {
     /// Events queued before [`Writer::send`] starts dropping. The default
-    /// holds over a second at 50 000 statements/s (two events each), about
-    /// 12 MB allocated up front.
+    /// holds over a second at 50 000 statements/s (two events each).
     pub queue: usize,
     /// Events per transaction at most.
     pub batch_max: usize,
@@ -75,6 +75,9 @@ struct Counters {
     failed: AtomicU64,
     failed_attempts: AtomicU64,
     batches: AtomicU64,
+    /// Records accepted and not yet taken by the writer thread (what the
+    /// queue limit bounds).
+    in_queue: AtomicUsize,
 }
 
 impl Counters {
@@ -92,7 +95,10 @@ impl Counters {
 }
 
 enum Message {
-    Record(Record),
+    /// Records in the order they were sent: the capture thread hands them
+    /// over once per drain of the rings, so the writer thread wakes a few
+    /// hundred times a second, not once per statement.
+    Records(Vec<Record>),
     /// Answered once everything queued before it is committed.
     Flush(Sender<()>),
 }
@@ -119,6 +125,10 @@ pub struct Writer {
     tx: Option<Sender<Message>>,
     thread: Option<JoinHandle<()>>,
     counters: Arc<Counters>,
+    /// Sent, not yet handed to the thread: see [`Writer::push`].
+    pending: RefCell<Vec<Record>>,
+    queue: usize,
+    batch_max: usize,
 }
 
 impl Writer {
@@ -132,8 +142,10 @@ impl Writer {
         let conn = store.into_conn();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
-        let (tx, rx) = crossbeam_channel::bounded(config.queue.max(1));
+        // Unbounded in messages; `Counters::in_queue` bounds the records.
+        let (tx, rx) = crossbeam_channel::unbounded();
         let counters = Arc::new(Counters::default());
+        let (queue, batch_max) = (config.queue.max(1), config.batch_max.max(1));
         let thread = std::thread::Builder::new()
             .name("qgate-store".into())
             .spawn({
@@ -144,6 +156,7 @@ impl Writer {
                         config,
                         counters,
                         connections: HashMap::new(),
+                        texts: Texts::default(),
                         dropped_recorded: 0,
                     }
                     .run(rx)
@@ -154,25 +167,25 @@ impl Writer {
             tx: Some(tx),
             thread: Some(thread),
             counters,
+            pending: RefCell::new(Vec::new()),
+            queue,
+            batch_max,
         })
     }
 
     /// Queues `event` without blocking. Returns `false` (and counts it as
     /// dropped) when the queue is full or the writer has stopped.
+    ///
+    /// The event reaches the writer thread with the next [`Writer::push`]
+    /// (or once `batch_max` events are waiting, or at a flush or shutdown).
     pub fn send(&self, event: WireEvent) -> bool {
-        let Some(tx) = &self.tx else {
+        if !self.accept() {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
-        };
-        match tx.try_send(Message::Record(Record::Event(event))) {
-            Ok(()) => {
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                false
-            }
         }
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(Record::Event(event));
+        true
     }
 
     /// Queues a capture-loss record (the kernel programs' cumulative
@@ -180,14 +193,58 @@ impl Writer {
     /// Never blocks: when the queue is full this report is skipped, and
     /// the next one covers it, the counters being cumulative.
     pub fn record_capture_loss(&self, at: UnixNanos, counters: qgate_common::Counters) -> bool {
-        self.tx.as_ref().is_some_and(|tx| {
-            tx.try_send(Message::Record(Record::Loss { at, counters }))
+        if !self.accept() {
+            return false;
+        }
+        self.enqueue(Record::Loss { at, counters });
+        true
+    }
+
+    /// Takes one record's place in the queue, if there is one.
+    fn accept(&self) -> bool {
+        self.tx.is_some()
+            && self
+                .counters
+                .in_queue
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.queue).then_some(n + 1)
+                })
                 .is_ok()
-        })
+    }
+
+    fn enqueue(&self, record: Record) {
+        let full = {
+            let mut pending = self.pending.borrow_mut();
+            pending.push(record);
+            pending.len() >= self.batch_max
+        };
+        if full {
+            self.push();
+        }
+    }
+
+    /// Hands what was sent since the last push to the writer thread in one
+    /// message. The capture loop calls it once per drain of the rings.
+    pub fn push(&self) {
+        let records = std::mem::take(&mut *self.pending.borrow_mut());
+        if records.is_empty() {
+            return;
+        }
+        let n = records.len();
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(Message::Records(records)).is_ok());
+        if !sent {
+            // The thread is gone (it panicked): nothing will write these.
+            self.counters.in_queue.fetch_sub(n, Ordering::AcqRel);
+            self.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// Waits until everything queued so far is committed (or failed).
     pub fn flush(&self) {
+        self.push();
         let Some(tx) = &self.tx else {
             return;
         };
@@ -209,6 +266,7 @@ impl Writer {
     }
 
     fn stop(&mut self) -> Result<(), StoreError> {
+        self.push();
         self.tx = None;
         match self.thread.take() {
             Some(thread) => thread.join().map_err(|_| StoreError::WriterPanicked),
@@ -239,11 +297,70 @@ enum Undo {
     Pending(ConnId, StmtSeq, Option<i64>),
 }
 
+/// Repeated texts whose `statement_texts` row the writer remembers, and
+/// texts it remembers having seen once: past either, it starts that list
+/// over (a forgotten text is stored again, never lost).
+const TEXT_ROWS: usize = 16_384;
+const TEXTS_SEEN: usize = 65_536;
+
+/// Statement texts the writer has seen, to store repeated ones once: a text
+/// goes inline the first time, into `statement_texts` the second, and is
+/// referenced from then on. A workload of unique texts (literals in the
+/// SQL) costs one hash per statement more than storing every text inline.
+#[derive(Default)]
+struct Texts {
+    hasher: foldhash::fast::RandomState,
+    /// Hashes of texts stored inline once.
+    seen: std::collections::HashSet<u64, foldhash::fast::RandomState>,
+    /// Rows of repeated texts, with the text (hashes can collide).
+    rows: HashMap<u64, (Box<str>, i64), foldhash::fast::RandomState>,
+}
+
+enum TextRef<'t> {
+    Inline(&'t str),
+    Row(i64),
+}
+
+impl Texts {
+    fn lookup<'t>(&mut self, tx: &Connection, text: &'t str) -> Result<TextRef<'t>, StoreError> {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one(text);
+        if let Some((known, row)) = self.rows.get(&hash) {
+            return Ok(if **known == *text {
+                TextRef::Row(*row)
+            } else {
+                TextRef::Inline(text)
+            });
+        }
+        if !self.seen.remove(&hash) {
+            if self.seen.len() >= TEXTS_SEEN {
+                self.seen.clear();
+            }
+            self.seen.insert(hash);
+            return Ok(TextRef::Inline(text));
+        }
+        tx.prepare_cached("INSERT INTO statement_texts (text) VALUES (?1)")?
+            .execute([text])?;
+        let row = tx.last_insert_rowid();
+        if self.rows.len() >= TEXT_ROWS {
+            self.rows.clear();
+        }
+        self.rows.insert(hash, (text.into(), row));
+        Ok(TextRef::Row(row))
+    }
+
+    /// After a rolled-back transaction: rows it wrote are gone.
+    fn forget_rows(&mut self) {
+        self.rows.clear();
+    }
+}
+
 struct BatchWriter {
     conn: Connection,
     config: WriterConfig,
     counters: Arc<Counters>,
     connections: HashMap<ConnId, ConnRows>,
+    texts: Texts,
     /// The dropped count last written as a `writer_dropped` event.
     dropped_recorded: u64,
 }
@@ -259,7 +376,12 @@ impl BatchWriter {
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
-                    Message::Record(record) => batch.push(record),
+                    Message::Records(records) => {
+                        self.counters
+                            .in_queue
+                            .fetch_sub(records.len(), Ordering::AcqRel);
+                        batch.extend(records);
+                    }
                     Message::Flush(done) => {
                         flushes.push(done);
                         break;
@@ -269,10 +391,10 @@ impl BatchWriter {
                     next = rx.recv_deadline(deadline).ok();
                 }
             }
-            if !batch.is_empty() {
-                self.write(&batch);
-                batch.clear();
+            for chunk in batch.chunks(self.config.batch_max.max(1)) {
+                self.write(chunk);
             }
+            batch.clear();
             for done in flushes.drain(..) {
                 // The flusher may have given up waiting; nothing to tell then.
                 let _ = done.send(());
@@ -301,6 +423,7 @@ impl BatchWriter {
                     for step in undo.into_iter().rev() {
                         self.undo(step);
                     }
+                    self.texts.forget_rows();
                     tracing::warn!("store writer: batch attempt {attempt} failed: {e}");
                     last_error = Some(e);
                     std::thread::sleep(Duration::from_millis(100) * attempt);
@@ -337,11 +460,47 @@ impl BatchWriter {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut unmatched = 0;
-        for record in batch {
+        // A statement that completes within the batch (nearly all do: a
+        // batch spans milliseconds) is written once, whole, not inserted
+        // and then updated.
+        let mut completions: HashMap<(ConnId, StmtSeq), usize> = HashMap::new();
+        for (i, record) in batch.iter().enumerate() {
+            if let Record::Event(WireEvent::StatementCompleted { conn, stmt, .. }) = record {
+                completions.entry((*conn, *stmt)).or_insert(i);
+            }
+        }
+        let mut written_early = vec![false; batch.len()];
+        for (i, record) in batch.iter().enumerate() {
             match record {
+                Record::Event(_) if written_early[i] => {}
                 Record::Event(event) => {
-                    if !apply(&tx, &mut self.connections, undo, event)? {
-                        unmatched += 1;
+                    let completion = match event {
+                        WireEvent::StatementReceived { conn, stmt, .. } => completions
+                            .get(&(*conn, *stmt))
+                            .filter(|&&j| j > i)
+                            .map(|&j| (j, &batch[j])),
+                        _ => None,
+                    };
+                    let completed = completion.and_then(|(j, record)| match record {
+                        Record::Event(WireEvent::StatementCompleted { completion, at, .. }) => {
+                            Some((j, completion, *at))
+                        }
+                        _ => None,
+                    });
+                    let mut ctx = Apply {
+                        tx: &tx,
+                        connections: &mut self.connections,
+                        texts: &mut self.texts,
+                        undo,
+                    };
+                    match ctx.apply(event, completed.map(|(_, c, at)| (c, at)))? {
+                        Applied::Matched => {}
+                        Applied::Unmatched => unmatched += 1,
+                        Applied::WithCompletion => {
+                            if let Some((j, ..)) = completed {
+                                written_early[j] = true;
+                            }
+                        }
                     }
                 }
                 Record::Loss { at, counters } => insert_capture_loss(
@@ -374,23 +533,44 @@ impl BatchWriter {
     }
 }
 
-/// Writes one event. Returns `false` when it names a connection or
-/// statement the writer does not know (nothing is written then).
-fn apply(
-    tx: &Connection,
-    connections: &mut HashMap<ConnId, ConnRows>,
-    undo: &mut Vec<Undo>,
-    event: &WireEvent,
-) -> Result<bool, StoreError> {
-    match event {
-        WireEvent::ConnectionOpened {
-            conn,
-            client,
-            server,
-            at,
-            mid_stream,
-        } => {
-            tx.prepare_cached(
+/// What [`Apply::apply`] did with an event.
+enum Applied {
+    Matched,
+    /// It names a connection or statement the writer does not know (nothing
+    /// is written then).
+    Unmatched,
+    /// A statement written together with the completion given.
+    WithCompletion,
+}
+
+/// One transaction's view of the writer's state.
+struct Apply<'a> {
+    tx: &'a Connection,
+    connections: &'a mut HashMap<ConnId, ConnRows>,
+    texts: &'a mut Texts,
+    undo: &'a mut Vec<Undo>,
+}
+
+impl Apply<'_> {
+    /// Writes one event; a received statement with its `completion` when the
+    /// batch holds it.
+    fn apply(
+        &mut self,
+        event: &WireEvent,
+        completion: Option<(&Completion, UnixNanos)>,
+    ) -> Result<Applied, StoreError> {
+        let tx = self.tx;
+        let connections = &mut *self.connections;
+        let undo = &mut *self.undo;
+        match event {
+            WireEvent::ConnectionOpened {
+                conn,
+                client,
+                server,
+                at,
+                mid_stream,
+            } => {
+                tx.prepare_cached(
                 "INSERT INTO connections (client_addr, client_port, server_addr, server_port, mid_stream, started_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
@@ -402,26 +582,26 @@ fn apply(
                 mid_stream,
                 at,
             ))?;
-            let rows = ConnRows {
-                row: tx.last_insert_rowid(),
-                pending: HashMap::new(),
-            };
-            undo.push(Undo::Conn(*conn, connections.insert(*conn, rows)));
-        }
-        WireEvent::ServerHooked {
-            conn,
-            transport,
-            backend_pid,
-            client,
-            server,
-        } => {
-            let Some(rows) = connections.get(conn) else {
-                return Ok(false);
-            };
-            let ip = |a: &Option<std::net::SocketAddr>| {
-                a.map_or_else(|| "local".to_string(), |a| a.ip().to_string())
-            };
-            tx.prepare_cached(
+                let rows = ConnRows {
+                    row: tx.last_insert_rowid(),
+                    pending: HashMap::new(),
+                };
+                undo.push(Undo::Conn(*conn, connections.insert(*conn, rows)));
+            }
+            WireEvent::ServerHooked {
+                conn,
+                transport,
+                backend_pid,
+                client,
+                server,
+            } => {
+                let Some(rows) = connections.get(conn) else {
+                    return Ok(Applied::Unmatched);
+                };
+                let ip = |a: &Option<std::net::SocketAddr>| {
+                    a.map_or_else(|| "local".to_string(), |a| a.ip().to_string())
+                };
+                tx.prepare_cached(
                 "UPDATE connections SET transport = ?2, gated_by = 'server_hook', backend_pid = ?3,
                      client_addr = ?4, client_port = ?5, server_addr = ?6, server_port = ?7
                  WHERE id = ?1",
@@ -435,12 +615,12 @@ fn apply(
                 ip(server),
                 server.map_or(0, |a| a.port()),
             ))?;
-        }
-        WireEvent::Identified { conn, identity, at } => {
-            let Some(rows) = connections.get(conn) else {
-                return Ok(false);
-            };
-            tx.prepare_cached(
+            }
+            WireEvent::Identified { conn, identity, at } => {
+                let Some(rows) = connections.get(conn) else {
+                    return Ok(Applied::Unmatched);
+                };
+                tx.prepare_cached(
                 "UPDATE connections SET user = ?2, database = ?3, application = ?4, identified_at = ?5 WHERE id = ?1",
             )?
             .execute((
@@ -450,62 +630,79 @@ fn apply(
                 &identity.application,
                 at,
             ))?;
-        }
-        WireEvent::Encrypted { conn, .. } => {
-            let Some(rows) = connections.get(conn) else {
-                return Ok(false);
-            };
-            tx.prepare_cached("UPDATE connections SET encrypted = 1 WHERE id = ?1")?
-                .execute([rows.row])?;
-        }
-        WireEvent::StatementReceived {
-            conn,
-            stmt,
-            text,
-            path,
-            statement_name,
-            at,
-        } => {
-            let Some(rows) = connections.get_mut(conn) else {
-                return Ok(false);
-            };
-            tx.prepare_cached(
-                "INSERT INTO statements (connection_id, seq, text, path, statement_name, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute((
-                rows.row,
-                sql_count(stmt.0),
+            }
+            WireEvent::Encrypted { conn, .. } => {
+                let Some(rows) = connections.get(conn) else {
+                    return Ok(Applied::Unmatched);
+                };
+                tx.prepare_cached("UPDATE connections SET encrypted = 1 WHERE id = ?1")?
+                    .execute([rows.row])?;
+            }
+            WireEvent::StatementReceived {
+                conn,
+                stmt,
                 text,
+                path,
+                statement_name,
+                at,
+            } => {
+                let Some(row) = connections.get(conn).map(|rows| rows.row) else {
+                    return Ok(Applied::Unmatched);
+                };
+                let (inline, text_id) = match self.texts.lookup(tx, text)? {
+                    TextRef::Inline(text) => (Some(text), None),
+                    TextRef::Row(id) => (None, Some(id)),
+                };
+                let done = completion;
+                tx.prepare_cached(
+                "INSERT INTO statement_log (connection_id, seq, text, text_id, path, statement_name,
+                     received_at, completed_at, outcome, sqlstate, error_message, command_tag, rows)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?
+            .execute(rusqlite::params![
+                row,
+                sql_count(stmt.0),
+                inline,
+                text_id,
                 path_name(*path),
                 statement_name,
                 at,
-            ))?;
-            let previous = rows.pending.insert(*stmt, tx.last_insert_rowid());
-            undo.push(Undo::Pending(*conn, *stmt, previous));
-        }
-        WireEvent::StatementCompleted {
-            conn,
-            stmt,
-            completion,
-            at,
-        } => {
-            let Some(row) = connections
-                .get_mut(conn)
-                .and_then(|rows| rows.pending.remove(stmt))
-            else {
-                return Ok(false);
-            };
-            undo.push(Undo::Pending(*conn, *stmt, Some(row)));
-            let Completion {
-                outcome,
-                tag,
-                rows,
-                sqlstate,
-                message,
-            } = completion;
-            tx.prepare_cached(
-                "UPDATE statements SET completed_at = ?2, outcome = ?3, sqlstate = ?4, error_message = ?5,
+                done.map(|(_, at)| at),
+                done.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
+                done.and_then(|(c, _)| c.sqlstate.as_deref()),
+                done.and_then(|(c, _)| c.message.as_deref()),
+                done.and_then(|(c, _)| c.tag.as_deref()),
+                done.and_then(|(c, _)| c.rows.map(sql_count)),
+            ])?;
+                if done.is_some() {
+                    return Ok(Applied::WithCompletion);
+                }
+                let rows = connections.get_mut(conn).expect("looked up above");
+                let previous = rows.pending.insert(*stmt, tx.last_insert_rowid());
+                undo.push(Undo::Pending(*conn, *stmt, previous));
+            }
+            WireEvent::StatementCompleted {
+                conn,
+                stmt,
+                completion,
+                at,
+            } => {
+                let Some(row) = connections
+                    .get_mut(conn)
+                    .and_then(|rows| rows.pending.remove(stmt))
+                else {
+                    return Ok(Applied::Unmatched);
+                };
+                undo.push(Undo::Pending(*conn, *stmt, Some(row)));
+                let Completion {
+                    outcome,
+                    tag,
+                    rows,
+                    sqlstate,
+                    message,
+                } = completion;
+                tx.prepare_cached(
+                "UPDATE statement_log SET completed_at = ?2, outcome = ?3, sqlstate = ?4, error_message = ?5,
                  command_tag = ?6, rows = ?7 WHERE id = ?1",
             )?
             .execute((
@@ -517,40 +714,51 @@ fn apply(
                 tag,
                 rows.map(sql_count),
             ))?;
+            }
+            WireEvent::CancelRequested {
+                conn,
+                backend_pid,
+                at,
+                ..
+            } => {
+                return capture_event(
+                    tx,
+                    connections,
+                    *conn,
+                    "cancel_request",
+                    Some(&format!("backend pid {backend_pid}")),
+                    *at,
+                )
+                .map(matched);
+            }
+            WireEvent::Undecodable { conn, reason, at } => {
+                return capture_event(tx, connections, *conn, "undecodable", Some(reason), *at)
+                    .map(matched);
+            }
+            WireEvent::CaptureGap { conn, at } => {
+                return capture_event(tx, connections, *conn, "gap", None, *at).map(matched);
+            }
+            WireEvent::ConnectionClosed { conn, at } => {
+                let Some(rows) = connections.remove(conn) else {
+                    return Ok(Applied::Unmatched);
+                };
+                tx.prepare_cached("UPDATE connections SET ended_at = ?2 WHERE id = ?1")?
+                    .execute((rows.row, at))?;
+                undo.push(Undo::Conn(*conn, Some(rows)));
+            }
+            // The gate's only; the pipeline does not send it here.
+            WireEvent::ServerReport { .. } => return Ok(Applied::Unmatched),
         }
-        WireEvent::CancelRequested {
-            conn,
-            backend_pid,
-            at,
-            ..
-        } => {
-            return capture_event(
-                tx,
-                connections,
-                *conn,
-                "cancel_request",
-                Some(&format!("backend pid {backend_pid}")),
-                *at,
-            );
-        }
-        WireEvent::Undecodable { conn, reason, at } => {
-            return capture_event(tx, connections, *conn, "undecodable", Some(reason), *at);
-        }
-        WireEvent::CaptureGap { conn, at } => {
-            return capture_event(tx, connections, *conn, "gap", None, *at);
-        }
-        WireEvent::ConnectionClosed { conn, at } => {
-            let Some(rows) = connections.remove(conn) else {
-                return Ok(false);
-            };
-            tx.prepare_cached("UPDATE connections SET ended_at = ?2 WHERE id = ?1")?
-                .execute((rows.row, at))?;
-            undo.push(Undo::Conn(*conn, Some(rows)));
-        }
-        // The gate's only; the pipeline does not send it here.
-        WireEvent::ServerReport { .. } => return Ok(false),
+        Ok(Applied::Matched)
     }
-    Ok(true)
+}
+
+fn matched(known: bool) -> Applied {
+    if known {
+        Applied::Matched
+    } else {
+        Applied::Unmatched
+    }
 }
 
 /// A loss or oddity is worth keeping even when its connection is unknown:
