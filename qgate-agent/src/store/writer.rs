@@ -38,8 +38,8 @@ impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
             queue: 131_072,
-            batch_max: 1_000,
-            batch_wait: Duration::from_millis(50),
+            batch_max: 10_000,
+            batch_wait: Duration::from_millis(100),
             attempts: 3,
         }
     }
@@ -142,6 +142,10 @@ impl Writer {
         let conn = store.into_conn();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
+        // Every row id this connection writes it took from its own inserts
+        // (`connections` below): checking them again costs an index probe
+        // per statement. Other connections keep the checks.
+        conn.pragma_update(None, "foreign_keys", false)?;
         // Unbounded in messages; `Counters::in_queue` bounds the records.
         let (tx, rx) = crossbeam_channel::unbounded();
         let counters = Arc::new(Counters::default());
@@ -297,23 +301,41 @@ enum Undo {
     Pending(ConnId, StmtSeq, Option<i64>),
 }
 
-/// Repeated texts whose `statement_texts` row the writer remembers, and
-/// texts it remembers having seen once: past either, it starts that list
-/// over (a forgotten text is stored again, never lost).
-const TEXT_ROWS: usize = 16_384;
-const TEXTS_SEEN: usize = 65_536;
+/// Slots of [`Texts`]' two tables (powers of two).
+const RECENT_SLOTS: usize = 8_192;
+const ROW_SLOTS: usize = 16_384;
 
 /// Statement texts the writer has seen, to store repeated ones once: a text
-/// goes inline the first time, into `statement_texts` the second, and is
-/// referenced from then on. A workload of unique texts (literals in the
-/// SQL) costs one hash per statement more than storing every text inline.
-#[derive(Default)]
+/// goes inline; seen again while still in `recent`, it goes into
+/// `statement_texts` and is referenced from then on. Both tables are
+/// direct-mapped (one slot per hash, a newcomer evicts): one probe per
+/// statement, so a workload of texts that never repeat (literals in the
+/// SQL) pays a hash and two cache lines, and a forgotten text is at worst
+/// stored again, never lost.
 struct Texts {
     hasher: foldhash::fast::RandomState,
-    /// Hashes of texts stored inline once.
-    seen: std::collections::HashSet<u64, foldhash::fast::RandomState>,
-    /// Rows of repeated texts, with the text (hashes can collide).
-    rows: HashMap<u64, (Box<str>, i64), foldhash::fast::RandomState>,
+    /// Hash of the last text seen inline in each slot (0: none).
+    recent: Box<[u64]>,
+    /// Repeated texts' rows, with the text (hashes can collide).
+    rows: Box<[Option<TextRow>]>,
+}
+
+/// A repeated text's hash, the text, its `statement_texts` row.
+#[derive(Clone)]
+struct TextRow {
+    hash: u64,
+    text: Box<str>,
+    id: i64,
+}
+
+impl Default for Texts {
+    fn default() -> Self {
+        Texts {
+            hasher: Default::default(),
+            recent: vec![0; RECENT_SLOTS].into_boxed_slice(),
+            rows: vec![None; ROW_SLOTS].into_boxed_slice(),
+        }
+    }
 }
 
 enum TextRef<'t> {
@@ -324,34 +346,33 @@ enum TextRef<'t> {
 impl Texts {
     fn lookup<'t>(&mut self, tx: &Connection, text: &'t str) -> Result<TextRef<'t>, StoreError> {
         use std::hash::BuildHasher;
-        let hash = self.hasher.hash_one(text);
-        if let Some((known, row)) = self.rows.get(&hash) {
-            return Ok(if **known == *text {
-                TextRef::Row(*row)
-            } else {
-                TextRef::Inline(text)
-            });
-        }
-        if !self.seen.remove(&hash) {
-            if self.seen.len() >= TEXTS_SEEN {
-                self.seen.clear();
+        let hash = self.hasher.hash_one(text) | 1;
+        let row = &mut self.rows[hash as usize & (ROW_SLOTS - 1)];
+        if let Some(known) = row {
+            if known.hash == hash && *known.text == *text {
+                return Ok(TextRef::Row(known.id));
             }
-            self.seen.insert(hash);
+        }
+        let recent = &mut self.recent[(hash >> 32) as usize & (RECENT_SLOTS - 1)];
+        if *recent != hash {
+            *recent = hash;
             return Ok(TextRef::Inline(text));
         }
+        *recent = 0;
         tx.prepare_cached("INSERT INTO statement_texts (text) VALUES (?1)")?
             .execute([text])?;
-        let row = tx.last_insert_rowid();
-        if self.rows.len() >= TEXT_ROWS {
-            self.rows.clear();
-        }
-        self.rows.insert(hash, (text.into(), row));
-        Ok(TextRef::Row(row))
+        let id = tx.last_insert_rowid();
+        *row = Some(TextRow {
+            hash,
+            text: text.into(),
+            id,
+        });
+        Ok(TextRef::Row(id))
     }
 
     /// After a rolled-back transaction: rows it wrote are gone.
     fn forget_rows(&mut self) {
-        self.rows.clear();
+        self.rows.fill(None);
     }
 }
 
@@ -463,7 +484,8 @@ impl BatchWriter {
         // A statement that completes within the batch (nearly all do: a
         // batch spans milliseconds) is written once, whole, not inserted
         // and then updated.
-        let mut completions: HashMap<(ConnId, StmtSeq), usize> = HashMap::new();
+        let mut completions: HashMap<(ConnId, StmtSeq), usize, foldhash::fast::RandomState> =
+            HashMap::default();
         for (i, record) in batch.iter().enumerate() {
             if let Record::Event(WireEvent::StatementCompleted { conn, stmt, .. }) = record {
                 completions.entry((*conn, *stmt)).or_insert(i);

@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use qgate_e2e::require_root;
 
 mod bench_lab;
+mod bpf_cost;
 mod capture;
 mod classifier;
 mod gated;
