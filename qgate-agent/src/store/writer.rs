@@ -39,7 +39,7 @@ impl Default for WriterConfig {
         WriterConfig {
             queue: 131_072,
             batch_max: 10_000,
-            batch_wait: Duration::from_millis(100),
+            batch_wait: Duration::from_millis(50),
             attempts: 3,
         }
     }
