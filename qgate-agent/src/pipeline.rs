@@ -27,10 +27,7 @@ impl Summary {
     fn count(&mut self, event: &WireEvent) {
         match event {
             WireEvent::ConnectionOpened { .. } => self.connections += 1,
-            WireEvent::StatementReceived { .. } => {
-                self.statements += 1;
-                ::metrics::counter!(crate::api::metrics::STATEMENTS_SEEN).increment(1);
-            }
+            WireEvent::StatementReceived { .. } => self.statements += 1,
             WireEvent::StatementCompleted { completion, .. } => {
                 self.completed += 1;
                 if completion.outcome == crate::wire::Outcome::Error {
@@ -51,6 +48,9 @@ pub struct Pipeline {
     events: Vec<WireEvent>,
     writer: Writer,
     summary: Summary,
+    /// Statements already added to the metrics counter (added once per
+    /// round, not per statement: the registry lookup costs a hash each).
+    statements_counted: u64,
 }
 
 impl Pipeline {
@@ -60,6 +60,7 @@ impl Pipeline {
             events: Vec::with_capacity(64),
             writer,
             summary: Summary::default(),
+            statements_counted: 0,
         }
     }
 
@@ -97,8 +98,13 @@ impl Pipeline {
 
     /// Hands the events of this round to the store writer (see
     /// [`Writer::push`]).
-    pub fn push(&self) {
+    pub fn push(&mut self) {
         self.writer.push();
+        let new = self.summary.statements - self.statements_counted;
+        if new > 0 {
+            ::metrics::counter!(crate::api::metrics::STATEMENTS_SEEN).increment(new);
+            self.statements_counted = self.summary.statements;
+        }
     }
 
     pub fn writer(&self) -> &Writer {
@@ -119,6 +125,7 @@ impl Pipeline {
             self.summary.count(&event);
             self.writer.send(event);
         }
+        self.push();
         let stats = self.writer.shutdown()?;
         Ok((self.summary, stats))
     }

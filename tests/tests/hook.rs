@@ -675,14 +675,18 @@ fn without_the_server_hook_and_unreadable_allowed_tls_runs_unseen() -> Result<()
     let list = lab.requests(&token, &["list"])?;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
     // The store is written in batches: wait for it.
-    lab.wait_for("the unread session on record", Duration::from_secs(10), || {
-        let encrypted: i64 = lab.store()?.query_row(
-            "SELECT count(*) FROM connections WHERE encrypted = 1",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok((encrypted >= 1).then_some(()))
-    })?;
+    lab.wait_for(
+        "the unread session on record",
+        Duration::from_secs(10),
+        || {
+            let encrypted: i64 = lab.store()?.query_row(
+                "SELECT count(*) FROM connections WHERE encrypted = 1",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok((encrypted >= 1).then_some(()))
+        },
+    )?;
     Ok(())
 }
 

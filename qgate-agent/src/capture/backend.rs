@@ -12,10 +12,9 @@
 //! An SSLRequest or GSSENCRequest is not fed: the server's one-byte answer
 //! does not go through `secure_write`, and after it the session goes on in
 //! plain for the hook either way.
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::FastMap as HashMap;
 
 use qgate_common::pg::{GSSENC_REQUEST, SSL_REQUEST};
 
@@ -169,7 +168,7 @@ fn is_negotiation(bytes: &[u8]) -> bool {
 impl BackendStreams {
     pub fn new(clock_offset: i64) -> Self {
         Self {
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             clock_offset,
         }
     }

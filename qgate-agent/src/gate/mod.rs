@@ -26,10 +26,9 @@ pub mod kernel;
 pub mod rewrite;
 pub mod startup;
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+use crate::FastMap as HashMap;
 
 use tracing::{debug, info, warn};
 
@@ -146,7 +145,7 @@ pub struct Gate {
     /// Server hook: stopped reads whose messages the wire stage is decoding.
     stopped_reads: HashMap<Flow, StoppedRead>,
     /// Server hook: stopped reads the wire stage could not decode whole.
-    broken_reads: std::collections::HashSet<Flow>,
+    broken_reads: crate::FastSet<Flow>,
     /// Server hook: which stopped backend each request holds.
     backend_requests: HashMap<i64, u32>,
     /// `gate.unreadable = "refuse"`: the program holds the TLS handshake of
@@ -217,24 +216,24 @@ impl Gate {
             board,
             runtime,
             enforcing,
-            streams: HashMap::new(),
-            conns: HashMap::new(),
-            requests: HashMap::new(),
-            last_copy: HashMap::new(),
-            released_until: HashMap::new(),
-            recovered: HashMap::new(),
-            recovered_final: HashMap::new(),
-            hooked: HashMap::new(),
-            stopped: HashMap::new(),
-            stopped_reads: HashMap::new(),
-            broken_reads: std::collections::HashSet::new(),
-            backend_requests: HashMap::new(),
-            before_hook: HashMap::new(),
+            streams: HashMap::default(),
+            conns: HashMap::default(),
+            requests: HashMap::default(),
+            last_copy: HashMap::default(),
+            released_until: HashMap::default(),
+            recovered: HashMap::default(),
+            recovered_final: HashMap::default(),
+            hooked: HashMap::default(),
+            stopped: HashMap::default(),
+            stopped_reads: HashMap::default(),
+            broken_reads: Default::default(),
+            backend_requests: HashMap::default(),
+            before_hook: HashMap::default(),
             orphan_suspects: std::collections::HashSet::new(),
             refuse_encrypted_sessions: false,
             catalogs: None,
-            deferred: HashMap::new(),
-            schema_requests: HashMap::new(),
+            deferred: HashMap::default(),
+            schema_requests: HashMap::default(),
             stats: GateStats::default(),
         }
     }

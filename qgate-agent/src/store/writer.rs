@@ -492,6 +492,7 @@ impl BatchWriter {
             }
         }
         let mut written_early = vec![false; batch.len()];
+        let mut insert_statement = tx.prepare_cached(INSERT_STATEMENT)?;
         for (i, record) in batch.iter().enumerate() {
             match record {
                 Record::Event(_) if written_early[i] => {}
@@ -511,6 +512,7 @@ impl BatchWriter {
                     });
                     let mut ctx = Apply {
                         tx: &tx,
+                        insert_statement: &mut insert_statement,
                         connections: &mut self.connections,
                         texts: &mut self.texts,
                         undo,
@@ -533,6 +535,7 @@ impl BatchWriter {
                 )?,
             }
         }
+        drop(insert_statement);
         let dropped = self.counters.dropped.load(Ordering::Relaxed);
         if dropped > self.dropped_recorded {
             tx.prepare_cached(
@@ -565,15 +568,23 @@ enum Applied {
     WithCompletion,
 }
 
+/// Every statement's row (prepared once per batch: the statement cache's
+/// lookup hashes the whole SQL text each time).
+const INSERT_STATEMENT: &str =
+    "INSERT INTO statement_log (connection_id, seq, text, text_id, path, statement_name,
+         received_at, completed_at, outcome, sqlstate, error_message, command_tag, rows)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
 /// One transaction's view of the writer's state.
-struct Apply<'a> {
+struct Apply<'a, 'tx> {
     tx: &'a Connection,
+    insert_statement: &'a mut rusqlite::CachedStatement<'tx>,
     connections: &'a mut HashMap<ConnId, ConnRows>,
     texts: &'a mut Texts,
     undo: &'a mut Vec<Undo>,
 }
 
-impl Apply<'_> {
+impl Apply<'_, '_> {
     /// Writes one event; a received statement with its `completion` when the
     /// batch holds it.
     fn apply(
@@ -676,26 +687,21 @@ impl Apply<'_> {
                     TextRef::Row(id) => (None, Some(id)),
                 };
                 let done = completion;
-                tx.prepare_cached(
-                "INSERT INTO statement_log (connection_id, seq, text, text_id, path, statement_name,
-                     received_at, completed_at, outcome, sqlstate, error_message, command_tag, rows)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            )?
-            .execute(rusqlite::params![
-                row,
-                sql_count(stmt.0),
-                inline,
-                text_id,
-                path_name(*path),
-                statement_name,
-                at,
-                done.map(|(_, at)| at),
-                done.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
-                done.and_then(|(c, _)| c.sqlstate.as_deref()),
-                done.and_then(|(c, _)| c.message.as_deref()),
-                done.and_then(|(c, _)| c.tag.as_deref()),
-                done.and_then(|(c, _)| c.rows.map(sql_count)),
-            ])?;
+                self.insert_statement.execute(rusqlite::params![
+                    row,
+                    sql_count(stmt.0),
+                    inline,
+                    text_id,
+                    path_name(*path),
+                    statement_name,
+                    at,
+                    done.map(|(_, at)| at),
+                    done.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
+                    done.and_then(|(c, _)| c.sqlstate.as_deref()),
+                    done.and_then(|(c, _)| c.message.as_deref()),
+                    done.and_then(|(c, _)| c.tag.as_deref()),
+                    done.and_then(|(c, _)| c.rows.map(sql_count)),
+                ])?;
                 if done.is_some() {
                     return Ok(Applied::WithCompletion);
                 }

@@ -1,5 +1,5 @@
 //! [`Tracker`]: every connection's reassembly, decoding and pairing state.
-use std::collections::HashMap;
+use crate::FastMap as HashMap;
 
 use super::{
     pg::{BackendDecoder, BackendMessage, Decoded, FrontendDecoder, FrontendMessage},
@@ -156,7 +156,7 @@ pub struct Tracker {
     /// Messages of watched connections, as (conn, stream offset, len, sql).
     client_log: Vec<LogEntry>,
     /// Flows to watch from their first segment on (not known yet).
-    watch_next: std::collections::HashSet<Flow>,
+    watch_next: crate::FastSet<Flow>,
     connections: HashMap<Flow, Connection>,
     flows: HashMap<ConnId, Flow>,
     backends: HashMap<u32, BackendKey>,
