@@ -204,12 +204,17 @@ pub fn on_read(ret: i64) {
     }
     let offset = state.read_bytes;
     state.read_bytes += n as u64;
-    emit(hook::READ, tgid, args.buf, args.port, offset, n, flags);
     if stop {
         count(|c| c.hook_stops += 1);
+        // The stop first, the record after: once the record is in the ring
+        // the agent may decide and send SIGCONT at once (this program can be
+        // preempted between the two), and a SIGCONT sent before the SIGSTOP
+        // would leave the backend stopped for good. SIGCONT discards a stop
+        // still pending, so this order is safe either way.
         // SAFETY: signals the current task, a user process.
         unsafe { bpf_send_signal(SIGSTOP) };
     }
+    emit(hook::READ, tgid, args.buf, args.port, offset, n, flags);
 }
 
 /// Return of `secure_write`: `ret` bytes were sent from the saved buffer.
