@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bumped on every change of a shared layout or map; part of pinned names.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// `SO_MARK` value on packets the agent re-injects; the tc program passes
 /// them untouched so a released statement is not held a second time.
@@ -325,6 +325,11 @@ pub struct BackendState {
     /// position of each record, so a lost record is a gap, never a splice.
     pub read_bytes: u64,
     pub written_bytes: u64,
+    /// The last `secure_write` sent whole at its entry: its buffer's start
+    /// and end, to recognise the call that writes the rest of it after a
+    /// partial write (a later start, the same end).
+    pub write_at: u64,
+    pub write_end: u64,
 }
 
 /// Header of one hook ring-buffer record; `chunk_len` bytes follow.

@@ -3,13 +3,14 @@
 //! `secure_read(Port *port, void *ptr, size_t len)` and `secure_write`
 //! (src/backend/libpq/be-secure.c, exported by every PostgreSQL 12–17
 //! server binary) carry exactly the bytes the backend parses and sends,
-//! after TLS decryption, for TCP and Unix-socket sessions alike. The entry
-//! probe saves `port` and `ptr`; the return probe copies the `ret` bytes to
-//! the agent and, when the read completes a message that needs a decision,
-//! stops the backend with SIGSTOP before it parses anything (PostgreSQL reads
-//! a whole message into memory before acting on any of it). The agent
+//! after TLS decryption, for TCP and Unix-socket sessions alike. For reads
+//! the entry probe saves `port` and `ptr`; the return probe copies the `ret`
+//! bytes to the agent and, when the read completes a message that needs a
+//! decision, stops the backend with SIGSTOP before it parses anything
+//! (PostgreSQL reads a whole message into memory before acting on any of it). The agent
 //! decides, rewrites a denied statement in the backend's receive buffer if
-//! need be, and sends SIGCONT.
+//! need be, and sends SIGCONT. Writes are copied at `secure_write`'s entry
+//! (one probe instead of two, see [`on_write`]).
 //!
 //! The program follows message boundaries per backend (protocol 3.0,
 //! "Message Formats"), never the first bytes of a read: one read can hold
@@ -115,7 +116,7 @@ fn current() -> (u64, u32) {
     (id, (id >> 32) as u32)
 }
 
-/// Entry of `secure_read` / `secure_write`: remember where the bytes go.
+/// Entry of `secure_read`: remember where the bytes go.
 #[inline(always)]
 pub fn save_args(port: u64, buf: u64) {
     let (id, tgid) = current();
@@ -217,16 +218,22 @@ pub fn on_read(ret: i64) {
     emit(hook::READ, tgid, args.buf, args.port, offset, n, flags);
 }
 
-/// Return of `secure_write`: `ret` bytes were sent from the saved buffer.
+/// Entry of `secure_write`: `len` bytes at `buf` are about to be sent.
+///
+/// Taken at entry, so one probe per write instead of an entry and a return
+/// probe (each probe hit is a trap into the kernel: about a microsecond of
+/// the backend's time here). `secure_write` may send less than asked; the
+/// caller (`internal_flush`) then calls it again for the rest, with a later
+/// start and the same end, so a call inside the last write's buffer that
+/// ends where it ended is the rest of it and sends nothing new. A write that
+/// fails ends the session (the client is gone): its bytes are still on
+/// record, as what the server answered.
 #[inline(always)]
-pub fn on_write(ret: i64) {
-    let (id, tgid) = current();
-    let Some(args) = take_args(id) else {
-        return;
-    };
-    if ret <= 0 || ret > u32::MAX as i64 {
+pub fn on_write(port: u64, buf: u64, len: u64) {
+    if len == 0 || len > u32::MAX as u64 {
         return;
     }
+    let (_, tgid) = current();
     let Some(state) = BACKENDS.get_ptr_mut(&tgid) else {
         return;
     };
@@ -235,18 +242,16 @@ pub fn on_write(ret: i64) {
     if state.phase == hook::IGNORED {
         return;
     }
+    let end = buf.saturating_add(len);
+    if buf > state.write_at && buf < state.write_end && end == state.write_end {
+        return;
+    }
+    state.write_at = buf;
+    state.write_end = end;
     count(|c| c.hook_events += 1);
     let offset = state.written_bytes;
-    state.written_bytes += ret as u64;
-    emit(
-        hook::WRITE,
-        tgid,
-        args.buf,
-        args.port,
-        offset,
-        ret as u32,
-        0,
-    );
+    state.written_bytes += len;
+    emit(hook::WRITE, tgid, buf, port, offset, len as u32, 0);
 }
 
 /// `secure_open_server` / `secure_open_gssapi`: the session is encrypted

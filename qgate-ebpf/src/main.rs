@@ -108,20 +108,16 @@ mod programs {
         0
     }
 
-    /// Entry of `secure_write(Port *port, void *ptr, size_t len)`.
+    /// Entry of `secure_write(Port *port, void *ptr, size_t len)`: the
+    /// server's answers, before encryption, taken whole at entry (no
+    /// return probe: see `hook::on_write`).
     #[uprobe]
     pub fn qgate_secure_write(ctx: ProbeContext) -> u32 {
-        hook::save_args(
+        hook::on_write(
             ctx.arg::<u64>(0).unwrap_or(0),
             ctx.arg::<u64>(1).unwrap_or(0),
+            ctx.arg::<u64>(2).unwrap_or(0),
         );
-        0
-    }
-
-    /// Return of `secure_write`: the server's answers, before encryption.
-    #[uretprobe]
-    pub fn qgate_secure_write_ret(ctx: RetProbeContext) -> u32 {
-        hook::on_write(ctx.ret::<i64>());
         0
     }
 

@@ -32,7 +32,6 @@ const PROBES: &[(&str, &str, bool)] = &[
     ("qgate_secure_read", "secure_read", false),
     ("qgate_secure_read_ret", "secure_read", true),
     ("qgate_secure_write", "secure_write", false),
-    ("qgate_secure_write_ret", "secure_write", true),
     ("qgate_secure_open_server", "secure_open_server", false),
     ("qgate_secure_open_gssapi", "secure_open_gssapi", false),
     ("qgate_postmaster_main", "PostmasterMain", false),
