@@ -497,19 +497,20 @@ impl BatchWriter {
             match record {
                 Record::Event(_) if written_early[i] => {}
                 Record::Event(event) => {
-                    let completion = match event {
+                    let completed = match event {
                         WireEvent::StatementReceived { conn, stmt, .. } => completions
                             .get(&(*conn, *stmt))
                             .filter(|&&j| j > i)
-                            .map(|&j| (j, &batch[j])),
+                            .and_then(|&j| match &batch[j] {
+                                Record::Event(WireEvent::StatementCompleted {
+                                    completion,
+                                    at,
+                                    ..
+                                }) => Some((j, completion, *at)),
+                                _ => None,
+                            }),
                         _ => None,
                     };
-                    let completed = completion.and_then(|(j, record)| match record {
-                        Record::Event(WireEvent::StatementCompleted { completion, at, .. }) => {
-                            Some((j, completion, *at))
-                        }
-                        _ => None,
-                    });
                     let mut ctx = Apply {
                         tx: &tx,
                         insert_statement: &mut insert_statement,
@@ -679,33 +680,31 @@ impl Apply<'_, '_> {
                 statement_name,
                 at,
             } => {
-                let Some(row) = connections.get(conn).map(|rows| rows.row) else {
+                let Some(rows) = connections.get_mut(conn) else {
                     return Ok(Applied::Unmatched);
                 };
                 let (inline, text_id) = match self.texts.lookup(tx, text)? {
                     TextRef::Inline(text) => (Some(text), None),
                     TextRef::Row(id) => (None, Some(id)),
                 };
-                let done = completion;
                 self.insert_statement.execute(rusqlite::params![
-                    row,
+                    rows.row,
                     sql_count(stmt.0),
                     inline,
                     text_id,
                     path_name(*path),
                     statement_name,
                     at,
-                    done.map(|(_, at)| at),
-                    done.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
-                    done.and_then(|(c, _)| c.sqlstate.as_deref()),
-                    done.and_then(|(c, _)| c.message.as_deref()),
-                    done.and_then(|(c, _)| c.tag.as_deref()),
-                    done.and_then(|(c, _)| c.rows.map(sql_count)),
+                    completion.map(|(_, at)| at),
+                    completion.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
+                    completion.and_then(|(c, _)| c.sqlstate.as_deref()),
+                    completion.and_then(|(c, _)| c.message.as_deref()),
+                    completion.and_then(|(c, _)| c.tag.as_deref()),
+                    completion.and_then(|(c, _)| c.rows.map(sql_count)),
                 ])?;
-                if done.is_some() {
+                if completion.is_some() {
                     return Ok(Applied::WithCompletion);
                 }
-                let rows = connections.get_mut(conn).expect("looked up above");
                 let previous = rows.pending.insert(*stmt, tx.last_insert_rowid());
                 undo.push(Undo::Pending(*conn, *stmt, previous));
             }
