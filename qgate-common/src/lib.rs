@@ -266,6 +266,10 @@ pub mod hook {
     /// `OPENED` of a process no gated postmaster is known to have forked:
     /// followed until the agent says whether its server is one it gates.
     pub const CANDIDATE: u8 = 1 << 3;
+    /// The first write after a stop: the answer to a statement the agent
+    /// decided (its ParameterStatus may change how the session's next
+    /// statements read, so it wakes the agent at once).
+    pub const ANSWER: u8 = 1 << 4;
 
     /// `struct Port` up to the end of `raddr` (sock, noblock, proto,
     /// laddr, raddr: 4 + 4 + 8 + 136 + 136, the same in PostgreSQL 12–17).
@@ -320,7 +324,9 @@ pub struct BackendState {
     /// mode into `maps::BACKEND_MODES`): an agent never holds a backend of
     /// a server that is not its own.
     pub candidate: u8,
-    pub _pad: [u8; 6],
+    /// 1 from a stop to the next write (see `hook::ANSWER`).
+    pub answer_due: u8,
+    pub _pad: [u8; 5],
     /// Bytes read and written since the program first saw the backend: the
     /// position of each record, so a lost record is a gap, never a splice.
     pub read_bytes: u64,

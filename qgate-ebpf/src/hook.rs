@@ -201,6 +201,7 @@ pub fn on_read(ret: i64) {
     }
     if stop {
         state.stopped = 1;
+        state.answer_due = 1;
         flags |= hook::STOPPED;
     }
     let offset = state.read_bytes;
@@ -251,7 +252,13 @@ pub fn on_write(port: u64, buf: u64, len: u64) {
     count(|c| c.hook_events += 1);
     let offset = state.written_bytes;
     state.written_bytes += len;
-    emit(hook::WRITE, tgid, buf, port, offset, len as u32, 0);
+    let flags = if state.answer_due != 0 {
+        state.answer_due = 0;
+        hook::ANSWER
+    } else {
+        0
+    };
+    emit(hook::WRITE, tgid, buf, port, offset, len as u32, flags);
 }
 
 /// `secure_open_server` / `secure_open_gssapi`: the session is encrypted
@@ -598,7 +605,8 @@ fn emit(kind: u8, tgid: u32, addr: u64, port: u64, stream_offset: u64, len: u32,
     // Anything but an ordinary read or write (a connection's first record,
     // TLS, exit, a new postmaster: rare, and acted on) and a read that
     // stopped its backend wake the agent at once.
-    let urgent = (kind != hook::READ && kind != hook::WRITE) || flags & hook::STOPPED != 0;
+    let urgent =
+        (kind != hook::READ && kind != hook::WRITE) || flags & (hook::STOPPED | hook::ANSWER) != 0;
     e.wake = ring::wakes(
         &HOOK_EVENTS,
         HOOK_EVENTS_BYTES as u64,
