@@ -175,10 +175,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             "pending requests from before the restart: waiting for their statements"
         );
     }
-    let _ = runtime.block_on(board.audit(
-        "agent.start",
+    audit_agent_event(
+        &runtime,
+        &board,
+        crate::store::audit::kinds::AGENT_START,
         serde_json::json!({ "interfaces": interfaces, "ports": config.capture.ports, "mode": format!("{default_mode:?}") }),
-    ));
+    );
     info!(?interfaces, ports = ?config.capture.ports, mode = ?default_mode, "capturing");
 
     let mut policy_generation = policy.generation();
@@ -297,10 +299,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             policy_generation = policy.generation();
             configure_kernel(gate.kernel(), config, &policy, enforcing)?;
             gate.refresh_modes();
-            let _ = runtime.block_on(board.audit(
-                "policy.reload",
+            audit_agent_event(
+                &runtime,
+                &board,
+                crate::store::audit::kinds::POLICY_RELOAD,
                 serde_json::json!({ "generation": policy_generation }),
-            ));
+            );
         }
         if last_beat.elapsed() >= HEARTBEAT {
             last_beat = Instant::now();
@@ -315,10 +319,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     passed = counters.failed_open - last_failed_open,
                     "fail-open: statements passed unreviewed while the agent was gone"
                 );
-                let _ = runtime.block_on(board.audit(
-                    "agent.failed_open",
+                audit_agent_event(
+                    &runtime,
+                    &board,
+                    crate::store::audit::kinds::AGENT_FAILED_OPEN,
                     serde_json::json!({ "segments_passed_unreviewed": counters.failed_open - last_failed_open }),
-                ));
+                );
                 last_failed_open = counters.failed_open;
             }
             if counters.refused_segments > last_refused {
@@ -327,13 +333,15 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     "IP fragments or TCP urgent data to a database port were dropped \
                      (the server would read them differently from qgate)"
                 );
-                let _ = runtime.block_on(board.audit(
-                    "capture.refused_segments",
+                audit_agent_event(
+                    &runtime,
+                    &board,
+                    crate::store::audit::kinds::CAPTURE_REFUSED_SEGMENTS,
                     serde_json::json!({
                         "segments": counters.refused_segments - last_refused,
                         "why": "IP fragment or TCP urgent data to a database port",
                     }),
-                ));
+                );
                 last_refused = counters.refused_segments;
             }
             let shed = pipeline.tracker().shed();
@@ -343,10 +351,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     limit = crate::wire::MAX_CONNECTIONS,
                     "connection table full: connections that carried no byte were forgotten"
                 );
-                let _ = runtime.block_on(board.audit(
-                    "capture.connections_shed",
+                audit_agent_event(
+                    &runtime,
+                    &board,
+                    crate::store::audit::kinds::CAPTURE_CONNECTIONS_SHED,
                     serde_json::json!({ "connections": shed - last_shed }),
-                ));
+                );
                 last_shed = shed;
             }
             let dropped = pipeline.writer().stats().dropped;
@@ -381,10 +391,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         .record_capture_loss(store::now_nanos(), counters);
     let (summary, stats) = pipeline.finish(store::now_nanos()).map_err(store_err)?;
     info!(?summary, ?stats, "store flushed");
-    let _ = runtime.block_on(board.audit(
-        "agent.stop",
+    audit_agent_event(
+        &runtime,
+        &board,
+        crate::store::audit::kinds::AGENT_STOP,
         serde_json::json!({ "summary": summary, "gate": gate.stats() }),
-    ));
+    );
     if gate.holding() == 0 {
         capture.unpin();
     } else {
@@ -587,4 +599,18 @@ fn configure_kernel(
         )
         .map_err(|e| AgentError::Gate(e.to_string()))?;
     Ok(default_mode)
+}
+
+/// Audits an event of the agent's own life (start, stop, reload, capture
+/// trouble). A failed write is logged and counted by [`crate::api::RequestBoard::audit`]; the
+/// agent keeps running (no statement's fate depends on these entries).
+fn audit_agent_event(
+    runtime: &tokio::runtime::Runtime,
+    board: &crate::api::RequestBoard,
+    kind: crate::store::audit::Kind,
+    details: serde_json::Value,
+) {
+    if runtime.block_on(board.audit(kind, details)).is_err() {
+        // Already logged and counted.
+    }
 }

@@ -39,7 +39,7 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
         .await
         .expect("withdraw");
     api.board()
-        .audit("policy.reload", serde_json::json!({ "rules": 3 }))
+        .audit(qgate_agent::store::audit::kinds::POLICY_RELOAD, serde_json::json!({ "rules": 3 }))
         .await
         .expect("agent audit row");
 

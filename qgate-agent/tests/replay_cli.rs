@@ -2,22 +2,10 @@
 //! on a capture none of us made.
 use std::{path::PathBuf, process::Command};
 
+mod corpus_support;
+
 fn corpus_pcap(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("QGATE_CORPUS").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus"),
-        PathBuf::from,
-    );
-    let file = dir.join("pcap/suricata-verify").join(name);
-    if file.is_file() {
-        return Some(file);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI is set but the corpus is missing at {} (set QGATE_CORPUS)",
-        dir.display()
-    );
-    eprintln!("skipping: corpus not found at {}", dir.display());
-    None
+    corpus_support::corpus_file(&format!("pcap/suricata-verify/{name}"))
 }
 
 #[test]

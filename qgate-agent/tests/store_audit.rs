@@ -22,7 +22,7 @@ fn log_with(n: i64) -> (tempfile::TempDir, PathBuf) {
             store.conn(),
             &AuditEntry {
                 kind: if i % 2 == 0 {
-                    audit::kinds::APPROVAL
+                    audit::kinds::REQUEST_APPROVED
                 } else {
                     audit::kinds::DECISION
                 },
@@ -120,7 +120,7 @@ fn an_append_inside_a_rolled_back_transaction_leaves_no_trace() {
     let id = audit::append(
         &tx,
         &AuditEntry {
-            kind: audit::kinds::APPROVAL,
+            kind: audit::kinds::REQUEST_APPROVED,
             actor: Some("carol"),
             request_id: Some(7),
             details: json!({}),
@@ -284,7 +284,7 @@ fn a_forged_entry_with_a_correct_hash_is_caught_by_the_head() {
     let hash = entry_hash(&HashedFields {
         id: 5,
         at: 0,
-        kind: "approval",
+        kind: audit::kinds::REQUEST_APPROVED.as_str(),
         actor: Some("mallory"),
         request_id: Some(104),
         details: "{}",
@@ -293,7 +293,7 @@ fn a_forged_entry_with_a_correct_hash_is_caught_by_the_head() {
     tamper(
         &db,
         &format!(
-            "INSERT INTO audit VALUES (5, 0, 'approval', 'mallory', 104, '{{}}', '{prev}', '{}')",
+            "INSERT INTO audit VALUES (5, 0, 'request.approved', 'mallory', 104, '{{}}', '{prev}', '{}')",
             encode_hash(&hash)
         ),
     );
@@ -350,7 +350,7 @@ fn rewriting_an_entry_with_a_recomputed_hash_breaks_the_next_link() {
     let forged = entry_hash(&HashedFields {
         id: 3,
         at,
-        kind: "denial",
+        kind: audit::kinds::REQUEST_DENIED.as_str(),
         actor: None,
         request_id: None,
         details: "{}",
@@ -359,7 +359,7 @@ fn rewriting_an_entry_with_a_recomputed_hash_breaks_the_next_link() {
     tamper(
         &db,
         &format!(
-            "UPDATE audit SET kind = 'denial', actor = NULL, request_id = NULL, details = '{{}}', hash = '{}' WHERE id = 3",
+            "UPDATE audit SET kind = 'request.denied', actor = NULL, request_id = NULL, details = '{{}}', hash = '{}' WHERE id = 3",
             encode_hash(&forged)
         ),
     );

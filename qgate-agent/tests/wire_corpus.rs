@@ -21,8 +21,11 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
 };
+
+mod corpus_support;
+use corpus_support::corpus;
 
 use qgate_agent::{
     capture::{
@@ -35,26 +38,6 @@ use qgate_agent::{
         ProtocolPath, Tracker, WireEvent,
     },
 };
-
-fn corpus() -> Option<PathBuf> {
-    let dir = std::env::var_os("QGATE_CORPUS").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus"),
-        PathBuf::from,
-    );
-    if dir.join("pcap").is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI is set but the corpus is missing at {} (set QGATE_CORPUS)",
-        dir.display()
-    );
-    eprintln!(
-        "skipping: corpus not found at {} (set QGATE_CORPUS)",
-        dir.display()
-    );
-    None
-}
 
 /// The database ports of a capture (README: "Ports that need decode-as").
 fn ports(file: &str) -> &'static [u16] {

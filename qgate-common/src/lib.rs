@@ -383,6 +383,38 @@ mod user {
     unsafe impl aya::Pod for super::HookEvent {}
 }
 
+/// TCP sequence-space arithmetic (RFC 9293 §3.4, modulo 2^32), used by the
+/// kernel gate, the agent's reassembly and its held-segment book.
+pub mod tcp {
+    /// How far `seq` is past `from` in sequence space: negative when `seq`
+    /// comes before it (a distance beyond 2^31 is read as a wrap).
+    #[inline(always)]
+    pub fn seq_delta(seq: u32, from: u32) -> i32 {
+        seq.wrapping_sub(from) as i32
+    }
+
+    /// `a` before `b` in sequence space.
+    #[inline(always)]
+    pub fn seq_lt(a: u32, b: u32) -> bool {
+        seq_delta(a, b) < 0
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn sequence_numbers_compare_across_the_wrap() {
+            assert!(seq_lt(1, 2));
+            assert!(!seq_lt(2, 2));
+            assert!(seq_lt(u32::MAX - 10, 5), "5 comes after the wrap");
+            assert!(!seq_lt(5, u32::MAX - 10));
+            assert_eq!(seq_delta(5, u32::MAX - 10), 16);
+            assert_eq!(seq_delta(u32::MAX - 10, 5), -16);
+        }
+    }
+}
+
 /// PostgreSQL protocol 3.0 facts both sides rely on ("Message Formats").
 pub mod pg {
     /// Request codes in the Int32 after a startup packet's length.

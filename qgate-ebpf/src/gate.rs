@@ -20,7 +20,9 @@ use aya_ebpf::{
 use qgate_common::{
     mode,
     pg::{GSSENC_REQUEST, MAX_MESSAGE_LEN, MAX_STARTUP_LEN, SSL_REQUEST},
-    phase, tcp_flags, Counters, FlowKey, FlowState, GateConfig,
+    phase,
+    tcp::seq_lt,
+    tcp_flags, Counters, FlowKey, FlowState, GateConfig,
 };
 
 use crate::{
@@ -59,12 +61,6 @@ pub enum Verdict {
     Hold,
     /// Drop it silently: an original of a statement that was denied.
     Drop,
-}
-
-/// `a` before `b` in sequence space (RFC 9293 §3.4, modulo 2^32).
-#[inline(always)]
-fn seq_lt(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
 }
 
 #[inline(always)]

@@ -446,6 +446,31 @@ impl Lab {
         })
     }
 
+    /// `GET path` on the agent's API with `token`: the status and the body.
+    pub fn api_get(&self, token: &str, path: &str) -> Result<(u16, String)> {
+        let api = (Ipv4Addr::LOCALHOST, self.api_port()).into();
+        let mut stream = self.connect_in_server(api, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .with_context(|| format!("reading the answer to GET {path}"))?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("malformed HTTP answer: {answer:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        Ok((status, body.to_string()))
+    }
+
     pub fn agent_log(&self) -> String {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }

@@ -438,9 +438,10 @@ fn an_auto_allowed_gated_update_adds_little_latency() -> Result<()> {
         "UPDATE latency: monitor {m:.3} ms, gated and allowed {g:.3} ms, added {:.3} ms",
         g - m
     );
-    // Asserted loosely (a debug build on a shared 2-core machine); the bench
-    // measures it properly.
-    assert!(g - m < 5.0, "gating added {:.3} ms per UPDATE", g - m);
+    // No speed is asserted here (the bench measures it, as a ratio). What
+    // is asserted is the mechanism: each held UPDATE was released by the
+    // agent's re-injection, not by the client's retransmission timer (200 ms
+    // at least): more than 100 decided in a 3 s run is impossible otherwise.
     // The gated runs really decided every UPDATE in the agent; monitor runs none.
     let allowed: Vec<i64> = gate_stats(&lab)?
         .iter()
@@ -605,5 +606,70 @@ fn a_cancel_request_with_a_wrong_key_withdraws_nothing() -> Result<()> {
     let (ok, _, err) = finish(psql, Duration::from_secs(10))?;
     assert!(!ok && err.contains("qgate"), "{err}");
     assert!(table_exists(&lab)?);
+    Ok(())
+}
+
+#[test]
+fn a_denial_whose_audit_cannot_be_written_is_still_denied_and_names_no_number() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("gnoaudit")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int)")?;
+    let policy = lab.dir.join("deny-ddl.toml");
+    std::fs::write(
+        &policy,
+        "[default]\naction = \"allow\"\n\n[[rules]]\nname = \"no-ddl\"\nkinds = [\"ddl\"]\n\
+         action = \"deny\"\nmessage = \"no DDL here\"\n",
+    )?;
+    lab.start_agent(&["--policy", policy.to_str().unwrap_or_default()])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+
+    // Long enough for the whole message (short ones become an identifier).
+    let drop = "DROP TABLE IF EXISTS t CASCADE; -- tidy up the old table before the release";
+    // Recorded: the client is told which audit entry holds the decision.
+    let out = lab.psql("postgres", "postgres", &["-c", drop])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let decision: i64 = lab
+        .store()?
+        .query_row(
+            "SELECT max(id) FROM audit WHERE kind = 'decision'",
+            [],
+            |r| r.get(0),
+        )
+        .context("the denial's audit entry")?;
+    assert!(
+        err.contains(&format!("qgate: denied (decision {decision}): no DDL here")),
+        "{err}"
+    );
+
+    // The audit table now refuses decisions (a full disk, a broken file).
+    let rw = rusqlite::Connection::open(lab.db_path())?;
+    rw.busy_timeout(Duration::from_secs(5))?;
+    rw.execute_batch(
+        "CREATE TRIGGER test_audit_fails BEFORE INSERT ON audit WHEN NEW.kind = 'decision' \
+         BEGIN SELECT RAISE(ABORT, 'test: audit refused'); END;",
+    )?;
+    let out = lab.psql("postgres", "postgres", &["-c", drop])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "denied all the same: {err}");
+    assert!(err.contains("qgate: denied (unrecorded)"), "{err}");
+    assert!(
+        !err.contains("request 0") && !err.contains("decision 0"),
+        "{err}"
+    );
+    assert!(table_exists(&lab)?, "the DROP ran");
+    let (status, metrics) = lab.api_get(&token, "/metrics")?;
+    assert_eq!(status, 200, "{metrics}");
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("qgate_audit_write_failures_total{kind=\"decision\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(failures, Some(1.0), "{metrics}");
+    assert!(
+        lab.agent_log().contains("audit entry not written"),
+        "logged"
+    );
     Ok(())
 }

@@ -270,15 +270,23 @@ impl RequestBoard {
     }
 
     /// Writes an audit row of the agent's own (e.g. `agent.start`, `agent.stop`,
-    /// `policy.reload`), durably, on the board's connection.
+    /// `policy.reload`), durably, on the board's connection. A failure is
+    /// logged and counted in `/metrics` (`qgate_audit_write_failures_total`)
+    /// here, once, before the caller sees it.
     pub async fn audit(
         &self,
-        kind: &'static str,
+        kind: crate::store::audit::Kind,
         details: serde_json::Value,
     ) -> Result<i64, BoardError> {
-        Ok(self
+        let written = self
             .with_db(move |c| store::append_audit(c, kind, details))
-            .await??)
+            .await
+            .and_then(|r| r.map_err(BoardError::from));
+        if let Err(e) = &written {
+            tracing::error!(kind = %kind, "audit entry not written: {e}");
+            ::metrics::counter!(metrics::AUDIT_FAILURES, "kind" => kind.as_str()).increment(1);
+        }
+        written
     }
 
     /// Expires every pending request whose deadline has passed; returns their ids.

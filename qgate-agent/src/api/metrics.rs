@@ -21,6 +21,9 @@ pub const HELD_NOW: &str = "qgate_requests_held";
 pub const REQUEST_EVENTS: &str = "qgate_request_events_total";
 /// Histogram, seconds: how long a request waited until decided, expired or withdrawn.
 pub const REQUEST_WAIT: &str = "qgate_request_wait_seconds";
+/// Counter, label `kind` = an audit kind: audit entries that could not be
+/// written (each is also logged; a denial whose entry failed is still denied).
+pub const AUDIT_FAILURES: &str = "qgate_audit_write_failures_total";
 /// Counter, label `outcome` = `delivered` | `failed`: webhook deliveries.
 pub const WEBHOOKS: &str = "qgate_webhook_deliveries_total";
 
@@ -57,6 +60,10 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        AUDIT_FAILURES,
+        "Audit entries the agent could not write (logged; decisions fail closed)"
+    );
     metrics::describe_counter!(STATEMENTS_SEEN, "Statements decoded from the wire");
     metrics::describe_counter!(DECISIONS, "Policy decisions by kind");
     metrics::describe_histogram!(

@@ -30,7 +30,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{held::PendingSql, rewrite, Gate, SqlInfo, Verdict};
+use super::{
+    held::PendingSql,
+    rewrite::{self, DenialRef},
+    Gate, SqlInfo, Verdict,
+};
 use crate::{
     capture::{backend::StoppedRead, hook::ClientSocket, Flow},
     store::requests::HookHold,
@@ -228,7 +232,13 @@ impl Gate {
         };
         let w = b.waiting.remove(i);
         if !approved {
-            self.refuse_in_backend(pid, &w.rewrite, &w.text, request, reason);
+            self.refuse_in_backend(
+                pid,
+                &w.rewrite,
+                &w.text,
+                DenialRef::Request(request),
+                reason,
+            );
         }
         self.resume_if_done(pid);
     }
@@ -262,7 +272,14 @@ impl Gate {
     /// Rewrites a refused message in the stopped backend so the server
     /// answers with an error and runs nothing of it. Where no rewrite is
     /// possible the backend is terminated (the session ends; audited).
-    fn refuse_in_backend(&mut self, pid: u32, r: &Rewrite, text: &str, id: i64, reason: &str) {
+    fn refuse_in_backend(
+        &mut self,
+        pid: u32,
+        r: &Rewrite,
+        text: &str,
+        id: DenialRef,
+        reason: &str,
+    ) {
         let result = match r.carrier {
             Carrier::Query | Carrier::Parse => {
                 if r.whole && r.writable > 0 {
@@ -304,18 +321,22 @@ impl Gate {
         if let Err(e) = result {
             warn!(
                 pid,
-                request = id,
+                denial = %id,
                 "cannot rewrite the refused statement ({e}); terminating its backend"
             );
             // SAFETY: kill(2) with a plain signal number; SIGTERM is handled
             // by the backend on SIGCONT, before it parses anything.
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            let details =
-                serde_json::json!({ "request": id, "backend_pid": pid, "error": e.to_string() });
-            if let Err(e) = self
-                .runtime
-                .block_on(self.board.audit("backend.terminated", details))
-            {
+            let details = serde_json::json!({
+                "request": id.request(),
+                "decision": id.decision(),
+                "backend_pid": pid,
+                "error": e.to_string(),
+            });
+            if let Err(e) = self.runtime.block_on(
+                self.board
+                    .audit(crate::store::audit::kinds::BACKEND_TERMINATED, details),
+            ) {
                 warn!("auditing the terminated backend: {e}");
             }
         }
@@ -373,10 +394,10 @@ impl Gate {
         // SAFETY: kill(2) with a plain signal number.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let details = serde_json::json!({ "backend_pid": pid, "why": why });
-        if let Err(e) = self
-            .runtime
-            .block_on(self.board.audit("backend.terminated", details))
-        {
+        if let Err(e) = self.runtime.block_on(
+            self.board
+                .audit(crate::store::audit::kinds::BACKEND_TERMINATED, details),
+        ) {
             warn!("auditing the terminated backend: {e}");
         }
     }

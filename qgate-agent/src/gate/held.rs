@@ -9,10 +9,7 @@
 //! released, with denied statements rewritten in place.
 use std::collections::{BTreeMap, VecDeque};
 
-/// `a` before `b` in sequence space (RFC 9293 §3.4).
-pub fn seq_lt(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
+pub use qgate_common::tcp::seq_lt;
 
 /// A SQL-bearing message inside the held stream.
 #[derive(Clone, Debug, PartialEq)]

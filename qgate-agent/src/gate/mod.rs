@@ -37,6 +37,7 @@ use self::{
     inject::Injector,
     judge::{database_of, encoding_is_modelled, may_change_schema, may_create_code, Lexing},
     kernel::{GateMode, KernelGate},
+    rewrite::DenialRef,
 };
 use crate::{
     api::{metrics, RequestBoard, RequestEvent, RequestEventKind},
@@ -995,20 +996,27 @@ impl Gate {
         None
     }
 
-    /// Records a denial that no request carries; its audit id names it.
-    fn audit_denial(&self, flow: &Flow, sql: &PendingSql<SqlInfo>, reason: &str) -> i64 {
+    /// Records a denial that no request carries; its audit id names it. When
+    /// the audit entry cannot be written (logged and counted by the board)
+    /// the statement is denied all the same and the client is told the
+    /// denial is unrecorded, never shown a made-up number.
+    fn audit_denial(&self, flow: &Flow, sql: &PendingSql<SqlInfo>, reason: &str) -> DenialRef {
         let details = serde_json::json!({
             "decision": "deny",
             "reason": reason,
             "statement": sql.info.text,
             "client": flow.client.to_string(),
         });
-        self.runtime
-            .block_on(self.board.audit("decision", details))
-            .unwrap_or(0)
+        match self.runtime.block_on(
+            self.board
+                .audit(crate::store::audit::kinds::DECISION, details),
+        ) {
+            Ok(id) => DenialRef::Decision(id),
+            Err(_) => DenialRef::Unrecorded,
+        }
     }
 
-    fn deny_front(&mut self, flow: &Flow, id: i64, reason: &str) {
+    fn deny_front(&mut self, flow: &Flow, id: DenialRef, reason: &str) {
         let Some(stream) = self.streams.get_mut(flow) else {
             return;
         };
@@ -1059,7 +1067,10 @@ impl Gate {
                        not attached): refused before its TLS handshake",
             "client": flow.client.to_string(),
         });
-        match self.runtime.block_on(self.board.audit("decision", details)) {
+        match self.runtime.block_on(
+            self.board
+                .audit(crate::store::audit::kinds::DECISION, details),
+        ) {
             Ok(id) => info!(decision = id, ?flow, "encrypted session refused"),
             Err(e) => warn!("auditing a refused encrypted session: {e}"),
         }
@@ -1163,7 +1174,7 @@ impl Gate {
             }
             _ => {
                 let reason = final_reason(event);
-                self.deny_front(&flow, event.request_id, &reason);
+                self.deny_front(&flow, DenialRef::Request(event.request_id), &reason);
             }
         }
         self.advance(&flow, tracker);
@@ -1208,7 +1219,7 @@ fn tracker_conn(conns: &HashMap<Flow, ConnInfo>, flow: &Flow) -> ConnId {
 enum Verdict {
     Allow,
     Deny {
-        id: i64,
+        id: DenialRef,
         reason: String,
     },
     Wait(i64),

@@ -6,6 +6,65 @@
 //! request. Never an empty or whitespace-only text: the server would answer
 //! EmptyQueryResponse, which clients take for success.
 
+/// What a denial's message names, so that the client can quote it to a
+/// reviewer or the security team. Never a made-up number: a denial whose
+/// audit entry could not be written says so instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenialRef {
+    /// A request (`qgate-agent requests show 7`), denied by a reviewer,
+    /// expiry, cancel or disconnect.
+    Request(i64),
+    /// An audit entry of kind `decision`: the policy denied it outright.
+    Decision(i64),
+    /// The audit write failed (logged and counted in `/metrics`); the
+    /// statement is denied all the same.
+    Unrecorded,
+}
+
+impl std::fmt::Display for DenialRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DenialRef::Request(id) => write!(f, "request {id}"),
+            DenialRef::Decision(id) => write!(f, "decision {id}"),
+            DenialRef::Unrecorded => f.write_str("unrecorded"),
+        }
+    }
+}
+
+impl DenialRef {
+    pub fn request(self) -> Option<i64> {
+        match self {
+            DenialRef::Request(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    pub fn decision(self) -> Option<i64> {
+        match self {
+            DenialRef::Decision(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// `qgate: request 7 denied`, `qgate: denied (decision 12)`.
+    fn head(self) -> String {
+        match self {
+            DenialRef::Request(id) => format!("qgate: request {id} denied"),
+            DenialRef::Decision(id) => format!("qgate: denied (decision {id})"),
+            DenialRef::Unrecorded => "qgate: denied (unrecorded)".to_string(),
+        }
+    }
+
+    /// The shortest name, identifier characters only: `7`, `d12`, `u`.
+    fn short(self) -> String {
+        match self {
+            DenialRef::Request(id) => id.to_string(),
+            DenialRef::Decision(id) => format!("d{id}"),
+            DenialRef::Unrecorded => "u".to_string(),
+        }
+    }
+}
+
 /// The replacement for `len` bytes of SQL, in order of preference:
 /// 1. `DO $$BEGIN RAISE EXCEPTION 'qgate: request 7 denied: reason';END$$`
 ///    (the client sees exactly that message; the reason is cut to fit);
@@ -16,12 +75,13 @@
 /// 4. below that, a bare identifier cut to `len` (`q`): still a syntax error.
 ///
 /// The result is padded with spaces to exactly `len` bytes; `len` must be at least 1.
-pub fn denial_text(len: usize, request_id: i64, reason: &str) -> Vec<u8> {
+pub fn denial_text(len: usize, denial: DenialRef, reason: &str) -> Vec<u8> {
     const DO_PREFIX: &str = "DO $$BEGIN RAISE EXCEPTION '";
     const DO_SUFFIX: &str = "';END$$";
     // NAMEDATALEN - 1: longer identifiers are truncated by the server.
     const MAX_IDENT: usize = 63;
-    let head = format!("qgate: request {request_id} denied");
+    let head = denial.head();
+    let short = denial.short();
     let clean = sanitize(reason);
     let with_reason = |room: usize| {
         let mut message = head.clone();
@@ -40,9 +100,9 @@ pub fn denial_text(len: usize, request_id: i64, reason: &str) -> Vec<u8> {
         format!("SHOW \"{}\"", with_reason(show_room))
     } else {
         [
-            format!("\"qgate request {request_id}\""),
-            format!("\"qgate {request_id}\""),
-            format!("\"q{request_id}\""),
+            format!("\"{}\"", head.replace(':', "")),
+            format!("\"qgate {short}\""),
+            format!("\"q{short}\""),
         ]
         .into_iter()
         .find(|candidate| candidate.len() <= len)
@@ -64,8 +124,8 @@ pub fn denial_text(len: usize, request_id: i64, reason: &str) -> Vec<u8> {
 /// follows is inside it and the server fails with
 /// `unterminated dollar-quoted string at or near "$qgate_denied_7_…$"` and
 /// runs nothing. `None` when `len` is too short for that.
-pub fn prefix_denial_text(len: usize, request_id: i64, nonce: u64) -> Option<Vec<u8>> {
-    let mut text = format!("SELECT $qgate_denied_{request_id}_{nonce:016x}$");
+pub fn prefix_denial_text(len: usize, denial: DenialRef, nonce: u64) -> Option<Vec<u8>> {
+    let mut text = format!("SELECT $qgate_denied_{}_{nonce:016x}$", denial.short());
     if text.len() > len {
         return None;
     }
@@ -85,17 +145,18 @@ pub fn prefix_denial_text(len: usize, request_id: i64, nonce: u64) -> Option<Vec
 /// either way the whole string fails to parse and nothing of it runs, with
 /// `unterminated dollar-quoted string at or near "$qgate_7_…$ …"` in the
 /// common case. `None` when `len` is too short for any safe tag.
-pub fn tail_denial_text(len: usize, request_id: i64, nonce: u64, text: &str) -> Option<Vec<u8>> {
+pub fn tail_denial_text(len: usize, denial: DenialRef, nonce: u64, text: &str) -> Option<Vec<u8>> {
+    let short = denial.short();
     let tags = [
-        format!("$qgate_{request_id}_{nonce:016x}$"),
-        format!("$qgate_{request_id}_{:08x}$", nonce as u32),
+        format!("$qgate_{short}_{nonce:016x}$"),
+        format!("$qgate_{short}_{:08x}$", nonce as u32),
         format!("$q{:04x}$", nonce as u16),
         "$q$".to_string(),
     ];
     let tag = tags
         .into_iter()
         .find(|tag| tag.len() < len && !text.contains(tag.as_str()))?;
-    let mut tail = format!("\n{tag} qgate: request {request_id} denied");
+    let mut tail = format!("\n{tag} {}", denial.head());
     tail.truncate(len);
     while tail.len() < len {
         tail.push(' ');
@@ -107,14 +168,11 @@ pub fn tail_denial_text(len: usize, request_id: i64, nonce: u64, text: &str) -> 
 /// Formats") whose user is a role that cannot exist, naming qgate and the
 /// refusal: the server answers `FATAL: role "qgate: connection refused …"
 /// does not exist` and closes. `None` below the 16 bytes that takes.
-pub fn startup_refusal(len: usize, decision_id: i64, reason: &str) -> Option<Vec<u8>> {
+pub fn startup_refusal(len: usize, denial: DenialRef, reason: &str) -> Option<Vec<u8>> {
     // Int32 length, Int32 196608 (3.0), "user\0", name, "\0", final "\0".
     const FIXED: usize = 4 + 4 + 5 + 1 + 1;
     let room = len.checked_sub(FIXED).filter(|r| *r >= 1)?;
-    let mut name = format!(
-        "qgate: connection refused (decision {decision_id}): {}",
-        sanitize(reason)
-    );
+    let mut name = format!("qgate: connection refused ({denial}): {}", sanitize(reason));
     name.truncate(room);
     while name.len() < room {
         name.push(' ');
@@ -152,7 +210,11 @@ mod tests {
     #[test]
     fn long_statement_becomes_a_raise_with_request_and_reason() {
         let original = "DROP TABLE accounts CASCADE; -- cleanup of the old accounts table please";
-        let text = denial_text(original.len(), 40, "denied by reviewer bob");
+        let text = denial_text(
+            original.len(),
+            DenialRef::Request(40),
+            "denied by reviewer bob",
+        );
         assert_eq!(text.len(), original.len());
         let text = String::from_utf8(text).unwrap();
         assert!(
@@ -164,7 +226,11 @@ mod tests {
 
     #[test]
     fn reason_quotes_and_dollars_cannot_break_out_of_the_literal() {
-        let text = denial_text(120, 3, "it's $$ evil \\ ';DROP TABLE x;--");
+        let text = denial_text(
+            120,
+            DenialRef::Decision(3),
+            "it's $$ evil \\ ';DROP TABLE x;--",
+        );
         let text = String::from_utf8(text).unwrap();
         let body =
             &text["DO $$BEGIN RAISE EXCEPTION '".len()..text.trim_end().len() - "';END$$".len()];
@@ -176,7 +242,11 @@ mod tests {
 
     #[test]
     fn medium_statement_becomes_show_of_a_parameter_named_for_the_denial() {
-        let text = denial_text("DROP TABLE accounts CASCADE;".len() + 10, 40, "no");
+        let text = denial_text(
+            "DROP TABLE accounts CASCADE;".len() + 10,
+            DenialRef::Request(40),
+            "no",
+        );
         let text = String::from_utf8(text).unwrap();
         assert!(
             text.starts_with("SHOW \"qgate: request 40 denied"),
@@ -186,40 +256,72 @@ mod tests {
 
     #[test]
     fn short_statement_becomes_a_quoted_identifier_naming_qgate_and_the_request() {
-        let text = String::from_utf8(denial_text("DROP TABLE t".len(), 40, "x")).unwrap();
+        let text = String::from_utf8(denial_text(
+            "DROP TABLE t".len(),
+            DenialRef::Request(40),
+            "x",
+        ))
+        .unwrap();
         assert_eq!(text, "\"qgate 40\"  ");
-        assert_eq!(denial_text(5, 40, ""), b"\"q40\"");
-        assert_eq!(denial_text(4, 40, ""), b"qgat");
-        assert_eq!(denial_text(1, 40, ""), b"q");
+        assert_eq!(denial_text(5, DenialRef::Request(40), ""), b"\"q40\"");
+        assert_eq!(denial_text(4, DenialRef::Request(40), ""), b"qgat");
+        assert_eq!(denial_text(1, DenialRef::Request(40), ""), b"q");
+    }
+
+    #[test]
+    fn a_policy_denial_names_its_decision_and_an_unrecorded_one_no_number() {
+        let text = String::from_utf8(denial_text(90, DenialRef::Decision(12), "no")).unwrap();
+        assert!(text.contains("'qgate: denied (decision 12): no'"), "{text}");
+        let text = String::from_utf8(denial_text(90, DenialRef::Unrecorded, "no")).unwrap();
+        assert!(text.contains("'qgate: denied (unrecorded): no'"), "{text}");
+        assert!(!text.bytes().any(|b| b.is_ascii_digit()), "{text}");
+        let short = String::from_utf8(denial_text(9, DenialRef::Unrecorded, "")).unwrap();
+        assert_eq!(short, "\"qgate u\"");
+        let msg = startup_refusal(80, DenialRef::Unrecorded, "refused").unwrap();
+        assert!(String::from_utf8_lossy(&msg).contains("qgate: connection refused (unrecorded)"));
     }
 
     #[test]
     fn prefix_denial_opens_a_string_the_rest_cannot_close() {
-        let text = String::from_utf8(prefix_denial_text(100, 7, 0xabc).unwrap()).unwrap();
+        let text =
+            String::from_utf8(prefix_denial_text(100, DenialRef::Request(7), 0xabc).unwrap())
+                .unwrap();
         assert_eq!(text.len(), 100);
         assert!(
             text.starts_with("SELECT $qgate_denied_7_0000000000000abc$"),
             "{text}"
         );
-        assert!(prefix_denial_text(10, 7, 1).is_none());
+        assert!(prefix_denial_text(10, DenialRef::Request(7), 1).is_none());
     }
 
     #[test]
     fn startup_refusal_is_a_well_formed_startup_message_of_the_same_length() {
-        let msg = startup_refusal(80, 9, "identity refused by rule no-mallory").unwrap();
+        let msg = startup_refusal(
+            80,
+            DenialRef::Decision(9),
+            "identity refused by rule no-mallory",
+        )
+        .unwrap();
         assert_eq!(msg.len(), 80);
         assert_eq!(u32::from_be_bytes([msg[0], msg[1], msg[2], msg[3]]), 80);
         assert_eq!(&msg[4..8], &196_608u32.to_be_bytes());
         assert!(msg.starts_with(&[0, 0, 0, 80, 0, 3, 0, 0, b'u']));
         assert!(String::from_utf8_lossy(&msg).contains("qgate: connection refused (decision 9)"));
         assert!(msg.ends_with(b"\0\0"));
-        assert!(startup_refusal(15, 9, "x").is_none());
+        assert!(startup_refusal(15, DenialRef::Decision(9), "x").is_none());
     }
 
     #[test]
     fn every_length_is_exact_and_never_blank() {
-        for len in 1..200 {
-            let text = denial_text(len, 123_456, "policy rule no-ddl");
+        for (len, denial) in (1..200).flat_map(|len| {
+            [
+                DenialRef::Request(123_456),
+                DenialRef::Decision(7),
+                DenialRef::Unrecorded,
+            ]
+            .map(|d| (len, d))
+        }) {
+            let text = denial_text(len, denial, "policy rule no-ddl");
             assert_eq!(text.len(), len);
             assert!(
                 text.iter().any(|b| !b.is_ascii_whitespace()),
@@ -234,7 +336,7 @@ mod tests {
     #[test]
     fn a_denied_tail_opens_a_dollar_quote_with_a_tag_not_in_the_statement() {
         let text = "DROP TABLE t /* long comment */";
-        let tail = tail_denial_text(40, 7, 0xabcdef, text).unwrap();
+        let tail = tail_denial_text(40, DenialRef::Request(7), 0xabcdef, text).unwrap();
         assert_eq!(tail.len(), 40);
         let tail = String::from_utf8(tail).unwrap();
         // A newline first: it ends a `--` comment the tail could be in.
@@ -248,18 +350,22 @@ mod tests {
         // The attacker's text holds every short tag: a shorter one that
         // would close their own dollar quote must not be chosen.
         let text = "SELECT $q$ x $q0001$ $qgate_7_00000001$";
-        let tail = tail_denial_text(8, 7, 1, text);
+        let tail = tail_denial_text(8, DenialRef::Request(7), 1, text);
         assert!(tail.is_none(), "{tail:?}");
-        let tail = String::from_utf8(tail_denial_text(30, 7, 1, text).unwrap()).unwrap();
+        let tail = String::from_utf8(tail_denial_text(30, DenialRef::Request(7), 1, text).unwrap())
+            .unwrap();
         assert!(tail.starts_with("\n$qgate_7_0000000000000001$"), "{tail:?}");
         assert!(
-            tail_denial_text(3, 7, 2, "DROP TABLE t").is_none(),
+            tail_denial_text(3, DenialRef::Request(7), 2, "DROP TABLE t").is_none(),
             "no room for newline + tag"
         );
         assert_eq!(
-            tail_denial_text(4, 7, 2, "DROP TABLE t").unwrap(),
+            tail_denial_text(4, DenialRef::Request(7), 2, "DROP TABLE t").unwrap(),
             b"\n$q$".to_vec()
         );
-        assert_eq!(tail_denial_text(5, 7, 2, "x").unwrap(), b"\n$q$ ".to_vec());
+        assert_eq!(
+            tail_denial_text(5, DenialRef::Request(7), 2, "x").unwrap(),
+            b"\n$q$ ".to_vec()
+        );
     }
 }

@@ -26,23 +26,76 @@ use sha2::{Digest, Sha256};
 use super::{migrations::Migration, StoreError};
 use crate::capture::UnixNanos;
 
-/// Kinds of entries other stages write. The column is free text so a new
-/// kind needs no migration; these are the ones the agent and CLI use.
+/// The kind of an audit entry. Only the constants in [`kinds`] exist, so
+/// every writer and every test spells a kind the same way (the column
+/// stays free text so that a new kind needs no migration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Kind(&'static str);
+
+impl Kind {
+    pub const fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Every kind of entry qgate writes, `stage.event` (a statement's decision
+/// is plain `decision`).
 pub mod kinds {
-    pub const DECISION: &str = "decision";
-    pub const APPROVAL: &str = "approval";
-    pub const DENIAL: &str = "denial";
-    pub const EXPIRY: &str = "expiry";
-    pub const POLICY_RELOAD: &str = "policy_reload";
-    pub const REVIEWER_ADDED: &str = "reviewer_added";
-    pub const REVIEWER_REMOVED: &str = "reviewer_removed";
-    pub const AGENT_START: &str = "agent_start";
-    pub const AGENT_STOP: &str = "agent_stop";
+    use super::Kind;
+
+    /// The gate decided a statement or a connection without a request
+    /// (denied by policy, refused encrypted session, audit of a denial).
+    pub const DECISION: Kind = Kind("decision");
+    pub const REQUEST_CREATED: Kind = Kind("request.created");
+    /// One reviewer's approval that does not yet reach the quorum.
+    pub const REQUEST_APPROVAL: Kind = Kind("request.approval");
+    pub const REQUEST_APPROVED: Kind = Kind("request.approved");
+    pub const REQUEST_FORCE_APPROVED: Kind = Kind("request.force_approved");
+    pub const REQUEST_DENIED: Kind = Kind("request.denied");
+    pub const REQUEST_EXPIRED: Kind = Kind("request.expired");
+    pub const REQUEST_WITHDRAWN: Kind = Kind("request.withdrawn");
+    pub const REVIEWER_ADDED: Kind = Kind("reviewer.added");
+    pub const REVIEWER_REVOKED: Kind = Kind("reviewer.revoked");
+    pub const POLICY_RELOAD: Kind = Kind("policy.reload");
+    pub const AGENT_START: Kind = Kind("agent.start");
+    pub const AGENT_STOP: Kind = Kind("agent.stop");
+    /// The kernel passed segments unreviewed because the agent was gone.
+    pub const AGENT_FAILED_OPEN: Kind = Kind("agent.failed_open");
+    pub const CAPTURE_REFUSED_SEGMENTS: Kind = Kind("capture.refused_segments");
+    pub const CAPTURE_CONNECTIONS_SHED: Kind = Kind("capture.connections_shed");
+    pub const BACKEND_TERMINATED: Kind = Kind("backend.terminated");
+
+    /// All of the above, for searches and tests.
+    pub const ALL: &[Kind] = &[
+        DECISION,
+        REQUEST_CREATED,
+        REQUEST_APPROVAL,
+        REQUEST_APPROVED,
+        REQUEST_FORCE_APPROVED,
+        REQUEST_DENIED,
+        REQUEST_EXPIRED,
+        REQUEST_WITHDRAWN,
+        REVIEWER_ADDED,
+        REVIEWER_REVOKED,
+        POLICY_RELOAD,
+        AGENT_START,
+        AGENT_STOP,
+        AGENT_FAILED_OPEN,
+        CAPTURE_REFUSED_SEGMENTS,
+        CAPTURE_CONNECTIONS_SHED,
+        BACKEND_TERMINATED,
+    ];
 }
 
 /// What a caller logs; the id, time and hashes are filled in by [`append`].
 pub struct AuditEntry<'a> {
-    pub kind: &'a str,
+    pub kind: Kind,
     pub actor: Option<&'a str>,
     pub request_id: Option<i64>,
     /// A JSON object; stored in canonical form (see [`canonical_json`]).
@@ -166,7 +219,7 @@ fn insert_entry(
     let hash = entry_hash(&HashedFields {
         id,
         at,
-        kind: entry.kind,
+        kind: entry.kind.as_str(),
         actor: entry.actor,
         request_id: entry.request_id,
         details,
@@ -179,7 +232,7 @@ fn insert_entry(
     .execute((
         id,
         at,
-        entry.kind,
+        entry.kind.as_str(),
         entry.actor,
         entry.request_id,
         details,
@@ -701,6 +754,22 @@ mod tests {
             canonical_json(&value),
             r#"{"a":{"y":"é\"\n","z":[true,null]},"b":1}"#
         );
+    }
+
+    #[test]
+    fn kinds_are_distinct_and_spelt_stage_dot_event() {
+        let mut seen = std::collections::HashSet::new();
+        for kind in kinds::ALL {
+            assert!(seen.insert(kind.as_str()), "{kind} listed twice");
+            let well_formed = kind.as_str() == "decision"
+                || kind.as_str().split_once('.').is_some_and(|(stage, event)| {
+                    [stage, event].iter().all(|part| {
+                        !part.is_empty()
+                            && part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    })
+                });
+            assert!(well_formed, "{kind} is not stage.event");
+        }
     }
 
     #[test]

@@ -531,7 +531,7 @@ pub fn add_reviewer(
     audit::append(
         &tx,
         &AuditEntry {
-            kind: "reviewer.added",
+            kind: audit::kinds::REVIEWER_ADDED,
             actor: None,
             request_id: None,
             details: serde_json::json!({
@@ -608,7 +608,7 @@ pub fn revoke_reviewer(conn: &mut Connection, name: &str) -> Result<(), RequestE
     audit::append(
         &tx,
         &AuditEntry {
-            kind: "reviewer.revoked",
+            kind: audit::kinds::REVIEWER_REVOKED,
             actor: None,
             request_id: None,
             details: serde_json::json!({ "reviewer": name }),
@@ -822,7 +822,7 @@ pub fn create_request(
     audit::append(
         &tx,
         &AuditEntry {
-            kind: "request.created",
+            kind: audit::kinds::REQUEST_CREATED,
             actor: None,
             request_id: Some(id),
             details: serde_json::json!({
@@ -949,7 +949,7 @@ fn expire_in(
     audit::append(
         tx,
         &AuditEntry {
-            kind: "request.expired",
+            kind: audit::kinds::REQUEST_EXPIRED,
             actor: None,
             request_id: Some(request.id),
             details: serde_json::json!({ "rule": request.rule, "expires_at": request.expires_at }),
@@ -1001,7 +1001,7 @@ pub fn vote(
                 false,
                 now,
             )?;
-            ("request.denied", true)
+            (audit::kinds::REQUEST_DENIED, true)
         }
         Verdict::ForceApprove => {
             close(
@@ -1013,7 +1013,7 @@ pub fn vote(
                 true,
                 now,
             )?;
-            ("request.force_approved", true)
+            (audit::kinds::REQUEST_FORCE_APPROVED, true)
         }
         Verdict::Approve if approvals >= u64::from(request.approvals_needed) => {
             close(
@@ -1025,9 +1025,9 @@ pub fn vote(
                 false,
                 now,
             )?;
-            ("request.approved", true)
+            (audit::kinds::REQUEST_APPROVED, true)
         }
-        Verdict::Approve => ("request.approval", false),
+        Verdict::Approve => (audit::kinds::REQUEST_APPROVAL, false),
     };
     audit::append(
         &tx,
@@ -1105,7 +1105,7 @@ pub fn close_by_qgate(
             audit::append(
                 &tx,
                 &AuditEntry {
-                    kind: "request.withdrawn",
+                    kind: audit::kinds::REQUEST_WITHDRAWN,
                     actor: None,
                     request_id: Some(id),
                     details: serde_json::json!({ "rule": request.rule, "reason": reason }),
@@ -1121,7 +1121,7 @@ pub fn close_by_qgate(
 /// One audit row in its own transaction, for events that change no table here.
 pub fn append_audit(
     conn: &mut Connection,
-    kind: &str,
+    kind: audit::Kind,
     details: serde_json::Value,
 ) -> Result<i64, RequestError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -69,7 +69,7 @@ impl StreamReassembler {
     /// stream start or if nothing was seen yet.
     pub fn offset_of(&self, seq: u32) -> Option<u64> {
         let expected = self.seq_at(self.next)?;
-        let delta = i64::from(seq.wrapping_sub(expected) as i32);
+        let delta = i64::from(qgate_common::tcp::seq_delta(seq, expected));
         u64::try_from(self.next as i64 + delta).ok()
     }
 

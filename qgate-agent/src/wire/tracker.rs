@@ -902,7 +902,7 @@ fn in_receive_window(conn: &Connection, seg: &Segment) -> bool {
     else {
         return true;
     };
-    let delta = i64::from(seg.seq.wrapping_sub(expected) as i32);
+    let delta = i64::from(qgate_common::tcp::seq_delta(seg.seq, expected));
     (-CONTROL_WINDOW..=CONTROL_WINDOW).contains(&delta)
 }
 
