@@ -381,6 +381,9 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
             pipeline.tick(store::now_nanos());
         }
+        for decided in gate.take_decided() {
+            pipeline.writer().decided(decided);
+        }
         pipeline.push();
     }
 

@@ -6,21 +6,33 @@ use qgate_agent::{api::ApiOptions, store::requests::Role};
 use reqwest::StatusCode;
 
 /// Statements and connections as the store writes them (columns per the store's schema;
-/// texts inline and by reference).
-fn seed_statements(db: &std::path::Path, request_statement: Option<i64>) -> i64 {
+/// texts inline and by reference). Statement 10 was allowed by a rule;
+/// 11 is the one a test holds; 12 the agent was not asked about.
+fn seed_statements(db: &std::path::Path) -> i64 {
     let conn = qgate_agent::store::requests::open_db(db).expect("open");
     conn.execute_batch(
         "INSERT INTO connections (id, client_addr, client_port, server_addr, server_port, user, database, application, mid_stream, started_at)
             VALUES (1, '10.0.0.7', 50432, '10.0.0.1', 5432, 'alice', 'shop', 'psql', 0, 1),
                    (2, '10.0.0.8', 50500, '10.0.0.1', 5432, 'bob', 'crm', 'app', 0, 1);
          INSERT INTO statement_texts (id, text) VALUES (1, 'SELECT * FROM orders');
-         INSERT INTO statement_log (id, connection_id, seq, path, text_id, text, received_at, completed_at, outcome, sqlstate, command_tag, rows)
-            VALUES (10, 1, 1, 'simple', 1, NULL, 1767225600000000000, 1767225600002000000, 'ok', NULL, 'SELECT 3', 3),
-                   (11, 1, 2, 'simple', NULL, 'DROP TABLE orders_copy', 1767225700000000000, NULL, 'unknown', NULL, NULL, NULL),
-                   (12, 2, 1, 'simple', NULL, 'UPDATE customers SET vip = true, note = ''a,\"b\"''', 1767225800000000000, 1767225800009000000, 'error', '42501', NULL, NULL);",
+         INSERT INTO statement_log (id, connection_id, seq, path, text_id, text, received_at, completed_at, outcome, sqlstate, command_tag, rows, decision, rule)
+            VALUES (10, 1, 1, 'simple', 1, NULL, 1767225600000000000, 1767225600002000000, 'ok', NULL, 'SELECT 3', 3, 'allow', 'reads'),
+                   (11, 1, 2, 'simple', NULL, 'DROP TABLE orders_copy', 1767225700000000000, NULL, 'unknown', NULL, NULL, NULL, NULL, NULL),
+                   (12, 2, 1, 'simple', NULL, 'UPDATE customers SET vip = true, note = ''a,\"b\"''', 1767225800000000000, 1767225800009000000, 'error', '42501', NULL, NULL, NULL, NULL);",
     )
     .expect("seed statements");
-    request_statement.unwrap_or(11)
+    11
+}
+
+/// What the store's writer does once the gate has held `statement` for
+/// `request` (tested end to end in tests/tests/gate.rs).
+fn link(db: &std::path::Path, statement: i64, request: i64) {
+    let conn = qgate_agent::store::requests::open_db(db).expect("open");
+    conn.execute(
+        "UPDATE statement_log SET decision = 'hold', rule = 'ddl-needs-peer', request_id = ?2 WHERE id = ?1",
+        [statement, request],
+    )
+    .expect("link");
 }
 
 #[tokio::test]
@@ -39,7 +51,10 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
         .await
         .expect("withdraw");
     api.board()
-        .audit(qgate_agent::store::audit::kinds::POLICY_RELOAD, serde_json::json!({ "rules": 3 }))
+        .audit(
+            qgate_agent::store::audit::kinds::POLICY_RELOAD,
+            serde_json::json!({ "rules": 3 }),
+        )
         .await
         .expect("agent audit row");
 
@@ -88,10 +103,11 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
 async fn statements_are_searchable_by_user_database_table_decision_outcome_and_time() {
     let api = start(ApiOptions::default()).await;
     let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
-    let statement = seed_statements(&api.db, None);
-    let mut new = held(Some("alice"), "ddl-needs-peer", 1, &["dba"]);
-    new.statement_id = Some(statement);
-    let r = api.hold(new).await;
+    let statement = seed_statements(&api.db);
+    let r = api
+        .hold(held(Some("alice"), "ddl-needs-peer", 1, &["dba"]))
+        .await;
+    link(&api.db, statement, r.id);
     api.decide(&rita, r.id, "deny", "").await;
 
     let ids = |v: serde_json::Value| -> Vec<i64> {
@@ -114,6 +130,11 @@ async fn statements_are_searchable_by_user_database_table_decision_outcome_and_t
         [11]
     );
     assert_eq!(ids(api.get(&rita, &search("decision=held")).await.1), [11]);
+    assert_eq!(ids(api.get(&rita, &search("decision=allow")).await.1), [10]);
+    assert_eq!(ids(api.get(&rita, &search("decision=none")).await.1), [12]);
+    assert!(ids(api.get(&rita, &search("decision=deny")).await.1).is_empty());
+    let (status, _) = api.get(&rita, &search("decision=maybe")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(ids(api.get(&rita, &search("outcome=error")).await.1), [12]);
     assert_eq!(
         ids(api
@@ -138,7 +159,7 @@ async fn statements_are_searchable_by_user_database_table_decision_outcome_and_t
 async fn audit_exports_as_json_lines_and_csv() {
     let api = start(ApiOptions::default()).await;
     let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
-    seed_statements(&api.db, None);
+    seed_statements(&api.db);
 
     let response = api
         .http
@@ -173,11 +194,11 @@ async fn audit_exports_as_json_lines_and_csv() {
     let mut lines = csv.split("\r\n");
     assert_eq!(
         lines.next(),
-        Some("id,received_at,completed_at,db_user,database,application,client_addr,statement,outcome,sqlstate,tag,rows,request_id,request_status,rule")
+        Some("id,received_at,completed_at,db_user,database,application,client_addr,statement,outcome,sqlstate,tag,rows,request_id,request_status,rule,decision")
     );
     assert_eq!(
         lines.next(),
-        Some("12,2026-01-01T00:03:20Z,2026-01-01T00:03:20.009Z,bob,crm,app,10.0.0.8,\"UPDATE customers SET vip = true, note = 'a,\"\"b\"\"'\",error,42501,,,,,")
+        Some("12,2026-01-01T00:03:20Z,2026-01-01T00:03:20.009Z,bob,crm,app,10.0.0.8,\"UPDATE customers SET vip = true, note = 'a,\"\"b\"\"'\",error,42501,,,,,,")
     );
 
     let response = api

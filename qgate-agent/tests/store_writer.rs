@@ -609,3 +609,108 @@ fn texts_are_stored_once_and_exported_whole_for_every_statement() {
         .collect();
     assert_eq!(exported, expected);
 }
+
+#[test]
+fn decisions_land_on_their_statements_and_link_their_requests() {
+    use qgate_agent::store::{Decided, StatementDecision};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = spawn(&db);
+    let other = reader(&db);
+    other
+        .execute(
+            "INSERT INTO requests (id, statement, facts, rule, approvals_needed, reviewer_groups,
+                 connection_id, transaction_state, status, created_at, expires_at)
+             VALUES (7, 'DROP TABLE t', '{}', 'schema-change', 1, '[]', 0, 'unknown', 'pending', 1, 2)",
+            [],
+        )
+        .unwrap();
+    let decided = |conn: u64, text: &str, decision, rule: &str, request| Decided {
+        conn: ConnId(conn),
+        text: text.into(),
+        decision,
+        rule: rule.into(),
+        request,
+    };
+    // A second connection first, so the two numberings differ.
+    writer.send(opened(2, T0));
+    writer.send(opened(1, T0));
+    // Simple protocol: the statement is decoded, then decided.
+    writer.send(received(1, 1, "DROP TABLE t", T0 + MS));
+    writer.decided(decided(
+        1,
+        "DROP TABLE t",
+        StatementDecision::Hold,
+        "schema-change",
+        Some(7),
+    ));
+    // Extended protocol: the Parse is decided before its Execute records it.
+    writer.decided(decided(
+        2,
+        "UPDATE x SET a = 1",
+        StatementDecision::Allow,
+        "writes",
+        None,
+    ));
+    writer.send(received(2, 1, "UPDATE x SET a = 1", T0 + 2 * MS));
+    // A plain read the kernel passed, then a denied statement behind it.
+    writer.push();
+    writer.flush();
+    writer.send(received(1, 2, "SELECT 1", T0 + 3 * MS));
+    writer.send(received(1, 3, "DELETE FROM t", T0 + 4 * MS));
+    writer.decided(decided(
+        1,
+        "DELETE FROM t",
+        StatementDecision::Deny,
+        "no-deletes",
+        None,
+    ));
+    writer.flush();
+
+    type Row = (String, Option<String>, Option<String>, Option<i64>);
+    let rows: Vec<Row> = other
+        .prepare("SELECT text, decision, rule, request_id FROM statements ORDER BY received_at")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let s = |t: &str, d: Option<&str>, r: Option<&str>, q: Option<i64>| {
+        (t.to_string(), d.map(String::from), r.map(String::from), q)
+    };
+    assert_eq!(
+        rows,
+        [
+            s("DROP TABLE t", Some("hold"), Some("schema-change"), Some(7)),
+            s("UPDATE x SET a = 1", Some("allow"), Some("writes"), None),
+            s("SELECT 1", None, None, None),
+            s("DELETE FROM t", Some("deny"), Some("no-deletes"), None),
+        ]
+    );
+    let (statement_id, connection_id, statement_row, connection_row): (i64, i64, i64, i64) = other
+        .query_row(
+            "SELECT r.statement_id, r.connection_id, s.id, s.connection_id
+             FROM requests r, statements s WHERE r.id = 7 AND s.text = 'DROP TABLE t'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (statement_id, connection_id),
+        (statement_row, connection_row)
+    );
+    let client_port: i64 = other
+        .query_row(
+            "SELECT client_port FROM connections WHERE id = ?1",
+            [connection_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        client_port,
+        40_000 + 1,
+        "the request's connection is conn 1's row"
+    );
+    let stats = writer.shutdown().unwrap();
+    assert_eq!(stats.unmatched, 0, "{stats:?}");
+}

@@ -38,6 +38,10 @@ fn pending_with_id(lab: &Lab, token: &str) -> Result<(serde_json::Value, i64)> {
     Ok((request, id))
 }
 
+/// A request's statement row: id, connection, text, decision, request; and
+/// the request's connection.
+type LinkedRow = (i64, i64, String, Option<String>, Option<i64>, i64);
+
 fn table_exists(lab: &Lab) -> Result<bool> {
     Ok(lab.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'")? == "1")
 }
@@ -86,6 +90,37 @@ fn drop_table_is_held_until_approved() -> Result<()> {
     let shown = lab.requests(&token, &["show", &id.to_string()])?;
     assert_eq!(shown["status"], "approved", "{shown}");
     assert_eq!(shown["votes"][0]["reviewer"], "rita", "{shown}");
+
+    // The request is linked to its statement's row and its connection's
+    // row, and the statement carries the decision: the security team finds
+    // it by decision.
+    let linked = lab.wait_for(
+        "the request linked to its statement",
+        Duration::from_secs(5),
+        || {
+            let store = lab.store()?;
+            let row: Option<LinkedRow> = store
+            .query_row(
+                "SELECT s.id, s.connection_id, s.text, s.decision, s.request_id, r.connection_id
+                 FROM requests r JOIN statements s ON s.id = r.statement_id WHERE r.id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .ok();
+            Ok(row)
+        },
+    )?;
+    let (statement, connection, text, decision, request, request_connection) = linked;
+    assert_eq!(text, "DROP TABLE t");
+    assert_eq!(decision.as_deref(), Some("hold"));
+    assert_eq!(request, Some(id));
+    assert_eq!(request_connection, connection, "a `connections` row id");
+    let (status, found) = lab.api_get(&token, "/v1/audit/statements?decision=approved")?;
+    assert_eq!(status, 200, "{found}");
+    let found: serde_json::Value = serde_json::from_str(&found)?;
+    assert_eq!(found[0]["id"], statement, "{found}");
+    assert_eq!(found[0]["request_status"], "approved", "{found}");
+    assert_eq!(found.as_array().map(Vec::len), Some(1), "{found}");
     Ok(())
 }
 

@@ -31,10 +31,11 @@ const MAX_LIMIT: u32 = 100_000;
 const STATEMENT_SEARCH: &str = "
 SELECT s.id, s.received_at / 1000000, s.completed_at / 1000000, c.user, c.database,
        c.application, c.client_addr,
-       s.text, s.outcome, s.sqlstate, s.command_tag, s.rows, r.id, r.status, r.rule
+       s.text, s.outcome, s.sqlstate, s.command_tag, s.rows, r.id, r.status,
+       coalesce(s.rule, r.rule), s.decision
 FROM statements s
 LEFT JOIN connections c ON c.id = s.connection_id
-LEFT JOIN requests r ON r.statement_id = s.id
+LEFT JOIN requests r ON r.id = s.request_id
 WHERE 1 = 1";
 
 /// Audit rows: decisions, approvals, expiries, reviewer changes, agent events.
@@ -62,7 +63,10 @@ pub struct StatementQuery {
     database: Option<String>,
     /// Table name appearing in the statement text (case-insensitive).
     table: Option<String>,
-    /// `held` (any request), or a request status: `pending`, `approved`, `denied`, `expired`, `withdrawn`.
+    /// What the agent decided: `allow`, `deny` (by the policy, at once),
+    /// `hold` or `held` (a request was opened), `none` (the agent was not
+    /// asked), or the status its request reached: `pending`, `approved`,
+    /// `denied`, `expired`, `withdrawn`.
     decision: Option<String>,
     /// The statement's outcome as the store records it (e.g. `ok`, `error`).
     outcome: Option<String>,
@@ -98,7 +102,11 @@ pub struct StatementRecord {
     rows: Option<i64>,
     request_id: Option<i64>,
     request_status: Option<String>,
+    /// The rule that decided (the statement's, else its request's).
     rule: Option<String>,
+    /// `allow`, `deny` or `hold` (see `request_status`); absent when the
+    /// agent was not asked (monitor mode, or the kernel's plain-read fast path).
+    decision: Option<String>,
 }
 
 const STATEMENT_COLUMNS: &[&str] = &[
@@ -117,6 +125,7 @@ const STATEMENT_COLUMNS: &[&str] = &[
     "request_id",
     "request_status",
     "rule",
+    "decision",
 ];
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -244,12 +253,16 @@ pub async fn search_statements(
     }
     match q.decision.as_deref() {
         None => {}
-        Some("held") => search.sql.push_str(" AND r.id IS NOT NULL"),
+        Some("held" | "hold") => search.sql.push_str(" AND s.decision = 'hold'"),
+        Some("allow") => search.sql.push_str(" AND s.decision = 'allow'"),
+        Some("deny") => search.sql.push_str(" AND s.decision = 'deny'"),
+        Some("none") => search.sql.push_str(" AND s.decision IS NULL"),
         Some(status) => match RequestStatus::parse(status) {
             Some(status) => search.and("r.status = ?", status.as_str().to_owned()),
             None => {
                 return Err(ApiError::bad_request(format!(
-                    "`decision` must be held, pending, approved, denied, expired or withdrawn, got {status:?}"
+                    "`decision` must be allow, deny, hold (or held), none, pending, approved, \
+                     denied, expired or withdrawn, got {status:?}"
                 )))
             }
         },
@@ -282,6 +295,7 @@ pub async fn search_statements(
                 request_id: r.get(12)?,
                 request_status: r.get(13)?,
                 rule: r.get(14)?,
+                decision: r.get(15)?,
             })
         })
         .await?;

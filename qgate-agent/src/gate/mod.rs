@@ -39,6 +39,7 @@ use self::{
     kernel::{GateMode, KernelGate},
     rewrite::DenialRef,
 };
+use crate::store::StatementDecision;
 use crate::{
     api::{metrics, RequestBoard, RequestEvent, RequestEventKind},
     capture::backend::StoppedRead,
@@ -164,6 +165,8 @@ pub struct Gate {
     deferred: HashMap<Flow, (StoppedRead, Vec<ClientMessage>)>,
     /// Requests for statements that may change the schema (see `schema_changed`).
     schema_requests: HashMap<i64, bool>,
+    /// Decisions for the store, taken by [`Gate::take_decided`].
+    decided: Vec<crate::store::Decided>,
     stats: GateStats,
 }
 
@@ -235,6 +238,7 @@ impl Gate {
             catalogs: None,
             deferred: HashMap::default(),
             schema_requests: HashMap::default(),
+            decided: Vec::new(),
             stats: GateStats::default(),
         }
     }
@@ -267,6 +271,32 @@ impl Gate {
         }
         self.recover_backends(&pending);
         pending.len()
+    }
+
+    /// What the gate decided since the last call, for the store's statement
+    /// and request rows (the capture loop hands them to the writer).
+    pub fn take_decided(&mut self) -> Vec<crate::store::Decided> {
+        std::mem::take(&mut self.decided)
+    }
+
+    /// Notes a policy decision on a statement for the store.
+    fn note_decided(
+        &mut self,
+        sql: &PendingSql<SqlInfo>,
+        decision: crate::store::StatementDecision,
+        rule: &str,
+        request: Option<i64>,
+    ) {
+        if sql.info.carrier == SqlCarrier::Startup {
+            return;
+        }
+        self.decided.push(crate::store::Decided {
+            conn: sql.info.conn,
+            text: sql.info.text.clone(),
+            decision,
+            rule: rule.to_string(),
+            request,
+        });
     }
 
     /// `gate.unreadable = "refuse"` in force (the program holds TLS handshakes).
@@ -884,6 +914,7 @@ impl Gate {
         let changes_schema = may_change_schema(&classification);
         match decision.action {
             Action::Allow | Action::AuditOnly => {
+                self.note_decided(sql, StatementDecision::Allow, &decision.rule, None);
                 if changes_schema {
                     self.schema_changed(flow, may_create_code(&classification));
                 }
@@ -901,6 +932,7 @@ impl Gate {
             }
             Action::Deny { message } => {
                 self.stats.denied += 1;
+                self.note_decided(sql, StatementDecision::Deny, &decision.rule, None);
                 let reason = format!("{message} (rule {})", decision.rule);
                 let id = self.audit_denial(flow, sql, &reason);
                 Verdict::Deny { id, reason }
@@ -935,7 +967,9 @@ impl Gate {
                         application: conn.subject.application.clone(),
                         client_addr: Some(client),
                     },
-                    connection_id: sql.info.conn.0 as i64,
+                    // The `connections` row: set by the store's writer
+                    // with `statement_id` (see `store::Decided`).
+                    connection_id: 0,
                     transaction_state: TransactionState::Unknown,
                     estimated_rows: None,
                     timeout: None,
@@ -949,12 +983,19 @@ impl Gate {
                                 .insert(request.id, may_create_code(&classification));
                         }
                         info!(request = request.id, rule = %decision.rule, "statement held for review");
+                        self.note_decided(
+                            sql,
+                            StatementDecision::Hold,
+                            &decision.rule,
+                            Some(request.id),
+                        );
                         Verdict::Wait(request.id)
                     }
                     Err(e) => {
                         // No request, no reviewer: refuse rather than run it unreviewed.
                         warn!("could not open a request, denying: {e}");
                         self.stats.denied += 1;
+                        self.note_decided(sql, StatementDecision::Deny, &decision.rule, None);
                         let reason = "qgate could not record the request".to_string();
                         let id = self.audit_denial(flow, sql, &reason);
                         Verdict::Deny { id, reason }

@@ -173,6 +173,29 @@ CREATE VIEW statements AS
     FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id;
 "#,
     },
+    Migration {
+        name: "capture_0004_statement_decisions",
+        sql: r#"
+-- What the agent decided for a statement it was asked about: 'allow',
+-- 'deny' (by the policy, at once) or 'hold' (a request, `request_id`, whose
+-- status says how it ended), and the rule that decided. NULL: the agent was
+-- not asked (monitor mode, or the kernel's plain-read fast path).
+ALTER TABLE statement_log ADD COLUMN decision TEXT
+    CHECK (decision IS NULL OR decision = 'allow' OR decision = 'deny' OR decision = 'hold');
+ALTER TABLE statement_log ADD COLUMN rule TEXT;
+ALTER TABLE statement_log ADD COLUMN request_id INTEGER;
+CREATE INDEX statement_log_decision ON statement_log (decision, received_at)
+    WHERE decision IS NOT NULL;
+CREATE INDEX statement_log_request ON statement_log (request_id) WHERE request_id IS NOT NULL;
+
+DROP VIEW statements;
+CREATE VIEW statements AS
+    SELECT l.id, l.connection_id, l.seq, coalesce(l.text, t.text) AS text, l.path,
+           l.statement_name, l.received_at, l.completed_at, l.outcome, l.sqlstate,
+           l.error_message, l.command_tag, l.rows, l.decision, l.rule, l.request_id
+    FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id;
+"#,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

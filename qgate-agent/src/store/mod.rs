@@ -27,7 +27,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::capture::UnixNanos;
 
 pub use migrations::Migration;
-pub use writer::{Writer, WriterConfig, WriterStats};
+pub use writer::{Decided, StatementDecision, Writer, WriterConfig, WriterStats};
 
 /// Where the agent keeps its database unless `[store] path` says otherwise.
 pub const DEFAULT_DB_PATH: &str = "/var/lib/qgate/qgate.sqlite";

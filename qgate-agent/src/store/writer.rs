@@ -106,11 +106,52 @@ enum Message {
 /// What a batch writes.
 enum Record {
     Event(WireEvent),
+    Decided(Decided),
     Loss {
         at: UnixNanos,
         counters: qgate_common::Counters,
     },
 }
+
+/// What the gate decided for a statement it was asked about, for the
+/// statement's row (`decision`, `rule`, `request_id`) and, when it opened a
+/// request, for the request's row (`statement_id`, `connection_id`).
+///
+/// The writer matches it to the connection's statement with the same text:
+/// the one already written and not yet decided (a Query: its statement is
+/// decoded before it is decided), or the next one to come (a Parse: its
+/// statement is recorded at Execute).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decided {
+    pub conn: ConnId,
+    pub text: String,
+    pub decision: StatementDecision,
+    pub rule: String,
+    pub request: Option<i64>,
+}
+
+/// `statement_log.decision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatementDecision {
+    Allow,
+    Deny,
+    Hold,
+}
+
+impl StatementDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementDecision::Allow => "allow",
+            StatementDecision::Deny => "deny",
+            StatementDecision::Hold => "hold",
+        }
+    }
+}
+
+/// Statements and decisions of one connection kept for matching (see
+/// [`Decided`]); older ones are forgotten (their link is lost, counted as
+/// unmatched).
+const MATCH_WINDOW: usize = 8;
 
 /// The writer checkpoints the WAL into the database after this many pages
 /// (16 MiB at 4 KiB pages) instead of SQLite's 1000: each checkpoint costs
@@ -189,6 +230,18 @@ impl Writer {
         }
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
         self.enqueue(Record::Event(event));
+        true
+    }
+
+    /// Queues what the gate decided for a statement (see [`Decided`]).
+    /// Never blocks; `false` (counted as dropped) when the queue is full.
+    pub fn decided(&self, decided: Decided) -> bool {
+        if !self.accept() {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(Record::Decided(decided));
         true
     }
 
@@ -293,6 +346,10 @@ impl Drop for Writer {
 struct ConnRows {
     row: i64,
     pending: HashMap<StmtSeq, i64>,
+    /// Statements written without a decision, newest last: (row, text hash).
+    undecided: std::collections::VecDeque<(i64, u64)>,
+    /// Decisions whose statement has not been written yet, oldest first.
+    decided: std::collections::VecDeque<(u64, Decided)>,
 }
 
 /// How to undo the in-memory effect of a batch whose transaction rolled back.
@@ -344,19 +401,29 @@ enum TextRef<'t> {
 }
 
 impl Texts {
-    fn lookup<'t>(&mut self, tx: &Connection, text: &'t str) -> Result<TextRef<'t>, StoreError> {
+    /// The text's hash as [`Texts::lookup`] computes it (never 0).
+    fn hash(&self, text: &str) -> u64 {
         use std::hash::BuildHasher;
-        let hash = self.hasher.hash_one(text) | 1;
+        self.hasher.hash_one(text) | 1
+    }
+
+    /// How to store `text`, and its [`Texts::hash`].
+    fn lookup<'t>(
+        &mut self,
+        tx: &Connection,
+        text: &'t str,
+    ) -> Result<(TextRef<'t>, u64), StoreError> {
+        let hash = self.hash(text);
         let row = &mut self.rows[hash as usize & (ROW_SLOTS - 1)];
         if let Some(known) = row {
             if known.hash == hash && *known.text == *text {
-                return Ok(TextRef::Row(known.id));
+                return Ok((TextRef::Row(known.id), hash));
             }
         }
         let recent = &mut self.recent[(hash >> 32) as usize & (RECENT_SLOTS - 1)];
         if *recent != hash {
             *recent = hash;
-            return Ok(TextRef::Inline(text));
+            return Ok((TextRef::Inline(text), hash));
         }
         *recent = 0;
         tx.prepare_cached("INSERT INTO statement_texts (text) VALUES (?1)")?
@@ -367,7 +434,7 @@ impl Texts {
             text: text.into(),
             id,
         });
-        Ok(TextRef::Row(id))
+        Ok((TextRef::Row(id), hash))
     }
 
     /// After a rolled-back transaction: rows it wrote are gone.
@@ -426,7 +493,7 @@ impl BatchWriter {
     fn write(&mut self, batch: &[Record]) {
         let events = batch
             .iter()
-            .filter(|r| matches!(r, Record::Event(_)))
+            .filter(|r| matches!(r, Record::Event(_) | Record::Decided(_)))
             .count() as u64;
         let mut last_error = None;
         for attempt in 1..=self.config.attempts.max(1) {
@@ -528,6 +595,18 @@ impl BatchWriter {
                         }
                     }
                 }
+                Record::Decided(decided) => {
+                    let mut ctx = Apply {
+                        tx: &tx,
+                        insert_statement: &mut insert_statement,
+                        connections: &mut self.connections,
+                        texts: &mut self.texts,
+                        undo,
+                    };
+                    if let Applied::Unmatched = ctx.decided(decided)? {
+                        unmatched += 1;
+                    }
+                }
                 Record::Loss { at, counters } => insert_capture_loss(
                     &tx,
                     *at,
@@ -573,8 +652,13 @@ enum Applied {
 /// lookup hashes the whole SQL text each time).
 const INSERT_STATEMENT: &str =
     "INSERT INTO statement_log (connection_id, seq, text, text_id, path, statement_name,
-         received_at, completed_at, outcome, sqlstate, error_message, command_tag, rows)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+         received_at, completed_at, outcome, sqlstate, error_message, command_tag, rows,
+         decision, rule, request_id)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+
+/// A request's links to the rows of its statement and connection.
+const LINK_REQUEST: &str =
+    "UPDATE requests SET statement_id = ?2, connection_id = ?3 WHERE id = ?1";
 
 /// One transaction's view of the writer's state.
 struct Apply<'a, 'tx> {
@@ -586,6 +670,47 @@ struct Apply<'a, 'tx> {
 }
 
 impl Apply<'_, '_> {
+    /// Records a decision on its statement's row, or keeps it for the
+    /// statement still to come (see [`Decided`]).
+    fn decided(&mut self, decided: &Decided) -> Result<Applied, StoreError> {
+        let Some(rows) = self.connections.get_mut(&decided.conn) else {
+            return Ok(Applied::Unmatched);
+        };
+        let hash = self.texts.hash(&decided.text);
+        // Statements before the match were passed without asking the agent
+        // (decisions come in stream order): they stay undecided.
+        let Some(at) = rows.undecided.iter().position(|(_, h)| *h == hash) else {
+            let forgotten = rows.decided.len() == MATCH_WINDOW;
+            if forgotten {
+                rows.decided.pop_front();
+            }
+            rows.decided.push_back((hash, decided.clone()));
+            return Ok(if forgotten {
+                Applied::Unmatched
+            } else {
+                Applied::Matched
+            });
+        };
+        let (row, _) = rows.undecided[at];
+        rows.undecided.drain(..=at);
+        self.tx
+            .prepare_cached(
+                "UPDATE statement_log SET decision = ?2, rule = ?3, request_id = ?4 WHERE id = ?1",
+            )?
+            .execute((
+                row,
+                decided.decision.as_str(),
+                &decided.rule,
+                decided.request,
+            ))?;
+        if let Some(request) = decided.request {
+            self.tx
+                .prepare_cached(LINK_REQUEST)?
+                .execute((request, row, rows.row))?;
+        }
+        Ok(Applied::Matched)
+    }
+
     /// Writes one event; a received statement with its `completion` when the
     /// batch holds it.
     fn apply(
@@ -619,6 +744,8 @@ impl Apply<'_, '_> {
                 let rows = ConnRows {
                     row: tx.last_insert_rowid(),
                     pending: HashMap::new(),
+                    undecided: Default::default(),
+                    decided: Default::default(),
                 };
                 undo.push(Undo::Conn(*conn, connections.insert(*conn, rows)));
             }
@@ -683,10 +810,17 @@ impl Apply<'_, '_> {
                 let Some(rows) = connections.get_mut(conn) else {
                     return Ok(Applied::Unmatched);
                 };
-                let (inline, text_id) = match self.texts.lookup(tx, text)? {
+                let (text_ref, hash) = self.texts.lookup(tx, text)?;
+                let (inline, text_id) = match text_ref {
                     TextRef::Inline(text) => (Some(text), None),
                     TextRef::Row(id) => (None, Some(id)),
                 };
+                let decided = rows
+                    .decided
+                    .iter()
+                    .position(|(h, d)| *h == hash && d.text == *text)
+                    .and_then(|i| rows.decided.remove(i))
+                    .map(|(_, d)| d);
                 self.insert_statement.execute(rusqlite::params![
                     rows.row,
                     sql_count(stmt.0),
@@ -701,11 +835,31 @@ impl Apply<'_, '_> {
                     completion.and_then(|(c, _)| c.message.as_deref()),
                     completion.and_then(|(c, _)| c.tag.as_deref()),
                     completion.and_then(|(c, _)| c.rows.map(sql_count)),
+                    decided.as_ref().map(|d| d.decision.as_str()),
+                    decided.as_ref().map(|d| d.rule.as_str()),
+                    decided.as_ref().and_then(|d| d.request),
                 ])?;
+                let row = tx.last_insert_rowid();
+                match &decided {
+                    Some(Decided {
+                        request: Some(request),
+                        ..
+                    }) => {
+                        tx.prepare_cached(LINK_REQUEST)?
+                            .execute((request, row, rows.row))?;
+                    }
+                    Some(_) => {}
+                    None => {
+                        if rows.undecided.len() == MATCH_WINDOW {
+                            rows.undecided.pop_front();
+                        }
+                        rows.undecided.push_back((row, hash));
+                    }
+                }
                 if completion.is_some() {
                     return Ok(Applied::WithCompletion);
                 }
-                let previous = rows.pending.insert(*stmt, tx.last_insert_rowid());
+                let previous = rows.pending.insert(*stmt, row);
                 undo.push(Undo::Pending(*conn, *stmt, previous));
             }
             WireEvent::StatementCompleted {
