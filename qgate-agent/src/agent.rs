@@ -168,6 +168,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     });
     let mut catalog_generation = 0;
     gate.refuse_encrypted_sessions(enforcing && config.gate.unreadable == Unreadable::Refuse);
+    gate.set_recovery_grace(Duration::from_secs(config.gate.recovery_grace_s));
     let recovered = gate.recover();
     if recovered > 0 {
         info!(

@@ -115,6 +115,15 @@ pub struct GateConfig {
     /// encryption where only the wire path sees it).
     #[serde(default)]
     pub unreadable: Unreadable,
+    /// After a restart, how long a statement the previous agent held may
+    /// take to come back (its client retransmits it at least every 120 s)
+    /// before its request is withdrawn: its connection is gone.
+    #[serde(default = "default_recovery_grace_s")]
+    pub recovery_grace_s: u64,
+}
+
+fn default_recovery_grace_s() -> u64 {
+    150
 }
 
 /// A session qgate cannot read: TLS or GSSAPI-encrypted TCP on a port the

@@ -82,7 +82,12 @@ fn quiet(cmd: &mut Command) {
 /// pass over the gate tests) starts every agent with the server hook off, so
 /// the same tests prove the tc path.
 fn hook_off() -> Option<&'static str> {
-    (std::env::var("QGATE_E2E_SERVER_HOOK").as_deref() == Ok("off")).then_some("--no-server-hook")
+    (!server_hook_on()).then_some("--no-server-hook")
+}
+
+/// Whether agents in this run read sessions inside the server (see [`hook_off`]).
+pub fn server_hook_on() -> bool {
+    std::env::var("QGATE_E2E_SERVER_HOOK").as_deref() != Ok("off")
 }
 
 /// Where `qgate-agent` was built: `QGATE_AGENT_BIN` (set by `cargo xtask
@@ -129,29 +134,40 @@ impl Lab {
         fs::create_dir_all(&lab.dir)?;
         run(Command::new("ip").args(["netns", "add", &lab.server_ns]))?;
         run(Command::new("ip").args(["netns", "add", &lab.client_ns]))?;
-        let client_if = format!("qg{tag}c");
+        lab.make_link()?;
+        Ok(lab)
+    }
+
+    /// The veth pair between the namespaces, with its addresses, up.
+    fn make_link(&self) -> Result<()> {
+        let client_if = format!("qg{}c", self.tag);
         run(Command::new("ip").args([
             "link",
             "add",
-            &lab.server_if,
+            &self.server_if,
             "netns",
-            &lab.server_ns,
+            &self.server_ns,
             "type",
             "veth",
             "peer",
             "name",
             &client_if,
             "netns",
-            &lab.client_ns,
+            &self.client_ns,
         ]))?;
         for (ns, ifname, ip, ip6) in [
             (
-                &lab.server_ns,
-                &lab.server_if,
-                lab.server_ip,
-                lab.server_ip6(),
+                &self.server_ns,
+                &self.server_if,
+                self.server_ip,
+                self.server_ip6(),
             ),
-            (&lab.client_ns, &client_if, lab.client_ip, lab.client_ip6()),
+            (
+                &self.client_ns,
+                &client_if,
+                self.client_ip,
+                self.client_ip6(),
+            ),
         ] {
             let addr = format!("{ip}/24");
             run(Command::new("ip").args(["-n", ns, "addr", "add", &addr, "dev", ifname]))?;
@@ -160,7 +176,15 @@ impl Lab {
             run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "up"]))?;
             run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
         }
-        Ok(lab)
+        Ok(())
+    }
+
+    /// Deletes the veth pair and makes it again under the same names and
+    /// addresses (a new interface: a bond, VLAN or container network
+    /// recreated on a real host). Links attached to the old one are severed.
+    pub fn recreate_link(&self) -> Result<()> {
+        run(Command::new("ip").args(["-n", &self.server_ns, "link", "del", &self.server_if]))?;
+        self.make_link()
     }
 
     /// The server's IPv6 address (unique local, inside the lab only).

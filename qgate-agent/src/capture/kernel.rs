@@ -185,12 +185,32 @@ impl KernelCapture {
                     let link = FdLink::from(old).try_into().map_err(
                         |e: aya::programs::links::LinkError| pin_err(&link_pin)(Box::new(e)),
                     )?;
-                    program.attach_to_link(link).map_err(attach_err)?;
-                    info!(
-                        program = name,
-                        interface, "replaced the program in the pinned link"
-                    );
-                    continue;
+                    match program.attach_to_link(link) {
+                        Ok(_) => {
+                            info!(
+                                program = name,
+                                interface, "replaced the program in the pinned link"
+                            );
+                            continue;
+                        }
+                        // The interface the link was made on is gone (deleted,
+                        // perhaps recreated under the same name): the link is
+                        // dead and only its pin is left. Attach afresh; the
+                        // held statements of the old interface's connections
+                        // are withdrawn if they never come back
+                        // (`gate.recovery_grace_s`).
+                        Err(e) if is_severed(&e) => {
+                            warn!(
+                                program = name,
+                                interface,
+                                "the pinned link was severed (its interface was removed): \
+                                 attaching a new one"
+                            );
+                            std::fs::remove_file(&link_pin)
+                                .map_err(|e| pin_err(&link_pin)(Box::new(e)))?;
+                        }
+                        Err(e) => return Err(attach_err(e)),
+                    }
                 }
                 // tcx needs no qdisc; older kernels do. "exists" is fine.
                 let _ = tc::qdisc_add_clsact(interface);
@@ -516,4 +536,19 @@ pub fn monotonic_ns() -> u64 {
 
 fn monotonic_to_unix_offset() -> i64 {
     clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// True when `error` says the link's interface is gone (`ENOLINK` from
+/// `bpf_link_update`: "Link has been severed").
+fn is_severed(error: &aya::programs::ProgramError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::ENOLINK) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }

@@ -137,6 +137,10 @@ pub struct Gate {
     /// the statement comes back with the client's next retransmission and
     /// is attached to its request instead of opening a second one.
     recovered: HashMap<(String, String), i64>,
+    /// When [`Gate::recover`] ran, and how long recovered requests may wait
+    /// for their statement before they are withdrawn.
+    recovered_at: Option<Instant>,
+    recovery_grace: Duration,
     /// Final events of recovered requests whose statement has not come back yet.
     recovered_final: HashMap<i64, RequestEvent>,
     /// Server hook: connections read inside the server (by their synthetic
@@ -226,6 +230,8 @@ impl Gate {
             last_copy: HashMap::default(),
             released_until: HashMap::default(),
             recovered: HashMap::default(),
+            recovered_at: None,
+            recovery_grace: Duration::from_secs(150),
             recovered_final: HashMap::default(),
             hooked: HashMap::default(),
             stopped: HashMap::default(),
@@ -269,6 +275,9 @@ impl Gate {
                     .insert((client.clone(), request.statement.clone()), request.id);
             }
         }
+        if !self.recovered.is_empty() {
+            self.recovered_at = Some(Instant::now());
+        }
         self.recover_backends(&pending);
         pending.len()
     }
@@ -297,6 +306,37 @@ impl Gate {
             rule: rule.to_string(),
             request,
         });
+    }
+
+    /// `gate.recovery_grace_s`: see [`Gate::withdraw_unreturned`].
+    pub fn set_recovery_grace(&mut self, grace: Duration) {
+        self.recovery_grace = grace;
+    }
+
+    /// Withdraws the recovered requests whose statement did not come back
+    /// within the grace period: a live client retransmits a held segment at
+    /// least every 120 s (TCP's largest RTO), so its connection is gone.
+    fn withdraw_unreturned(&mut self) {
+        let due = self
+            .recovered_at
+            .is_some_and(|at| at.elapsed() >= self.recovery_grace);
+        if !due {
+            return;
+        }
+        self.recovered_at = None;
+        let why = format!(
+            "its client did not send the statement again within {} s of the agent's restart: \
+             the connection is gone",
+            self.recovery_grace.as_secs()
+        );
+        for ((client, _), id) in std::mem::take(&mut self.recovered) {
+            self.recovered_final.remove(&id);
+            match self.runtime.block_on(self.board.withdraw(id, &why)) {
+                Ok(_) => info!(request = id, client, "recovered request withdrawn: {why}"),
+                // Decided meanwhile: nothing to withdraw.
+                Err(e) => debug!(request = id, "withdrawing a recovered request: {e}"),
+            }
+        }
     }
 
     /// `gate.unreadable = "refuse"` in force (the program holds TLS handshakes).
@@ -521,6 +561,7 @@ impl Gate {
     /// statement not seen whole (unparseable: the policy's strictest case).
     pub fn tick(&mut self, tracker: &mut Tracker) {
         self.watch_stopped();
+        self.withdraw_unreturned();
         let now = Instant::now();
         let stalled: Vec<Flow> = self
             .streams
