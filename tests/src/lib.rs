@@ -310,7 +310,7 @@ impl Lab {
             "local all all trust\nhost all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n",
         )?;
         let opts = format!(
-            "-c listen_addresses={},{} -p {PG_PORT} -k {} -c fsync=off -c max_connections=100{extra_opts}",
+            "-c listen_addresses={},{},127.0.0.1 -p {PG_PORT} -k {} -c fsync=off -c max_connections=100{extra_opts}",
             self.server_ip,
             self.server_ip6(),
             self.dir.display()

@@ -381,6 +381,49 @@ fn a_client_that_disconnects_withdraws_its_held_statement() -> Result<()> {
 }
 
 #[test]
+fn a_client_that_disconnects_over_loopback_withdraws_its_held_statement() -> Result<()> {
+    // `cargo xtask run` on a stock host: psql to 127.0.0.1, the agent on `lo`.
+    require_root();
+    let mut lab = Lab::new("gdisclo")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")?;
+    lab.start_agent(&["--interface", "lo"])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    // As the report had it: `timeout` ends psql with SIGTERM.
+    let mut psql = lab
+        .in_server("timeout")
+        .env("PGSSLMODE", "disable")
+        .args([
+            "5",
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "5432",
+            "-U",
+            "postgres",
+            "-X",
+        ])
+        .args(["-c", "DROP TABLE t"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let (_, id) = pending_with_id(&lab, &token)?;
+    psql.wait()?;
+    let shown = lab.wait_for(
+        "the request to be withdrawn",
+        Duration::from_secs(10),
+        || {
+            let shown = lab.requests(&token, &["show", &id.to_string()])?;
+            Ok((shown["status"] != "pending").then_some(shown))
+        },
+    )?;
+    assert_eq!(shown["status"], "withdrawn", "{shown}");
+    assert!(table_exists(&lab)?, "a withdrawn DROP never runs");
+    Ok(())
+}
+
+#[test]
 fn a_denied_statement_over_64_kib_fails_and_never_runs() -> Result<()> {
     let (lab, token) = gated_lab("gbigden")?;
     let psql = big_drop(&lab)?;

@@ -141,6 +141,9 @@ pub struct Gate {
     /// for their statement before they are withdrawn.
     recovered_at: Option<Instant>,
     recovery_grace: Duration,
+    /// When the host's socket table was last read for clients that closed
+    /// while held (see [`Gate::withdraw_closed_local_clients`]).
+    last_socket_look: Instant,
     /// Final events of recovered requests whose statement has not come back yet.
     recovered_final: HashMap<i64, RequestEvent>,
     /// Server hook: connections read inside the server (by their synthetic
@@ -232,6 +235,7 @@ impl Gate {
             recovered: HashMap::default(),
             recovered_at: None,
             recovery_grace: Duration::from_secs(150),
+            last_socket_look: Instant::now(),
             recovered_final: HashMap::default(),
             hooked: HashMap::default(),
             stopped: HashMap::default(),
@@ -562,6 +566,7 @@ impl Gate {
     pub fn tick(&mut self, tracker: &mut Tracker) {
         self.watch_stopped();
         self.withdraw_unreturned();
+        self.withdraw_closed_local_clients();
         let now = Instant::now();
         let stalled: Vec<Flow> = self
             .streams
@@ -1263,6 +1268,37 @@ impl Gate {
     }
 
     /// Withdraws the request the connection waits on, if any.
+    /// Withdraws the requests of held statements whose client runs on this
+    /// host and has closed its socket. Such a client's FIN never shows on
+    /// the wire while its statement is held: once a retransmission timeout
+    /// has cut its congestion window to one segment, the FIN waits behind
+    /// the held (unacknowledged) bytes. The socket table shows it at once.
+    /// (A remote client's close shows only when its FIN or RST can be sent;
+    /// until then its request waits for its expiry.)
+    fn withdraw_closed_local_clients(&mut self) {
+        if self.requests.is_empty() || self.last_socket_look.elapsed() < SOCKET_LOOK_EVERY {
+            return;
+        }
+        self.last_socket_look = Instant::now();
+        let closed = closed_local_sockets();
+        if closed.is_empty() {
+            return;
+        }
+        let gone: Vec<Flow> = self
+            .requests
+            .values()
+            .filter(|flow| closed.contains(&(flow.client, flow.server)))
+            .copied()
+            .collect();
+        for flow in gone {
+            info!(
+                ?flow,
+                "the client closed its socket while its statement was held"
+            );
+            self.withdraw(&flow, "the client disconnected");
+        }
+    }
+
     fn withdraw(&mut self, flow: &Flow, why: &str) {
         let Some(id) = self
             .streams
@@ -1276,6 +1312,41 @@ impl Gate {
             warn!("withdrawing request {id}: {e}");
         }
     }
+}
+
+/// How often the socket table is read while wire requests are pending.
+const SOCKET_LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// (local, remote) of this network namespace's TCP sockets that their
+/// owner has closed (FIN-WAIT, CLOSING, TIME-WAIT, LAST-ACK, CLOSE), with
+/// IPv4-mapped addresses read as IPv4.
+fn closed_local_sockets() -> crate::FastSet<(std::net::SocketAddr, std::net::SocketAddr)> {
+    use procfs::net::TcpState;
+    let plain = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    };
+    let tables = [procfs::net::tcp(), procfs::net::tcp6()];
+    tables
+        .into_iter()
+        .filter_map(Result::ok)
+        .flatten()
+        .filter(|e| {
+            matches!(
+                e.state,
+                TcpState::FinWait1
+                    | TcpState::FinWait2
+                    | TcpState::Closing
+                    | TcpState::TimeWait
+                    | TcpState::LastAck
+                    | TcpState::Close
+            )
+        })
+        .map(|e| (plain(e.local_address), plain(e.remote_address)))
+        .collect()
 }
 
 /// Why a request that did not end approved refuses its statement.
