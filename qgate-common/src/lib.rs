@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bumped on every change of a shared layout or map; part of pinned names.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// `SO_MARK` value on packets the agent re-injects; the tc program passes
 /// them untouched so a released statement is not held a second time.
@@ -115,10 +115,17 @@ pub struct FlowState {
     pub mode: u8,
     pub phase: u8,
     pub held: u8,
-    pub _pad: u8,
+    /// While `held`: 1 when only the end of a long message is held
+    /// (`hold_seq` is its tail) and the bytes before it pass in order.
+    pub tail: u8,
     /// The client's initial sequence number (its SYN's): the same SYN again
     /// is a retransmission; another one on the live flow is not trusted.
     pub isn: u32,
+    /// While `tail`: end of the in-order bytes passed so far. A segment
+    /// beyond it (a hole before it) is held from there on: the server's
+    /// reassembly of out-of-order overlaps need not match the agent's, so
+    /// past a hole the server gets only what the agent re-injects.
+    pub pass_until: u32,
 }
 
 /// Settings the agent writes; read by the program on every gated segment.

@@ -51,6 +51,17 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// Messages per segment the program walks; a segment with more is held.
 const MAX_MESSAGES: usize = 24;
 
+/// A Query or Parse longer than its segment is held by its end, not its
+/// start: segments before its last `TAIL` bytes pass (the server reads a
+/// whole message before it parses any of it, so none of it runs), the ones
+/// holding those bytes wait for the agent, which sees every byte (the
+/// capture copies what passes too) and decides on the whole text. Holding
+/// its start instead stalls the client once its congestion window is full
+/// of unacknowledged bytes, and the agent never sees the statement whole.
+/// 64 bytes leave room for a denial that makes the whole string fail to
+/// parse (the agent rewrites the held end).
+const TAIL: u32 = 64;
+
 /// First byte of a TLS record of type handshake (RFC 8446 §5.1).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -99,6 +110,7 @@ pub fn left_to_hook(seg: &Segment, flow: &FlowKey, to_server: bool) -> bool {
 #[inline(always)]
 fn hold(state: &mut FlowState, seq: u32) -> Verdict {
     state.held = 1;
+    state.tail = 0;
     state.hold_seq = seq;
     Verdict::Hold
 }
@@ -186,11 +198,19 @@ fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> V
         return Verdict::Drop;
     }
     if state.held != 0 {
-        return if seq_lt(state.hold_seq, end) {
-            Verdict::Hold
-        } else {
-            Verdict::Pass
-        };
+        if seq_lt(state.hold_seq, end) {
+            return Verdict::Hold;
+        }
+        if state.tail != 0 {
+            if seq_lt(state.pass_until, seg.seq) {
+                // Out of order before the tail: held from here on.
+                return hold(state, seg.seq);
+            }
+            if seq_lt(state.pass_until, end) {
+                state.pass_until = end;
+            }
+        }
+        return Verdict::Pass;
     }
     if state.mode == mode::MONITOR || state.phase == phase::OPAQUE {
         return Verdict::Pass;
@@ -271,12 +291,16 @@ struct Walk {
     sql_count: u32,
     sql_is_parse: u8,
     risky_only: u8,
-    /// 1: hold the segment; 2: walked to the end.
+    /// 1: hold the segment; 2: walked to the end; 3: a Query or Parse
+    /// runs past the segment, ending at `tail_end` (see [`TAIL`]).
     outcome: u8,
+    /// Payload offset one past the long message's last byte (`WALK_TAIL`).
+    tail_end: u32,
 }
 
 const WALK_HOLD: u8 = 1;
 const WALK_DONE: u8 = 2;
+const WALK_TAIL: u8 = 3;
 
 /// `bpf_loop` callback: one message header.
 extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
@@ -319,7 +343,19 @@ extern "C" fn walk_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     match ty {
         // Query, Parse: carry SQL text.
         b'Q' | b'P' => {
-            if w.risky_only == 0 || w.off + 1 + len > w.payload_len {
+            if w.off + 1 + len > w.payload_len {
+                // Longer than what is left of the segment: held by its end
+                // when it is the segment's only SQL and long enough to have
+                // an end apart from its start.
+                w.outcome = if w.sql_count == 0 && len > 2 * TAIL {
+                    w.tail_end = w.off + 1 + len;
+                    WALK_TAIL
+                } else {
+                    WALK_HOLD
+                };
+                return 1;
+            }
+            if w.risky_only == 0 {
                 w.outcome = WALK_HOLD;
                 return 1;
             }
@@ -358,6 +394,7 @@ fn messages(ctx: &TcContext, seg: &Segment, state: &mut FlowState, first: u32) -
         sql_is_parse: 0,
         risky_only: (state.mode == mode::GATE_RISKY) as u8,
         outcome: 0,
+        tail_end: 0,
     };
     let mut skb_ref = SkbRef { skb: ctx.skb.skb };
     // SAFETY: callback and context are valid for the call's duration.
@@ -371,6 +408,21 @@ fn messages(ctx: &TcContext, seg: &Segment, state: &mut FlowState, first: u32) -
     };
     // SAFETY: per-CPU slot, written by the callback.
     let walk = unsafe { &(*scratch).walk };
+    if rc >= 0 && walk.outcome == WALK_TAIL {
+        let message_end = seg.seq.wrapping_add(walk.tail_end);
+        let tail = message_end.wrapping_sub(TAIL);
+        if !seq_lt(tail, seg.seq.wrapping_add(seg.payload_len)) {
+            // This segment ends before the tail: it passes, and so do the
+            // ones after it, up to the segment that reaches the tail.
+            state.held = 1;
+            state.tail = 1;
+            state.hold_seq = tail;
+            state.pass_until = seg.seq.wrapping_add(seg.payload_len);
+            state.next_msg_seq = message_end;
+            return Verdict::Pass;
+        }
+        return hold(state, seg.seq);
+    }
     if rc < 0 || walk.outcome != WALK_DONE || walk.sql_count > 1 {
         return hold(state, seg.seq);
     }

@@ -751,3 +751,78 @@ fn a_denial_whose_audit_cannot_be_written_is_still_denied_and_names_no_number() 
     );
     Ok(())
 }
+
+/// Pending requests now (none expected: the caller checks).
+fn pending_now(lab: &Lab, token: &str) -> Result<Vec<serde_json::Value>> {
+    Ok(lab
+        .requests(token, &["list", "--status", "pending"])?
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+#[test]
+fn large_permitted_statements_run_without_a_request_and_a_large_drop_is_held_whole() -> Result<()> {
+    let (lab, token) = gated_lab("glarge")?;
+    // A 300 kB plain read.
+    let literal = "x".repeat(300 * 1024);
+    let psql = psql_script(&lab, "read.sql", format!("SELECT length('{literal}');\n"))?;
+    let (ok, out, err) = finish(psql, Duration::from_secs(20))?;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), (300 * 1024).to_string());
+    assert!(
+        pending_now(&lab, &token)?.is_empty(),
+        "a plain read went up for review"
+    );
+
+    // A 1 MiB INSERT … VALUES into a table the policy lets anyone write.
+    let mut insert = String::from("INSERT INTO t (id, v) VALUES ");
+    let mut n = 0;
+    while insert.len() < 1024 * 1024 {
+        n += 1;
+        if n > 1 {
+            insert.push(',');
+        }
+        insert.push_str(&format!("({}, '{}')", 100 + n, "y".repeat(100)));
+    }
+    insert.push_str(";\n");
+    let psql = psql_script(&lab, "insert.sql", insert)?;
+    let (ok, _, err) = finish(psql, Duration::from_secs(30))?;
+    assert!(ok, "{err}");
+    assert_eq!(
+        lab.sql("SELECT count(*) FROM t WHERE id > 100")?,
+        n.to_string()
+    );
+    assert!(
+        pending_now(&lab, &token)?.is_empty(),
+        "the INSERT went up for review"
+    );
+
+    // 300 kB that ends in a DROP, one Query message (`\;`): held whole.
+    let psql = psql_script(
+        &lab,
+        "sneaky.sql",
+        format!("SELECT length('{literal}') \\; DROP TABLE t;\n"),
+    )?;
+    let (request, id) = pending_with_id(&lab, &token)?;
+    let statement = request["statement"].as_str().unwrap_or_default();
+    assert!(
+        statement.len() > 300 * 1024
+            && statement
+                .trim_end()
+                .trim_end_matches(';')
+                .ends_with("DROP TABLE t"),
+        "the reviewer sees it whole: {} bytes ending {:?}",
+        statement.len(),
+        &statement[statement.len().saturating_sub(60)..]
+    );
+    assert_ne!(request["rule"], "not-understood", "{}", request["rule"]);
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
+    let (ok, _, err) = finish(psql, Duration::from_secs(20))?;
+    assert!(!ok || err.contains("qgate"), "{err}");
+    assert!(err.contains("qgate"), "the client is told: {err}");
+    assert!(table_exists(&lab)?, "the denied DROP never ran");
+    // The session's server side is still fine: a new statement runs.
+    assert_eq!(lab.sql("SELECT count(*) FROM t WHERE id <= 3")?, "3");
+    Ok(())
+}

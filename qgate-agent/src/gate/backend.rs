@@ -187,6 +187,7 @@ impl Gate {
                 },
                 request: None,
                 incomplete: false,
+                tail: false,
             };
             match self.decide(&flow, &pending) {
                 Verdict::Allow => {}

@@ -2,8 +2,11 @@
 //! decided about them.
 //!
 //! The program drops every client→server byte from `base` on; each dropped
-//! copy is captured and kept here (the newest copy of a sequence number wins,
-//! it has the freshest TCP timestamp). The wire stage reports message
+//! copy is captured and kept here. Of two copies of the same bytes the first
+//! one wins unless the later one is longer, exactly as the wire stage's
+//! reassembly (`wire::tcp`) chooses: what is decided is what is re-injected.
+//! (The newest copy's TCP header is kept for re-injection: it has the
+//! freshest timestamp.) The wire stage reports message
 //! boundaries; SQL messages wait in order for a decision. Bytes up to the first
 //! undecided SQL message (and never into a message not yet seen whole) can be
 //! released, with denied statements rewritten in place.
@@ -30,6 +33,12 @@ pub struct PendingSql<T> {
     /// acknowledged) before the message was whole. `text_end` is then where
     /// the held bytes end, and `end` where the message will.
     pub incomplete: bool,
+    /// Only the end of the message is held: its first bytes reached the
+    /// server already (the kernel holds a message longer than its segment
+    /// by its end). `start` is where the held bytes begin and
+    /// `[text_start, text_end)` the held part of its text (possibly empty);
+    /// the decision is on the whole text all the same.
+    pub tail: bool,
 }
 
 pub struct HeldStream<T> {
@@ -47,6 +56,9 @@ pub struct HeldStream<T> {
     pending: VecDeque<PendingSql<T>>,
     /// Replacements to apply at release: (seq, bytes).
     rewrites: Vec<(u32, Vec<u8>)>,
+    /// End of the last SQL message decided here: a message that ends there
+    /// was decided already, whatever part of it is still held.
+    decided_end: Option<u32>,
 }
 
 /// Bytes ready to be re-injected.
@@ -72,7 +84,19 @@ impl<T> HeldStream<T> {
             boundary: base,
             pending: VecDeque::new(),
             rewrites: Vec::new(),
+            decided_end: None,
         }
+    }
+
+    /// Newest held copy's TCP header (its acknowledgment number is the
+    /// server's next sequence number).
+    pub fn template(&self) -> &[u8] {
+        &self.template
+    }
+
+    /// True when the SQL message ending at `end` was decided here already.
+    pub fn decided(&self, end: u32) -> bool {
+        self.decided_end == Some(end)
     }
 
     pub fn base(&self) -> u32 {
@@ -111,7 +135,15 @@ impl<T> HeldStream<T> {
         } else {
             (seq, payload)
         };
-        self.pieces.insert(seq, payload.to_vec());
+        // As `wire::tcp` keeps an out-of-order segment: the first copy
+        // unless a later one at the same place is longer.
+        let replace = self
+            .pieces
+            .get(&seq)
+            .is_none_or(|kept| kept.len() < payload.len());
+        if replace {
+            self.pieces.insert(seq, payload.to_vec());
+        }
         self.absorb_pieces();
     }
 
@@ -155,13 +187,16 @@ impl<T> HeldStream<T> {
 
     /// The first pending message is allowed as sent.
     pub fn allow_front(&mut self) -> Option<PendingSql<T>> {
-        self.pending.pop_front()
+        let sql = self.pending.pop_front()?;
+        self.decided_end = Some(sql.end);
+        Some(sql)
     }
 
     /// The first pending message is denied: its text becomes `replacement`
     /// (exactly `text_end - text_start` bytes).
     pub fn deny_front(&mut self, replacement: Vec<u8>) -> Option<PendingSql<T>> {
         let sql = self.pending.pop_front()?;
+        self.decided_end = Some(sql.end);
         debug_assert_eq!(
             replacement.len() as u32,
             sql.text_end.wrapping_sub(sql.text_start)
@@ -239,7 +274,29 @@ mod tests {
             info: "q",
             request: None,
             incomplete: false,
+            tail: false,
         }
+    }
+
+    #[test]
+    fn a_second_copy_of_held_bytes_never_replaces_the_first() {
+        // Held beyond a hole, then sent again with other bytes of the same
+        // length: the wire stage decodes the first copy, so that is what
+        // goes to the server once the hole fills.
+        let mut h: HeldStream<&str> = HeldStream::new(100);
+        h.add_copy(105, b"SELECT 1;", b"");
+        h.add_copy(105, b"DROP t;--", b"");
+        h.add_copy(100, b"Q\0\0\0\x0e", b"");
+        assert_eq!(h.peek(100, 14), b"Q\0\0\0\x0eSELECT 1;");
+        // In order, too: bytes already held stay.
+        h.add_copy(105, b"DROP t;--", b"");
+        assert_eq!(h.peek(105, 9), b"SELECT 1;");
+        // A longer copy extends (and, beyond a hole, replaces: as `wire::tcp`).
+        let mut h: HeldStream<&str> = HeldStream::new(0);
+        h.add_copy(10, b"abc", b"");
+        h.add_copy(10, b"xyzw", b"");
+        h.add_copy(0, b"0123456789", b"");
+        assert_eq!(h.peek(0, 14), b"0123456789xyzw");
     }
 
     #[test]

@@ -149,6 +149,7 @@ impl KernelGate {
         self.update(flow, |s| {
             s.next_msg_seq = next_msg_seq;
             s.phase = phase::READY;
+            s.tail = 0;
             match still_held_from {
                 Some(seq) => {
                     s.held = 1;

@@ -637,6 +637,7 @@ impl Gate {
             },
             request: None,
             incomplete: true,
+            tail: false,
         });
         true
     }
@@ -830,8 +831,42 @@ impl Gate {
             return false;
         }
         if held::seq_lt(start, stream.base()) {
-            // Began before the held bytes: decided (or passed) already.
-            stream.message_ends(end);
+            let base = stream.base();
+            match m.sql {
+                // A Query or Parse the kernel held by its end (its first
+                // bytes went to the server, which runs nothing of a message
+                // before it has it whole): decided on its whole text here.
+                Some(sql) if !stream.decided(end) => {
+                    let text_end = sql.text_span.seq.wrapping_add(sql.text_span.len as u32);
+                    let text_start = if held::seq_lt(sql.text_span.seq, base) {
+                        base
+                    } else {
+                        sql.text_span.seq
+                    };
+                    let text_start = if held::seq_lt(text_end, text_start) {
+                        text_end
+                    } else {
+                        text_start
+                    };
+                    stream.push_sql(PendingSql {
+                        start: base,
+                        end,
+                        text_start,
+                        text_end,
+                        info: SqlInfo {
+                            conn: m.conn,
+                            carrier: sql.carrier,
+                            text: sql.text,
+                            hook: None,
+                        },
+                        request: None,
+                        incomplete: false,
+                        tail: true,
+                    });
+                }
+                // Began before the held bytes: decided (or passed) already.
+                _ => stream.message_ends(end),
+            }
             return true;
         }
         match m.sql {
@@ -848,6 +883,7 @@ impl Gate {
                 },
                 request: None,
                 incomplete: false,
+                tail: false,
             }),
             None => stream.message_ends(end),
         }
@@ -1119,6 +1155,23 @@ impl Gate {
         } else if front.info.carrier == SqlCarrier::FunctionCall {
             // An OID no function has: "function with OID 0 does not exist".
             (len == 4 && !front.incomplete).then(|| vec![0; 4])
+        } else if front.tail {
+            // The server has the message's first bytes: the held end makes
+            // the whole string fail to parse (a newline, then a dollar quote
+            // whose tag is nowhere in the text), or, with no room for that,
+            // the connection is closed and nothing of it runs.
+            let mut nonce = [0u8; 8];
+            let _ = getrandom::fill(&mut nonce);
+            let tail = (front.info.carrier == SqlCarrier::Query)
+                .then(|| {
+                    rewrite::tail_denial_text(len, id, u64::from_le_bytes(nonce), &front.info.text)
+                })
+                .flatten();
+            if tail.is_none() {
+                self.reset_held(flow, id, reason);
+                return;
+            }
+            tail
         } else if front.incomplete {
             let mut nonce = [0u8; 8];
             let _ = getrandom::fill(&mut nonce);
@@ -1139,6 +1192,47 @@ impl Gate {
         if let Err(e) = self.kernel.deny_range(flow, start, end) {
             warn!("recording the denied range: {e}");
         }
+    }
+
+    /// Ends a connection whose held message cannot be refused by a rewrite
+    /// (the held end of a long Parse, or too short a held end): both sides
+    /// get a reset, the server before it has the message whole, so nothing
+    /// of it runs. Audited.
+    fn reset_held(&mut self, flow: &Flow, id: DenialRef, reason: &str) {
+        let Some(stream) = self.streams.remove(flow) else {
+            return;
+        };
+        self.last_copy.remove(flow);
+        let client_seq = stream.base();
+        let server_seq = stream
+            .template()
+            .get(8..12)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        let result = match server_seq {
+            Some(server_seq) => self
+                .injector
+                .reset_both(flow, server_seq, client_seq)
+                .map_err(|e| e.to_string()),
+            None => Err("no TCP header was captured".to_string()),
+        };
+        if let Err(e) = &result {
+            warn!(
+                ?flow,
+                "resetting the connection of a refused statement: {e}"
+            );
+        }
+        let details = serde_json::json!({
+            "request": id.request(),
+            "decision": id.decision(),
+            "client": flow.client.to_string(),
+            "reason": reason,
+            "why": "the held end of the statement leaves no room for a rewrite",
+            "reset": result.is_ok(),
+        });
+        let _ = self.runtime.block_on(
+            self.board
+                .audit(crate::store::audit::kinds::CONNECTION_RESET, details),
+        );
     }
 
     /// A TLS handshake the program held under `gate.unreadable =

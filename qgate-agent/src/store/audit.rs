@@ -70,6 +70,8 @@ pub mod kinds {
     pub const CAPTURE_REFUSED_SEGMENTS: Kind = Kind("capture.refused_segments");
     pub const CAPTURE_CONNECTIONS_SHED: Kind = Kind("capture.connections_shed");
     pub const BACKEND_TERMINATED: Kind = Kind("backend.terminated");
+    /// A connection was reset to refuse a statement no rewrite could.
+    pub const CONNECTION_RESET: Kind = Kind("gate.connection_reset");
 
     /// All of the above, for searches and tests.
     pub const ALL: &[Kind] = &[
@@ -90,6 +92,7 @@ pub mod kinds {
         CAPTURE_REFUSED_SEGMENTS,
         CAPTURE_CONNECTIONS_SHED,
         BACKEND_TERMINATED,
+        CONNECTION_RESET,
     ];
 }
 
