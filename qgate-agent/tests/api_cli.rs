@@ -71,9 +71,52 @@ async fn reviewers_added_by_the_cli_while_the_api_runs_can_use_their_token_at_on
 
     let (_, out) = cli(args(&format!("add audra --role auditor --db {db}")), false).await;
     assert!(out.contains("token: qgt_"), "{out}");
+    // Peer review by default: a reviewer is the DB user of the same name
+    // unless told otherwise, and "no DB user at all" must be said.
+    let (_, out) = cli(
+        args(&format!("add alice --groups engineers --db {db} --json")),
+        false,
+    )
+    .await;
+    let alice: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(alice["db_users"], serde_json::json!(["alice"]));
+    let (_, out) = cli(
+        args(&format!(
+            "add ops --groups engineers --no-db-user --db {db} --json"
+        )),
+        false,
+    )
+    .await;
+    let ops: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(ops["db_users"], serde_json::json!([]));
     let (_, out) = cli(args(&format!("list --db {db}")), false).await;
     assert!(out.starts_with("NAME"), "{out}");
     assert!(out.contains("audra") && out.contains("auditor"), "{out}");
+    assert!(out.contains("none (--no-db-user)"), "{out}");
+
+    // alice's own DDL: she may not approve it; another engineer may.
+    let alice_token = alice["token"].as_str().expect("token").to_owned();
+    let ops_token = ops["token"].as_str().expect("token").to_owned();
+    let mine = api
+        .hold(held(Some("alice"), "ddl-needs-peer", 1, &["engineers"]))
+        .await;
+    let (status, refused) = api
+        .post(
+            &alice_token,
+            &format!("/v1/requests/{}/approve", mine.id),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN, "{refused}");
+    assert!(refused.to_string().contains("alice"), "{refused}");
+    let (status, approved) = api
+        .post(
+            &ops_token,
+            &format!("/v1/requests/{}/approve", mine.id),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{approved}");
     assert!(!out.contains(&token), "list never shows tokens");
 
     let (code, _) = cli(args(&format!("revoke rita --db {db}")), false).await;

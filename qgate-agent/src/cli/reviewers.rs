@@ -20,9 +20,20 @@ pub enum ReviewersCommand {
         /// reviewer: decides its groups' requests; admin: may also force-approve; auditor: reads only.
         #[arg(long, default_value = "reviewer", value_parser = parse_role)]
         role: Role,
-        /// DB users this reviewer is; they can never approve those users' statements.
-        #[arg(long = "db-users", value_delimiter = ',')]
+        /// DB users this reviewer is (comma-separated): they can never
+        /// approve those users' statements, nor one whose user is unknown.
+        /// Default: the DB user of the reviewer's own name (peer review:
+        /// alice never approves what the database user alice sent).
+        #[arg(
+            long = "db-users",
+            value_delimiter = ',',
+            conflicts_with = "no_db_user"
+        )]
         db_users: Vec<String>,
+        /// This reviewer is no database user at all: linked to none, so no
+        /// statement counts as theirs. Must be said explicitly.
+        #[arg(long = "no-db-user")]
+        no_db_user: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -66,6 +77,7 @@ pub fn execute(cmd: ReviewersCommand, out: &mut dyn Write) -> anyhow::Result<Exi
             groups,
             role,
             db_users,
+            no_db_user,
             store: args,
         } => {
             let mut conn = open(&args.db)?;
@@ -75,13 +87,18 @@ pub fn execute(cmd: ReviewersCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                     .filter(|s| !s.is_empty())
                     .collect()
             };
+            let db_users = match (no_db_user, clean(db_users)) {
+                (true, _) => Vec::new(),
+                (false, named) if named.is_empty() => vec![name.trim().to_owned()],
+                (false, named) => named,
+            };
             let (reviewer, token) = store::add_reviewer(
                 &mut conn,
                 &NewReviewer {
                     name,
                     role,
                     groups: clean(groups),
-                    db_users: clean(db_users),
+                    db_users,
                 },
             )?;
             if args.json {
@@ -95,7 +112,7 @@ pub fn execute(cmd: ReviewersCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                     reviewer.name,
                     reviewer.role.as_str(),
                     list_or_dash(&reviewer.groups),
-                    list_or_dash(&reviewer.db_users)
+                    db_users_shown(&reviewer.db_users)
                 )?;
                 writeln!(out, "token: {token}")?;
                 writeln!(out, "(shown once: qgate keeps only its hash)")?;
@@ -137,6 +154,15 @@ fn list_or_dash(items: &[String]) -> String {
     }
 }
 
+/// A reviewer's link to database users, as the CLI shows it.
+fn db_users_shown(db_users: &[String]) -> String {
+    if db_users.is_empty() {
+        "none (--no-db-user)".to_owned()
+    } else {
+        db_users.join(",")
+    }
+}
+
 fn write_table(out: &mut dyn Write, reviewers: &[Reviewer]) -> std::io::Result<()> {
     let rows: Vec<[String; 6]> = reviewers
         .iter()
@@ -145,7 +171,7 @@ fn write_table(out: &mut dyn Write, reviewers: &[Reviewer]) -> std::io::Result<(
                 r.name.clone(),
                 r.role.as_str().to_owned(),
                 list_or_dash(&r.groups),
-                list_or_dash(&r.db_users),
+                db_users_shown(&r.db_users),
                 r.created_at.clone(),
                 r.revoked_at.clone().unwrap_or_else(|| "-".to_owned()),
             ]
