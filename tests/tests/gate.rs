@@ -826,3 +826,94 @@ fn large_permitted_statements_run_without_a_request_and_a_large_drop_is_held_who
     assert_eq!(lab.sql("SELECT count(*) FROM t WHERE id <= 3")?, "3");
     Ok(())
 }
+
+#[test]
+fn credentials_never_reach_the_store_an_export_or_the_api() -> Result<()> {
+    let (lab, token) = gated_lab("gsecret")?;
+    let statements = [
+        ("ALTER ROLE postgres PASSWORD 'hunter2-role-secret'", "hunter2-role-secret"),
+        (
+            "CREATE USER MAPPING FOR postgres SERVER nosuch OPTIONS (user 'u', password 'mapping-secret')",
+            "mapping-secret",
+        ),
+        ("SELECT pgp_sym_encrypt('data', 'pgcrypto-key-secret')", "pgcrypto-key-secret"),
+        (
+            "SELECT dblink_connect('host=h user=u password=dblink-secret')",
+            "dblink-secret",
+        ),
+    ];
+    for (sql, _) in statements {
+        let psql = lab.psql_spawn("postgres", "postgres", &["-c", sql])?;
+        // Held or not: whatever waits is denied, so the client finishes.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut psql = Some(psql);
+        while let Some(mut child) = psql.take() {
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                anyhow::bail!("{sql}: psql did not finish");
+            }
+            for r in pending_now(&lab, &token)? {
+                let shown = r["statement"].as_str().unwrap_or_default().to_string();
+                assert!(
+                    shown.contains("[redacted]"),
+                    "the reviewer sees it redacted: {shown}"
+                );
+                if let Some(id) = r["id"].as_i64() {
+                    lab.requests(&token, &["deny", &id.to_string()])?;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            psql = Some(child);
+        }
+    }
+    // Every statement is recorded, redacted.
+    let stored = lab.wait_for(
+        "all four statements stored",
+        Duration::from_secs(10),
+        || {
+            let n: i64 = lab.store()?.query_row(
+                "SELECT count(*) FROM statements WHERE text LIKE '%[redacted]%'",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok((n >= 4).then_some(n))
+        },
+    )?;
+    assert!(stored >= 4);
+    let export = lab.agent_cli(&[
+        "audit",
+        "export",
+        "--db",
+        lab.db_path().to_str().unwrap_or_default(),
+    ])?;
+    let export = String::from_utf8_lossy(&export.stdout).into_owned();
+    assert!(export.contains("[redacted]"), "{export}");
+    let (_, api_statements) = lab.api_get(&token, "/v1/audit/statements")?;
+    let (_, api_requests) = lab.api_get(&token, "/v1/requests")?;
+    let (_, api_log) = lab.api_get(&token, "/v1/audit/log")?;
+    let mut files = Vec::new();
+    for suffix in ["", "-wal"] {
+        let path = format!("{}{suffix}", lab.db_path().display());
+        files.push((path.clone(), std::fs::read(&path).unwrap_or_default()));
+    }
+    for (_, secret) in statements {
+        for (what, text) in [
+            ("export", &export),
+            ("API statements", &api_statements),
+            ("API requests", &api_requests),
+            ("API audit log", &api_log),
+        ] {
+            assert!(!text.contains(secret), "{secret} in the {what}");
+        }
+        for (path, bytes) in &files {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} in {path}"
+            );
+        }
+    }
+    Ok(())
+}

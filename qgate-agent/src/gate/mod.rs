@@ -1027,7 +1027,10 @@ impl Gate {
                 let client = self
                     .client_of(flow)
                     .map_or_else(|| "local".to_string(), |a| a.to_string());
-                let key = (client.clone(), sql.info.text.clone());
+                // What reviewers, the store and webhooks see: credentials
+                // redacted (`classify::redact`).
+                let shown = crate::classify::redact::redact(&sql.info.text).into_owned();
+                let key = (client.clone(), shown.clone());
                 if let Some(id) = self.recovered.remove(&key) {
                     info!(
                         request = id,
@@ -1035,10 +1038,10 @@ impl Gate {
                     );
                     return Verdict::Wait(id);
                 }
-                let facts = serde_json::to_value(&classification).unwrap_or_default();
+                let facts = redacted_facts(&classification);
                 let new = NewRequest {
                     statement_id: None,
-                    statement: sql.info.text.clone(),
+                    statement: shown,
                     facts,
                     rule: decision.rule.clone(),
                     approvals_needed: approvals,
@@ -1127,7 +1130,7 @@ impl Gate {
         let details = serde_json::json!({
             "decision": "deny",
             "reason": reason,
-            "statement": sql.info.text,
+            "statement": crate::classify::redact::redact(&sql.info.text),
             "client": flow.client.to_string(),
         });
         match self.runtime.block_on(
@@ -1406,6 +1409,30 @@ impl Gate {
             warn!("withdrawing request {id}: {e}");
         }
     }
+}
+
+/// The classifier's facts as a request keeps them, each statement's text
+/// with its credentials redacted (a parse error, which may quote them, is
+/// withheld for such a statement).
+fn redacted_facts(classification: &crate::classify::Classification) -> serde_json::Value {
+    let mut facts = serde_json::to_value(classification).unwrap_or_default();
+    if let Some(statements) = facts
+        .get_mut("statements")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for statement in statements {
+            let Some(sql) = statement.get("sql").and_then(serde_json::Value::as_str) else {
+                continue;
+            };
+            if let std::borrow::Cow::Owned(redacted) = crate::classify::redact::redact(sql) {
+                statement["sql"] = redacted.into();
+                if statement.get("error").is_some_and(|e| !e.is_null()) {
+                    statement["error"] = "withheld: the statement holds a credential".into();
+                }
+            }
+        }
+    }
+    facts
 }
 
 /// How often the socket table is read while wire requests are pending.

@@ -676,7 +676,9 @@ impl Apply<'_, '_> {
         let Some(rows) = self.connections.get_mut(&decided.conn) else {
             return Ok(Applied::Unmatched);
         };
-        let hash = self.texts.hash(&decided.text);
+        let hash = self
+            .texts
+            .hash(&crate::classify::redact::redact(&decided.text));
         // Statements before the match were passed without asking the agent
         // (decisions come in stream order): they stay undecided.
         let Some(at) = rows.undecided.iter().position(|(_, h)| *h == hash) else {
@@ -810,6 +812,9 @@ impl Apply<'_, '_> {
                 let Some(rows) = connections.get_mut(conn) else {
                     return Ok(Applied::Unmatched);
                 };
+                // Credentials never reach the file (`classify::redact`).
+                let text = crate::classify::redact::redact(text);
+                let text = text.as_ref();
                 let (text_ref, hash) = self.texts.lookup(tx, text)?;
                 let (inline, text_id) = match text_ref {
                     TextRef::Inline(text) => (Some(text), None),
@@ -818,7 +823,9 @@ impl Apply<'_, '_> {
                 let decided = rows
                     .decided
                     .iter()
-                    .position(|(h, d)| *h == hash && d.text == *text)
+                    .position(|(h, d)| {
+                        *h == hash && crate::classify::redact::redact(&d.text) == text
+                    })
                     .and_then(|i| rows.decided.remove(i))
                     .map(|(_, d)| d);
                 self.insert_statement.execute(rusqlite::params![
