@@ -109,10 +109,15 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     };
     info!(listen = %config.api.listen, "API listening");
 
-    let policy = PolicyHandle::new(match &config.policy.file {
-        Some(path) => Policy::from_file(path)?,
-        None => Policy::builtin_default(),
-    });
+    let policy = PolicyHandle::new(Policy::builtin_default())
+        .with_estimator(config.policy.estimator.is_some());
+    if let Some(path) = &config.policy.file {
+        // As a reload would: every warning logged, the first error refuses.
+        policy.reload_from(path)?;
+    }
+    policy
+        .current()
+        .check_estimator(config.policy.estimator.is_some())?;
     let _watcher = match &config.policy.file {
         Some(path) => Some(
             policy::watch_file(policy.clone(), path.clone(), Duration::from_secs(1))

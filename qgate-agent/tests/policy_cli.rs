@@ -154,19 +154,167 @@ fn example_maintenance_is_denied_when_no_estimate_can_be_had() {
     assert_eq!(v["subject"]["client_addr"], "10.0.0.9");
 }
 
+/// The shipped qgate.toml with an estimator configured, in `dir`.
+fn config_with_estimator(dir: &Path) -> PathBuf {
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("qgate.toml")).unwrap();
+    let text = shipped.replace(
+        "# estimator = \"host=127.0.0.1",
+        "estimator = \"host=127.0.0.1",
+    );
+    assert_ne!(text, shipped, "the shipped config names an estimator line");
+    let path = dir.join("qgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 #[test]
 fn validate_accepts_the_shipped_and_example_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_estimator(dir.path());
+    let none = dir.path().join("no-store.sqlite");
     for file in [
         Path::new(env!("CARGO_MANIFEST_DIR")).join("policy.toml"),
         example_policy(),
     ] {
-        let out = qgate(&["policy", "validate", file.to_str().unwrap()], None);
+        let out = qgate(
+            &[
+                "policy",
+                "validate",
+                file.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--db",
+                none.to_str().unwrap(),
+            ],
+            None,
+        );
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("warning"), "{err}");
     }
+    // Without an estimator the example's `estimated_rows_above` rule would
+    // deny on "no estimate": refused, saying why.
+    let out = qgate(
+        &[
+            "policy",
+            "validate",
+            example_policy().to_str().unwrap(),
+            "--db",
+            none.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no estimator is configured"), "{err}");
+}
+
+/// `policy validate` on `text`: (success, stderr).
+fn validate_text(text: &str, extra: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, text).unwrap();
+    let none = dir.path().join("no-store.sqlite");
+    let mut args = vec!["policy", "validate", file.to_str().unwrap()];
+    if !extra.contains(&"--db") {
+        args.extend(["--db", none.to_str().unwrap()]);
+    }
+    args.extend_from_slice(extra);
+    let out = qgate(&args, None);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_policy_that_would_open_the_gate_by_accident_is_refused_or_flagged() {
+    // Errors: the agent would refuse the file too.
+    for (text, needle) in [
+        ("", "no [default]"),
+        ("[[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n", "no [default]"),
+        (
+            "[default]\naction = \"hold\"\n[[rules]]\nname = \"all\"\ngroups = []\naction = \"allow\"\n",
+            "`groups = []` names nothing",
+        ),
+        (
+            "[default]\naction = \"allow\"\n[[rules]]\nname = \"no-deletes\"\nverbs = [\"DELET\"]\naction = \"deny\"\n",
+            "did you mean DELETE?",
+        ),
+        (
+            "[default]\naction = \"allow\"\n[tags]\nhr = [\"hr.[a-z\"]\n",
+            "`[` cannot be part of an unquoted name",
+        ),
+    ] {
+        let (ok, err) = validate_text(text, &[]);
+        assert!(!ok, "{text:?} was accepted");
+        assert!(err.contains(needle), "{text:?}: {err}");
+        assert!(err.contains("error: line "), "{err}");
+    }
+    // Every problem, not only the first.
+    let (ok, err) = validate_text(
+        "[default]\naction = \"allow\"\n\
+         [[rules]]\nname = \"a\"\nverbs = [\"DELET\"]\naction = \"deny\"\n\
+         [[rules]]\nname = \"b\"\nkinds = [\"dll\"]\naction = \"deny\"\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("DELET") && err.contains("dll"), "{err}");
+    assert_eq!(err.matches(": error: ").count(), 2, "{err}");
+
+    // Warnings: it loads, but says what looks wrong.
+    let (ok, err) = validate_text(
+        "[default]\naction = \"allow\"\n\
+         [[rules]]\nname = \"never\"\nkinds = [\"read\"]\nverbs = [\"DROP\"]\naction = \"deny\"\n\
+         [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n\
+         [[rules]]\nname = \"drops\"\nkinds = [\"ddl\"]\nverbs = [\"DROP\"]\naction = \"deny\"\n",
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("rule `never` can never match"), "{err}");
+    assert!(
+        err.contains("rule `drops` is never reached: rule `ddl`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn validate_warns_about_reviewer_groups_nobody_is_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let out = qgate(
+        &[
+            "reviewers",
+            "add",
+            "rita",
+            "--groups",
+            "dba",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, err) = validate_text(
+        "[default]\naction = \"allow\"\n\
+         [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\nreviewers = [\"dba\", \"sre\"]\n",
+        &["--db", db.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("reviewer group `sre` has no active reviewer"),
+        "{err}"
+    );
+    assert!(!err.contains("group `dba`"), "{err}");
 }
 
 #[test]

@@ -13,10 +13,19 @@ use clap::{Args, Subcommand};
 pub enum PolicyCommand {
     /// Decide one SQL string as the agent would, and show the rule and the facts.
     Check(CheckArgs),
-    /// Check a policy file; errors name the line. Exits non-zero when invalid.
+    /// Check a policy file: every error and warning, each naming its line.
+    /// Exits non-zero when the agent would refuse the file.
     Validate {
         /// The policy file (TOML).
         file: PathBuf,
+        /// The agent's configuration (default: the built-in one): rules that
+        /// need the planner's estimate need its `[policy] estimator`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The agent's store: warns about reviewer groups no active reviewer
+        /// is in (skipped when the file does not exist).
+        #[arg(long, env = "QGATE_DB", default_value = crate::api::DEFAULT_STORE_PATH)]
+        db: PathBuf,
     },
 }
 
@@ -65,20 +74,87 @@ pub struct CheckArgs {
 pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
         PolicyCommand::Check(args) => run_check(args),
-        PolicyCommand::Validate { file } => match Policy::from_file(&file) {
-            Ok(policy) => {
-                println!(
-                    "{}: valid, {} rules",
-                    file.display(),
-                    policy.rule_names().count()
-                );
-                Ok(ExitCode::SUCCESS)
+        PolicyCommand::Validate { file, config, db } => validate(&file, config.as_deref(), &db),
+    }
+}
+
+/// `policy validate`: every problem, errors first, then a one-line verdict.
+fn validate(
+    file: &std::path::Path,
+    config: Option<&std::path::Path>,
+    db: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let name = file.display();
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{name}: cannot read it: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let (policy, mut findings) = Policy::validate_toml(&text);
+    let mut notes = Vec::new();
+    if let Some(policy) = &policy {
+        match Config::load(config) {
+            Ok(config) => {
+                if let Err(e) = policy.check_estimator(config.policy.estimator.is_some()) {
+                    findings.errors.push(e);
+                }
             }
-            Err(error) => {
-                eprintln!("{}: {error}", file.display());
-                Ok(ExitCode::FAILURE)
+            Err(e) => notes.push(format!("the configuration was not checked against: {e}")),
+        }
+        if db.is_file() {
+            match crate::store::requests::open_db(db)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(crate::store::requests::list_reviewers(&c)?))
+            {
+                Ok(reviewers) => {
+                    for (group, line) in policy.reviewer_groups() {
+                        let staffed = reviewers
+                            .iter()
+                            .any(|r| r.revoked_at.is_none() && r.groups.contains(&group));
+                        if !staffed {
+                            findings.warnings.push(crate::policy::PolicyWarning {
+                                line: line.max(1),
+                                message: format!(
+                                    "reviewer group `{group}` has no active reviewer in {}: what \
+                                     it must approve waits until it expires (add one: \
+                                     qgate-agent reviewers add NAME --groups {group})",
+                                    db.display()
+                                ),
+                            });
+                        }
+                    }
+                }
+                Err(e) => notes.push(format!("reviewers not checked: {e}")),
             }
-        },
+        }
+    }
+    for error in &findings.errors {
+        eprintln!("{name}: error: {error}");
+    }
+    for warning in &findings.warnings {
+        eprintln!("{name}: warning: {warning}");
+    }
+    for note in &notes {
+        eprintln!("{name}: note: {note}");
+    }
+    match (&policy, findings.errors.len()) {
+        (Some(policy), 0) => {
+            println!(
+                "{name}: valid, {} rules, {} warning(s)",
+                policy.rule_names().count(),
+                findings.warnings.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (_, errors) => {
+            println!(
+                "{name}: invalid: {errors} error(s), {} warning(s); the agent would refuse it",
+                findings.warnings.len()
+            );
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

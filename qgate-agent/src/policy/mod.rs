@@ -27,9 +27,10 @@ pub mod estimate;
 mod file;
 mod pattern;
 mod reload;
+mod verbs;
 
 pub use cache::DecisionCache;
-pub use file::DEFAULT_REVIEWERS;
+pub use file::{Findings, PolicyWarning, DEFAULT_REVIEWERS};
 pub use pattern::{Cidr, Glob, TablePattern};
 pub use reload::{watch_file, PolicyHandle, PolicyWatcher};
 
@@ -311,6 +312,41 @@ struct Rule {
 }
 
 impl Rule {
+    /// True when every statement and identity `later` matches, this rule
+    /// matches too (so `later`, coming after it, never decides anything).
+    /// Conservative: only list conditions are compared; a rule with a time
+    /// window, estimates or function conditions covers nothing.
+    fn covers(&self, later: &Rule) -> bool {
+        fn subset<T: PartialEq>(earlier: &[T], later: &[T]) -> bool {
+            earlier.is_empty() || (!later.is_empty() && later.iter().all(|x| earlier.contains(x)))
+        }
+        let plain = self.time.is_none()
+            && self.estimated_rows_above.is_none()
+            && self.estimated_share_above.is_none()
+            && self.functions.is_empty()
+            && !self.unsafe_functions;
+        let verbs = self.verbs.is_empty()
+            || (!later.verbs.is_empty()
+                && later.verbs.iter().all(|v| {
+                    self.verbs.iter().any(|e| {
+                        e == v
+                            || v.strip_prefix(e.as_str())
+                                .is_some_and(|r| r.starts_with(' '))
+                    })
+                }));
+        let tables: Vec<&str> = self.tables.iter().map(TablePattern::as_str).collect();
+        let later_tables: Vec<&str> = later.tables.iter().map(TablePattern::as_str).collect();
+        let flags = self.flags.is_empty()
+            || (!later.flags.is_empty() && later.flags.iter().all(|f| self.flags.contains(f)));
+        plain
+            && verbs
+            && flags
+            && subset(&self.groups, &later.groups)
+            && subset(&self.kinds, &later.kinds)
+            && subset(&self.tags, &later.tags)
+            && subset(&tables, &later_tables)
+    }
+
     /// True when the rule names no statement condition: it decides every
     /// statement of the identities it applies to.
     /// Whether the rule could match a statement the kernel passes on its
@@ -396,6 +432,73 @@ impl Policy {
     /// Parses and checks a policy; errors name the line.
     pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
         file::parse(text)
+    }
+
+    /// Every error and warning of a policy text, and the policy when it has
+    /// no error (what `policy validate` reports, and what the agent logs at
+    /// start and on reload).
+    pub fn validate_toml(text: &str) -> (Option<Policy>, Findings) {
+        file::parse_all(text)
+    }
+
+    /// The rules that need the configured estimator (`estimated_rows_above`;
+    /// `estimated_share_above` asks over the agent's catalog session):
+    /// without one such a rule decides on "no estimate", for every
+    /// statement it names.
+    pub fn needs_estimator(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|r| r.estimated_rows_above.is_some())
+            .map(|r| format!("rule `{}` (line {})", r.name, r.line))
+            .collect()
+    }
+
+    /// The policy against the agent's setting: a rule that needs the
+    /// planner's estimate with no estimator configured is an error (it
+    /// would decide every statement it names on "no estimate").
+    pub fn check_estimator(&self, estimator_configured: bool) -> Result<(), PolicyError> {
+        let needing = self.needs_estimator();
+        if estimator_configured || needing.is_empty() {
+            return Ok(());
+        }
+        let line = self
+            .rules
+            .iter()
+            .find(|r| r.estimated_rows_above.is_some())
+            .map_or(1, |r| r.line);
+        Err(PolicyError::Invalid {
+            line,
+            message: format!(
+                "{} need(s) the planner's estimate, but no estimator is configured: set \
+                 `estimator` under [policy] in qgate.toml (a read-only connection string), or \
+                 remove `estimated_rows_above`",
+                needing.join(", ")
+            ),
+        })
+    }
+
+    /// Reviewer groups the hold rules (and the default) ask, with the line
+    /// of the first rule asking each (0: the default).
+    pub fn reviewer_groups(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        let actions = self
+            .rules
+            .iter()
+            .map(|r| (&r.action, r.line))
+            .chain(std::iter::once((&self.default, 0)));
+        for (action, line) in actions {
+            if let Action::Hold {
+                reviewer_groups, ..
+            } = action
+            {
+                for g in reviewer_groups {
+                    if !out.iter().any(|(name, _)| name == g) {
+                        out.push((g.clone(), line));
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {

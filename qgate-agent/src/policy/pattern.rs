@@ -185,7 +185,16 @@ fn split_name(text: &str) -> Result<Vec<String>, String> {
                 was_quoted = false;
             }
             c if quoted || was_quoted => current.push(c),
-            c => current.extend(c.to_lowercase()),
+            c if c.is_alphanumeric() || matches!(c, '_' | '$' | '*' | '?') => {
+                current.extend(c.to_lowercase())
+            }
+            c => {
+                return Err(format!(
+                    "`{text}`: `{c}` cannot be part of an unquoted name; a pattern is `table` or \
+                     `schema.table`, with `*` (any run of characters) and `?` (one character) as \
+                     wildcards (write \"{c}\" inside double quotes to mean the character itself)"
+                ))
+            }
         }
     }
     if quoted {
@@ -193,7 +202,9 @@ fn split_name(text: &str) -> Result<Vec<String>, String> {
     }
     parts.push(current);
     if parts.iter().any(String::is_empty) {
-        return Err(format!("`{text}`: empty name part"));
+        return Err(format!(
+            "`{text}`: a part of the name is empty (a pattern is `table` or `schema.table`)"
+        ));
     }
     Ok(parts)
 }

@@ -21,6 +21,9 @@ use super::{Policy, PolicyError};
 pub struct PolicyHandle {
     current: Arc<RwLock<Arc<Policy>>>,
     generation: Arc<AtomicU64>,
+    /// Whether the agent has an estimator: a reloaded policy whose rules
+    /// need one when there is none is refused (see `Policy::check_estimator`).
+    estimator_configured: bool,
 }
 
 impl PolicyHandle {
@@ -28,7 +31,14 @@ impl PolicyHandle {
         PolicyHandle {
             current: Arc::new(RwLock::new(Arc::new(policy))),
             generation: Arc::new(AtomicU64::new(0)),
+            estimator_configured: true,
         }
+    }
+
+    /// Says whether an estimator is configured (before the handle is shared).
+    pub fn with_estimator(mut self, configured: bool) -> Self {
+        self.estimator_configured = configured;
+        self
     }
 
     /// The policy in force now. Holding the `Arc` keeps deciding with it even
@@ -48,7 +58,24 @@ impl PolicyHandle {
 
     /// Reads and checks `path`, and puts it in force only if it is valid.
     pub fn reload_from(&self, path: &Path) -> Result<(), PolicyError> {
-        let policy = Policy::from_file(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (policy, findings) = Policy::validate_toml(&text);
+        for warning in &findings.warnings {
+            tracing::warn!(path = %path.display(), "policy: {warning}");
+        }
+        if let Some(error) = findings.errors.into_iter().next() {
+            return Err(error);
+        }
+        let Some(policy) = policy else {
+            return Err(PolicyError::Invalid {
+                line: 1,
+                message: "the policy could not be read".into(),
+            });
+        };
+        policy.check_estimator(self.estimator_configured)?;
         self.replace(policy);
         Ok(())
     }

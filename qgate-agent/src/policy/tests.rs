@@ -78,7 +78,7 @@ fn semantic_errors_name_the_rule_and_its_line() {
 #[test]
 fn first_matching_rule_wins() {
     let p = Policy::from_toml(
-        "[[rules]]\nname = \"first\"\nkinds = [\"write\"]\naction = \"deny\"\n\
+        "[default]\naction = \"allow\"\n[[rules]]\nname = \"first\"\nkinds = [\"write\"]\naction = \"deny\"\n\
          [[rules]]\nname = \"second\"\nverbs = [\"DELETE\"]\naction = \"allow\"\n",
     )
     .unwrap();
@@ -123,7 +123,7 @@ fn unknown_identity_fields_count_against_the_client() {
 #[test]
 fn missing_estimate_counts_as_exceeded_and_says_why() {
     let p = Policy::from_toml(
-        "[[rules]]\nname = \"big\"\nkinds = [\"read\", \"write\"]\nestimated_rows_above = 10000\naction = \"deny\"\n",
+        "[default]\naction = \"allow\"\n[[rules]]\nname = \"big\"\nkinds = [\"read\", \"write\"]\nestimated_rows_above = 10000\naction = \"deny\"\n",
     )
     .unwrap();
     let d = decide(&p, &subject("m"), "DELETE FROM t WHERE id < 5");
@@ -173,7 +173,7 @@ fn time_windows_use_utc_days_and_hours() {
 #[test]
 fn safe_functions_extend_the_known_safe_list() {
     let p = Policy::from_toml(
-        "safe_functions = [\"myapp.*\"]\n\
+        "safe_functions = [\"myapp.*\"]\n[default]\naction = \"allow\"\n\
          [[rules]]\nname = \"fn\"\nunsafe_functions = true\naction = \"hold\"\n",
     )
     .unwrap();
@@ -201,7 +201,7 @@ fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
     );
 
     let p = Policy::from_toml(
-        "[groups.bots]\napplications = [\"bot\"]\n\
+        "[default]\naction = \"allow\"\n[groups.bots]\napplications = [\"bot\"]\n\
          [groups.admins]\nusers = [\"admin\"]\n\
          [[rules]]\nname = \"bots-out\"\ngroups = [\"bots\"]\naction = \"deny\"\n\
          [[rules]]\nname = \"admins-free\"\ngroups = [\"admins\"]\naction = \"allow\"\n\
@@ -223,7 +223,7 @@ fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
 #[test]
 fn a_rule_that_can_hold_plain_reads_makes_the_kernel_send_every_statement_up() {
     let p = Policy::from_toml(
-        "[groups.analysts]\nusers = [\"ana\"]\n\
+        "[default]\naction = \"allow\"\n[groups.analysts]\nusers = [\"ana\"]\n\
          [tags]\nsensitive = [\"public.salaries\"]\n\
          [[rules]]\nname = \"sensitive\"\ngroups = [\"analysts\"]\ntags = [\"sensitive\"]\naction = \"hold\"\n\
          [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
