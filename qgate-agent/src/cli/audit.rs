@@ -25,7 +25,7 @@ pub enum AuditCommand {
     /// database, application and client address) to standard output.
     Export {
         /// The agent's database.
-        #[arg(long, default_value = DEFAULT_DB_PATH)]
+        #[arg(long, env = "QGATE_DB", default_value = DEFAULT_DB_PATH)]
         db: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
         format: Format,
@@ -41,7 +41,7 @@ pub enum AuditCommand {
     /// any entry was edited, deleted, inserted or reordered.
     Verify {
         /// The agent's database.
-        #[arg(long, default_value = DEFAULT_DB_PATH)]
+        #[arg(long, env = "QGATE_DB", default_value = DEFAULT_DB_PATH)]
         db: PathBuf,
     },
 }
@@ -66,6 +66,13 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             since,
             until,
         } => {
+            if let (Some(since), Some(until)) = (since, until) {
+                if since >= until {
+                    anyhow::bail!(
+                        "--since must come before --until: nothing is received in that range"
+                    );
+                }
+            }
             let store = open(&db)?;
             let format = match format {
                 Format::Jsonl => ExportFormat::Jsonl,

@@ -43,6 +43,14 @@ enum Command {
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Run(_)) {
+        // The offline tools end quietly when their reader goes away
+        // (`… | head`), as other command-line tools do. (Not the agent: it
+        // writes to sockets, where a closed peer must be an error, not a
+        // signal that ends it.)
+        // SAFETY: restoring a signal's default disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Replay(args) => run::replay(args),

@@ -28,7 +28,9 @@ pub struct RunArgs {
     /// PostgreSQL port (repeatable).
     #[arg(long = "port")]
     ports: Vec<u16>,
-    /// SQLite store.
+    /// SQLite store to write (default: `<pcap>.qgate.sqlite` beside the
+    /// capture, never the live store unless named here; replayed
+    /// connections are marked with the file's name either way).
     #[arg(long)]
     db: Option<PathBuf>,
     /// API listen address.
@@ -53,7 +55,9 @@ pub struct ReplayArgs {
     /// pcap or pcapng file.
     #[arg(long)]
     pcap: PathBuf,
-    /// SQLite store.
+    /// SQLite store to write (default: `<pcap>.qgate.sqlite` beside the
+    /// capture, never the live store unless named here; replayed
+    /// connections are marked with the file's name either way).
     #[arg(long)]
     db: Option<PathBuf>,
     /// PostgreSQL port (repeatable; default 5432).
@@ -113,42 +117,163 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Decodes a capture file into the store, exactly as the live path would.
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    use sha2::{Digest, Sha256};
+    let pcap = &args.pcap;
     let ports = if args.ports.is_empty() {
         vec![5432]
     } else {
         args.ports.clone()
     };
+    let bytes = match std::fs::read(pcap) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            eprintln!("qgate-agent replay: cannot read {}: {e}", pcap.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let sha256 = store::audit::encode_hash(&Sha256::digest(&bytes).into());
+    drop(bytes);
+    // A store of its own by default: a capture's statements are not the
+    // live audit's.
     let db = args
         .db
         .clone()
-        .unwrap_or_else(|| PathBuf::from(store::DEFAULT_DB_PATH));
+        .unwrap_or_else(|| PathBuf::from(format!("{}.qgate.sqlite", pcap.display())));
     let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
-    let writer = Writer::spawn(store, WriterConfig::default())?;
-    let mut pipeline = Pipeline::new(writer);
-    let mut reader = SegmentReader::open(&args.pcap, &ports)
-        .with_context(|| format!("reading {}", args.pcap.display()))?;
-    let mut last = 0;
-    for segment in reader.by_ref() {
-        let segment = segment.with_context(|| format!("reading {}", args.pcap.display()))?;
-        last = segment.at;
-        pipeline.on_segment(&segment, |_, _| {});
+    let earlier: Option<(String, i64, i64)> = store
+        .conn()
+        .query_row(
+            "SELECT file, at, statements FROM replays WHERE sha256 = ?1",
+            [&sha256],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ok();
+    if let Some((file, at, statements)) = earlier {
+        eprintln!(
+            "qgate-agent replay: this capture ({file}) was replayed into {} already, at {} \
+             ({statements} statements); nothing done. Replay it into another store with --db.",
+            db.display(),
+            store::export::rfc3339(at).unwrap_or_else(|_| at.to_string())
+        );
+        return Ok(ExitCode::FAILURE);
     }
-    let skipped = reader.stats();
+    let file_name = pcap.file_name().map_or_else(
+        || pcap.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let writer = Writer::spawn(
+        store,
+        WriterConfig {
+            replayed_from: Some(file_name.clone()),
+            ..WriterConfig::default()
+        },
+    )?;
+    let mut pipeline = Pipeline::new(writer);
+    let mut reader = match SegmentReader::open(pcap, &ports) {
+        Ok(reader) => reader,
+        Err(e) => {
+            eprintln!("qgate-agent replay: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut last = 0;
+    let mut read_error = None;
+    for segment in reader.by_ref() {
+        match segment {
+            Ok(segment) => {
+                last = segment.at;
+                pipeline.on_segment(&segment, |_, _| {});
+            }
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        }
+    }
+    let seen = reader.stats();
     let (summary, stats) = pipeline.finish(last)?;
+    let ports_text = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     println!(
-        "{}: {} segments, {} connections, {} statements ({} completed, {} errors), \
-         {} undecodable, {} capture gaps; {} events written to {}",
-        args.pcap.display(),
-        summary.segments,
+        "{}: {} packets read: {} TCP segments to or from port {ports_text}, {} packets of other \
+         traffic skipped{}{}",
+        pcap.display(),
+        seen.packets,
+        seen.segments,
+        seen.other_traffic,
+        if seen.fragments > 0 {
+            format!(", {} IP fragments skipped", seen.fragments)
+        } else {
+            String::new()
+        },
+        if seen.unsupported_link > 0 {
+            format!(
+                ", {} packets of an unknown link type skipped",
+                seen.unsupported_link
+            )
+        } else {
+            String::new()
+        },
+    );
+    println!(
+        "{} connections, {} statements ({} answered, {} with an error), {} undecodable \
+         stretches, {} capture gaps; written to {} ({} records)",
         summary.connections,
         summary.statements,
         summary.completed,
         summary.errors,
         summary.undecodable,
         summary.gaps,
-        stats.written,
-        db.display()
+        db.display(),
+        stats.written
     );
-    println!("skipped: {skipped:?}");
-    Ok(ExitCode::SUCCESS)
+    let mut failed = false;
+    if let Some(e) = read_error {
+        eprintln!("qgate-agent replay: the capture is damaged after the part replayed: {e}");
+        failed = true;
+    }
+    if seen.truncated_file {
+        eprintln!(
+            "qgate-agent replay: the file ends in the middle of a packet (the capture was cut \
+             short); what came before it was replayed"
+        );
+        failed = true;
+    }
+    if summary.statements == 0 && summary.connections == 0 {
+        eprintln!(
+            "qgate-agent replay: no PostgreSQL traffic on port {ports_text} in this capture \
+             ({} packets of other traffic). If the database listens on another port, say so \
+             with --port N.",
+            seen.other_traffic
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let record = Store::open(&db).and_then(|s| {
+        s.conn()
+            .execute(
+                "INSERT INTO replays (sha256, file, at, statements) VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![
+                    sha256,
+                    file_name,
+                    store::now_nanos(),
+                    i64::try_from(summary.statements).unwrap_or(i64::MAX)
+                ],
+            )
+            .map_err(store::StoreError::from)
+    });
+    if let Err(e) = record {
+        eprintln!(
+            "qgate-agent replay: recording the replay in {}: {e}",
+            db.display()
+        );
+        failed = true;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

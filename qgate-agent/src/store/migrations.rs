@@ -196,6 +196,22 @@ CREATE VIEW statements AS
     FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id;
 "#,
     },
+    Migration {
+        name: "capture_0005_replays",
+        sql: r#"
+-- Connections read from a capture file by `qgate-agent replay`, not live:
+-- the file's name. NULL for live traffic.
+ALTER TABLE connections ADD COLUMN replayed_from TEXT;
+-- Each capture file replayed into this store, by content: the same file is
+-- not replayed twice into one store.
+CREATE TABLE replays (
+    sha256     TEXT    PRIMARY KEY,
+    file       TEXT    NOT NULL,
+    at         INTEGER NOT NULL,
+    statements INTEGER NOT NULL
+) STRICT;
+"#,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

@@ -32,6 +32,9 @@ pub struct WriterConfig {
     /// Attempts at a batch that fails (e.g. `SQLITE_BUSY` past the busy
     /// timeout) before its events are counted as failed and discarded.
     pub attempts: u32,
+    /// Set by `qgate-agent replay`: the capture file every connection
+    /// written comes from (`connections.replayed_from`).
+    pub replayed_from: Option<String>,
 }
 
 impl Default for WriterConfig {
@@ -41,6 +44,7 @@ impl Default for WriterConfig {
             batch_max: 10_000,
             batch_wait: Duration::from_millis(50),
             attempts: 3,
+            replayed_from: None,
         }
     }
 }
@@ -584,6 +588,7 @@ impl BatchWriter {
                         connections: &mut self.connections,
                         texts: &mut self.texts,
                         undo,
+                        replayed_from: self.config.replayed_from.as_deref(),
                     };
                     match ctx.apply(event, completed.map(|(_, c, at)| (c, at)))? {
                         Applied::Matched => {}
@@ -602,6 +607,7 @@ impl BatchWriter {
                         connections: &mut self.connections,
                         texts: &mut self.texts,
                         undo,
+                        replayed_from: self.config.replayed_from.as_deref(),
                     };
                     if let Applied::Unmatched = ctx.decided(decided)? {
                         unmatched += 1;
@@ -667,6 +673,7 @@ struct Apply<'a, 'tx> {
     connections: &'a mut HashMap<ConnId, ConnRows>,
     texts: &'a mut Texts,
     undo: &'a mut Vec<Undo>,
+    replayed_from: Option<&'a str>,
 }
 
 impl Apply<'_, '_> {
@@ -732,8 +739,8 @@ impl Apply<'_, '_> {
                 mid_stream,
             } => {
                 tx.prepare_cached(
-                "INSERT INTO connections (client_addr, client_port, server_addr, server_port, mid_stream, started_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO connections (client_addr, client_port, server_addr, server_port, mid_stream, started_at, replayed_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute((
                 client.ip().to_string(),
@@ -742,6 +749,7 @@ impl Apply<'_, '_> {
                 server.port(),
                 mid_stream,
                 at,
+                self.replayed_from,
             ))?;
                 let rows = ConnRows {
                     row: tx.last_insert_rowid(),
