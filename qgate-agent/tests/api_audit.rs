@@ -114,7 +114,7 @@ async fn statements_are_searchable_by_user_database_table_decision_outcome_and_t
         v.as_array()
             .expect("array")
             .iter()
-            .filter_map(|r| r["id"].as_i64())
+            .filter_map(|r| r["statement_id"].as_i64())
             .collect()
     };
     let search = |q: &str| format!("/v1/audit/statements?{q}");
@@ -150,8 +150,11 @@ async fn statements_are_searchable_by_user_database_table_decision_outcome_and_t
     assert_eq!(rows[0]["request_id"], r.id);
     assert_eq!(rows[0]["request_status"], "denied");
     assert_eq!(rows[0]["rule"], "ddl-needs-peer");
-    assert_eq!(rows[0]["db_user"], "alice");
+    assert_eq!(rows[0]["user"], "alice");
     assert_eq!(rows[0]["received_at"], "2026-01-01T00:01:40Z");
+    assert_eq!(rows[0]["decision"], "hold");
+    assert_eq!(rows[0]["decided_by"], "rita");
+    assert!(rows[0]["decided_at"].is_string(), "{rows}");
     api.shutdown().await;
 }
 
@@ -175,8 +178,13 @@ async fn audit_exports_as_json_lines_and_csv() {
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
     assert_eq!(lines.len(), 3);
+    for line in text.lines() {
+        // Exactly the documented record (unknown fields are refused).
+        let _: qgate_agent::store::export::StatementRecord =
+            serde_json::from_str(line).expect("a StatementRecord");
+    }
     assert_eq!(
-        lines[2]["statement"],
+        lines[2]["text"],
         "UPDATE customers SET vip = true, note = 'a,\"b\"'"
     );
 
@@ -194,11 +202,14 @@ async fn audit_exports_as_json_lines_and_csv() {
     let mut lines = csv.split("\r\n");
     assert_eq!(
         lines.next(),
-        Some("id,received_at,completed_at,db_user,database,application,client_addr,statement,outcome,sqlstate,tag,rows,request_id,request_status,rule,decision")
+        Some(qgate_agent::store::export::CSV_HEADER.join(",").as_str())
     );
-    assert_eq!(
-        lines.next(),
-        Some("12,2026-01-01T00:03:20Z,2026-01-01T00:03:20.009Z,bob,crm,app,10.0.0.8,\"UPDATE customers SET vip = true, note = 'a,\"\"b\"\"'\",error,42501,,,,,,")
+    let row = lines.next().unwrap_or_default();
+    assert!(
+        row.starts_with("12,2,1,bob,crm,app,10.0.0.8,50500,10.0.0.1,5432,tcp,wire,false,,")
+            && row.contains(",\"UPDATE customers SET vip = true, note = 'a,\"\"b\"\"'\",simple,,")
+            && row.contains(",error,42501,"),
+        "{row}"
     );
 
     let response = api

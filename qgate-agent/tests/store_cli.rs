@@ -49,6 +49,7 @@ fn export_arguments_default_to_the_agents_database_and_jsonl() {
             format,
             since,
             until,
+            ..
         } => {
             assert_eq!(db, Path::new("/var/lib/qgate/qgate.sqlite"));
             assert!(matches!(format, Format::Jsonl));

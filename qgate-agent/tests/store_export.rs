@@ -39,7 +39,11 @@ fn sample_db(dir: &tempfile::TempDir) -> Store {
 
 fn export(store: &Store, range: TimeRange, format: ExportFormat) -> String {
     let mut out = Vec::new();
-    export_statements(store.conn(), range, format, &mut out).unwrap();
+    let filter = qgate_agent::store::export::StatementFilter {
+        range,
+        ..Default::default()
+    };
+    export_statements(store.conn(), &filter, format, &mut out).unwrap();
     String::from_utf8(out).unwrap()
 }
 
@@ -70,7 +74,10 @@ fn jsonl_has_one_record_per_statement_with_its_connections_identity() {
             client_port: 40_001,
             server_addr: "10.0.0.1".into(),
             server_port: 5432,
+            transport: "tcp".into(),
+            gated_by: "wire".into(),
             mid_stream: false,
+            replayed_from: None,
             text: "SELECT 1".into(),
             path: "simple".into(),
             statement_name: None,
@@ -81,6 +88,13 @@ fn jsonl_has_one_record_per_statement_with_its_connections_identity() {
             message: None,
             tag: Some("SELECT 1".into()),
             rows: Some(1),
+            decision: None,
+            rule: None,
+            request_id: None,
+            request_status: None,
+            decided_by: None,
+            decided_at: None,
+            justification: None,
         }
     );
     assert_eq!(records[1].sqlstate.as_deref(), Some("42P01"));
@@ -145,4 +159,61 @@ fn an_empty_csv_export_still_has_its_header() {
         export(&store, TimeRange::default(), ExportFormat::Jsonl),
         ""
     );
+}
+
+/// `schema/statement.schema.json`: the documented export record, generated
+/// from [`StatementRecord`] (`QGATE_BLESS=1` rewrites it after a deliberate
+/// change). Exports are checked against the same type with unknown fields
+/// refused (`api_audit.rs`, here below), so file, type and exports agree.
+#[test]
+fn the_documented_schema_is_the_record_type() {
+    use utoipa::PartialSchema;
+    let mut generated = serde_json::to_value(StatementRecord::schema()).unwrap();
+    let object = generated.as_object_mut().unwrap();
+    object.insert(
+        "$schema".into(),
+        "https://json-schema.org/draft/2020-12/schema".into(),
+    );
+    object.insert(
+        "title".into(),
+        "One statement as qgate-agent audit export, GET /v1/audit/statements and the audit stream give it".into(),
+    );
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/statement.schema.json");
+    if std::env::var_os("QGATE_BLESS").is_some() {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&generated).unwrap() + "\n",
+        )
+        .unwrap();
+    }
+    let shipped: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the schema file")).unwrap();
+    assert_eq!(
+        shipped, generated,
+        "schema/statement.schema.json is out of date: QGATE_BLESS=1 cargo test regenerates it"
+    );
+    // Every field is documented, in the CSV's order.
+    let properties: Vec<&str> = shipped["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut sorted_header = CSV_HEADER.to_vec();
+    sorted_header.sort_unstable();
+    let mut sorted_properties = properties.clone();
+    sorted_properties.sort_unstable();
+    assert_eq!(sorted_properties, sorted_header);
+}
+
+#[test]
+fn exported_lines_are_exactly_the_documented_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sample_db(&dir);
+    let jsonl = export(&store, TimeRange::default(), ExportFormat::Jsonl);
+    for line in jsonl.lines() {
+        let _: StatementRecord = serde_json::from_str(line).expect("a StatementRecord");
+    }
+    assert!(!jsonl.is_empty());
 }

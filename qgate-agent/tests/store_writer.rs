@@ -589,7 +589,7 @@ fn texts_are_stored_once_and_exported_whole_for_every_statement() {
     let mut out = Vec::new();
     let n = qgate_agent::store::export::export_statements(
         &conn,
-        qgate_agent::store::export::TimeRange::default(),
+        &qgate_agent::store::export::StatementFilter::default(),
         qgate_agent::store::export::ExportFormat::Jsonl,
         &mut out,
     )

@@ -118,7 +118,7 @@ fn drop_table_is_held_until_approved() -> Result<()> {
     let (status, found) = lab.api_get(&token, "/v1/audit/statements?decision=approved")?;
     assert_eq!(status, 200, "{found}");
     let found: serde_json::Value = serde_json::from_str(&found)?;
-    assert_eq!(found[0]["id"], statement, "{found}");
+    assert_eq!(found[0]["statement_id"], statement, "{found}");
     assert_eq!(found[0]["request_status"], "approved", "{found}");
     assert_eq!(found.as_array().map(Vec::len), Some(1), "{found}");
     Ok(())

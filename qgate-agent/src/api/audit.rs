@@ -1,7 +1,8 @@
 //! Audit search, export (JSON, JSON lines, CSV) and chain verification.
 //!
-//! All SQL over the store's `statements`, `connections` and `audit` tables is
-//! in the two constants below, so a change of their columns is fixed here.
+//! Statements are searched through the store (`store::export`: one record
+//! type for the API, the CLI export and the documented schema); the audit
+//! log's own query is the constant below.
 use axum::{
     extract::{rejection::QueryRejection, Query, State},
     http::header,
@@ -13,7 +14,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::store::{
     audit as chain,
-    requests::{rfc3339_ms, RequestStatus},
+    export::{search_statements as search_statements_in, StatementFilter, TimeRange, CSV_HEADER},
+    requests::rfc3339_ms,
 };
 
 use super::{
@@ -25,18 +27,6 @@ use super::{
 
 const DEFAULT_LIMIT: u32 = 1000;
 const MAX_LIMIT: u32 = 100_000;
-
-/// Statements with who sent them and, when held, their request.
-/// The store keeps Unix nanoseconds; this API speaks milliseconds.
-const STATEMENT_SEARCH: &str = "
-SELECT s.id, s.received_at / 1000000, s.completed_at / 1000000, c.user, c.database,
-       c.application, c.client_addr,
-       s.text, s.outcome, s.sqlstate, s.command_tag, s.rows, r.id, r.status,
-       coalesce(s.rule, r.rule), s.decision
-FROM statements s
-LEFT JOIN connections c ON c.id = s.connection_id
-LEFT JOIN requests r ON r.id = s.request_id
-WHERE 1 = 1";
 
 /// Audit rows: decisions, approvals, expiries, reviewer changes, agent events.
 const LOG_SEARCH: &str =
@@ -83,50 +73,6 @@ pub struct StatementQuery {
     #[param(inline)]
     format: Option<ExportFormat>,
 }
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct StatementRecord {
-    id: i64,
-    #[schema(format = DateTime)]
-    received_at: Option<String>,
-    #[schema(format = DateTime)]
-    completed_at: Option<String>,
-    db_user: Option<String>,
-    database: Option<String>,
-    application: Option<String>,
-    client_addr: Option<String>,
-    statement: String,
-    outcome: Option<String>,
-    sqlstate: Option<String>,
-    tag: Option<String>,
-    rows: Option<i64>,
-    request_id: Option<i64>,
-    request_status: Option<String>,
-    /// The rule that decided (the statement's, else its request's).
-    rule: Option<String>,
-    /// `allow`, `deny` or `hold` (see `request_status`); absent when the
-    /// agent was not asked (monitor mode, or the kernel's plain-read fast path).
-    decision: Option<String>,
-}
-
-const STATEMENT_COLUMNS: &[&str] = &[
-    "id",
-    "received_at",
-    "completed_at",
-    "db_user",
-    "database",
-    "application",
-    "client_addr",
-    "statement",
-    "outcome",
-    "sqlstate",
-    "tag",
-    "rows",
-    "request_id",
-    "request_status",
-    "rule",
-    "decision",
-];
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -231,7 +177,7 @@ impl Search {
 /// Search and export statements.
 #[utoipa::path(get, path = "/v1/audit/statements", tag = "audit", params(StatementQuery),
     responses((status = 200, content(
-            (Vec<StatementRecord> = "application/json"),
+            (Vec<crate::store::export::StatementRecord> = "application/json"),
             (String = "application/x-ndjson"),
             (String = "text/csv"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
@@ -241,65 +187,33 @@ pub async fn search_statements(
     q: Result<Query<StatementQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let mut search = Search::new(STATEMENT_SEARCH);
-    if let Some(user) = q.user {
-        search.and("c.user = ?", user);
-    }
-    if let Some(database) = q.database {
-        search.and("c.database = ?", database);
-    }
-    if let Some(table) = q.table {
-        search.and("instr(lower(s.text), lower(?)) > 0", table);
-    }
-    match q.decision.as_deref() {
-        None => {}
-        Some("held" | "hold") => search.sql.push_str(" AND s.decision = 'hold'"),
-        Some("allow") => search.sql.push_str(" AND s.decision = 'allow'"),
-        Some("deny") => search.sql.push_str(" AND s.decision = 'deny'"),
-        Some("none") => search.sql.push_str(" AND s.decision IS NULL"),
-        Some(status) => match RequestStatus::parse(status) {
-            Some(status) => search.and("r.status = ?", status.as_str().to_owned()),
-            None => {
-                return Err(ApiError::bad_request(format!(
-                    "`decision` must be allow, deny, hold (or held), none, pending, approved, \
-                     denied, expired or withdrawn, got {status:?}"
-                )))
-            }
+    let time = |name: &str, v: Option<&str>| -> Result<Option<i64>, ApiError> {
+        Ok(parse_time(name, v)?.map(|ms| ms.saturating_mul(1_000_000)))
+    };
+    let filter = StatementFilter {
+        range: TimeRange {
+            since: time("since", q.since.as_deref())?,
+            until: time("until", q.until.as_deref())?,
         },
-    }
-    if let Some(outcome) = q.outcome {
-        search.and("s.outcome = ?", outcome);
-    }
-    search.page(
-        ("s.received_at", "s.id"),
-        q.since.as_deref(),
-        q.until.as_deref(),
-        q.after,
-        q.limit,
-    )?;
-    let rows = search
-        .rows(&state, |r| {
-            Ok(StatementRecord {
-                id: r.get(0)?,
-                received_at: r.get::<_, Option<i64>>(1)?.map(rfc3339_ms),
-                completed_at: r.get::<_, Option<i64>>(2)?.map(rfc3339_ms),
-                db_user: r.get(3)?,
-                database: r.get(4)?,
-                application: r.get(5)?,
-                client_addr: r.get(6)?,
-                statement: r.get(7)?,
-                outcome: r.get(8)?,
-                sqlstate: r.get(9)?,
-                tag: r.get(10)?,
-                rows: r.get(11)?,
-                request_id: r.get(12)?,
-                request_status: r.get(13)?,
-                rule: r.get(14)?,
-                decision: r.get(15)?,
-            })
-        })
-        .await?;
-    export(q.format.unwrap_or_default(), STATEMENT_COLUMNS, rows)
+        user: q.user,
+        database: q.database,
+        table: q.table,
+        decision: q
+            .decision
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(ApiError::bad_request)?,
+        outcome: q.outcome,
+        after: q.after,
+        limit: Some(limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?),
+    };
+    let rows = state
+        .board
+        .with_db(move |c| search_statements_in(c, &filter))
+        .await?
+        .map_err(ApiError::internal)?;
+    export(q.format.unwrap_or_default(), &CSV_HEADER, rows)
 }
 
 /// Search and export the audit log (decisions, approvals, expiries, reviewer changes, …).

@@ -35,6 +35,17 @@ pub enum AuditCommand {
         /// Only statements received before T (RFC 3339, or YYYY-MM-DD for midnight UTC).
         #[arg(long, value_name = "T", value_parser = parse_time)]
         until: Option<UnixNanos>,
+        /// Only this database user's statements.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only statements in this database.
+        #[arg(long)]
+        database: Option<String>,
+        /// Only statements the agent decided so: allow, deny, hold, none (not
+        /// asked), or how their request ended: pending, approved, denied,
+        /// expired, withdrawn.
+        #[arg(long, value_parser = parse_decision)]
+        decision: Option<export::DecisionFilter>,
     },
     /// Check the audit log's hash chain. Exits 0 and prints the entry count
     /// and last hash when intact; exits 2 naming the first bad entry when
@@ -54,6 +65,10 @@ pub enum Format {
     Csv,
 }
 
+fn parse_decision(input: &str) -> Result<export::DecisionFilter, String> {
+    input.parse()
+}
+
 fn parse_time(input: &str) -> Result<UnixNanos, StoreError> {
     export::parse_time(input)
 }
@@ -65,6 +80,9 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             format,
             since,
             until,
+            user,
+            database,
+            decision,
         } => {
             if let (Some(since), Some(until)) = (since, until) {
                 if since >= until {
@@ -81,7 +99,13 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let stdout = std::io::stdout().lock();
             let result = export::export_statements(
                 store.conn(),
-                TimeRange { since, until },
+                &export::StatementFilter {
+                    range: TimeRange { since, until },
+                    user,
+                    database,
+                    decision,
+                    ..Default::default()
+                },
                 format,
                 BufWriter::new(stdout),
             );

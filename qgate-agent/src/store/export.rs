@@ -22,28 +22,46 @@ pub struct TimeRange {
     pub until: Option<UnixNanos>,
 }
 
-/// One exported statement. Field order is the CSV column order; times are
-/// RFC 3339 in UTC with nanoseconds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One exported statement: what the security team searches for. The same
+/// record is what `qgate-agent audit export` writes (JSON lines, CSV),
+/// what the API's `/v1/audit/statements` answers, and what
+/// `schema/statement.schema.json` documents (a test keeps the three
+/// equal). Field order is the CSV column order; times are RFC 3339 in UTC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StatementRecord {
     pub statement_id: i64,
+    /// The `connections` row.
     pub connection_id: i64,
     /// Position of the statement within its connection, from 1.
     pub seq: i64,
+    /// Database user, database and application from the StartupMessage
+    /// (absent for a connection first seen mid-stream).
     pub user: Option<String>,
     pub database: Option<String>,
     pub application: Option<String>,
+    /// `local` for a Unix-socket session.
     pub client_addr: String,
     pub client_port: u16,
     pub server_addr: String,
     pub server_port: u16,
+    /// `tcp`, `tls`, `gss`, `unix` or `unknown`.
+    pub transport: String,
+    /// What read and gated it: `wire` (tc program) or `server_hook`.
+    pub gated_by: String,
     /// The connection was already open when capture started: identity unknown.
     pub mid_stream: bool,
+    /// The capture file it was replayed from (`qgate-agent replay`); absent
+    /// for live traffic.
+    pub replayed_from: Option<String>,
+    /// The statement text, credentials redacted.
     pub text: String,
     /// `simple` or `extended`.
     pub path: String,
     pub statement_name: Option<String>,
+    #[schema(format = DateTime)]
     pub received_at: String,
+    #[schema(format = DateTime)]
     pub completed_at: Option<String>,
     /// `ok`, `error`, or `unknown` (no answer seen).
     pub outcome: String,
@@ -51,10 +69,24 @@ pub struct StatementRecord {
     pub message: Option<String>,
     pub tag: Option<String>,
     pub rows: Option<i64>,
+    /// What the agent decided: `allow`, `deny` or `hold`; absent when it was
+    /// not asked (monitor mode, or the kernel's plain-read fast path).
+    pub decision: Option<String>,
+    /// The policy rule that decided (`default` when none matched).
+    pub rule: Option<String>,
+    /// Held: its request, and how the request ended (`pending`,
+    /// `approved`, `denied`, `expired`, `withdrawn`), by whom and when.
+    pub request_id: Option<i64>,
+    pub request_status: Option<String>,
+    pub decided_by: Option<String>,
+    #[schema(format = DateTime)]
+    pub decided_at: Option<String>,
+    /// The `/* qgate: reason=… */` justification the statement carried.
+    pub justification: Option<String>,
 }
 
 /// CSV header, in [`StatementRecord`]'s field order.
-pub const CSV_HEADER: [&str; 21] = [
+pub const CSV_HEADER: [&str; 31] = [
     "statement_id",
     "connection_id",
     "seq",
@@ -65,7 +97,10 @@ pub const CSV_HEADER: [&str; 21] = [
     "client_port",
     "server_addr",
     "server_port",
+    "transport",
+    "gated_by",
     "mid_stream",
+    "replayed_from",
     "text",
     "path",
     "statement_name",
@@ -76,29 +111,203 @@ pub const CSV_HEADER: [&str; 21] = [
     "message",
     "tag",
     "rows",
+    "decision",
+    "rule",
+    "request_id",
+    "request_status",
+    "decided_by",
+    "decided_at",
+    "justification",
 ];
 
-/// Writes every statement in `range`, oldest first, to `out`; returns how
-/// many. The CSV header is written even when there are none.
+/// Which statements: every condition given must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatementFilter {
+    pub range: TimeRange,
+    pub user: Option<String>,
+    pub database: Option<String>,
+    /// A name appearing in the statement text (case-insensitive).
+    pub table: Option<String>,
+    pub decision: Option<DecisionFilter>,
+    pub outcome: Option<String>,
+    /// Only statements with an id above this (paging).
+    pub after: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+/// What the agent decided, as searched for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecisionFilter {
+    Allow,
+    Deny,
+    Hold,
+    /// The agent was not asked.
+    NotAsked,
+    /// Held, and its request is in this state.
+    Request(super::requests::RequestStatus),
+}
+
+impl std::str::FromStr for DecisionFilter {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Ok(match text {
+            "allow" => DecisionFilter::Allow,
+            "deny" => DecisionFilter::Deny,
+            "hold" | "held" => DecisionFilter::Hold,
+            "none" => DecisionFilter::NotAsked,
+            other => DecisionFilter::Request(
+                super::requests::RequestStatus::parse(other).ok_or_else(|| {
+                    format!(
+                        "`decision` must be allow, deny, hold (or held), none, pending, approved, \
+                         denied, expired or withdrawn, got {other:?}"
+                    )
+                })?,
+            ),
+        })
+    }
+}
+
+const STATEMENT_SELECT: &str = "
+SELECT s.id, c.id, s.seq, c.user, c.database, c.application,
+       c.client_addr, c.client_port, c.server_addr, c.server_port, c.transport, c.gated_by,
+       c.mid_stream, c.replayed_from,
+       s.text, s.path, s.statement_name, s.received_at, s.completed_at,
+       s.outcome, s.sqlstate, s.error_message, s.command_tag, s.rows,
+       s.decision, coalesce(s.rule, r.rule), s.request_id, r.status, r.closed_by, r.closed_at,
+       r.justification
+FROM statements s
+JOIN connections c ON c.id = s.connection_id
+LEFT JOIN requests r ON r.id = s.request_id
+WHERE s.received_at >= ?1 AND s.received_at < ?2";
+
+/// The query for `filter` and its arguments.
+fn statement_query(filter: &StatementFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = STATEMENT_SELECT.to_owned();
+    let mut args: Vec<Value> = vec![
+        Value::Integer(filter.range.since.unwrap_or(i64::MIN)),
+        Value::Integer(filter.range.until.unwrap_or(i64::MAX)),
+    ];
+    let mut and = |clause: &str, value: Value| {
+        args.push(value);
+        sql.push_str(&format!(
+            " AND {}",
+            clause.replace('?', &format!("?{}", args.len()))
+        ));
+    };
+    if let Some(user) = &filter.user {
+        and("c.user = ?", Value::Text(user.clone()));
+    }
+    if let Some(database) = &filter.database {
+        and("c.database = ?", Value::Text(database.clone()));
+    }
+    if let Some(table) = &filter.table {
+        and(
+            "instr(lower(s.text), lower(?)) > 0",
+            Value::Text(table.clone()),
+        );
+    }
+    if let Some(outcome) = &filter.outcome {
+        and("s.outcome = ?", Value::Text(outcome.clone()));
+    }
+    if let Some(after) = filter.after {
+        and("s.id > ?", Value::Integer(after));
+    }
+    match filter.decision {
+        None => {}
+        Some(DecisionFilter::Allow) => sql.push_str(" AND s.decision = 'allow'"),
+        Some(DecisionFilter::Deny) => sql.push_str(" AND s.decision = 'deny'"),
+        Some(DecisionFilter::Hold) => sql.push_str(" AND s.decision = 'hold'"),
+        Some(DecisionFilter::NotAsked) => sql.push_str(" AND s.decision IS NULL"),
+        Some(DecisionFilter::Request(status)) => {
+            and("r.status = ?", Value::Text(status.as_str().to_owned()))
+        }
+    }
+    sql.push_str(" ORDER BY s.id");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(" LIMIT {limit}"));
+    }
+    (sql, args)
+}
+
+fn statement_record(row: &rusqlite::Row<'_>) -> Result<StatementRecord, StoreError> {
+    let ms = |v: Option<i64>| v.map(super::requests::rfc3339_ms);
+    Ok(StatementRecord {
+        statement_id: row.get(0)?,
+        connection_id: row.get(1)?,
+        seq: row.get(2)?,
+        user: row.get(3)?,
+        database: row.get(4)?,
+        application: row.get(5)?,
+        client_addr: row.get(6)?,
+        client_port: row.get(7)?,
+        server_addr: row.get(8)?,
+        server_port: row.get(9)?,
+        transport: row.get(10)?,
+        gated_by: row.get(11)?,
+        mid_stream: row.get(12)?,
+        replayed_from: row.get(13)?,
+        text: row.get(14)?,
+        path: row.get(15)?,
+        statement_name: row.get(16)?,
+        received_at: rfc3339(row.get(17)?)?,
+        completed_at: row.get::<_, Option<i64>>(18)?.map(rfc3339).transpose()?,
+        outcome: row.get(19)?,
+        sqlstate: row.get(20)?,
+        message: row.get(21)?,
+        tag: row.get(22)?,
+        rows: row.get(23)?,
+        decision: row.get(24)?,
+        rule: row.get(25)?,
+        request_id: row.get(26)?,
+        request_status: row.get(27)?,
+        decided_by: row.get(28)?,
+        decided_at: ms(row.get(29)?),
+        justification: row.get(30)?,
+    })
+}
+
+/// Calls `each` for every statement `filter` selects, in the order they
+/// were recorded; returns how many.
+fn for_each_statement(
+    conn: &Connection,
+    filter: &StatementFilter,
+    mut each: impl FnMut(StatementRecord) -> Result<(), StoreError>,
+) -> Result<u64, StoreError> {
+    let (sql, args) = statement_query(filter);
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+    let mut count = 0;
+    while let Some(row) = rows.next()? {
+        each(statement_record(row)?)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// The statements `filter` selects (the API's search).
+pub fn search_statements(
+    conn: &Connection,
+    filter: &StatementFilter,
+) -> Result<Vec<StatementRecord>, StoreError> {
+    let mut out = Vec::new();
+    for_each_statement(conn, filter, |record| {
+        out.push(record);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Writes every statement `filter` selects, in the order they were
+/// recorded, to `out`; returns how many. The CSV header is written even
+/// when there are none.
 pub fn export_statements(
     conn: &Connection,
-    range: TimeRange,
+    filter: &StatementFilter,
     format: ExportFormat,
     out: impl Write,
 ) -> Result<u64, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT s.id, c.id, s.seq, c.user, c.database, c.application,
-                c.client_addr, c.client_port, c.server_addr, c.server_port, c.mid_stream,
-                s.text, s.path, s.statement_name, s.received_at, s.completed_at,
-                s.outcome, s.sqlstate, s.error_message, s.command_tag, s.rows
-         FROM statements s JOIN connections c ON c.id = s.connection_id
-         WHERE s.received_at >= ?1 AND s.received_at < ?2
-         ORDER BY s.received_at, s.id",
-    )?;
-    let mut rows = stmt.query((
-        range.since.unwrap_or(i64::MIN),
-        range.until.unwrap_or(i64::MAX),
-    ))?;
     let mut sink = match format {
         ExportFormat::Jsonl => Sink::Jsonl(out),
         ExportFormat::Csv => {
@@ -109,31 +318,7 @@ pub fn export_statements(
             Sink::Csv(Box::new(csv))
         }
     };
-    let mut count = 0;
-    while let Some(row) = rows.next()? {
-        let record = StatementRecord {
-            statement_id: row.get(0)?,
-            connection_id: row.get(1)?,
-            seq: row.get(2)?,
-            user: row.get(3)?,
-            database: row.get(4)?,
-            application: row.get(5)?,
-            client_addr: row.get(6)?,
-            client_port: row.get(7)?,
-            server_addr: row.get(8)?,
-            server_port: row.get(9)?,
-            mid_stream: row.get(10)?,
-            text: row.get(11)?,
-            path: row.get(12)?,
-            statement_name: row.get(13)?,
-            received_at: rfc3339(row.get(14)?)?,
-            completed_at: row.get::<_, Option<i64>>(15)?.map(rfc3339).transpose()?,
-            outcome: row.get(16)?,
-            sqlstate: row.get(17)?,
-            message: row.get(18)?,
-            tag: row.get(19)?,
-            rows: row.get(20)?,
-        };
+    let count = for_each_statement(conn, filter, |record| {
         match &mut sink {
             Sink::Jsonl(out) => {
                 serde_json::to_writer(&mut *out, &record)?;
@@ -141,8 +326,8 @@ pub fn export_statements(
             }
             Sink::Csv(csv) => csv.serialize(&record)?,
         }
-        count += 1;
-    }
+        Ok(())
+    })?;
     match sink {
         Sink::Jsonl(mut out) => out.flush()?,
         Sink::Csv(mut csv) => csv.flush()?,
@@ -231,7 +416,10 @@ mod tests {
             client_port: 0,
             server_addr: String::new(),
             server_port: 0,
+            transport: String::new(),
+            gated_by: String::new(),
             mid_stream: false,
+            replayed_from: None,
             text: String::new(),
             path: String::new(),
             statement_name: None,
@@ -242,6 +430,13 @@ mod tests {
             message: None,
             tag: None,
             rows: None,
+            decision: None,
+            rule: None,
+            request_id: None,
+            request_status: None,
+            decided_by: None,
+            decided_at: None,
+            justification: None,
         };
         let mut csv = csv::Writer::from_writer(Vec::new());
         csv.serialize(&record).unwrap();
