@@ -85,10 +85,27 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut pipeline = Pipeline::new(writer);
 
     api::metrics::install();
+    let mut webhooks = api::webhook::WebhookOptions {
+        urls: config.webhooks.urls.clone(),
+        ..Default::default()
+    };
+    if let Some(path) = &config.webhooks.secret_file {
+        let secret = std::fs::read_to_string(path).map_err(|e| {
+            AgentError::Api(format!("webhooks.secret_file {}: {e}", path.display()))
+        })?;
+        webhooks.secret = Some(secret.trim().to_owned());
+    }
+    if let Some(n) = config.webhooks.max_attempts {
+        webhooks.max_attempts = n.max(1);
+    }
+    if let Some(ms) = config.webhooks.timeout_ms {
+        webhooks.timeout = Duration::from_millis(ms.max(1));
+    }
     let state = AppState::open(
         &config.store.path,
         ApiOptions {
             hold_timeout: Duration::from_secs(config.gate.hold_timeout_s),
+            webhooks,
             ..ApiOptions::default()
         },
     )
@@ -103,7 +120,16 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         runtime.spawn(api::serve(
             listener,
             state,
-            ServeOptions::default(),
+            ServeOptions {
+                tls: match (&config.api.tls_cert, &config.api.tls_key) {
+                    (Some(cert), Some(key)) => Some(api::TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    }),
+                    _ => None,
+                },
+                allow_plaintext_remote: config.api.allow_plaintext_remote,
+            },
             async move { api_stop.notified().await },
         ))
     };

@@ -1,7 +1,7 @@
 //! The agent's configuration file (`qgate.toml`); command-line flags override it.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::{
     estimate::{EstimateError, EstimatorConfig, ExplainEstimator},
@@ -27,7 +27,7 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub capture: CaptureConfig,
@@ -40,10 +40,27 @@ pub struct Config {
     pub server_hook: ServerHookConfig,
     #[serde(default)]
     pub catalog: CatalogConfig,
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+}
+
+/// Where request events are posted (chat, paging, ticketing).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// URLs each request event is POSTed to; none: no webhooks.
+    pub urls: Vec<String>,
+    /// File holding the HMAC-SHA256 key that signs each delivery
+    /// (`X-Qgate-Signature`); absent: unsigned, with a warning.
+    pub secret_file: Option<PathBuf>,
+    /// Attempts per delivery, the first included.
+    pub max_attempts: Option<u32>,
+    /// Time limit for one attempt.
+    pub timeout_ms: Option<u64>,
 }
 
 /// Reading each database's catalog for what can run user code.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogConfig {
     /// Read the catalog of every database the gated server's sessions use
@@ -60,7 +77,7 @@ impl Default for CatalogConfig {
 }
 
 /// The second capture point, inside the PostgreSQL servers.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerHookConfig {
     /// Read and hold every session of the servers on `capture.ports` inside
@@ -80,7 +97,7 @@ impl Default for ServerHookConfig {
 }
 
 /// How statements are gated.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum GateSetting {
     /// Capture and audit only; never hold.
@@ -90,7 +107,7 @@ pub enum GateSetting {
 }
 
 /// What the tc program does while the agent is gone.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailMode {
     /// Pass everything (and count it).
@@ -99,7 +116,7 @@ pub enum FailMode {
     Closed,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GateConfig {
     pub mode: GateSetting,
@@ -128,7 +145,7 @@ fn default_recovery_grace_s() -> u64 {
 
 /// A session qgate cannot read: TLS or GSSAPI-encrypted TCP on a port the
 /// server hook does not read (the hook is off, or could not attach).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Unreadable {
     /// Reset before its TLS handshake, once the server accepted TLS (audited).
@@ -138,7 +155,7 @@ pub enum Unreadable {
     Allow,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
     /// Interfaces to attach to; empty means every interface that is up, `lo` included.
@@ -148,19 +165,28 @@ pub struct CaptureConfig {
     pub ports: Vec<u16>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub path: PathBuf,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// PEM certificate chain and key: serve HTTPS. Required for an address
+    /// other than loopback unless `allow_plaintext_remote`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Plaintext on a non-loopback address, knowingly (TLS terminated in front).
+    #[serde(default)]
+    pub allow_plaintext_remote: bool,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Policy file; absent means the built-in default policy.
@@ -201,11 +227,17 @@ impl PolicyConfig {
 pub const MAX_HOLD_TIMEOUT_S: u64 = 840;
 
 impl Config {
+    /// A configuration file over the shipped defaults: a key the file
+    /// leaves out has the value `qgate.toml` documents.
     pub fn parse(text: &str, path: PathBuf) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let parse_error = |source| ConfigError::Parse {
             path: path.clone(),
             source,
-        })?;
+        };
+        let mut merged: toml::Table = toml::from_str(DEFAULT_CONFIG).map_err(parse_error)?;
+        let given: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        overlay(&mut merged, given);
+        let config: Config = merged.try_into().map_err(parse_error)?;
         config
             .validate()
             .map_err(|message| ConfigError::Invalid { path, message })?;
@@ -214,6 +246,9 @@ impl Config {
 
     /// Checks what the types cannot say.
     pub fn validate(&self) -> Result<(), String> {
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            return Err("api.tls_cert and api.tls_key: give both or neither".into());
+        }
         if self.capture.ports.is_empty() {
             return Err("capture.ports: at least one port".into());
         }
@@ -251,6 +286,18 @@ impl Config {
     }
 }
 
+/// Puts `given` over `base`, table by table (a value replaces; a table merges).
+fn overlay(base: &mut toml::Table, given: toml::Table) {
+    for (key, value) in given {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(into)), toml::Value::Table(from)) => overlay(into, from),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 /// Every interface that is up (lo included), from /sys/class/net.
 pub fn up_interfaces() -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
@@ -271,6 +318,70 @@ pub fn up_interfaces() -> std::io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shipped file with its commented `# key = value` examples made real.
+    fn every_documented_key() -> String {
+        DEFAULT_CONFIG
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    }) =>
+                {
+                    rest.to_owned()
+                }
+                _ => line.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn key_paths(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        if let serde_json::Value::Object(map) = value {
+            for (key, v) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                if v.is_object() {
+                    key_paths(v, &path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_key_is_documented_once_in_the_shipped_file() {
+        let text = every_documented_key();
+        // Every documented key is one the agent reads (unknown keys are errors)…
+        let config = Config::parse(&text, "documented".into()).expect("the documented keys parse");
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let mut documented = Vec::new();
+        key_paths(&serde_json::to_value(&table).unwrap(), "", &mut documented);
+        // …and every key the agent reads is documented.
+        let mut read = Vec::new();
+        key_paths(&serde_json::to_value(&config).unwrap(), "", &mut read);
+        documented.sort();
+        read.sort();
+        assert_eq!(documented, read);
+        let mut unique = documented.clone();
+        unique.dedup();
+        assert_eq!(unique, documented, "a key documented twice");
+    }
+
+    #[test]
+    fn a_key_left_out_keeps_its_documented_default() {
+        let config = Config::parse("[gate]\nfail = \"open\"\n", "partial".into()).unwrap();
+        let shipped = Config::load(None).unwrap();
+        assert_eq!(config.api.listen, shipped.api.listen);
+        assert_eq!(config.capture.ports, shipped.capture.ports);
+        assert_eq!(config.gate.fail, FailMode::Open);
+        assert_eq!(config.gate.hold_timeout_s, shipped.gate.hold_timeout_s);
+    }
 
     #[test]
     fn shipped_config_parses_and_monitors_postgres_on_every_interface() {

@@ -161,6 +161,20 @@ async fn requests_cli_lists_shows_and_decides_over_the_api() {
 
     let (_, out) = cli(args(&format!("list {common}")), true).await;
     assert!(out.starts_with("ID"), "{out}");
+    // The token from a file, not the command line (`ps` shows that).
+    let token_file = api.db.with_extension("token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let (code, out) = cli(
+        args(&format!(
+            "list --api {} --token-file {} --json",
+            api.base,
+            token_file.display()
+        )),
+        true,
+    )
+    .await;
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert!(out.trim_start().starts_with('['), "{out}");
     assert!(out.contains("alice@shop") && out.contains("0/1"), "{out}");
 
     let (_, out) = cli(args(&format!("show {} {common}", a.id)), true).await;

@@ -99,6 +99,7 @@ async fn api_serves_https_with_the_configured_certificate() {
             api: requests::ApiArgs {
                 url: format!("https://{addr}"),
                 token: Some("qgt_unknown".into()),
+                token_file: None,
                 ca_cert: Some(cert),
                 json: true,
             },

@@ -67,9 +67,14 @@ pub struct ApiArgs {
     /// The agent's API.
     #[arg(long = "api", env = "QGATE_API", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
     pub url: String,
-    /// Reviewer token (from `qgate-agent reviewers add`).
+    /// Reviewer token (from `qgate-agent reviewers add`). Prefer
+    /// `QGATE_TOKEN` or `--token-file`: a command line is visible to every
+    /// user of the host (`ps`).
     #[arg(long, env = "QGATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A file holding the reviewer token (mode 0600 advised).
+    #[arg(long, env = "QGATE_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Extra CA certificate (PEM) to trust, for an agent with its own TLS certificate.
     #[arg(long, env = "QGATE_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -99,8 +104,23 @@ struct Client {
 
 impl Client {
     fn new(args: &ApiArgs) -> anyhow::Result<Self> {
-        let Some(token) = args.token.clone().filter(|t| !t.is_empty()) else {
-            bail!("no token: pass --token or set QGATE_TOKEN (tokens come from `qgate-agent reviewers add`)");
+        let from_file = match &args.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let Some(token) = from_file
+            .or_else(|| args.token.clone())
+            .filter(|t| !t.is_empty())
+        else {
+            bail!(
+                "no token: set QGATE_TOKEN, or pass --token-file FILE (or --token, visible in \
+                 `ps`); tokens come from `qgate-agent reviewers add`"
+            );
         };
         let mut builder = reqwest::Client::builder();
         if let Some(path) = &args.ca_cert {
