@@ -164,7 +164,7 @@ async fn requests_cli_lists_shows_and_decides_over_the_api() {
     // The token from a file, not the command line (`ps` shows that).
     let token_file = api.db.with_extension("token");
     std::fs::write(&token_file, format!("{token}\n")).expect("token file");
-    let (code, out) = cli(
+    let (code, listed) = cli(
         args(&format!(
             "list --api {} --token-file {} --json",
             api.base,
@@ -173,8 +173,8 @@ async fn requests_cli_lists_shows_and_decides_over_the_api() {
         true,
     )
     .await;
-    assert_eq!(code, ExitCode::SUCCESS, "{out}");
-    assert!(out.trim_start().starts_with('['), "{out}");
+    assert_eq!(code, ExitCode::SUCCESS, "{listed}");
+    assert!(listed.trim_start().starts_with('['), "{listed}");
     assert!(out.contains("alice@shop") && out.contains("0/1"), "{out}");
 
     let (_, out) = cli(args(&format!("show {} {common}", a.id)), true).await;
