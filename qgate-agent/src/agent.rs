@@ -393,6 +393,10 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
             let dropped = pipeline.writer().stats().dropped;
             if counters.lost() != last_lost || dropped != last_dropped {
+                ::metrics::counter!(crate::pipeline::metrics::CAPTURE_LOST).increment(
+                    counters.lost().saturating_sub(last_lost)
+                        + dropped.saturating_sub(last_dropped),
+                );
                 warn!(
                     ringbuf_full = counters.ringbuf_full,
                     truncated = counters.truncated,

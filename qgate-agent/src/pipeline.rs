@@ -8,6 +8,15 @@ use crate::{
     wire::{Tracker, WireEvent},
 };
 
+/// What the pipeline measures (served at `/metrics` by the API).
+pub mod metrics {
+    /// Counter: statements decoded from the wire.
+    pub const STATEMENTS_SEEN: &str = "qgate_statements_seen_total";
+    /// Counter: segments or events the capture lost (ring buffer full,
+    /// reassembly gave up).
+    pub const CAPTURE_LOST: &str = "qgate_capture_lost_total";
+}
+
 /// A connection silent this long is closed in the tracker (its state freed).
 const MAX_IDLE: Duration = Duration::from_secs(3600);
 
@@ -102,7 +111,7 @@ impl Pipeline {
         self.writer.push();
         let new = self.summary.statements - self.statements_counted;
         if new > 0 {
-            ::metrics::counter!(crate::api::metrics::STATEMENTS_SEEN).increment(new);
+            ::metrics::counter!(metrics::STATEMENTS_SEEN).increment(new);
             self.statements_counted = self.summary.statements;
         }
     }

@@ -7,14 +7,9 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Counter: statements decoded from the wire.
-pub const STATEMENTS_SEEN: &str = "qgate_statements_seen_total";
-/// Counter, label `decision` = `allow` | `hold` | `deny` | `audit_only`: policy decisions.
-pub const DECISIONS: &str = "qgate_decisions_total";
-/// Histogram, seconds: from a gated segment's arrival to the policy's decision.
-pub const DECISION_LATENCY: &str = "qgate_decision_latency_seconds";
-/// Counter: segments or events the capture lost (ring buffer full, reassembly gave up).
-pub const CAPTURE_LOST: &str = "qgate_capture_lost_total";
+// Each stage names what it measures; the API describes and serves them all.
+pub use crate::gate::metrics::{DECISIONS, DECISION_LATENCY};
+pub use crate::pipeline::metrics::{CAPTURE_LOST, STATEMENTS_SEEN};
 /// Gauge: requests pending now.
 pub const HELD_NOW: &str = "qgate_requests_held";
 /// Counter, label `kind` = a [`super::RequestEventKind`]: request lifecycle events.

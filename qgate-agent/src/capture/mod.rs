@@ -1,6 +1,13 @@
 //! Where segments come from: the tc programs through the ring buffer
 //! ([`kernel`]), or a capture file ([`pcap`]). Both yield [`Segment`]s, so
 //! everything after this stage runs the same on live traffic and on a pcap.
+//!
+//! | module | does |
+//! | --- | --- |
+//! | [`kernel`] | loads and attaches the tc programs (pinned links, replaced when severed), drains the rings |
+//! | [`hook`] | finds the PostgreSQL servers and attaches the server hook's probes |
+//! | [`backend`] | turns the hook's per-backend records into segments of synthetic connections |
+//! | [`pcap`] | reads pcap/pcapng files into segments |
 pub mod backend;
 pub mod hook;
 pub mod kernel;

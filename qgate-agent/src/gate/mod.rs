@@ -18,8 +18,34 @@
 //! way to hold, release and refuse. What a message is judged on (the
 //! classifier's facts plus the session's lexing, the database's user code,
 //! a write's estimated share of its table) is `judge`.
+//!
+//! The door is [`Gate`]: the capture loop hands it every segment
+//! (`before_segment` / `after_segment`), every wire event (`on_event`),
+//! every request event (`on_request_event`) and a `tick`. It guarantees
+//! that nothing it was asked about reaches the server undecided: a message
+//! it cannot decide stays held, and a failure to record a decision denies.
+//!
+//! | module | does |
+//! | --- | --- |
+//! | [`held`] | the held bytes of one connection, in order; what may be released |
+//! | [`inject`] | re-injects released bytes and resets through raw sockets |
+//! | [`kernel`] | the pinned FLOWS map: modes, releases, denied ranges |
+//! | [`rewrite`] | same-length denial texts (whole, prefix, tail, startup) |
+//! | [`startup`] | StartupMessage settings judged as the `SET`s they are |
+//! | `judge` | what a message is judged on (facts, lexing, catalog, estimates) |
+//! | `backend` | the server hook's way: stopped backends, rewrite in place |
+//! | `recover` | after a restart: pending requests taken over, dead ones withdrawn |
 mod backend;
 pub mod held;
+mod recover;
+
+/// What the gate measures (served at `/metrics` by the API).
+pub mod metrics {
+    /// Counter, label `decision` = `allow` | `hold` | `deny`: policy decisions.
+    pub const DECISIONS: &str = "qgate_decisions_total";
+    /// Histogram, seconds: from a gated message's arrival to the policy's decision.
+    pub const DECISION_LATENCY: &str = "qgate_decision_latency_seconds";
+}
 pub mod inject;
 mod judge;
 pub mod kernel;
@@ -41,16 +67,13 @@ use self::{
 };
 use crate::store::StatementDecision;
 use crate::{
-    api::{metrics, RequestBoard, RequestEvent, RequestEventKind},
+    api::{RequestBoard, RequestEvent, RequestEventKind},
     capture::backend::StoppedRead,
     capture::{Direction, Flow, Segment},
     catalog::{Catalogs, Lookup},
     classify::{Dialect, Flag, Kind},
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
-    store::requests::{
-        HookHold, Identity as RequestIdentity, NewRequest, RequestFilter, RequestStatus,
-        TransactionState,
-    },
+    store::requests::{HookHold, Identity as RequestIdentity, NewRequest, TransactionState},
     wire::{ClientMessage, ConnId, Identity, ServerReport, SqlCarrier, Tracker, WireEvent},
 };
 
@@ -258,34 +281,6 @@ impl Gate {
         self.catalogs = Some(catalogs);
     }
 
-    /// Takes over the requests a previous agent left pending (it was killed
-    /// or restarted while the kernel kept holding their statements).
-    pub fn recover(&mut self) -> usize {
-        let filter = RequestFilter {
-            status: Some(RequestStatus::Pending),
-            limit: 10_000,
-            ..RequestFilter::default()
-        };
-        let pending = match self.runtime.block_on(self.board.list(filter)) {
-            Ok(pending) => pending,
-            Err(e) => {
-                warn!("listing pending requests to recover: {e}");
-                return 0;
-            }
-        };
-        for request in pending.iter().filter(|r| r.backend_pid.is_none()) {
-            if let Some(client) = &request.identity.client_addr {
-                self.recovered
-                    .insert((client.clone(), request.statement.clone()), request.id);
-            }
-        }
-        if !self.recovered.is_empty() {
-            self.recovered_at = Some(Instant::now());
-        }
-        self.recover_backends(&pending);
-        pending.len()
-    }
-
     /// What the gate decided since the last call, for the store's statement
     /// and request rows (the capture loop hands them to the writer).
     pub fn take_decided(&mut self) -> Vec<crate::store::Decided> {
@@ -310,37 +305,6 @@ impl Gate {
             rule: rule.to_string(),
             request,
         });
-    }
-
-    /// `gate.recovery_grace_s`: see [`Gate::withdraw_unreturned`].
-    pub fn set_recovery_grace(&mut self, grace: Duration) {
-        self.recovery_grace = grace;
-    }
-
-    /// Withdraws the recovered requests whose statement did not come back
-    /// within the grace period: a live client retransmits a held segment at
-    /// least every 120 s (TCP's largest RTO), so its connection is gone.
-    fn withdraw_unreturned(&mut self) {
-        let due = self
-            .recovered_at
-            .is_some_and(|at| at.elapsed() >= self.recovery_grace);
-        if !due {
-            return;
-        }
-        self.recovered_at = None;
-        let why = format!(
-            "its client did not send the statement again within {} s of the agent's restart: \
-             the connection is gone",
-            self.recovery_grace.as_secs()
-        );
-        for ((client, _), id) in std::mem::take(&mut self.recovered) {
-            self.recovered_final.remove(&id);
-            match self.runtime.block_on(self.board.withdraw(id, &why)) {
-                Ok(_) => info!(request = id, client, "recovered request withdrawn: {why}"),
-                // Decided meanwhile: nothing to withdraw.
-                Err(e) => debug!(request = id, "withdrawing a recovered request: {e}"),
-            }
-        }
     }
 
     /// `gate.unreadable = "refuse"` in force (the program holds TLS handshakes).

@@ -10,7 +10,17 @@
 //!   without ever blocking the capture thread and writes them in batches on
 //!   its own thread.
 //! - [`audit::append`] / [`audit::verify`]: the tamper-evident log.
-//! - [`export::export_statements`]: one record per statement, JSON lines or CSV.
+//! - [`export::export_statements`] / [`export::search_statements`]: one
+//!   record per statement ([`export::StatementRecord`], documented in
+//!   `schema/statement.schema.json`), for the CLI export and the API.
+//!
+//! | module | does |
+//! | --- | --- |
+//! | [`writer`] | the capture's batched writes; links decisions to statements |
+//! | [`requests`] | reviewers, tokens, requests and votes (the board's tables) |
+//! | [`audit`] | the hash-chained log: kinds, append, verify |
+//! | [`export`] | the statement record, search and export |
+//! | [`migrations`] | the schema as named, ordered migrations |
 pub mod audit;
 pub mod export;
 pub mod migrations;
