@@ -521,8 +521,11 @@ impl Lab {
             "--db",
         ];
         args.push(db.to_str().context("db path")?);
-        if let Some(users) = db_users {
-            args.extend(["--db-users", users]);
+        match db_users {
+            // A reviewer who is no database user at all.
+            Some("") => args.push("--no-db-user"),
+            Some(users) => args.extend(["--db-users", users]),
+            None => {}
         }
         let out = self.agent_cli(&args)?;
         if !out.status.success() {

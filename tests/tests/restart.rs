@@ -136,7 +136,9 @@ fn a_connection_opened_before_the_agent_is_gated_as_an_unknown_identity() -> Res
     writeln!(stdin, "SELECT 1;")?;
     std::thread::sleep(Duration::from_millis(500));
     lab.start_agent(&[])?;
-    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    // The statement's user is unknown: only a reviewer who is no database
+    // user at all may approve it (anyone else could be its author).
+    let token = lab.add_reviewer("rita", "reviewers", Some(""))?;
     writeln!(stdin, "UPDATE t SET v = 'b';")?;
     let request = lab
         .pending_requests(&token, 1, Duration::from_secs(30))?
