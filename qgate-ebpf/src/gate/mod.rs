@@ -1,0 +1,208 @@
+//! Deciding, per client→server segment, whether it may reach the server now
+//! or must wait for the agent.
+//!
+//! The program follows PostgreSQL message boundaries (protocol 3.0, "Message
+//! Formats": a type byte, then an Int32 length that counts itself) so it knows
+//! which bytes are SQL. For `GATE_RISKY` a segment passes without a round trip
+//! only when its one SQL-bearing message is a complete `Query` or `Parse`
+//! whose text provably is a single plain read; anything it cannot prove within
+//! its bounds is held. It may hold too much, never too little: the agent makes
+//! the real decision for everything held.
+//!
+//! | module | does |
+//! | --- | --- |
+//! | this one | the flow's state, the verdict for each segment |
+//! | `startup` | a connection's first packet: StartupMessage, SSL/GSSENC requests, TLS |
+//! | `walk` | the message walk over a segment's headers, and the plain-read proof |
+mod startup;
+mod walk;
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{Array, LruHashMap},
+    programs::TcContext,
+};
+use qgate_common::{mode, phase, tcp::seq_lt, tcp_flags, Counters, FlowKey, FlowState, GateConfig};
+
+use self::{startup::startup, walk::messages};
+use crate::packet::Segment;
+
+#[map(name = "FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "GATE_CONFIG")]
+static GATE_CONFIG: Array<GateConfig> = Array::with_max_entries(1, 0);
+
+pub enum Verdict {
+    /// Let it through.
+    Pass,
+    /// Drop it and tell the agent: it waits for a decision.
+    Hold,
+    /// Drop it silently: an original of a statement that was denied.
+    Drop,
+}
+
+#[inline(always)]
+pub fn config() -> GateConfig {
+    GATE_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The agent's heartbeat is older than it may be.
+#[inline(always)]
+pub fn agent_gone(cfg: &GateConfig) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(cfg.heartbeat_ns) > cfg.fail_after_ns
+}
+
+/// On a port the server hook reads: true when the connection is the
+/// hook's (it started after the port became hooked), so the tc programs
+/// leave it alone. A SYN on such a port makes a connection the hook's.
+#[inline(always)]
+pub fn left_to_hook(seg: &Segment, flow: &FlowKey, to_server: bool) -> bool {
+    if to_server && seg.tcp_flags & tcp_flags::SYN != 0 {
+        let state = FlowState {
+            phase: phase::HOOKED,
+            ..FlowState::default()
+        };
+        let _ = FLOWS.insert(flow, &state, 0);
+        return true;
+    }
+    match FLOWS.get_ptr(flow) {
+        // SAFETY: read of a plain byte of a map value.
+        Some(state) => unsafe { (*state).phase == phase::HOOKED },
+        // Older than the program: the wire path picks it up mid-stream.
+        None => !to_server,
+    }
+}
+
+#[inline(always)]
+fn hold(state: &mut FlowState, seq: u32) -> Verdict {
+    state.held = 1;
+    state.tail = 0;
+    state.hold_seq = seq;
+    Verdict::Hold
+}
+
+pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Counters) -> Verdict {
+    let cfg = config();
+    let v = decide(ctx, seg, flow, &cfg);
+    if !matches!(v, Verdict::Hold) || cfg.fail_open == 0 {
+        return v;
+    }
+    if !agent_gone(&cfg) {
+        return v;
+    }
+    // The agent is gone and the operator chose to fail open: pass, count,
+    // and forget the boundaries so the agent re-syncs this connection when
+    // it is back.
+    if let Some(state) = FLOWS.get_ptr_mut(flow) {
+        // SAFETY: map value; plain integers.
+        let state = unsafe { &mut *state };
+        state.held = 0;
+        state.phase = phase::UNSYNCED;
+    }
+    if !counters.is_null() {
+        // SAFETY: per-CPU slot.
+        unsafe { (*counters).failed_open += 1 };
+    }
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> Verdict {
+    if seg.tcp_flags & tcp_flags::SYN != 0 {
+        if let Some(state) = FLOWS.get_ptr_mut(flow) {
+            // SAFETY: map value; plain integers.
+            let state = unsafe { &mut *state };
+            if state.isn == seg.seq {
+                // The same SYN again (a retransmission, possibly late).
+                return Verdict::Pass;
+            }
+            // Another SYN on a flow already under way: the server ignores it
+            // (or, for a new connection on a reused address, accepts it);
+            // either way its sequence number is not trusted. Nothing passes
+            // on its own until the agent, which sees the server's answer,
+            // re-syncs.
+            state.phase = phase::UNSYNCED;
+            state.isn = seg.seq;
+            return Verdict::Pass;
+        }
+        let state = FlowState {
+            next_msg_seq: seg.seq.wrapping_add(1),
+            isn: seg.seq,
+            mode: cfg.default_mode,
+            phase: phase::STARTUP,
+            ..FlowState::default()
+        };
+        let _ = FLOWS.insert(flow, &state, 0);
+        return Verdict::Pass;
+    }
+    if seg.payload_len == 0 {
+        return Verdict::Pass;
+    }
+    let end = seg.seq.wrapping_add(seg.payload_len);
+    let Some(state) = FLOWS.get_ptr_mut(flow) else {
+        if cfg.default_mode == mode::MONITOR {
+            return Verdict::Pass;
+        }
+        // Started before the program: nothing is known about its boundaries.
+        let state = FlowState {
+            hold_seq: seg.seq,
+            mode: cfg.default_mode,
+            phase: phase::UNSYNCED,
+            held: 1,
+            ..FlowState::default()
+        };
+        let _ = FLOWS.insert(flow, &state, 0);
+        return Verdict::Hold;
+    };
+    // SAFETY: map value owned by the map; concurrent writers only race on
+    // plain integers, and the agent re-checks everything it is told.
+    let state = unsafe { &mut *state };
+    if state.deny_start != state.deny_end
+        && seq_lt(seg.seq, state.deny_end)
+        && seq_lt(state.deny_start, end)
+    {
+        return Verdict::Drop;
+    }
+    if state.held != 0 {
+        if seq_lt(state.hold_seq, end) {
+            return Verdict::Hold;
+        }
+        if state.tail != 0 {
+            if seq_lt(state.pass_until, seg.seq) {
+                // Out of order before the tail: held from here on.
+                return hold(state, seg.seq);
+            }
+            if seq_lt(state.pass_until, end) {
+                state.pass_until = end;
+            }
+        }
+        return Verdict::Pass;
+    }
+    if state.mode == mode::MONITOR || state.phase == phase::OPAQUE {
+        return Verdict::Pass;
+    }
+    if state.mode == mode::DENY {
+        return hold(state, seg.seq);
+    }
+    if state.phase == phase::UNSYNCED {
+        return hold(state, seg.seq);
+    }
+    // Where in this segment the next message header is.
+    if seq_lt(seg.seq, state.next_msg_seq) && !seq_lt(state.next_msg_seq, end) {
+        // Entirely before the next header: a retransmission of inspected bytes.
+        return Verdict::Pass;
+    }
+    if seq_lt(state.next_msg_seq, seg.seq) {
+        // A gap: bytes the program never inspected went missing or out of order.
+        return hold(state, seg.seq);
+    }
+    let first = state.next_msg_seq.wrapping_sub(seg.seq);
+    match state.phase {
+        phase::STARTUP => startup(ctx, seg, state, cfg, first),
+        phase::READY => messages(ctx, seg, state, first),
+        _ => hold(state, seg.seq),
+    }
+}
