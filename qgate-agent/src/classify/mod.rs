@@ -10,6 +10,7 @@
 mod facts;
 mod fingerprint;
 mod functions;
+pub mod justification;
 pub mod redact;
 pub mod script;
 mod split;

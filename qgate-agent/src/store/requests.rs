@@ -438,45 +438,6 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// The reason a statement carries for itself, from its leading comments:
-/// `/* qgate: reason=… */` or `-- qgate: reason=…` (to end of line). Other
-/// leading comments are skipped; anything after the first token is ignored,
-/// so a reason cannot be smuggled in from the middle of a statement.
-pub fn parse_justification(statement: &str) -> Option<String> {
-    const MAX_CHARS: usize = 1000;
-    let mut rest = statement.trim_start();
-    loop {
-        let (body, after) = if let Some(r) = rest.strip_prefix("/*") {
-            let end = r.find("*/")?;
-            (&r[..end], &r[end + 2..])
-        } else if let Some(r) = rest.strip_prefix("--") {
-            let end = r.find('\n').unwrap_or(r.len());
-            (&r[..end], &r[end..])
-        } else {
-            return None;
-        };
-        if let Some(reason) = qgate_reason(body) {
-            let reason: String = reason.chars().take(MAX_CHARS).collect();
-            return (!reason.is_empty()).then_some(reason);
-        }
-        rest = after.trim_start();
-    }
-}
-
-fn qgate_reason(comment: &str) -> Option<&str> {
-    let c = comment.trim_start();
-    let c = c
-        .get(..6)
-        .filter(|p| p.eq_ignore_ascii_case("qgate:"))
-        .map(|_| &c[6..])?;
-    let c = c.trim_start();
-    let c = c
-        .get(..6)
-        .filter(|p| p.eq_ignore_ascii_case("reason"))
-        .map(|_| &c[6..])?;
-    Some(c.trim_start().strip_prefix('=')?.trim())
-}
-
 fn json_list(values: &[String]) -> String {
     serde_json::Value::from(values.to_vec()).to_string()
 }
@@ -783,7 +744,7 @@ pub fn create_request(
     let created = now_ms();
     let timeout = new.timeout.unwrap_or(default_timeout);
     let expires = created.saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
-    let justification = parse_justification(&new.statement);
+    let justification = crate::classify::justification::parse(&new.statement);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO requests (statement_id, statement, justification, facts, rule,
@@ -895,19 +856,30 @@ pub fn check_vote(request: &Request, reviewer: &Reviewer, verdict: Verdict) -> R
     }
 }
 
-fn close(
-    tx: &rusqlite::Transaction<'_>,
-    id: i64,
+/// How a pending request ends.
+struct Close<'a> {
     status: RequestStatus,
-    by: &str,
-    comment: Option<&str>,
+    /// The reviewer, or `qgate` for expiry and withdrawal.
+    by: &'a str,
+    comment: Option<&'a str>,
+    /// An admin's force-approval.
     forced: bool,
-    now: i64,
-) -> Result<(), RequestError> {
+    /// Unix milliseconds.
+    at: i64,
+}
+
+fn close(tx: &rusqlite::Transaction<'_>, id: i64, closing: Close<'_>) -> Result<(), RequestError> {
     tx.execute(
         "UPDATE requests SET status = ?1, closed_at = ?2, closed_by = ?3, close_comment = ?4,
             forced = ?5 WHERE id = ?6 AND status = 'pending'",
-        params![status.as_str(), now, by, comment, forced, id],
+        params![
+            closing.status.as_str(),
+            closing.at,
+            closing.by,
+            closing.comment,
+            closing.forced,
+            id
+        ],
     )?;
     Ok(())
 }
@@ -940,11 +912,13 @@ fn expire_in(
     close(
         tx,
         request.id,
-        RequestStatus::Expired,
-        "qgate",
-        None,
-        false,
-        now,
+        Close {
+            status: RequestStatus::Expired,
+            by: "qgate",
+            comment: None,
+            forced: false,
+            at: now,
+        },
     )?;
     audit::append(
         tx,
@@ -995,11 +969,13 @@ pub fn vote(
             close(
                 &tx,
                 id,
-                RequestStatus::Denied,
-                &reviewer.name,
-                comment,
-                false,
-                now,
+                Close {
+                    status: RequestStatus::Denied,
+                    by: &reviewer.name,
+                    comment: comment,
+                    forced: false,
+                    at: now,
+                },
             )?;
             (audit::kinds::REQUEST_DENIED, true)
         }
@@ -1007,11 +983,13 @@ pub fn vote(
             close(
                 &tx,
                 id,
-                RequestStatus::Approved,
-                &reviewer.name,
-                comment,
-                true,
-                now,
+                Close {
+                    status: RequestStatus::Approved,
+                    by: &reviewer.name,
+                    comment: comment,
+                    forced: true,
+                    at: now,
+                },
             )?;
             (audit::kinds::REQUEST_FORCE_APPROVED, true)
         }
@@ -1019,11 +997,13 @@ pub fn vote(
             close(
                 &tx,
                 id,
-                RequestStatus::Approved,
-                &reviewer.name,
-                comment,
-                false,
-                now,
+                Close {
+                    status: RequestStatus::Approved,
+                    by: &reviewer.name,
+                    comment: comment,
+                    forced: false,
+                    at: now,
+                },
             )?;
             (audit::kinds::REQUEST_APPROVED, true)
         }
@@ -1096,11 +1076,13 @@ pub fn close_by_qgate(
             close(
                 &tx,
                 id,
-                RequestStatus::Withdrawn,
-                "qgate",
-                reason,
-                false,
-                now,
+                Close {
+                    status: RequestStatus::Withdrawn,
+                    by: "qgate",
+                    comment: reason,
+                    forced: false,
+                    at: now,
+                },
             )?;
             audit::append(
                 &tx,
@@ -1207,37 +1189,6 @@ mod tests {
             created_at: String::new(),
             revoked_at: None,
         }
-    }
-
-    #[test]
-    fn justification_comes_from_a_leading_block_or_line_comment() {
-        assert_eq!(
-            parse_justification("/* qgate: reason=INC-42 cleanup */ DELETE FROM t").as_deref(),
-            Some("INC-42 cleanup")
-        );
-        assert_eq!(
-            parse_justification("  -- qgate: reason = hotfix\nDROP TABLE t").as_deref(),
-            Some("hotfix")
-        );
-        assert_eq!(
-            parse_justification("-- ticket 9\n/*QGATE: Reason=x*/ DROP TABLE t").as_deref(),
-            Some("x")
-        );
-    }
-
-    #[test]
-    fn justification_is_ignored_when_not_leading_or_malformed() {
-        assert_eq!(
-            parse_justification("DELETE FROM t /* qgate: reason=x */"),
-            None
-        );
-        assert_eq!(parse_justification("/* qgate: reason=x"), None);
-        assert_eq!(parse_justification("/* qgate: why=x */ DROP TABLE t"), None);
-        assert_eq!(
-            parse_justification("/* qgate: reason= */ DROP TABLE t"),
-            None
-        );
-        assert_eq!(parse_justification("/* é */ DROP"), None);
     }
 
     #[test]
