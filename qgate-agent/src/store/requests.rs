@@ -972,7 +972,7 @@ pub fn vote(
                 Close {
                     status: RequestStatus::Denied,
                     by: &reviewer.name,
-                    comment: comment,
+                    comment,
                     forced: false,
                     at: now,
                 },
@@ -986,7 +986,7 @@ pub fn vote(
                 Close {
                     status: RequestStatus::Approved,
                     by: &reviewer.name,
-                    comment: comment,
+                    comment,
                     forced: true,
                     at: now,
                 },
@@ -1000,7 +1000,7 @@ pub fn vote(
                 Close {
                     status: RequestStatus::Approved,
                     by: &reviewer.name,
-                    comment: comment,
+                    comment,
                     forced: false,
                     at: now,
                 },
