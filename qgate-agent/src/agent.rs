@@ -401,6 +401,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     ringbuf_full = counters.ringbuf_full,
                     truncated = counters.truncated,
                     load_errors = counters.load_errors,
+                    hook_lost = counters.hook_lost,
                     "capture loss: some statements were not seen whole"
                 );
                 if dropped != last_dropped {

@@ -362,18 +362,22 @@ fn capture_loss_counters_are_recorded() {
         ringbuf_full: 3,
         truncated: 2,
         load_errors: 1,
+        hook_lost: 7,
         ..Default::default()
     };
     assert!(writer.record_capture_loss(T0, counters));
     writer.flush();
-    let row: (i64, i64, i64, i64, i64, i64) = reader(&db)
+    type Row = (i64, i64, i64, i64, i64, i64, i64);
+    let row: Row = reader(&db)
         .query_row(
-            "SELECT at, segments_seen, ringbuf_full, truncated, load_errors, writer_dropped FROM capture_loss",
+            "SELECT at, segments_seen, ringbuf_full, truncated, load_errors, writer_dropped, hook_lost
+             FROM capture_loss",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
         )
         .unwrap();
-    assert_eq!(row, (T0, 1000, 3, 2, 1, 0));
+    // The server hook's losses too: counted by the kernel, never silent here.
+    assert_eq!(row, (T0, 1000, 3, 2, 1, 0, 7));
 }
 
 #[test]

@@ -66,7 +66,7 @@ fn completed_count(lab: &Lab) -> Result<i64> {
 fn capture_loss(lab: &Lab) -> Result<i64> {
     Ok(lab
         .store()?
-        .query_row("SELECT coalesce(max(ringbuf_full + truncated + load_errors + writer_dropped), 0) FROM capture_loss", [], |r| {
+        .query_row("SELECT coalesce(max(ringbuf_full + truncated + load_errors + writer_dropped + hook_lost), 0) FROM capture_loss", [], |r| {
             r.get(0)
         })?)
 }

@@ -478,7 +478,7 @@ fn counts_are_exact(via: Via, tag: &str) -> Result<()> {
         assert_eq!(counts, expected, "{via:?} -M {mode}");
     }
     let loss: i64 = lab.store()?.query_row(
-        "SELECT coalesce(max(ringbuf_full + truncated + load_errors + writer_dropped), 0)
+        "SELECT coalesce(max(ringbuf_full + truncated + load_errors + writer_dropped + hook_lost), 0)
          FROM capture_loss",
         [],
         |r| r.get(0),

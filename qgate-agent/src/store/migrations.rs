@@ -212,6 +212,15 @@ CREATE TABLE replays (
 ) STRICT;
 "#,
     },
+    Migration {
+        name: "capture_0006_hook_lost",
+        sql: r#"
+-- The server hook's lost records (its ring full, or a read it could not
+-- copy): counted by the kernel all along, recorded here too, so a loss in
+-- the hook is never silent in the store.
+ALTER TABLE capture_loss ADD COLUMN hook_lost INTEGER NOT NULL DEFAULT 0;
+"#,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

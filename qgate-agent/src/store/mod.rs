@@ -245,8 +245,8 @@ pub(crate) fn insert_capture_loss(
     writer_dropped: u64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO capture_loss (at, segments_seen, ringbuf_full, truncated, load_errors, writer_dropped)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO capture_loss (at, segments_seen, ringbuf_full, truncated, load_errors, writer_dropped, hook_lost)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute((
         at,
@@ -255,6 +255,7 @@ pub(crate) fn insert_capture_loss(
         sql_count(counters.truncated),
         sql_count(counters.load_errors),
         sql_count(writer_dropped),
+        sql_count(counters.hook_lost),
     ))?;
     Ok(())
 }

@@ -50,7 +50,7 @@ fn stored_selects(lab: &Lab) -> Result<i64> {
 
 fn loss_counter(lab: &Lab) -> Result<i64> {
     Ok(lab.store()?.query_row(
-        "SELECT coalesce((SELECT ringbuf_full + truncated + load_errors + writer_dropped
+        "SELECT coalesce((SELECT ringbuf_full + truncated + load_errors + writer_dropped + hook_lost
                           FROM capture_loss ORDER BY id DESC LIMIT 1), 0)",
         [],
         |r| r.get(0),
