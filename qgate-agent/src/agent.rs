@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
+    bpf::GateMode,
     capture::{
         backend::{BackendStep, BackendStreams, PortInfo},
         hook::{existing_backends, postmaster_of, HookKind, Postmaster},
@@ -25,7 +26,7 @@ use crate::{
     },
     catalog::{self, Catalogs},
     config::{Config, FailMode, GateSetting, Unreadable},
-    gate::{inject::Injector, kernel::GateMode, Gate},
+    gate::{inject::Injector, Gate},
     pipeline::Pipeline,
     policy::{self, Policy, PolicyHandle, Subject},
     store::{self, Store, Writer, WriterConfig},
@@ -611,7 +612,7 @@ fn reload_policy(config: &Config, policy: &PolicyHandle) {
 /// Writes the program's global settings from the configuration and the
 /// policy in force; returns the mode of connections not judged yet.
 fn configure_kernel(
-    kernel: &mut crate::gate::kernel::KernelGate,
+    kernel: &mut crate::bpf::KernelGate,
     config: &Config,
     policy: &PolicyHandle,
     enforcing: bool,

@@ -8,10 +8,14 @@
 //! | policy | [`policy`] | facts + identity → allow / hold / deny |
 //! | store | [`store`] | SQLite: connections, statements, requests, audit |
 //! | api | [`api`] | the reviewers' HTTP API |
+//! | (shared) | [`board`] | held requests: create, decide, watch (the gate and the API both use it) |
+//! | (shared) | [`bpf`] | the gating maps and the programs' clock, shared by capture and gate |
 //!
 //! [`pipeline`] connects the stages; [`cli`] is the command line.
 pub mod agent;
 pub mod api;
+pub mod board;
+pub mod bpf;
 pub mod capture;
 pub mod catalog;
 pub mod classify;

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use crate::store::requests::{Refusal, Request};
 
-use super::board::BoardError;
+use crate::board::BoardError;
 
 /// The body of every 4xx/5xx answer.
 #[derive(Debug, Serialize, ToSchema)]

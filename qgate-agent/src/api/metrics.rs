@@ -8,17 +8,9 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 // Each stage names what it measures; the API describes and serves them all.
+pub use crate::board::metrics::{AUDIT_FAILURES, HELD_NOW, REQUEST_EVENTS, REQUEST_WAIT};
 pub use crate::gate::metrics::{DECISIONS, DECISION_LATENCY};
 pub use crate::pipeline::metrics::{CAPTURE_LOST, STATEMENTS_SEEN};
-/// Gauge: requests pending now.
-pub const HELD_NOW: &str = "qgate_requests_held";
-/// Counter, label `kind` = a [`super::RequestEventKind`]: request lifecycle events.
-pub const REQUEST_EVENTS: &str = "qgate_request_events_total";
-/// Histogram, seconds: how long a request waited until decided, expired or withdrawn.
-pub const REQUEST_WAIT: &str = "qgate_request_wait_seconds";
-/// Counter, label `kind` = an audit kind: audit entries that could not be
-/// written (each is also logged; a denial whose entry failed is still denied).
-pub const AUDIT_FAILURES: &str = "qgate_audit_write_failures_total";
 /// Counter, label `outcome` = `delivered` | `failed`: webhook deliveries.
 pub const WEBHOOKS: &str = "qgate_webhook_deliveries_total";
 

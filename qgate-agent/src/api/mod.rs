@@ -14,7 +14,6 @@
 //! requests and the webhook dispatcher; the agent's run loop calls it.
 mod audit;
 mod auth;
-mod board;
 mod error;
 pub mod metrics;
 mod routes;
@@ -26,7 +25,7 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-pub use board::{BoardError, RequestBoard, RequestEvent, RequestEventKind};
+pub use crate::board::{BoardError, RequestBoard, RequestEvent, RequestEventKind};
 pub use error::ErrorBody;
 pub use tls::TlsFiles;
 pub use webhook::WebhookOptions;

@@ -19,7 +19,8 @@ use serde::Serialize;
 use sha2::Sha256;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{board::RequestEvent, metrics, RequestEventKind};
+use super::metrics;
+use crate::board::{RequestEvent, RequestEventKind};
 
 pub const SIGNATURE_HEADER: &str = "x-qgate-signature";
 pub const TIMESTAMP_HEADER: &str = "x-qgate-timestamp";

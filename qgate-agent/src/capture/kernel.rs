@@ -21,7 +21,7 @@ use qgate_common::{
     flags, maps, port_kind, Counters, FlowKey, SegmentEvent, ABI_VERSION, DIR_TO_SERVER,
 };
 
-use crate::gate::kernel::KernelGate;
+use crate::bpf::KernelGate;
 use tracing::{info, warn};
 
 use super::{
@@ -527,11 +527,6 @@ fn clock_ns(clock: libc::clockid_t) -> i64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-}
-
-/// CLOCK_MONOTONIC now: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
 fn monotonic_to_unix_offset() -> i64 {

@@ -29,7 +29,6 @@
 //! | --- | --- |
 //! | [`held`] | the held bytes of one connection, in order; what may be released |
 //! | [`inject`] | re-injects released bytes and resets through raw sockets |
-//! | [`kernel`] | the pinned FLOWS map: modes, releases, denied ranges |
 //! | [`rewrite`] | same-length denial texts (whole, prefix, tail, startup) |
 //! | [`startup`] | StartupMessage settings judged as the `SET`s they are |
 //! | `judge` | what a message is judged on (facts, lexing, catalog, estimates) |
@@ -48,7 +47,6 @@ pub mod metrics {
 }
 pub mod inject;
 mod judge;
-pub mod kernel;
 pub mod rewrite;
 pub mod startup;
 
@@ -62,12 +60,12 @@ use self::{
     held::{HeldStream, PendingSql},
     inject::Injector,
     judge::{database_of, encoding_is_modelled, may_change_schema, may_create_code, Lexing},
-    kernel::{GateMode, KernelGate},
     rewrite::DenialRef,
 };
+use crate::bpf::{GateMode, KernelGate};
 use crate::store::StatementDecision;
 use crate::{
-    api::{RequestBoard, RequestEvent, RequestEventKind},
+    board::{RequestBoard, RequestEvent, RequestEventKind},
     capture::backend::StoppedRead,
     capture::{Direction, Flow, Segment},
     catalog::{Catalogs, Lookup},

@@ -20,7 +20,18 @@ use crate::store::requests::{
     Reviewer, Verdict, VoteError,
 };
 
-use super::metrics;
+/// What the board measures (served at `/metrics` by the API).
+pub mod metrics {
+    /// Gauge: requests pending now.
+    pub const HELD_NOW: &str = "qgate_requests_held";
+    /// Counter, label `kind` = a [`super::RequestEventKind`]: request lifecycle events.
+    pub const REQUEST_EVENTS: &str = "qgate_request_events_total";
+    /// Histogram, seconds: how long a request waited until decided, expired or withdrawn.
+    pub const REQUEST_WAIT: &str = "qgate_request_wait_seconds";
+    /// Counter, label `kind` = an audit kind: audit entries that could not be
+    /// written (each is also logged; a denial whose entry failed is still denied).
+    pub const AUDIT_FAILURES: &str = "qgate_audit_write_failures_total";
+}
 
 /// Room for bursts: a receiver further behind than this gets `Lagged` and
 /// must re-read the requests it cares about with [`RequestBoard::get`].
@@ -307,7 +318,7 @@ impl RequestBoard {
         Ok(expired)
     }
 
-    /// Expires requests at their deadlines, forever; [`super::serve`] runs it.
+    /// Expires requests at their deadlines, forever; [`crate::api::serve`] runs it.
     pub async fn run_expiry(self) {
         loop {
             if let Err(e) = self.expire_due().await {

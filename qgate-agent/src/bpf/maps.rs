@@ -9,7 +9,8 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, MapError};
 use qgate_common::{hook, mode, phase, BackendState, FlowKey, FlowState, GateConfig};
 
-use crate::capture::{kernel::monotonic_ns, Flow};
+use super::monotonic_ns;
+use crate::capture::Flow;
 
 /// How the program treats a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
