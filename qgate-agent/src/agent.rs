@@ -621,9 +621,10 @@ fn configure_kernel(
     // the agent) is gated as the policy treats an unknown identity.
     let default_mode = if enforcing {
         match policy::needs_gate(&policy.current(), &Subject::default()) {
-            policy::GateMode::Monitor => GateMode::Monitor,
-            policy::GateMode::GateRisky => GateMode::GateRisky,
-            policy::GateMode::GateAll | policy::GateMode::DenyConnection => GateMode::GateAll,
+            GateMode::Monitor => GateMode::Monitor,
+            GateMode::GateRisky => GateMode::GateRisky,
+            // Refused identities are judged per connection, once known.
+            GateMode::GateAll | GateMode::Deny => GateMode::GateAll,
         }
     } else {
         GateMode::Monitor

@@ -12,13 +12,21 @@ use qgate_common::{hook, mode, phase, BackendState, FlowKey, FlowState, GateConf
 use super::monotonic_ns;
 use crate::capture::Flow;
 
-/// How the program treats a connection.
+/// How much a connection is gated: what the policy asks for an identity
+/// (`policy::needs_gate`) and what the programs are told (`as_raw`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum GateMode {
+    /// No statement from this identity can be held or denied: only watch.
     Monitor,
+    /// Some statements may be held or denied, but never a plain read (one
+    /// SELECT/SHOW with no function call, INTO or FOR): the kernel may pass
+    /// those and send the rest to userspace.
     GateRisky,
+    /// Even a plain read may be held (a rule on tables, tags, row estimates
+    /// or the clock applies): every SQL-bearing message goes to userspace.
     GateAll,
+    /// The policy refuses this identity outright: every statement is denied.
     Deny,
 }
 

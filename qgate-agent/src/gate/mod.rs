@@ -94,7 +94,7 @@ struct ConnInfo {
     /// StartupMessage settings beyond the identity (judged as `SET`s).
     settings: Vec<(String, String)>,
     /// The policy's mode for it (the kernel may be told a stricter one).
-    mode: Option<policy::GateMode>,
+    mode: Option<GateMode>,
     /// How the server reads this session's text, as far as qgate can model it.
     lexing: Lexing,
     /// A statement that may change the schema ran in the transaction still
@@ -220,15 +220,6 @@ fn subject_of(identity: &Identity, flow: &Flow) -> Subject {
     }
 }
 
-fn kernel_mode(mode: policy::GateMode) -> GateMode {
-    match mode {
-        policy::GateMode::Monitor => GateMode::Monitor,
-        policy::GateMode::GateRisky => GateMode::GateRisky,
-        policy::GateMode::GateAll => GateMode::GateAll,
-        policy::GateMode::DenyConnection => GateMode::Deny,
-    }
-}
-
 impl Gate {
     pub fn new(
         kernel: KernelGate,
@@ -329,9 +320,9 @@ impl Gate {
             let mode = if self.enforcing {
                 policy::needs_gate(&policy, &info.subject)
             } else {
-                policy::GateMode::Monitor
+                GateMode::Monitor
             };
-            info.refused = mode == policy::GateMode::DenyConnection;
+            info.refused = mode == GateMode::Deny;
             info.mode = Some(mode);
             self.apply_mode(&flow);
         }
@@ -349,11 +340,11 @@ impl Gate {
         if info.own {
             return;
         }
-        let mode = info.mode.unwrap_or(policy::GateMode::Monitor);
-        let mode = if mode == policy::GateMode::GateRisky && !self.fast_path_allowed(info) {
+        let mode = info.mode.unwrap_or(GateMode::Monitor);
+        let mode = if mode == GateMode::GateRisky && !self.fast_path_allowed(info) {
             GateMode::GateAll
         } else {
-            kernel_mode(mode)
+            mode
         };
         if info.kernel_mode == Some(mode) {
             // Unchanged: the wire path's flow state is rewritten whole, and
@@ -623,9 +614,9 @@ impl Gate {
                 let mode = if self.enforcing && !own {
                     policy::needs_gate(&self.policy.current(), &subject)
                 } else {
-                    policy::GateMode::Monitor
+                    GateMode::Monitor
                 };
-                let refused = mode == policy::GateMode::DenyConnection;
+                let refused = mode == GateMode::Deny;
                 if refused {
                     info!(
                         ?subject,

@@ -131,22 +131,9 @@ pub struct Decision {
     pub(crate) reusable: bool,
 }
 
-/// How much the kernel must gate a connection, from its identity alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GateMode {
-    /// No statement from this identity can be held or denied: only watch.
-    Monitor,
-    /// Some statements may be held or denied, but never a plain read (one
-    /// SELECT/SHOW with no function call, INTO or FOR): the kernel may pass
-    /// those and send the rest to userspace.
-    GateRisky,
-    /// Even a plain read may be held (a rule on tables, tags, row estimates
-    /// or the clock applies): every SQL-bearing message goes to userspace.
-    GateAll,
-    /// The policy refuses this identity outright.
-    DenyConnection,
-}
+/// How much the kernel must gate a connection, from its identity alone
+/// ([`needs_gate`]): the one mode type of policy, gate and kernel maps.
+pub use crate::bpf::GateMode;
 
 /// Answers `estimated_rows_above` conditions.
 pub trait RowEstimator {
@@ -851,7 +838,7 @@ pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
                 && m == Membership::Yes
                 && !earlier_rule_applies;
             if outright {
-                return GateMode::DenyConnection;
+                return GateMode::Deny;
             }
             restricted = true;
             reads_restricted |= rule.could_match_plain_read();
@@ -870,7 +857,7 @@ pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
         }
     }
     match policy.default {
-        Action::Deny { .. } if !earlier_rule_applies && !restricted => GateMode::DenyConnection,
+        Action::Deny { .. } if !earlier_rule_applies && !restricted => GateMode::Deny,
         Action::Deny { .. } | Action::Hold { .. } => GateMode::GateAll,
         Action::Allow | Action::AuditOnly if restricted => risky(reads_restricted),
         Action::Allow | Action::AuditOnly => GateMode::Monitor,

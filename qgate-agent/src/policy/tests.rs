@@ -210,7 +210,7 @@ fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
     .unwrap();
     let mut bot = subject("x");
     bot.application = Some("bot".into());
-    assert_eq!(needs_gate(&p, &bot), GateMode::DenyConnection);
+    assert_eq!(needs_gate(&p, &bot), GateMode::Deny);
     assert_eq!(needs_gate(&p, &subject("admin")), GateMode::Monitor);
     assert_eq!(needs_gate(&p, &subject("someone")), GateMode::GateRisky);
     // Application unknown: might be a bot, so statements are gated (not
