@@ -783,62 +783,45 @@ impl Gate {
         if !held::seq_lt(stream.base(), end) {
             return false;
         }
-        if held::seq_lt(start, stream.base()) {
-            let base = stream.base();
-            match m.sql {
-                // A Query or Parse the kernel held by its end (its first
-                // bytes went to the server, which runs nothing of a message
-                // before it has it whole): decided on its whole text here.
-                Some(sql) if !stream.decided(end) => {
-                    let text_end = sql.text_span.seq.wrapping_add(sql.text_span.len as u32);
-                    let text_start = if held::seq_lt(sql.text_span.seq, base) {
-                        base
-                    } else {
-                        sql.text_span.seq
-                    };
-                    let text_start = if held::seq_lt(text_end, text_start) {
-                        text_end
-                    } else {
-                        text_start
-                    };
-                    stream.push_sql(PendingSql {
-                        start: base,
-                        end,
-                        text_start,
-                        text_end,
-                        info: SqlInfo {
-                            conn: m.conn,
-                            carrier: sql.carrier,
-                            text: sql.text,
-                            hook: None,
-                        },
-                        request: None,
-                        incomplete: false,
-                        tail: true,
-                    });
-                }
-                // Began before the held bytes: decided (or passed) already.
-                _ => stream.message_ends(end),
-            }
-            return true;
-        }
+        // A Query or Parse that began before the held bytes is one the
+        // kernel held by its end (its first bytes went to the server, which
+        // runs nothing of a message before it has it whole): it is decided
+        // here on its whole text, unless it was decided already. Any other
+        // message that began before them was decided (or passed) already.
+        let tail = held::seq_lt(start, stream.base());
         match m.sql {
-            Some(sql) => stream.push_sql(PendingSql {
-                start,
-                end,
-                text_start: sql.text_span.seq,
-                text_end: sql.text_span.seq.wrapping_add(sql.text_span.len as u32),
-                info: SqlInfo {
-                    conn: m.conn,
-                    carrier: sql.carrier,
-                    text: sql.text,
-                    hook: None,
-                },
-                request: None,
-                incomplete: false,
-                tail: false,
-            }),
-            None => stream.message_ends(end),
+            Some(sql) if !(tail && stream.decided(end)) => {
+                let held_from = if tail { stream.base() } else { start };
+                let text_end = sql.text_span.seq.wrapping_add(sql.text_span.len as u32);
+                // The held part of the text (empty when the held end is
+                // past it).
+                let text_start = if held::seq_lt(sql.text_span.seq, held_from) {
+                    held_from
+                } else {
+                    sql.text_span.seq
+                };
+                let text_start = if held::seq_lt(text_end, text_start) {
+                    text_end
+                } else {
+                    text_start
+                };
+                stream.push_sql(PendingSql {
+                    start: held_from,
+                    end,
+                    text_start,
+                    text_end,
+                    info: SqlInfo {
+                        conn: m.conn,
+                        carrier: sql.carrier,
+                        text: sql.text,
+                        hook: None,
+                    },
+                    request: None,
+                    incomplete: false,
+                    tail,
+                });
+            }
+            _ => stream.message_ends(end),
         }
         true
     }

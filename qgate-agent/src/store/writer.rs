@@ -228,24 +228,23 @@ impl Writer {
     /// The event reaches the writer thread with the next [`Writer::push`]
     /// (or once `batch_max` events are waiting, or at a flush or shutdown).
     pub fn send(&self, event: WireEvent) -> bool {
-        if !self.accept() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        self.counters.queued.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(Record::Event(event));
-        true
+        self.queue_counted(Record::Event(event))
     }
 
     /// Queues what the gate decided for a statement (see [`Decided`]).
     /// Never blocks; `false` (counted as dropped) when the queue is full.
     pub fn decided(&self, decided: Decided) -> bool {
+        self.queue_counted(Record::Decided(decided))
+    }
+
+    /// Queues a record counted as queued, or as dropped when there is no room.
+    fn queue_counted(&self, record: Record) -> bool {
         if !self.accept() {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(Record::Decided(decided));
+        self.enqueue(record);
         true
     }
 
