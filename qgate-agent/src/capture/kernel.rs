@@ -105,9 +105,15 @@ pub enum Captured {
 struct ChunkAssembler {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) → Unix time.
     clock_offset: i64,
-    /// A segment whose chunks are still arriving.
-    partial: Option<Segment>,
+    /// Segments whose chunks are still arriving, with the program run's
+    /// timestamp that names them (see [`ChunkAssembler::assemble`]).
+    partial: Vec<(u64, Segment)>,
 }
+
+/// Segments being assembled at once: one per CPU emitting at the same time
+/// is the most the ring interleaves; more than this and the oldest is
+/// given up (as truncated).
+const MAX_PARTIAL: usize = 64;
 
 impl KernelCapture {
     /// Loads the programs, tells them the database ports and attaches them
@@ -249,7 +255,7 @@ impl KernelCapture {
             counters,
             assembler: ChunkAssembler {
                 clock_offset: monotonic_to_unix_offset(),
-                partial: None,
+                partial: Vec::new(),
             },
             hook: None,
         })
@@ -428,43 +434,53 @@ impl KernelCapture {
 }
 
 impl ChunkAssembler {
-    /// Chunks of one segment arrive back to back (one program run emits them
-    /// in order on one CPU). Anything that breaks that order, and every
-    /// `TRUNCATED` marker, ends the segment as truncated.
+    /// Chunks of one segment come in order, but not back to back: two CPUs
+    /// emitting at the same time interleave their records in the one ring.
+    /// A chunk continues the segment of the same program run (timestamp,
+    /// flow, direction, sequence number) whose bytes end where it starts;
+    /// a `TRUNCATED` marker, a chunk out of place, or a chunk whose start
+    /// was never seen ends its segment as truncated.
     fn assemble(&mut self, h: &SegmentEvent, data: &[u8], sink: &mut impl FnMut(Segment)) {
         let marker = h.flags & flags::TRUNCATED != 0;
-        if let Some(prev) = self.partial.as_mut() {
-            let continues = h.chunk_offset != 0
-                && same_segment(prev, h)
-                && prev.payload.len() == h.chunk_offset as usize;
-            if continues && !marker {
-                prev.payload.extend_from_slice(data);
-                if prev.payload.len() >= h.payload_len as usize {
-                    sink(self.partial.take().expect("partial checked above"));
-                }
-                return;
-            }
-            let mut prev = self.partial.take().expect("partial checked above");
-            prev.truncated = true;
-            sink(prev);
-            if continues {
-                return;
-            }
-        }
-        let mut seg = self.segment_from(h);
         if marker || h.chunk_offset != 0 {
-            seg.truncated = true;
-            sink(seg);
+            let Some(i) = self
+                .partial
+                .iter()
+                .position(|(ts, p)| *ts == h.ts_ns && same_segment(p, h))
+            else {
+                let mut seg = self.segment_from(h);
+                seg.truncated = true;
+                sink(seg);
+                return;
+            };
+            let (ts, mut prev) = self.partial.remove(i);
+            if marker || prev.payload.len() != h.chunk_offset as usize {
+                prev.truncated = true;
+                sink(prev);
+                return;
+            }
+            prev.payload.extend_from_slice(data);
+            if prev.payload.len() >= h.payload_len as usize {
+                sink(prev);
+            } else {
+                self.partial.push((ts, prev));
+            }
             return;
         }
+        let mut seg = self.segment_from(h);
         seg.payload.extend_from_slice(data);
         if seg.payload.len() >= h.payload_len as usize {
             sink(seg);
-        } else {
-            seg.payload
-                .reserve_exact(h.payload_len as usize - seg.payload.len());
-            self.partial = Some(seg);
+            return;
         }
+        seg.payload
+            .reserve_exact(h.payload_len as usize - seg.payload.len());
+        if self.partial.len() >= MAX_PARTIAL {
+            let (_, mut oldest) = self.partial.remove(0);
+            oldest.truncated = true;
+            sink(oldest);
+        }
+        self.partial.push((h.ts_ns, seg));
     }
 
     fn segment_from(&self, h: &SegmentEvent) -> Segment {
@@ -488,7 +504,9 @@ impl ChunkAssembler {
 }
 
 fn same_segment(seg: &Segment, h: &SegmentEvent) -> bool {
-    seg.seq == h.seq && seg.flow == flow_from_key(&h.flow)
+    seg.seq == h.seq
+        && (seg.direction == Direction::ToServer) == (h.direction == DIR_TO_SERVER)
+        && seg.flow == flow_from_key(&h.flow)
 }
 
 /// A ring-buffer record as its header `H` (written by a program) and the
@@ -546,4 +564,59 @@ fn is_severed(error: &aya::programs::ProgramError) -> bool {
         source = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(ts: u64, port: u16, seq: u32, len: u32, offset: u32, n: u32) -> SegmentEvent {
+        SegmentEvent {
+            ts_ns: ts,
+            flow: FlowKey {
+                client_addr: [0; 16],
+                server_addr: [0; 16],
+                client_port: port,
+                server_port: 5432,
+            },
+            seq,
+            ack: 0,
+            payload_len: len,
+            chunk_offset: offset,
+            chunk_len: n,
+            ifindex: 1,
+            flags: 0,
+            direction: DIR_TO_SERVER,
+            tcp_flags: 0,
+            tcp_header_len: 0,
+            _pad: [0; 5],
+            tcp_header: [0; 64],
+        }
+    }
+
+    #[test]
+    fn chunks_of_two_segments_interleaved_by_two_cpus_make_two_whole_segments() {
+        let mut assembler = ChunkAssembler {
+            clock_offset: 0,
+            partial: Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut sink = |seg: Segment| out.push(seg);
+        // CPU 0 emits segment A (8 bytes) in two chunks, CPU 1 segment B in
+        // two chunks; the ring holds them as A1 B1 A2 B2.
+        assembler.assemble(&chunk(1, 40_000, 100, 8, 0, 4), b"AAAA", &mut sink);
+        assembler.assemble(&chunk(2, 40_001, 500, 6, 0, 3), b"BBB", &mut sink);
+        assembler.assemble(&chunk(1, 40_000, 100, 8, 4, 4), b"aaaa", &mut sink);
+        assembler.assemble(&chunk(2, 40_001, 500, 6, 3, 3), b"bbb", &mut sink);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|s| !s.truncated), "{out:?}");
+        assert_eq!(out[0].payload, b"AAAAaaaa");
+        assert_eq!(out[1].payload, b"BBBbbb");
+        // A chunk whose start was never seen is a truncated segment.
+        let mut more = Vec::new();
+        assembler.assemble(&chunk(3, 40_002, 900, 8, 4, 4), b"zzzz", &mut |s| {
+            more.push(s)
+        });
+        assert!(more[0].truncated);
+    }
 }
