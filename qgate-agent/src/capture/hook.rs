@@ -90,7 +90,7 @@ pub struct ServerHook {
     /// Binaries attached, by (device, inode).
     attached: HashSet<(u64, u64)>,
     servers: Vec<Postmaster>,
-    partial: Option<HookRecord>,
+    partial: Vec<HookRecord>,
 }
 
 fn program_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
@@ -129,7 +129,7 @@ impl ServerHook {
             pins: pins.to_owned(),
             attached: HashSet::new(),
             servers: Vec::new(),
-            partial: None,
+            partial: Vec::new(),
         })
     }
 
@@ -300,36 +300,50 @@ fn kind_of(raw: u8) -> Option<HookKind> {
     })
 }
 
-/// Chunks of one read arrive back to back (one program run); anything that
-/// breaks the order, and every `TRUNCATED` marker, ends it as truncated.
+/// Reads and writes being assembled at once (one per CPU emitting at the
+/// same time is the most the ring interleaves); past this the oldest is
+/// given up as truncated.
+const MAX_PARTIAL: usize = 64;
+
+/// Chunks of one read come in order but not back to back: backends on two
+/// CPUs interleave their records in the one ring. A chunk continues the
+/// record of the same program run (timestamp, process, buffer address)
+/// whose bytes end where it starts; a `TRUNCATED` marker, a chunk out of
+/// place, or a chunk whose start was never seen ends its record as
+/// truncated.
 fn assemble(
-    partial: &mut Option<HookRecord>,
+    partial: &mut Vec<HookRecord>,
     h: &HookEvent,
     data: &[u8],
     sink: &mut impl FnMut(HookRecord),
 ) {
     let marker = h.flags & hook::TRUNCATED != 0;
-    if let Some(prev) = partial.as_mut() {
-        let continues = h.chunk_offset != 0
-            && prev.pid == h.tgid
-            && prev.addr == h.addr
-            && prev.bytes.len() == h.chunk_offset as usize;
-        if continues && !marker {
+    if marker || h.chunk_offset != 0 {
+        if let Some(i) = partial
+            .iter()
+            .position(|p| p.ts_ns == h.ts_ns && p.pid == h.tgid && p.addr == h.addr)
+        {
+            let mut prev = partial.remove(i);
+            if marker || prev.bytes.len() != h.chunk_offset as usize {
+                prev.truncated = true;
+                sink(prev);
+                return;
+            }
             prev.bytes.extend_from_slice(data);
             if prev.bytes.len() >= h.len as usize {
-                if let Some(done) = partial.take() {
-                    sink(done);
-                }
+                sink(prev);
+            } else {
+                partial.push(prev);
             }
             return;
         }
-        if let Some(mut prev) = partial.take() {
-            prev.truncated = true;
-            sink(prev);
-        }
-        if continues {
-            return;
-        }
+    }
+    // A backend is one thread: its program runs never overlap, so a new
+    // record of its own ends whatever of it is still incomplete.
+    while let Some(i) = partial.iter().position(|p| p.pid == h.tgid) {
+        let mut prev = partial.remove(i);
+        prev.truncated = true;
+        sink(prev);
     }
     let Some(kind) = kind_of(h.kind) else {
         warn!(kind = h.kind, "unknown hook record kind ignored");
@@ -355,9 +369,14 @@ fn assemble(
     record.bytes.extend_from_slice(data);
     if record.bytes.len() >= h.len as usize {
         sink(record);
-    } else {
-        *partial = Some(record);
+        return;
     }
+    if partial.len() >= MAX_PARTIAL {
+        let mut oldest = partial.remove(0);
+        oldest.truncated = true;
+        sink(oldest);
+    }
+    partial.push(record);
 }
 
 /// Postmasters in this network namespace listening on one of `ports`.
@@ -521,5 +540,78 @@ fn unmapped(a: std::net::SocketAddr) -> std::net::SocketAddr {
     match a.ip() {
         std::net::IpAddr::V6(v6) => std::net::SocketAddr::new(super::unmapped(v6), a.port()),
         _ => a,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(ts: u64, pid: u32, addr: u64, len: u32, offset: u32, n: u32) -> HookEvent {
+        HookEvent {
+            ts_ns: ts,
+            addr,
+            port: 1,
+            stream_offset: 0,
+            tgid: pid,
+            len,
+            chunk_offset: offset,
+            chunk_len: n,
+            kind: hook::READ,
+            flags: 0,
+            _pad: [0; 6],
+        }
+    }
+
+    #[test]
+    fn reads_of_two_backends_interleaved_by_two_cpus_make_two_whole_reads() {
+        let mut partial = Vec::new();
+        let mut out = Vec::new();
+        let mut sink = |r: HookRecord| out.push(r);
+        assemble(
+            &mut partial,
+            &chunk(1, 10, 0x1000, 8, 0, 4),
+            b"AAAA",
+            &mut sink,
+        );
+        assemble(
+            &mut partial,
+            &chunk(2, 11, 0x2000, 6, 0, 3),
+            b"BBB",
+            &mut sink,
+        );
+        assemble(
+            &mut partial,
+            &chunk(1, 10, 0x1000, 8, 4, 4),
+            b"aaaa",
+            &mut sink,
+        );
+        assemble(
+            &mut partial,
+            &chunk(2, 11, 0x2000, 6, 3, 3),
+            b"bbb",
+            &mut sink,
+        );
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|r| !r.truncated));
+        assert_eq!(out[0].bytes, b"AAAAaaaa");
+        assert_eq!(out[1].bytes, b"BBBbbb");
+        // A backend's next read ends its own incomplete one at once.
+        let mut more = Vec::new();
+        assemble(
+            &mut partial,
+            &chunk(3, 12, 0x3000, 8, 0, 4),
+            b"CCCC",
+            &mut |r| more.push(r),
+        );
+        assemble(
+            &mut partial,
+            &chunk(4, 12, 0x3000, 2, 0, 2),
+            b"DD",
+            &mut |r| more.push(r),
+        );
+        assert_eq!(more.len(), 2);
+        assert!(more[0].truncated && more[0].bytes == b"CCCC");
+        assert!(!more[1].truncated && more[1].bytes == b"DD");
     }
 }
