@@ -94,6 +94,9 @@ fn run(cli: Cli) -> Result<()> {
 /// judgement tests run twice: with the server hook holding (the default)
 /// and with the hook off, where the tc programs hold on the wire.
 fn test(root: &Path, args: &[String]) -> Result<()> {
+    // A full cold run needs several GB under target/; say what there is, so a
+    // linker killed by a full disk is not a mystery.
+    let _ = Command::new("df").args(["-h", "--output=avail,target"]).arg(root).status();
     cargo(root, &["build", "-p", "qgate-agent"])?;
     let mut unit = vec!["test", "--workspace", "--exclude", "qgate-e2e", "--"];
     unit.extend(args.iter().map(String::as_str));
@@ -129,6 +132,12 @@ fn cargo_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
         .args(args)
         .current_dir(root)
         .env("QGATE_AGENT_BIN", root.join("target/debug/qgate-agent"))
+        // A full build keeps no incremental state: it doubles the disk a cold
+        // run needs and a fresh checkout never reuses it.
+        .env(
+            "CARGO_INCREMENTAL",
+            std::env::var("CARGO_INCREMENTAL").unwrap_or_else(|_| "0".into()),
+        )
         .envs(env.iter().copied())
         .status()
         .context("running cargo")?;
