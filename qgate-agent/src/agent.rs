@@ -70,6 +70,8 @@ pub struct Signals {
 /// Runs until `signals.stop` is set.
 pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(), AgentError> {
     let Signals { stop, reload } = signals;
+    // Before any thread exists: every thread inherits it.
+    set_nice(config.capture.nice);
     let store_err = |source| AgentError::Store {
         path: config.store.path.clone(),
         source,
@@ -82,7 +84,14 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         .map_err(AgentError::Runtime)?;
 
     let store = Store::open(&config.store.path).map_err(store_err)?;
-    let writer = Writer::spawn(store, WriterConfig::default()).map_err(store_err)?;
+    let writer = Writer::spawn(
+        store,
+        WriterConfig {
+            publish_head: true,
+            ..WriterConfig::default()
+        },
+    )
+    .map_err(store_err)?;
     let mut pipeline = Pipeline::new(writer);
 
     api::metrics::install();
@@ -229,12 +238,25 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut last_refused = 0;
     let mut last_shed = 0;
     let mut last_dropped = 0;
-    while !stop.load(Ordering::Relaxed) {
+    // After SIGTERM one more pass, without waiting: what the rings hold at
+    // that moment is read and stored, not dropped uncounted with the maps.
+    let mut last_pass = false;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            if last_pass {
+                break;
+            }
+            last_pass = true;
+        }
         // Ordinary ring records wake nobody (qgate-ebpf's ring.rs): this
         // timeout is how often they are drained. Held statements, stopped
         // backends and reviewers' decisions (the eventfd) wake the loop.
         capture.poll(
-            crate::capture::DRAIN_EVERY,
+            if last_pass {
+                Duration::ZERO
+            } else {
+                crate::capture::DRAIN_EVERY
+            },
             Some(decisions.fd()),
             |item| match item {
                 Captured::Segment(seg) => {
@@ -450,6 +472,20 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     api_stop.notify_one();
     let _ = runtime.block_on(api_task);
     Ok(())
+}
+
+/// Sets this thread's niceness (threads started later inherit it). A
+/// failure (no CAP_SYS_NICE) is logged, not fatal: the agent still works.
+fn set_nice(nice: i32) {
+    // SAFETY: plain setpriority(2) on the calling thread (who = 0).
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        warn!(
+            nice,
+            "setting the agent's niceness: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// How often the agent looks for the server whose catalogs it reads.

@@ -163,6 +163,16 @@ pub struct CaptureConfig {
     pub interfaces: Vec<String>,
     /// TCP ports that carry PostgreSQL.
     pub ports: Vec<u16>,
+    /// The agent's scheduling niceness (-20 … 19), set before it starts any
+    /// thread. Below 0 (as auditd's `priority_boost`), so that a saturated
+    /// server does not starve the capture into overflowing its rings: the
+    /// agent takes what it needs and no more (it sleeps when idle).
+    #[serde(default = "default_nice")]
+    pub nice: i32,
+}
+
+fn default_nice() -> i32 {
+    -5
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -248,6 +258,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
             return Err("api.tls_cert and api.tls_key: give both or neither".into());
+        }
+        if !(-20..=19).contains(&self.capture.nice) {
+            return Err(format!(
+                "capture.nice: {} is not in -20 … 19",
+                self.capture.nice
+            ));
         }
         if self.capture.ports.is_empty() {
             return Err("capture.ports: at least one port".into());
@@ -429,5 +445,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("portz"), "{err}");
+    }
+
+    #[test]
+    fn niceness_out_of_range_is_refused_and_the_shipped_one_boosts() {
+        let shipped = Config::parse(DEFAULT_CONFIG, "x.toml".into()).unwrap();
+        assert_eq!(shipped.capture.nice, -5);
+        let text = DEFAULT_CONFIG.replace("nice = -5", "nice = -21");
+        let err = Config::parse(&text, "x.toml".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("capture.nice") && err.contains("-21"), "{err}");
     }
 }

@@ -20,7 +20,11 @@ fn parse(args: &[&str]) -> Result<AuditCommand, clap::Error> {
 }
 
 fn verify(db: &Path) -> ExitCode {
-    audit_cli::run(AuditCommand::Verify { db: db.to_owned() }).unwrap()
+    audit_cli::run(AuditCommand::Verify {
+        db: db.to_owned(),
+        head: None,
+    })
+    .unwrap()
 }
 
 fn db_with_entries(dir: &tempfile::TempDir, n: i64) -> std::path::PathBuf {
@@ -107,7 +111,11 @@ fn verify_exits_non_zero_when_an_entry_was_deleted() {
 fn verify_of_a_missing_database_is_an_error_not_an_empty_log() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("typo.sqlite");
-    let err = audit_cli::run(AuditCommand::Verify { db: db.clone() }).unwrap_err();
+    let err = audit_cli::run(AuditCommand::Verify {
+        db: db.clone(),
+        head: None,
+    })
+    .unwrap_err();
     assert!(format!("{err:#}").contains("typo.sqlite"), "{err:#}");
     assert!(!db.exists());
 }
@@ -148,4 +156,84 @@ fn an_edit_made_with_the_sqlite3_shell_fails_verification() {
     let tamper = report.first_problem.unwrap();
     assert_eq!(tamper.id, 3);
     assert!(tamper.to_string().contains("hash mismatch"), "{tamper}");
+}
+
+fn verify_with_head(db: &Path, head: &str) -> ExitCode {
+    audit_cli::run(AuditCommand::Verify {
+        db: db.to_owned(),
+        head: Some(head.to_owned()),
+    })
+    .unwrap()
+}
+
+fn head_hash(db: &Path) -> String {
+    Store::open(db)
+        .unwrap()
+        .conn()
+        .query_row("SELECT last_hash FROM audit_head", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Cutting the newest entries and rewriting the stored head leaves a chain
+/// that is consistent inside the file; only a head kept elsewhere shows it.
+#[test]
+fn a_head_seen_elsewhere_catches_a_cut_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_with_entries(&dir, 4);
+    let published = head_hash(&db);
+    assert_eq!(verify_with_head(&db, &published), ExitCode::SUCCESS);
+    store_support::tamper(
+        &db,
+        "DELETE FROM audit WHERE id > 2;
+         UPDATE audit_head SET entries = 2, last_id = 2,
+             last_hash = (SELECT hash FROM audit WHERE id = 2);",
+    );
+    assert_eq!(
+        verify(&db),
+        ExitCode::SUCCESS,
+        "undetectable from inside the file"
+    );
+    assert_eq!(
+        verify_with_head(&db, &published),
+        ExitCode::from(EXIT_TAMPERED)
+    );
+    // An older head the store still holds is fine.
+    assert_eq!(verify_with_head(&db, &head_hash(&db)), ExitCode::SUCCESS);
+}
+
+#[test]
+fn a_reviewer_changed_behind_qgates_back_fails_verification() {
+    use qgate_agent::store::requests::{self, NewReviewer, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_with_entries(&dir, 1);
+    let mut store = Store::open(&db).unwrap().into_conn();
+    for name in ["alice", "bob"] {
+        requests::add_reviewer(
+            &mut store,
+            &NewReviewer {
+                name: name.into(),
+                role: Role::Reviewer,
+                groups: vec!["dba".into()],
+                db_users: vec![name.into()],
+            },
+        )
+        .unwrap();
+    }
+    requests::revoke_reviewer(&mut store, "bob").unwrap();
+    drop(store);
+    assert_eq!(verify(&db), ExitCode::SUCCESS);
+    for sql in [
+        "UPDATE reviewers SET role = 'admin' WHERE name = 'alice'",
+        "UPDATE reviewers SET revoked_at = NULL WHERE name = 'bob'",
+        "UPDATE reviewers SET token_sha256 = 'ab' WHERE name = 'alice'",
+        "UPDATE reviewers SET db_users = '[]' WHERE name = 'alice'",
+        "INSERT INTO reviewers (name, role, groups, db_users, token_sha256, created_at)
+         VALUES ('mallory', 'admin', '[]', '[]', 'cd', 1)",
+    ] {
+        let copy = dir.path().join("copy.sqlite");
+        std::fs::copy(&db, &copy).unwrap();
+        store_support::tamper(&copy, sql);
+        assert_eq!(verify(&copy), ExitCode::from(EXIT_TAMPERED), "{sql}");
+        std::fs::remove_file(&copy).unwrap();
+    }
 }

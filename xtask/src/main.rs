@@ -96,7 +96,10 @@ fn run(cli: Cli) -> Result<()> {
 fn test(root: &Path, args: &[String]) -> Result<()> {
     // A full cold run needs several GB under target/; say what there is, so a
     // linker killed by a full disk is not a mystery.
-    let _ = Command::new("df").args(["-h", "--output=avail,target"]).arg(root).status();
+    let _ = Command::new("df")
+        .args(["-h", "--output=avail,target"])
+        .arg(root)
+        .status();
     cargo(root, &["build", "-p", "qgate-agent"])?;
     let mut unit = vec!["test", "--workspace", "--exclude", "qgate-e2e", "--"];
     unit.extend(args.iter().map(String::as_str));

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::store::{
-    audit as chain,
     export::{search_statements as search_statements_in, StatementFilter, TimeRange, CSV_HEADER},
     requests::rfc3339_ms,
 };
@@ -263,21 +262,25 @@ pub async fn search_log(
     export(q.format.unwrap_or_default(), LOG_COLUMNS, rows)
 }
 
-/// Verifies the audit chain: any edited or deleted row is reported.
+/// Verifies the audit chain, the captured statements and connections
+/// sealed into it, and the reviewers table: any edited, deleted or added
+/// row is reported. `ok` is false when anything is.
 #[utoipa::path(get, path = "/v1/audit/verify", tag = "audit",
-    responses((status = 200, body = Object, description = "The chain's verification report"),
+    responses((status = 200, body = Object, description = "The verification report"),
         (status = 401, body = ErrorBody)))]
 pub async fn verify(_caller: Caller, State(state): State<AppState>) -> Result<Response, ApiError> {
     let report = state
         .board
-        .with_db(|c| chain::verify(c))
+        .with_db(|c| crate::store::seal::verify_store(c, None))
         .await?
         .map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({
         "ok": report.is_intact(),
-        "entries": report.entries,
-        "last_hash": report.last_hash,
-        "first_problem": report.first_problem,
+        "entries": report.chain.entries,
+        "last_hash": report.chain.last_hash,
+        "first_problem": report.chain.first_problem,
+        "seals": report.seals,
+        "reviewers": report.reviewers,
     }))
     .into_response())
 }

@@ -8,9 +8,8 @@ use std::{
 use crate::{
     capture::UnixNanos,
     store::{
-        audit,
         export::{self, ExportFormat, TimeRange},
-        Store, StoreError, DEFAULT_DB_PATH,
+        seal, Store, StoreError, DEFAULT_DB_PATH,
     },
 };
 use anyhow::Context;
@@ -47,13 +46,20 @@ pub enum AuditCommand {
         #[arg(long, value_parser = parse_decision)]
         decision: Option<export::DecisionFilter>,
     },
-    /// Check the audit log's hash chain. Exits 0 and prints the entry count
-    /// and last hash when intact; exits 2 naming the first bad entry when
-    /// any entry was edited, deleted, inserted or reordered.
+    /// Check the audit log's hash chain, the captured statements and
+    /// connections sealed into it, and the reviewers table. Exits 0 and
+    /// prints the counts and the head (last hash) when intact; exits 2
+    /// naming the first bad entry or row when anything was edited,
+    /// deleted, inserted or reordered.
     Verify {
         /// The agent's database.
         #[arg(long, env = "QGATE_DB", default_value = DEFAULT_DB_PATH)]
         db: PathBuf,
+        /// A head seen elsewhere (the agent writes each new one to the
+        /// system log): the store must still hold that entry, or its tail
+        /// was cut or rolled back.
+        #[arg(long, value_name = "HASH")]
+        head: Option<String>,
     },
 }
 
@@ -119,31 +125,84 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e).context("exporting statements"),
             }
         }
-        AuditCommand::Verify { db } => {
+        AuditCommand::Verify { db, head } => {
             let store = open(&db)?;
-            let report = audit::verify(store.conn()).context("reading the audit log")?;
+            let report = seal::verify_store(store.conn(), head.as_deref())
+                .context("reading the audit log")?;
             let mut out = std::io::stdout().lock();
-            match &report.first_problem {
-                None => {
-                    writeln!(
-                        out,
-                        "audit log intact: {} entries, last hash {}",
-                        report.entries,
-                        report.last_hash.as_deref().unwrap_or("(none)")
-                    )?;
-                    Ok(ExitCode::SUCCESS)
-                }
-                Some(tamper) => {
-                    writeln!(
-                        out,
-                        "audit log TAMPERED ({} entries in the table): {tamper}",
-                        report.entries
-                    )?;
-                    Ok(ExitCode::from(EXIT_TAMPERED))
-                }
-            }
+            print_verify(&mut out, &report)?;
+            Ok(if report.is_intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_TAMPERED)
+            })
         }
     }
+}
+
+fn print_verify(out: &mut impl Write, report: &seal::StoreReport) -> std::io::Result<()> {
+    let chain = &report.chain;
+    match &chain.first_problem {
+        None => writeln!(
+            out,
+            "audit log intact: {} entries, last hash {}",
+            chain.entries,
+            chain.last_hash.as_deref().unwrap_or("(none)")
+        )?,
+        Some(tamper) => {
+            // The rest trusts the chain: nothing more to say.
+            return writeln!(
+                out,
+                "audit log TAMPERED ({} entries in the table): {tamper}",
+                chain.entries
+            );
+        }
+    }
+    let seals = &report.seals;
+    match &seals.first_problem {
+        None => writeln!(
+            out,
+            "captured rows intact: {} statements and {} connections sealed in {} groups; \
+             not sealed yet (the last seconds, or still running): {} statements, {} connections",
+            seals.statements_sealed,
+            seals.connections_sealed,
+            seals.groups,
+            seals.statements_unsealed,
+            seals.connections_unsealed
+        )?,
+        Some(problem) => writeln!(out, "captured rows TAMPERED: {problem}")?,
+    }
+    match &report.reviewers {
+        seal::ReviewersCheck::Intact { entry } => writeln!(
+            out,
+            "reviewers intact: as audit entry {entry} recorded them"
+        )?,
+        seal::ReviewersCheck::Empty => writeln!(out, "reviewers: none")?,
+        seal::ReviewersCheck::NotCovered { entry } => writeln!(
+            out,
+            "reviewers not covered: audit entry {entry}, their last change, predates reviewer digests"
+        )?,
+        seal::ReviewersCheck::Changed { entry: Some(entry) } => writeln!(
+            out,
+            "reviewers TAMPERED: the table is not what audit entry {entry} (qgate's last change) recorded"
+        )?,
+        seal::ReviewersCheck::Changed { entry: None } => writeln!(
+            out,
+            "reviewers TAMPERED: reviewers exist that no audit entry records"
+        )?,
+    }
+    match &report.head {
+        None => {}
+        Some(seal::HeadCheck {
+            hash,
+            entry: Some(entry),
+        }) => writeln!(out, "head {hash}: entry {entry} of this log")?,
+        Some(seal::HeadCheck { hash, entry: None }) => writeln!(
+            out,
+            "head {hash} NOT FOUND: the log was cut or rolled back to before it (or this is another store)"
+        )?,
+    }
+    Ok(())
 }
 
 fn open(db: &std::path::Path) -> anyhow::Result<Store> {

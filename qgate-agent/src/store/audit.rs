@@ -72,6 +72,9 @@ pub mod kinds {
     pub const BACKEND_TERMINATED: Kind = Kind("backend.terminated");
     /// A connection was reset to refuse a statement no rewrite could.
     pub const CONNECTION_RESET: Kind = Kind("gate.connection_reset");
+    /// Captured statements and connections sealed into the chain
+    /// (`store::seal`).
+    pub const STORE_SEAL: Kind = Kind("store.seal");
 
     /// All of the above, for searches and tests.
     pub const ALL: &[Kind] = &[
@@ -93,6 +96,7 @@ pub mod kinds {
         CAPTURE_CONNECTIONS_SHED,
         BACKEND_TERMINATED,
         CONNECTION_RESET,
+        STORE_SEAL,
     ];
 }
 

@@ -221,6 +221,10 @@ CREATE TABLE replays (
 ALTER TABLE capture_loss ADD COLUMN hook_lost INTEGER NOT NULL DEFAULT 0;
 "#,
     },
+    Migration {
+        name: "capture_0007_seals",
+        sql: super::seal::MIGRATION_SQL,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

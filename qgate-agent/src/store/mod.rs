@@ -25,6 +25,7 @@ pub mod audit;
 pub mod export;
 pub mod migrations;
 pub mod requests;
+pub mod seal;
 pub mod writer;
 
 use std::{

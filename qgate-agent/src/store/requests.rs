@@ -498,6 +498,7 @@ pub fn add_reviewer(
             details: serde_json::json!({
                 "reviewer": name, "role": new.role.as_str(),
                 "groups": new.groups, "db_users": new.db_users,
+                "reviewers_sha256": super::seal::reviewers_digest(&tx)?,
             }),
         },
     )?;
@@ -572,7 +573,10 @@ pub fn revoke_reviewer(conn: &mut Connection, name: &str) -> Result<(), RequestE
             kind: audit::kinds::REVIEWER_REVOKED,
             actor: None,
             request_id: None,
-            details: serde_json::json!({ "reviewer": name }),
+            details: serde_json::json!({
+                "reviewer": name,
+                "reviewers_sha256": super::seal::reviewers_digest(&tx)?,
+            }),
         },
     )?;
     tx.commit()?;

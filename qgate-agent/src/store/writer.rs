@@ -14,7 +14,11 @@ use std::{
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{insert_capture_loss, now_nanos, sql_count, Store, StoreError};
+use super::{
+    insert_capture_loss, now_nanos,
+    seal::{self, Scope},
+    sql_count, Store, StoreError,
+};
 use crate::{
     capture::UnixNanos,
     wire::{Completion, ConnId, Outcome, ProtocolPath, StmtSeq, WireEvent},
@@ -35,6 +39,15 @@ pub struct WriterConfig {
     /// Set by `qgate-agent replay`: the capture file every connection
     /// written comes from (`connections.replayed_from`).
     pub replayed_from: Option<String>,
+    /// How often final rows are sealed into the audit chain
+    /// (`store::seal`). A row is sealed one to two intervals after it was
+    /// written, so a decision arriving a little after its statement still
+    /// lands on it.
+    pub seal_every: Duration,
+    /// After each seal, write the audit chain's head to the system log
+    /// (syslog, `authpriv`): a copy outside the file, for `audit verify
+    /// --head`. The agent sets it; tests and replays leave it off.
+    pub publish_head: bool,
 }
 
 impl Default for WriterConfig {
@@ -45,6 +58,8 @@ impl Default for WriterConfig {
             batch_wait: Duration::from_millis(50),
             attempts: 3,
             replayed_from: None,
+            seal_every: Duration::from_secs(5),
+            publish_head: false,
         }
     }
 }
@@ -68,6 +83,13 @@ pub struct WriterStats {
     pub failed_attempts: u64,
     /// Transactions committed.
     pub batches: u64,
+    /// Rows sealed into the audit chain (statements and connections).
+    pub sealed: u64,
+    /// Seal passes that failed (the rows stay unsealed; the next pass
+    /// takes them).
+    pub seal_failures: u64,
+    /// Decisions that came for a statement already sealed: not written.
+    pub late_after_seal: u64,
 }
 
 #[derive(Default)]
@@ -79,6 +101,9 @@ struct Counters {
     failed: AtomicU64,
     failed_attempts: AtomicU64,
     batches: AtomicU64,
+    sealed: AtomicU64,
+    seal_failures: AtomicU64,
+    late_after_seal: AtomicU64,
     /// Records accepted and not yet taken by the writer thread (what the
     /// queue limit bounds).
     in_queue: AtomicUsize,
@@ -94,6 +119,9 @@ impl Counters {
             failed: self.failed.load(Ordering::Relaxed),
             failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
+            sealed: self.sealed.load(Ordering::Relaxed),
+            seal_failures: self.seal_failures.load(Ordering::Relaxed),
+            late_after_seal: self.late_after_seal.load(Ordering::Relaxed),
         }
     }
 }
@@ -207,6 +235,7 @@ impl Writer {
                         connections: HashMap::new(),
                         texts: Texts::default(),
                         dropped_recorded: 0,
+                        sealed_up_to: None,
                     }
                     .run(rx)
                 }
@@ -454,15 +483,30 @@ struct BatchWriter {
     texts: Texts,
     /// The dropped count last written as a `writer_dropped` event.
     dropped_recorded: u64,
+    /// The largest statement and connection ids at the last seal pass: the
+    /// next pass seals final rows up to them (rows a full interval old).
+    sealed_up_to: Option<(i64, i64)>,
 }
 
 impl BatchWriter {
     fn run(mut self, rx: Receiver<Message>) {
         let mut batch = Vec::with_capacity(self.config.batch_max);
         let mut flushes = Vec::new();
+        // Rows an earlier writer left unsealed will not change again.
+        self.seal(Scope::Everything);
+        let mut last_seal = Instant::now();
         // `recv` keeps returning queued messages after the `Writer` is gone,
         // and fails only once the queue is empty: shutdown loses nothing.
-        while let Ok(first) = rx.recv() {
+        loop {
+            if last_seal.elapsed() >= self.config.seal_every {
+                last_seal = Instant::now();
+                self.seal_final();
+            }
+            let first = match rx.recv_timeout(self.config.seal_every) {
+                Ok(first) => first,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             let deadline = Instant::now() + self.config.batch_wait;
             let mut next = Some(first);
             while let Some(message) = next.take() {
@@ -489,6 +533,50 @@ impl BatchWriter {
             for done in flushes.drain(..) {
                 // The flusher may have given up waiting; nothing to tell then.
                 let _ = done.send(());
+            }
+        }
+        // Nothing writes to these rows after this writer.
+        self.seal(Scope::Everything);
+    }
+
+    /// Seals the rows final since the previous pass: those written before
+    /// it, but statements still running.
+    fn seal_final(&mut self) {
+        let now = seal::high_water(&self.conn);
+        if let Some((max_statement, max_connection)) = self.sealed_up_to {
+            let pending: Vec<i64> = self
+                .connections
+                .values()
+                .flat_map(|rows| rows.pending.values().copied())
+                .collect();
+            self.seal(Scope::Final {
+                max_statement,
+                max_connection,
+                pending: &pending,
+            });
+        }
+        match now {
+            Ok(now) => self.sealed_up_to = Some(now),
+            Err(e) => tracing::warn!("store writer: reading the seal high water: {e}"),
+        }
+    }
+
+    fn seal(&mut self, scope: Scope<'_>) {
+        match seal::seal(&self.conn, scope, now_nanos()) {
+            Ok(Some(sealed)) => {
+                self.counters
+                    .sealed
+                    .fetch_add(sealed.statements + sealed.connections, Ordering::Relaxed);
+                if self.config.publish_head {
+                    if let Err(e) = seal::publish_head(&self.conn) {
+                        tracing::warn!("store writer: publishing the audit head: {e}");
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.counters.seal_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("store writer: sealing rows into the audit chain: {e}");
             }
         }
     }
@@ -588,6 +676,7 @@ impl BatchWriter {
                         texts: &mut self.texts,
                         undo,
                         replayed_from: self.config.replayed_from.as_deref(),
+                        late_after_seal: &self.counters.late_after_seal,
                     };
                     match ctx.apply(event, completed.map(|(_, c, at)| (c, at)))? {
                         Applied::Matched => {}
@@ -607,6 +696,7 @@ impl BatchWriter {
                         texts: &mut self.texts,
                         undo,
                         replayed_from: self.config.replayed_from.as_deref(),
+                        late_after_seal: &self.counters.late_after_seal,
                     };
                     if let Applied::Unmatched = ctx.decided(decided)? {
                         unmatched += 1;
@@ -673,6 +763,7 @@ struct Apply<'a, 'tx> {
     texts: &'a mut Texts,
     undo: &'a mut Vec<Undo>,
     replayed_from: Option<&'a str>,
+    late_after_seal: &'a AtomicU64,
 }
 
 impl Apply<'_, '_> {
@@ -701,9 +792,11 @@ impl Apply<'_, '_> {
         };
         let (row, _) = rows.undecided[at];
         rows.undecided.drain(..=at);
-        self.tx
+        let written = self
+            .tx
             .prepare_cached(
-                "UPDATE statement_log SET decision = ?2, rule = ?3, request_id = ?4 WHERE id = ?1",
+                "UPDATE statement_log SET decision = ?2, rule = ?3, request_id = ?4
+                 WHERE id = ?1 AND sealed_in IS NULL",
             )?
             .execute((
                 row,
@@ -711,6 +804,14 @@ impl Apply<'_, '_> {
                 &decided.rule,
                 decided.request,
             ))?;
+        if written == 0 {
+            // Sealed already: the chain vouches for the row as it was.
+            self.late_after_seal.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                row,
+                "store writer: a decision came after its statement was sealed"
+            );
+        }
         if let Some(request) = decided.request {
             self.tx
                 .prepare_cached(LINK_REQUEST)?

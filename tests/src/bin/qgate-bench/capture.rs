@@ -190,9 +190,12 @@ fn step(
     let per = ladder.statements_per_transaction as i64;
     let sent = run.processed as i64 * per;
     settle(lab, budget, *stored_before + sent)?;
+    // Count after the agent has stopped: it drains its rings and records its
+    // final loss counters (a ring that overflowed is counted there) on the
+    // way out. Read before, the counter was the previous agent's.
+    lab.stop_agent()?;
     let stored = stored_selects(lab)? - *stored_before;
     *stored_before += stored;
-    lab.stop_agent()?;
     Ok(Step {
         clients,
         rate: run.tps * per as f64,
@@ -226,6 +229,17 @@ fn settle(lab: &Lab, budget: &Budget, expected: i64) -> Result<()> {
 
 fn report(ladder: &Ladder, done: &[Step], out: &mut Outcome) {
     let Some(last) = done.last() else { return };
+    for silent in done.iter().filter(|d| d.stored < d.sent && d.loss == 0) {
+        out.failures.push(Failure {
+            scenario: 5,
+            what: format!(
+                "{} at {} clients: {} statements neither stored nor counted as lost (a silent gap)",
+                ladder.name,
+                silent.clients,
+                silent.sent - silent.stored
+            ),
+        });
+    }
     let why = if last.lossless() {
         format!(
             "no loss; stopped at {} clients (more clients no longer raised the rate, or the last step): {} of {} stored, loss counter {}",

@@ -1,0 +1,208 @@
+//! Captured statements and connections sealed into the audit chain: every
+//! edit, deletion or insertion an attacker with the SQLite file could make
+//! to a sealed row is found and named by `seal::verify`.
+mod store_support;
+
+use std::time::Duration;
+
+use qgate_agent::store::{audit, seal, Store, Writer, WriterConfig};
+use rusqlite::Connection;
+use store_support::*;
+
+/// A store with two connections and their statements, written by the live
+/// writer and sealed by its passes and its shutdown.
+fn sealed_store(dir: &std::path::Path) -> std::path::PathBuf {
+    let db = dir.join("qgate.sqlite");
+    let writer = Writer::spawn(
+        Store::open(&db).unwrap(),
+        WriterConfig {
+            seal_every: Duration::from_millis(50),
+            ..WriterConfig::default()
+        },
+    )
+    .unwrap();
+    for event in [
+        opened(1, T0),
+        identified(1, "alice", "shop", "psql", T0 + MS),
+        received(1, 1, "SELECT 1", T0 + 2 * MS),
+        completed_ok(1, 1, "SELECT 1", Some(1), T0 + 3 * MS),
+        received(1, 2, "DELETE FROM orders WHERE id = 7", T0 + 4 * MS),
+        completed_ok(1, 2, "DELETE 1", Some(1), T0 + 5 * MS),
+        closed(1, T0 + 6 * MS),
+        opened(2, T0 + 7 * MS),
+        identified(2, "bob", "shop", "app", T0 + 8 * MS),
+        received(2, 1, "SELECT 1", T0 + 9 * MS),
+        completed_ok(2, 1, "SELECT 1", Some(1), T0 + 10 * MS),
+    ] {
+        assert!(writer.send(event));
+    }
+    writer.flush();
+    // Passes run while the writer lives: the closed connection and the
+    // completed statements are sealed before shutdown seals the rest.
+    std::thread::sleep(Duration::from_millis(300));
+    let mid: i64 = reader(&db)
+        .query_row(
+            "SELECT count(*) FROM statement_log WHERE sealed_in IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        mid, 3,
+        "completed statements are sealed while the writer runs"
+    );
+    let stats = writer.shutdown().unwrap();
+    assert_eq!(stats.seal_failures, 0);
+    assert_eq!(stats.sealed, 5, "3 statements and 2 connections: {stats:?}");
+    db
+}
+
+fn reader(db: &std::path::Path) -> Connection {
+    Store::open(db).unwrap().into_conn()
+}
+
+fn verify(db: &std::path::Path) -> seal::SealReport {
+    let conn = reader(db);
+    assert!(
+        audit::verify(&conn).unwrap().is_intact(),
+        "the chain itself"
+    );
+    seal::verify(&conn).unwrap()
+}
+
+#[test]
+fn an_untouched_store_verifies_and_every_row_is_covered() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sealed_store(dir.path());
+    let report = verify(&db);
+    assert_eq!(report.first_problem, None, "{report:?}");
+    assert_eq!(
+        (
+            report.statements_sealed,
+            report.connections_sealed,
+            report.statements_unsealed,
+            report.connections_unsealed
+        ),
+        (3, 2, 0, 0)
+    );
+    assert!(report.groups >= 2, "passes and shutdown: {report:?}");
+}
+
+/// Each tampering, on a fresh copy, and the table and row verify must name.
+#[test]
+fn every_tampering_with_a_sealed_row_is_named() {
+    let cases: &[(&str, &str, &str, i64)] = &[
+        (
+            "a repeated text edited in its shared row (the second SELECT 1 uses it)",
+            "UPDATE statement_texts SET text = 'SELECT 2'",
+            "statements",
+            3,
+        ),
+        (
+            "an inline text edited",
+            "UPDATE statement_log SET text = 'DELETE FROM orders WHERE id = 8' WHERE id = 2",
+            "statements",
+            2,
+        ),
+        (
+            "a statement's outcome rewritten",
+            "UPDATE statement_log SET rows = 0 WHERE id = 2",
+            "statements",
+            2,
+        ),
+        (
+            "a statement deleted",
+            "DELETE FROM statement_log WHERE id = 2",
+            "statements",
+            2,
+        ),
+        (
+            "a statement taken out of its group",
+            "UPDATE statement_log SET sealed_in = NULL WHERE id = 2",
+            "statements",
+            2,
+        ),
+        (
+            "a statement forged into a group",
+            "INSERT INTO statement_log (id, connection_id, seq, text, path, received_at, sealed_in)
+             SELECT 99, 1, 3, 'GRANT ALL ON orders TO bob', 'simple', 1, sealed_in
+             FROM statement_log WHERE id = 1",
+            "statements",
+            99,
+        ),
+        (
+            "a connection's user edited",
+            "UPDATE connections SET user = 'carol' WHERE id = 1",
+            "connections",
+            1,
+        ),
+        (
+            "a connection deleted",
+            "PRAGMA foreign_keys = OFF; DELETE FROM connections WHERE id = 2",
+            "connections",
+            2,
+        ),
+        (
+            "a seal group's list rewritten",
+            "UPDATE seals SET statements = x'' WHERE id = (SELECT min(id) FROM seals)",
+            "seals",
+            -1,
+        ),
+        (
+            "a seal group deleted",
+            "DELETE FROM seals WHERE id = (SELECT min(id) FROM seals)",
+            "seals",
+            -1,
+        ),
+    ];
+    for (what, sql, table, id) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sealed_store(dir.path());
+        tamper(&db, sql);
+        let report = verify(&db);
+        let problem = report
+            .first_problem
+            .unwrap_or_else(|| panic!("{what}: not detected"));
+        assert_eq!(problem.table, *table, "{what}: {problem}");
+        if *id >= 0 {
+            assert_eq!(problem.id, *id, "{what}: {problem}");
+        }
+    }
+}
+
+#[test]
+fn a_decision_after_the_seal_is_not_written_and_is_counted() {
+    // The writer seals a completed statement one to two intervals after it
+    // was written; a decision later than that must not change the row the
+    // chain vouches for.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = Writer::spawn(
+        Store::open(&db).unwrap(),
+        WriterConfig {
+            seal_every: Duration::from_millis(30),
+            ..WriterConfig::default()
+        },
+    )
+    .unwrap();
+    for event in [
+        opened(1, T0),
+        received(1, 1, "DROP TABLE t", T0 + MS),
+        completed_ok(1, 1, "DROP TABLE", None, T0 + 2 * MS),
+    ] {
+        assert!(writer.send(event));
+    }
+    writer.flush();
+    std::thread::sleep(Duration::from_millis(200));
+    writer.decided(qgate_agent::store::Decided {
+        conn: qgate_agent::wire::ConnId(1),
+        text: "DROP TABLE t".into(),
+        decision: qgate_agent::store::StatementDecision::Allow,
+        rule: "late".into(),
+        request: None,
+    });
+    writer.flush();
+    let stats = writer.shutdown().unwrap();
+    assert_eq!(stats.late_after_seal, 1, "{stats:?}");
+    assert_eq!(verify(&db).first_problem, None);
+}
