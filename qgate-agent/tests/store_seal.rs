@@ -206,3 +206,72 @@ fn a_decision_after_the_seal_is_not_written_and_is_counted() {
     assert_eq!(stats.late_after_seal, 1, "{stats:?}");
     assert_eq!(verify(&db).first_problem, None);
 }
+
+/// The writer's in-memory digests equal what verify reads back, whatever
+/// order a statement's parts came in: completed in a later batch, decided
+/// after it was written, and checked while the writer still runs (its open
+/// group's rows are counted as not sealed yet, not as a problem).
+#[test]
+fn rows_written_in_pieces_verify_while_the_writer_runs_and_after() {
+    use qgate_agent::{
+        store::{Decided, StatementDecision},
+        wire::ConnId,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = Writer::spawn(
+        Store::open(&db).unwrap(),
+        WriterConfig {
+            seal_every: Duration::from_millis(100),
+            ..WriterConfig::default()
+        },
+    )
+    .unwrap();
+    writer.send(opened(1, T0));
+    writer.send(identified(1, "alice", "shop", "psql", T0 + MS));
+    writer.send(received(1, 1, "UPDATE t SET a = 1", T0 + 2 * MS));
+    writer.flush();
+    writer.decided(Decided {
+        conn: ConnId(1),
+        text: "UPDATE t SET a = 1".into(),
+        decision: StatementDecision::Hold,
+        rule: "all-rows writes".into(),
+        request: Some(7),
+    });
+    writer.flush();
+    writer.send(completed_ok(1, 1, "UPDATE 3", Some(3), T0 + 3 * MS));
+    writer.flush();
+    writer.send(received(1, 2, "SELECT 1", T0 + 4 * MS));
+    writer.send(completed_ok(1, 2, "SELECT 1", Some(1), T0 + 5 * MS));
+    writer.flush();
+    std::thread::sleep(Duration::from_millis(350));
+    let running = verify(&db);
+    assert_eq!(running.first_problem, None, "{running:?}");
+    assert_eq!(running.statements_sealed, 2, "{running:?}");
+    assert_eq!(running.connections_unsealed, 1, "still open: {running:?}");
+    let stats = writer.shutdown().unwrap();
+    assert_eq!(stats.late_after_seal, 0);
+    let done = verify(&db);
+    assert_eq!(done.first_problem, None, "{done:?}");
+    assert_eq!(
+        (
+            done.statements_sealed,
+            done.connections_sealed,
+            done.statements_unsealed
+        ),
+        (2, 1, 0)
+    );
+    let decision: String = reader(&db)
+        .query_row("SELECT decision FROM statement_log WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(decision, "hold");
+    // And the sealed decision is covered: changing it is found.
+    tamper(
+        &db,
+        "UPDATE statement_log SET decision = 'allow' WHERE id = 1",
+    );
+    let problem = verify(&db).first_problem.expect("edited decision found");
+    assert_eq!((problem.table, problem.id), ("statements", 1), "{problem}");
+}

@@ -131,6 +131,8 @@ pub enum StoreError {
     NotDurable { level: i64 },
     #[error("audit_head holds {0:?}, which is not a hash: run `qgate-agent audit verify`")]
     CorruptHead(String),
+    #[error("seal group {0}: its reserved row is gone or already closed")]
+    SealGroupGone(i64),
     #[error("audit entry details must be a JSON object, got {0}")]
     DetailsNotObject(&'static str),
     #[error(

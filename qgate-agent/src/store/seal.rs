@@ -2,21 +2,25 @@
 //! tamper-evident audit log in batches.
 //!
 //! The store's writer updates a row until it is final (a statement's
-//! completion and decision, a connection's identity and end), so rows are
-//! sealed once they are final, not when they are inserted. A seal pass
-//! ([`seal`]) puts every row that became final into a new group: it sets
-//! the rows' `sealed_in` to the group, stores for each row its id and a
-//! 16-byte digest of its values (the statement's text resolved through
-//! `statement_texts`) in the group's `seals` row, and appends a
-//! `store.seal` entry to the audit chain holding the SHA-256 of those
-//! lists and their counts. All in one transaction.
+//! completion and decision, a connection's end), so rows are sealed once
+//! final, and sealed where the values already are: in the writer's memory.
+//! A statement written final (or completed later) gets the open group's
+//! number in its `sealed_in` column in that same INSERT or UPDATE; its
+//! digest (SHA-256 of its values, the text resolved, cut to 8 bytes) is
+//! taken one batch later from the values the writer wrote, so a decision
+//! noted a moment after its statement still lands (the [`Sealer`]). Every
+//! few seconds the group is closed: its list (each row's id and digest) is
+//! stored in `seals` and a `store.seal` entry holding the list's SHA-256
+//! and counts is appended to the audit chain. Nothing is read back and no
+//! row is rewritten for it. Rows left unsealed by an earlier writer are
+//! sealed by reading them back ([`seal_leftovers`]): rare and small.
 //!
 //! [`verify`] recomputes every sealed row's digest and names the first row
 //! that was edited, deleted, or added to a group, and a `seals` row that
 //! no longer matches its chained entry. What it cannot see: a row not yet
-//! sealed (the last few seconds of statements, and statements still
-//! running), and a whole tail of the chain removed with its rows (only a
-//! head kept elsewhere catches that: `audit verify --head`).
+//! sealed (the last seconds of statements, and statements still running),
+//! and a whole tail of the chain removed with its rows (only a head kept
+//! elsewhere catches that: `audit verify --head`).
 use std::collections::HashMap;
 
 use rusqlite::{types::ValueRef, Connection, OptionalExtension, TransactionBehavior};
@@ -33,75 +37,210 @@ use crate::capture::UnixNanos;
 pub const MIGRATION_SQL: &str = r#"
 ALTER TABLE statement_log ADD COLUMN sealed_in INTEGER;
 ALTER TABLE connections ADD COLUMN sealed_in INTEGER;
--- Only the unsealed rows: small, and what a seal pass looks for.
+-- Only the unsealed rows (a statement still running, a connection still
+-- open): small, and what a leftover pass looks for.
 CREATE INDEX statement_log_unsealed ON statement_log (id) WHERE sealed_in IS NULL;
 CREATE INDEX connections_unsealed ON connections (id) WHERE sealed_in IS NULL;
--- One row per group: for each sealed row, its id (8 bytes, big-endian)
--- and the first 16 bytes of the SHA-256 of its values, in id order.
+-- One row per group: for each sealed row, in id order, the id's distance
+-- from the previous one (LEB128) and the row's 8-byte digest. A writer
+-- reserves its open group's row (audit_id 0, empty lists) when it opens
+-- it, so two writers never share a group.
 CREATE TABLE seals (
     id          INTEGER PRIMARY KEY,
     at          INTEGER NOT NULL,
-    audit_id    INTEGER,
+    audit_id    INTEGER NOT NULL,
     statements  BLOB    NOT NULL,
     connections BLOB    NOT NULL
 ) STRICT;
 "#;
 
-/// Bytes per sealed row in a `seals` list: id, then digest.
-const ENTRY: usize = 8 + DIGEST;
-const DIGEST: usize = 16;
+const DIGEST: usize = 8;
+type RowDigest = [u8; DIGEST];
 
-/// A sealed table: its name, and the query giving every column of its rows
-/// as sealed (`?1`: the group), in id order.
-struct Table {
-    name: &'static str,
-    rows_of_group: &'static str,
-    all_sealed_rows: &'static str,
+/// One column's value as the digest encodes it.
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+    Other(&'a [u8]),
 }
 
-const STATEMENTS: Table = Table {
-    name: "statements",
-    rows_of_group: "SELECT l.id, l.connection_id, l.seq, coalesce(l.text, t.text), l.path,
-            l.statement_name, l.received_at, l.completed_at, l.outcome, l.sqlstate,
-            l.error_message, l.command_tag, l.rows, l.decision, l.rule, l.request_id, l.sealed_in
-         FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id
-         WHERE l.sealed_in = ?1 ORDER BY l.id",
-    all_sealed_rows: "SELECT l.id, l.connection_id, l.seq, coalesce(l.text, t.text), l.path,
-            l.statement_name, l.received_at, l.completed_at, l.outcome, l.sqlstate,
-            l.error_message, l.command_tag, l.rows, l.decision, l.rule, l.request_id, l.sealed_in
-         FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id
-         WHERE l.sealed_in IS NOT NULL ORDER BY l.id",
-};
-
-const CONNECTIONS: Table = Table {
-    name: "connections",
-    rows_of_group: "SELECT id, client_addr, client_port, server_addr, server_port, user, database,
-            application, encrypted, mid_stream, started_at, identified_at, ended_at, transport,
-            gated_by, backend_pid, replayed_from, sealed_in
-         FROM connections WHERE sealed_in = ?1 ORDER BY id",
-    all_sealed_rows:
-        "SELECT id, client_addr, client_port, server_addr, server_port, user, database,
-            application, encrypted, mid_stream, started_at, identified_at, ended_at, transport,
-            gated_by, backend_pid, replayed_from, sealed_in
-         FROM connections WHERE sealed_in IS NOT NULL ORDER BY id",
-};
-
-/// Which rows a seal pass takes.
-pub enum Scope<'a> {
-    /// Rows up to these ids that are final: statements other than
-    /// `pending` (still running: their completion is still to be written),
-    /// connections that ended.
-    Final {
-        max_statement: i64,
-        max_connection: i64,
-        pending: &'a [i64],
-    },
-    /// Every unsealed row: nobody will write to them again (the writer
-    /// stops, or they were left by an earlier agent).
-    Everything,
+impl<'a> From<ValueRef<'a>> for Field<'a> {
+    fn from(value: ValueRef<'a>) -> Self {
+        match value {
+            ValueRef::Null => Field::Null,
+            ValueRef::Integer(v) => Field::Int(v),
+            // Never written by qgate: kept apart from any text.
+            ValueRef::Real(_) => Field::Other(b"real"),
+            ValueRef::Text(v) => match std::str::from_utf8(v) {
+                Ok(t) => Field::Text(t),
+                Err(_) => Field::Other(v),
+            },
+            ValueRef::Blob(v) => Field::Other(v),
+        }
+    }
 }
 
-/// What one seal pass sealed.
+fn opt_text(v: &Option<String>) -> Field<'_> {
+    v.as_deref().map_or(Field::Null, Field::Text)
+}
+
+fn opt_int(v: Option<i64>) -> Field<'static> {
+    v.map_or(Field::Null, Field::Int)
+}
+
+/// SHA-256 over the table's name and each field as a type byte and its
+/// value (integers as 8 bytes, texts and bytes length-prefixed), cut.
+fn digest_of(table: &str, fields: &[Field<'_>]) -> RowDigest {
+    let mut h = Sha256::new();
+    h.update((table.len() as u64).to_be_bytes());
+    h.update(table.as_bytes());
+    for field in fields {
+        feed(&mut h, *field);
+    }
+    let mut digest = [0u8; DIGEST];
+    digest.copy_from_slice(&h.finalize()[..DIGEST]);
+    digest
+}
+
+fn feed(h: &mut Sha256, field: Field<'_>) {
+    match field {
+        Field::Null => h.update([0u8]),
+        Field::Int(v) => {
+            h.update([1u8]);
+            h.update(v.to_be_bytes());
+        }
+        Field::Text(v) => {
+            h.update([3u8]);
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(v.as_bytes());
+        }
+        Field::Other(v) => {
+            h.update([4u8]);
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(v);
+        }
+    }
+}
+
+/// The sealed columns of each table, `sealed_in` last (it groups the rows
+/// and is not itself hashed: a row moved to another group is missing from
+/// one list and foreign to the other).
+const STATEMENT_COLUMNS: &str = "l.id, l.connection_id, l.seq, coalesce(l.text, t.text), l.path,
+    l.statement_name, l.received_at, l.completed_at, l.outcome, l.sqlstate, l.error_message,
+    l.command_tag, l.rows, l.decision, l.rule, l.request_id, l.sealed_in
+    FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id";
+const CONNECTION_COLUMNS: &str = "id, client_addr, client_port, server_addr, server_port, user,
+    database, application, encrypted, mid_stream, started_at, identified_at, ended_at, transport,
+    gated_by, backend_pid, replayed_from, sealed_in FROM connections";
+
+/// A row read back: its id, digest and group.
+fn read_row(
+    table: &str,
+    row: &rusqlite::Row<'_>,
+) -> Result<(i64, RowDigest, Option<i64>), StoreError> {
+    let n = row.as_ref().column_count();
+    let mut fields = Vec::with_capacity(n - 1);
+    for i in 0..n - 1 {
+        fields.push(Field::from(row.get_ref(i)?));
+    }
+    Ok((row.get(0)?, digest_of(table, &fields), row.get(n - 1)?))
+}
+
+/// A statement row's values as the writer wrote them, for its digest.
+#[derive(Clone, Debug, Default)]
+pub struct StatementValues {
+    pub id: i64,
+    pub connection_id: i64,
+    pub seq: i64,
+    pub text: String,
+    pub path: &'static str,
+    pub statement_name: Option<String>,
+    pub received_at: i64,
+    pub completed_at: Option<i64>,
+    pub outcome: &'static str,
+    pub sqlstate: Option<String>,
+    pub error_message: Option<String>,
+    pub command_tag: Option<String>,
+    pub rows: Option<i64>,
+    pub decision: Option<&'static str>,
+    pub rule: Option<String>,
+    pub request_id: Option<i64>,
+}
+
+impl StatementValues {
+    fn digest(&self) -> RowDigest {
+        digest_of(
+            "statements",
+            &[
+                Field::Int(self.id),
+                Field::Int(self.connection_id),
+                Field::Int(self.seq),
+                Field::Text(&self.text),
+                Field::Text(self.path),
+                opt_text(&self.statement_name),
+                Field::Int(self.received_at),
+                opt_int(self.completed_at),
+                Field::Text(self.outcome),
+                opt_text(&self.sqlstate),
+                opt_text(&self.error_message),
+                opt_text(&self.command_tag),
+                opt_int(self.rows),
+                self.decision.map_or(Field::Null, Field::Text),
+                opt_text(&self.rule),
+                opt_int(self.request_id),
+            ],
+        )
+    }
+}
+
+/// A group's list: per row the LEB128 distance of its id from the previous
+/// one, then its digest.
+fn encode_list(rows: &mut [(i64, RowDigest)]) -> Vec<u8> {
+    rows.sort_unstable_by_key(|(id, _)| *id);
+    let mut out = Vec::with_capacity(rows.len() * (DIGEST + 2));
+    let mut last = 0i64;
+    for (id, digest) in rows.iter() {
+        let mut delta = (*id - last) as u64;
+        last = *id;
+        loop {
+            let byte = (delta & 0x7f) as u8;
+            delta >>= 7;
+            if delta == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+        out.extend_from_slice(digest);
+    }
+    out
+}
+
+/// `None`: not a list [`encode_list`] wrote.
+fn decode_list(list: &[u8]) -> Option<HashMap<i64, RowDigest>> {
+    let mut out = HashMap::new();
+    let (mut i, mut last) = (0usize, 0i64);
+    while i < list.len() {
+        let (mut delta, mut shift) = (0u64, 0u32);
+        loop {
+            let byte = *list.get(i)?;
+            i += 1;
+            delta |= u64::from(byte & 0x7f).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        last = last.checked_add(i64::try_from(delta).ok()?)?;
+        out.insert(last, list.get(i..i + DIGEST)?.try_into().ok()?);
+        i += DIGEST;
+    }
+    Some(out)
+}
+
+/// What one group held when it was closed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sealed {
     pub group: i64,
@@ -109,19 +248,221 @@ pub struct Sealed {
     pub connections: u64,
 }
 
-/// Seals the rows `scope` takes, in a transaction of its own; `None` when
-/// there was nothing to seal. The chained entry is durable when this
-/// returns (`synchronous=FULL` for the transaction).
-pub fn seal(
+/// The writer's side of sealing: the open group, and the values of the
+/// statements it wrote that are not digested yet.
+pub struct Sealer {
+    group: i64,
+    /// Statements still running, and final ones whose digest waits a batch.
+    values: HashMap<i64, StatementValues>,
+    /// Final in the current batch / in the previous one.
+    current: Vec<i64>,
+    previous: Vec<i64>,
+    /// The open group's digested statements, and its connections.
+    statements: Vec<(i64, RowDigest)>,
+    connections: Vec<i64>,
+    /// Where the current batch began, to forget it if it rolls back.
+    mark: (usize, usize),
+}
+
+impl Sealer {
+    /// Reserves a group in `conn`'s store and opens it.
+    pub fn open(conn: &Connection) -> Result<Sealer, StoreError> {
+        Ok(Sealer {
+            group: reserve_group(conn)?,
+            values: HashMap::new(),
+            current: Vec::new(),
+            previous: Vec::new(),
+            statements: Vec::new(),
+            connections: Vec::new(),
+            mark: (0, 0),
+        })
+    }
+
+    /// The group a row written final now goes into (`sealed_in`).
+    pub fn group(&self) -> i64 {
+        self.group
+    }
+
+    /// A statement written: final (`sealed_in` set to [`Sealer::group`])
+    /// or still running.
+    pub fn written(&mut self, values: StatementValues, last: bool) {
+        if last {
+            self.current.push(values.id);
+        }
+        self.values.insert(values.id, values);
+    }
+
+    /// A running statement completed (its row now in [`Sealer::group`]).
+    /// `false`: its values are unknown here (not written by this writer).
+    pub fn completed(&mut self, id: i64, complete: impl FnOnce(&mut StatementValues)) -> bool {
+        match self.values.get_mut(&id) {
+            Some(values) => {
+                complete(values);
+                self.current.push(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A decision for a written statement. `false`: its digest was taken
+    /// already, so the row must not change any more.
+    pub fn decided(&mut self, id: i64, decide: impl FnOnce(&mut StatementValues)) -> bool {
+        match self.values.get_mut(&id) {
+            Some(values) => {
+                decide(values);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A connection ended (its row now in [`Sealer::group`]).
+    pub fn connection_ended(&mut self, row: i64) {
+        self.connections.push(row);
+    }
+
+    /// The batch committed: digests of the rows final since the one
+    /// before, whose decisions had a batch to arrive.
+    pub fn committed(&mut self) {
+        for id in self.previous.drain(..) {
+            if let Some(values) = self.values.remove(&id) {
+                self.statements.push((id, values.digest()));
+            }
+        }
+        std::mem::swap(&mut self.previous, &mut self.current);
+        self.mark = (0, self.connections.len());
+    }
+
+    /// The batch rolled back: forget what it marked final, and take the
+    /// values of the rows it touched from the store again (the retry
+    /// writes them anew).
+    pub fn rolled_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        self.current.truncate(self.mark.0);
+        self.connections.truncate(self.mark.1);
+        let ids: Vec<i64> = self.values.keys().copied().collect();
+        let mut stmt = conn.prepare(&format!("SELECT {STATEMENT_COLUMNS} WHERE l.id = ?1"))?;
+        for id in ids {
+            let row = stmt
+                .query_row([id], |r| {
+                    let text = |i| r.get::<_, Option<String>>(i);
+                    let name = |i| -> rusqlite::Result<&'static str> {
+                        Ok(match r.get::<_, String>(i)?.as_str() {
+                            "simple" => "simple",
+                            "extended" => "extended",
+                            "ok" => "ok",
+                            "error" => "error",
+                            "allow" => "allow",
+                            "deny" => "deny",
+                            "hold" => "hold",
+                            _ => "unknown",
+                        })
+                    };
+                    Ok(StatementValues {
+                        id: r.get(0)?,
+                        connection_id: r.get(1)?,
+                        seq: r.get(2)?,
+                        text: r.get(3)?,
+                        path: name(4)?,
+                        statement_name: text(5)?,
+                        received_at: r.get(6)?,
+                        completed_at: r.get(7)?,
+                        outcome: name(8)?,
+                        sqlstate: text(9)?,
+                        error_message: text(10)?,
+                        command_tag: text(11)?,
+                        rows: r.get(12)?,
+                        decision: match r.get::<_, Option<String>>(13)? {
+                            Some(_) => Some(name(13)?),
+                            None => None,
+                        },
+                        rule: text(14)?,
+                        request_id: r.get(15)?,
+                    })
+                })
+                .optional()?;
+            match row {
+                Some(values) => {
+                    self.values.insert(id, values);
+                }
+                None => {
+                    self.values.remove(&id);
+                }
+            }
+        }
+        let known = |id: &i64| self.values.contains_key(id);
+        self.previous.retain(known);
+        self.current.retain(known);
+        self.mark = (self.current.len(), self.connections.len());
+        Ok(())
+    }
+
+    /// Closes the open group: every final row's digest is taken now, the
+    /// list goes into `seals` and its hash into the audit chain, in one
+    /// transaction (`synchronous=FULL` for it). On failure the group stays
+    /// open and the next close tries again with more rows.
+    pub fn close(
+        &mut self,
+        conn: &Connection,
+        at: UnixNanos,
+    ) -> Result<Option<Sealed>, StoreError> {
+        for id in self.previous.drain(..).chain(self.current.drain(..)) {
+            if let Some(values) = self.values.remove(&id) {
+                self.statements.push((id, values.digest()));
+            }
+        }
+        self.mark = (0, self.connections.len());
+        if self.statements.is_empty() && self.connections.is_empty() {
+            return Ok(None);
+        }
+        let sealed = with_full_sync(conn, |tx| {
+            let mut connections = Vec::with_capacity(self.connections.len());
+            let mut stmt =
+                tx.prepare_cached(&format!("SELECT {CONNECTION_COLUMNS} WHERE id = ?1"))?;
+            for &id in &self.connections {
+                let mut rows = stmt.query([id])?;
+                if let Some(row) = rows.next()? {
+                    let (id, digest, _) = read_row("connections", row)?;
+                    connections.push((id, digest));
+                }
+            }
+            let mut statements = self.statements.clone();
+            let sealed = write_group(tx, self.group, &mut statements, &mut connections, at)?;
+            Ok((sealed, reserve_group(tx)?))
+        })?;
+        self.statements.clear();
+        self.connections.clear();
+        self.mark = (0, 0);
+        self.group = sealed.1;
+        Ok(Some(sealed.0))
+    }
+}
+
+/// A new group's number: its `seals` row, reserved.
+fn reserve_group(conn: &Connection) -> Result<i64, StoreError> {
+    conn.execute(
+        "INSERT INTO seals (at, audit_id, statements, connections) VALUES (?1, 0, x'', x'')",
+        [super::now_nanos()],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Runs `f` in an IMMEDIATE transaction on `conn` with synchronous=FULL
+/// (an audit entry is on disk when its transaction returns).
+fn with_full_sync<T>(
     conn: &Connection,
-    scope: Scope<'_>,
-    at: UnixNanos,
-) -> Result<Option<Sealed>, StoreError> {
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     let level: i64 = conn.pragma_query_value(None, "synchronous", |row| row.get(0))?;
     if level < 2 {
         conn.pragma_update(None, "synchronous", 2)?;
     }
-    let result = seal_in_transaction(conn, scope, at);
+    let result = (|| {
+        let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    })();
     if level < 2 {
         if let Err(e) = conn.pragma_update(None, "synchronous", level) {
             tracing::warn!("restoring synchronous={level} after a seal: {e}");
@@ -130,154 +471,305 @@ pub fn seal(
     result
 }
 
-fn seal_in_transaction(
-    conn: &Connection,
-    scope: Scope<'_>,
+/// Stores a group's lists and chains their hashes.
+fn write_group(
+    tx: &Connection,
+    group: i64,
+    statements: &mut [(i64, RowDigest)],
+    connections: &mut [(i64, RowDigest)],
     at: UnixNanos,
-) -> Result<Option<Sealed>, StoreError> {
-    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    tx.execute(
-        "INSERT INTO seals (at, statements, connections) VALUES (?1, x'', x'')",
-        [at],
-    )?;
-    let group = tx.last_insert_rowid();
-    let (statements, connections) = match scope {
-        Scope::Final {
-            max_statement,
-            max_connection,
-            pending,
-        } => {
-            let pending = serde_json::to_string(pending).unwrap_or_else(|_| "[]".into());
-            let s = tx.execute(
-                "UPDATE statement_log SET sealed_in = ?1
-                 WHERE sealed_in IS NULL AND id <= ?2
-                   AND id NOT IN (SELECT value FROM json_each(?3))",
-                (group, max_statement, pending),
-            )?;
-            let c = tx.execute(
-                "UPDATE connections SET sealed_in = ?1
-                 WHERE sealed_in IS NULL AND id <= ?2 AND ended_at IS NOT NULL",
-                (group, max_connection),
-            )?;
-            (s, c)
-        }
-        Scope::Everything => (
-            tx.execute(
-                "UPDATE statement_log SET sealed_in = ?1 WHERE sealed_in IS NULL",
-                [group],
-            )?,
-            tx.execute(
-                "UPDATE connections SET sealed_in = ?1 WHERE sealed_in IS NULL",
-                [group],
-            )?,
-        ),
-    };
-    if statements == 0 && connections == 0 {
-        // Nothing final since the last pass: no group, no entry.
-        tx.rollback()?;
-        return Ok(None);
-    }
-    let statement_list = list_of_group(&tx, &STATEMENTS, group)?;
-    let connection_list = list_of_group(&tx, &CONNECTIONS, group)?;
-    let summary = |list: &[u8]| {
-        let first = list.get(..8).map(id_of);
-        let last = list
-            .len()
-            .checked_sub(ENTRY)
-            .map(|i| id_of(&list[i..i + 8]));
+) -> Result<Sealed, StoreError> {
+    let (statement_list, connection_list) = (encode_list(statements), encode_list(connections));
+    let summary = |rows: &[(i64, RowDigest)], list: &[u8]| {
         serde_json::json!({
-            "rows": list.len() / ENTRY,
-            "first": first,
-            "last": last,
+            "rows": rows.len(),
+            "first": rows.first().map(|r| r.0),
+            "last": rows.last().map(|r| r.0),
             "sha256": audit::encode_hash(&Sha256::digest(list).into()),
         })
     };
     let audit_id = audit::append(
-        &tx,
+        tx,
         &AuditEntry {
             kind: audit::kinds::STORE_SEAL,
             actor: None,
             request_id: None,
             details: serde_json::json!({
                 "group": group,
-                "statements": summary(&statement_list),
-                "connections": summary(&connection_list),
+                "statements": summary(statements, &statement_list),
+                "connections": summary(connections, &connection_list),
             }),
         },
     )?;
-    tx.execute(
-        "UPDATE seals SET audit_id = ?2, statements = ?3, connections = ?4 WHERE id = ?1",
-        (group, audit_id, &statement_list, &connection_list),
+    let filled = tx.execute(
+        "UPDATE seals SET at = ?2, audit_id = ?3, statements = ?4, connections = ?5
+         WHERE id = ?1 AND audit_id = 0",
+        (group, at, audit_id, &statement_list, &connection_list),
     )?;
-    tx.commit()?;
-    Ok(Some(Sealed {
-        group,
-        statements: statements as u64,
-        connections: connections as u64,
-    }))
-}
-
-fn id_of(bytes: &[u8]) -> i64 {
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&bytes[..8]);
-    i64::from_be_bytes(id)
-}
-
-/// The group's list: id and digest of each of its rows in `table`.
-fn list_of_group(conn: &Connection, table: &Table, group: i64) -> Result<Vec<u8>, StoreError> {
-    let mut stmt = conn.prepare_cached(table.rows_of_group)?;
-    let mut rows = stmt.query([group])?;
-    let mut list = Vec::new();
-    while let Some(row) = rows.next()? {
-        let (id, digest) = row_digest(table, row)?;
-        list.extend_from_slice(&id.to_be_bytes());
-        list.extend_from_slice(&digest);
+    if filled != 1 {
+        return Err(StoreError::SealGroupGone(group));
     }
-    Ok(list)
+    Ok(Sealed {
+        group,
+        statements: statements.len() as u64,
+        connections: connections.len() as u64,
+    })
 }
 
-/// A row's id and digest: SHA-256 over the table's name and each column
-/// as a type byte and its value (integers as 8 bytes, texts and blobs
-/// length-prefixed), cut to 16 bytes.
-fn row_digest(table: &Table, row: &rusqlite::Row<'_>) -> Result<(i64, [u8; DIGEST]), StoreError> {
-    let mut h = Sha256::new();
-    h.update((table.name.len() as u64).to_be_bytes());
-    h.update(table.name.as_bytes());
-    hash_columns(&mut h, row)?;
-    let id: i64 = row.get(0)?;
-    let mut digest = [0u8; DIGEST];
-    digest.copy_from_slice(&h.finalize()[..DIGEST]);
-    Ok((id, digest))
+/// Seals, by reading them back, every row still unsealed: rows an earlier
+/// writer left (it stopped before they were final) or this writer's last
+/// running statements and open connections when it stops. Nothing writes
+/// to them afterwards. In a group of its own.
+///
+/// One writer per store at a time: a second one starting would take the
+/// first one's running statements for leftovers (a replay writes a store
+/// of its own).
+pub fn seal_leftovers(conn: &Connection, at: UnixNanos) -> Result<Option<Sealed>, StoreError> {
+    with_full_sync(conn, |tx| {
+        let group = reserve_group(tx)?;
+        let s = tx.execute(
+            "UPDATE statement_log SET sealed_in = ?1 WHERE sealed_in IS NULL",
+            [group],
+        )?;
+        let c = tx.execute(
+            "UPDATE connections SET sealed_in = ?1 WHERE sealed_in IS NULL",
+            [group],
+        )?;
+        if s == 0 && c == 0 {
+            tx.execute("DELETE FROM seals WHERE id = ?1", [group])?;
+            return Ok(None);
+        }
+        let mut statements = read_group(tx, "statements", STATEMENT_COLUMNS, "l.sealed_in", group)?;
+        let mut connections =
+            read_group(tx, "connections", CONNECTION_COLUMNS, "sealed_in", group)?;
+        write_group(tx, group, &mut statements, &mut connections, at).map(Some)
+    })
 }
 
-/// Each column as a type byte and its value (integers as 8 bytes, texts
-/// and blobs length-prefixed).
-fn hash_columns(h: &mut Sha256, row: &rusqlite::Row<'_>) -> Result<(), StoreError> {
-    let columns = row.as_ref().column_count();
-    for i in 0..columns {
-        match row.get_ref(i)? {
-            ValueRef::Null => h.update([0u8]),
-            ValueRef::Integer(v) => {
-                h.update([1u8]);
-                h.update(v.to_be_bytes());
-            }
-            ValueRef::Real(v) => {
-                h.update([2u8]);
-                h.update(v.to_bits().to_be_bytes());
-            }
-            ValueRef::Text(v) => {
-                h.update([3u8]);
-                h.update((v.len() as u64).to_be_bytes());
-                h.update(v);
-            }
-            ValueRef::Blob(v) => {
-                h.update([4u8]);
-                h.update((v.len() as u64).to_be_bytes());
-                h.update(v);
+fn read_group(
+    conn: &Connection,
+    table: &str,
+    columns: &str,
+    group_column: &str,
+    group: i64,
+) -> Result<Vec<(i64, RowDigest)>, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT {columns} WHERE {group_column} = ?1"))?;
+    let mut rows = stmt.query([group])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let (id, digest, _) = read_row(table, row)?;
+        out.push((id, digest));
+    }
+    Ok(out)
+}
+
+/// The outcome of [`verify`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SealReport {
+    pub groups: u64,
+    pub statements_sealed: u64,
+    pub connections_sealed: u64,
+    /// Rows not sealed yet: still running, or final for less than a seal
+    /// interval. Not covered by the chain.
+    pub statements_unsealed: u64,
+    pub connections_unsealed: u64,
+    /// The first problem, by table then row id; `None` when every sealed
+    /// row is as it was sealed.
+    pub first_problem: Option<SealProblem>,
+}
+
+/// A sealed row (or a seal group) that is not what was sealed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SealProblem {
+    /// `statements`, `connections` or `seals`.
+    pub table: &'static str,
+    /// The row at fault (for `seals`, the group).
+    pub id: i64,
+    pub group: i64,
+    pub what: &'static str,
+}
+
+impl std::fmt::Display for SealProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} row {}: {} (seal group {})",
+            self.table, self.id, self.what, self.group
+        )
+    }
+}
+
+/// One group's lists as the chain vouches for them.
+struct Group {
+    statements: HashMap<i64, RowDigest>,
+    connections: HashMap<i64, RowDigest>,
+}
+
+impl Group {
+    fn list(&mut self, table: &str) -> &mut HashMap<i64, RowDigest> {
+        if table == "statements" {
+            &mut self.statements
+        } else {
+            &mut self.connections
+        }
+    }
+}
+
+/// Checks every seal group against its chained entry and every sealed row
+/// against its group's list. Verify the chain itself first
+/// ([`audit::verify`]): this trusts the `store.seal` entries it reads.
+pub fn verify(conn: &Connection) -> Result<SealReport, StoreError> {
+    let mut report = SealReport::default();
+    let mut groups: HashMap<i64, Group> = HashMap::new();
+    let mut open: Vec<i64> = Vec::new();
+    // The chain's word for each group.
+    let mut vouched: HashMap<i64, (String, String)> = HashMap::new();
+    {
+        let mut stmt = conn.prepare("SELECT details FROM audit WHERE kind = ?1 ORDER BY id")?;
+        let mut rows = stmt.query([audit::kinds::STORE_SEAL.as_str()])?;
+        while let Some(row) = rows.next()? {
+            let details: String = row.get(0)?;
+            let value: serde_json::Value = serde_json::from_str(&details).unwrap_or_default();
+            let hash = |table: &str| {
+                value[table]["sha256"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            if let Some(group) = value["group"].as_i64() {
+                vouched.insert(group, (hash("statements"), hash("connections")));
             }
         }
     }
-    Ok(())
+    {
+        let mut stmt =
+            conn.prepare("SELECT id, statements, connections, audit_id FROM seals ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let group: i64 = row.get(0)?;
+            let statements: Vec<u8> = row.get(1)?;
+            let connections: Vec<u8> = row.get(2)?;
+            let sha = |list: &[u8]| audit::encode_hash(&Sha256::digest(list).into());
+            let audit_id: i64 = row.get(3)?;
+            if audit_id == 0 && !vouched.contains_key(&group) {
+                // A writer's open group: its rows are not sealed yet.
+                open.push(group);
+                continue;
+            }
+            let vouched_for = vouched
+                .remove(&group)
+                .is_some_and(|(s, c)| s == sha(&statements) && c == sha(&connections));
+            let lists = decode_list(&statements).zip(decode_list(&connections));
+            match lists {
+                Some((statements, connections)) if vouched_for => {
+                    report.groups += 1;
+                    groups.insert(
+                        group,
+                        Group {
+                            statements,
+                            connections,
+                        },
+                    );
+                }
+                _ => {
+                    report.first_problem.get_or_insert(SealProblem {
+                        table: "seals",
+                        id: group,
+                        group,
+                        what: "its lists are not the ones its chained store.seal entry vouches for",
+                    });
+                }
+            }
+        }
+    }
+    if let Some(&group) = vouched.keys().min() {
+        report.first_problem.get_or_insert(SealProblem {
+            table: "seals",
+            id: group,
+            group,
+            what: "the group's seals row is gone (its chained entry remains)",
+        });
+    }
+    for (table, columns, group_column) in [
+        ("statements", STATEMENT_COLUMNS, "l.sealed_in"),
+        ("connections", CONNECTION_COLUMNS, "sealed_in"),
+    ] {
+        let sql = format!("SELECT {columns} WHERE {group_column} IS NOT NULL ORDER BY 1");
+        let (sealed, in_open, problem) = verify_table(conn, table, &sql, &mut groups, &open)?;
+        if table == "statements" {
+            report.statements_sealed = sealed;
+            report.statements_unsealed += in_open;
+        } else {
+            report.connections_sealed = sealed;
+            report.connections_unsealed += in_open;
+        }
+        if let Some(problem) = problem {
+            report.first_problem.get_or_insert(problem);
+        }
+    }
+    let unsealed = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0));
+    report.statements_unsealed +=
+        unsealed("SELECT count(*) FROM statement_log WHERE sealed_in IS NULL")? as u64;
+    report.connections_unsealed +=
+        unsealed("SELECT count(*) FROM connections WHERE sealed_in IS NULL")? as u64;
+    Ok(report)
+}
+
+fn verify_table(
+    conn: &Connection,
+    table: &'static str,
+    sql: &str,
+    groups: &mut HashMap<i64, Group>,
+    open: &[i64],
+) -> Result<(u64, u64, Option<SealProblem>), StoreError> {
+    let mut first: Option<SealProblem> = None;
+    let (mut sealed, mut in_open) = (0u64, 0u64);
+    let mut stmt = conn.prepare(sql)?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let (id, digest, group) = read_row(table, row)?;
+        let group = group.unwrap_or_default();
+        if open.contains(&group) {
+            in_open += 1;
+            continue;
+        }
+        sealed += 1;
+        let problem = |what| SealProblem {
+            table,
+            id,
+            group,
+            what,
+        };
+        let Some(g) = groups.get_mut(&group) else {
+            first.get_or_insert(problem("sealed in a group that does not exist"));
+            continue;
+        };
+        match g.list(table).remove(&id) {
+            Some(listed) if listed == digest => {}
+            Some(_) => {
+                first.get_or_insert(problem("edited after it was sealed"));
+            }
+            None => {
+                first.get_or_insert(problem("not in its group's list: added or moved"));
+            }
+        }
+    }
+    // Whatever a list still names was deleted (or taken out of its group).
+    let missing = groups
+        .iter_mut()
+        .filter_map(|(&group, g)| g.list(table).keys().min().map(|&id| (id, group)))
+        .min();
+    if let Some((id, group)) = missing {
+        if first.as_ref().is_none_or(|p| id < p.id) {
+            first = Some(SealProblem {
+                table,
+                id,
+                group,
+                what: "deleted (or taken out of its group) after it was sealed",
+            });
+        }
+    }
+    Ok((sealed, in_open, first))
 }
 
 /// SHA-256 of every reviewer row (tokens' hashes, roles, groups, links,
@@ -293,7 +785,9 @@ pub fn reviewers_digest(conn: &Connection) -> Result<String, StoreError> {
     )?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        hash_columns(&mut h, row)?;
+        for i in 0..row.as_ref().column_count() {
+            feed(&mut h, Field::from(row.get_ref(i)?));
+        }
     }
     Ok(audit::encode_hash(&h.finalize().into()))
 }
@@ -337,220 +831,6 @@ pub fn verify_reviewers(conn: &Connection) -> Result<ReviewersCheck, StoreError>
             }
         }
     })
-}
-
-/// The outcome of [`verify`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SealReport {
-    pub groups: u64,
-    pub statements_sealed: u64,
-    pub connections_sealed: u64,
-    /// Rows not sealed yet: still running, or final for less than a seal
-    /// interval. Not covered by the chain.
-    pub statements_unsealed: u64,
-    pub connections_unsealed: u64,
-    /// The first problem, by table then row id; `None` when every sealed
-    /// row is as it was sealed.
-    pub first_problem: Option<SealProblem>,
-}
-
-/// A sealed row (or a seal group) that is not what was sealed.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SealProblem {
-    /// `statements`, `connections` or `seals`.
-    pub table: &'static str,
-    /// The row at fault (for `seals`, the group).
-    pub id: i64,
-    pub group: i64,
-    pub what: &'static str,
-}
-
-impl std::fmt::Display for SealProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} row {}: {} (seal group {})",
-            self.table, self.id, self.what, self.group
-        )
-    }
-}
-
-/// One group's lists as the chain vouches for them.
-struct Group {
-    statements: HashMap<i64, [u8; DIGEST]>,
-    connections: HashMap<i64, [u8; DIGEST]>,
-}
-
-/// Checks every seal group against its chained entry and every sealed row
-/// against its group's list. Verify the chain itself first
-/// ([`audit::verify`]): this trusts the `store.seal` entries it reads.
-pub fn verify(conn: &Connection) -> Result<SealReport, StoreError> {
-    let mut report = SealReport::default();
-    let mut groups: HashMap<i64, Group> = HashMap::new();
-    // The chain's word for each group.
-    let mut vouched: HashMap<i64, (String, String)> = HashMap::new();
-    {
-        let mut stmt = conn.prepare("SELECT details FROM audit WHERE kind = ?1 ORDER BY id")?;
-        let mut rows = stmt.query([audit::kinds::STORE_SEAL.as_str()])?;
-        while let Some(row) = rows.next()? {
-            let details: String = row.get(0)?;
-            let value: serde_json::Value = serde_json::from_str(&details).unwrap_or_default();
-            let hash = |table: &str| {
-                value[table]["sha256"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            if let Some(group) = value["group"].as_i64() {
-                vouched.insert(group, (hash("statements"), hash("connections")));
-            }
-        }
-    }
-    {
-        let mut stmt = conn.prepare("SELECT id, statements, connections FROM seals ORDER BY id")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let group: i64 = row.get(0)?;
-            let statements: Vec<u8> = row.get(1)?;
-            let connections: Vec<u8> = row.get(2)?;
-            let sha = |list: &[u8]| audit::encode_hash(&Sha256::digest(list).into());
-            let intact = vouched
-                .remove(&group)
-                .is_some_and(|(s, c)| s == sha(&statements) && c == sha(&connections));
-            if !intact {
-                report.first_problem.get_or_insert(SealProblem {
-                    table: "seals",
-                    id: group,
-                    group,
-                    what: "its lists are not the ones its chained store.seal entry vouches for",
-                });
-                continue;
-            }
-            report.groups += 1;
-            groups.insert(
-                group,
-                Group {
-                    statements: decode(&statements),
-                    connections: decode(&connections),
-                },
-            );
-        }
-    }
-    if let Some((&group, _)) = vouched.iter().min_by_key(|(g, _)| **g) {
-        report.first_problem.get_or_insert(SealProblem {
-            table: "seals",
-            id: group,
-            group,
-            what: "the group's seals row is gone (its chained entry remains)",
-        });
-    }
-    for table in [&STATEMENTS, &CONNECTIONS] {
-        let problem = verify_table(conn, table, &mut groups, &mut report)?;
-        if let Some(problem) = problem {
-            report.first_problem.get_or_insert(problem);
-        }
-    }
-    let unsealed = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0));
-    report.statements_unsealed =
-        unsealed("SELECT count(*) FROM statement_log WHERE sealed_in IS NULL")? as u64;
-    report.connections_unsealed =
-        unsealed("SELECT count(*) FROM connections WHERE sealed_in IS NULL")? as u64;
-    Ok(report)
-}
-
-impl Group {
-    fn list(&mut self, table: &Table) -> &mut HashMap<i64, [u8; DIGEST]> {
-        if table.name == STATEMENTS.name {
-            &mut self.statements
-        } else {
-            &mut self.connections
-        }
-    }
-}
-
-fn decode(list: &[u8]) -> HashMap<i64, [u8; DIGEST]> {
-    list.chunks_exact(ENTRY)
-        .map(|e| {
-            let mut digest = [0u8; DIGEST];
-            digest.copy_from_slice(&e[8..]);
-            (id_of(e), digest)
-        })
-        .collect()
-}
-
-fn verify_table(
-    conn: &Connection,
-    table: &Table,
-    groups: &mut HashMap<i64, Group>,
-    report: &mut SealReport,
-) -> Result<Option<SealProblem>, StoreError> {
-    let mut first = None;
-    let mut stmt = conn.prepare(table.all_sealed_rows)?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        let group: i64 = row.get(row.as_ref().column_count() - 1)?;
-        let (id, digest) = row_digest(table, row)?;
-        let problem = |what| SealProblem {
-            table: table.name,
-            id,
-            group,
-            what,
-        };
-        if table.name == STATEMENTS.name {
-            report.statements_sealed += 1;
-        } else {
-            report.connections_sealed += 1;
-        }
-        let Some(g) = groups.get_mut(&group) else {
-            first.get_or_insert(problem("sealed in a group that does not exist"));
-            continue;
-        };
-        match g.list(table).remove(&id) {
-            Some(sealed) if sealed == digest => {}
-            Some(_) => {
-                first.get_or_insert(problem("edited after it was sealed"));
-            }
-            None => {
-                first.get_or_insert(problem("not in its group's list: added or moved"));
-            }
-        }
-    }
-    // Whatever a list still names was deleted (or taken out of its group).
-    let mut missing: Option<(i64, i64)> = None;
-    for (&group, g) in groups.iter_mut() {
-        if let Some(&id) = g.list(table).keys().min() {
-            if missing.is_none_or(|(m, _)| id < m) {
-                missing = Some((id, group));
-            }
-        }
-    }
-    if let Some((id, group)) = missing {
-        let deleted = SealProblem {
-            table: table.name,
-            id,
-            group,
-            what: "deleted (or taken out of its group) after it was sealed",
-        };
-        first = Some(match first {
-            Some(p) if p.id < id => p,
-            _ => deleted,
-        });
-    }
-    Ok(first)
-}
-
-/// The largest row ids now, for the next pass's [`Scope::Final`] (rows
-/// seen final a full interval after they were written).
-pub fn high_water(conn: &Connection) -> Result<(i64, i64), StoreError> {
-    let max = |sql: &str| {
-        conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
-            .optional()
-            .map(|v| v.flatten().unwrap_or(0))
-    };
-    Ok((
-        max("SELECT max(id) FROM statement_log")?,
-        max("SELECT max(id) FROM connections")?,
-    ))
 }
 
 /// Everything `audit verify` checks, in one read snapshot.

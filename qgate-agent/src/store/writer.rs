@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use super::{
     insert_capture_loss, now_nanos,
-    seal::{self, Scope},
+    seal::{self, Sealer, StatementValues},
     sql_count, Store, StoreError,
 };
 use crate::{
@@ -219,6 +219,7 @@ impl Writer {
         // (`connections` below): checking them again costs an index probe
         // per statement. Other connections keep the checks.
         conn.pragma_update(None, "foreign_keys", false)?;
+        let sealer = Sealer::open(&conn)?;
         // Unbounded in messages; `Counters::in_queue` bounds the records.
         let (tx, rx) = crossbeam_channel::unbounded();
         let counters = Arc::new(Counters::default());
@@ -235,7 +236,7 @@ impl Writer {
                         connections: HashMap::new(),
                         texts: Texts::default(),
                         dropped_recorded: 0,
-                        sealed_up_to: None,
+                        sealer,
                     }
                     .run(rx)
                 }
@@ -483,9 +484,8 @@ struct BatchWriter {
     texts: Texts,
     /// The dropped count last written as a `writer_dropped` event.
     dropped_recorded: u64,
-    /// The largest statement and connection ids at the last seal pass: the
-    /// next pass seals final rows up to them (rows a full interval old).
-    sealed_up_to: Option<(i64, i64)>,
+    /// Seals final rows into the audit chain (`store::seal`).
+    sealer: Sealer,
 }
 
 impl BatchWriter {
@@ -493,14 +493,14 @@ impl BatchWriter {
         let mut batch = Vec::with_capacity(self.config.batch_max);
         let mut flushes = Vec::new();
         // Rows an earlier writer left unsealed will not change again.
-        self.seal(Scope::Everything);
+        self.seal_leftovers();
         let mut last_seal = Instant::now();
         // `recv` keeps returning queued messages after the `Writer` is gone,
         // and fails only once the queue is empty: shutdown loses nothing.
         loop {
             if last_seal.elapsed() >= self.config.seal_every {
                 last_seal = Instant::now();
-                self.seal_final();
+                self.close_group();
             }
             let first = match rx.recv_timeout(self.config.seal_every) {
                 Ok(first) => first,
@@ -536,33 +536,23 @@ impl BatchWriter {
             }
         }
         // Nothing writes to these rows after this writer.
-        self.seal(Scope::Everything);
+        self.close_group();
+        self.seal_leftovers();
     }
 
-    /// Seals the rows final since the previous pass: those written before
-    /// it, but statements still running.
-    fn seal_final(&mut self) {
-        let now = seal::high_water(&self.conn);
-        if let Some((max_statement, max_connection)) = self.sealed_up_to {
-            let pending: Vec<i64> = self
-                .connections
-                .values()
-                .flat_map(|rows| rows.pending.values().copied())
-                .collect();
-            self.seal(Scope::Final {
-                max_statement,
-                max_connection,
-                pending: &pending,
-            });
-        }
-        match now {
-            Ok(now) => self.sealed_up_to = Some(now),
-            Err(e) => tracing::warn!("store writer: reading the seal high water: {e}"),
-        }
+    /// Closes the open seal group (see [`Sealer::close`]).
+    fn close_group(&mut self) {
+        let result = self.sealer.close(&self.conn, now_nanos());
+        self.sealed(result);
     }
 
-    fn seal(&mut self, scope: Scope<'_>) {
-        match seal::seal(&self.conn, scope, now_nanos()) {
+    fn seal_leftovers(&mut self) {
+        let result = seal::seal_leftovers(&self.conn, now_nanos());
+        self.sealed(result);
+    }
+
+    fn sealed(&mut self, result: Result<Option<seal::Sealed>, StoreError>) {
+        match result {
             Ok(Some(sealed)) => {
                 self.counters
                     .sealed
@@ -591,6 +581,7 @@ impl BatchWriter {
             let mut undo = Vec::new();
             match self.try_write(batch, &mut undo) {
                 Ok(()) => {
+                    self.sealer.committed();
                     self.counters.written.fetch_add(events, Ordering::Relaxed);
                     self.counters.batches.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -603,6 +594,9 @@ impl BatchWriter {
                         self.undo(step);
                     }
                     self.texts.forget_rows();
+                    if let Err(e) = self.sealer.rolled_back(&self.conn) {
+                        tracing::warn!("store writer: re-reading unsealed rows: {e}");
+                    }
                     tracing::warn!("store writer: batch attempt {attempt} failed: {e}");
                     last_error = Some(e);
                     std::thread::sleep(Duration::from_millis(100) * attempt);
@@ -677,6 +671,7 @@ impl BatchWriter {
                         undo,
                         replayed_from: self.config.replayed_from.as_deref(),
                         late_after_seal: &self.counters.late_after_seal,
+                        sealer: &mut self.sealer,
                     };
                     match ctx.apply(event, completed.map(|(_, c, at)| (c, at)))? {
                         Applied::Matched => {}
@@ -697,6 +692,7 @@ impl BatchWriter {
                         undo,
                         replayed_from: self.config.replayed_from.as_deref(),
                         late_after_seal: &self.counters.late_after_seal,
+                        sealer: &mut self.sealer,
                     };
                     if let Applied::Unmatched = ctx.decided(decided)? {
                         unmatched += 1;
@@ -748,8 +744,8 @@ enum Applied {
 const INSERT_STATEMENT: &str =
     "INSERT INTO statement_log (connection_id, seq, text, text_id, path, statement_name,
          received_at, completed_at, outcome, sqlstate, error_message, command_tag, rows,
-         decision, rule, request_id)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+         decision, rule, request_id, sealed_in)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
 /// A request's links to the rows of its statement and connection.
 const LINK_REQUEST: &str =
@@ -764,6 +760,7 @@ struct Apply<'a, 'tx> {
     undo: &'a mut Vec<Undo>,
     replayed_from: Option<&'a str>,
     late_after_seal: &'a AtomicU64,
+    sealer: &'a mut Sealer,
 }
 
 impl Apply<'_, '_> {
@@ -792,19 +789,18 @@ impl Apply<'_, '_> {
         };
         let (row, _) = rows.undecided[at];
         rows.undecided.drain(..=at);
-        let written = self
-            .tx
-            .prepare_cached(
-                "UPDATE statement_log SET decision = ?2, rule = ?3, request_id = ?4
-                 WHERE id = ?1 AND sealed_in IS NULL",
-            )?
-            .execute((
-                row,
-                decided.decision.as_str(),
-                &decided.rule,
-                decided.request,
-            ))?;
-        if written == 0 {
+        let d = decided.decision.as_str();
+        if self.sealer.decided(row, |v| {
+            v.decision = Some(d);
+            v.rule = Some(decided.rule.clone());
+            v.request_id = decided.request;
+        }) {
+            self.tx
+                .prepare_cached(
+                    "UPDATE statement_log SET decision = ?2, rule = ?3, request_id = ?4 WHERE id = ?1",
+                )?
+                .execute((row, d, &decided.rule, decided.request))?;
+        } else {
             // Sealed already: the chain vouches for the row as it was.
             self.late_after_seal.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -953,8 +949,30 @@ impl Apply<'_, '_> {
                     decided.as_ref().map(|d| d.decision.as_str()),
                     decided.as_ref().map(|d| d.rule.as_str()),
                     decided.as_ref().and_then(|d| d.request),
+                    completion.map(|_| self.sealer.group()),
                 ])?;
                 let row = tx.last_insert_rowid();
+                self.sealer.written(
+                    StatementValues {
+                        id: row,
+                        connection_id: rows.row,
+                        seq: sql_count(stmt.0),
+                        text: text.to_owned(),
+                        path: path_name(*path),
+                        statement_name: statement_name.clone(),
+                        received_at: *at,
+                        completed_at: completion.map(|(_, at)| at),
+                        outcome: completion.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
+                        sqlstate: completion.and_then(|(c, _)| c.sqlstate.clone()),
+                        error_message: completion.and_then(|(c, _)| c.message.clone()),
+                        command_tag: completion.and_then(|(c, _)| c.tag.clone()),
+                        rows: completion.and_then(|(c, _)| c.rows.map(sql_count)),
+                        decision: decided.as_ref().map(|d| d.decision.as_str()),
+                        rule: decided.as_ref().map(|d| d.rule.clone()),
+                        request_id: decided.as_ref().and_then(|d| d.request),
+                    },
+                    completion.is_some(),
+                );
                 match &decided {
                     Some(Decided {
                         request: Some(request),
@@ -999,7 +1017,7 @@ impl Apply<'_, '_> {
                 } = completion;
                 tx.prepare_cached(
                 "UPDATE statement_log SET completed_at = ?2, outcome = ?3, sqlstate = ?4, error_message = ?5,
-                 command_tag = ?6, rows = ?7 WHERE id = ?1",
+                 command_tag = ?6, rows = ?7, sealed_in = ?8 WHERE id = ?1",
             )?
             .execute((
                 row,
@@ -1009,7 +1027,16 @@ impl Apply<'_, '_> {
                 message,
                 tag,
                 rows.map(sql_count),
+                self.sealer.group(),
             ))?;
+                self.sealer.completed(row, |v| {
+                    v.completed_at = Some(*at);
+                    v.outcome = outcome_name(outcome);
+                    v.sqlstate = sqlstate.clone();
+                    v.error_message = message.clone();
+                    v.command_tag = tag.clone();
+                    v.rows = rows.map(sql_count);
+                });
             }
             WireEvent::CancelRequested {
                 conn,
@@ -1038,8 +1065,11 @@ impl Apply<'_, '_> {
                 let Some(rows) = connections.remove(conn) else {
                     return Ok(Applied::Unmatched);
                 };
-                tx.prepare_cached("UPDATE connections SET ended_at = ?2 WHERE id = ?1")?
-                    .execute((rows.row, at))?;
+                tx.prepare_cached(
+                    "UPDATE connections SET ended_at = ?2, sealed_in = ?3 WHERE id = ?1",
+                )?
+                .execute((rows.row, at, self.sealer.group()))?;
+                self.sealer.connection_ended(rows.row);
                 undo.push(Undo::Conn(*conn, Some(rows)));
             }
             // The gate's only; the pipeline does not send it here.
