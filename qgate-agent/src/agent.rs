@@ -221,7 +221,12 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         &runtime,
         &board,
         crate::store::audit::kinds::AGENT_START,
-        serde_json::json!({ "interfaces": interfaces, "ports": config.capture.ports, "mode": format!("{default_mode:?}") }),
+        serde_json::json!({
+            "interfaces": interfaces,
+            "ports": config.capture.ports,
+            "mode": format!("{default_mode:?}"),
+            "policy": policy.source(),
+        }),
     );
     info!(?interfaces, ports = ?config.capture.ports, mode = ?default_mode, "capturing");
 
@@ -358,7 +363,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                 &runtime,
                 &board,
                 crate::store::audit::kinds::POLICY_RELOAD,
-                serde_json::json!({ "generation": policy_generation }),
+                serde_json::json!({ "generation": policy_generation, "policy": policy.source() }),
             );
         }
         if last_beat.elapsed() >= HEARTBEAT {
@@ -385,8 +390,9 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             if counters.refused_segments > last_refused {
                 warn!(
                     dropped = counters.refused_segments - last_refused,
-                    "IP fragments or TCP urgent data to a database port were dropped \
-                     (the server would read them differently from qgate)"
+                    "segments to a database port were dropped: the server would read them \
+                     differently from qgate (IP fragments, TCP urgent data, or a new copy of \
+                     bytes already let through that the server had not acknowledged)"
                 );
                 audit_agent_event(
                     &runtime,
@@ -394,7 +400,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
                     crate::store::audit::kinds::CAPTURE_REFUSED_SEGMENTS,
                     serde_json::json!({
                         "segments": counters.refused_segments - last_refused,
-                        "why": "IP fragment or TCP urgent data to a database port",
+                        "why": "IP fragment, TCP urgent data, or a retransmission of unacknowledged bytes already let through",
                     }),
                 );
                 last_refused = counters.refused_segments;

@@ -224,3 +224,34 @@ async fn a_dead_webhook_never_delays_or_changes_a_decision() {
     );
     api.shutdown().await;
 }
+
+/// A held statement naming a password reaches the webhook, the request view
+/// and the store with the secret replaced, whoever created the request.
+#[tokio::test]
+async fn a_webhook_body_never_carries_a_credential() {
+    let (url, hook) = receiver(0).await;
+    let api = start(ApiOptions {
+        webhooks: WebhookOptions {
+            urls: vec![url],
+            ..WebhookOptions::default()
+        },
+        ..ApiOptions::default()
+    })
+    .await;
+    let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
+    let mut new = held(Some("alice"), "roles", 1, &["dba"]);
+    new.statement = "ALTER ROLE app PASSWORD 'hunter2-secret'".into();
+    let r = api.hold(new).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hook.hits.lock().expect("lock").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hits = hook.hits.lock().expect("lock").clone();
+    assert_eq!(hits.len(), 1, "the created event");
+    let body = String::from_utf8_lossy(&hits[0].2).into_owned();
+    assert!(!body.contains("hunter2"), "{body}");
+    assert!(body.contains("[redacted]"), "{body}");
+    let (_, shown) = api.get(&rita, &format!("/v1/requests/{}", r.id)).await;
+    assert!(!shown.to_string().contains("hunter2"), "{shown}");
+    api.shutdown().await;
+}

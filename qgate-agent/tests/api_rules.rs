@@ -73,7 +73,7 @@ async fn one_approval_releases_a_one_approval_rule_and_the_gate_hears_it_at_once
 #[tokio::test]
 async fn two_of_m_needs_two_distinct_reviewers_not_the_same_one_twice() {
     let api = start(ApiOptions::default()).await;
-    let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
+    let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &["rita", "rita_ro"]);
     let sam = api.reviewer("sam", Role::Reviewer, &["dba", "sre"], &[]);
     let r = api
         .hold(held(Some("alice"), "ddl-needs-two", 2, &["dba"]))
@@ -97,6 +97,14 @@ async fn two_of_m_needs_two_distinct_reviewers_not_the_same_one_twice() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "approved");
     assert_eq!(body["votes"].as_array().map(Vec::len), Some(2));
+    // The request view shows each voter's database-user links: a peer's
+    // approval, visibly.
+    assert_eq!(
+        body["votes"][0]["reviewer_db_users"],
+        serde_json::json!(["rita", "rita_ro"]),
+        "{body}"
+    );
+    assert_eq!(body["votes"][1]["reviewer_db_users"], serde_json::json!([]));
     api.shutdown().await;
 }
 

@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bumped on every change of a shared layout or map; part of pinned names.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// `SO_MARK` value on packets the agent re-injects; the tc program passes
 /// them untouched so a released statement is not held a second time.
@@ -126,6 +126,21 @@ pub struct FlowState {
     /// reassembly of out-of-order overlaps need not match the agent's, so
     /// past a hole the server gets only what the agent re-injects.
     pub pass_until: u32,
+    /// The highest acknowledgment the server has sent (tc egress): bytes
+    /// before it are in the server's hands, and a copy of them arriving
+    /// again is discarded by its TCP whatever it holds.
+    pub server_ack: u32,
+    /// End of the client bytes this program let through.
+    pub passed_end: u32,
+    /// `known::*` bits: which of `server_ack` and `passed_end` are set.
+    pub known: u8,
+    pub _pad: [u8; 3],
+}
+
+/// [`FlowState::known`] bits.
+pub mod known {
+    pub const SERVER_ACK: u8 = 1;
+    pub const PASSED_END: u8 = 2;
 }
 
 /// Settings the agent writes; read by the program on every gated segment.
@@ -197,6 +212,7 @@ pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
     pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
     pub const URG: u8 = 0x20;
 }
 
@@ -232,7 +248,9 @@ pub struct Counters {
     pub hook_stops: u64,
     /// Segments to a database port dropped because the server would read
     /// them differently from the capture: IP fragments (reassembled after
-    /// tc) and TCP urgent data (taken out of the stream by the receiver).
+    /// tc), TCP urgent data (taken out of the stream by the receiver), and
+    /// a new copy of bytes already let through that the server has not
+    /// acknowledged (it may take the copy's bytes, never judged).
     pub refused_segments: u64,
 }
 

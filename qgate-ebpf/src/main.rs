@@ -35,7 +35,7 @@ mod programs {
 
     use crate::{
         capture::{capture, count, counters, db_segment},
-        gate::{left_to_hook, verdict, Verdict},
+        gate::{left_to_hook, server_acked, verdict, Verdict},
         hook,
     };
 
@@ -83,8 +83,12 @@ mod programs {
     #[classifier]
     pub fn qgate_egress(ctx: TcContext) -> i32 {
         if let Some((seg, kind)) = db_segment(&ctx, DIR_FROM_SERVER) {
-            if kind == port_kind::HOOKED && left_to_hook(&seg, &seg.flow(false), false) {
+            let flow = seg.flow(false);
+            if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, false) {
                 return TC_ACT_OK;
+            }
+            if seg.tcp_flags & tcp_flags::ACK != 0 {
+                server_acked(&flow, seg.ack);
             }
             capture(&ctx, &seg, DIR_FROM_SERVER, 0);
         }

@@ -784,3 +784,210 @@ fn raw_session(lab: &Lab) -> Result<std::net::TcpStream> {
     }
     Ok(stream)
 }
+
+/// The first copy of a statement is let through (a plain read the server
+/// never receives: its TCP dropped it after tc, as it drops a segment with
+/// a bad checksum or an old timestamp; here a netfilter rule does it), then
+/// a second copy of the same sequence range, carrying a DELETE, arrives: to
+/// the server it is the first copy. On the wire path it must be refused as
+/// a retransmission of bytes let through and not acknowledged; with the
+/// server hook the backend's read is judged whatever the wire did.
+#[test]
+fn a_second_copy_of_bytes_let_through_cannot_carry_other_sql() -> Result<()> {
+    let (lab, token) = lab("jretx")?;
+    // Bytes at a fixed offset of the bait: type and length, then this.
+    let bait_sql = "/*qgbait!*/ SELECT 1 ;";
+    let evil_sql = "DELETE FROM victim   ;";
+    assert_eq!(bait_sql.len(), evil_sql.len());
+    let mut bait_body = bait_sql.as_bytes().to_vec();
+    bait_body.push(0);
+    let mut evil_body = evil_sql.as_bytes().to_vec();
+    evil_body.push(0);
+    let (bait, evil) = (message(b'Q', &bait_body), message(b'Q', &evil_body));
+    // The server's netfilter drops every copy of the bait (after tc).
+    let nft = |args: &str| -> Result<()> {
+        let out = lab.in_server("nft").args(args.split(' ')).output()?;
+        if !out.status.success() {
+            bail!("nft {args}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let _ = nft("delete table inet qgate_test");
+    nft("add table inet qgate_test")?;
+    nft("add chain inet qgate_test input { type filter hook input priority 0 ; }")?;
+    // "/*qgbait" at payload offset 5 (after the type byte and the length).
+    nft("add rule inet qgate_test input tcp dport 5432 @ih,40,64 0x2f2a716762616974 counter drop")?;
+    // Timestamps off in the client namespace: the forged copy carries none.
+    let out = lab
+        .in_client("sysctl")
+        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let addr = std::net::SocketAddr::new(lab.server_ip.into(), PG_PORT);
+    let mut stream = lab.connect_from_client(addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(&startup_message())?;
+    read_until_ready(&mut stream)?;
+    let client_port = stream.local_addr()?.port();
+    let (snd, rcv) = queue_seqs(&stream)?;
+    stream.write_all(&bait)?;
+    std::thread::sleep(Duration::from_millis(300));
+    // The forged second copy: same sequence range, other SQL, sent raw.
+    let packet = {
+        let builder =
+            etherparse::PacketBuilder::ipv4(lab.client_ip.octets(), lab.server_ip.octets(), 64)
+                .tcp(client_port, PG_PORT, snd, 64240)
+                .ack(rcv)
+                .psh();
+        let mut out = Vec::with_capacity(builder.size(evil.len()));
+        builder.write(&mut out, &evil)?;
+        out
+    };
+    let server_ip = lab.server_ip;
+    let ns = lab.client_ns.clone();
+    qgate_e2e::in_netns(&ns, move || send_raw(&packet, server_ip))?;
+    // With the server hook the DELETE is read by the backend and held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        let pending = lab.requests(&token, &["list", "--status", "pending"])?;
+        for r in pending.as_array().cloned().unwrap_or_default() {
+            let id = r["id"].as_i64().context("id")?;
+            lab.requests(&token, &["deny", &id.to_string()])?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stream);
+    let _ = nft("delete table inet qgate_test");
+    assert_eq!(damage_report(&lab)?, INTACT, "the forged copy ran");
+    if !qgate_e2e::server_hook_on() {
+        // Refused in the kernel, counted, and audited.
+        let refused = lab.wait_for(
+            "a refused-segments audit entry",
+            Duration::from_secs(10),
+            || {
+                let n: i64 = lab.store()?.query_row(
+                    "SELECT count(*) FROM audit WHERE kind = 'capture.refused_segments'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok((n > 0).then_some(n))
+            },
+        )?;
+        assert!(refused > 0);
+    }
+    Ok(())
+}
+
+/// Reads messages until ReadyForQuery.
+fn read_until_ready(stream: &mut std::net::TcpStream) -> Result<()> {
+    use std::io::Read;
+    loop {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header)?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        stream.read_exact(&mut body)?;
+        match header[0] {
+            b'Z' => return Ok(()),
+            b'E' => bail!("server error: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// The socket's next sequence number to send and to receive, read in TCP
+/// repair mode (root) and left again without a window probe.
+fn queue_seqs(stream: &std::net::TcpStream) -> Result<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    const TCP_REPAIR: i32 = 19;
+    const TCP_REPAIR_QUEUE: i32 = 20;
+    const TCP_QUEUE_SEQ: i32 = 21;
+    const TCP_RECV_QUEUE: i32 = 1;
+    const TCP_SEND_QUEUE: i32 = 2;
+    const TCP_REPAIR_OFF_NO_WP: i32 = -1;
+    let fd = stream.as_raw_fd();
+    let set = |opt: i32, v: i32| -> Result<()> {
+        // SAFETY: setsockopt with a valid int on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                &v as *const i32 as *const libc::c_void,
+                4,
+            )
+        };
+        if rc != 0 {
+            bail!("setsockopt {opt}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let seq = || -> Result<u32> {
+        let mut v: u32 = 0;
+        let mut len: libc::socklen_t = 4;
+        // SAFETY: getsockopt into a u32 we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                TCP_QUEUE_SEQ,
+                &mut v as *mut u32 as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "getsockopt TCP_QUEUE_SEQ: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(v)
+    };
+    set(TCP_REPAIR, 1)?;
+    set(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+    let snd = seq()?;
+    set(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+    let rcv = seq()?;
+    set(TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
+    Ok((snd, rcv))
+}
+
+/// Sends a whole IPv4 packet through a raw socket.
+fn send_raw(packet: &[u8], to: std::net::Ipv4Addr) -> Result<()> {
+    // SAFETY: plain socket(2); the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        bail!("raw socket: {}", std::io::Error::last_os_error());
+    }
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid buffer and address for the call's duration.
+    let rc = unsafe {
+        libc::sendto(
+            fd,
+            packet.as_ptr() as *const libc::c_void,
+            packet.len(),
+            0,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        bail!("sendto: {err}");
+    }
+    Ok(())
+}

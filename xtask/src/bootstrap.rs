@@ -14,6 +14,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("sqlite3", "/usr/bin/sqlite3"),
     // The e2e harness makes the TLS certificate of its PostgreSQL clusters.
     ("openssl", "/usr/bin/openssl"),
+    // An e2e test drops chosen segments after tc, as a server's TCP would.
+    ("nftables", "/usr/sbin/nft"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

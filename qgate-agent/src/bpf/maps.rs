@@ -7,7 +7,9 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use qgate_common::{hook, mode, phase, BackendState, FlowKey, FlowState, GateConfig};
+use qgate_common::{
+    hook, known, mode, phase, tcp::seq_lt, BackendState, FlowKey, FlowState, GateConfig,
+};
 
 use super::monotonic_ns;
 use crate::capture::Flow;
@@ -157,6 +159,13 @@ impl KernelGate {
     ) -> Result<(), GateMapError> {
         self.update(flow, |s| {
             s.next_msg_seq = next_msg_seq;
+            // Released bytes count as let through: a later copy of them that
+            // the server has not acknowledged is refused like one of bytes
+            // the program passed itself.
+            if s.known & known::PASSED_END == 0 || seq_lt(s.passed_end, next_msg_seq) {
+                s.passed_end = next_msg_seq;
+                s.known |= known::PASSED_END;
+            }
             s.phase = phase::READY;
             s.tail = 0;
             match still_held_from {

@@ -422,8 +422,19 @@ fn write_request(out: &mut dyn Write, r: &Value) -> std::io::Result<()> {
     for v in r["votes"].as_array().map(Vec::as_slice).unwrap_or_default() {
         writeln!(
             out,
-            "vote         {} {} at {}{}",
+            "vote         {} ({}) {} at {}{}",
             str_of(&v["reviewer"]),
+            match v["reviewer_db_users"].as_array() {
+                Some(users) if !users.is_empty() => format!(
+                    "DB user {}",
+                    users
+                        .iter()
+                        .map(|u| u.as_str().unwrap_or("?"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => "no DB user".to_owned(),
+            },
             str_of(&v["verdict"]),
             str_of(&v["at"]),
             v["comment"]

@@ -21,6 +21,9 @@ use super::{Policy, PolicyError};
 pub struct PolicyHandle {
     current: Arc<RwLock<Arc<Policy>>>,
     generation: Arc<AtomicU64>,
+    /// Where the policy in force came from: its file and the SHA-256 of the
+    /// text read, or the built-in default's. For the audit chain.
+    source: Arc<RwLock<PolicySource>>,
     /// Whether the agent has an estimator: a reloaded policy whose rules
     /// need one when there is none is refused (see `Policy::check_estimator`).
     estimator_configured: bool,
@@ -31,8 +34,17 @@ impl PolicyHandle {
         PolicyHandle {
             current: Arc::new(RwLock::new(Arc::new(policy))),
             generation: Arc::new(AtomicU64::new(0)),
+            source: Arc::new(RwLock::new(PolicySource::builtin())),
             estimator_configured: true,
         }
+    }
+
+    /// The file and text digest of the policy in force.
+    pub fn source(&self) -> PolicySource {
+        self.source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Says whether an estimator is configured (before the handle is shared).
@@ -76,6 +88,10 @@ impl PolicyHandle {
             });
         };
         policy.check_estimator(self.estimator_configured)?;
+        *self.source.write().unwrap_or_else(|e| e.into_inner()) = PolicySource {
+            file: Some(path.display().to_string()),
+            sha256: sha256_hex(text.as_bytes()),
+        };
         self.replace(policy);
         Ok(())
     }
@@ -85,6 +101,29 @@ impl PolicyHandle {
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
+}
+
+/// The origin of a policy in force, as the audit log records it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicySource {
+    /// `None`: the built-in default policy.
+    pub file: Option<String>,
+    /// SHA-256 of the policy text.
+    pub sha256: String,
+}
+
+impl PolicySource {
+    fn builtin() -> Self {
+        PolicySource {
+            file: None,
+            sha256: sha256_hex(super::DEFAULT_POLICY.as_bytes()),
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    crate::store::audit::encode_hash(&sha2::Sha256::digest(bytes).into())
 }
 
 /// Stops watching when dropped.

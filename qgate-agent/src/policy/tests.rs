@@ -293,10 +293,24 @@ fn reload_keeps_the_old_policy_when_the_new_one_is_invalid() {
         "deny"
     );
 
+    // The audit log records which text is in force (file and SHA-256).
+    let source = handle.source();
+    assert_eq!(source.file.as_deref(), Some(path.to_str().unwrap()));
+    assert_eq!(source.sha256.len(), 64);
+    assert_ne!(
+        source,
+        PolicyHandle::new(Policy::builtin_default()).source()
+    );
+
     std::fs::write(&path, "[default]\naction = \"sometimes\"\n").unwrap();
     let err = handle.reload_from(&path).unwrap_err();
     assert_eq!(err.line(), Some(1), "{err}");
     assert_eq!(handle.generation(), 1);
+    assert_eq!(
+        handle.source(),
+        source,
+        "a refused reload keeps the old source"
+    );
     assert_eq!(
         decide(&handle.current(), &who, "SELECT 1").action.name(),
         "deny"

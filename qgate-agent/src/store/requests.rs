@@ -309,6 +309,10 @@ pub enum HeldBy {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Vote {
     pub reviewer: String,
+    /// The database users the reviewer was linked to when voting (a
+    /// reviewer never approves a statement of one of them): empty for a
+    /// reviewer added with `--no-db-user`.
+    pub reviewer_db_users: Vec<String>,
     pub verdict: String,
     pub comment: Option<String>,
     #[schema(format = DateTime)]
@@ -660,17 +664,32 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestEr
 
 fn attach_votes(conn: &Connection, request: &mut Request) -> Result<(), RequestError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT reviewer, verdict, comment, at FROM votes WHERE request_id = ?1 ORDER BY id",
+        "SELECT v.reviewer, v.verdict, v.comment, v.at, r.db_users FROM votes v
+         LEFT JOIN reviewers r ON r.name = v.reviewer AND r.created_at <= v.at
+              AND (r.revoked_at IS NULL OR r.revoked_at >= v.at)
+         WHERE v.request_id = ?1 ORDER BY v.id",
     )?;
     let votes = stmt.query_map([request.id], |r| {
-        Ok(Vote {
-            reviewer: r.get(0)?,
-            verdict: r.get(1)?,
-            comment: r.get(2)?,
-            at: rfc3339_ms(r.get(3)?),
-        })
+        let db_users: Option<String> = r.get(4)?;
+        Ok((
+            Vote {
+                reviewer: r.get(0)?,
+                reviewer_db_users: Vec::new(),
+                verdict: r.get(1)?,
+                comment: r.get(2)?,
+                at: rfc3339_ms(r.get(3)?),
+            },
+            db_users,
+        ))
     })?;
-    request.votes = votes.collect::<Result<_, _>>()?;
+    request.votes = Vec::new();
+    for vote in votes {
+        let (mut vote, db_users) = vote?;
+        if let Some(list) = db_users {
+            vote.reviewer_db_users = parse_list(&list, "reviewer db_users")?;
+        }
+        request.votes.push(vote);
+    }
     let approvals = request
         .votes
         .iter()
@@ -748,7 +767,10 @@ pub fn create_request(
     let created = now_ms();
     let timeout = new.timeout.unwrap_or(default_timeout);
     let expires = created.saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
-    let justification = crate::classify::justification::parse(&new.statement);
+    // The gate redacts before it asks; redacted here too, so that no caller
+    // can put a credential where reviewers, webhooks and exports read.
+    let statement = crate::classify::redact::redact(&new.statement);
+    let justification = crate::classify::justification::parse(&statement);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO requests (statement_id, statement, justification, facts, rule,
@@ -759,7 +781,7 @@ pub fn create_request(
             ?17, ?18, ?19)",
         params![
             new.statement_id,
-            new.statement,
+            statement,
             justification,
             new.facts.to_string(),
             new.rule,

@@ -23,10 +23,12 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
     programs::TcContext,
 };
-use qgate_common::{mode, phase, tcp::seq_lt, tcp_flags, Counters, FlowKey, FlowState, GateConfig};
+use qgate_common::{
+    known, mode, phase, tcp::seq_lt, tcp_flags, Counters, FlowKey, FlowState, GateConfig,
+};
 
 use self::{startup::startup, walk::messages};
-use crate::packet::Segment;
+use crate::{capture::count, packet::Segment};
 
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(65536, 0);
@@ -160,6 +162,64 @@ fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> V
     // SAFETY: map value owned by the map; concurrent writers only race on
     // plain integers, and the agent re-checks everything it is told.
     let state = unsafe { &mut *state };
+    let verdict = decide_flow(ctx, seg, state, cfg, end);
+    if matches!(verdict, Verdict::Pass)
+        && (state.known & known::PASSED_END == 0 || seq_lt(state.passed_end, end))
+    {
+        state.passed_end = end;
+        state.known |= known::PASSED_END;
+    }
+    verdict
+}
+
+/// A client segment that overlaps bytes this program already let through
+/// and the server has not acknowledged: the server may not have them (its
+/// TCP dropped the first copy after tc: a bad checksum, an old timestamp,
+/// memory pressure), and then it takes these bytes, which nobody judged,
+/// in their place. Refused (dropped and counted): a copy of what the server
+/// already acknowledged is harmless (its TCP discards it), and everything
+/// past what was let through is judged as usual.
+#[inline(always)]
+fn unjudged_retransmission(seg: &Segment, state: &FlowState, end: u32) -> bool {
+    if state.known & known::PASSED_END == 0 || !seq_lt(seg.seq, state.passed_end) {
+        return false;
+    }
+    let overlap_end = if seq_lt(end, state.passed_end) {
+        end
+    } else {
+        state.passed_end
+    };
+    state.known & known::SERVER_ACK == 0 || seq_lt(state.server_ack, overlap_end)
+}
+
+/// The server acknowledged up to `ack` (a segment it sent, tc egress).
+#[inline(always)]
+pub fn server_acked(flow: &FlowKey, ack: u32) {
+    if let Some(state) = FLOWS.get_ptr_mut(flow) {
+        // SAFETY: map value; plain integers.
+        let state = unsafe { &mut *state };
+        if state.known & known::SERVER_ACK == 0 || seq_lt(state.server_ack, ack) {
+            state.server_ack = ack;
+            state.known |= known::SERVER_ACK;
+        }
+    }
+}
+
+#[inline(always)]
+fn decide_flow(
+    ctx: &TcContext,
+    seg: &Segment,
+    state: &mut FlowState,
+    cfg: &GateConfig,
+    end: u32,
+) -> Verdict {
+    if state.mode != mode::MONITOR
+        && state.phase != phase::OPAQUE
+        && unjudged_retransmission(seg, state, end)
+    {
+        count(|c| c.refused_segments += 1);
+        return Verdict::Drop;
+    }
     if state.deny_start != state.deny_end
         && seq_lt(seg.seq, state.deny_end)
         && seq_lt(state.deny_start, end)
