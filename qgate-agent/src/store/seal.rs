@@ -148,50 +148,93 @@ fn read_row(
     Ok((row.get(0)?, digest_of(table, &fields), row.get(n - 1)?))
 }
 
-/// A statement row's values as the writer wrote them, for its digest.
-#[derive(Clone, Debug, Default)]
-pub struct StatementValues {
+/// A statement row's identity and text, as the writer inserts them.
+pub struct Written<'a> {
     pub id: i64,
     pub connection_id: i64,
     pub seq: i64,
-    pub text: String,
-    pub path: &'static str,
-    pub statement_name: Option<String>,
+    pub text: &'a str,
+    pub path: &'a str,
+    pub statement_name: Option<&'a str>,
     pub received_at: i64,
+}
+
+/// A statement's completion, as the writer writes it.
+pub struct Completed<'a> {
     pub completed_at: Option<i64>,
-    pub outcome: &'static str,
-    pub sqlstate: Option<String>,
-    pub error_message: Option<String>,
-    pub command_tag: Option<String>,
+    pub outcome: &'a str,
+    pub sqlstate: Option<&'a str>,
+    pub error_message: Option<&'a str>,
+    pub command_tag: Option<&'a str>,
     pub rows: Option<i64>,
+}
+
+/// What the agent decided for a statement (NULLs when it was not asked).
+#[derive(Clone, Debug, Default)]
+pub struct DecisionFields {
     pub decision: Option<&'static str>,
     pub rule: Option<String>,
     pub request_id: Option<i64>,
 }
 
-impl StatementValues {
-    fn digest(&self) -> RowDigest {
-        digest_of(
-            "statements",
-            &[
-                Field::Int(self.id),
-                Field::Int(self.connection_id),
-                Field::Int(self.seq),
-                Field::Text(&self.text),
-                Field::Text(self.path),
-                opt_text(&self.statement_name),
-                Field::Int(self.received_at),
-                opt_int(self.completed_at),
-                Field::Text(self.outcome),
-                opt_text(&self.sqlstate),
-                opt_text(&self.error_message),
-                opt_text(&self.command_tag),
-                opt_int(self.rows),
-                self.decision.map_or(Field::Null, Field::Text),
-                opt_text(&self.rule),
-                opt_int(self.request_id),
-            ],
-        )
+/// A statement row's digest in the making: the columns up to its
+/// completion are hashed as they are written (in the order `verify` reads
+/// them: identity and text, then completion), the decision kept apart
+/// until the digest is taken (it may still come). No text is copied.
+#[derive(Clone)]
+struct RowHash {
+    state: Sha256,
+    decision: DecisionFields,
+}
+
+impl RowHash {
+    fn start(row: &Written<'_>) -> RowHash {
+        let mut state = Sha256::new();
+        let table = "statements";
+        state.update((table.len() as u64).to_be_bytes());
+        state.update(table.as_bytes());
+        for field in [
+            Field::Int(row.id),
+            Field::Int(row.connection_id),
+            Field::Int(row.seq),
+            Field::Text(row.text),
+            Field::Text(row.path),
+            row.statement_name.map_or(Field::Null, Field::Text),
+            Field::Int(row.received_at),
+        ] {
+            feed(&mut state, field);
+        }
+        RowHash {
+            state,
+            decision: DecisionFields::default(),
+        }
+    }
+
+    fn complete(&mut self, c: &Completed<'_>) {
+        fn text(v: Option<&str>) -> Field<'_> {
+            v.map_or(Field::Null, Field::Text)
+        }
+        for field in [
+            opt_int(c.completed_at),
+            Field::Text(c.outcome),
+            text(c.sqlstate),
+            text(c.error_message),
+            text(c.command_tag),
+            opt_int(c.rows),
+        ] {
+            feed(&mut self.state, field);
+        }
+    }
+
+    fn digest(self) -> RowDigest {
+        let mut state = self.state;
+        let d = self.decision;
+        feed(&mut state, d.decision.map_or(Field::Null, Field::Text));
+        feed(&mut state, opt_text(&d.rule));
+        feed(&mut state, opt_int(d.request_id));
+        let mut digest = [0u8; DIGEST];
+        digest.copy_from_slice(&state.finalize()[..DIGEST]);
+        digest
     }
 }
 
@@ -248,12 +291,14 @@ pub struct Sealed {
     pub connections: u64,
 }
 
-/// The writer's side of sealing: the open group, and the values of the
-/// statements it wrote that are not digested yet.
+type Rows = HashMap<i64, RowHash, foldhash::fast::RandomState>;
+
+/// The writer's side of sealing: the open group, and the statements it
+/// wrote whose digest is not taken yet.
 pub struct Sealer {
     group: i64,
     /// Statements still running, and final ones whose digest waits a batch.
-    values: HashMap<i64, StatementValues>,
+    rows: Rows,
     /// Final in the current batch / in the previous one.
     current: Vec<i64>,
     previous: Vec<i64>,
@@ -269,7 +314,7 @@ impl Sealer {
     pub fn open(conn: &Connection) -> Result<Sealer, StoreError> {
         Ok(Sealer {
             group: reserve_group(conn)?,
-            values: HashMap::new(),
+            rows: Rows::default(),
             current: Vec::new(),
             previous: Vec::new(),
             statements: Vec::new(),
@@ -283,21 +328,29 @@ impl Sealer {
         self.group
     }
 
-    /// A statement written: final (`sealed_in` set to [`Sealer::group`])
-    /// or still running.
-    pub fn written(&mut self, values: StatementValues, last: bool) {
-        if last {
-            self.current.push(values.id);
+    /// A statement written: final (with its completion; `sealed_in` set to
+    /// [`Sealer::group`]) or still running.
+    pub fn written(
+        &mut self,
+        row: &Written<'_>,
+        completion: Option<&Completed<'_>>,
+        decision: DecisionFields,
+    ) {
+        let mut hash = RowHash::start(row);
+        hash.decision = decision;
+        if let Some(c) = completion {
+            hash.complete(c);
+            self.current.push(row.id);
         }
-        self.values.insert(values.id, values);
+        self.rows.insert(row.id, hash);
     }
 
     /// A running statement completed (its row now in [`Sealer::group`]).
     /// `false`: its values are unknown here (not written by this writer).
-    pub fn completed(&mut self, id: i64, complete: impl FnOnce(&mut StatementValues)) -> bool {
-        match self.values.get_mut(&id) {
-            Some(values) => {
-                complete(values);
+    pub fn completed(&mut self, id: i64, completion: &Completed<'_>) -> bool {
+        match self.rows.get_mut(&id) {
+            Some(hash) => {
+                hash.complete(completion);
                 self.current.push(id);
                 true
             }
@@ -307,10 +360,10 @@ impl Sealer {
 
     /// A decision for a written statement. `false`: its digest was taken
     /// already, so the row must not change any more.
-    pub fn decided(&mut self, id: i64, decide: impl FnOnce(&mut StatementValues)) -> bool {
-        match self.values.get_mut(&id) {
-            Some(values) => {
-                decide(values);
+    pub fn decided(&mut self, id: i64, decision: DecisionFields) -> bool {
+        match self.rows.get_mut(&id) {
+            Some(hash) => {
+                hash.decision = decision;
                 true
             }
             None => false,
@@ -326,8 +379,8 @@ impl Sealer {
     /// before, whose decisions had a batch to arrive.
     pub fn committed(&mut self) {
         for id in self.previous.drain(..) {
-            if let Some(values) = self.values.remove(&id) {
-                self.statements.push((id, values.digest()));
+            if let Some(hash) = self.rows.remove(&id) {
+                self.statements.push((id, hash.digest()));
             }
         }
         std::mem::swap(&mut self.previous, &mut self.current);
@@ -335,62 +388,69 @@ impl Sealer {
     }
 
     /// The batch rolled back: forget what it marked final, and take the
-    /// values of the rows it touched from the store again (the retry
-    /// writes them anew).
+    /// rows it touched from the store again (the retry writes them anew).
     pub fn rolled_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
         self.current.truncate(self.mark.0);
         self.connections.truncate(self.mark.1);
-        let ids: Vec<i64> = self.values.keys().copied().collect();
+        let final_before: std::collections::HashSet<i64> =
+            self.previous.iter().chain(&self.current).copied().collect();
+        let ids: Vec<i64> = self.rows.keys().copied().collect();
         let mut stmt = conn.prepare(&format!("SELECT {STATEMENT_COLUMNS} WHERE l.id = ?1"))?;
         for id in ids {
-            let row = stmt
+            let hash = stmt
                 .query_row([id], |r| {
                     let text = |i| r.get::<_, Option<String>>(i);
-                    let name = |i| -> rusqlite::Result<&'static str> {
-                        Ok(match r.get::<_, String>(i)?.as_str() {
-                            "simple" => "simple",
-                            "extended" => "extended",
-                            "ok" => "ok",
-                            "error" => "error",
-                            "allow" => "allow",
-                            "deny" => "deny",
-                            "hold" => "hold",
-                            _ => "unknown",
-                        })
-                    };
-                    Ok(StatementValues {
+                    let (text_col, path, name) = (
+                        text(3)?.unwrap_or_default(),
+                        r.get::<_, String>(4)?,
+                        text(5)?,
+                    );
+                    let mut hash = RowHash::start(&Written {
                         id: r.get(0)?,
                         connection_id: r.get(1)?,
                         seq: r.get(2)?,
-                        text: r.get(3)?,
-                        path: name(4)?,
-                        statement_name: text(5)?,
+                        text: &text_col,
+                        path: &path,
+                        statement_name: name.as_deref(),
                         received_at: r.get(6)?,
-                        completed_at: r.get(7)?,
-                        outcome: name(8)?,
-                        sqlstate: text(9)?,
-                        error_message: text(10)?,
-                        command_tag: text(11)?,
-                        rows: r.get(12)?,
-                        decision: match r.get::<_, Option<String>>(13)? {
-                            Some(_) => Some(name(13)?),
+                    });
+                    let completed_at: Option<i64> = r.get(7)?;
+                    if completed_at.is_some() || final_before.contains(&id) {
+                        let (outcome, sqlstate, message, tag) =
+                            (r.get::<_, String>(8)?, text(9)?, text(10)?, text(11)?);
+                        hash.complete(&Completed {
+                            completed_at,
+                            outcome: &outcome,
+                            sqlstate: sqlstate.as_deref(),
+                            error_message: message.as_deref(),
+                            command_tag: tag.as_deref(),
+                            rows: r.get(12)?,
+                        });
+                    }
+                    hash.decision = DecisionFields {
+                        decision: match r.get::<_, Option<String>>(13)?.as_deref() {
+                            Some("allow") => Some("allow"),
+                            Some("deny") => Some("deny"),
+                            Some("hold") => Some("hold"),
+                            Some(_) => Some("unknown"),
                             None => None,
                         },
                         rule: text(14)?,
                         request_id: r.get(15)?,
-                    })
+                    };
+                    Ok(hash)
                 })
                 .optional()?;
-            match row {
-                Some(values) => {
-                    self.values.insert(id, values);
+            match hash {
+                Some(hash) => {
+                    self.rows.insert(id, hash);
                 }
                 None => {
-                    self.values.remove(&id);
+                    self.rows.remove(&id);
                 }
             }
         }
-        let known = |id: &i64| self.values.contains_key(id);
+        let known = |id: &i64| self.rows.contains_key(id);
         self.previous.retain(known);
         self.current.retain(known);
         self.mark = (self.current.len(), self.connections.len());
@@ -407,8 +467,8 @@ impl Sealer {
         at: UnixNanos,
     ) -> Result<Option<Sealed>, StoreError> {
         for id in self.previous.drain(..).chain(self.current.drain(..)) {
-            if let Some(values) = self.values.remove(&id) {
-                self.statements.push((id, values.digest()));
+            if let Some(hash) = self.rows.remove(&id) {
+                self.statements.push((id, hash.digest()));
             }
         }
         self.mark = (0, self.connections.len());

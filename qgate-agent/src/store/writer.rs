@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use super::{
     insert_capture_loss, now_nanos,
-    seal::{self, Sealer, StatementValues},
+    seal::{self, Completed, DecisionFields, Sealer, Written},
     sql_count, Store, StoreError,
 };
 use crate::{
@@ -790,11 +790,14 @@ impl Apply<'_, '_> {
         let (row, _) = rows.undecided[at];
         rows.undecided.drain(..=at);
         let d = decided.decision.as_str();
-        if self.sealer.decided(row, |v| {
-            v.decision = Some(d);
-            v.rule = Some(decided.rule.clone());
-            v.request_id = decided.request;
-        }) {
+        if self.sealer.decided(
+            row,
+            DecisionFields {
+                decision: Some(d),
+                rule: Some(decided.rule.clone()),
+                request_id: decided.request,
+            },
+        ) {
             self.tx
                 .prepare_cached(
                     "UPDATE statement_log SET decision = ?2, rule = ?3, request_id = ?4 WHERE id = ?1",
@@ -953,25 +956,30 @@ impl Apply<'_, '_> {
                 ])?;
                 let row = tx.last_insert_rowid();
                 self.sealer.written(
-                    StatementValues {
+                    &Written {
                         id: row,
                         connection_id: rows.row,
                         seq: sql_count(stmt.0),
-                        text: text.to_owned(),
+                        text,
                         path: path_name(*path),
-                        statement_name: statement_name.clone(),
+                        statement_name: statement_name.as_deref(),
                         received_at: *at,
-                        completed_at: completion.map(|(_, at)| at),
-                        outcome: completion.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
-                        sqlstate: completion.and_then(|(c, _)| c.sqlstate.clone()),
-                        error_message: completion.and_then(|(c, _)| c.message.clone()),
-                        command_tag: completion.and_then(|(c, _)| c.tag.clone()),
-                        rows: completion.and_then(|(c, _)| c.rows.map(sql_count)),
+                    },
+                    completion
+                        .map(|(c, at)| Completed {
+                            completed_at: Some(at),
+                            outcome: outcome_name(&c.outcome),
+                            sqlstate: c.sqlstate.as_deref(),
+                            error_message: c.message.as_deref(),
+                            command_tag: c.tag.as_deref(),
+                            rows: c.rows.map(sql_count),
+                        })
+                        .as_ref(),
+                    DecisionFields {
                         decision: decided.as_ref().map(|d| d.decision.as_str()),
                         rule: decided.as_ref().map(|d| d.rule.clone()),
                         request_id: decided.as_ref().and_then(|d| d.request),
                     },
-                    completion.is_some(),
                 );
                 match &decided {
                     Some(Decided {
@@ -1029,14 +1037,17 @@ impl Apply<'_, '_> {
                 rows.map(sql_count),
                 self.sealer.group(),
             ))?;
-                self.sealer.completed(row, |v| {
-                    v.completed_at = Some(*at);
-                    v.outcome = outcome_name(outcome);
-                    v.sqlstate = sqlstate.clone();
-                    v.error_message = message.clone();
-                    v.command_tag = tag.clone();
-                    v.rows = rows.map(sql_count);
-                });
+                self.sealer.completed(
+                    row,
+                    &Completed {
+                        completed_at: Some(*at),
+                        outcome: outcome_name(outcome),
+                        sqlstate: sqlstate.as_deref(),
+                        error_message: message.as_deref(),
+                        command_tag: tag.as_deref(),
+                        rows: rows.map(sql_count),
+                    },
+                );
             }
             WireEvent::CancelRequested {
                 conn,
