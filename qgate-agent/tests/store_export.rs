@@ -79,6 +79,8 @@ fn jsonl_has_one_record_per_statement_with_its_connections_identity() {
             mid_stream: false,
             replayed_from: None,
             text: "SELECT 1".into(),
+            kind: "read".into(),
+            tables: String::new(),
             path: "simple".into(),
             statement_name: None,
             received_at: "2024-05-01T12:00:00Z".into(),
@@ -99,6 +101,14 @@ fn jsonl_has_one_record_per_statement_with_its_connections_identity() {
     );
     assert_eq!(records[1].sqlstate.as_deref(), Some("42P01"));
     assert_eq!(records[1].outcome, "error");
+    for r in &records {
+        assert!(!r.kind.is_empty(), "every record has a kind: {r:?}");
+    }
+    // Kind and tables, as the classifier reads the stored text.
+    assert_eq!(
+        (records[2].kind.as_str(), records[2].tables.as_str()),
+        ("write", "t")
+    );
     assert_eq!(records[2].outcome, "unknown");
     assert_eq!(records[2].completed_at, None);
 }

@@ -56,6 +56,15 @@ pub struct StatementRecord {
     pub replayed_from: Option<String>,
     /// The statement text, credentials redacted.
     pub text: String,
+    /// What it does, as the classifier reads the stored text: `read`,
+    /// `write`, `ddl`, `dcl`, `transaction`, `session`, `utility`, `copy`,
+    /// `procedural`, `explain` or `unknown`; several texts in one string
+    /// give their distinct kinds, comma-separated, in order.
+    pub kind: String,
+    /// Tables it reads or writes, as written (schema-qualified when it
+    /// was), comma-separated, each once. Names reached through views,
+    /// functions or dynamic SQL are not listed.
+    pub tables: String,
     /// `simple` or `extended`.
     pub path: String,
     pub statement_name: Option<String>,
@@ -86,7 +95,7 @@ pub struct StatementRecord {
 }
 
 /// CSV header, in [`StatementRecord`]'s field order.
-pub const CSV_HEADER: [&str; 31] = [
+pub const CSV_HEADER: [&str; 33] = [
     "statement_id",
     "connection_id",
     "seq",
@@ -102,6 +111,8 @@ pub const CSV_HEADER: [&str; 31] = [
     "mid_stream",
     "replayed_from",
     "text",
+    "kind",
+    "tables",
     "path",
     "statement_name",
     "received_at",
@@ -249,6 +260,8 @@ fn statement_record(row: &rusqlite::Row<'_>) -> Result<StatementRecord, StoreErr
         mid_stream: row.get(12)?,
         replayed_from: row.get(13)?,
         text: row.get(14)?,
+        kind: String::new(),
+        tables: String::new(),
         path: row.get(15)?,
         statement_name: row.get(16)?,
         received_at: rfc3339(row.get(17)?)?,
@@ -279,11 +292,53 @@ fn for_each_statement(
     let mut stmt = conn.prepare(&sql)?;
     let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
     let mut count = 0;
+    let mut read = TextFacts::default();
     while let Some(row) = rows.next()? {
-        each(statement_record(row)?)?;
+        let mut record = statement_record(row)?;
+        (record.kind, record.tables) = read.of(&record.text);
+        each(record)?;
         count += 1;
     }
     Ok(count)
+}
+
+/// Kind and tables of exported texts, by the classifier (no catalog: what
+/// the text itself says), each distinct text read once per export.
+#[derive(Default)]
+struct TextFacts {
+    known: std::collections::HashMap<String, (String, String)>,
+}
+
+impl TextFacts {
+    /// Texts remembered at most (a workload of literal-laden texts that
+    /// never repeat would otherwise keep every one).
+    const KEEP: usize = 4096;
+
+    fn of(&mut self, text: &str) -> (String, String) {
+        if let Some(known) = self.known.get(text) {
+            return known.clone();
+        }
+        let read = crate::classify::classify(text, crate::classify::Dialect::Postgresql);
+        let mut kinds: Vec<&str> = Vec::new();
+        let mut tables: Vec<String> = Vec::new();
+        for facts in &read.statements {
+            if !kinds.contains(&facts.kind.name()) {
+                kinds.push(facts.kind.name());
+            }
+            for table in facts.tables_read.iter().chain(&facts.tables_written) {
+                let name = table.to_string();
+                if !tables.contains(&name) {
+                    tables.push(name);
+                }
+            }
+        }
+        let facts = (kinds.join(","), tables.join(","));
+        if self.known.len() >= Self::KEEP {
+            self.known.clear();
+        }
+        self.known.insert(text.to_owned(), facts.clone());
+        facts
+    }
 }
 
 /// The statements `filter` selects (the API's search).
@@ -421,6 +476,8 @@ mod tests {
             mid_stream: false,
             replayed_from: None,
             text: String::new(),
+            kind: String::new(),
+            tables: String::new(),
             path: String::new(),
             statement_name: None,
             received_at: String::new(),
