@@ -25,7 +25,10 @@ use object::{Object, ObjectSymbol};
 use qgate_common::{hook, maps, HookEvent, ManagedServer, MAX_MANAGED_SERVERS};
 use tracing::{info, warn};
 
-use super::kernel::{split_record, CaptureError};
+use super::{
+    assemble::{Assembled, Assembler, Chunk},
+    kernel::{split_record, CaptureError},
+};
 
 /// The hook's programs: (program, function, return probe).
 const PROBES: &[(&str, &str, bool)] = &[
@@ -90,7 +93,7 @@ pub struct ServerHook {
     /// Binaries attached, by (device, inode).
     attached: HashSet<(u64, u64)>,
     servers: Vec<Postmaster>,
-    partial: Vec<HookRecord>,
+    partial: Assembler<HookRecord>,
 }
 
 fn program_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
@@ -129,7 +132,7 @@ impl ServerHook {
             pins: pins.to_owned(),
             attached: HashSet::new(),
             servers: Vec::new(),
-            partial: Vec::new(),
+            partial: Assembler::default(),
         })
     }
 
@@ -300,83 +303,56 @@ fn kind_of(raw: u8) -> Option<HookKind> {
     })
 }
 
-/// Reads and writes being assembled at once (one per CPU emitting at the
-/// same time is the most the ring interleaves); past this the oldest is
-/// given up as truncated.
-const MAX_PARTIAL: usize = 64;
+impl Assembled for HookRecord {
+    fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+    fn set_truncated(&mut self) {
+        self.truncated = true;
+    }
+}
 
-/// Chunks of one read come in order but not back to back: backends on two
-/// CPUs interleave their records in the one ring. A chunk continues the
-/// record of the same program run (timestamp, process, buffer address)
-/// whose bytes end where it starts; a `TRUNCATED` marker, a chunk out of
-/// place, or a chunk whose start was never seen ends its record as
-/// truncated.
+/// One chunk of a read or write: its program run (timestamp, process,
+/// buffer address) names it, and a backend's new record ends its own
+/// incomplete one (a backend is one thread: its program runs never
+/// overlap).
 fn assemble(
-    partial: &mut Vec<HookRecord>,
+    partial: &mut Assembler<HookRecord>,
     h: &HookEvent,
     data: &[u8],
     sink: &mut impl FnMut(HookRecord),
 ) {
-    let marker = h.flags & hook::TRUNCATED != 0;
-    if marker || h.chunk_offset != 0 {
-        if let Some(i) = partial
-            .iter()
-            .position(|p| p.ts_ns == h.ts_ns && p.pid == h.tgid && p.addr == h.addr)
-        {
-            let mut prev = partial.remove(i);
-            if marker || prev.bytes.len() != h.chunk_offset as usize {
-                prev.truncated = true;
-                sink(prev);
-                return;
-            }
-            prev.bytes.extend_from_slice(data);
-            if prev.bytes.len() >= h.len as usize {
-                sink(prev);
-            } else {
-                partial.push(prev);
-            }
-            return;
-        }
-    }
-    // A backend is one thread: its program runs never overlap, so a new
-    // record of its own ends whatever of it is still incomplete.
-    while let Some(i) = partial.iter().position(|p| p.pid == h.tgid) {
-        let mut prev = partial.remove(i);
-        prev.truncated = true;
-        sink(prev);
-    }
-    let Some(kind) = kind_of(h.kind) else {
-        warn!(kind = h.kind, "unknown hook record kind ignored");
-        return;
+    let chunk = Chunk {
+        marker: h.flags & hook::TRUNCATED != 0,
+        offset: h.chunk_offset,
+        total: h.len,
     };
-    let mut record = HookRecord {
-        ts_ns: h.ts_ns,
-        pid: h.tgid,
-        kind,
-        addr: h.addr,
-        port: h.port,
-        stream_offset: h.stream_offset,
-        bytes: Vec::with_capacity(h.len as usize),
-        stopped: h.flags & hook::STOPPED != 0,
-        truncated: marker || h.chunk_offset != 0,
-        mid_stream: h.flags & hook::MID_STREAM != 0,
-        candidate: h.flags & hook::CANDIDATE != 0,
-    };
-    if record.truncated {
-        sink(record);
-        return;
-    }
-    record.bytes.extend_from_slice(data);
-    if record.bytes.len() >= h.len as usize {
-        sink(record);
-        return;
-    }
-    if partial.len() >= MAX_PARTIAL {
-        let mut oldest = partial.remove(0);
-        oldest.truncated = true;
-        sink(oldest);
-    }
-    partial.push(record);
+    partial.push(
+        chunk,
+        data,
+        |p| p.ts_ns == h.ts_ns && p.pid == h.tgid && p.addr == h.addr,
+        |p| p.pid == h.tgid,
+        || {
+            let Some(kind) = kind_of(h.kind) else {
+                warn!(kind = h.kind, "unknown hook record kind ignored");
+                return None;
+            };
+            Some(HookRecord {
+                ts_ns: h.ts_ns,
+                pid: h.tgid,
+                kind,
+                addr: h.addr,
+                port: h.port,
+                stream_offset: h.stream_offset,
+                bytes: Vec::with_capacity(h.len as usize),
+                stopped: h.flags & hook::STOPPED != 0,
+                truncated: false,
+                mid_stream: h.flags & hook::MID_STREAM != 0,
+                candidate: h.flags & hook::CANDIDATE != 0,
+            })
+        },
+        sink,
+    );
 }
 
 /// Postmasters in this network namespace listening on one of `ports`.
@@ -565,7 +541,7 @@ mod tests {
 
     #[test]
     fn reads_of_two_backends_interleaved_by_two_cpus_make_two_whole_reads() {
-        let mut partial = Vec::new();
+        let mut partial = Assembler::default();
         let mut out = Vec::new();
         let mut sink = |r: HookRecord| out.push(r);
         assemble(

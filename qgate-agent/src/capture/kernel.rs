@@ -25,6 +25,7 @@ use crate::bpf::KernelGate;
 use tracing::{info, warn};
 
 use super::{
+    assemble::{Assembled, Assembler, Chunk},
     hook::{HookRecord, Postmaster, ServerHook},
     Direction, Flow, Segment,
 };
@@ -105,15 +106,18 @@ pub enum Captured {
 struct ChunkAssembler {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) → Unix time.
     clock_offset: i64,
-    /// Segments whose chunks are still arriving, with the program run's
-    /// timestamp that names them (see [`ChunkAssembler::assemble`]).
-    partial: Vec<(u64, Segment)>,
+    /// Segments whose chunks are still arriving (see [`super::assemble`]).
+    partial: Assembler<Segment>,
 }
 
-/// Segments being assembled at once: one per CPU emitting at the same time
-/// is the most the ring interleaves; more than this and the oldest is
-/// given up (as truncated).
-const MAX_PARTIAL: usize = 64;
+impl Assembled for Segment {
+    fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.payload
+    }
+    fn set_truncated(&mut self) {
+        self.truncated = true;
+    }
+}
 
 impl KernelCapture {
     /// Loads the programs, tells them the database ports and attaches them
@@ -255,7 +259,7 @@ impl KernelCapture {
             counters,
             assembler: ChunkAssembler {
                 clock_offset: monotonic_to_unix_offset(),
-                partial: Vec::new(),
+                partial: Assembler::default(),
             },
             hook: None,
         })
@@ -434,72 +438,44 @@ impl KernelCapture {
 }
 
 impl ChunkAssembler {
-    /// Chunks of one segment come in order, but not back to back: two CPUs
-    /// emitting at the same time interleave their records in the one ring.
-    /// A chunk continues the segment of the same program run (timestamp,
-    /// flow, direction, sequence number) whose bytes end where it starts;
-    /// a `TRUNCATED` marker, a chunk out of place, or a chunk whose start
-    /// was never seen ends its segment as truncated.
+    /// One chunk of a segment: its program run (timestamp, flow, direction,
+    /// sequence number) names it.
     fn assemble(&mut self, h: &SegmentEvent, data: &[u8], sink: &mut impl FnMut(Segment)) {
-        let marker = h.flags & flags::TRUNCATED != 0;
-        if marker || h.chunk_offset != 0 {
-            let Some(i) = self
-                .partial
-                .iter()
-                .position(|(ts, p)| *ts == h.ts_ns && same_segment(p, h))
-            else {
-                let mut seg = self.segment_from(h);
-                seg.truncated = true;
-                sink(seg);
-                return;
-            };
-            let (ts, mut prev) = self.partial.remove(i);
-            if marker || prev.payload.len() != h.chunk_offset as usize {
-                prev.truncated = true;
-                sink(prev);
-                return;
-            }
-            prev.payload.extend_from_slice(data);
-            if prev.payload.len() >= h.payload_len as usize {
-                sink(prev);
-            } else {
-                self.partial.push((ts, prev));
-            }
-            return;
-        }
-        let mut seg = self.segment_from(h);
-        seg.payload.extend_from_slice(data);
-        if seg.payload.len() >= h.payload_len as usize {
-            sink(seg);
-            return;
-        }
-        seg.payload
-            .reserve_exact(h.payload_len as usize - seg.payload.len());
-        if self.partial.len() >= MAX_PARTIAL {
-            let (_, mut oldest) = self.partial.remove(0);
-            oldest.truncated = true;
-            sink(oldest);
-        }
-        self.partial.push((h.ts_ns, seg));
+        let at = h.ts_ns as i64 + self.clock_offset;
+        let chunk = Chunk {
+            marker: h.flags & flags::TRUNCATED != 0,
+            offset: h.chunk_offset,
+            total: h.payload_len,
+        };
+        let clock_offset = self.clock_offset;
+        self.partial.push(
+            chunk,
+            data,
+            |p| p.at == at && same_segment(p, h),
+            // Segments of one flow may be on two CPUs at once: none ends another.
+            |_| false,
+            || Some(segment_from(clock_offset, h)),
+            sink,
+        );
     }
+}
 
-    fn segment_from(&self, h: &SegmentEvent) -> Segment {
-        Segment {
-            flow: flow_from_key(&h.flow),
-            direction: if h.direction == DIR_TO_SERVER {
-                Direction::ToServer
-            } else {
-                Direction::FromServer
-            },
-            seq: h.seq,
-            tcp_flags: h.tcp_flags,
-            at: h.ts_ns as i64 + self.clock_offset,
-            payload: Vec::new(),
-            truncated: false,
-            held: h.flags & flags::HELD != 0,
-            tcp_header: h.tcp_header[..(h.tcp_header_len as usize).min(h.tcp_header.len())]
-                .to_vec(),
-        }
+/// A segment as its first chunk's header describes it, without payload.
+fn segment_from(clock_offset: i64, h: &SegmentEvent) -> Segment {
+    Segment {
+        flow: flow_from_key(&h.flow),
+        direction: if h.direction == DIR_TO_SERVER {
+            Direction::ToServer
+        } else {
+            Direction::FromServer
+        },
+        seq: h.seq,
+        tcp_flags: h.tcp_flags,
+        at: h.ts_ns as i64 + clock_offset,
+        payload: Vec::new(),
+        truncated: false,
+        held: h.flags & flags::HELD != 0,
+        tcp_header: h.tcp_header[..(h.tcp_header_len as usize).min(h.tcp_header.len())].to_vec(),
     }
 }
 
@@ -598,7 +574,7 @@ mod tests {
     fn chunks_of_two_segments_interleaved_by_two_cpus_make_two_whole_segments() {
         let mut assembler = ChunkAssembler {
             clock_offset: 0,
-            partial: Vec::new(),
+            partial: Assembler::default(),
         };
         let mut out = Vec::new();
         let mut sink = |seg: Segment| out.push(seg);

@@ -5,9 +5,11 @@
 //! | module | does |
 //! | --- | --- |
 //! | [`kernel`] | loads and attaches the tc programs (pinned links, replaced when severed), drains the rings |
+//! | [`assemble`] | puts records back together from the rings' chunks (both capture points) |
 //! | [`hook`] | finds the PostgreSQL servers and attaches the server hook's probes |
 //! | [`backend`] | turns the hook's per-backend records into segments of synthetic connections |
 //! | [`pcap`] | reads pcap/pcapng files into segments |
+pub mod assemble;
 pub mod backend;
 pub mod hook;
 pub mod kernel;
