@@ -645,34 +645,7 @@ fn send_raw_tcp(
     let sum = checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     ip.extend_from_slice(&tcp);
-    // SAFETY: plain socket(2)/sendto(2) with buffers valid for the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-        if fd < 0 {
-            bail!("raw socket: {}", std::io::Error::last_os_error());
-        }
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let sent = libc::sendto(
-            fd,
-            ip.as_ptr() as *const libc::c_void,
-            ip.len(),
-            0,
-            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        libc::close(fd);
-        if sent != ip.len() as isize {
-            bail!("sendto: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    send_raw(&ip, dst)
 }
 
 /// The first fragment of a fragmented TCP packet to the database port is

@@ -561,14 +561,7 @@ fn malformed(id: i64, column: &'static str) -> Tamper {
 /// consistent snapshot even while another process appends). Reads entries
 /// one at a time: memory does not grow with the log.
 pub fn verify(conn: &Connection) -> Result<VerifyReport, StoreError> {
-    let _snapshot = if conn.is_autocommit() {
-        Some(rusqlite::Transaction::new_unchecked(
-            conn,
-            TransactionBehavior::Deferred,
-        )?)
-    } else {
-        None
-    };
+    let _snapshot = super::read_snapshot(conn)?;
     let mut entries = 0u64;
     let mut expected_id = 1i64;
     let mut expected_prev = encode_hash(&GENESIS_HASH);

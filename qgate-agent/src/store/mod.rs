@@ -241,6 +241,22 @@ impl Store {
     }
 }
 
+/// A read transaction on `conn` when it has none: what is read through it
+/// is one consistent snapshot while other processes write. `None`: the
+/// caller's transaction already is one.
+pub(crate) fn read_snapshot(
+    conn: &Connection,
+) -> Result<Option<rusqlite::Transaction<'_>>, StoreError> {
+    Ok(if conn.is_autocommit() {
+        Some(rusqlite::Transaction::new_unchecked(
+            conn,
+            rusqlite::TransactionBehavior::Deferred,
+        )?)
+    } else {
+        None
+    })
+}
+
 pub(crate) fn insert_capture_loss(
     conn: &Connection,
     at: UnixNanos,

@@ -924,14 +924,7 @@ impl StoreReport {
 /// seen elsewhere. The seals are only checked on an intact chain: they
 /// trust its `store.seal` entries.
 pub fn verify_store(conn: &Connection, head: Option<&str>) -> Result<StoreReport, StoreError> {
-    let _snapshot = if conn.is_autocommit() {
-        Some(rusqlite::Transaction::new_unchecked(
-            conn,
-            TransactionBehavior::Deferred,
-        )?)
-    } else {
-        None
-    };
+    let _snapshot = super::read_snapshot(conn)?;
     let chain = audit::verify(conn)?;
     let seals = if chain.is_intact() {
         verify(conn)?
