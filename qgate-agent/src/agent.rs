@@ -238,11 +238,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let mut disowned = std::collections::HashSet::new();
     let mut rescan_now = false;
     let mut rescan_burst_until = Instant::now();
-    let mut last_lost = 0;
-    let mut last_failed_open = 0;
-    let mut last_refused = 0;
-    let mut last_shed = 0;
-    let mut last_dropped = 0;
+    let mut losses = LossWatch::default();
     // After SIGTERM one more pass, without waiting: what the rings hold at
     // that moment is read and stored, not dropped uncounted with the maps.
     let mut last_pass = false;
@@ -373,78 +369,9 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
             gate.reap_orphan_stops();
             let counters = capture.counters();
-            if counters.failed_open > last_failed_open {
-                // The kernel passed gated traffic while no agent was there.
-                warn!(
-                    passed = counters.failed_open - last_failed_open,
-                    "fail-open: statements passed unreviewed while the agent was gone"
-                );
-                audit_agent_event(
-                    &runtime,
-                    &board,
-                    crate::store::audit::kinds::AGENT_FAILED_OPEN,
-                    serde_json::json!({ "segments_passed_unreviewed": counters.failed_open - last_failed_open }),
-                );
-                last_failed_open = counters.failed_open;
-            }
-            if counters.refused_segments > last_refused {
-                warn!(
-                    dropped = counters.refused_segments - last_refused,
-                    "segments to a database port were dropped: the server would read them \
-                     differently from qgate (IP fragments, TCP urgent data, or a new copy of \
-                     bytes already let through that the server had not acknowledged)"
-                );
-                audit_agent_event(
-                    &runtime,
-                    &board,
-                    crate::store::audit::kinds::CAPTURE_REFUSED_SEGMENTS,
-                    serde_json::json!({
-                        "segments": counters.refused_segments - last_refused,
-                        "why": "IP fragment, TCP urgent data, or a retransmission of unacknowledged bytes already let through",
-                    }),
-                );
-                last_refused = counters.refused_segments;
-            }
-            let shed = pipeline.tracker().shed();
-            if shed > last_shed {
-                warn!(
-                    connections = shed - last_shed,
-                    limit = crate::wire::MAX_CONNECTIONS,
-                    "connection table full: connections that carried no byte were forgotten"
-                );
-                audit_agent_event(
-                    &runtime,
-                    &board,
-                    crate::store::audit::kinds::CAPTURE_CONNECTIONS_SHED,
-                    serde_json::json!({ "connections": shed - last_shed }),
-                );
-                last_shed = shed;
-            }
-            let dropped = pipeline.writer().stats().dropped;
-            if counters.lost() != last_lost || dropped != last_dropped {
-                ::metrics::counter!(crate::pipeline::metrics::CAPTURE_LOST).increment(
-                    counters.lost().saturating_sub(last_lost)
-                        + dropped.saturating_sub(last_dropped),
-                );
-                warn!(
-                    ringbuf_full = counters.ringbuf_full,
-                    truncated = counters.truncated,
-                    load_errors = counters.load_errors,
-                    hook_lost = counters.hook_lost,
-                    "capture loss: some statements were not seen whole"
-                );
-                if dropped != last_dropped {
-                    warn!(
-                        dropped,
-                        "the store fell behind the capture: events were dropped"
-                    );
-                }
-                last_lost = counters.lost();
-                last_dropped = dropped;
-                pipeline
-                    .writer()
-                    .record_capture_loss(store::now_nanos(), counters);
-            }
+            losses.check(&counters, &pipeline, |kind, details| {
+                audit_agent_event(&runtime, &board, kind, details)
+            });
             pipeline.tick(store::now_nanos());
         }
         for decided in gate.take_decided() {
@@ -478,6 +405,95 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     api_stop.notify_one();
     let _ = runtime.block_on(api_task);
     Ok(())
+}
+
+/// What the kernel counted or the agent shed since the last look: logged,
+/// audited and recorded each heartbeat, so no loss or fail-open is silent.
+#[derive(Default)]
+struct LossWatch {
+    lost: u64,
+    failed_open: u64,
+    refused: u64,
+    shed: u64,
+    dropped: u64,
+}
+
+impl LossWatch {
+    fn check(
+        &mut self,
+        counters: &qgate_common::Counters,
+        pipeline: &Pipeline,
+        audit: impl Fn(crate::store::audit::Kind, serde_json::Value),
+    ) {
+        use crate::store::audit::kinds;
+        if counters.failed_open > self.failed_open {
+            // The kernel passed gated traffic while no agent was there.
+            let passed = counters.failed_open - self.failed_open;
+            warn!(
+                passed,
+                "fail-open: statements passed unreviewed while the agent was gone"
+            );
+            audit(
+                kinds::AGENT_FAILED_OPEN,
+                serde_json::json!({ "segments_passed_unreviewed": passed }),
+            );
+            self.failed_open = counters.failed_open;
+        }
+        if counters.refused_segments > self.refused {
+            let dropped = counters.refused_segments - self.refused;
+            warn!(
+                dropped,
+                "segments to a database port were dropped: the server would read them \
+                 differently from qgate (IP fragments, TCP urgent data, or a new copy of \
+                 bytes already let through that the server had not acknowledged)"
+            );
+            audit(
+                kinds::CAPTURE_REFUSED_SEGMENTS,
+                serde_json::json!({
+                    "segments": dropped,
+                    "why": "IP fragment, TCP urgent data, or a retransmission of unacknowledged bytes already let through",
+                }),
+            );
+            self.refused = counters.refused_segments;
+        }
+        let shed = pipeline.tracker().shed();
+        if shed > self.shed {
+            warn!(
+                connections = shed - self.shed,
+                limit = crate::wire::MAX_CONNECTIONS,
+                "connection table full: connections that carried no byte were forgotten"
+            );
+            audit(
+                kinds::CAPTURE_CONNECTIONS_SHED,
+                serde_json::json!({ "connections": shed - self.shed }),
+            );
+            self.shed = shed;
+        }
+        let dropped = pipeline.writer().stats().dropped;
+        if counters.lost() != self.lost || dropped != self.dropped {
+            ::metrics::counter!(crate::pipeline::metrics::CAPTURE_LOST).increment(
+                counters.lost().saturating_sub(self.lost) + dropped.saturating_sub(self.dropped),
+            );
+            warn!(
+                ringbuf_full = counters.ringbuf_full,
+                truncated = counters.truncated,
+                load_errors = counters.load_errors,
+                hook_lost = counters.hook_lost,
+                "capture loss: some statements were not seen whole"
+            );
+            if dropped != self.dropped {
+                warn!(
+                    dropped,
+                    "the store fell behind the capture: events were dropped"
+                );
+            }
+            self.lost = counters.lost();
+            self.dropped = dropped;
+            pipeline
+                .writer()
+                .record_capture_loss(store::now_nanos(), *counters);
+        }
+    }
 }
 
 /// Sets this thread's niceness (threads started later inherit it). A
