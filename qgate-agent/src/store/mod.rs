@@ -17,7 +17,9 @@
 //! | module | does |
 //! | --- | --- |
 //! | [`writer`] | the capture's batched writes; links decisions to statements |
-//! | [`requests`] | reviewers, tokens, requests and votes (the board's tables) |
+//! | [`requests`] | requests and votes (the board's tables) |
+//! | [`reviewers`] | reviewers and their tokens |
+//! | [`seal`] | captured rows sealed into the audit chain; `audit verify` of it all |
 //! | [`audit`] | the hash-chained log: kinds, append, verify |
 //! | [`export`] | the statement record, search and export |
 //! | [`migrations`] | the schema as named, ordered migrations |
@@ -25,6 +27,7 @@ pub mod audit;
 pub mod export;
 pub mod migrations;
 pub mod requests;
+pub mod reviewers;
 pub mod seal;
 pub mod writer;
 
