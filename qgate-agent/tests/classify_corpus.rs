@@ -154,3 +154,39 @@ fn mysql_test_suites_classify_without_panic() {
         tally.statements
     );
 }
+
+/// The unfiltered-join flag over pg-regress: printed (`--nocapture`) with
+/// every flagged statement, to read for false positives; the count must
+/// stay small (a join the regression suite runs is nearly always linked).
+#[test]
+fn pg_regress_unfiltered_joins_are_few_and_printed() {
+    use qgate_agent::classify::Flag;
+    let Some(dir) = corpus() else { return };
+    let paths = files(&dir.join("pg-regress"), &["sql"]);
+    let (mut statements, mut unfiltered, mut cross) = (0usize, Vec::new(), 0usize);
+    for path in &paths {
+        for sql in split_psql(&read(path)) {
+            for facts in classify(&sql, Dialect::Postgresql).statements {
+                statements += 1;
+                if facts.flags.contains(Flag::UnfilteredJoin) {
+                    unfiltered.push(facts.sql.clone());
+                }
+                if facts.flags.contains(Flag::CrossJoin) {
+                    cross += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "pg-regress: {statements} statements, {} unfiltered_join, {cross} cross_join",
+        unfiltered.len()
+    );
+    for sql in &unfiltered {
+        println!("--- unfiltered_join:\n{sql}");
+    }
+    assert!(
+        unfiltered.len() * 100 < statements,
+        "{} flagged",
+        unfiltered.len()
+    );
+}

@@ -4,15 +4,32 @@
 //!
 //! True only for the text of one `SELECT` or `SHOW` statement with no `;`
 //! other than a final one followed by blanks only, no parenthesis (so no
-//! function call, subquery or VALUES list) and no `INTO`/`FOR` word, after
-//! leading whitespace and comments. Nested block comments are refused
-//! rather than followed.
+//! function call, subquery or VALUES list), no `INTO`/`FOR` word and no
+//! join (no `JOIN` word, no comma in its FROM list: whether a join is
+//! filtered is the agent's to read), after leading whitespace and
+//! comments. Nested block comments are refused rather than followed.
 
 /// Lower-case ASCII letters packed big-endian, for keyword comparison.
 const KW_SELECT: u64 = 0x73656c656374; // "select"
 const KW_SHOW: u64 = 0x73686f77; // "show"
 const W_INTO: u64 = 0x696e746f; // "into": SELECT INTO creates a table
 const W_FOR: u64 = 0x666f72; // "for": FOR UPDATE/SHARE take row locks
+const W_JOIN: u64 = 0x6a6f696e; // "join"
+const W_FROM: u64 = 0x66726f6d; // "from": a comma after it joins tables
+/// Words that end a FROM list (a comma after them is not a join).
+const ENDS_FROM: [u64; 11] = [
+    0x7768657265,   // where
+    0x67726f7570,   // group
+    0x6f72646572,   // order
+    0x6c696d6974,   // limit
+    0x6f6666736574, // offset
+    0x686176696e67, // having
+    0x77696e646f77, // window
+    0x6665746368,   // fetch
+    0x756e696f6e,   // union
+    0x657863657074, // except
+    0x696e746f,     // into (refused anyway)
+];
 
 /// Scanner states.
 const LEADING: u8 = 0;
@@ -40,6 +57,9 @@ pub struct Scan {
     pub prev: u8,
     pub skip_name: u8,
     pub refused: u8,
+    /// 1 between the word FROM and the next clause word.
+    pub in_from: u8,
+    pub _pad: [u8; 3],
 }
 
 impl Scan {
@@ -54,13 +74,32 @@ impl Scan {
             prev: 0,
             skip_name: is_parse as u8,
             refused: 0,
+            in_from: 0,
+            _pad: [0; 3],
         }
     }
 }
 
 impl Scan {
     fn ends_word_badly(&self) -> bool {
-        (self.word_len == 4 && self.word == W_INTO) || (self.word_len == 3 && self.word == W_FOR)
+        (self.word_len == 4 && (self.word == W_INTO || self.word == W_JOIN))
+            || (self.word_len == 3 && self.word == W_FOR)
+    }
+
+    /// A word of the body ended: FROM starts a table list, a clause word
+    /// ends it.
+    fn word_ended(&mut self) {
+        if self.word_len == 4 && self.word == W_FROM {
+            self.in_from = 1;
+        } else if (5..=6).contains(&self.word_len) || self.word_len == 4 {
+            let mut i = 0;
+            while i < ENDS_FROM.len() {
+                if self.word == ENDS_FROM[i] {
+                    self.in_from = 0;
+                }
+                i += 1;
+            }
+        }
     }
 
     /// Feeds one character; `false` ends the scan (refused or end of text).
@@ -155,8 +194,12 @@ impl Scan {
                     if self.ends_word_badly() {
                         return self.refuse();
                     }
+                    self.word_ended();
                     self.word = 0;
                     self.word_len = 0;
+                    if c == b',' && self.in_from != 0 {
+                        return self.refuse();
+                    }
                 }
             }
         }

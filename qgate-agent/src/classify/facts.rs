@@ -125,10 +125,16 @@ pub enum Flag {
     /// every row: the whole table stays locked against writers until the
     /// transaction ends.
     LocksAllRows,
+    /// A join that multiplies rows because nothing links the joined tables:
+    /// a comma join whose WHERE never relates them, `JOIN … ON true` or an
+    /// always-true condition (`classify::joins`).
+    UnfilteredJoin,
+    /// An explicit `CROSS JOIN` nothing else links (sometimes intended).
+    CrossJoin,
 }
 
 impl Flag {
-    pub const ALL: [Flag; 21] = [
+    pub const ALL: [Flag; 23] = [
         Flag::AllRows,
         Flag::WriteInCte,
         Flag::ExplainAnalyze,
@@ -150,6 +156,8 @@ impl Flag {
         Flag::UserCode,
         Flag::Upsert,
         Flag::LocksAllRows,
+        Flag::UnfilteredJoin,
+        Flag::CrossJoin,
     ];
 
     pub fn name(self) -> &'static str {
@@ -175,6 +183,8 @@ impl Flag {
             Flag::UserCode => "user_code",
             Flag::Upsert => "upsert",
             Flag::LocksAllRows => "locks_all_rows",
+            Flag::UnfilteredJoin => "unfiltered_join",
+            Flag::CrossJoin => "cross_join",
         }
     }
 

@@ -10,6 +10,7 @@
 mod facts;
 mod fingerprint;
 mod functions;
+mod joins;
 pub mod justification;
 pub mod redact;
 pub mod script;

@@ -1095,6 +1095,18 @@ impl Collector {
     }
 
     fn select(&mut self, select: &Select) {
+        let joins = super::joins::judge(select, |name| {
+            self.is_cte_reference(&TableName {
+                parts: vec![name.to_owned()],
+            })
+        });
+        if joins.unfiltered {
+            self.flags.insert(Flag::UnfilteredJoin);
+        }
+        if joins.cross {
+            self.flags.insert(Flag::CrossJoin);
+        }
+        self.depends_on_literals |= joins.depends_on_literals;
         if let Some(into) = &select.into {
             self.flags.insert(Flag::SelectInto);
             for target in &into.targets {
