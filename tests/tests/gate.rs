@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use qgate_e2e::{finish, require_root, Lab};
 
 /// A lab with a table `t` (3 rows), the agent under the shipped default
@@ -915,5 +915,59 @@ fn credentials_never_reach_the_store_an_export_or_the_api() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// An analyst's join of two tables that nothing links is held until a
+/// reviewer approves it (the kernel passes no join on its own, the policy
+/// flags it); the same join with its link runs at once, and so does an
+/// administrator's unlinked one.
+#[test]
+fn an_analysts_unfiltered_join_is_held_until_approved() -> Result<()> {
+    let (lab, token) = gated_lab_with(
+        "gjoin",
+        &[
+            "CREATE TABLE customers (id int PRIMARY KEY)",
+            "INSERT INTO customers SELECT generate_series(1, 4)",
+            "CREATE TABLE orders (id int PRIMARY KEY, cid int)",
+            "INSERT INTO orders SELECT i, i % 4 + 1 FROM generate_series(1, 6) i",
+            "CREATE ROLE analyst LOGIN",
+            "GRANT SELECT ON customers, orders TO analyst",
+        ],
+    )?;
+    let as_analyst = |sql: &str| -> Result<String> {
+        let out = lab.psql("analyst", "postgres", &["-At", "-c", sql])?;
+        if !out.status.success() {
+            bail!("{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    // Linked: runs without a request.
+    assert_eq!(
+        as_analyst("SELECT count(*) FROM orders o JOIN customers c ON o.cid = c.id")?,
+        "6"
+    );
+    assert_eq!(
+        as_analyst("SELECT count(*) FROM orders o, customers c WHERE o.cid = c.id")?,
+        "6"
+    );
+    // An administrator's unlinked join runs too (the `admins` group).
+    assert_eq!(lab.sql("SELECT count(*) FROM orders, customers")?, "24");
+    // The analyst's is held.
+    let psql = lab.psql_spawn(
+        "analyst",
+        "postgres",
+        &["-At", "-c", "SELECT count(*) FROM orders, customers"],
+    )?;
+    let (request, id) = pending_with_id(&lab, &token)?;
+    assert_eq!(request["rule"], "unfiltered-join", "{request}");
+    assert!(
+        request["facts"].to_string().contains("unfiltered_join"),
+        "{request}"
+    );
+    lab.requests(&token, &["approve", &id.to_string(), "--comment", "report"])?;
+    let (ok, out, err) = finish(psql, Duration::from_secs(5))?;
+    assert!(ok, "psql failed: {err}");
+    assert_eq!(out.trim(), "24");
     Ok(())
 }
