@@ -971,3 +971,64 @@ fn an_analysts_unfiltered_join_is_held_until_approved() -> Result<()> {
     assert_eq!(out.trim(), "24");
     Ok(())
 }
+
+/// A rule turned on in shadow: the DROP it would hold runs, the audit says
+/// which rule would have held it, and `policy report` sums it up.
+#[test]
+fn a_shadowed_drop_runs_and_the_audit_names_the_rule_that_would_hold_it() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("gshadow")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE t (id int)")?;
+    let policy = lab.dir.join("shadow.toml");
+    std::fs::write(
+        &policy,
+        "[default]\naction = \"allow\"\n\n[[rules]]\nname = \"new-ddl-rule\"\nkinds = [\"ddl\"]\n\
+         shadow = true\naction = \"hold\"\n",
+    )?;
+    lab.start_agent(&["--policy", policy.to_str().unwrap_or_default()])?;
+    let started = Instant::now();
+    lab.sql("DROP TABLE t")?;
+    assert!(started.elapsed() < Duration::from_secs(2), "not held");
+    assert_eq!(
+        lab.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'")?,
+        "0",
+        "the shadowed DROP ran"
+    );
+    let details: String = lab.wait_for("a policy.shadow entry", Duration::from_secs(10), || {
+        Ok(lab
+            .store()?
+            .query_row(
+                "SELECT details FROM audit WHERE kind = 'policy.shadow'",
+                [],
+                |r| r.get(0),
+            )
+            .ok())
+    })?;
+    let details: serde_json::Value = serde_json::from_str(&details)?;
+    assert_eq!(details["rule"], "new-ddl-rule", "{details}");
+    assert_eq!(details["would"], "hold", "{details}");
+    assert_eq!(details["decided"], "allow", "{details}");
+    assert_eq!(details["statement"], "DROP TABLE t", "{details}");
+    assert_eq!(details["user"], "postgres", "{details}");
+    let db = lab.db_path();
+    let out = lab.agent_cli(&[
+        "policy",
+        "report",
+        "--since",
+        "1h",
+        "--db",
+        db.to_str().unwrap_or_default(),
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("rule new-ddl-rule") && text.contains("would have (shadow): hold 1"),
+        "{text}"
+    );
+    Ok(())
+}

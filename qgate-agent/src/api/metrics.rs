@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 // Each stage names what it measures; the API describes and serves them all.
 pub use crate::board::metrics::{AUDIT_FAILURES, HELD_NOW, REQUEST_EVENTS, REQUEST_WAIT};
-pub use crate::gate::metrics::{DECISIONS, DECISION_LATENCY};
+pub use crate::gate::metrics::{DECISIONS, DECISION_LATENCY, SHADOW};
 pub use crate::pipeline::metrics::{CAPTURE_LOST, STATEMENTS_SEEN};
 /// Counter, label `outcome` = `delivered` | `failed`: webhook deliveries.
 pub const WEBHOOKS: &str = "qgate_webhook_deliveries_total";
@@ -53,6 +53,10 @@ fn describe() {
     );
     metrics::describe_counter!(STATEMENTS_SEEN, "Statements decoded from the wire");
     metrics::describe_counter!(DECISIONS, "Policy decisions by kind");
+    metrics::describe_counter!(
+        SHADOW,
+        "What rules marked shadow = true would have done, by rule"
+    );
     metrics::describe_histogram!(
         DECISION_LATENCY,
         metrics::Unit::Seconds,

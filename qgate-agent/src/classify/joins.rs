@@ -178,7 +178,11 @@ impl Graph {
         }
     }
 
-    fn from_item(&mut self, item: &TableWithJoins, is_cte: &impl Fn(&str) -> bool) -> Vec<usize> {
+    fn add_from_item(
+        &mut self,
+        item: &TableWithJoins,
+        is_cte: &impl Fn(&str) -> bool,
+    ) -> Vec<usize> {
         let mut seen = self.factor(&item.relation, is_cte);
         for join in &item.joins {
             let right = self.factor(&join.relation, is_cte);
@@ -230,7 +234,7 @@ impl Graph {
             alias,
         } = factor
         {
-            let mut inner = self.from_item(table_with_joins, is_cte);
+            let mut inner = self.add_from_item(table_with_joins, is_cte);
             if let Some(alias) = alias {
                 // `(a JOIN b …) AS j`: `j.x` names the whole join.
                 let whole = self.add(alias.name.value.to_lowercase(), false);
@@ -278,7 +282,7 @@ pub fn judge(select: &Select, is_cte: impl Fn(&str) -> bool) -> JoinVerdict {
     };
     let mut all = Vec::new();
     for item in &select.from {
-        all.extend(g.from_item(item, &is_cte));
+        all.extend(g.add_from_item(item, &is_cte));
     }
     if g.base.iter().filter(|b| **b).count() < 2 {
         return JoinVerdict::default();

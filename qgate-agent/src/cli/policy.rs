@@ -27,6 +27,43 @@ pub enum PolicyCommand {
         #[arg(long, env = "QGATE_DB", default_value = crate::api::DEFAULT_STORE_PATH)]
         db: PathBuf,
     },
+    /// What each rule did, and what each rule marked `shadow = true` would
+    /// have done, from the audit: counts, top statements (by fingerprint)
+    /// and users.
+    Report {
+        /// Only what happened since this long ago: `7d`, `12h`, `30m`.
+        #[arg(long, default_value = "7d", value_parser = parse_age)]
+        since: i64,
+        /// The agent's store.
+        #[arg(long, env = "QGATE_DB", default_value = crate::api::DEFAULT_STORE_PATH)]
+        db: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `7d`, `12h`, `30m`, `45s` as nanoseconds.
+fn parse_age(text: &str) -> Result<i64, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = number
+        .parse()
+        .map_err(|_| format!("expected a number and d, h, m or s (7d, 12h), got {text:?}"))?;
+    let seconds = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "expected d, h, m or s after the number, got {text:?}"
+            ))
+        }
+    };
+    n.checked_mul(seconds)
+        .and_then(|s| s.checked_mul(1_000_000_000))
+        .filter(|ns| *ns >= 0)
+        .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
 #[derive(Args)]
@@ -75,7 +112,122 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
         PolicyCommand::Check(args) => run_check(args),
         PolicyCommand::Validate { file, config, db } => validate(&file, config.as_deref(), &db),
+        PolicyCommand::Report { since, db, json } => report(&db, since, json),
     }
+}
+
+/// One rule's line in `policy report`.
+#[derive(serde::Serialize, Default)]
+struct RuleReport {
+    rule: String,
+    /// Statements it decided, by decision (`allow`, `deny`, `hold`).
+    decided: std::collections::BTreeMap<String, i64>,
+    /// Statements it would have held or denied in shadow, by action.
+    would: std::collections::BTreeMap<String, i64>,
+    /// The statements it matched most often in shadow (fingerprints), with counts.
+    top_statements: Vec<(String, i64)>,
+    /// The users it matched in shadow, with counts.
+    users: Vec<(String, i64)>,
+}
+
+/// `policy report`: per rule, from the store.
+fn report(db: &std::path::Path, since_ago: i64, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let store = crate::store::Store::open_existing(db)
+        .with_context(|| format!("opening the qgate database {}", db.display()))?;
+    let conn = store.conn();
+    let since = crate::store::now_nanos() - since_ago;
+    let mut rules: std::collections::BTreeMap<String, RuleReport> = Default::default();
+    fn entry<'r>(
+        rules: &'r mut std::collections::BTreeMap<String, RuleReport>,
+        rule: &str,
+    ) -> &'r mut RuleReport {
+        rules.entry(rule.to_owned()).or_insert_with(|| RuleReport {
+            rule: rule.to_owned(),
+            ..RuleReport::default()
+        })
+    }
+    {
+        let mut stmt = conn.prepare(
+            "SELECT rule, decision, count(*) FROM statement_log
+             WHERE rule IS NOT NULL AND received_at >= ?1 GROUP BY rule, decision",
+        )?;
+        let mut rows = stmt.query([since])?;
+        while let Some(row) = rows.next()? {
+            let (rule, decision, n): (String, Option<String>, i64) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            entry(&mut rules, &rule)
+                .decided
+                .insert(decision.unwrap_or_else(|| "none".into()), n);
+        }
+    }
+    let shadow = |key: &str| {
+        format!(
+            "SELECT json_extract(details, '$.rule'), {key}, count(*) FROM audit
+             WHERE kind = 'policy.shadow' AND at >= ?1
+             GROUP BY 1, 2 ORDER BY 1, count(*) DESC"
+        )
+    };
+    for (key, which) in [
+        ("json_extract(details, '$.would')", 0),
+        ("coalesce(json_extract(details, '$.fingerprint'), json_extract(details, '$.statement'))", 1),
+        ("coalesce(json_extract(details, '$.user'), '(unknown)')", 2),
+    ] {
+        let mut stmt = conn.prepare(&shadow(key))?;
+        let mut rows = stmt.query([since])?;
+        while let Some(row) = rows.next()? {
+            let (rule, value, n): (String, String, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+            let r = entry(&mut rules, &rule);
+            match which {
+                0 => {
+                    r.would.insert(value, n);
+                }
+                1 if r.top_statements.len() < 5 => r.top_statements.push((value, n)),
+                2 if r.users.len() < 10 => r.users.push((value, n)),
+                _ => {}
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "since_ns": since,
+                "rules": rules.values().collect::<Vec<_>>(),
+            }))?
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rules.is_empty() {
+        writeln!(
+            out,
+            "no rule decided anything, in force or in shadow, in that time"
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in rules.values() {
+        let list = |m: &std::collections::BTreeMap<String, i64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(out, "rule {}", r.rule)?;
+        if !r.decided.is_empty() {
+            writeln!(out, "  decided:      {}", list(&r.decided))?;
+        }
+        if !r.would.is_empty() {
+            writeln!(out, "  would have (shadow): {}", list(&r.would))?;
+            for (text, n) in &r.top_statements {
+                writeln!(out, "    {n:>6}  {text}")?;
+            }
+            let users: Vec<String> = r.users.iter().map(|(u, n)| format!("{u} {n}")).collect();
+            writeln!(out, "  users:        {}", users.join(", "))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `policy validate`: every problem, errors first, then a one-line verdict.

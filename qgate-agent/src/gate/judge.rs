@@ -185,8 +185,45 @@ pub(super) fn may_create_code(classification: &Classification) -> bool {
 
 impl Gate {
     /// The statement's facts, with what the session and the database's
-    /// catalog add, and the policy's decision on them.
+    /// catalog add, and the policy's decision on them. What shadow rules
+    /// would have done is audited (`policy.shadow`) and counted.
     pub(super) fn classify_and_decide(
+        &mut self,
+        conn: &ConnInfo,
+        sql: &PendingSql<SqlInfo>,
+        policy: &Arc<policy::Policy>,
+    ) -> Option<(Classification, policy::Decision)> {
+        let (classification, decision) = self.classify_and_decide_now(conn, sql, policy)?;
+        for hit in &decision.shadow {
+            ::metrics::counter!(
+                super::metrics::SHADOW,
+                "rule" => hit.rule.clone(),
+                "would" => hit.would
+            )
+            .increment(1);
+            let details = serde_json::json!({
+                "rule": hit.rule,
+                "would": hit.would,
+                "decided": decision.action.name(),
+                "decided_by": decision.rule,
+                "statement": crate::classify::redact::redact(&sql.info.text),
+                "fingerprint": classification.fingerprint,
+                "user": conn.subject.user,
+                "database": conn.subject.database,
+                "client_addr": conn.subject.client_addr.map(|a| a.to_string()),
+            });
+            // Not waited for: the statement goes on at once.
+            let board = self.board.clone();
+            self.runtime.spawn(async move {
+                let _ = board
+                    .audit(crate::store::audit::kinds::POLICY_SHADOW, details)
+                    .await;
+            });
+        }
+        Some((classification, decision))
+    }
+
+    fn classify_and_decide_now(
         &mut self,
         conn: &ConnInfo,
         sql: &PendingSql<SqlInfo>,

@@ -44,6 +44,9 @@ pub mod metrics {
     pub const DECISIONS: &str = "qgate_decisions_total";
     /// Histogram, seconds: from a gated message's arrival to the policy's decision.
     pub const DECISION_LATENCY: &str = "qgate_decision_latency_seconds";
+    /// Counter, labels `rule` and `would` (`hold` | `deny`): what rules
+    /// marked `shadow = true` would have done.
+    pub const SHADOW: &str = "qgate_policy_shadow_total";
 }
 pub mod inject;
 mod judge;

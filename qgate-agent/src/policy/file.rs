@@ -14,6 +14,9 @@ use crate::classify::{Flag, Flags, Kind};
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     default: Option<Spanned<RawAction>>,
+    /// Every hold/deny rule decides in shadow (see `RawRule::shadow`).
+    #[serde(default)]
+    shadow: bool,
     #[serde(default)]
     safe_functions: Vec<String>,
     search_path: Option<Vec<String>>,
@@ -65,6 +68,10 @@ struct RawRule {
     estimated_rows_above: Option<i64>,
     estimated_share_above: Option<f64>,
     time: Option<RawTime>,
+    /// Decides and records what it would do (audit `policy.shadow`,
+    /// metrics), but lets the statement run.
+    #[serde(default)]
+    shadow: bool,
     action: String,
     approvals: Option<i64>,
     reviewers: Option<Vec<String>>,
@@ -380,6 +387,7 @@ pub(super) fn parse_all(text: &str) -> (Option<Policy>, Findings) {
             estimated_rows_above,
             estimated_share_above,
             time,
+            shadow: (r.shadow || raw.shadow) && action.restricts(),
             action,
         });
     }

@@ -125,10 +125,22 @@ pub struct Decision {
     pub rule: String,
     /// One line per statement: which rule decided it and on what facts.
     pub reasons: Vec<String>,
+    /// Rules marked `shadow = true` that matched: what they would have
+    /// done. The statement was decided as if they did not exist.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<ShadowHit>,
     /// False when the decision depended on the clock or a row estimate, so it
     /// must not be reused for the next identical statement.
     #[serde(skip)]
     pub(crate) reusable: bool,
+}
+
+/// A shadow rule that matched, and the action it would have taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShadowHit {
+    pub rule: String,
+    /// `hold` or `deny`.
+    pub would: &'static str,
 }
 
 /// How much the kernel must gate a connection, from its identity alone
@@ -295,6 +307,9 @@ struct Rule {
     /// share of their table (or that have no estimate).
     estimated_share_above: Option<f64>,
     time: Option<TimeWindow>,
+    /// Decides in shadow: what it would do is recorded, the statement goes
+    /// on to the next rules.
+    shadow: bool,
     action: Action,
 }
 
@@ -398,6 +413,7 @@ static BUILTIN: LazyLock<Policy> = LazyLock::new(|| {
 struct Verdict {
     action: Action,
     rule: String,
+    shadow: Vec<ShadowHit>,
     /// "rule NAME (line N)" or "default".
     source: String,
     why: String,
@@ -538,11 +554,13 @@ impl Policy {
                 action: Action::Allow,
                 rule: "empty-query".into(),
                 reasons: vec!["the string holds no statement".into()],
+                shadow: Vec::new(),
                 reusable: true,
             };
         }
         let mut combined: Option<(Action, String)> = None;
         let mut reasons = Vec::with_capacity(classification.statements.len());
+        let mut shadow: Vec<ShadowHit> = Vec::new();
         let mut reusable = true;
         for (i, statement) in classification.statements.iter().enumerate() {
             let verdict = self.decide_statement(
@@ -553,6 +571,19 @@ impl Policy {
                 now,
             );
             reusable &= verdict.reusable;
+            for hit in &verdict.shadow {
+                reasons.push(format!(
+                    "statement {}: rule {} would {} (shadow)",
+                    i + 1,
+                    hit.rule,
+                    hit.would
+                ));
+            }
+            for hit in verdict.shadow.iter().cloned() {
+                if !shadow.contains(&hit) {
+                    shadow.push(hit);
+                }
+            }
             reasons.push(format!(
                 "statement {} ({}): {} → {} ({})",
                 i + 1,
@@ -575,6 +606,7 @@ impl Policy {
             action,
             rule,
             reasons,
+            shadow,
             reusable,
         }
     }
@@ -616,6 +648,7 @@ impl Policy {
         now: OffsetDateTime,
     ) -> Verdict {
         let mut reusable = true;
+        let mut shadow = Vec::new();
         for rule in &self.rules {
             if !self.rule_applies(rule, membership) {
                 continue;
@@ -672,12 +705,21 @@ impl Policy {
                     )),
                 }
             }
+            if rule.shadow {
+                // Recorded, and the next rules decide.
+                shadow.push(ShadowHit {
+                    rule: rule.name.clone(),
+                    would: rule.action.name(),
+                });
+                continue;
+            }
             if why.is_empty() {
                 why.push("applies to every statement of this identity".into());
             }
             return Verdict {
                 action: rule.action.clone(),
                 rule: rule.name.clone(),
+                shadow,
                 source: format!("rule {} (line {})", rule.name, rule.line),
                 why: why.join("; "),
                 reusable,
@@ -686,6 +728,7 @@ impl Policy {
         Verdict {
             action: self.default.clone(),
             rule: "default".into(),
+            shadow,
             source: "default".into(),
             why: "no rule matched".into(),
             reusable,
@@ -833,7 +876,8 @@ pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
             continue;
         }
         if rule.action.restricts() {
-            let outright = matches!(rule.action, Action::Deny { .. })
+            let outright = !rule.shadow
+                && matches!(rule.action, Action::Deny { .. })
                 && rule.matches_every_statement()
                 && m == Membership::Yes
                 && !earlier_rule_applies;

@@ -358,3 +358,62 @@ fn watcher_reloads_a_changed_file_and_ignores_a_broken_one() {
     std::fs::write(&path, "[default]\naction = \"allow\"\n").unwrap();
     assert_eq!(wait_for_generation(2), 2);
 }
+
+#[test]
+fn shadow_rules_record_what_they_would_do_and_never_hold() {
+    let p = Policy::from_toml(
+        r#"
+[default]
+action = "allow"
+
+[[rules]]
+name = "no-drops"
+verbs = ["DROP"]
+shadow = true
+action = "hold"
+
+[[rules]]
+name = "no-deletes"
+verbs = ["DELETE"]
+action = "deny"
+message = "no"
+
+[[rules]]
+name = "deny-everyone"
+shadow = true
+action = "deny"
+message = "all"
+"#,
+    )
+    .unwrap();
+    let who = subject("alice");
+    let d = decide(&p, &who, "DROP TABLE t");
+    assert_eq!(d.action.name(), "allow", "{d:?}");
+    assert_eq!(d.rule, "default");
+    assert_eq!(
+        d.shadow,
+        vec![
+            ShadowHit {
+                rule: "no-drops".into(),
+                would: "hold"
+            },
+            ShadowHit {
+                rule: "deny-everyone".into(),
+                would: "deny"
+            }
+        ]
+    );
+    // A rule in force after a shadow one still decides.
+    let d = decide(&p, &who, "DELETE FROM t WHERE id = 1");
+    assert_eq!((d.action.name(), d.rule.as_str()), ("deny", "no-deletes"));
+    // A shadow deny of everyone refuses no connection outright.
+    assert_ne!(needs_gate(&p, &who), GateMode::Deny);
+    // The whole policy in shadow: nothing is held, everything is recorded.
+    let all = Policy::from_toml(
+        "shadow = true\n[default]\naction = \"allow\"\n[[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
+    )
+    .unwrap();
+    let d = decide(&all, &who, "DROP TABLE t");
+    assert_eq!(d.action.name(), "allow");
+    assert_eq!(d.shadow.len(), 1);
+}

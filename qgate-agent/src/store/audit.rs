@@ -63,6 +63,8 @@ pub mod kinds {
     pub const REVIEWER_ADDED: Kind = Kind("reviewer.added");
     pub const REVIEWER_REVOKED: Kind = Kind("reviewer.revoked");
     pub const POLICY_RELOAD: Kind = Kind("policy.reload");
+    /// A rule marked `shadow = true` matched: what it would have done.
+    pub const POLICY_SHADOW: Kind = Kind("policy.shadow");
     pub const AGENT_START: Kind = Kind("agent.start");
     pub const AGENT_STOP: Kind = Kind("agent.stop");
     /// The kernel passed segments unreviewed because the agent was gone.
@@ -89,6 +91,7 @@ pub mod kinds {
         REVIEWER_ADDED,
         REVIEWER_REVOKED,
         POLICY_RELOAD,
+        POLICY_SHADOW,
         AGENT_START,
         AGENT_STOP,
         AGENT_FAILED_OPEN,
