@@ -191,7 +191,80 @@ impl RequestBoard {
         self.inner.new_deadline.notify_one();
         self.refresh_held_gauge().await;
         self.announce(RequestEventKind::Created, &request);
+        self.apply_preapprovals(&request).await;
         Ok(request)
+    }
+
+    /// Votes the approvals reviewers gave ahead of time for this statement
+    /// (`store::preapprovals`), each through the ordinary vote: its rules
+    /// (no self-approval, distinct reviewers) apply. The gate hears of the
+    /// approval as of any other.
+    async fn apply_preapprovals(&self, request: &Request) {
+        use crate::store::preapprovals;
+        let Some(user) = request.identity.db_user.clone() else {
+            // An unknown user matches no pre-approval.
+            return;
+        };
+        let pieces = crate::classify::script::split_psql(&request.statement);
+        let parts: Option<Vec<String>> =
+            pieces.iter().map(|p| preapprovals::normalize(p)).collect();
+        let Some(parts) = parts.filter(|p| !p.is_empty()) else {
+            return;
+        };
+        let taken = match self
+            .with_db(move |c| preapprovals::take(c, &user, &parts))
+            .await
+        {
+            Ok(Ok(taken)) => taken,
+            Ok(Err(e)) => {
+                tracing::warn!(request = request.id, "reading pre-approvals: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(request = request.id, "reading pre-approvals: {e}");
+                return;
+            }
+        };
+        let mut open = true;
+        for (ids, reviewer_id) in taken {
+            let reviewer = if open {
+                self.with_db(move |c| preapprovals::active_reviewer(c, reviewer_id))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+            } else {
+                None
+            };
+            let applied = match reviewer {
+                Some(reviewer) => {
+                    let comment = format!(
+                        "pre-approved (#{})",
+                        ids.first().copied().unwrap_or_default()
+                    );
+                    match self
+                        .vote(request.id, &reviewer, Verdict::Approve, Some(comment))
+                        .await
+                    {
+                        Ok(r) => {
+                            tracing::info!(request = request.id, reviewer = %reviewer.name, "pre-approval applied");
+                            open = r.status == RequestStatus::Pending;
+                            true
+                        }
+                        Err(e) => {
+                            tracing::info!(request = request.id, reviewer = %reviewer.name, "pre-approval not applied: {e}");
+                            false
+                        }
+                    }
+                }
+                None => false,
+            };
+            if !applied {
+                let _ = self
+                    .with_db(move |c| preapprovals::give_back(c, &ids))
+                    .await;
+            }
+        }
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Request>, BoardError> {

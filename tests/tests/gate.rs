@@ -1032,3 +1032,64 @@ fn a_shadowed_drop_runs_and_the_audit_names_the_rule_that_would_hold_it() -> Res
     );
     Ok(())
 }
+
+/// A reviewer pre-approves a two-statement migration for the user who will
+/// run it: both run without waiting; a third statement, not in the file,
+/// is held as usual.
+#[test]
+fn a_preapproved_migration_runs_and_an_unlisted_statement_is_held() -> Result<()> {
+    let (lab, token) = gated_lab_with("gpre", &["CREATE ROLE deployer LOGIN SUPERUSER"])?;
+    let migration = lab.dir.join("migration.sql");
+    std::fs::write(
+        &migration,
+        "ALTER TABLE t ADD COLUMN note text;\nCREATE INDEX t_note ON t (note);\n",
+    )?;
+    let shown = lab.requests(
+        &token,
+        &[
+            "preapprove",
+            "--file",
+            migration.to_str().unwrap_or_default(),
+            "--for",
+            "deployer",
+            "--valid",
+            "10m",
+        ],
+    )?;
+    assert_eq!(shown.as_array().map(Vec::len), Some(2), "{shown}");
+    let run = |sql: &str| -> Result<(bool, Duration)> {
+        let started = Instant::now();
+        let child = lab.psql_spawn("deployer", "postgres", &["-c", sql])?;
+        let (ok, _, err) = finish(child, Duration::from_secs(5))?;
+        if !ok && !err.is_empty() {
+            eprintln!("{sql}: {err}");
+        }
+        Ok((ok, started.elapsed()))
+    };
+    let (ok, took) = run("ALTER TABLE t ADD COLUMN note text")?;
+    assert!(
+        ok && took < Duration::from_secs(3),
+        "pre-approved ALTER: {ok} {took:?}"
+    );
+    let (ok, took) = run("CREATE INDEX t_note ON t (note)")?;
+    assert!(
+        ok && took < Duration::from_secs(3),
+        "pre-approved CREATE INDEX: {ok} {took:?}"
+    );
+    assert_eq!(
+        lab.sql("SELECT count(*) FROM pg_indexes WHERE indexname = 't_note'")?,
+        "1"
+    );
+    // Not in the file: held until a reviewer decides.
+    let psql = lab.psql_spawn("deployer", "postgres", &["-c", "DROP INDEX t_note"])?;
+    let (request, id) = pending_with_id(&lab, &token)?;
+    assert_eq!(request["statement"], "DROP INDEX t_note", "{request}");
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (ok, _, _) = finish(psql, Duration::from_secs(5))?;
+    assert!(!ok, "the unlisted DROP was denied");
+    assert_eq!(
+        lab.sql("SELECT count(*) FROM pg_indexes WHERE indexname = 't_note'")?,
+        "1"
+    );
+    Ok(())
+}

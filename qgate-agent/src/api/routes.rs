@@ -75,6 +75,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(approve))
         .routes(routes!(deny))
         .routes(routes!(force_approve))
+        .routes(routes!(preapprove))
         .routes(routes!(events))
         .routes(routes!(audit::search_statements))
         .routes(routes!(audit::search_log))
@@ -306,6 +307,93 @@ async fn decide(
     Ok(Json(
         state.board.vote(id, &caller.0, verdict, comment).await?,
     ))
+}
+
+/// What a reviewer approves ahead of time.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreapproveBody {
+    /// The database user who will send the statements.
+    #[serde(rename = "for")]
+    pub for_user: String,
+    /// The statements, as a script (split like psql splits a file).
+    pub sql: String,
+    /// How long the approval holds, in seconds (at most 366 days).
+    #[schema(minimum = 1, maximum = 31622400)]
+    pub valid_s: i64,
+    /// How many times each statement may be released by it.
+    #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub uses: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// Pre-approve statements for a database user: each statement of `sql`,
+/// matched by its normalized text (layout, comments and the case of
+/// unquoted names aside; literals exactly), is approved by the caller when
+/// it is held within `valid_s`, `uses` times. The approval is an ordinary
+/// vote then: no self-approval, N-of-M needs N reviewers' pre-approvals.
+#[utoipa::path(post, path = "/v1/preapprovals", tag = "requests",
+    request_body(content = PreapproveBody, content_type = "application/json"),
+    responses((status = 200, body = Vec<crate::store::preapprovals::Preapproval>, description = "One per statement"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 415, body = ErrorBody)))]
+async fn preapprove(
+    caller: Caller,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<crate::store::preapprovals::Preapproval>>, ApiError> {
+    caller.require_decider()?;
+    let body = body.map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::rejection(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a pre-approval must be JSON with `Content-Type: application/json`".into(),
+        ));
+    }
+    let parsed: PreapproveBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid pre-approval: {e}")))?;
+    if parsed.for_user.trim().is_empty() {
+        return Err(ApiError::bad_request("`for` names no database user"));
+    }
+    if caller.0.db_users.contains(&parsed.for_user) {
+        return Err(ApiError::forbidden(format!(
+            "{:?} is linked to the database user {:?}: a reviewer never approves their own statements",
+            caller.0.name, parsed.for_user
+        )));
+    }
+    let statements = crate::classify::script::split_psql(&parsed.sql);
+    let reviewer = caller.0.clone();
+    let valid_ms = parsed.valid_s.saturating_mul(1000);
+    let added = state
+        .board
+        .with_db(move |c| {
+            crate::store::preapprovals::add(
+                c,
+                &reviewer,
+                &parsed.for_user,
+                &statements,
+                valid_ms,
+                parsed.uses,
+            )
+        })
+        .await?;
+    match added {
+        Ok(list) => Ok(Json(list)),
+        Err(crate::store::requests::RequestError::InvalidPreapproval(why)) => {
+            Err(ApiError::bad_request(why))
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    }
 }
 
 /// Approve: counts as one of the N distinct approvals the rule asks for.

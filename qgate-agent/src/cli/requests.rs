@@ -60,6 +60,48 @@ pub enum RequestsCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Approve statements before they are sent (a migration): each
+    /// statement of the file, when a statement of exactly that text
+    /// (layout, comments and the case of unquoted names aside; literals
+    /// exactly) is held for the database user, is approved by you.
+    Preapprove {
+        /// The statements (a SQL script; `-` reads standard input).
+        #[arg(long)]
+        file: PathBuf,
+        /// The database user who will send them.
+        #[arg(long = "for")]
+        for_user: String,
+        /// How long the approval holds: `2h`, `30m`, `1d`.
+        #[arg(long, default_value = "1h", value_parser = parse_duration_s)]
+        valid: i64,
+        /// How many times each statement may be released by it.
+        #[arg(long, default_value_t = 1)]
+        uses: i64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `2h`, `30m`, `1d`, `45s` as seconds.
+fn parse_duration_s(text: &str) -> Result<i64, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = number
+        .parse()
+        .map_err(|_| format!("expected a number and d, h, m or s (2h, 30m), got {text:?}"))?;
+    let unit = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "expected d, h, m or s after the number, got {text:?}"
+            ))
+        }
+    };
+    n.checked_mul(unit)
+        .filter(|s| *s > 0)
+        .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -223,6 +265,43 @@ async fn execute_async(cmd: RequestsCommand, out: &mut dyn Write) -> anyhow::Res
             (api, answer)
         }
         RequestsCommand::Watch { api } => return watch(&api, out).await,
+        RequestsCommand::Preapprove {
+            file,
+            for_user,
+            valid,
+            uses,
+            api,
+        } => {
+            let sql = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let answer = Client::new(&api)?
+                .post(
+                    "/v1/preapprovals",
+                    serde_json::json!({ "for": for_user, "sql": sql, "valid_s": valid, "uses": uses }),
+                )
+                .await?;
+            if answer.0 && !api.json {
+                for p in answer.1.as_array().map(Vec::as_slice).unwrap_or_default() {
+                    writeln!(
+                        out,
+                        "pre-approved #{} for {} until {} ({} use(s)): {}",
+                        p["id"],
+                        str_of(&p["db_user"]),
+                        str_of(&p["valid_until"]),
+                        p["uses_left"],
+                        str_of(&p["statement"])
+                    )?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            (api, answer)
+        }
     };
     if api.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;

@@ -60,6 +60,8 @@ pub mod kinds {
     pub const REQUEST_DENIED: Kind = Kind("request.denied");
     pub const REQUEST_EXPIRED: Kind = Kind("request.expired");
     pub const REQUEST_WITHDRAWN: Kind = Kind("request.withdrawn");
+    /// A reviewer approved statements before they were sent.
+    pub const REQUEST_PREAPPROVED: Kind = Kind("request.preapproved");
     pub const REVIEWER_ADDED: Kind = Kind("reviewer.added");
     pub const REVIEWER_REVOKED: Kind = Kind("reviewer.revoked");
     pub const POLICY_RELOAD: Kind = Kind("policy.reload");
@@ -88,6 +90,7 @@ pub mod kinds {
         REQUEST_DENIED,
         REQUEST_EXPIRED,
         REQUEST_WITHDRAWN,
+        REQUEST_PREAPPROVED,
         REVIEWER_ADDED,
         REVIEWER_REVOKED,
         POLICY_RELOAD,

@@ -32,6 +32,7 @@ pub const GROUPS: &[&[Migration]] = &[
     CAPTURE_MIGRATIONS,
     super::audit::MIGRATIONS,
     super::requests::MIGRATIONS,
+    super::preapprovals::MIGRATIONS,
 ];
 
 /// Every migration, in the order a fresh database gets them.

@@ -19,6 +19,7 @@
 //! | [`writer`] | the capture's batched writes; links decisions to statements |
 //! | [`requests`] | requests and votes (the board's tables) |
 //! | [`reviewers`] | reviewers and their tokens |
+//! | [`preapprovals`] | statements approved before they are sent |
 //! | [`seal`] | captured rows sealed into the audit chain; `audit verify` of it all |
 //! | [`audit`] | the hash-chained log: kinds, append, verify |
 //! | [`export`] | the statement record, search and export |
@@ -26,6 +27,7 @@
 pub mod audit;
 pub mod export;
 pub mod migrations;
+pub mod preapprovals;
 pub mod requests;
 pub mod reviewers;
 pub mod seal;

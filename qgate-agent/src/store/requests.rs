@@ -108,6 +108,8 @@ pub enum RequestError {
     InvalidReviewer(String),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
+    #[error("pre-approval: {0}")]
+    InvalidPreapproval(String),
 }
 
 /// Why a reviewer may not cast a vote; each maps to a 403 or 409 in the API.
