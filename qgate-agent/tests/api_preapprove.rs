@@ -140,5 +140,14 @@ async fn preapprovals_expire_need_n_reviewers_and_never_approve_ones_own() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // A standing approval belongs in the policy: at most 366 days.
+    let (status, body) = api
+        .post(
+            &rita,
+            "/v1/preapprovals",
+            json!({"for": "alice", "sql": "DROP TABLE t", "valid_s": 26_361_107_186_197i64}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     api.shutdown().await;
 }
