@@ -10,6 +10,7 @@ pub mod policy;
 pub mod requests;
 pub mod reviewers;
 mod run;
+pub mod suggest;
 
 #[derive(Parser)]
 #[command(

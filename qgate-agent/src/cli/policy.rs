@@ -27,6 +27,18 @@ pub enum PolicyCommand {
         #[arg(long, env = "QGATE_DB", default_value = crate::api::DEFAULT_STORE_PATH)]
         db: PathBuf,
     },
+    /// Propose a policy from the traffic the store recorded: the shipped
+    /// default's rules, groups for the users seen, the functions seen in
+    /// reads, sensitive-looking tables, and how many recorded statements
+    /// each rule would have held. Prints TOML to edit.
+    Suggest {
+        /// From what happened since this long ago: `14d`, `12h`.
+        #[arg(long, default_value = "14d", value_parser = parse_age)]
+        since: i64,
+        /// The agent's store.
+        #[arg(long, env = "QGATE_DB", default_value = crate::api::DEFAULT_STORE_PATH)]
+        db: PathBuf,
+    },
     /// What each rule did, and what each rule marked `shadow = true` would
     /// have done, from the audit: counts, top statements (by fingerprint)
     /// and users.
@@ -113,6 +125,13 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Check(args) => run_check(args),
         PolicyCommand::Validate { file, config, db } => validate(&file, config.as_deref(), &db),
         PolicyCommand::Report { since, db, json } => report(&db, since, json),
+        PolicyCommand::Suggest { since, db } => {
+            let store = crate::store::Store::open_existing(&db)
+                .with_context(|| format!("opening the qgate database {}", db.display()))?;
+            let text = super::suggest::suggest(&store, crate::store::now_nanos() - since)?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -111,7 +111,7 @@ impl Action {
         }
     }
 
-    fn restricts(&self) -> bool {
+    pub fn restricts(&self) -> bool {
         self.strictness() >= 2
     }
 }
