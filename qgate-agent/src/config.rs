@@ -225,10 +225,10 @@ impl PolicyConfig {
     /// What answers `estimated_rows_above` under this configuration.
     pub fn row_estimator(&self) -> Result<Box<dyn RowEstimator + Send + Sync>, EstimateError> {
         Ok(match &self.estimator {
-            Some(conninfo) => Box::new(ExplainEstimator {
-                config: EstimatorConfig::from_conninfo(conninfo)?,
-                timeout: Duration::from_millis(self.estimator_timeout_ms),
-            }),
+            Some(conninfo) => Box::new(ExplainEstimator::new(
+                EstimatorConfig::from_conninfo(conninfo)?,
+                Duration::from_millis(self.estimator_timeout_ms),
+            )),
             None => Box::new(NoEstimator),
         })
     }

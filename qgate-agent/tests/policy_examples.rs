@@ -162,16 +162,16 @@ fn maintenance_statement_without_an_estimate_is_denied_and_says_why() {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port");
-    let estimator = ExplainEstimator {
-        config: EstimatorConfig {
+    let estimator = ExplainEstimator::new(
+        EstimatorConfig {
             host: "127.0.0.1".into(),
             port,
             user: "qgate".into(),
             dbname: "shop".into(),
             password: None,
         },
-        timeout: Duration::from_secs(2),
-    };
+        Duration::from_secs(2),
+    );
     let r = run(
         &user("maintenance"),
         "DELETE FROM sessions WHERE id = 1",

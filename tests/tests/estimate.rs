@@ -194,3 +194,39 @@ fn unreachable_estimator_database_denies_maintenance_and_says_why() -> Result<()
     );
     Ok(())
 }
+
+/// `estimated_cost_above` on reads: a read the planner costs high is held
+/// for analysts, a cheap one runs; both answered by the real planner.
+#[test]
+fn an_analysts_costly_read_is_held_and_a_cheap_one_runs() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("estcost")?;
+    lab.start_postgres()?;
+    lab.sql(ESTIMATOR_SETUP)?;
+    let estimator = format!(
+        "host={} port={PG_PORT} user=qgate_estimator dbname=postgres",
+        lab.server_ip
+    );
+    let policy = lab.dir.join("cost.toml");
+    std::fs::write(
+        &policy,
+        "[default]\naction = \"allow\"\n\n[groups.analysts]\nusers = [\"maintenance\"]\n\n\
+         [[rules]]\nname = \"costly-reads\"\ngroups = [\"analysts\"]\nkinds = [\"read\"]\n\
+         estimated_cost_above = 300\naction = \"hold\"\n",
+    )?;
+    let source = [
+        "--policy",
+        policy.to_str().unwrap_or_default(),
+        "--explain-with",
+        &estimator,
+        "--explain-timeout-ms",
+        "5000",
+    ];
+    let big = check_from_client(&lab, &source, "SELECT * FROM big")?;
+    assert_eq!(big["decision"], "hold", "{big}");
+    assert_eq!(big["rule"], "costly-reads", "{big}");
+    assert!(reasons(&big).contains("estimated cost"), "{big}");
+    let small = check_from_client(&lab, &source, "SELECT * FROM small")?;
+    assert_eq!(small["decision"], "allow", "{small}");
+    Ok(())
+}

@@ -1,5 +1,6 @@
-//! Row estimates for `estimated_rows_above`: the planner's own guess, asked over
-//! the agent's separate read-only connection.
+//! Row and cost estimates for `estimated_rows_above` and
+//! `estimated_cost_above`: the planner's own guess, asked over the agent's
+//! separate read-only connection (one EXPLAIN answers both).
 //!
 //! The statement is never executed: it is sent as `EXPLAIN (FORMAT JSON) …`
 //! without ANALYZE, over the extended protocol (which refuses several
@@ -111,6 +112,15 @@ pub(crate) fn plannable(statement: &str) -> Result<(), EstimateError> {
     }
 }
 
+/// What the planner says of a statement.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// See [`rows_from_plan`].
+    pub rows: u64,
+    /// The top plan's `Total Cost`.
+    pub cost: f64,
+}
+
 /// Runs `EXPLAIN (FORMAT JSON) statement` and returns the planner's row
 /// estimate (see [`rows_from_plan`]). Gives up after `timeout`.
 pub fn explain_rows(
@@ -118,6 +128,16 @@ pub fn explain_rows(
     statement: &str,
     timeout: Duration,
 ) -> Result<u64, EstimateError> {
+    explain(config, statement, timeout).map(|e| e.rows)
+}
+
+/// Runs `EXPLAIN (FORMAT JSON) statement`: its rows and total cost. Gives
+/// up after `timeout`.
+pub fn explain(
+    config: &EstimatorConfig,
+    statement: &str,
+    timeout: Duration,
+) -> Result<Estimate, EstimateError> {
     plannable(statement)?;
     let (reply, answer) = mpsc::channel();
     let config = config.clone();
@@ -141,7 +161,7 @@ fn explain_blocking(
     config: &EstimatorConfig,
     statement: &str,
     timeout: Duration,
-) -> Result<u64, EstimateError> {
+) -> Result<Estimate, EstimateError> {
     let mut pg = postgres::Config::new();
     pg.host(&config.host)
         .port(config.port)
@@ -170,7 +190,21 @@ fn explain_blocking(
         .try_get(0)
         .map_err(|e| EstimateError::BadPlan(describe(&e)))?;
     let _ = tx.rollback();
-    rows_from_plan(&plan)
+    Ok(Estimate {
+        rows: rows_from_plan(&plan)?,
+        cost: cost_from_plan(&plan)?,
+    })
+}
+
+/// The top plan's `Total Cost`: the planner's whole estimate of the work.
+pub fn cost_from_plan(explain: &Value) -> Result<f64, EstimateError> {
+    explain
+        .get(0)
+        .and_then(|e| e.get("Plan"))
+        .and_then(|p| p.get("Total Cost"))
+        .and_then(Value::as_f64)
+        .filter(|c| c.is_finite() && *c >= 0.0)
+        .ok_or_else(|| EstimateError::BadPlan("no numeric [0].Plan.\"Total Cost\"".into()))
 }
 
 /// A client error with its cause: `postgres::Error` displays only its kind
@@ -223,11 +257,40 @@ fn plan_rows(node: &Value) -> Result<f64, EstimateError> {
 pub struct ExplainEstimator {
     pub config: EstimatorConfig,
     pub timeout: Duration,
+    /// The last statement asked and its answer: a rule with both a row and
+    /// a cost limit asks once.
+    pub last: std::sync::Mutex<Option<(String, Result<Estimate, String>)>>,
+}
+
+impl ExplainEstimator {
+    pub fn new(config: EstimatorConfig, timeout: Duration) -> Self {
+        ExplainEstimator {
+            config,
+            timeout,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn estimate(&self, sql: &str) -> Result<Estimate, String> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((asked, answer)) = last.as_ref() {
+            if asked == sql {
+                return answer.clone();
+            }
+        }
+        let answer = explain(&self.config, sql, self.timeout).map_err(|e| e.to_string());
+        *last = Some((sql.to_owned(), answer.clone()));
+        answer
+    }
 }
 
 impl RowEstimator for ExplainEstimator {
     fn estimate_rows(&self, statement: &StatementFacts) -> Result<u64, String> {
-        explain_rows(&self.config, &statement.sql, self.timeout).map_err(|e| e.to_string())
+        self.estimate(&statement.sql).map(|e| e.rows)
+    }
+
+    fn estimate_cost(&self, statement: &StatementFacts) -> Result<f64, String> {
+        self.estimate(&statement.sql).map(|e| e.cost)
     }
 }
 
@@ -259,6 +322,14 @@ mod tests {
                 "Plans": [{"Node Type": "Seq Scan", "Plan Rows": 5e4}]}]
         }}]);
         assert_eq!(rows_from_plan(&plan).unwrap(), 50000);
+    }
+
+    #[test]
+    fn cost_is_the_top_plans_total_cost() {
+        let plan =
+            json!([{"Plan": {"Node Type": "Seq Scan", "Plan Rows": 5, "Total Cost": 1234.5}}]);
+        assert_eq!(cost_from_plan(&plan).unwrap(), 1234.5);
+        assert!(cost_from_plan(&json!([{"Plan": {"Plan Rows": 5}}])).is_err());
     }
 
     #[test]

@@ -66,6 +66,7 @@ struct RawRule {
     functions: Option<Vec<String>>,
     unsafe_functions: Option<bool>,
     estimated_rows_above: Option<i64>,
+    estimated_cost_above: Option<f64>,
     estimated_share_above: Option<f64>,
     time: Option<RawTime>,
     /// Decides and records what it would do (audit `policy.shadow`,
@@ -333,6 +334,16 @@ pub(super) fn parse_all(text: &str) -> (Option<Policy>, Findings) {
             }
             None => None,
         };
+        let estimated_cost_above = match r.estimated_cost_above {
+            Some(c) if c.is_finite() && c >= 0.0 => Some(c),
+            Some(_) => {
+                errors.push(fail(
+                    "estimated_cost_above must be a number ≥ 0 (PostgreSQL's total cost)".into(),
+                ));
+                None
+            }
+            None => None,
+        };
         let estimated_share_above = match r.estimated_share_above {
             Some(f) if (0.0..=1.0).contains(&f) => Some(f),
             Some(_) => {
@@ -385,6 +396,7 @@ pub(super) fn parse_all(text: &str) -> (Option<Policy>, Findings) {
                 .collect(),
             unsafe_functions: r.unsafe_functions.unwrap_or(false),
             estimated_rows_above,
+            estimated_cost_above,
             estimated_share_above,
             time,
             shadow: (r.shadow || raw.shadow) && action.restricts(),

@@ -147,10 +147,14 @@ pub struct ShadowHit {
 /// ([`needs_gate`]): the one mode type of policy, gate and kernel maps.
 pub use crate::bpf::GateMode;
 
-/// Answers `estimated_rows_above` conditions.
+/// Answers `estimated_rows_above` and `estimated_cost_above` conditions.
 pub trait RowEstimator {
     /// Rows the statement is estimated to read or change, or why there is no estimate.
     fn estimate_rows(&self, statement: &StatementFacts) -> Result<u64, String>;
+    /// The planner's total cost of the statement, or why there is none.
+    fn estimate_cost(&self, _statement: &StatementFacts) -> Result<f64, String> {
+        Err("no cost estimator is configured".into())
+    }
 }
 
 /// No database connection configured: every estimate is missing.
@@ -303,6 +307,8 @@ struct Rule {
     functions: Vec<Glob>,
     unsafe_functions: bool,
     estimated_rows_above: Option<u64>,
+    /// The planner's total cost above this (or no estimate).
+    estimated_cost_above: Option<f64>,
     /// Writes changing existing rows whose planner estimate is above this
     /// share of their table (or that have no estimate).
     estimated_share_above: Option<f64>,
@@ -324,6 +330,7 @@ impl Rule {
         }
         let plain = self.time.is_none()
             && self.estimated_rows_above.is_none()
+            && self.estimated_cost_above.is_none()
             && self.estimated_share_above.is_none()
             && self.functions.is_empty()
             && !self.unsafe_functions;
@@ -451,7 +458,7 @@ impl Policy {
     pub fn needs_estimator(&self) -> Vec<String> {
         self.rules
             .iter()
-            .filter(|r| r.estimated_rows_above.is_some())
+            .filter(|r| r.estimated_rows_above.is_some() || r.estimated_cost_above.is_some())
             .map(|r| format!("rule `{}` (line {})", r.name, r.line))
             .collect()
     }
@@ -467,7 +474,7 @@ impl Policy {
         let line = self
             .rules
             .iter()
-            .find(|r| r.estimated_rows_above.is_some())
+            .find(|r| r.estimated_rows_above.is_some() || r.estimated_cost_above.is_some())
             .map_or(1, |r| r.line);
         Err(PolicyError::Invalid {
             line,
@@ -672,6 +679,18 @@ impl Policy {
                     Ok(_) => continue,
                     Err(reason) => why.push(format!(
                         "row estimate unavailable ({reason}), counted as above {limit}"
+                    )),
+                }
+            }
+            if let Some(limit) = rule.estimated_cost_above {
+                reusable = false;
+                match estimator.estimate_cost(statement) {
+                    Ok(cost) if cost > limit => {
+                        why.push(format!("estimated cost {cost:.0} > {limit}"))
+                    }
+                    Ok(_) => continue,
+                    Err(reason) => why.push(format!(
+                        "cost estimate unavailable ({reason}), counted as above {limit}"
                     )),
                 }
             }

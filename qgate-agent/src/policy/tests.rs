@@ -417,3 +417,42 @@ message = "all"
     assert_eq!(d.action.name(), "allow");
     assert_eq!(d.shadow.len(), 1);
 }
+
+#[test]
+fn estimated_cost_above_holds_costly_statements_and_fails_closed() {
+    struct Costs;
+    impl RowEstimator for Costs {
+        fn estimate_rows(&self, _: &StatementFacts) -> Result<u64, String> {
+            Ok(1)
+        }
+        fn estimate_cost(&self, s: &StatementFacts) -> Result<f64, String> {
+            if s.sql.contains("big") {
+                Ok(90_000.0)
+            } else if s.sql.contains("small") {
+                Ok(12.5)
+            } else {
+                Err("unplannable".into())
+            }
+        }
+    }
+    let p = Policy::from_toml(
+        "[default]\naction = \"allow\"\n[[rules]]\nname = \"costly\"\nkinds = [\"read\"]\nestimated_cost_above = 1000\naction = \"hold\"\n",
+    )
+    .unwrap();
+    let who = subject("ana");
+    let decide_with = |sql: &str| p.decide(&who, &classify(sql, Dialect::Postgresql), &Costs);
+    assert_eq!(decide_with("SELECT * FROM big").action.name(), "hold");
+    assert_eq!(decide_with("SELECT * FROM small").action.name(), "allow");
+    // No estimate: counted as above (fail closed), and said so.
+    let d = decide_with("SELECT * FROM other");
+    assert_eq!(d.action.name(), "hold");
+    assert!(
+        d.reasons.join(" ").contains("cost estimate unavailable"),
+        "{d:?}"
+    );
+    // A negative limit is refused with its line.
+    assert!(Policy::from_toml(
+        "[default]\naction = \"allow\"\n[[rules]]\nname = \"x\"\nestimated_cost_above = -1\naction = \"hold\"\n"
+    )
+    .is_err());
+}
