@@ -253,6 +253,23 @@ pub struct DecisionBody {
     pub comment: Option<String>,
 }
 
+/// Refuses a body not sent as `application/json`.
+fn require_json(headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::rejection(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("{what} must be JSON with `Content-Type: application/json`"),
+        ))
+    }
+}
+
 fn decision_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -261,17 +278,7 @@ fn decision_body(
     if body.is_empty() {
         return Ok(None);
     }
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(ApiError::rejection(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "a decision body must be JSON with `Content-Type: application/json`".into(),
-        ));
-    }
+    require_json(headers, "a decision body")?;
     let invalid =
         |e: serde_json::Error| ApiError::bad_request(format!("invalid decision body: {e}"));
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(invalid)?;
@@ -349,17 +356,7 @@ async fn preapprove(
 ) -> Result<Json<Vec<crate::store::preapprovals::Preapproval>>, ApiError> {
     caller.require_decider()?;
     let body = body.map_err(|e| ApiError::rejection(e.status(), e.body_text()))?;
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(ApiError::rejection(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "a pre-approval must be JSON with `Content-Type: application/json`".into(),
-        ));
-    }
+    require_json(&headers, "a pre-approval")?;
     let parsed: PreapproveBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid pre-approval: {e}")))?;
     if parsed.for_user.trim().is_empty() {

@@ -71,3 +71,25 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// `7d`, `12h`, `30m`, `45s` as seconds (a positive count).
+pub(crate) fn parse_duration_s(text: &str) -> Result<i64, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = number
+        .parse()
+        .map_err(|_| format!("expected a number and d, h, m or s (7d, 12h, 30m), got {text:?}"))?;
+    let unit = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "expected d, h, m or s after the number, got {text:?}"
+            ))
+        }
+    };
+    n.checked_mul(unit)
+        .filter(|s| *s > 0)
+        .ok_or_else(|| format!("{text:?} is out of range"))
+}

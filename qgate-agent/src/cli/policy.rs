@@ -57,24 +57,8 @@ pub enum PolicyCommand {
 
 /// `7d`, `12h`, `30m`, `45s` as nanoseconds.
 fn parse_age(text: &str) -> Result<i64, String> {
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let n: i64 = number
-        .parse()
-        .map_err(|_| format!("expected a number and d, h, m or s (7d, 12h), got {text:?}"))?;
-    let seconds = match unit {
-        "d" => 86_400,
-        "h" => 3_600,
-        "m" => 60,
-        "s" => 1,
-        _ => {
-            return Err(format!(
-                "expected d, h, m or s after the number, got {text:?}"
-            ))
-        }
-    };
-    n.checked_mul(seconds)
-        .and_then(|s| s.checked_mul(1_000_000_000))
-        .filter(|ns| *ns >= 0)
+    super::parse_duration_s(text)?
+        .checked_mul(1_000_000_000)
         .ok_or_else(|| format!("{text:?} is out of range"))
 }
 

@@ -72,7 +72,7 @@ pub enum RequestsCommand {
         #[arg(long = "for")]
         for_user: String,
         /// How long the approval holds: `2h`, `30m`, `1d`.
-        #[arg(long, default_value = "1h", value_parser = parse_duration_s)]
+        #[arg(long, default_value = "1h", value_parser = super::parse_duration_s)]
         valid: i64,
         /// How many times each statement may be released by it.
         #[arg(long, default_value_t = 1)]
@@ -80,28 +80,6 @@ pub enum RequestsCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-}
-
-/// `2h`, `30m`, `1d`, `45s` as seconds.
-fn parse_duration_s(text: &str) -> Result<i64, String> {
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let n: i64 = number
-        .parse()
-        .map_err(|_| format!("expected a number and d, h, m or s (2h, 30m), got {text:?}"))?;
-    let unit = match unit {
-        "d" => 86_400,
-        "h" => 3_600,
-        "m" => 60,
-        "s" => 1,
-        _ => {
-            return Err(format!(
-                "expected d, h, m or s after the number, got {text:?}"
-            ))
-        }
-    };
-    n.checked_mul(unit)
-        .filter(|s| *s > 0)
-        .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
 #[derive(Debug, Clone, clap::Args)]
