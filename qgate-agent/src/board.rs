@@ -228,11 +228,13 @@ impl RequestBoard {
         let mut open = true;
         for (ids, reviewer_id) in taken {
             let reviewer = if open {
-                self.with_db(move |c| preapprovals::active_reviewer(c, reviewer_id))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten()
+                self.with_db(move |c| {
+                    crate::store::reviewers::active_reviewer_by_id(c, reviewer_id)
+                })
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
             } else {
                 None
             };

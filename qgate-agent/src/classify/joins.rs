@@ -85,9 +85,7 @@ impl Graph {
     /// A relation of FROM that columns can name: a table (a base table
     /// unless it is a CTE), or an aliased derived table or function.
     fn node(&mut self, factor: &TableFactor, is_cte: &impl Fn(&str) -> bool) -> Option<usize> {
-        let alias_of = |a: &Option<sqlparser::ast::TableAlias>| {
-            a.as_ref().map(|a| a.name.value.to_lowercase())
-        };
+        let alias_of = |a: &Option<sqlparser::ast::TableAlias>| a.as_ref().map(|a| folded(&a.name));
         match factor {
             TableFactor::Table {
                 name,
@@ -95,15 +93,11 @@ impl Graph {
                 args: None,
                 ..
             } => {
-                let relation = match name.0.last()? {
-                    sqlparser::ast::ObjectNamePart::Identifier(ident)
-                        if ident.quote_style.is_some() =>
-                    {
-                        ident.value.clone()
-                    }
-                    sqlparser::ast::ObjectNamePart::Identifier(ident) => ident.value.to_lowercase(),
-                    sqlparser::ast::ObjectNamePart::Function(_) => return None,
-                };
+                // As the rest of the classifier names it (quoted parts kept).
+                let relation = super::walk::table_name(name).relation().to_owned();
+                if relation.is_empty() {
+                    return None;
+                }
                 let cte = name.0.len() == 1 && is_cte(&relation);
                 Some(self.add(alias_of(alias).unwrap_or(relation), !cte))
             }
@@ -136,7 +130,7 @@ impl Graph {
         let _ = visit_expressions(item, |e| {
             match e {
                 Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
-                    let qualifier = parts[parts.len() - 2].value.to_lowercase();
+                    let qualifier = folded(&parts[parts.len() - 2]);
                     if let Some(i) = self.names[..before].iter().position(|n| *n == qualifier) {
                         if !tables.contains(&i) {
                             tables.push(i);
@@ -237,7 +231,7 @@ impl Graph {
             let mut inner = self.add_from_item(table_with_joins, is_cte);
             if let Some(alias) = alias {
                 // `(a JOIN b …) AS j`: `j.x` names the whole join.
-                let whole = self.add(alias.name.value.to_lowercase(), false);
+                let whole = self.add(folded(&alias.name), false);
                 self.link_all(inner.iter().copied().chain([whole]));
                 inner.push(whole);
             }
@@ -251,6 +245,15 @@ impl Graph {
         for pair in tables.windows(2) {
             self.link(pair[0], pair[1]);
         }
+    }
+}
+
+/// A name as PostgreSQL resolves it: unquoted folded to lower case.
+fn folded(ident: &sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
     }
 }
 
@@ -347,6 +350,13 @@ mod tests {
                 false,
             ),
             ("SELECT * FROM public.orders, public.customers", true, false),
+            // Quoted names compare as written, unquoted ones folded.
+            (
+                "SELECT * FROM \"Orders\", customers WHERE \"Orders\".cid = customers.id",
+                false,
+                false,
+            ),
+            ("SELECT * FROM orders O, customers c WHERE o.cid = c.id", false, false),
             // Explicit CROSS JOIN: its own flag.
             ("SELECT * FROM orders CROSS JOIN customers", false, true),
             ("SELECT * FROM orders o CROSS JOIN customers c WHERE o.cid = c.id", false, false),

@@ -853,7 +853,7 @@ fn ident_name(ident: &sqlparser::ast::Ident) -> String {
     }
 }
 
-fn table_name(name: &ObjectName) -> TableName {
+pub(super) fn table_name(name: &ObjectName) -> TableName {
     TableName {
         parts: name
             .0

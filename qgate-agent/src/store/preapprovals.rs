@@ -6,7 +6,7 @@
 //! pre-approves `… id = 2` — gets that reviewer's approval at once, through
 //! the same vote as any approval (no self-approval, N-of-M needs N
 //! reviewers' pre-approvals), and a use is counted down.
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, TransactionBehavior};
 use serde::Serialize;
 use sqlparser::{
     dialect::PostgreSqlDialect,
@@ -210,21 +210,6 @@ pub fn give_back(conn: &Connection, ids: &[i64]) -> Result<(), RequestError> {
         )?;
     }
     Ok(())
-}
-
-/// The reviewer with this id, if still active.
-pub fn active_reviewer(conn: &Connection, id: i64) -> Result<Option<Reviewer>, RequestError> {
-    let name: Option<String> = conn
-        .query_row(
-            "SELECT name FROM reviewers WHERE id = ?1 AND revoked_at IS NULL",
-            [id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let Some(name) = name else { return Ok(None) };
-    Ok(super::reviewers::list_reviewers(conn)?
-        .into_iter()
-        .find(|r| r.id == id && r.name == name))
 }
 
 #[cfg(test)]

@@ -192,6 +192,17 @@ pub fn reviewer_by_token(conn: &Connection, token: &str) -> Result<Option<Review
     .transpose()
 }
 
+/// The active reviewer with this row id, if any.
+pub fn active_reviewer_by_id(conn: &Connection, id: i64) -> Result<Option<Reviewer>, RequestError> {
+    conn.query_row(
+        &format!("SELECT {REVIEWER_COLUMNS} FROM reviewers WHERE id = ?1 AND revoked_at IS NULL"),
+        [id],
+        reviewer_from_row,
+    )
+    .optional()?
+    .transpose()
+}
+
 pub fn revoke_reviewer(conn: &mut Connection, name: &str) -> Result<(), RequestError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let changed = tx.execute(
