@@ -718,3 +718,60 @@ fn decisions_land_on_their_statements_and_link_their_requests() {
     let stats = writer.shutdown().unwrap();
     assert_eq!(stats.unmatched, 0, "{stats:?}");
 }
+
+/// A text that carries a credential is stored redacted whichever way the
+/// writer stores it: inline the first time, as a shared `statement_texts`
+/// row once it repeats, and by reference after that. The seals cover what
+/// was stored, so the store still verifies.
+#[test]
+fn a_repeated_text_with_a_password_is_stored_redacted_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = spawn(&db);
+    let secret = "ALTER ROLE app PASSWORD 'hunter2-s3cret'";
+    let mut events = vec![opened(1, T0), identified(1, "alice", "shop", "psql", T0)];
+    for seq in 1..=4u64 {
+        let at = T0 + seq as i64 * MS;
+        events.push(received(1, seq, secret, at));
+        events.push(completed_ok(1, seq, "ALTER ROLE", None, at + 1));
+    }
+    events.push(closed(1, T0 + 10 * MS));
+    for event in events {
+        assert!(writer.send(event));
+    }
+    writer.shutdown().unwrap();
+
+    let conn = reader(&db);
+    let texts: Vec<String> = conn
+        .prepare("SELECT text FROM statements ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(texts, vec!["ALTER ROLE app PASSWORD '[redacted]'"; 4]);
+    let (inline, shared): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM statement_log WHERE text IS NOT NULL),
+                    (SELECT count(*) FROM statement_texts)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        inline >= 1 && shared == 1,
+        "both forms used: {inline} inline, {shared} shared"
+    );
+    let dump: String = conn
+        .query_row(
+            "SELECT group_concat(coalesce(text, ''), '|') FROM
+               (SELECT text FROM statement_log UNION ALL SELECT text FROM statement_texts)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!dump.contains("hunter2"), "{dump}");
+    let report = qgate_agent::store::seal::verify(&conn).unwrap();
+    assert_eq!(report.first_problem, None, "{report:?}");
+    assert_eq!(report.statements_sealed, 4, "{report:?}");
+}

@@ -1,6 +1,7 @@
 //! The live path into the store: wire events in, batched transactions out,
 //! on a thread of its own so the capture thread never waits on the disk.
 use std::{
+    borrow::Cow,
     cell::RefCell,
     collections::HashMap,
     sync::{
@@ -401,7 +402,9 @@ const ROW_SLOTS: usize = 16_384;
 /// direct-mapped (one slot per hash, a newcomer evicts): one probe per
 /// statement, so a workload of texts that never repeat (literals in the
 /// SQL) pays a hash and two cache lines, and a forgotten text is at worst
-/// stored again, never lost.
+/// stored again, never lost. Keyed by the text as captured; what is stored
+/// is redacted (`classify::redact`), once per repeated text, not once per
+/// statement.
 struct Texts {
     hasher: foldhash::fast::RandomState,
     /// Hash of the last text seen inline in each slot (0: none).
@@ -410,11 +413,13 @@ struct Texts {
     rows: Box<[Option<TextRow>]>,
 }
 
-/// A repeated text's hash, the text, its `statement_texts` row.
+/// A repeated text's hash, the text as captured and as stored, its
+/// `statement_texts` row.
 #[derive(Clone)]
 struct TextRow {
     hash: u64,
-    text: Box<str>,
+    captured: Box<str>,
+    stored: Box<str>,
     id: i64,
 }
 
@@ -428,46 +433,65 @@ impl Default for Texts {
     }
 }
 
-enum TextRef<'t> {
-    Inline(&'t str),
-    Row(i64),
+/// How a statement's text is stored: inline, or as a `statement_texts` row.
+struct StoredText<'t> {
+    /// The text as written (credentials redacted).
+    text: Cow<'t, str>,
+    row: Option<i64>,
+    /// [`Texts::hash`] of the captured text.
+    hash: u64,
 }
 
 impl Texts {
-    /// The text's hash as [`Texts::lookup`] computes it (never 0).
-    fn hash(&self, text: &str) -> u64 {
+    /// A captured text's hash as [`Texts::lookup`] computes it (never 0).
+    fn hash(&self, captured: &str) -> u64 {
         use std::hash::BuildHasher;
-        self.hasher.hash_one(text) | 1
+        self.hasher.hash_one(captured) | 1
     }
 
-    /// How to store `text`, and its [`Texts::hash`].
+    /// How to store `captured`.
     fn lookup<'t>(
-        &mut self,
+        &'t mut self,
         tx: &Connection,
-        text: &'t str,
-    ) -> Result<(TextRef<'t>, u64), StoreError> {
-        let hash = self.hash(text);
-        let row = &mut self.rows[hash as usize & (ROW_SLOTS - 1)];
-        if let Some(known) = row {
-            if known.hash == hash && *known.text == *text {
-                return Ok((TextRef::Row(known.id), hash));
-            }
+        captured: &'t str,
+    ) -> Result<StoredText<'t>, StoreError> {
+        let hash = self.hash(captured);
+        let slot = hash as usize & (ROW_SLOTS - 1);
+        if matches!(&self.rows[slot], Some(known) if known.hash == hash && *known.captured == *captured)
+        {
+            let known = self.rows[slot].as_ref().expect("matched above");
+            return Ok(StoredText {
+                text: Cow::Borrowed(&known.stored),
+                row: Some(known.id),
+                hash,
+            });
         }
+        // Credentials never reach the file (`classify::redact`).
+        let text = crate::classify::redact::redact(captured);
         let recent = &mut self.recent[(hash >> 32) as usize & (RECENT_SLOTS - 1)];
         if *recent != hash {
             *recent = hash;
-            return Ok((TextRef::Inline(text), hash));
+            return Ok(StoredText {
+                text,
+                row: None,
+                hash,
+            });
         }
         *recent = 0;
         tx.prepare_cached("INSERT INTO statement_texts (text) VALUES (?1)")?
-            .execute([text])?;
+            .execute([text.as_ref()])?;
         let id = tx.last_insert_rowid();
-        *row = Some(TextRow {
+        let row = self.rows[slot].insert(TextRow {
             hash,
-            text: text.into(),
+            captured: captured.into(),
+            stored: text.into_owned().into(),
             id,
         });
-        Ok((TextRef::Row(id), hash))
+        Ok(StoredText {
+            text: Cow::Borrowed(&row.stored),
+            row: Some(id),
+            hash,
+        })
     }
 
     /// After a rolled-back transaction: rows it wrote are gone.
@@ -770,9 +794,7 @@ impl Apply<'_, '_> {
         let Some(rows) = self.connections.get_mut(&decided.conn) else {
             return Ok(Applied::Unmatched);
         };
-        let hash = self
-            .texts
-            .hash(&crate::classify::redact::redact(&decided.text));
+        let hash = self.texts.hash(&decided.text);
         // Statements before the match were passed without asking the agent
         // (decisions come in stream order): they stay undecided.
         let Some(at) = rows.undecided.iter().position(|(_, h)| *h == hash) else {
@@ -919,20 +941,18 @@ impl Apply<'_, '_> {
                 let Some(rows) = connections.get_mut(conn) else {
                     return Ok(Applied::Unmatched);
                 };
-                // Credentials never reach the file (`classify::redact`).
-                let text = crate::classify::redact::redact(text);
+                let captured = text;
+                let StoredText {
+                    text,
+                    row: text_id,
+                    hash,
+                } = self.texts.lookup(tx, captured)?;
                 let text = text.as_ref();
-                let (text_ref, hash) = self.texts.lookup(tx, text)?;
-                let (inline, text_id) = match text_ref {
-                    TextRef::Inline(text) => (Some(text), None),
-                    TextRef::Row(id) => (None, Some(id)),
-                };
+                let inline = text_id.is_none().then_some(text);
                 let decided = rows
                     .decided
                     .iter()
-                    .position(|(h, d)| {
-                        *h == hash && crate::classify::redact::redact(&d.text) == text
-                    })
+                    .position(|(h, d)| *h == hash && d.text == *captured)
                     .and_then(|i| rows.decided.remove(i))
                     .map(|(_, d)| d);
                 self.insert_statement.execute(rusqlite::params![
