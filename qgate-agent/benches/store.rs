@@ -8,7 +8,6 @@
 //! statements per CPU-second, and a change to the writer as a ratio against
 //! a baseline run on the same machine (`--save-baseline` / `--baseline`).
 #[path = "../tests/store_support/mod.rs"]
-#[allow(dead_code)]
 mod store_support;
 
 use std::time::Duration;
@@ -64,7 +63,7 @@ fn writer(c: &mut Criterion) {
             for _ in 0..iterations {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let writer = Writer::spawn(
-                    Store::open(&dir.path().join("qgate.sqlite")).expect("store"),
+                    Store::open(dir.path().join("qgate.sqlite")).expect("store"),
                     WriterConfig::default(),
                 )
                 .expect("writer");
