@@ -356,8 +356,6 @@ impl Rule {
             && subset(&tables, &later_tables)
     }
 
-    /// True when the rule names no statement condition: it decides every
-    /// statement of the identities it applies to.
     /// Whether the rule could match a statement the kernel passes on its
     /// own in `GateRisky` mode: one SELECT or SHOW reading tables, with no
     /// function call and no flag. Conservative: unsure means yes.
@@ -380,6 +378,8 @@ impl Rule {
             && !self.unsafe_functions
     }
 
+    /// True when the rule names no statement condition: it decides every
+    /// statement of the identities it applies to.
     fn matches_every_statement(&self) -> bool {
         self.kinds.is_empty()
             && self.verbs.is_empty()
@@ -389,6 +389,7 @@ impl Rule {
             && self.functions.is_empty()
             && !self.unsafe_functions
             && self.estimated_rows_above.is_none()
+            && self.estimated_cost_above.is_none()
             && self.estimated_share_above.is_none()
             && self.time.is_none()
     }

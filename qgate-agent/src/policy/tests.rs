@@ -456,3 +456,24 @@ fn estimated_cost_above_holds_costly_statements_and_fails_closed() {
     )
     .is_err());
 }
+
+/// A cost limit is a statement condition: a deny rule with only a cost
+/// limit refuses costly statements, not the connection, and an allow rule
+/// with only a cost limit does not let everything after it run unasked.
+#[test]
+fn a_rule_with_only_a_cost_limit_does_not_decide_every_statement() {
+    let deny = Policy::from_toml(
+        "[default]\naction = \"allow\"\n[groups.analysts]\nusers = [\"ana\"]\n\
+         [[rules]]\nname = \"costly\"\ngroups = [\"analysts\"]\nestimated_cost_above = 1000\naction = \"deny\"\n",
+    )
+    .unwrap();
+    assert!(!deny.refuses_some_connections());
+    assert_eq!(needs_gate(&deny, &subject("ana")), GateMode::GateAll);
+    let allow_then_hold = Policy::from_toml(
+        "[default]\naction = \"allow\"\n[groups.analysts]\nusers = [\"ana\"]\n\
+         [[rules]]\nname = \"cheap\"\ngroups = [\"analysts\"]\nestimated_cost_above = 1000\naction = \"allow\"\n\
+         [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
+    )
+    .unwrap();
+    assert_ne!(needs_gate(&allow_then_hold, &subject("ana")), GateMode::Monitor);
+}
