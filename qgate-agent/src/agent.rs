@@ -185,10 +185,11 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     // 10 ms look: an eventfd the poll waits on, written on every event.
     let decisions = DecisionBell::ring_on(board.subscribe(), runtime.handle())
         .map_err(|e| AgentError::Gate(format!("decision wake-up: {e}")))?;
-    let estimator = config
+    let (estimator, estimates) = config
         .policy
-        .row_estimator()
+        .gate_estimator(decisions.waker())
         .map_err(|e| AgentError::Gate(format!("policy.estimator: {e}")))?;
+    let mut estimate_generation = 0;
     let mut gate = Gate::new(
         kernel,
         injector,
@@ -323,6 +324,15 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             }
             for pm in fresh {
                 take_over_sessions(&mut gate, &pm, |pid| backends.flow_of(pid).is_some());
+            }
+        }
+        if let Some(estimates) = &estimates {
+            // An estimate arrived: what waited for it is decided (below, or
+            // with a catalog read that ended too).
+            let generation = estimates.load(Ordering::Acquire);
+            if generation != estimate_generation {
+                estimate_generation = generation;
+                gate.catalogs_changed(pipeline.tracker_mut());
             }
         }
         if let Some(catalogs) = &catalogs {

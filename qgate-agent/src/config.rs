@@ -1,10 +1,10 @@
 //! The agent's configuration file (`qgate.toml`); command-line flags override it.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{
-    estimate::{EstimateError, EstimatorConfig, ExplainEstimator},
+    estimate::{DeferredEstimator, EstimateError, EstimatorConfig, ExplainEstimator},
     NoEstimator, RowEstimator,
 };
 
@@ -232,7 +232,38 @@ impl PolicyConfig {
             None => Box::new(NoEstimator),
         })
     }
+
+    /// What answers estimate conditions in the live gate: the planner asked
+    /// off the capture loop ([`DeferredEstimator`]; `wake` rings when an
+    /// answer is in, and the counter returned goes up), or nothing.
+    pub fn gate_estimator(
+        &self,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> Result<GateEstimator, EstimateError> {
+        let Some(conninfo) = &self.estimator else {
+            return Ok((Box::new(NoEstimator), None));
+        };
+        let explain = ExplainEstimator::new(
+            EstimatorConfig::from_conninfo(conninfo)?,
+            Duration::from_millis(self.estimator_timeout_ms),
+        );
+        let timeout = explain.timeout;
+        let ask: crate::policy::estimate::Ask = Arc::new(move |sql: &str| {
+            crate::policy::estimate::explain(&explain.config, sql, explain.timeout)
+                .map_err(|e| e.to_string())
+        });
+        // Waiting in the queue behind another estimate, then its own timeout.
+        let deferred = DeferredEstimator::start(ask, timeout * 2 + Duration::from_secs(1), wake);
+        let generation = deferred.generation();
+        Ok((Box::new(deferred), Some(generation)))
+    }
 }
+
+/// See [`PolicyConfig::gate_estimator`].
+pub type GateEstimator = (
+    Box<dyn RowEstimator + Send + Sync>,
+    Option<Arc<std::sync::atomic::AtomicU64>>,
+);
 
 /// Longest hold the client's TCP survives with margin: tcp_retries2 = 15
 /// gives about 924 s before the kernel gives up on the connection.

@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 // Each stage names what it measures; the API describes and serves them all.
 pub use crate::board::metrics::{AUDIT_FAILURES, HELD_NOW, REQUEST_EVENTS, REQUEST_WAIT};
 pub use crate::gate::metrics::{DECISIONS, DECISION_LATENCY, SHADOW};
+pub use crate::policy::estimate::ESTIMATE_LATENCY;
 pub use crate::pipeline::metrics::{CAPTURE_LOST, STATEMENTS_SEEN};
 /// Counter, label `outcome` = `delivered` | `failed`: webhook deliveries.
 pub const WEBHOOKS: &str = "qgate_webhook_deliveries_total";
@@ -32,6 +33,12 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(REQUEST_WAIT.to_owned()),
                         &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(ESTIMATE_LATENCY.to_owned()),
+                        &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0],
                     )
                 })
                 .unwrap_or_else(|_| PrometheusBuilder::new())
@@ -61,6 +68,11 @@ fn describe() {
         DECISION_LATENCY,
         metrics::Unit::Seconds,
         "Gated segment arrival to policy decision"
+    );
+    metrics::describe_histogram!(
+        ESTIMATE_LATENCY,
+        metrics::Unit::Seconds,
+        "One planner estimate asked by the gate (off the capture loop)"
     );
     metrics::describe_counter!(CAPTURE_LOST, "Segments or events lost by the capture");
     metrics::describe_gauge!(HELD_NOW, "Requests waiting for reviewers now");

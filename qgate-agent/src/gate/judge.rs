@@ -233,7 +233,7 @@ impl Gate {
         if let Some(why) = conn.lexing.unmodelled(text) {
             let c = Classification::unknown(text, Dialect::Postgresql, why);
             let d = policy.decide(&conn.subject, &c, self.estimator.as_ref());
-            return Some((c, d));
+            return self.unless_estimating((c, d));
         }
         let database = database_of(&conn.subject);
         let view = match &self.catalogs {
@@ -268,6 +268,10 @@ impl Gate {
             Dialect::Postgresql,
             self.estimator.as_ref(),
         );
+        if self.estimator.take_pending() {
+            // Decided again when the planner has answered (off this loop).
+            return None;
+        }
         if judged != text {
             // The reviewer reads what the client sent.
             for s in &mut classification.statements {
@@ -314,7 +318,13 @@ impl Gate {
             return Some((classification, decision));
         }
         let decision = policy.decide(&conn.subject, &classification, self.estimator.as_ref());
-        Some((classification, decision))
+        self.unless_estimating((classification, decision))
+    }
+
+    /// `decided`, unless it met an estimate still being asked: then `None`,
+    /// and the statement is decided again when the answer is in.
+    fn unless_estimating<T>(&self, decided: T) -> Option<T> {
+        (!self.estimator.take_pending()).then_some(decided)
     }
 
     /// The planner's estimate of how much of its table a write changes;

@@ -384,8 +384,9 @@ impl Gate {
         }
     }
 
-    /// A catalog read ended: decide what waited for it, and let the kernel
-    /// pass plain reads again where the database allows.
+    /// A catalog read or a planner's estimate ended: decide what waited for
+    /// it, and let the kernel pass plain reads again where the database
+    /// allows.
     pub fn catalogs_changed(&mut self, tracker: &mut Tracker) {
         let deferred: Vec<Flow> = self.deferred.keys().copied().collect();
         for flow in deferred {

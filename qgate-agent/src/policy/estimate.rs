@@ -7,7 +7,14 @@
 //! commands in one string), inside a READ ONLY transaction that is rolled
 //! back, with a statement timeout. Strings that are not exactly one plannable
 //! statement are refused before anything is sent.
-use std::{sync::mpsc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -294,6 +301,157 @@ impl RowEstimator for ExplainEstimator {
     }
 }
 
+/// How a [`DeferredEstimator`] asks for one statement's estimate.
+pub type Ask = Arc<dyn Fn(&str) -> Result<Estimate, String> + Send + Sync>;
+
+/// What a decision meets while the planner is being asked (the rule counts
+/// it as above, but [`RowEstimator::take_pending`] tells the caller to
+/// decide again when the answer is in rather than act on it).
+pub const ESTIMATE_PENDING: &str = "the planner's estimate is being asked";
+
+/// Threads asking at once: an unresponsive server ties up one each until
+/// the timeout, and other statements' estimates go on meanwhile.
+const ASKERS: usize = 2;
+/// Answers kept (by text) before the oldest are dropped.
+const MAX_ANSWERS: usize = 4096;
+/// An answer serves identical statements this long.
+const ANSWER_FRESH: Duration = Duration::from_secs(10);
+
+enum Asked {
+    Asking {
+        since: Instant,
+    },
+    Ready {
+        answer: Result<Estimate, String>,
+        at: Instant,
+    },
+}
+
+/// A [`RowEstimator`] for the gate: estimates are asked on threads of their
+/// own, never on the caller's. A statement whose estimate is not in yet is
+/// reported pending ([`RowEstimator::take_pending`]) and stays held; when
+/// the answer arrives, `generation` is bumped and `wake` called, and the
+/// gate decides it again with the answer. An estimate that does not come
+/// within `give_up_after` counts as no estimate (fail closed).
+pub struct DeferredEstimator {
+    answers: Arc<Mutex<HashMap<String, Asked>>>,
+    jobs: crossbeam_channel::Sender<String>,
+    pending_met: AtomicBool,
+    generation: Arc<AtomicU64>,
+    give_up_after: Duration,
+}
+
+impl DeferredEstimator {
+    /// Starts the asking threads.
+    pub fn start(
+        ask: Ask,
+        give_up_after: Duration,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> DeferredEstimator {
+        let answers: Arc<Mutex<HashMap<String, Asked>>> = Arc::default();
+        let generation = Arc::new(AtomicU64::new(0));
+        let (jobs, queue) = crossbeam_channel::unbounded::<String>();
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::from(wake);
+        for n in 0..ASKERS {
+            let (queue, ask, answers, generation, wake) = (
+                queue.clone(),
+                Arc::clone(&ask),
+                Arc::clone(&answers),
+                Arc::clone(&generation),
+                Arc::clone(&wake),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("qgate-estimator-{n}"))
+                .spawn(move || {
+                    while let Ok(sql) = queue.recv() {
+                        let started = Instant::now();
+                        let answer = ask(&sql);
+                        ::metrics::histogram!(ESTIMATE_LATENCY)
+                            .record(started.elapsed().as_secs_f64());
+                        let mut answers = lock(&answers);
+                        if answers.len() >= MAX_ANSWERS {
+                            answers.retain(|_, a| matches!(a, Asked::Asking { .. }));
+                        }
+                        answers.insert(
+                            sql,
+                            Asked::Ready {
+                                answer,
+                                at: Instant::now(),
+                            },
+                        );
+                        drop(answers);
+                        generation.fetch_add(1, Ordering::AcqRel);
+                        wake();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("starting an estimator thread: {e}");
+            }
+        }
+        DeferredEstimator {
+            answers,
+            jobs,
+            pending_met: AtomicBool::new(false),
+            generation,
+            give_up_after,
+        }
+    }
+
+    /// Bumped each time an answer arrives: what waited may be decided.
+    pub fn generation(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.generation)
+    }
+
+    fn estimate(&self, sql: &str) -> Result<Estimate, String> {
+        // Refused before anything is queued: nothing to wait for.
+        plannable(sql).map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let mut answers = lock(&self.answers);
+        match answers.get(sql) {
+            Some(Asked::Ready { answer, at }) if now.duration_since(*at) < ANSWER_FRESH => {
+                return answer.clone();
+            }
+            Some(Asked::Asking { since }) => {
+                if now.duration_since(*since) > self.give_up_after {
+                    return Err(format!("no estimate within {:?}", self.give_up_after));
+                }
+                self.pending_met.store(true, Ordering::Release);
+                return Err(ESTIMATE_PENDING.into());
+            }
+            _ => {}
+        }
+        answers.insert(sql.to_owned(), Asked::Asking { since: now });
+        drop(answers);
+        if self.jobs.send(sql.to_owned()).is_err() {
+            return Err("the estimator's threads are gone".into());
+        }
+        self.pending_met.store(true, Ordering::Release);
+        Err(ESTIMATE_PENDING.into())
+    }
+}
+
+impl RowEstimator for DeferredEstimator {
+    fn estimate_rows(&self, statement: &StatementFacts) -> Result<u64, String> {
+        self.estimate(&statement.sql).map(|e| e.rows)
+    }
+
+    fn estimate_cost(&self, statement: &StatementFacts) -> Result<f64, String> {
+        self.estimate(&statement.sql).map(|e| e.cost)
+    }
+
+    fn take_pending(&self) -> bool {
+        self.pending_met.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// Histogram, seconds: how long the planner took to answer one estimate
+/// (the gate's statement waits that long, off the capture loop).
+pub const ESTIMATE_LATENCY: &str = "qgate_estimate_seconds";
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,5 +518,69 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, EstimateError::Refused(_)), "{err}");
+    }
+
+    /// The caller never waits: the first ask is pending (and says so once),
+    /// the answer arrives on another thread and rings, then it serves; an
+    /// answer that never comes counts as none after the limit; a string
+    /// that cannot be planned is refused without queueing.
+    #[test]
+    fn deferred_estimates_are_asked_off_the_callers_thread() {
+        let (release, released) = crossbeam_channel::unbounded::<()>();
+        let asked = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&asked);
+        let ask: Ask = Arc::new(move |sql: &str| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if sql.contains("forever") {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+            released.recv().map_err(|e| e.to_string())?;
+            Ok(Estimate {
+                rows: 42,
+                cost: 7.5,
+            })
+        });
+        let (rang, rings) = crossbeam_channel::unbounded::<()>();
+        let est = DeferredEstimator::start(
+            ask,
+            Duration::from_millis(300),
+            Box::new(move || {
+                let _ = rang.send(());
+            }),
+        );
+        let generation = est.generation();
+        let sql = "SELECT * FROM big";
+        assert_eq!(est.estimate(sql).unwrap_err(), ESTIMATE_PENDING);
+        assert!(est.take_pending());
+        assert!(!est.take_pending(), "said once");
+        // Asked again while pending: still pending, not asked twice.
+        assert_eq!(est.estimate(sql).unwrap_err(), ESTIMATE_PENDING);
+        assert!(est.take_pending());
+        release.send(()).unwrap();
+        rings.recv_timeout(Duration::from_secs(10)).expect("a ring");
+        assert_eq!(generation.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            est.estimate(sql).unwrap(),
+            Estimate {
+                rows: 42,
+                cost: 7.5
+            }
+        );
+        assert!(!est.take_pending());
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+
+        assert!(est.estimate("SELECT * FROM forever").is_err());
+        std::thread::sleep(Duration::from_millis(400));
+        let late = est.estimate("SELECT * FROM forever").unwrap_err();
+        assert!(late.starts_with("no estimate within"), "{late}");
+        assert!(est.take_pending(), "the first ask was pending");
+        assert!(
+            !est.take_pending(),
+            "the late one is an answer (fail closed)"
+        );
+
+        let refused = est.estimate("SELECT 1; SELECT 2").unwrap_err();
+        assert!(refused.contains("2 statements"), "{refused}");
+        assert!(!est.take_pending());
     }
 }

@@ -155,6 +155,12 @@ pub trait RowEstimator {
     fn estimate_cost(&self, _statement: &StatementFacts) -> Result<f64, String> {
         Err("no cost estimator is configured".into())
     }
+    /// True (once) when an estimate asked since the last call is still
+    /// being worked out elsewhere: the decision just made counted it as
+    /// missing, and should be made again once it is in rather than acted on.
+    fn take_pending(&self) -> bool {
+        false
+    }
 }
 
 /// No database connection configured: every estimate is missing.

@@ -475,5 +475,8 @@ fn a_rule_with_only_a_cost_limit_does_not_decide_every_statement() {
          [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
     )
     .unwrap();
-    assert_ne!(needs_gate(&allow_then_hold, &subject("ana")), GateMode::Monitor);
+    assert_ne!(
+        needs_gate(&allow_then_hold, &subject("ana")),
+        GateMode::Monitor
+    );
 }
