@@ -209,3 +209,123 @@ fn pgbench_prepared_statements_are_counted_exactly() -> Result<()> {
 fn pgbench_simple_statements_are_counted_exactly() -> Result<()> {
     pgbench_counts_are_exact("capsimp", "simple")
 }
+
+/// `policy suggest` over a store the live capture filled: a pgbench run
+/// plus an analyst's psql script (a read of `ssn`, a user function, a
+/// DROP). The proposal validates as printed, holds the DDL it saw for the
+/// analyst and lets pgbench's statements run.
+#[test]
+fn a_policy_suggested_from_recorded_pgbench_and_psql_traffic_holds_its_ddl() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("csuggest")?;
+    lab.start_postgres()?;
+    lab.pgbench(&["-i", "-q", "-s", "1"])?;
+    for sql in [
+        "CREATE TABLE people (id int, name text, ssn text)",
+        "INSERT INTO people VALUES (1, 'ann', '123-45-6789')",
+        "CREATE FUNCTION mask(t text) RETURNS text LANGUAGE sql AS $$ SELECT 'xxx' || right(t, 4) $$",
+        "CREATE TABLE old_stuff (id int)",
+        "CREATE ROLE analyst LOGIN",
+        "GRANT SELECT ON people TO analyst",
+        "ALTER TABLE old_stuff OWNER TO analyst",
+    ] {
+        lab.sql(sql)?;
+    }
+    lab.start_agent(&["--monitor"])?;
+    lab.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "100"])?;
+    let script = lab.dir.join("analyst.sql");
+    std::fs::write(
+        &script,
+        "SELECT name, ssn FROM people WHERE id = 1;\n\
+         SELECT mask(ssn) FROM people;\n\
+         DROP TABLE old_stuff;\n",
+    )?;
+    let out = lab.psql(
+        "analyst",
+        "postgres",
+        &[
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            script.to_str().unwrap_or_default(),
+        ],
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.wait_for("the DROP stored", Duration::from_secs(20), || {
+        Ok((lab.store()?.query_row(
+            "SELECT count(*) FROM statements WHERE text LIKE 'DROP TABLE old_stuff%' AND completed_at IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? == 1)
+            .then_some(()))
+    })?;
+    lab.stop_agent()?;
+
+    let db = lab.db_path();
+    let db = db.to_str().unwrap_or_default();
+    let out = lab.agent_cli(&["policy", "suggest", "--db", db, "--since", "1h"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let suggested = String::from_utf8(out.stdout)?;
+    assert!(suggested.contains("[groups.user_analyst]"), "{suggested}");
+    assert!(suggested.contains("[groups.user_postgres]"), "{suggested}");
+    assert!(
+        suggested.contains("\"people\""),
+        "the ssn column tags its table: {suggested}"
+    );
+    assert!(
+        suggested.contains("mask"),
+        "the user function is listed: {suggested}"
+    );
+    let file = lab.dir.join("suggested.toml");
+    std::fs::write(&file, &suggested)?;
+    let file = file.to_str().unwrap_or_default();
+    let out = lab.agent_cli(&["policy", "validate", file])?;
+    assert!(
+        out.status.success(),
+        "validates as printed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decide = |user: &str, sql: &str| -> Result<serde_json::Value> {
+        let out = lab.agent_cli(&[
+            "policy",
+            "check",
+            "--json",
+            "--policy",
+            file,
+            "--user",
+            user,
+            "--database",
+            "postgres",
+            sql,
+        ])?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let drop = decide("analyst", "DROP TABLE old_stuff")?;
+    assert_eq!(drop["decision"], "hold", "{drop}");
+    let read = decide(
+        "postgres",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+    )?;
+    assert_eq!(read["decision"], "allow", "{read}");
+    let update = decide(
+        "postgres",
+        "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7",
+    )?;
+    assert_eq!(update["decision"], "allow", "{update}");
+    Ok(())
+}

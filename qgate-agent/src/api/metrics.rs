@@ -10,8 +10,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 // Each stage names what it measures; the API describes and serves them all.
 pub use crate::board::metrics::{AUDIT_FAILURES, HELD_NOW, REQUEST_EVENTS, REQUEST_WAIT};
 pub use crate::gate::metrics::{DECISIONS, DECISION_LATENCY, SHADOW};
-pub use crate::policy::estimate::ESTIMATE_LATENCY;
 pub use crate::pipeline::metrics::{CAPTURE_LOST, STATEMENTS_SEEN};
+pub use crate::policy::estimate::ESTIMATE_LATENCY;
 /// Counter, label `outcome` = `delivered` | `failed`: webhook deliveries.
 pub const WEBHOOKS: &str = "qgate_webhook_deliveries_total";
 
