@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     match cli::dispatch(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("qgate-agent: {err:#}");
+            eprintln!("qgate-agent: {}", cli::error_chain(&err));
             ExitCode::FAILURE
         }
     }

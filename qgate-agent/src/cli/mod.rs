@@ -63,6 +63,21 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Logs to stderr (the journal under systemd); `RUST_LOG` filters.
+/// An error and its causes on one line, each cause once: errors here
+/// often quote their source in their own message (`opening P: …`), and the
+/// source's own text would then follow a second time.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -92,4 +107,24 @@ pub(crate) fn parse_duration_s(text: &str) -> Result<i64, String> {
     n.checked_mul(unit)
         .filter(|s| *s > 0)
         .ok_or_else(|| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_cause_is_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening /x: {source}")]
+        struct Open {
+            source: std::io::Error,
+        }
+        let err = anyhow::Error::new(Open {
+            source: std::io::Error::other("no such file"),
+        })
+        .context("reading the store");
+        assert_eq!(
+            super::error_chain(&err),
+            "reading the store: opening /x: no such file"
+        );
+    }
 }
