@@ -100,7 +100,7 @@ async fn every_decision_is_an_audit_row_with_its_actor_and_comment() {
 }
 
 #[tokio::test]
-async fn statements_are_searchable_by_user_database_table_decision_outcome_and_time() {
+async fn statements_are_searchable_by_user_database_table_decision_rule_outcome_and_time() {
     let api = start(ApiOptions::default()).await;
     let rita = api.reviewer("rita", Role::Reviewer, &["dba"], &[]);
     let statement = seed_statements(&api.db);
@@ -132,6 +132,12 @@ async fn statements_are_searchable_by_user_database_table_decision_outcome_and_t
     assert_eq!(ids(api.get(&rita, &search("decision=held")).await.1), [11]);
     assert_eq!(ids(api.get(&rita, &search("decision=allow")).await.1), [10]);
     assert_eq!(ids(api.get(&rita, &search("decision=none")).await.1), [12]);
+    assert_eq!(ids(api.get(&rita, &search("rule=reads")).await.1), [10]);
+    assert_eq!(
+        ids(api.get(&rita, &search("rule=ddl-needs-peer")).await.1),
+        [11]
+    );
+    assert!(ids(api.get(&rita, &search("rule=read")).await.1).is_empty());
     assert!(ids(api.get(&rita, &search("decision=deny")).await.1).is_empty());
     let (status, _) = api.get(&rita, &search("decision=maybe")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

@@ -57,6 +57,8 @@ pub struct StatementQuery {
     /// asked), or the status its request reached: `pending`, `approved`,
     /// `denied`, `expired`, `withdrawn`.
     decision: Option<String>,
+    /// The policy rule that decided it (exact name).
+    rule: Option<String>,
     /// The statement's outcome as the store records it (e.g. `ok`, `error`).
     outcome: Option<String>,
     /// Received at or after (RFC 3339).
@@ -203,6 +205,7 @@ pub async fn search_statements(
             .map(str::parse)
             .transpose()
             .map_err(ApiError::bad_request)?,
+        rule: q.rule,
         outcome: q.outcome,
         after: q.after,
         limit: Some(limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?),

@@ -140,6 +140,8 @@ pub struct StatementFilter {
     /// A name appearing in the statement text (case-insensitive).
     pub table: Option<String>,
     pub decision: Option<DecisionFilter>,
+    /// The policy rule that decided it.
+    pub rule: Option<String>,
     pub outcome: Option<String>,
     /// Only statements with an id above this (paging).
     pub after: Option<i64>,
@@ -221,6 +223,9 @@ fn statement_query(filter: &StatementFilter) -> (String, Vec<rusqlite::types::Va
     }
     if let Some(outcome) = &filter.outcome {
         and("s.outcome = ?", Value::Text(outcome.clone()));
+    }
+    if let Some(rule) = &filter.rule {
+        and("s.rule = ?", Value::Text(rule.clone()));
     }
     if let Some(after) = filter.after {
         and("s.id > ?", Value::Integer(after));
