@@ -4,10 +4,18 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// Debian packages and the command whose presence proves each is installed.
-const APT_PACKAGES: &[(&str, &str)] = &[
+/// Debian packages building and running the agent needs, and the file
+/// whose presence proves each is installed. Nothing here is a database
+/// server or client: `run` must not add a PostgreSQL cluster to a host that
+/// runs another version.
+const BUILD_PACKAGES: &[(&str, &str)] = &[
     // bpf-linker links against LLVM 22 (rustc 1.95's LLVM must not be newer).
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+];
+
+/// What the tests, the benchmarks and the demo add: the servers and clients
+/// they run, and the tools their harness drives.
+const TEST_PACKAGES: &[(&str, &str)] = &[
     ("postgresql-15", "/usr/lib/postgresql/15/bin/initdb"),
     ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
     ("iproute2", "/usr/sbin/ip"),
@@ -16,22 +24,33 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "/usr/bin/openssl"),
     // An e2e test drops chosen segments after tc, as a server's TCP would.
     ("nftables", "/usr/sbin/nft"),
+    // A silent server in an e2e test; the browser tests of the inbox.
+    ("python3", "/usr/bin/python3"),
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The toolchain that builds the eBPF object (see qgate-agent/build.rs).
 const TOOLCHAIN: &str = "stable";
 
-pub fn all() -> Result<()> {
-    apt()?;
+/// What building and running the agent needs (`cargo xtask run`).
+pub fn build() -> Result<()> {
+    apt(BUILD_PACKAGES)?;
     rust_src()?;
     bpf_linker()?;
     bpffs()?;
     Ok(())
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// [`build`], and what the tests, benchmarks and demo run against.
+pub fn all() -> Result<()> {
+    build()?;
+    apt(TEST_PACKAGES)
+}
+
+fn apt(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, proof)| !std::path::Path::new(proof).exists())
         .map(|(pkg, _)| *pkg)

@@ -22,9 +22,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (LLVM 22, rust-src, bpf-linker, PostgreSQL 15, bpffs).
+    /// Install what is missing for building, running and testing (LLVM 22,
+    /// rust-src, bpf-linker, bpffs; PostgreSQL 15, Chromium and the other
+    /// tools the tests drive).
     Bootstrap,
-    /// Bootstrap, build (release) and run the agent with the shipped configuration.
+    /// Install what building and running the agent needs (no database
+    /// server or client), build (release) and run the agent with the
+    /// shipped configuration.
     Run {
         /// Extra arguments for `qgate-agent run`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -64,7 +68,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Task::Bootstrap => bootstrap::all(),
         Task::Run { args } => {
-            bootstrap::all()?;
+            bootstrap::build()?;
             cargo(&root, &["build", "--release", "-p", "qgate-agent"])?;
             let agent = root.join("target/release/qgate-agent");
             let status = Command::new(&agent)

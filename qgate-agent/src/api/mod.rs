@@ -9,6 +9,7 @@
 //! | [`webhook`] | `webhook.rs` | signed, retried notifications of new requests and decisions |
 //! | [`metrics`] | `metrics.rs` | the Prometheus registry every stage increments |
 //! | TLS | `tls.rs` | rustls for non-loopback listeners |
+//! | inbox | `ui.rs`, `ui/` | the reviewers' web page at `/ui/` (embedded static files over this API) |
 //!
 //! [`serve`] runs the HTTP server together with the expiry of overdue
 //! requests and the webhook dispatcher; the agent's run loop calls it.
@@ -18,6 +19,7 @@ mod error;
 pub mod metrics;
 mod routes;
 mod tls;
+mod ui;
 pub mod webhook;
 
 use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};

@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> axum::Router {
     let limit = state.options.body_limit_bytes;
     let (router, _) = api_router().split_for_parts();
     router
+        .merge(super::ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

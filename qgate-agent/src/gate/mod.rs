@@ -978,7 +978,14 @@ impl Gate {
                     );
                     return Verdict::Wait(id);
                 }
-                let facts = redacted_facts(&classification);
+                let mut facts = redacted_facts(&classification);
+                // Why the rule held it, for the reviewer (estimates included).
+                facts["reasons"] = decision
+                    .reasons
+                    .iter()
+                    .map(|r| crate::classify::redact::redact(r).into_owned())
+                    .collect::<Vec<_>>()
+                    .into();
                 let new = NewRequest {
                     statement_id: None,
                     statement: shown,

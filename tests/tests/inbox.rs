@@ -1,0 +1,347 @@
+//! The reviewers' web inbox in a real browser (Debian's Chromium, driven
+//! over WebDriver by chromedriver) against a real agent holding a real
+//! psql's DROP TABLE. The browser runs in the lab's server namespace, where
+//! the agent's API listens on loopback. Screenshots of the inbox, a request
+//! page, the audit page and the phone-width inbox go to
+//! `target/ui-screenshots/` in every run.
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use fantoccini::{Client, ClientBuilder, Locator};
+use qgate_e2e::{finish, in_netns, require_root, Lab};
+use serde_json::json;
+
+const DRIVER_PORT: u16 = 9515;
+
+fn screenshots() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/ui-screenshots"
+    ))
+}
+
+/// chromedriver in the server namespace; killed when dropped.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_driver(lab: &Lab) -> Result<Driver> {
+    // A driver a killed run left behind would hold the port.
+    let _ = Command::new("pkill")
+        .args(["-f", &format!("chromedriver --port={DRIVER_PORT}")])
+        .status();
+    let child = lab
+        .in_server("chromedriver")
+        .arg(format!("--port={DRIVER_PORT}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting chromedriver (Debian package chromium-driver)")?;
+    Ok(Driver(child))
+}
+
+/// What the browser part needs from the lab, owned (it runs on a thread of
+/// its own, inside the server namespace).
+struct Scene {
+    base: String,
+    rita: String,
+    pat: String,
+    profile: PathBuf,
+    /// psql in the client namespace running the held DROP.
+    drop_table: Command,
+}
+
+#[test]
+fn a_held_drop_appears_live_and_is_approved_in_the_browser() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("inbox")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE ledger_entries (id int)")?;
+    lab.start_agent(&[])?;
+    let rita = lab.add_reviewer("rita", "reviewers", Some(""))?;
+    // pat is the database user postgres: never approves its statements.
+    let pat = lab.add_reviewer("pat", "reviewers", Some("postgres"))?;
+    let _driver = start_driver(&lab)?;
+    let mut drop_table = lab.in_client("psql");
+    drop_table
+        .env("PGSSLMODE", "disable")
+        .args([
+            "-h",
+            &lab.server_ip.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["-At", "-c", "DROP TABLE ledger_entries"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    std::fs::create_dir_all(screenshots())?;
+    let scene = Scene {
+        base: format!("http://127.0.0.1:{}", lab.api_port()),
+        rita,
+        pat,
+        profile: lab.dir.join("chromium-profile"),
+        drop_table,
+    };
+    let server_ns = lab.server_ns.clone();
+    let psql = in_netns(&server_ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(browse(scene))
+    })?;
+    let (ok, out, err) = finish(psql, Duration::from_secs(10))?;
+    assert!(ok, "psql's DROP ran once approved: {out} {err}");
+    assert_eq!(
+        lab.sql("SELECT count(*) FROM pg_tables WHERE tablename = 'ledger_entries'")?,
+        "0"
+    );
+    Ok(())
+}
+
+async fn connect(profile: &std::path::Path) -> Result<Client> {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,900", format!("--user-data-dir={}", profile.display()),
+            ]
+        }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(connector)
+            .capabilities(caps.clone())
+            .connect(&format!("http://127.0.0.1:{DRIVER_PORT}"))
+            .await
+        {
+            Ok(client) => return Ok(client),
+            Err(e) if Instant::now() > deadline => bail!("chromedriver: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn shot(c: &Client, name: &str) -> Result<()> {
+    let png = c.screenshot().await?;
+    std::fs::write(screenshots().join(name), png)?;
+    Ok(())
+}
+
+async fn sign_in(c: &Client, base: &str, token: &str) -> Result<()> {
+    c.goto(&format!("{base}/ui/")).await?;
+    let input = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#token"))
+        .await?;
+    input.send_keys(token).await?;
+    c.find(Locator::Css("#login button[type=submit]"))
+        .await?
+        .click()
+        .await?;
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#pending"))
+        .await?;
+    Ok(())
+}
+
+async fn sign_out(c: &Client) -> Result<()> {
+    c.find(Locator::Css("#logout")).await?.click().await?;
+    c.wait()
+        .at_most(Duration::from_secs(5))
+        .for_element(Locator::Css("#token"))
+        .await?;
+    Ok(())
+}
+
+/// Polls `f` until it yields, for up to `secs`.
+async fn until<T, F, Fut>(what: &str, secs: u64, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn text_of(c: &Client, css: &str) -> Result<String> {
+    Ok(c.find(Locator::Css(css)).await?.text().await?)
+}
+
+async fn browse(mut scene: Scene) -> Result<Child> {
+    let c = connect(&scene.profile).await?;
+    let result = steps(&c, &mut scene).await;
+    let _ = c.close().await;
+    result
+}
+
+async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
+    sign_in(c, &scene.base, &scene.rita).await?;
+    let empty = text_of(c, "#pending").await?;
+    assert!(empty.contains("Nothing is waiting"), "{empty}");
+    let token_in_url = c.current_url().await?.to_string().contains(&scene.rita);
+    assert!(!token_in_url, "the token never goes into a URL");
+
+    // Held by the agent: the card appears in the open page, no reload.
+    let psql = scene.drop_table.spawn().context("psql")?;
+    let card = until("the held DROP in the inbox", 20, || async {
+        Ok(
+            c.find_all(Locator::Css("article.request[data-status=pending]"))
+                .await?
+                .into_iter()
+                .next(),
+        )
+    })
+    .await?;
+    let text = card.text().await?;
+    assert!(text.contains("DROP TABLE ledger_entries"), "{text}");
+    assert!(text.contains("PENDING"), "status in words: {text}");
+    assert!(text.contains("postgres"), "the database user: {text}");
+    assert!(text.contains("expires in"), "{text}");
+    let id = card.attr("data-id").await?.context("data-id")?;
+    shot(c, "inbox.png").await?;
+
+    // pat is the database user who sent it: the page says why not.
+    sign_out(c).await?;
+    sign_in(c, &scene.base, &scene.pat).await?;
+    let card = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(&format!("#request-{id}")))
+        .await?;
+    let approve = card.find(Locator::Css("button.approve")).await?;
+    assert!(!approve.is_enabled().await?, "pat cannot approve");
+    let why = card.find(Locator::Css(".why-not")).await?.text().await?;
+    assert!(why.contains("which is you"), "{why}");
+    shot(c, "self-approval.png").await?;
+    sign_out(c).await?;
+
+    // rita approves with a comment; the card shows who decided.
+    sign_in(c, &scene.base, &scene.rita).await?;
+    let card = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(&format!("#request-{id}")))
+        .await?;
+    card.find(Locator::Css("textarea"))
+        .await?
+        .send_keys("checked with the ledger team")
+        .await?;
+    card.find(Locator::Css("button.approve"))
+        .await?
+        .click()
+        .await?;
+    let decided = until("the decision on the card", 15, || async {
+        let cards = c
+            .find_all(Locator::Css(&format!(
+                "#request-{id}[data-status=approved]"
+            )))
+            .await?;
+        match cards.into_iter().next() {
+            Some(card) => Ok(Some(card.text().await?)),
+            None => Ok(None),
+        }
+    })
+    .await?;
+    assert!(decided.contains("APPROVED"), "{decided}");
+    assert!(decided.contains("Approved by rita"), "{decided}");
+    assert!(
+        decided.contains("checked with the ledger team"),
+        "{decided}"
+    );
+
+    // The request's own page.
+    c.goto(&format!("{}/ui/#/requests/{id}", scene.base))
+        .await?;
+    let page = until("the request page", 10, || async {
+        let text = text_of(c, "main").await?;
+        Ok(text.contains("Approved by rita").then_some(text))
+    })
+    .await?;
+    assert!(page.contains("DROP TABLE ledger_entries"), "{page}");
+    shot(c, "request.png").await?;
+
+    // The audit page finds it by table and by decision; the chain verifies.
+    c.goto(&format!("{}/ui/#/audit", scene.base)).await?;
+    let verify = until("the chain's verification", 15, || async {
+        let text = text_of(c, "#verify").await?;
+        Ok((!text.starts_with("Checking")).then_some(text))
+    })
+    .await?;
+    assert!(verify.contains("intact"), "{verify}");
+    let search = |table: &'static str, decision: &'static str| async move {
+        let table_input = c.find(Locator::Css("#f-table")).await?;
+        table_input.clear().await?;
+        table_input.send_keys(table).await?;
+        c.find(Locator::Css("#f-decision"))
+            .await?
+            .select_by_value(decision)
+            .await?;
+        c.find(Locator::Css("#search button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        until("search results", 10, || async {
+            let text = text_of(c, "#results").await?;
+            Ok((!text.contains("Searching")).then_some(text))
+        })
+        .await
+    };
+    // A decision reaches the statement's row with the store's next batch.
+    let found = until("the DROP found by table and decision", 20, || async {
+        let text = search("ledger_entries", "approved").await?;
+        Ok(text.contains("DROP TABLE ledger_entries").then_some(text))
+    })
+    .await?;
+    assert!(
+        found.contains(&format!("#{id}")),
+        "links its request: {found}"
+    );
+    shot(c, "audit.png").await?;
+    let none = search("ledger_entries", "deny").await?;
+    assert!(none.contains("No statement matches"), "{none}");
+
+    // A phone's width: nothing runs off the side.
+    c.goto(&format!("{}/ui/#/inbox", scene.base)).await?;
+    c.set_window_size(390, 844).await?;
+    c.wait()
+        .at_most(Duration::from_secs(5))
+        .for_element(Locator::Css("#pending"))
+        .await?;
+    let overflow = c
+        .execute(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+            vec![],
+        )
+        .await?;
+    assert!(
+        overflow.as_i64().unwrap_or(1) <= 0,
+        "horizontal overflow at phone width: {overflow}"
+    );
+    shot(c, "inbox-phone.png").await?;
+    Ok(psql)
+}
