@@ -329,3 +329,90 @@ fn a_policy_suggested_from_recorded_pgbench_and_psql_traffic_holds_its_ddl() -> 
     assert_eq!(update["decision"], "allow", "{update}");
     Ok(())
 }
+
+/// `doctor` beside a running lab server: everything fine, the server found
+/// with its version, TLS and Unix socket; then a broken policy and a pin
+/// directory off bpffs (as with bpffs unmounted) are each named, with a
+/// non-zero exit.
+#[test]
+fn doctor_finds_the_server_and_names_what_would_stop_a_start() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("cdoctor")?;
+    lab.start_postgres()?;
+    let db = lab.db_path();
+    let port = qgate_e2e::PG_PORT.to_string();
+    let pins = lab.pin_dir();
+    let base = [
+        "doctor",
+        "--port",
+        &port,
+        "--db",
+        db.to_str().unwrap_or_default(),
+        "--pin-dir",
+        pins.to_str().unwrap_or_default(),
+    ];
+    // nsenter --net keeps the host's /sys (and its bpffs) in view, as the
+    // agent has it; `ip netns exec` would remount /sys without it.
+    let doctor = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", lab.server_ns))
+            .arg("--")
+            .arg(qgate_e2e::agent_bin())
+            .args(args)
+            .output()?)
+    };
+    let out = doctor(&base)?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = said
+        .lines()
+        .find(|l| l.contains("postgresql"))
+        .unwrap_or_default();
+    assert!(server.starts_with("ok"), "{said}");
+    assert!(server.contains("PostgreSQL 15"), "{server}");
+    assert!(
+        server.contains("TLS on") || server.contains("TLS off"),
+        "asked the server: {server}"
+    );
+    assert!(server.contains(&format!(".s.PGSQL.{port}")), "{server}");
+    assert!(!said.contains("FAIL"), "{said}");
+
+    let broken = lab.dir.join("broken.toml");
+    std::fs::write(
+        &broken,
+        "[[rules]]\nname = \"x\"\naction = \"hold\"\nkinds = [\"nonsense\"]\n",
+    )?;
+    let mut args = base.to_vec();
+    args.extend(["--policy", broken.to_str().unwrap_or_default()]);
+    let out = doctor(&args)?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("FAIL"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("policy") && line.contains("nonsense"),
+        "{said}"
+    );
+
+    let off_bpffs = lab.dir.join("pins");
+    let mut args = base.to_vec();
+    args[6] = off_bpffs.to_str().unwrap_or_default();
+    let out = doctor(&args)?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("FAIL"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("bpffs") && line.contains("mount -t bpf"),
+        "{said}"
+    );
+    Ok(())
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod doctor;
 pub mod policy;
 pub mod requests;
 pub mod reviewers;
@@ -41,6 +42,11 @@ enum Command {
     /// Reviewers and their tokens (directly on the store).
     #[command(subcommand)]
     Reviewers(reviewers::ReviewersCommand),
+    /// Check what the agent needs on this host (kernel, bpffs, uprobes,
+    /// privileges, the PostgreSQL servers it would gate, policy, store, API
+    /// address): one line each, how to fix what is wrong; exits 1 when
+    /// something would stop a start. Takes `run`'s options.
+    Doctor(doctor::DoctorArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -59,10 +65,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => audit::run(cmd),
         Command::Requests(cmd) => requests::run(cmd),
         Command::Reviewers(cmd) => reviewers::run(cmd),
+        Command::Doctor(args) => doctor::run(args),
     }
 }
 
-/// Logs to stderr (the journal under systemd); `RUST_LOG` filters.
 /// An error and its causes on one line, each cause once: errors here
 /// often quote their source in their own message (`opening P: …`), and the
 /// source's own text would then follow a second time.
@@ -78,6 +84,7 @@ pub fn error_chain(err: &anyhow::Error) -> String {
     line
 }
 
+/// Logs to stderr (the journal under systemd); `RUST_LOG` filters.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -65,7 +65,7 @@ pub struct ReplayArgs {
     ports: Vec<u16>,
 }
 
-fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
+pub(super) fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     let mut config = Config::load(args.config.as_deref())?;
     if !args.interfaces.is_empty() {
         config.capture.interfaces = args.interfaces.clone();
