@@ -347,21 +347,31 @@ fn overlay(base: &mut toml::Table, given: toml::Table) {
     }
 }
 
-/// Every interface that is up (lo included), from /sys/class/net.
+/// Every interface that is up (lo included), in this network namespace.
 pub fn up_interfaces() -> std::io::Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir("/sys/class/net")? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let flags = std::fs::read_to_string(entry.path().join("flags")).unwrap_or_default();
-        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
-        // IFF_UP (include/uapi/linux/if.h).
-        if flags & 0x1 != 0 {
-            names.push(name);
-        }
+    // getifaddrs(3) asks the kernel over netlink, so it answers for this
+    // process's network namespace even where /sys was mounted for another
+    // (`nsenter --net`, a container sharing the host's /sys).
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    names.sort();
-    Ok(names)
+    let mut names = std::collections::BTreeSet::new();
+    let mut at = head;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, freed only below.
+        let node = unsafe { &*at };
+        if node.ifa_flags & libc::IFF_UP as u32 != 0 && !node.ifa_name.is_null() {
+            // SAFETY: ifa_name is a NUL-terminated interface name.
+            let name = unsafe { std::ffi::CStr::from_ptr(node.ifa_name) };
+            names.insert(name.to_string_lossy().into_owned());
+        }
+        at = node.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(names.into_iter().collect())
 }
 
 #[cfg(test)]

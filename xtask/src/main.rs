@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bootstrap;
+mod package;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -39,6 +40,14 @@ enum Task {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build a Debian package of the agent (target/package/qgate_VERSION_ARCH.deb):
+    /// the binary, a systemd unit, /etc/qgate/{qgate,policy}.toml as conffiles,
+    /// the state directory /var/lib/qgate.
+    Package {
+        /// Package this binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
     /// Bootstrap, then benchmark qgate against a direct connection and proxies
     /// (release builds; results in target/bench/). Runner options after `--`,
@@ -85,6 +94,17 @@ fn run(cli: Cli) -> Result<()> {
             bootstrap::all()?;
             test(&root, &args)
         }
+        Task::Package { binary } => {
+            bootstrap::build()?;
+            let binary = match binary {
+                Some(binary) => binary,
+                None => {
+                    cargo(&root, &["build", "--release", "-p", "qgate-agent"])?;
+                    root.join("target/release/qgate-agent")
+                }
+            };
+            package::build(&root, &binary, &root.join("target/package")).map(|_| ())
+        }
         Task::Bench { quick, args } => {
             bootstrap::all()?;
             bench::run(&root, quick, &args)
@@ -105,6 +125,13 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .arg(root)
         .status();
     cargo(root, &["build", "-p", "qgate-agent"])?;
+    // The package test installs this one (the debug binary: a release
+    // build would add minutes; `cargo xtask package` makes the real one).
+    package::build(
+        root,
+        &root.join("target/debug/qgate-agent"),
+        &root.join("target/package"),
+    )?;
     let mut unit = vec!["test", "--workspace", "--exclude", "qgate-e2e", "--"];
     unit.extend(args.iter().map(String::as_str));
     cargo(root, &unit)?;
