@@ -93,6 +93,14 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     )
     .map_err(store_err)?;
     let mut pipeline = Pipeline::new(writer);
+    let stream = if config.audit_stream.stream().enabled() {
+        Some(
+            store::stream::StreamThread::spawn(&config.store.path, &config.audit_stream.stream())
+                .map_err(AgentError::Gate)?,
+        )
+    } else {
+        None
+    };
 
     api::metrics::install();
     let mut webhooks = api::webhook::WebhookOptions {
@@ -403,6 +411,9 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
         crate::store::audit::kinds::AGENT_STOP,
         serde_json::json!({ "summary": summary, "gate": gate.stats() }),
     );
+    if let Some(stream) = stream {
+        stream.finish();
+    }
     if gate.holding() == 0 {
         capture.unpin();
     } else {

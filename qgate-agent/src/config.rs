@@ -42,6 +42,46 @@ pub struct Config {
     pub catalog: CatalogConfig,
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    #[serde(default)]
+    pub audit_stream: AuditStreamConfig,
+}
+
+/// Every audit record, as it happens, to a log pipeline (`store::stream`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditStreamConfig {
+    /// JSON lines to this file, rotated by size.
+    pub jsonl: Option<PathBuf>,
+    pub jsonl_max_bytes: u64,
+    /// Rotated files kept (`FILE.1` … `FILE.N`).
+    pub jsonl_keep: u32,
+    /// RFC 5424 syslog: `unix:/dev/log`, `udp:HOST:PORT` or `tcp:HOST:PORT`.
+    pub syslog: Option<String>,
+    pub syslog_facility: String,
+}
+
+impl Default for AuditStreamConfig {
+    fn default() -> Self {
+        AuditStreamConfig {
+            jsonl: None,
+            jsonl_max_bytes: 100 * 1024 * 1024,
+            jsonl_keep: 5,
+            syslog: None,
+            syslog_facility: "authpriv".into(),
+        }
+    }
+}
+
+impl AuditStreamConfig {
+    pub fn stream(&self) -> crate::store::stream::StreamConfig {
+        crate::store::stream::StreamConfig {
+            jsonl: self.jsonl.clone(),
+            jsonl_max_bytes: self.jsonl_max_bytes,
+            jsonl_keep: self.jsonl_keep,
+            syslog: self.syslog.clone(),
+            syslog_facility: self.syslog_facility.clone(),
+        }
+    }
 }
 
 /// Where request events are posted (chat, paging, ticketing).
@@ -313,6 +353,21 @@ impl Config {
         }
         if self.policy.estimator_timeout_ms == 0 {
             return Err("policy.estimator_timeout_ms: at least 1".into());
+        }
+        if let Some(target) = &self.audit_stream.syslog {
+            crate::store::stream::check_target(target)
+                .map_err(|e| format!("audit_stream.syslog: {e}"))?;
+        }
+        if crate::store::stream::facility_code(&self.audit_stream.syslog_facility).is_none() {
+            return Err(format!(
+                "audit_stream.syslog_facility: unknown facility `{}` (auth, authpriv, daemon, local0 … local7, …)",
+                self.audit_stream.syslog_facility
+            ));
+        }
+        if self.audit_stream.jsonl_max_bytes < 4096 || self.audit_stream.jsonl_keep == 0 {
+            return Err(
+                "audit_stream: jsonl_max_bytes at least 4096, jsonl_keep at least 1".into(),
+            );
         }
         if self.gate.fail_after_ms < 100 {
             return Err("gate.fail_after_ms: at least 100 (heartbeats come every 250 ms)".into());

@@ -416,3 +416,137 @@ fn doctor_finds_the_server_and_names_what_would_stop_a_start() -> Result<()> {
     );
     Ok(())
 }
+
+/// The audit stream of a psql session reaches a real rsyslog (UDP on
+/// loopback, RFC 5424), one message per record, each parseable, and the
+/// same records land in the rotated JSONL file, each once.
+#[test]
+fn a_sessions_audit_records_reach_rsyslog_and_the_jsonl_file() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("csyslog")?;
+    lab.start_postgres()?;
+    lab.sql("CREATE TABLE notes (id int PRIMARY KEY, body text)")?;
+    let received = lab.dir.join("rsyslog.out");
+    let conf = lab.dir.join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "global(workDirectory=\"{dir}\")\n\
+             module(load=\"imudp\")\n\
+             input(type=\"imudp\" address=\"127.0.0.1\" port=\"15514\")\n\
+             template(name=\"raw\" type=\"string\" string=\"%rawmsg%\\n\")\n\
+             *.* action(type=\"omfile\" file=\"{out}\" template=\"raw\")\n",
+            dir = lab.dir.display(),
+            out = received.display()
+        ),
+    )?;
+    let mut rsyslog = lab
+        .in_server("/usr/sbin/rsyslogd")
+        .arg("-n")
+        .arg("-f")
+        .arg(&conf)
+        .arg("-i")
+        .arg(lab.dir.join("rsyslog.pid"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let jsonl = lab.dir.join("audit.jsonl");
+    let config = lab.dir.join("qgate.toml");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../qgate-agent/qgate.toml"
+    ))?;
+    let shipped: String = shipped
+        .lines()
+        .filter(|l| !l.starts_with("jsonl_") && !l.starts_with("syslog_facility"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(
+        &config,
+        shipped.replace(
+            "[audit_stream]\n",
+            &format!(
+                "[audit_stream]\njsonl = {jsonl:?}\njsonl_max_bytes = 4096\njsonl_keep = 50\n\
+                 syslog = \"udp:127.0.0.1:15514\"\nsyslog_facility = \"local0\"\n"
+            ),
+        ),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent(&["--config", config.to_str().unwrap_or_default()])?;
+    let mut session: Vec<String> = (1..=8)
+        .map(|i| format!("INSERT INTO notes VALUES ({i}, 'note {i}')"))
+        .collect();
+    session.extend([
+        "UPDATE notes SET body = 'second' WHERE id = 1".to_owned(),
+        "SELECT body FROM notes WHERE id = 1".to_owned(),
+        "DELETE FROM notes WHERE id = 1".to_owned(),
+    ]);
+    for sql in &session {
+        lab.sql(sql)?;
+    }
+    lab.stop_agent()?;
+    // SAFETY: kill(2) on our child; rsyslog writes out what it holds.
+    unsafe { libc::kill(rsyslog.id() as i32, libc::SIGTERM) };
+    let _ = rsyslog.wait();
+
+    let messages = std::fs::read_to_string(&received)?;
+    let mut from_syslog = Vec::new();
+    for line in messages.lines().filter(|l| !l.is_empty()) {
+        let parts: Vec<&str> = line.splitn(8, ' ').collect();
+        assert_eq!(parts.len(), 8, "RFC 5424: {line}");
+        assert!(
+            parts[0].starts_with('<') && parts[0].ends_with(">1"),
+            "{line}"
+        );
+        assert_eq!(parts[3], "qgate-agent", "{line}");
+        let record: serde_json::Value =
+            serde_json::from_str(parts[7]).map_err(|e| anyhow::anyhow!("{e}: {line}"))?;
+        assert_eq!(
+            record["record"].as_str(),
+            Some(parts[5]),
+            "MSGID names the record: {line}"
+        );
+        from_syslog.push(record);
+    }
+    let texts = |records: &[serde_json::Value]| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["record"] == "statement")
+            .filter_map(|r| r["text"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let syslog_texts = texts(&from_syslog);
+    for sql in &session {
+        assert_eq!(
+            syslog_texts.iter().filter(|t| *t == sql).count(),
+            1,
+            "{sql} once in syslog: {syslog_texts:?}"
+        );
+    }
+    assert!(
+        from_syslog
+            .iter()
+            .any(|r| r["record"] == "audit" && r["kind"] == "agent.start"),
+        "agent events too"
+    );
+    // The JSONL file and its rotations hold the same records.
+    let mut from_file = Vec::new();
+    let mut files: Vec<std::path::PathBuf> = (1..=50)
+        .rev()
+        .map(|n| lab.dir.join(format!("audit.jsonl.{n}")))
+        .filter(|p| p.exists())
+        .collect();
+    let rotations = files.len();
+    files.push(jsonl.clone());
+    for f in files {
+        for line in std::fs::read_to_string(f)?.lines() {
+            from_file.push(serde_json::from_str::<serde_json::Value>(line)?);
+        }
+    }
+    assert!(rotations >= 1, "the 4 KiB file rotated");
+    assert_eq!(
+        from_file, from_syslog,
+        "the same records, in the same order"
+    );
+    Ok(())
+}

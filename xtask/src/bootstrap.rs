@@ -28,6 +28,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("python3", "/usr/bin/python3"),
     ("chromium", "/usr/bin/chromium"),
     ("chromium-driver", "/usr/bin/chromedriver"),
+    // The audit stream's syslog test sends to a real rsyslog.
+    ("rsyslog", "/usr/sbin/rsyslogd"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -12,9 +12,9 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::store::{
-    export::{search_statements as search_statements_in, StatementFilter, TimeRange, CSV_HEADER},
-    requests::rfc3339_ms,
+use crate::store::export::{
+    search_statements as search_statements_in, AuditRecord, StatementFilter, TimeRange,
+    AUDIT_COLUMNS, CSV_HEADER,
 };
 
 use super::{
@@ -28,8 +28,7 @@ const DEFAULT_LIMIT: u32 = 1000;
 const MAX_LIMIT: u32 = 100_000;
 
 /// Audit rows: decisions, approvals, expiries, reviewer changes, agent events.
-const LOG_SEARCH: &str =
-    "SELECT id, at / 1000000, kind, actor, request_id, details FROM audit WHERE 1 = 1";
+const LOG_SEARCH: &str = crate::store::export::AUDIT_SELECT;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -96,20 +95,6 @@ pub struct LogQuery {
     #[param(inline)]
     format: Option<ExportFormat>,
 }
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuditRecord {
-    id: i64,
-    #[schema(format = DateTime)]
-    at: String,
-    kind: String,
-    actor: Option<String>,
-    request_id: Option<i64>,
-    #[schema(value_type = Object)]
-    details: serde_json::Value,
-}
-
-const LOG_COLUMNS: &[&str] = &["id", "at", "kind", "actor", "request_id", "details"];
 
 /// SQL text and its positional arguments, built filter by filter.
 struct Search {
@@ -249,20 +234,9 @@ pub async fn search_log(
         q.limit,
     )?;
     let rows = search
-        .rows(&state, |r| {
-            let details: String = r.get(5)?;
-            Ok(AuditRecord {
-                id: r.get(0)?,
-                at: rfc3339_ms(r.get(1)?),
-                kind: r.get(2)?,
-                actor: r.get(3)?,
-                request_id: r.get(4)?,
-                details: serde_json::from_str(&details)
-                    .unwrap_or(serde_json::Value::String(details)),
-            })
-        })
+        .rows(&state, crate::store::export::audit_record)
         .await?;
-    export(q.format.unwrap_or_default(), LOG_COLUMNS, rows)
+    export(q.format.unwrap_or_default(), AUDIT_COLUMNS, rows)
 }
 
 /// Verifies the audit chain, the captured statements and connections

@@ -15,6 +15,39 @@ pub enum ExportFormat {
     Csv,
 }
 
+/// One audit log entry as the API, the export and the audit stream give it.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditRecord {
+    pub id: i64,
+    #[schema(format = DateTime)]
+    pub at: String,
+    pub kind: String,
+    pub actor: Option<String>,
+    pub request_id: Option<i64>,
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+/// [`AuditRecord`]'s fields, in order (the CSV header).
+pub const AUDIT_COLUMNS: &[&str] = &["id", "at", "kind", "actor", "request_id", "details"];
+
+/// Selects what [`audit_record`] reads; filters are appended (`AND …`).
+pub const AUDIT_SELECT: &str =
+    "SELECT id, at / 1000000, kind, actor, request_id, details FROM audit WHERE 1 = 1";
+
+/// A row of [`AUDIT_SELECT`].
+pub fn audit_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    let details: String = r.get(5)?;
+    Ok(AuditRecord {
+        id: r.get(0)?,
+        at: super::requests::rfc3339_ms(r.get(1)?),
+        kind: r.get(2)?,
+        actor: r.get(3)?,
+        request_id: r.get(4)?,
+        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::String(details)),
+    })
+}
+
 /// Statements received in `[since, until)`; `None` leaves that side open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TimeRange {

@@ -33,6 +33,7 @@ pub const GROUPS: &[&[Migration]] = &[
     super::audit::MIGRATIONS,
     super::requests::MIGRATIONS,
     super::preapprovals::MIGRATIONS,
+    super::stream::MIGRATIONS,
 ];
 
 /// Every migration, in the order a fresh database gets them.

@@ -31,6 +31,7 @@ pub mod preapprovals;
 pub mod requests;
 pub mod reviewers;
 pub mod seal;
+pub mod stream;
 pub mod writer;
 
 use std::{
