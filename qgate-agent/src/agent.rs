@@ -105,6 +105,15 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     api::metrics::install();
     let mut webhooks = api::webhook::WebhookOptions {
         urls: config.webhooks.urls.clone(),
+        slack_urls: config.webhooks.slack_urls.clone(),
+        inbox_url: Some(config.webhooks.inbox_url.clone().unwrap_or_else(|| {
+            let scheme = if config.api.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}/ui/", config.api.listen)
+        })),
         ..Default::default()
     };
     if let Some(path) = &config.webhooks.secret_file {

@@ -90,6 +90,12 @@ impl AuditStreamConfig {
 pub struct WebhooksConfig {
     /// URLs each request event is POSTed to; none: no webhooks.
     pub urls: Vec<String>,
+    /// Slack incoming-webhook URLs (a message with the statement, who sent
+    /// it and a link to the request in the inbox).
+    pub slack_urls: Vec<String>,
+    /// The inbox as reviewers reach it, for those links; default: the API's
+    /// listen address.
+    pub inbox_url: Option<String>,
     /// File holding the HMAC-SHA256 key that signs each delivery
     /// (`X-Qgate-Signature`); absent: unsigned, with a warning.
     pub secret_file: Option<PathBuf>,

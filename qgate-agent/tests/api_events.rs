@@ -255,3 +255,48 @@ async fn a_webhook_body_never_carries_a_credential() {
     assert!(!shown.to_string().contains("hunter2"), "{shown}");
     api.shutdown().await;
 }
+
+/// A Slack incoming webhook gets only `text` and `blocks`: the statement
+/// as code (mrkdwn escaped), who sent it from where, and a button to the
+/// request's page in the inbox.
+#[tokio::test]
+async fn slack_webhooks_carry_the_statement_the_requester_and_a_link_to_the_inbox() {
+    let (url, hook) = receiver(0).await;
+    let api = start(ApiOptions {
+        webhooks: WebhookOptions {
+            slack_urls: vec![url],
+            inbox_url: Some("https://db1.example:9187/ui/".into()),
+            ..WebhookOptions::default()
+        },
+        ..ApiOptions::default()
+    })
+    .await;
+    let mut new = held(Some("alice"), "ddl-needs-peer", 1, &["dba"]);
+    new.statement = "DELETE FROM t WHERE a < 3 AND b > 4 -- ```".into();
+    let r = api.hold(new).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hook.hits.lock().expect("lock").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hits = hook.hits.lock().expect("lock").clone();
+    assert_eq!(hits.len(), 1);
+    let message: serde_json::Value = serde_json::from_slice(&hits[0].2).expect("JSON");
+    let keys: Vec<&String> = message.as_object().expect("object").keys().collect();
+    assert_eq!(keys, ["blocks", "text"], "only what Slack takes");
+    let link = format!("https://db1.example:9187/ui/#/requests/{}", r.id);
+    assert!(
+        message["text"].as_str().unwrap().contains(&link),
+        "{message}"
+    );
+    let blocks = message["blocks"].to_string();
+    assert!(
+        blocks.contains("DELETE FROM t WHERE a &lt; 3 AND b &gt; 4 -- '''"),
+        "escaped, and the code block stays closed: {blocks}"
+    );
+    assert!(blocks.contains("alice@shop"), "{blocks}");
+    assert_eq!(
+        message["blocks"][3]["elements"][0]["url"], link,
+        "a button to the request"
+    );
+    api.shutdown().await;
+}

@@ -30,6 +30,12 @@ const TEXT_STATEMENT_CHARS: usize = 300;
 #[derive(Debug, Clone)]
 pub struct WebhookOptions {
     pub urls: Vec<String>,
+    /// Slack incoming-webhook URLs: `text` and `blocks` only (the statement,
+    /// who sent it, and a link to the request in the inbox).
+    pub slack_urls: Vec<String>,
+    /// The inbox's address as reviewers reach it (`https://db1:9187/ui/`),
+    /// for links in chat messages.
+    pub inbox_url: Option<String>,
     /// HMAC key; without it deliveries go unsigned (and a warning is logged).
     pub secret: Option<String>,
     /// Attempts per delivery, the first included.
@@ -43,6 +49,8 @@ impl Default for WebhookOptions {
     fn default() -> Self {
         WebhookOptions {
             urls: Vec::new(),
+            slack_urls: Vec::new(),
+            inbox_url: None,
             secret: None,
             max_attempts: 6,
             first_backoff: Duration::from_millis(500),
@@ -119,9 +127,78 @@ fn text_line(event: &RequestEvent) -> String {
     format!("qgate request {}: {who} `{statement}` {what}{reason}", r.id)
 }
 
+/// Slack's mrkdwn escapes (`&`, `<`, `>`); a statement's own triple
+/// backticks would end its code block.
+fn mrkdwn(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace("```", "'''")
+}
+
+/// A Slack incoming-webhook message: the line, the statement as code, who
+/// sent it from where, and a button to the request in the inbox.
+pub fn slack_message(event: &RequestEvent, inbox_url: Option<&str>) -> serde_json::Value {
+    let r = &event.request;
+    let link = inbox_url.map(|base| {
+        let base = base.trim_end_matches('/');
+        format!("{base}/#/requests/{}", r.id)
+    });
+    let mut statement: String = r.statement.chars().take(2900).collect();
+    if statement.len() < r.statement.len() {
+        statement.push('…');
+    }
+    let id = &r.identity;
+    let from = format!(
+        "{}@{} from {}{}",
+        id.db_user.as_deref().unwrap_or("<unknown user>"),
+        id.database.as_deref().unwrap_or("<unknown db>"),
+        id.client_addr.as_deref().unwrap_or("<unknown address>"),
+        id.application
+            .as_deref()
+            .map(|a| format!(" ({a})"))
+            .unwrap_or_default()
+    );
+    let mut text = text_line(event);
+    if let Some(link) = &link {
+        text.push_str(&format!(" — {link}"));
+    }
+    let mut blocks = vec![
+        serde_json::json!({"type": "section", "text": {"type": "mrkdwn",
+            "text": format!("*qgate request #{}* — {}", r.id, mrkdwn(&headline(event)))}}),
+        serde_json::json!({"type": "section", "text": {"type": "mrkdwn",
+            "text": format!("```{}```", mrkdwn(&statement))}}),
+        serde_json::json!({"type": "context", "elements": [{"type": "mrkdwn",
+            "text": mrkdwn(&format!("{from}; rule {}", r.rule))}]}),
+    ];
+    if let Some(link) = link {
+        blocks.push(
+            serde_json::json!({"type": "actions", "elements": [{"type": "button",
+            "text": {"type": "plain_text", "text": "Open in the inbox"}, "url": link}]}),
+        );
+    }
+    serde_json::json!({ "text": text, "blocks": blocks })
+}
+
+/// What happened, in a few words.
+fn headline(event: &RequestEvent) -> String {
+    let r = &event.request;
+    match event.kind {
+        RequestEventKind::Created => format!(
+            "held, needs {} approval(s) from {}",
+            r.approvals_needed,
+            r.reviewer_groups.join(", ")
+        ),
+        kind => {
+            let by = r.closing.as_ref().map(|c| c.by.as_str()).unwrap_or("qgate");
+            format!("{} by {by}", kind.as_str())
+        }
+    }
+}
+
 /// Delivers webhooks for every event but single approvals, until the board closes.
 pub async fn run(mut events: broadcast::Receiver<RequestEvent>, options: WebhookOptions) {
-    if options.urls.is_empty() {
+    if options.urls.is_empty() && options.slack_urls.is_empty() {
         return;
     }
     if options.secret.is_none() {
@@ -166,6 +243,18 @@ pub async fn run(mut events: broadcast::Receiver<RequestEvent>, options: Webhook
                 body.clone(),
                 options.clone(),
             ));
+        }
+        if !options.slack_urls.is_empty() {
+            let message = slack_message(&event, options.inbox_url.as_deref());
+            let body = bytes::Bytes::from(message.to_string());
+            for url in &options.slack_urls {
+                tokio::spawn(deliver(
+                    client.clone(),
+                    url.clone(),
+                    body.clone(),
+                    options.clone(),
+                ));
+            }
         }
     }
 }
