@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bootstrap;
+mod demo;
 mod package;
 
 #[derive(Parser)]
@@ -49,6 +50,10 @@ enum Task {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// A throwaway PostgreSQL with a sample schema, the agent gating it with
+    /// the shipped policy, a reviewer: prints the inbox address, the token
+    /// and a psql command whose DROP TABLE is held. Ctrl-C removes it all.
+    Demo,
     /// Bootstrap, then benchmark qgate against a direct connection and proxies
     /// (release builds; results in target/bench/). Runner options after `--`,
     /// e.g. `-- --only 1,2`.
@@ -93,6 +98,11 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => {
             bootstrap::all()?;
             test(&root, &args)
+        }
+        Task::Demo => {
+            bootstrap::all()?;
+            cargo(&root, &["build", "--release", "-p", "qgate-agent"])?;
+            demo::run(&root)
         }
         Task::Package { binary } => {
             bootstrap::build()?;
