@@ -1,9 +1,10 @@
-//! The reviewers' web inbox in a real browser (Debian's Chromium, driven
-//! over WebDriver by chromedriver) against a real agent holding a real
-//! psql's DROP TABLE. The browser runs in the lab's server namespace, where
-//! the agent's API listens on loopback. Screenshots of the inbox, a request
-//! page, the audit page and the phone-width inbox go to
-//! `target/ui-screenshots/` in every run.
+//! The reviewers' web inbox in real browsers (Debian's Chromium through
+//! chromedriver, Debian's Firefox ESR through geckodriver), driven over
+//! WebDriver against a real agent holding a real psql's DROP TABLE. The
+//! browser runs in the lab's server namespace, where the agent's API
+//! listens on loopback. Screenshots of the inbox, a request page, the audit
+//! page and the phone-width inbox go to `target/ui-screenshots/` in every
+//! run, one set per browser.
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -15,7 +16,85 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use qgate_e2e::{finish, in_netns, require_root, Lab};
 use serde_json::json;
 
-const DRIVER_PORT: u16 = 9515;
+#[derive(Clone, Copy, Debug)]
+enum Browser {
+    Chromium,
+    Firefox,
+}
+
+impl Browser {
+    fn name(self) -> &'static str {
+        match self {
+            Browser::Chromium => "chromium",
+            Browser::Firefox => "firefox",
+        }
+    }
+
+    fn driver_port(self) -> u16 {
+        match self {
+            Browser::Chromium => 9515,
+            Browser::Firefox => 4444,
+        }
+    }
+
+    /// The driver's command line.
+    fn driver(self) -> (String, Vec<String>) {
+        match self {
+            Browser::Chromium => (
+                "chromedriver".into(),
+                vec![format!("--port={}", self.driver_port())],
+            ),
+            Browser::Firefox => (
+                geckodriver(),
+                vec![
+                    "--port".into(),
+                    self.driver_port().to_string(),
+                    "--binary".into(),
+                    "/usr/bin/firefox-esr".into(),
+                ],
+            ),
+        }
+    }
+
+    fn capabilities(self, profile: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
+        let mut caps = serde_json::Map::new();
+        match self {
+            Browser::Chromium => {
+                caps.insert(
+                    "goog:chromeOptions".into(),
+                    json!({
+                        "binary": "/usr/bin/chromium",
+                        "args": [
+                            "--headless=new", "--no-sandbox", "--disable-gpu",
+                            "--disable-dev-shm-usage", "--window-size=1280,900",
+                            format!("--user-data-dir={}", profile.display()),
+                        ]
+                    }),
+                );
+            }
+            Browser::Firefox => {
+                caps.insert("browserName".into(), json!("firefox"));
+                caps.insert(
+                    "moz:firefoxOptions".into(),
+                    json!({ "args": ["-headless", "-width", "1280", "-height", "900"] }),
+                );
+            }
+        }
+        caps
+    }
+}
+
+/// geckodriver as `cargo xtask test` installs it (cargo install).
+fn geckodriver() -> String {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    let installed = format!("{home}/bin/geckodriver");
+    if std::path::Path::new(&installed).exists() {
+        installed
+    } else {
+        "geckodriver".into()
+    }
+}
 
 fn screenshots() -> PathBuf {
     PathBuf::from(concat!(
@@ -24,7 +103,7 @@ fn screenshots() -> PathBuf {
     ))
 }
 
-/// chromedriver in the server namespace; killed when dropped.
+/// The browser's WebDriver in the server namespace; killed when dropped.
 struct Driver(Child);
 
 impl Drop for Driver {
@@ -34,24 +113,26 @@ impl Drop for Driver {
     }
 }
 
-fn start_driver(lab: &Lab) -> Result<Driver> {
+fn start_driver(lab: &Lab, browser: Browser) -> Result<Driver> {
+    let (program, args) = browser.driver();
     // A driver a killed run left behind would hold the port.
     let _ = Command::new("pkill")
-        .args(["-f", &format!("chromedriver --port={DRIVER_PORT}")])
+        .args(["-f", &format!("{} {}", program, args.join(" "))])
         .status();
     let child = lab
-        .in_server("chromedriver")
-        .arg(format!("--port={DRIVER_PORT}"))
+        .in_server(&program)
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("starting chromedriver (Debian package chromium-driver)")?;
+        .with_context(|| format!("starting {program}"))?;
     Ok(Driver(child))
 }
 
 /// What the browser part needs from the lab, owned (it runs on a thread of
 /// its own, inside the server namespace).
 struct Scene {
+    browser: Browser,
     base: String,
     rita: String,
     pat: String,
@@ -61,16 +142,25 @@ struct Scene {
 }
 
 #[test]
-fn a_held_drop_appears_live_and_is_approved_in_the_browser() -> Result<()> {
+fn a_held_drop_appears_live_and_is_approved_in_chromium() -> Result<()> {
+    held_drop_in(Browser::Chromium)
+}
+
+#[test]
+fn a_held_drop_appears_live_and_is_approved_in_firefox() -> Result<()> {
+    held_drop_in(Browser::Firefox)
+}
+
+fn held_drop_in(browser: Browser) -> Result<()> {
     require_root();
-    let mut lab = Lab::new("inbox")?;
+    let mut lab = Lab::new(&format!("inbox{}", &browser.name()[..2]))?;
     lab.start_postgres()?;
     lab.sql("CREATE TABLE ledger_entries (id int)")?;
     lab.start_agent(&[])?;
     let rita = lab.add_reviewer("rita", "reviewers", Some(""))?;
     // pat is the database user postgres: never approves its statements.
     let pat = lab.add_reviewer("pat", "reviewers", Some("postgres"))?;
-    let _driver = start_driver(&lab)?;
+    let _driver = start_driver(&lab, browser)?;
     let mut drop_table = lab.in_client("psql");
     drop_table
         .env("PGSSLMODE", "disable")
@@ -87,10 +177,11 @@ fn a_held_drop_appears_live_and_is_approved_in_the_browser() -> Result<()> {
         .stderr(Stdio::piped());
     std::fs::create_dir_all(screenshots())?;
     let scene = Scene {
+        browser,
         base: format!("http://127.0.0.1:{}", lab.api_port()),
         rita,
         pat,
-        profile: lab.dir.join("chromium-profile"),
+        profile: lab.dir.join("browser-profile"),
         drop_table,
     };
     let server_ns = lab.server_ns.clone();
@@ -109,36 +200,29 @@ fn a_held_drop_appears_live_and_is_approved_in_the_browser() -> Result<()> {
     Ok(())
 }
 
-async fn connect(profile: &std::path::Path) -> Result<Client> {
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({
-            "binary": "/usr/bin/chromium",
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900", format!("--user-data-dir={}", profile.display()),
-            ]
-        }),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
+async fn connect(browser: Browser, profile: &std::path::Path) -> Result<Client> {
+    let caps = browser.capabilities(profile);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         match ClientBuilder::new(connector)
             .capabilities(caps.clone())
-            .connect(&format!("http://127.0.0.1:{DRIVER_PORT}"))
+            .connect(&format!("http://127.0.0.1:{}", browser.driver_port()))
             .await
         {
             Ok(client) => return Ok(client),
-            Err(e) if Instant::now() > deadline => bail!("chromedriver: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) if Instant::now() > deadline => bail!("{}'s WebDriver: {e}", browser.name()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }
 }
 
-async fn shot(c: &Client, name: &str) -> Result<()> {
+async fn shot(c: &Client, browser: Browser, name: &str) -> Result<()> {
     let png = c.screenshot().await?;
-    std::fs::write(screenshots().join(name), png)?;
+    std::fs::write(
+        screenshots().join(format!("{}-{name}", browser.name())),
+        png,
+    )?;
     Ok(())
 }
 
@@ -193,7 +277,7 @@ async fn text_of(c: &Client, css: &str) -> Result<String> {
 }
 
 async fn browse(mut scene: Scene) -> Result<Child> {
-    let c = connect(&scene.profile).await?;
+    let c = connect(scene.browser, &scene.profile).await?;
     let result = steps(&c, &mut scene).await;
     let _ = c.close().await;
     result
@@ -223,7 +307,7 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
     assert!(text.contains("postgres"), "the database user: {text}");
     assert!(text.contains("expires in"), "{text}");
     let id = card.attr("data-id").await?.context("data-id")?;
-    shot(c, "inbox.png").await?;
+    shot(c, scene.browser, "inbox.png").await?;
 
     // pat is the database user who sent it: the page says why not.
     sign_out(c).await?;
@@ -237,7 +321,7 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
     assert!(!approve.is_enabled().await?, "pat cannot approve");
     let why = card.find(Locator::Css(".why-not")).await?.text().await?;
     assert!(why.contains("which is you"), "{why}");
-    shot(c, "self-approval.png").await?;
+    shot(c, scene.browser, "self-approval.png").await?;
     sign_out(c).await?;
 
     // rita approves with a comment; the card shows who decided.
@@ -283,7 +367,7 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
     })
     .await?;
     assert!(page.contains("DROP TABLE ledger_entries"), "{page}");
-    shot(c, "request.png").await?;
+    shot(c, scene.browser, "request.png").await?;
 
     // The audit page finds it by table and by decision; the chain verifies.
     c.goto(&format!("{}/ui/#/audit", scene.base)).await?;
@@ -321,7 +405,7 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
         found.contains(&format!("#{id}")),
         "links its request: {found}"
     );
-    shot(c, "audit.png").await?;
+    shot(c, scene.browser, "audit.png").await?;
     let none = search("ledger_entries", "deny").await?;
     assert!(none.contains("No statement matches"), "{none}");
 
@@ -342,6 +426,6 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
         overflow.as_i64().unwrap_or(1) <= 0,
         "horizontal overflow at phone width: {overflow}"
     );
-    shot(c, "inbox-phone.png").await?;
+    shot(c, scene.browser, "inbox-phone.png").await?;
     Ok(psql)
 }

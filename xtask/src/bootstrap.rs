@@ -28,6 +28,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("python3", "/usr/bin/python3"),
     ("chromium", "/usr/bin/chromium"),
     ("chromium-driver", "/usr/bin/chromedriver"),
+    ("firefox-esr", "/usr/bin/firefox-esr"),
     // The audit stream's syslog test sends to a real rsyslog.
     ("rsyslog", "/usr/sbin/rsyslogd"),
 ];
@@ -48,7 +49,33 @@ pub fn build() -> Result<()> {
 /// [`build`], and what the tests, benchmarks and demo run against.
 pub fn all() -> Result<()> {
     build()?;
-    apt(TEST_PACKAGES)
+    apt(TEST_PACKAGES)?;
+    geckodriver()
+}
+
+/// Firefox's WebDriver (not packaged by Debian 12): from crates.io.
+const GECKODRIVER_VERSION: &str = "0.37.1";
+
+fn geckodriver() -> Result<()> {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    if let Ok(out) = Command::new(format!("{home}/bin/geckodriver"))
+        .arg("--version")
+        .output()
+    {
+        if String::from_utf8_lossy(&out.stdout).contains(GECKODRIVER_VERSION) {
+            println!("bootstrap: geckodriver {GECKODRIVER_VERSION} present");
+            return Ok(());
+        }
+    }
+    println!("bootstrap: installing geckodriver {GECKODRIVER_VERSION} (cargo install)");
+    sh(Command::new("cargo").args([
+        "install",
+        "geckodriver",
+        "--locked",
+        "--version",
+        GECKODRIVER_VERSION,
+    ]))
 }
 
 fn apt(packages: &[(&str, &str)]) -> Result<()> {
