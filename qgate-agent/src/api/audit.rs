@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::store::export::{
-    search_statements as search_statements_in, AuditRecord, StatementFilter, TimeRange,
-    AUDIT_COLUMNS, CSV_HEADER,
+    search_audit, search_statements as search_statements_in, AuditFilter, AuditRecord,
+    StatementFilter, TimeRange, AUDIT_COLUMNS, CSV_HEADER,
 };
 
 use super::{
@@ -28,7 +28,6 @@ const DEFAULT_LIMIT: u32 = 1000;
 const MAX_LIMIT: u32 = 100_000;
 
 /// Audit rows: decisions, approvals, expiries, reviewer changes, agent events.
-const LOG_SEARCH: &str = crate::store::export::AUDIT_SELECT;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -96,70 +95,6 @@ pub struct LogQuery {
     format: Option<ExportFormat>,
 }
 
-/// SQL text and its positional arguments, built filter by filter.
-struct Search {
-    sql: String,
-    args: Vec<rusqlite::types::Value>,
-}
-
-impl Search {
-    fn new(base: &str) -> Self {
-        Search {
-            sql: base.to_owned(),
-            args: Vec::new(),
-        }
-    }
-
-    fn and(&mut self, clause: &str, value: impl Into<rusqlite::types::Value>) {
-        self.args.push(value.into());
-        self.sql.push_str(&format!(
-            " AND {}",
-            clause.replace('?', &format!("?{}", self.args.len()))
-        ));
-    }
-
-    /// The time window, paging cursor and page size every search takes, checked
-    /// in that order; `time` and `id` name the columns they filter and sort on.
-    fn page(
-        &mut self,
-        (time, id): (&str, &str),
-        since: Option<&str>,
-        until: Option<&str>,
-        after: Option<i64>,
-        size: Option<u32>,
-    ) -> Result<(), ApiError> {
-        if let Some(since) = parse_time("since", since)? {
-            self.and(&format!("{time} >= ? * 1000000"), since);
-        }
-        if let Some(until) = parse_time("until", until)? {
-            self.and(&format!("{time} < ? * 1000000"), until);
-        }
-        if let Some(after) = after {
-            self.and(&format!("{id} > ?"), after);
-        }
-        let size = limit(size, DEFAULT_LIMIT, MAX_LIMIT)?;
-        self.sql.push_str(&format!(" ORDER BY {id} LIMIT {size}"));
-        Ok(())
-    }
-
-    /// Runs the search on the agent's database, turning each row into a record with `row`.
-    async fn rows<T, F>(self, state: &AppState, row: F) -> Result<Vec<T>, ApiError>
-    where
-        T: Send + 'static,
-        F: FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T> + Send + 'static,
-    {
-        state
-            .board
-            .with_db(move |c| -> rusqlite::Result<Vec<T>> {
-                let mut stmt = c.prepare(&self.sql)?;
-                let rows = stmt.query_map(rusqlite::params_from_iter(self.args), row)?;
-                rows.collect()
-            })
-            .await?
-            .map_err(ApiError::internal)
-    }
-}
-
 /// Search and export statements.
 #[utoipa::path(get, path = "/v1/audit/statements", tag = "audit", params(StatementQuery),
     responses((status = 200, content(
@@ -216,26 +151,20 @@ pub async fn search_log(
     q: Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let mut search = Search::new(LOG_SEARCH);
-    if let Some(kind) = q.kind {
-        search.and("kind = ?", kind);
-    }
-    if let Some(actor) = q.actor {
-        search.and("actor = ?", actor);
-    }
-    if let Some(request) = q.request {
-        search.and("request_id = ?", request);
-    }
-    search.page(
-        ("at", "id"),
-        q.since.as_deref(),
-        q.until.as_deref(),
-        q.after,
-        q.limit,
-    )?;
-    let rows = search
-        .rows(&state, crate::store::export::audit_record)
-        .await?;
+    let filter = AuditFilter {
+        kind: q.kind,
+        actor: q.actor,
+        request_id: q.request,
+        since_ms: parse_time("since", q.since.as_deref())?,
+        until_ms: parse_time("until", q.until.as_deref())?,
+        after: q.after,
+        limit: Some(limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?),
+    };
+    let rows = state
+        .board
+        .with_db(move |c| search_audit(c, &filter))
+        .await?
+        .map_err(ApiError::internal)?;
     export(q.format.unwrap_or_default(), AUDIT_COLUMNS, rows)
 }
 

@@ -32,11 +32,11 @@ pub struct AuditRecord {
 pub const AUDIT_COLUMNS: &[&str] = &["id", "at", "kind", "actor", "request_id", "details"];
 
 /// Selects what [`audit_record`] reads; filters are appended (`AND …`).
-pub const AUDIT_SELECT: &str =
+const AUDIT_SELECT: &str =
     "SELECT id, at / 1000000, kind, actor, request_id, details FROM audit WHERE 1 = 1";
 
 /// A row of [`AUDIT_SELECT`].
-pub fn audit_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+fn audit_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
     let details: String = r.get(5)?;
     Ok(AuditRecord {
         id: r.get(0)?,
@@ -46,6 +46,62 @@ pub fn audit_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
         request_id: r.get(4)?,
         details: serde_json::from_str(&details).unwrap_or(serde_json::Value::String(details)),
     })
+}
+
+/// What an audit log search selects; every field optional, combined with AND.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub kind: Option<String>,
+    pub actor: Option<String>,
+    pub request_id: Option<i64>,
+    /// At or after / before, Unix milliseconds.
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Only entries with an id above this (paging, the audit stream).
+    pub after: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+/// Audit log entries `filter` selects, oldest first.
+pub fn search_audit(
+    conn: &Connection,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    use rusqlite::types::Value;
+    let mut sql = AUDIT_SELECT.to_owned();
+    let mut args: Vec<Value> = Vec::new();
+    let mut and = |clause: &str, value: Value| {
+        args.push(value);
+        sql.push_str(&format!(
+            " AND {}",
+            clause.replace('?', &format!("?{}", args.len()))
+        ));
+    };
+    if let Some(kind) = &filter.kind {
+        and("kind = ?", Value::Text(kind.clone()));
+    }
+    if let Some(actor) = &filter.actor {
+        and("actor = ?", Value::Text(actor.clone()));
+    }
+    if let Some(request) = filter.request_id {
+        and("request_id = ?", Value::Integer(request));
+    }
+    if let Some(since) = filter.since_ms {
+        and("at >= ? * 1000000", Value::Integer(since));
+    }
+    if let Some(until) = filter.until_ms {
+        and("at < ? * 1000000", Value::Integer(until));
+    }
+    if let Some(after) = filter.after {
+        and("id > ?", Value::Integer(after));
+    }
+    sql.push_str(" ORDER BY id");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(" LIMIT {limit}"));
+    }
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), audit_record)?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Statements received in `[since, until)`; `None` leaves that side open.

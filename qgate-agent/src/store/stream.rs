@@ -383,14 +383,14 @@ impl Streamer {
     }
 
     fn send_audit(&mut self, sent: &mut usize) -> Result<(), StoreError> {
-        let rows: Vec<AuditRecord> = self
-            .conn
-            .prepare_cached(&format!(
-                "{} AND id > ?1 ORDER BY id LIMIT {BATCH}",
-                export::AUDIT_SELECT
-            ))?
-            .query_map([self.audit], export::audit_record)?
-            .collect::<Result<_, _>>()?;
+        let rows: Vec<AuditRecord> = export::search_audit(
+            &self.conn,
+            &export::AuditFilter {
+                after: Some(self.audit),
+                limit: Some(BATCH),
+                ..Default::default()
+            },
+        )?;
         for record in rows {
             let json = serde_json::to_string(&Line {
                 record: "audit",
