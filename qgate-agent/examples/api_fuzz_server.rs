@@ -25,6 +25,7 @@ fn held(i: i64, approvals: u32) -> NewRequest {
             database: Some("fuzz".into()),
             application: Some("psql".into()),
             client_addr: Some("127.0.0.1:5000".into()),
+            transport: Some("tcp".into()),
         },
         connection_id: i,
         transaction_state: TransactionState::Idle,

@@ -305,6 +305,7 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
     assert!(text.contains("DROP TABLE ledger_entries"), "{text}");
     assert!(text.contains("PENDING"), "status in words: {text}");
     assert!(text.contains("postgres"), "the database user: {text}");
+    assert!(text.contains("TCP (plaintext)"), "the transport: {text}");
     assert!(text.contains("expires in"), "{text}");
     let id = card.attr("data-id").await?.context("data-id")?;
     shot(c, scene.browser, "inbox.png").await?;

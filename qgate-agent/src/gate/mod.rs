@@ -121,6 +121,7 @@ struct HookedSession {
     pid: u32,
     /// `None` for a Unix socket.
     client: Option<std::net::SocketAddr>,
+    transport: crate::wire::Transport,
 }
 
 /// Counts for logs and metrics.
@@ -426,8 +427,21 @@ impl Gate {
     }
 
     /// A connection the server hook reads (from its first segment on).
-    pub fn hooked_session(&mut self, flow: Flow, pid: u32, client: Option<std::net::SocketAddr>) {
-        self.hooked.insert(flow, HookedSession { pid, client });
+    pub fn hooked_session(
+        &mut self,
+        flow: Flow,
+        pid: u32,
+        client: Option<std::net::SocketAddr>,
+        transport: crate::wire::Transport,
+    ) {
+        self.hooked.insert(
+            flow,
+            HookedSession {
+                pid,
+                client,
+                transport,
+            },
+        );
     }
 
     /// A hooked backend exited: nothing of it is held any more.
@@ -998,6 +1012,14 @@ impl Gate {
                         database: conn.subject.database.clone(),
                         application: conn.subject.application.clone(),
                         client_addr: Some(client),
+                        // The wire reads plaintext TCP only; the hook knows.
+                        transport: Some(
+                            self.hooked
+                                .get(flow)
+                                .map_or(crate::wire::Transport::Tcp, |h| h.transport)
+                                .as_str()
+                                .to_owned(),
+                        ),
                     },
                     // The `connections` row: set by the store's writer
                     // with `statement_id` (see `store::Decided`).

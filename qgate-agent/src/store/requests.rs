@@ -84,6 +84,13 @@ ALTER TABLE requests ADD COLUMN held_by TEXT NOT NULL DEFAULT 'wire'
 ALTER TABLE requests ADD COLUMN backend_pid INTEGER;
 ALTER TABLE requests ADD COLUMN resume TEXT;
 ",
+}, Migration {
+    name: "requests-0003-transport",
+    sql: "
+-- How the held statement's session reached the server (tcp, tls, gss,
+-- unix, unknown); NULL for requests recorded before this column.
+ALTER TABLE requests ADD COLUMN transport TEXT;
+",
 }];
 
 /// Opens the store the way every user of these tables must: the one place
@@ -221,6 +228,11 @@ pub struct Identity {
     pub database: Option<String>,
     pub application: Option<String>,
     pub client_addr: Option<String>,
+    /// How the session reached the server: `tcp`, `tls`, `gss`, `unix`, or
+    /// `unknown` (a TCP session first seen mid-stream); `None` from before
+    /// qgate recorded it.
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 /// What the gate knows when the policy says `hold`.
@@ -390,7 +402,7 @@ const REQUEST_COLUMNS: &str =
     "id, status, statement, justification, facts, rule, db_user, database,
     application, client_addr, connection_id, statement_id, transaction_state, estimated_rows,
     approvals_needed, reviewer_groups, created_at, expires_at, closed_at, closed_by,
-    close_comment, forced, held_by, backend_pid, resume";
+    close_comment, forced, held_by, backend_pid, resume, transport";
 
 /// A request row before its votes are attached.
 fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestError>> {
@@ -413,6 +425,7 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestEr
         database: row.get(7)?,
         application: row.get(8)?,
         client_addr: row.get(9)?,
+        transport: row.get(25)?,
     };
     let (id, statement, justification, rule): (i64, String, Option<String>, String) =
         (row.get(0)?, row.get(2)?, row.get(3)?, row.get(5)?);
@@ -573,9 +586,9 @@ pub fn create_request(
         "INSERT INTO requests (statement_id, statement, justification, facts, rule,
             approvals_needed, reviewer_groups, db_user, database, application, client_addr,
             connection_id, transaction_state, estimated_rows, status, created_at, expires_at,
-            held_by, backend_pid, resume)
+            held_by, backend_pid, resume, transport)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', ?15, ?16,
-            ?17, ?18, ?19)",
+            ?17, ?18, ?19, ?20)",
         params![
             new.statement_id,
             statement,
@@ -600,6 +613,7 @@ pub fn create_request(
             },
             new.hook.as_ref().map(|h| h.backend_pid),
             new.hook.as_ref().map(|h| h.resume.as_str()),
+            new.identity.transport,
         ],
     )?;
     let id = tx.last_insert_rowid();

@@ -151,6 +151,7 @@ pub fn held(user: Option<&str>, rule: &str, approvals: u32, groups: &[&str]) -> 
             database: Some("shop".into()),
             application: Some("psql".into()),
             client_addr: Some("10.0.0.7:50432".into()),
+            transport: Some("tls".into()),
         },
         connection_id: 42,
         transaction_state: TransactionState::InTransaction,
