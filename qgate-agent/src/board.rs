@@ -160,6 +160,28 @@ impl RequestBoard {
         .map_err(|e| BoardError::Worker(e.to_string()))
     }
 
+    /// Runs a change of requests on the store and announces it before the
+    /// connection is let go, so subscribers hear of changes in the order
+    /// they committed (a request that expires at once is never heard of as
+    /// expired before it is heard of as created).
+    async fn change<T, F>(&self, f: F) -> Result<T, BoardError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> (T, Option<(RequestEventKind, Request)>) + Send + 'static,
+    {
+        let board = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = board.inner.db.lock().unwrap_or_else(|p| p.into_inner());
+            let (out, event) = f(&mut conn);
+            if let Some((kind, request)) = event {
+                board.announce(kind, &request);
+            }
+            out
+        })
+        .await
+        .map_err(|e| BoardError::Worker(e.to_string()))
+    }
+
     fn announce(&self, kind: RequestEventKind, request: &Request) {
         ::metrics::counter!(metrics::REQUEST_EVENTS, "kind" => kind.as_str()).increment(1);
         if kind.is_final() {
@@ -186,11 +208,16 @@ impl RequestBoard {
     pub async fn create(&self, new: NewRequest) -> Result<Request, BoardError> {
         let timeout = self.inner.hold_timeout;
         let request = self
-            .with_db(move |c| store::create_request(c, &new, timeout))
+            .change(move |c| match store::create_request(c, &new, timeout) {
+                Ok(request) => {
+                    let event = (RequestEventKind::Created, request.clone());
+                    (Ok(request), Some(event))
+                }
+                Err(e) => (Err(e), None),
+            })
             .await??;
         self.inner.new_deadline.notify_one();
         self.refresh_held_gauge().await;
-        self.announce(RequestEventKind::Created, &request);
         self.apply_preapprovals(&request).await;
         Ok(request)
     }
@@ -298,19 +325,31 @@ impl RequestBoard {
     ) -> Result<Request, BoardError> {
         let who = reviewer.clone();
         let outcome = self
-            .with_db(move |c| store::vote(c, id, &who, verdict, comment.as_deref()))
+            .change(move |c| {
+                let outcome = store::vote(c, id, &who, verdict, comment.as_deref());
+                let event = match &outcome {
+                    Ok(o) => Some((
+                        match (o.closed, o.request.status) {
+                            (false, _) => RequestEventKind::ApprovalRecorded,
+                            (true, RequestStatus::Denied) => RequestEventKind::Denied,
+                            (true, _) => RequestEventKind::Approved,
+                        },
+                        o.request.clone(),
+                    )),
+                    Err(VoteError::Closed {
+                        request,
+                        expired_now: true,
+                    }) => Some((RequestEventKind::Expired, (**request).clone())),
+                    Err(_) => None,
+                };
+                (outcome, event)
+            })
             .await?;
         match outcome {
             Ok(outcome) => {
-                let kind = match (outcome.closed, outcome.request.status) {
-                    (false, _) => RequestEventKind::ApprovalRecorded,
-                    (true, RequestStatus::Denied) => RequestEventKind::Denied,
-                    (true, _) => RequestEventKind::Approved,
-                };
                 if outcome.closed {
                     self.refresh_held_gauge().await;
                 }
-                self.announce(kind, &outcome.request);
                 Ok(outcome.request)
             }
             Err(VoteError::Closed {
@@ -318,7 +357,6 @@ impl RequestBoard {
                 expired_now: true,
             }) => {
                 self.refresh_held_gauge().await;
-                self.announce(RequestEventKind::Expired, &request);
                 Err(BoardError::Closed(request))
             }
             Err(e) => Err(e.into()),
@@ -342,16 +380,23 @@ impl RequestBoard {
         status: RequestStatus,
         reason: Option<String>,
     ) -> Result<Request, BoardError> {
-        let request = self
-            .with_db(move |c| store::close_by_qgate(c, id, status, reason.as_deref()))
-            .await?
-            .map_err(BoardError::from)?;
-        self.refresh_held_gauge().await;
         let kind = match status {
             RequestStatus::Expired => RequestEventKind::Expired,
             _ => RequestEventKind::Withdrawn,
         };
-        self.announce(kind, &request);
+        let request = self
+            .change(
+                move |c| match store::close_by_qgate(c, id, status, reason.as_deref()) {
+                    Ok(request) => {
+                        let event = (kind, request.clone());
+                        (Ok(request), Some(event))
+                    }
+                    Err(e) => (Err(e), None),
+                },
+            )
+            .await?
+            .map_err(BoardError::from)?;
+        self.refresh_held_gauge().await;
         Ok(request)
     }
 
