@@ -61,7 +61,8 @@ pub struct Lab {
     agent: Option<Child>,
 }
 
-fn run(cmd: &mut Command) -> Result<Output> {
+/// Runs `cmd` to its end; its output, or an error with what it printed.
+pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
         bail!(

@@ -386,15 +386,21 @@ fn doctor_finds_the_server_and_names_what_would_stop_a_start() -> Result<()> {
         &broken,
         "[[rules]]\nname = \"x\"\naction = \"hold\"\nkinds = [\"nonsense\"]\n",
     )?;
+    // The first FAIL line of a doctor that must fail.
+    let first_failure = |args: &[&str]| -> Result<(String, String)> {
+        let out = doctor(args)?;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!out.status.success(), "{said}");
+        let line = said
+            .lines()
+            .find(|l| l.starts_with("FAIL"))
+            .unwrap_or_default()
+            .to_owned();
+        Ok((line, said))
+    };
     let mut args = base.to_vec();
     args.extend(["--policy", broken.to_str().unwrap_or_default()]);
-    let out = doctor(&args)?;
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!out.status.success(), "{said}");
-    let line = said
-        .lines()
-        .find(|l| l.starts_with("FAIL"))
-        .unwrap_or_default();
+    let (line, said) = first_failure(&args)?;
     assert!(
         line.contains("policy") && line.contains("nonsense"),
         "{said}"
@@ -403,13 +409,7 @@ fn doctor_finds_the_server_and_names_what_would_stop_a_start() -> Result<()> {
     let off_bpffs = lab.dir.join("pins");
     let mut args = base.to_vec();
     args[6] = off_bpffs.to_str().unwrap_or_default();
-    let out = doctor(&args)?;
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!out.status.success(), "{said}");
-    let line = said
-        .lines()
-        .find(|l| l.starts_with("FAIL"))
-        .unwrap_or_default();
+    let (line, said) = first_failure(&args)?;
     assert!(
         line.contains("bpffs") && line.contains("mount -t bpf"),
         "{said}"
