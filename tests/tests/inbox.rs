@@ -332,14 +332,16 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
         .at_most(Duration::from_secs(10))
         .for_element(Locator::Css(&format!("#request-{id}")))
         .await?;
-    card.find(Locator::Css("textarea"))
-        .await?
-        .send_keys("checked with the ledger team")
+    // By keyboard: the comment, Tab to Approve, Enter.
+    let comment = card.find(Locator::Css("textarea")).await?;
+    comment.click().await?;
+    comment.send_keys("checked with the ledger team").await?;
+    comment.send_keys("\u{E004}").await?;
+    let focused = c
+        .execute("return document.activeElement.className;", vec![])
         .await?;
-    card.find(Locator::Css("button.approve"))
-        .await?
-        .click()
-        .await?;
+    assert_eq!(focused, "approve", "Tab from the comment reaches Approve");
+    c.active_element().await?.send_keys("\u{E007}").await?;
     let decided = until("the decision on the card", 15, || async {
         let cards = c
             .find_all(Locator::Css(&format!(
