@@ -12,7 +12,8 @@
 //! - [`audit::append`] / [`audit::verify`]: the tamper-evident log.
 //! - [`export::export_statements`] / [`export::search_statements`]: one
 //!   record per statement ([`export::StatementRecord`], documented in
-//!   `schema/statement.schema.json`), for the CLI export and the API.
+//!   `schema/statement.schema.json`), for the CLI export, the API and the
+//!   audit stream; [`export::search_audit`] the same for the audit log.
 //!
 //! | module | does |
 //! | --- | --- |
@@ -22,7 +23,8 @@
 //! | [`preapprovals`] | statements approved before they are sent |
 //! | [`seal`] | captured rows sealed into the audit chain; `audit verify` of it all |
 //! | [`audit`] | the hash-chained log: kinds, append, verify |
-//! | [`export`] | the statement record, search and export |
+//! | [`export`] | the statement and audit records, their search and export |
+//! | [`stream`] | every record as it happens to JSONL and syslog (`[audit_stream]`) |
 //! | [`migrations`] | the schema as named, ordered migrations |
 pub mod audit;
 pub mod export;
