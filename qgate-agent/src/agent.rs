@@ -93,9 +93,9 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     )
     .map_err(store_err)?;
     let mut pipeline = Pipeline::new(writer);
-    let stream = if config.audit_stream.stream().enabled() {
+    let stream = if config.audit_stream.enabled() {
         Some(
-            store::stream::StreamThread::spawn(&config.store.path, &config.audit_stream.stream())
+            store::stream::StreamThread::spawn(&config.store.path, &config.audit_stream)
                 .map_err(AgentError::Gate)?,
         )
     } else {

@@ -43,45 +43,8 @@ pub struct Config {
     #[serde(default)]
     pub webhooks: WebhooksConfig,
     #[serde(default)]
-    pub audit_stream: AuditStreamConfig,
-}
-
-/// Every audit record, as it happens, to a log pipeline (`store::stream`).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuditStreamConfig {
-    /// JSON lines to this file, rotated by size.
-    pub jsonl: Option<PathBuf>,
-    pub jsonl_max_bytes: u64,
-    /// Rotated files kept (`FILE.1` … `FILE.N`).
-    pub jsonl_keep: u32,
-    /// RFC 5424 syslog: `unix:/dev/log`, `udp:HOST:PORT` or `tcp:HOST:PORT`.
-    pub syslog: Option<String>,
-    pub syslog_facility: String,
-}
-
-impl Default for AuditStreamConfig {
-    fn default() -> Self {
-        AuditStreamConfig {
-            jsonl: None,
-            jsonl_max_bytes: 100 * 1024 * 1024,
-            jsonl_keep: 5,
-            syslog: None,
-            syslog_facility: "authpriv".into(),
-        }
-    }
-}
-
-impl AuditStreamConfig {
-    pub fn stream(&self) -> crate::store::stream::StreamConfig {
-        crate::store::stream::StreamConfig {
-            jsonl: self.jsonl.clone(),
-            jsonl_max_bytes: self.jsonl_max_bytes,
-            jsonl_keep: self.jsonl_keep,
-            syslog: self.syslog.clone(),
-            syslog_facility: self.syslog_facility.clone(),
-        }
-    }
+    /// Every audit record, as it happens, to a log pipeline.
+    pub audit_stream: crate::store::stream::StreamConfig,
 }
 
 /// Where request events are posted (chat, paging, ticketing).

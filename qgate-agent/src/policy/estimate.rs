@@ -403,8 +403,6 @@ impl DeferredEstimator {
     }
 
     fn estimate(&self, sql: &str) -> Result<Estimate, String> {
-        // Refused before anything is queued: nothing to wait for.
-        plannable(sql).map_err(|e| e.to_string())?;
         let now = Instant::now();
         let mut answers = lock(&self.answers);
         match answers.get(sql) {
@@ -420,6 +418,9 @@ impl DeferredEstimator {
             }
             _ => {}
         }
+        // Refused before anything is queued (parsed once per new text, not
+        // once per rule that asks): nothing to wait for.
+        plannable(sql).map_err(|e| e.to_string())?;
         answers.insert(sql.to_owned(), Asked::Asking { since: now });
         drop(answers);
         if self.jobs.send(sql.to_owned()).is_err() {

@@ -55,8 +55,9 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Records read per table per pass.
 const BATCH: u32 = 2000;
 
-/// Where the stream goes (`[audit_stream]` in the configuration).
-#[derive(Clone, Debug, Default)]
+/// Where the stream goes: `[audit_stream]` in the configuration.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct StreamConfig {
     /// JSON lines to this file; rotated to `FILE.1` … `FILE.<keep>`.
     pub jsonl: Option<PathBuf>,
@@ -66,6 +67,18 @@ pub struct StreamConfig {
     pub syslog: Option<String>,
     /// A syslog facility name (`authpriv`, `local0` … `local7`, …).
     pub syslog_facility: String,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            jsonl: None,
+            jsonl_max_bytes: 100 * 1024 * 1024,
+            jsonl_keep: 5,
+            syslog: None,
+            syslog_facility: "authpriv".into(),
+        }
+    }
 }
 
 impl StreamConfig {
