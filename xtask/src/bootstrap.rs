@@ -31,6 +31,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("firefox-esr", "/usr/bin/firefox-esr"),
     // The audit stream's syslog test sends to a real rsyslog.
     ("rsyslog", "/usr/sbin/rsyslogd"),
+    // The package test: strip (packaging), systemd-analyze verify.
+    ("binutils", "/usr/bin/strip"),
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
