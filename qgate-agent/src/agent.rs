@@ -399,7 +399,7 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
             losses.check(&counters, &pipeline, |kind, details| {
                 audit_agent_event(&runtime, &board, kind, details)
             });
-            pipeline.tick(store::now_nanos());
+            pipeline.tick(crate::clock::now());
         }
         for decided in gate.take_decided() {
             pipeline.writer().decided(decided);
@@ -411,8 +411,8 @@ pub fn run(config: &Config, interfaces: &[String], signals: Signals) -> Result<(
     let counters = capture.counters();
     pipeline
         .writer()
-        .record_capture_loss(store::now_nanos(), counters);
-    let (summary, stats) = pipeline.finish(store::now_nanos()).map_err(store_err)?;
+        .record_capture_loss(crate::clock::now(), counters);
+    let (summary, stats) = pipeline.finish(crate::clock::now()).map_err(store_err)?;
     info!(?summary, ?stats, "store flushed");
     audit_agent_event(
         &runtime,
@@ -521,7 +521,7 @@ impl LossWatch {
             self.dropped = dropped;
             pipeline
                 .writer()
-                .record_capture_loss(store::now_nanos(), *counters);
+                .record_capture_loss(crate::clock::now(), *counters);
         }
     }
 }

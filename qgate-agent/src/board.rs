@@ -185,8 +185,8 @@ impl RequestBoard {
     fn announce(&self, kind: RequestEventKind, request: &Request) {
         ::metrics::counter!(metrics::REQUEST_EVENTS, "kind" => kind.as_str()).increment(1);
         if kind.is_final() {
-            if let Some(created) = store::parse_rfc3339_ms(&request.created_at) {
-                let waited = (store::now_ms() - created).max(0) as f64 / 1000.0;
+            if let Some(created) = crate::clock::parse(&request.created_at) {
+                let waited = (crate::clock::now() - created).max(0) as f64 / 1e9;
                 ::metrics::histogram!(metrics::REQUEST_WAIT).record(waited);
             }
         }
@@ -422,7 +422,7 @@ impl RequestBoard {
 
     /// Expires every pending request whose deadline has passed; returns their ids.
     pub async fn expire_due(&self) -> Result<Vec<i64>, BoardError> {
-        let now = store::now_ms();
+        let now = crate::clock::now();
         let due = self
             .with_db(move |c| store::due_for_expiry(c, now))
             .await??;
@@ -451,7 +451,7 @@ impl RequestBoard {
                 .and_then(Result::ok)
                 .flatten();
             let wait = next
-                .map(|at| Duration::from_millis((at - store::now_ms()).max(0) as u64))
+                .map(|at| Duration::from_nanos((at - crate::clock::now()).max(0) as u64))
                 .unwrap_or(EXPIRY_IDLE_WAKE)
                 .clamp(EXPIRY_MIN_WAIT, EXPIRY_IDLE_WAKE);
             tokio::select! {

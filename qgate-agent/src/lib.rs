@@ -9,6 +9,7 @@
 //! | store | [`store`] | SQLite: connections, statements, requests, audit |
 //! | api | [`api`] | the reviewers' HTTP API |
 //! | (shared) | [`board`] | held requests: create, decide, watch (the gate and the API both use it) |
+//! | (shared) | [`clock`] | the one time type ([`clock::UnixNanos`]), its text forms |
 //! | (shared) | [`bpf`] | the gating maps and the programs' clock, shared by capture and gate |
 //!
 //! [`pipeline`] connects the stages; [`cli`] is the command line.
@@ -20,6 +21,7 @@ pub mod capture;
 pub mod catalog;
 pub mod classify;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod gate;
 pub mod pipeline;

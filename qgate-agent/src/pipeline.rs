@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use crate::{
-    capture::{Segment, UnixNanos},
+    capture::Segment,
+    clock::UnixNanos,
     store::{Writer, WriterStats},
     wire::{Tracker, WireEvent},
 };

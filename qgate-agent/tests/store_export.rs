@@ -2,7 +2,7 @@
 mod store_support;
 
 use qgate_agent::store::{
-    export::{export_statements, parse_time, ExportFormat, StatementRecord, TimeRange, CSV_HEADER},
+    export::{export_statements, ExportFormat, StatementRecord, TimeRange, CSV_HEADER},
     Store, Writer, WriterConfig,
 };
 use store_support::*;
@@ -139,8 +139,8 @@ fn since_is_inclusive_and_until_exclusive() {
     let store = sample_db(&dir);
     let texts = |since: Option<&str>, until: Option<&str>| -> Vec<String> {
         let range = TimeRange {
-            since: since.map(|t| parse_time(t).unwrap()),
-            until: until.map(|t| parse_time(t).unwrap()),
+            since: since.map(|t| qgate_agent::clock::parse_human(t).unwrap()),
+            until: until.map(|t| qgate_agent::clock::parse_human(t).unwrap()),
         };
         jsonl(&store, range).into_iter().map(|r| r.text).collect()
     };

@@ -50,7 +50,7 @@ fn every_record_arrives_once_across_rotations_and_restarts() {
     // The stream starts at the store's end: opened before anything is written.
     let mut stream = streamer(&db, &config);
     // Now, not the fixtures' 2024: a statement running for long is given up on.
-    let t0 = qgate_agent::store::now_nanos();
+    let t0 = qgate_agent::clock::now();
     let writer = Writer::spawn(Store::open(&db).unwrap(), WriterConfig::default()).unwrap();
     let mut events = vec![opened(1, t0), identified(1, "alice", "shop", "psql", t0)];
     for seq in 1..=60u64 {

@@ -108,13 +108,10 @@ pub async fn search_statements(
     q: Result<Query<StatementQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let time = |name: &str, v: Option<&str>| -> Result<Option<i64>, ApiError> {
-        Ok(parse_time(name, v)?.map(|ms| ms.saturating_mul(1_000_000)))
-    };
     let filter = StatementFilter {
         range: TimeRange {
-            since: time("since", q.since.as_deref())?,
-            until: time("until", q.until.as_deref())?,
+            since: parse_time("since", q.since.as_deref())?,
+            until: parse_time("until", q.until.as_deref())?,
         },
         user: q.user,
         database: q.database,
@@ -155,8 +152,8 @@ pub async fn search_log(
         kind: q.kind,
         actor: q.actor,
         request_id: q.request,
-        since_ms: parse_time("since", q.since.as_deref())?,
-        until_ms: parse_time("until", q.until.as_deref())?,
+        since: parse_time("since", q.since.as_deref())?,
+        until: parse_time("until", q.until.as_deref())?,
         after: q.after,
         limit: Some(limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?),
     };

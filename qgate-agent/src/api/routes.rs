@@ -24,9 +24,7 @@ use utoipa::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::store::requests::{
-    self as store, Request, RequestFilter, RequestStatus, Reviewer, Verdict,
-};
+use crate::store::requests::{Request, RequestFilter, RequestStatus, Reviewer, Verdict};
 
 use super::{audit, auth::Caller, error::ApiError, AppState, ErrorBody, RequestEvent};
 
@@ -173,10 +171,13 @@ pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiErro
         .map_err(|e| ApiError::rejection(e.status(), e.body_text()))
 }
 
-pub(crate) fn parse_time(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+pub(crate) fn parse_time(
+    name: &str,
+    value: Option<&str>,
+) -> Result<Option<crate::clock::UnixNanos>, ApiError> {
     value
         .map(|v| {
-            store::parse_rfc3339_ms(v).ok_or_else(|| {
+            crate::clock::parse(v).ok_or_else(|| {
                 ApiError::bad_request(format!(
                     "`{name}` must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z, got {v:?}"
                 ))
@@ -209,7 +210,7 @@ async fn list_requests(
         status: q.status,
         db_user: q.user,
         database: q.database,
-        since_ms: parse_time("since", q.since.as_deref())?,
+        since: parse_time("since", q.since.as_deref())?,
         limit: limit(q.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?,
     };
     Ok(Json(state.board.list(filter).await?))

@@ -48,8 +48,7 @@ pub struct Flow {
     pub server: SocketAddr,
 }
 
-/// Nanoseconds since the Unix epoch.
-pub type UnixNanos = i64;
+pub use crate::clock::UnixNanos;
 
 /// One TCP segment (or one GSO super-segment) of a database connection.
 #[derive(Clone, Debug)]

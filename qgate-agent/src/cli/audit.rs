@@ -6,7 +6,7 @@ use std::{
 };
 
 use crate::{
-    capture::UnixNanos,
+    clock::UnixNanos,
     store::{
         export::{self, ExportFormat, TimeRange},
         seal, Store, StoreError, DEFAULT_DB_PATH,
@@ -76,7 +76,9 @@ fn parse_decision(input: &str) -> Result<export::DecisionFilter, String> {
 }
 
 fn parse_time(input: &str) -> Result<UnixNanos, StoreError> {
-    export::parse_time(input)
+    crate::clock::parse_human(input).ok_or_else(|| StoreError::BadTime {
+        input: input.to_owned(),
+    })
 }
 
 pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {

@@ -112,7 +112,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Suggest { since, db } => {
             let store = crate::store::Store::open_existing(&db)
                 .with_context(|| format!("opening the qgate database {}", db.display()))?;
-            let text = super::suggest::suggest(&store, crate::store::now_nanos() - since)?;
+            let text = super::suggest::suggest(&store, crate::clock::now() - since)?;
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
@@ -139,7 +139,7 @@ fn report(db: &std::path::Path, since_ago: i64, json: bool) -> anyhow::Result<Ex
     let store = crate::store::Store::open_existing(db)
         .with_context(|| format!("opening the qgate database {}", db.display()))?;
     let conn = store.conn();
-    let since = crate::store::now_nanos() - since_ago;
+    let since = crate::clock::now() - since_ago;
     let mut rules: std::collections::BTreeMap<String, RuleReport> = Default::default();
     fn entry<'r>(
         rules: &'r mut std::collections::BTreeMap<String, RuleReport>,

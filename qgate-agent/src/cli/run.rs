@@ -153,7 +153,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             "qgate-agent replay: this capture ({file}) was replayed into {} already, at {} \
              ({statements} statements); nothing done. Replay it into another store with --db.",
             db.display(),
-            store::export::rfc3339(at).unwrap_or_else(|_| at.to_string())
+            crate::clock::rfc3339_or_number(at)
         );
         return Ok(ExitCode::FAILURE);
     }
@@ -258,7 +258,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 rusqlite::params![
                     sha256,
                     file_name,
-                    store::now_nanos(),
+                    crate::clock::now(),
                     i64::try_from(summary.statements).unwrap_or(i64::MAX)
                 ],
             )

@@ -88,7 +88,7 @@ pub fn suggest(store: &Store, since: i64) -> anyhow::Result<String> {
         }
     }
     let mut out = String::new();
-    let since_text = crate::store::export::rfc3339(since).unwrap_or_else(|_| since.to_string());
+    let since_text = crate::clock::rfc3339_or_number(since);
     out.push_str(&format!(
         "# Proposed by `qgate-agent policy suggest` from {total} statements recorded since \
          {since_text}\n# ({} distinct). Read it, edit it, then check it with `qgate-agent policy \

@@ -31,9 +31,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{
+    connection::BackendRead,
     held::PendingSql,
     rewrite::{self, DenialRef},
-    Gate, SqlInfo, Verdict,
+    Awaited, Gate, Holder, Outcome, SqlInfo,
 };
 use crate::{
     capture::{backend::StoppedRead, hook::ClientSocket, Flow},
@@ -118,7 +119,11 @@ impl Gate {
     pub fn backend_stopped(&mut self, read: &StoppedRead, tracker: &mut Tracker) {
         tracker.watch(&read.flow, true);
         let socket = read.socket_fd.and_then(|fd| duplicate_socket(read.pid, fd));
-        self.stopped_reads.insert(read.flow, read.clone());
+        self.record(read.flow).read = Some(BackendRead::Decoding {
+            read: read.clone(),
+            broken: false,
+        });
+        self.decoding.push(read.flow);
         self.stopped.insert(
             read.pid,
             StoppedBackend {
@@ -134,10 +139,17 @@ impl Gate {
     /// The messages of a stopped read, decoded: decide each, then resume
     /// the backend unless one waits for reviewers.
     pub(super) fn decide_stopped(&mut self, flow: Flow, messages: Vec<ClientMessage>) {
-        let Some(read) = self.stopped_reads.remove(&flow) else {
+        let Some(c) = self.conns.get_mut(&flow) else {
             return;
         };
-        if self.broken_reads.remove(&flow) {
+        let (read, broken) = match c.read.take() {
+            Some(BackendRead::Decoding { read, broken }) => (read, broken),
+            other => {
+                c.read = other;
+                return;
+            }
+        };
+        if broken {
             // What the backend is about to parse was not decoded whole (lost
             // bytes, or not the protocol): nothing judged may run. End it.
             self.stopped.remove(&read.pid);
@@ -155,7 +167,7 @@ impl Gate {
         });
         if needs_catalog && self.catalog_pending(&flow) {
             // The backend stays stopped until its database's catalog is read.
-            self.deferred.insert(flow, (read, messages));
+            self.record(flow).read = Some(BackendRead::Deferred { read, messages });
             return;
         }
         let mut messages = messages.into_iter();
@@ -190,20 +202,26 @@ impl Gate {
                 tail: false,
             };
             match self.decide(&flow, &pending) {
-                Verdict::Allow => {}
-                Verdict::Defer => {
+                Outcome::Allow => {}
+                Outcome::Defer => {
                     // The backend stays stopped; this message and those after
                     // it are decided when the estimate arrives.
-                    let rest: Vec<ClientMessage> =
+                    let messages: Vec<ClientMessage> =
                         std::iter::once(original).chain(messages).collect();
-                    self.deferred.insert(flow, (read, rest));
+                    self.record(flow).read = Some(BackendRead::Deferred { read, messages });
                     return;
                 }
-                Verdict::Deny { id, reason } => {
+                Outcome::Deny { id, reason } => {
                     self.refuse_in_backend(read.pid, &rewrite, &sql.text, id, &reason)
                 }
-                Verdict::Wait(id) => {
-                    self.backend_requests.insert(id, read.pid);
+                Outcome::Wait { id, schema } => {
+                    self.awaited.insert(
+                        id,
+                        Awaited {
+                            holder: Holder::Backend(read.pid),
+                            schema,
+                        },
+                    );
                     if let Some(b) = self.stopped.get_mut(&read.pid) {
                         b.waiting.push(Waiting {
                             request: id,
@@ -374,7 +392,7 @@ impl Gate {
                 "connected over a Unix socket before qgate's server hook: its next statement could not be seen",
             ),
             ClientSocket::Tcp(flow) => {
-                self.before_hook.insert(flow, pid);
+                self.record(flow).before_hook = Some(pid);
             }
         }
     }
@@ -382,7 +400,9 @@ impl Gate {
     /// The wire stage found a connection encrypted: if it is one of those
     /// connected before the hook, nothing can read it: end it.
     pub(super) fn wire_encrypted(&mut self, flow: &Flow) {
-        if let Some(pid) = self.before_hook.remove(flow) {
+        let before_hook = self.conns.get_mut(flow).and_then(|c| c.before_hook.take());
+        self.tidy(flow);
+        if let Some(pid) = before_hook {
             self.terminate_unseen(
                 pid,
                 "a TLS session connected before qgate's server hook: its next statement could not be seen",
@@ -420,8 +440,11 @@ impl Gate {
             .stopped
             .keys()
             .copied()
-            .chain(self.stopped_reads.values().map(|r| r.pid))
-            .chain(self.deferred.values().map(|(r, _)| r.pid))
+            .chain(
+                self.conns
+                    .values()
+                    .filter_map(|c| c.read.as_ref().map(BackendRead::pid)),
+            )
             .collect();
         // The same stop (same pid, stopped at the same read position) twice:
         // a backend stopped anew since the last look is not an orphan yet.
@@ -509,7 +532,13 @@ impl Gate {
                     .block_on(self.board.withdraw(request.id, "the backend exited"));
                 continue;
             }
-            self.backend_requests.insert(request.id, pid);
+            self.awaited.insert(
+                request.id,
+                Awaited {
+                    holder: Holder::Backend(pid),
+                    schema: None,
+                },
+            );
             self.stopped
                 .entry(pid)
                 .or_insert_with(|| StoppedBackend {

@@ -4,12 +4,13 @@
 //! uncommitted schema change), and the policy's decision on the whole.
 use std::sync::Arc;
 
-use super::{held::PendingSql, ConnInfo, Flow, Gate, SqlInfo, FUNCTION_CALL, INCOMPLETE};
+use super::{connection::ConnInfo, held::PendingSql, SqlInfo, FUNCTION_CALL, INCOMPLETE};
 use crate::{
-    catalog::{CatalogView, Estimate, Lookup},
+    catalog::{CatalogView, Catalogs, Estimate, Lookup},
     classify::{Classification, Dialect, Flag, Kind, RowShare},
-    policy::{self, Subject},
-    wire::SqlCarrier,
+    policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
+    store::requests::{Identity as RequestIdentity, NewRequest, TransactionState},
+    wire::{SqlCarrier, Transport},
 };
 
 /// Session settings that change how the server splits statement text.
@@ -183,46 +184,233 @@ pub(super) fn may_create_code(classification: &Classification) -> bool {
     })
 }
 
-impl Gate {
-    /// The statement's facts, with what the session and the database's
-    /// catalog add, and the policy's decision on them. What shadow rules
-    /// would have done is audited (`policy.shadow`) and counted.
-    pub(super) fn classify_and_decide(
+/// What decides a message: the policy and its cache, the planner's
+/// estimates, each database's catalog. It reads the gate's record of the
+/// session and says what to do ([`Ruling`]); it touches no kernel, request
+/// board or socket (the gate carries the ruling out), so it is tested on
+/// its own.
+pub(super) struct Judge {
+    pub policy: PolicyHandle,
+    pub cache: DecisionCache,
+    /// Answers `estimated_rows_above` (EXPLAIN over the configured connection).
+    pub estimator: Box<dyn RowEstimator + Send + Sync>,
+    /// Each database's user code (`None`: not read, `catalog.enabled = false`).
+    pub catalogs: Option<Catalogs>,
+    /// Whether statements are judged by the policy at all (`gate.mode`).
+    pub enforcing: bool,
+}
+
+/// Where a message came from, as a request shows it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Origin {
+    /// `None` for a Unix-socket session.
+    pub client: Option<std::net::SocketAddr>,
+    pub transport: Transport,
+}
+
+/// What to do with one message.
+#[derive(Debug)]
+pub(super) enum Ruling {
+    /// Let it run. `rule`: the policy's rule, stored with the statement
+    /// (`None` when no policy judged it: monitor mode, the agent's own
+    /// session, a StartupMessage); `schema`: it may change the schema
+    /// (`Some(creates_code)`, see [`may_create_code`]); `search_path`: it
+    /// may change how the session resolves names.
+    Allow {
+        rule: Option<String>,
+        schema: Option<bool>,
+        search_path: bool,
+    },
+    /// Refuse it; `rule` as for `Allow`.
+    Deny {
+        reason: String,
+        rule: Option<String>,
+    },
+    /// Open this request and wait for its final event.
+    Hold {
+        request: Box<NewRequest>,
+        schema: Option<bool>,
+    },
+    /// Not decided yet: a planner's estimate is being asked (off the loop);
+    /// judged again when it is in.
+    Defer,
+}
+
+/// A ruling, with the audit records of what shadow rules would have done.
+#[derive(Debug)]
+pub(super) struct Judged {
+    pub ruling: Ruling,
+    pub shadow: Vec<serde_json::Value>,
+}
+
+impl From<Ruling> for Judged {
+    fn from(ruling: Ruling) -> Self {
+        Judged {
+            ruling,
+            shadow: Vec::new(),
+        }
+    }
+}
+
+impl Judge {
+    /// Rules on one message of the session `conn` describes.
+    pub(super) fn rule(
         &mut self,
         conn: &ConnInfo,
         sql: &PendingSql<SqlInfo>,
-        policy: &Arc<policy::Policy>,
-    ) -> Option<(Classification, policy::Decision)> {
-        let (classification, decision) = self.classify_and_decide_now(conn, sql, policy)?;
-        for hit in &decision.shadow {
-            ::metrics::counter!(
-                super::metrics::SHADOW,
-                "rule" => hit.rule.clone(),
-                "would" => hit.would
-            )
-            .increment(1);
-            let details = serde_json::json!({
-                "rule": hit.rule,
-                "would": hit.would,
-                "decided": decision.action.name(),
-                "decided_by": decision.rule,
-                "statement": crate::classify::redact::redact(&sql.info.text),
-                "fingerprint": classification.fingerprint,
-                "user": conn.subject.user,
-                "database": conn.subject.database,
-                "client_addr": conn.subject.client_addr.map(|a| a.to_string()),
-            });
-            // Not waited for: the statement goes on at once.
-            let board = self.board.clone();
-            self.runtime.spawn(async move {
-                let _ = board
-                    .audit(crate::store::audit::kinds::POLICY_SHADOW, details)
-                    .await;
-            });
+        origin: Origin,
+    ) -> Judged {
+        let allow = || Ruling::Allow {
+            rule: None,
+            schema: None,
+            search_path: false,
+        };
+        if conn.own {
+            // The agent's own catalog session (let go of at its startup; a
+            // statement already on its way is let through).
+            return allow().into();
         }
-        Some((classification, decision))
+        if sql.info.carrier == SqlCarrier::Startup {
+            let refusal = if conn.refused {
+                Some("the policy refuses this identity".to_string())
+            } else {
+                self.judge_startup_settings(conn)
+            };
+            return match refusal {
+                None => allow(),
+                Some(reason) => Ruling::Deny { reason, rule: None },
+            }
+            .into();
+        }
+        if conn.refused {
+            return Ruling::Deny {
+                reason: "connection refused by policy".into(),
+                rule: None,
+            }
+            .into();
+        }
+        if !self.enforcing {
+            return allow().into();
+        }
+        let policy = self.policy.current();
+        let Some((classification, decision)) = self.classify_and_decide_now(conn, sql, &policy)
+        else {
+            return Ruling::Defer.into();
+        };
+        let shadow = decision
+            .shadow
+            .iter()
+            .map(|hit| {
+                serde_json::json!({
+                    "rule": hit.rule,
+                    "would": hit.would,
+                    "decided": decision.action.name(),
+                    "decided_by": decision.rule,
+                    "statement": crate::classify::redact::redact(&sql.info.text),
+                    "fingerprint": classification.fingerprint,
+                    "user": conn.subject.user,
+                    "database": conn.subject.database,
+                    "client_addr": conn.subject.client_addr.map(|a| a.to_string()),
+                })
+            })
+            .collect();
+        let schema = may_change_schema(&classification).then(|| may_create_code(&classification));
+        let ruling = match decision.action {
+            Action::Allow | Action::AuditOnly => Ruling::Allow {
+                rule: Some(decision.rule),
+                schema,
+                search_path: classification
+                    .statements
+                    .iter()
+                    .any(|s| s.has(Flag::SearchPathChange) || s.kind == Kind::Unknown),
+            },
+            Action::Deny { message } => Ruling::Deny {
+                reason: format!("{message} (rule {})", decision.rule),
+                rule: Some(decision.rule),
+            },
+            Action::Hold {
+                approvals,
+                reviewer_groups,
+            } => {
+                let client = origin
+                    .client
+                    .map_or_else(|| "local".to_string(), |a| a.to_string());
+                let mut facts = redacted_facts(&classification);
+                // Why the rule held it, for the reviewer (estimates included).
+                facts["reasons"] = decision
+                    .reasons
+                    .iter()
+                    .map(|r| crate::classify::redact::redact(r).into_owned())
+                    .collect::<Vec<_>>()
+                    .into();
+                let request = NewRequest {
+                    statement_id: None,
+                    // What reviewers, the store and webhooks see:
+                    // credentials redacted (`classify::redact`).
+                    statement: crate::classify::redact::redact(&sql.info.text).into_owned(),
+                    facts,
+                    rule: decision.rule,
+                    approvals_needed: approvals,
+                    reviewer_groups,
+                    identity: RequestIdentity {
+                        db_user: conn.subject.user.clone(),
+                        database: conn.subject.database.clone(),
+                        application: conn.subject.application.clone(),
+                        client_addr: Some(client),
+                        transport: Some(origin.transport.as_str().to_owned()),
+                    },
+                    // The `connections` row: set by the store's writer
+                    // with `statement_id` (see `store::Decided`).
+                    connection_id: 0,
+                    transaction_state: TransactionState::Unknown,
+                    estimated_rows: None,
+                    timeout: None,
+                    hook: sql.info.hook.clone(),
+                };
+                Ruling::Hold {
+                    request: Box::new(request),
+                    schema,
+                }
+            }
+        };
+        Judged { ruling, shadow }
     }
 
+    /// A StartupMessage's settings judged as the `SET`s they are (see
+    /// [`super::startup`]): why the connection is refused, if a setting is
+    /// one the policy would not let run at once. (Holding a connection for
+    /// review is not offered: issue such a SET inside the session instead,
+    /// where it is held like any statement.)
+    fn judge_startup_settings(&mut self, conn: &ConnInfo) -> Option<String> {
+        if !self.enforcing || conn.settings.is_empty() {
+            return None;
+        }
+        let statements = match super::startup::settings_as_statements(&conn.settings) {
+            Ok(statements) => statements,
+            Err(why) => return Some(why),
+        };
+        let policy = self.policy.current();
+        for sql in statements {
+            let (_, decision) = self.cache.decide(
+                &policy,
+                &conn.subject,
+                &sql,
+                Dialect::Postgresql,
+                self.estimator.as_ref(),
+            );
+            if !matches!(decision.action, Action::Allow | Action::AuditOnly) {
+                return Some(format!(
+                    "startup setting `{sql}` needs review (rule {}): set it inside the session",
+                    decision.rule
+                ));
+            }
+        }
+        None
+    }
+
+    /// The statement's facts, with what the session and the database's
+    /// catalog add, and the policy's decision on them; `None` while an
+    /// estimate it needs is being asked.
     fn classify_and_decide_now(
         &mut self,
         conn: &ConnInfo,
@@ -360,45 +548,30 @@ impl Gate {
             Estimate::Ready(Err(reason)) => unavailable(reason),
         }
     }
+}
 
-    /// A statement that may create or change what runs user code (DDL, a
-    /// statement qgate does not understand, server-side code) was let run:
-    /// the database's catalog is read again, and this session's statements
-    /// count as user code until its transaction ends.
-    pub(super) fn schema_changed(&mut self, flow: &Flow, creates_code: bool) {
-        if self.catalogs.is_none() {
-            return;
-        }
-        let Some(info) = self.conns.get_mut(flow) else {
-            return;
-        };
-        let database = database_of(&info.subject);
-        // Read again once it is committed (the session is idle).
-        info.catalog_stale = true;
-        if creates_code {
-            info.schema_changed = true;
-        }
-        self.invalidate_database(&database);
-    }
-
-    /// `database`'s catalog no longer serves: it is read again, and until
-    /// then no session in it gets the kernel's fast path (a statement of
-    /// another session must not reach, unasked, what the change created).
-    pub(super) fn invalidate_database(&mut self, database: &str) {
-        let Some(catalogs) = self.catalogs.clone() else {
-            return;
-        };
-        catalogs.invalidate(database);
-        let flows: Vec<Flow> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| database_of(&c.subject) == database)
-            .map(|(flow, _)| *flow)
-            .collect();
-        for flow in flows {
-            self.apply_mode(&flow);
+/// The classifier's facts as a request keeps them, each statement's text
+/// with its credentials redacted (a parse error, which may quote them, is
+/// withheld for such a statement).
+fn redacted_facts(classification: &crate::classify::Classification) -> serde_json::Value {
+    let mut facts = serde_json::to_value(classification).unwrap_or_default();
+    if let Some(statements) = facts
+        .get_mut("statements")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for statement in statements {
+            let Some(sql) = statement.get("sql").and_then(serde_json::Value::as_str) else {
+                continue;
+            };
+            if let std::borrow::Cow::Owned(redacted) = crate::classify::redact::redact(sql) {
+                statement["sql"] = redacted.into();
+                if statement.get("error").is_some_and(|e| !e.is_null()) {
+                    statement["error"] = "withheld: the statement holds a credential".into();
+                }
+            }
         }
     }
+    facts
 }
 
 #[cfg(test)]
@@ -485,5 +658,265 @@ mod tests {
             function_call_text(&view, "-- FunctionCall of function OID 1"),
             None
         );
+    }
+
+    /// A judge over `policy` with no catalog and no estimator.
+    fn judge(policy: &str, enforcing: bool) -> Judge {
+        Judge {
+            policy: PolicyHandle::new(policy::Policy::from_toml(policy).unwrap()),
+            cache: DecisionCache::default(),
+            estimator: Box::new(policy::NoEstimator),
+            catalogs: None,
+            enforcing,
+        }
+    }
+
+    fn session(user: &str) -> ConnInfo {
+        ConnInfo {
+            subject: Subject {
+                user: Some(user.into()),
+                database: Some("shop".into()),
+                client_addr: Some("10.1.2.3".parse().unwrap()),
+                application: Some("psql".into()),
+            },
+            ..ConnInfo::default()
+        }
+    }
+
+    fn message(carrier: SqlCarrier, text: &str) -> PendingSql<SqlInfo> {
+        PendingSql {
+            start: 0,
+            end: 0,
+            text_start: 0,
+            text_end: 0,
+            info: SqlInfo {
+                conn: Default::default(),
+                carrier,
+                text: text.into(),
+                hook: None,
+            },
+            request: None,
+            incomplete: false,
+            tail: false,
+        }
+    }
+
+    const ORIGIN: Origin = Origin {
+        client: Some(std::net::SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)),
+            50000,
+        )),
+        transport: Transport::Tcp,
+    };
+
+    const POLICY: &str = r#"
+[default]
+action = "allow"
+
+[[rules]]
+name = "no-drops"
+kinds = ["ddl"]
+action = "hold"
+approvals = 2
+
+[[rules]]
+name = "no-deletes"
+verbs = ["DELETE"]
+action = "deny"
+message = "deletes are not allowed here"
+
+[[rules]]
+name = "watch-updates"
+verbs = ["UPDATE"]
+shadow = true
+action = "hold"
+"#;
+
+    #[test]
+    fn the_ruling_says_what_to_do_without_doing_it() {
+        let mut j = judge(POLICY, true);
+        let alice = session("alice");
+        let query =
+            |j: &mut Judge, text: &str| j.rule(&alice, &message(SqlCarrier::Query, text), ORIGIN);
+        match query(&mut j, "SELECT 1").ruling {
+            Ruling::Allow {
+                rule,
+                schema,
+                search_path,
+            } => {
+                assert_eq!(rule.as_deref(), Some("default"));
+                assert_eq!((schema, search_path), (None, false));
+            }
+            other => panic!("{other:?}"),
+        }
+        match query(&mut j, "DELETE FROM orders WHERE id = 1").ruling {
+            Ruling::Deny { reason, rule } => {
+                assert_eq!(rule.as_deref(), Some("no-deletes"));
+                assert!(reason.contains("deletes are not allowed here"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match query(&mut j, "DROP TABLE orders").ruling {
+            Ruling::Hold { request, schema } => {
+                assert_eq!(request.rule, "no-drops");
+                assert_eq!(request.approvals_needed, 2);
+                assert_eq!(request.statement, "DROP TABLE orders");
+                assert_eq!(request.identity.db_user.as_deref(), Some("alice"));
+                assert_eq!(request.identity.database.as_deref(), Some("shop"));
+                assert_eq!(
+                    request.identity.client_addr.as_deref(),
+                    Some("10.1.2.3:50000")
+                );
+                assert_eq!(request.identity.transport.as_deref(), Some("tcp"));
+                assert_eq!(schema, Some(false), "a table: the catalog is read again");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A shadow rule changes nothing but is reported for the audit.
+        let judged = query(&mut j, "UPDATE orders SET v = 1 WHERE id = 2");
+        assert!(matches!(judged.ruling, Ruling::Allow { .. }), "{judged:?}");
+        assert_eq!(judged.shadow.len(), 1, "{judged:?}");
+        assert_eq!(judged.shadow[0]["rule"], "watch-updates");
+        assert_eq!(judged.shadow[0]["would"], "hold");
+    }
+
+    #[test]
+    fn credentials_never_reach_a_request_and_code_creation_is_marked() {
+        let mut j = judge(crate::policy::DEFAULT_POLICY, true);
+        let judged = j.rule(
+            &session("alice"),
+            &message(
+                SqlCarrier::Query,
+                "ALTER ROLE bob PASSWORD 'hunter2-secret'",
+            ),
+            Origin {
+                client: None,
+                transport: Transport::Unix,
+            },
+        );
+        let Ruling::Hold { request, .. } = judged.ruling else {
+            panic!("{judged:?}");
+        };
+        let shown = serde_json::to_string(&(&request.statement, &request.facts)).unwrap();
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
+        assert_eq!(request.identity.client_addr.as_deref(), Some("local"));
+        assert_eq!(request.identity.transport.as_deref(), Some("unix"));
+        let judged = j.rule(
+            &session("alice"),
+            &message(
+                SqlCarrier::Query,
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            ),
+            ORIGIN,
+        );
+        assert!(
+            matches!(
+                judged.ruling,
+                Ruling::Hold {
+                    schema: Some(true),
+                    ..
+                }
+            ),
+            "{judged:?}"
+        );
+    }
+
+    #[test]
+    fn refused_identities_startup_settings_monitor_mode_and_the_agents_own_session() {
+        let mut j = judge(
+            r#"
+[default]
+action = "allow"
+
+[[rules]]
+name = "safety"
+flags = ["disables_safety"]
+action = "hold"
+"#,
+            true,
+        );
+        let refused = ConnInfo {
+            refused: true,
+            ..session("mallory")
+        };
+        for carrier in [SqlCarrier::Startup, SqlCarrier::Query] {
+            let judged = j.rule(&refused, &message(carrier, "SELECT 1"), ORIGIN);
+            assert!(
+                matches!(&judged.ruling, Ruling::Deny { rule: None, .. }),
+                "{carrier:?}: {judged:?}"
+            );
+        }
+        // A StartupMessage setting is judged as the SET it is.
+        let mut settings = session("alice");
+        settings.settings = vec![("session_replication_role".into(), "replica".into())];
+        let judged = j.rule(&settings, &message(SqlCarrier::Startup, ""), ORIGIN);
+        match &judged.ruling {
+            Ruling::Deny { reason, rule: None } => {
+                assert!(reason.contains("session_replication_role"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        settings.settings = vec![("application_name".into(), "x".into())];
+        let judged = j.rule(&settings, &message(SqlCarrier::Startup, ""), ORIGIN);
+        assert!(
+            matches!(judged.ruling, Ruling::Allow { rule: None, .. }),
+            "{judged:?}"
+        );
+        // The agent's own catalog session, and monitor mode: nothing judged.
+        let own = ConnInfo {
+            own: true,
+            ..session("qgate")
+        };
+        let drop = message(SqlCarrier::Query, "DROP TABLE t");
+        assert!(matches!(
+            j.rule(&own, &drop, ORIGIN).ruling,
+            Ruling::Allow { rule: None, .. }
+        ));
+        let mut monitor = judge(POLICY, false);
+        assert!(matches!(
+            monitor.rule(&session("alice"), &drop, ORIGIN).ruling,
+            Ruling::Allow { rule: None, .. }
+        ));
+    }
+
+    #[test]
+    fn text_the_session_reads_differently_or_not_seen_whole_is_not_understood() {
+        let mut j = judge(crate::policy::DEFAULT_POLICY, true);
+        let sjis = ConnInfo {
+            lexing: Lexing {
+                encoding: Some("SJIS".into()),
+                backslashes: false,
+            },
+            ..session("alice")
+        };
+        let judged = j.rule(
+            &sjis,
+            &message(SqlCarrier::Query, "SELECT '\u{8868}\\'; DROP TABLE t; --'"),
+            ORIGIN,
+        );
+        assert!(
+            matches!(&judged.ruling, Ruling::Hold { request, .. } if request.rule == "not-understood"),
+            "{judged:?}"
+        );
+        let mut partial = message(SqlCarrier::Query, "SELECT 1 FROM t WHERE x = '");
+        partial.incomplete = true;
+        let judged = j.rule(&session("alice"), &partial, ORIGIN);
+        match &judged.ruling {
+            Ruling::Hold { request, .. } => {
+                assert_eq!(request.rule, "not-understood");
+                assert!(
+                    request.statement.starts_with("SELECT 1 FROM t"),
+                    "{request:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A plain read from the same session runs.
+        let judged = j.rule(
+            &session("alice"),
+            &message(SqlCarrier::Query, "SELECT 1"),
+            ORIGIN,
+        );
+        assert!(matches!(judged.ruling, Ruling::Allow { .. }), "{judged:?}");
     }
 }

@@ -31,10 +31,12 @@
 //! | [`inject`] | re-injects released bytes and resets through raw sockets |
 //! | [`rewrite`] | same-length denial texts (whole, prefix, tail, startup) |
 //! | [`startup`] | StartupMessage settings judged as the `SET`s they are |
-//! | `judge` | what a message is judged on (facts, lexing, catalog, estimates) |
+//! | `connection` | the one record the gate keeps per connection |
+//! | `judge` | what a message is judged on, and the ruling (pure: no kernel, board or socket) |
 //! | `backend` | the server hook's way: stopped backends, rewrite in place |
 //! | `recover` | after a restart: pending requests taken over, dead ones withdrawn |
 mod backend;
+mod connection;
 pub mod held;
 mod recover;
 
@@ -60,22 +62,24 @@ use crate::FastMap as HashMap;
 use tracing::{debug, info, warn};
 
 use self::{
+    connection::{BackendRead, ConnInfo, GatedConnection, HookedSession},
     held::{HeldStream, PendingSql},
     inject::Injector,
-    judge::{database_of, encoding_is_modelled, may_change_schema, may_create_code, Lexing},
+    judge::{database_of, encoding_is_modelled, Judge, Judged, Lexing, Origin, Ruling},
+    recover::Recovery,
     rewrite::DenialRef,
 };
 use crate::bpf::{GateMode, KernelGate};
 use crate::store::StatementDecision;
 use crate::{
     board::{RequestBoard, RequestEvent, RequestEventKind},
-    capture::backend::StoppedRead,
     capture::{Direction, Flow, Segment},
     catalog::{Catalogs, Lookup},
-    classify::{Dialect, Flag, Kind},
-    policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
-    store::requests::{HookHold, Identity as RequestIdentity, NewRequest, TransactionState},
-    wire::{ClientMessage, ConnId, Identity, ServerReport, SqlCarrier, Tracker, WireEvent},
+    policy::{self, DecisionCache, PolicyHandle, RowEstimator, Subject},
+    store::requests::HookHold,
+    wire::{
+        ClientMessage, ConnId, Identity, ServerReport, SqlCarrier, Tracker, Transport, WireEvent,
+    },
 };
 
 /// What a pending SQL message needs to be decided and reported.
@@ -86,42 +90,6 @@ pub struct SqlInfo {
     pub text: String,
     /// Held by the server hook: the stopped backend and how to refuse there.
     pub hook: Option<HookHold>,
-}
-
-/// What the gate knows of a connection.
-#[derive(Clone, Debug, Default)]
-struct ConnInfo {
-    conn: ConnId,
-    subject: Subject,
-    refused: bool,
-    /// StartupMessage settings beyond the identity (judged as `SET`s).
-    settings: Vec<(String, String)>,
-    /// The policy's mode for it (the kernel may be told a stricter one).
-    mode: Option<GateMode>,
-    /// How the server reads this session's text, as far as qgate can model it.
-    lexing: Lexing,
-    /// A statement that may change the schema ran in the transaction still
-    /// open: its uncommitted objects are invisible to the catalog reader.
-    schema_changed: bool,
-    /// The agent's own catalog session (its one-time token was presented).
-    own: bool,
-    /// A schema change ran in the transaction still open: the catalog is
-    /// read again once it ends.
-    catalog_stale: bool,
-    /// A `SET search_path` (or similar) ran: table names may resolve
-    /// elsewhere than in the estimator's session.
-    search_path_changed: bool,
-    /// The mode the kernel was last told.
-    kernel_mode: Option<GateMode>,
-}
-
-/// A session the server hook reads.
-#[derive(Clone, Copy, Debug)]
-struct HookedSession {
-    pid: u32,
-    /// `None` for a Unix socket.
-    client: Option<std::net::SocketAddr>,
-    transport: crate::wire::Transport,
 }
 
 /// Counts for logs and metrics.
@@ -140,66 +108,66 @@ pub struct GateStats {
 pub struct Gate {
     kernel: KernelGate,
     injector: Injector,
-    policy: PolicyHandle,
-    cache: DecisionCache,
-    /// Answers `estimated_rows_above` (EXPLAIN over the configured connection).
-    estimator: Box<dyn RowEstimator + Send + Sync>,
+    judge: Judge,
     board: RequestBoard,
     runtime: tokio::runtime::Handle,
-    /// Whether connections are judged by the policy at all (`gate.mode`).
-    enforcing: bool,
-    streams: HashMap<Flow, HeldStream<SqlInfo>>,
-    conns: HashMap<Flow, ConnInfo>,
-    requests: HashMap<i64, Flow>,
-    /// When each holding connection last sent a held copy.
-    last_copy: HashMap<Flow, Instant>,
-    /// Per connection, where the program was last told the next message
-    /// starts: a held copy from before that point was dropped before the
-    /// release took effect and is stale (the client retransmits it, and it
-    /// passes).
-    released_until: HashMap<Flow, u32>,
-    /// Requests a previous agent left pending, by (client address, text):
-    /// the statement comes back with the client's next retransmission and
-    /// is attached to its request instead of opening a second one.
-    recovered: HashMap<(String, String), i64>,
-    /// When [`Gate::recover`] ran, and how long recovered requests may wait
-    /// for their statement before they are withdrawn.
-    recovered_at: Option<Instant>,
-    recovery_grace: Duration,
+    /// Every connection the gate keeps something of.
+    conns: HashMap<Flow, GatedConnection>,
+    /// Connections whose stopped read the wire stage is decoding: filled by
+    /// [`Gate::backend_stopped`], emptied by the next `after_segment`.
+    decoding: Vec<Flow>,
+    /// The requests the gate waits on, with what holds their statement.
+    awaited: HashMap<i64, Awaited>,
+    /// Requests a previous agent left pending (see `recover`).
+    recovery: Recovery,
     /// When the host's socket table was last read for clients that closed
     /// while held (see [`Gate::withdraw_closed_local_clients`]).
     last_socket_look: Instant,
-    /// Final events of recovered requests whose statement has not come back yet.
-    recovered_final: HashMap<i64, RequestEvent>,
-    /// Server hook: connections read inside the server (by their synthetic
-    /// wire-stage name), with their backend, transport and real client.
-    hooked: HashMap<Flow, HookedSession>,
     /// Server hook: backends stopped and not resumed yet, by pid.
     stopped: HashMap<u32, backend::StoppedBackend>,
-    /// Server hook: stopped reads whose messages the wire stage is decoding.
-    stopped_reads: HashMap<Flow, StoppedRead>,
-    /// Server hook: stopped reads the wire stage could not decode whole.
-    broken_reads: crate::FastSet<Flow>,
-    /// Server hook: which stopped backend each request holds.
-    backend_requests: HashMap<i64, u32>,
     /// `gate.unreadable = "refuse"`: the program holds the TLS handshake of
     /// sessions it cannot read, and the gate resets them.
     refuse_encrypted_sessions: bool,
     /// Server hook: backends the program stopped that the agent heard
     /// nothing of at the last look (their record was lost).
     orphan_suspects: std::collections::HashSet<(u32, u64)>,
-    /// Server hook: TCP sessions connected before their server became gated
-    /// (the wire path gates them), by connection, with their backend.
-    before_hook: HashMap<Flow, u32>,
-    /// Each database's user code (`None`: not read, `catalog.enabled = false`).
-    catalogs: Option<Catalogs>,
-    /// Server hook: stopped reads waiting for their database's catalog.
-    deferred: HashMap<Flow, (StoppedRead, Vec<ClientMessage>)>,
-    /// Requests for statements that may change the schema (see `schema_changed`).
-    schema_requests: HashMap<i64, bool>,
     /// Decisions for the store, taken by [`Gate::take_decided`].
     decided: Vec<crate::store::Decided>,
     stats: GateStats,
+}
+
+/// A request the gate waits on.
+#[derive(Clone, Copy, Debug)]
+struct Awaited {
+    holder: Holder,
+    /// Its statement may change the schema (`Some(creates_code)`): the
+    /// catalog is read again if it is approved.
+    schema: Option<bool>,
+}
+
+/// What holds a statement waiting for reviewers.
+#[derive(Clone, Copy, Debug)]
+enum Holder {
+    /// The tc program, on this connection.
+    Wire(Flow),
+    /// The server hook: this stopped backend.
+    Backend(u32),
+}
+
+/// What the gate does with a message, once ruled on.
+enum Outcome {
+    Allow,
+    Deny {
+        id: DenialRef,
+        reason: String,
+    },
+    /// Held: this request decides.
+    Wait {
+        id: i64,
+        schema: Option<bool>,
+    },
+    /// Not decided yet: a fact it needs is being read (`catalogs_changed`).
+    Defer,
 }
 
 /// How long a held message may stay incomplete with the client silent
@@ -237,33 +205,23 @@ impl Gate {
         Self {
             kernel,
             injector,
-            policy,
-            cache: DecisionCache::default(),
-            estimator,
+            judge: Judge {
+                policy,
+                cache: DecisionCache::default(),
+                estimator,
+                catalogs: None,
+                enforcing,
+            },
             board,
             runtime,
-            enforcing,
-            streams: HashMap::default(),
             conns: HashMap::default(),
-            requests: HashMap::default(),
-            last_copy: HashMap::default(),
-            released_until: HashMap::default(),
-            recovered: HashMap::default(),
-            recovered_at: None,
-            recovery_grace: Duration::from_secs(150),
+            decoding: Vec::new(),
+            awaited: HashMap::default(),
+            recovery: Recovery::default(),
             last_socket_look: Instant::now(),
-            recovered_final: HashMap::default(),
-            hooked: HashMap::default(),
             stopped: HashMap::default(),
-            stopped_reads: HashMap::default(),
-            broken_reads: Default::default(),
-            backend_requests: HashMap::default(),
-            before_hook: HashMap::default(),
             orphan_suspects: std::collections::HashSet::new(),
             refuse_encrypted_sessions: false,
-            catalogs: None,
-            deferred: HashMap::default(),
-            schema_requests: HashMap::default(),
             decided: Vec::new(),
             stats: GateStats::default(),
         }
@@ -271,7 +229,39 @@ impl Gate {
 
     /// Judge with each database's catalog (user code, FunctionCall by OID).
     pub fn use_catalogs(&mut self, catalogs: Catalogs) {
-        self.catalogs = Some(catalogs);
+        self.judge.catalogs = Some(catalogs);
+    }
+
+    /// What the wire stage identified of the connection.
+    fn info(&self, flow: &Flow) -> Option<&ConnInfo> {
+        self.conns.get(flow)?.info.as_ref()
+    }
+
+    fn info_mut(&mut self, flow: &Flow) -> Option<&mut ConnInfo> {
+        self.conns.get_mut(flow)?.info.as_mut()
+    }
+
+    /// The connection's held bytes and undecided messages (tc path).
+    fn held_mut(&mut self, flow: &Flow) -> Option<&mut HeldStream<SqlInfo>> {
+        self.conns.get_mut(flow)?.held.as_mut()
+    }
+
+    /// The server hook's session on this connection.
+    fn hook(&self, flow: &Flow) -> Option<HookedSession> {
+        self.conns.get(flow)?.hook
+    }
+
+    /// The connection's record, made if it is new.
+    fn record(&mut self, flow: Flow) -> &mut GatedConnection {
+        self.conns.entry(flow).or_default()
+    }
+
+    /// Drops the connection's record once nothing of it is left: the one
+    /// place records go.
+    fn tidy(&mut self, flow: &Flow) {
+        if self.conns.get(flow).is_some_and(GatedConnection::is_empty) {
+            self.conns.remove(flow);
+        }
     }
 
     /// What the gate decided since the last call, for the store's statement
@@ -315,13 +305,13 @@ impl Gate {
 
     /// A new policy is in force: re-judge every known connection's mode.
     pub fn refresh_modes(&mut self) {
-        let policy = self.policy.current();
+        let policy = self.judge.policy.current();
         let flows: Vec<Flow> = self.conns.keys().copied().collect();
         for flow in flows {
-            let Some(info) = self.conns.get_mut(&flow) else {
+            let Some(info) = self.conns.get_mut(&flow).and_then(|c| c.info.as_mut()) else {
                 continue;
             };
-            let mode = if self.enforcing {
+            let mode = if self.judge.enforcing {
                 policy::needs_gate(&policy, &info.subject)
             } else {
                 GateMode::Monitor
@@ -338,7 +328,7 @@ impl Gate {
     /// holding user code a plain SELECT can reach; text the session reads
     /// in a way qgate does not model; an uncommitted schema change.
     fn apply_mode(&mut self, flow: &Flow) {
-        let Some(info) = self.conns.get(flow) else {
+        let Some(info) = self.info(flow) else {
             return;
         };
         if info.own {
@@ -356,10 +346,10 @@ impl Gate {
             // busy connection.
             return;
         }
-        if let Some(info) = self.conns.get_mut(flow) {
+        if let Some(info) = self.info_mut(flow) {
             info.kernel_mode = Some(mode);
         }
-        let set = match self.hooked.get(flow) {
+        let set = match self.hook(flow) {
             Some(session) => self.kernel.set_backend_mode(session.pid, mode),
             None => self.kernel.set_mode(flow, mode),
         };
@@ -369,7 +359,7 @@ impl Gate {
     }
 
     fn fast_path_allowed(&self, info: &ConnInfo) -> bool {
-        let Some(catalogs) = &self.catalogs else {
+        let Some(catalogs) = &self.judge.catalogs else {
             return true;
         };
         if info.lexing.any() || info.schema_changed {
@@ -389,14 +379,30 @@ impl Gate {
     /// it, and let the kernel pass plain reads again where the database
     /// allows.
     pub fn catalogs_changed(&mut self, tracker: &mut Tracker) {
-        let deferred: Vec<Flow> = self.deferred.keys().copied().collect();
+        let deferred: Vec<Flow> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.read, Some(BackendRead::Deferred { .. })))
+            .map(|(flow, _)| *flow)
+            .collect();
         for flow in deferred {
-            if let Some((read, messages)) = self.deferred.remove(&flow) {
-                self.stopped_reads.insert(flow, read);
+            let Some(c) = self.conns.get_mut(&flow) else {
+                continue;
+            };
+            if let Some(BackendRead::Deferred { read, messages }) = c.read.take() {
+                c.read = Some(BackendRead::Decoding {
+                    read,
+                    broken: false,
+                });
                 self.decide_stopped(flow, messages);
             }
         }
-        let flows: Vec<Flow> = self.streams.keys().copied().collect();
+        let flows: Vec<Flow> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.held.is_some())
+            .map(|(flow, _)| *flow)
+            .collect();
         for flow in flows {
             self.advance(&flow, tracker);
         }
@@ -408,10 +414,10 @@ impl Gate {
 
     /// True while `flow`'s database catalog is being read (its statements wait).
     fn catalog_pending(&self, flow: &Flow) -> bool {
-        let (Some(catalogs), true) = (&self.catalogs, self.enforcing) else {
+        let (Some(catalogs), true) = (&self.judge.catalogs, self.judge.enforcing) else {
             return false;
         };
-        let Some(info) = self.conns.get(flow) else {
+        let Some(info) = self.info(flow) else {
             return false;
         };
         let database = database_of(&info.subject);
@@ -423,7 +429,7 @@ impl Gate {
 
     /// Connections with held bytes or undecided statements, and stopped backends.
     pub fn holding(&self) -> usize {
-        self.streams.len() + self.stopped.len()
+        self.conns.values().filter(|c| c.held.is_some()).count() + self.stopped.len()
     }
 
     /// A connection the server hook reads (from its first segment on).
@@ -434,26 +440,25 @@ impl Gate {
         client: Option<std::net::SocketAddr>,
         transport: crate::wire::Transport,
     ) {
-        self.hooked.insert(
-            flow,
-            HookedSession {
-                pid,
-                client,
-                transport,
-            },
-        );
+        self.record(flow).hook = Some(HookedSession {
+            pid,
+            client,
+            transport,
+        });
     }
 
     /// A hooked backend exited: nothing of it is held any more.
     pub fn backend_exited(&mut self, pid: u32, flow: Option<Flow>) {
         if let Some(flow) = flow {
-            self.hooked.remove(&flow);
-            self.stopped_reads.remove(&flow);
-            self.deferred.remove(&flow);
+            if let Some(c) = self.conns.get_mut(&flow) {
+                c.hook = None;
+                c.read = None;
+            }
+            self.tidy(&flow);
         }
         if let Some(b) = self.stopped.remove(&pid) {
             for w in b.waiting_requests() {
-                self.backend_requests.remove(&w);
+                self.awaited.remove(&w);
                 if let Err(e) = self
                     .runtime
                     .block_on(self.board.withdraw(w, "the backend exited"))
@@ -467,7 +472,7 @@ impl Gate {
     /// The client address as requests and the policy see it: none for a
     /// Unix-socket session.
     fn client_of(&self, flow: &Flow) -> Option<std::net::SocketAddr> {
-        match self.hooked.get(flow) {
+        match self.hook(flow) {
             Some(session) => session.client,
             None => Some(flow.client),
         }
@@ -481,14 +486,18 @@ impl Gate {
         }
         if seg.is_syn() {
             // A new connection on a reused address starts from scratch.
-            self.released_until.remove(&seg.flow);
+            if let Some(c) = self.conns.get_mut(&seg.flow) {
+                c.released_until = None;
+            }
+            self.tidy(&seg.flow);
         }
         if seg.is_fin() || seg.is_rst() {
             // The client gave up on its held statement (closed or died) —
             // if the server would take it so: a FIN or RST outside what the
             // server can still receive (before the held bytes or past them,
             // a forged one) ends nothing.
-            let honoured = self.streams.get(&seg.flow).is_some_and(|s| {
+            let held = self.conns.get(&seg.flow).and_then(|c| c.held.as_ref());
+            let honoured = held.is_some_and(|s| {
                 !held::seq_lt(seg.seq, s.base()) && !held::seq_lt(s.data_end(), seg.seq)
             });
             if honoured {
@@ -498,18 +507,14 @@ impl Gate {
         if !seg.held || seg.payload.is_empty() {
             return;
         }
-        let (mut seq, mut payload) = (seg.seq, seg.payload.as_slice());
-        if let Some(&until) = self.released_until.get(&seg.flow) {
-            let end = seq.wrapping_add(payload.len() as u32);
-            if !held::seq_lt(until, end) {
-                debug!(flow = ?seg.flow, seq, "stale held copy ignored");
-                return;
-            }
-            if held::seq_lt(seq, until) {
-                payload = &payload[until.wrapping_sub(seq) as usize..];
-                seq = until;
-            }
-        }
+        let unreleased = match self.conns.get(&seg.flow) {
+            Some(c) => c.unreleased(seg.seq, &seg.payload),
+            None => Some((seg.seq, seg.payload.as_slice())),
+        };
+        let Some((seq, payload)) = unreleased else {
+            debug!(flow = ?seg.flow, seq = seg.seq, "stale held copy ignored");
+            return;
+        };
         if self.refuse_encrypted_sessions {
             if let Some(conn) = tracker
                 .connection_id(&seg.flow)
@@ -520,13 +525,11 @@ impl Gate {
                 return;
             }
         }
-        let stream = self
-            .streams
-            .entry(seg.flow)
-            .or_insert_with(|| HeldStream::new(seq));
+        let c = self.record(seg.flow);
+        let stream = c.held.get_or_insert_with(|| HeldStream::new(seq));
         stream.add_copy(seq, payload, &seg.tcp_header);
         debug!(flow = ?seg.flow, seq, len = payload.len(), base = stream.base(), data_end = stream.data_end(), "held copy");
-        self.last_copy.insert(seg.flow, Instant::now());
+        c.last_copy = Some(Instant::now());
         tracker.watch(&seg.flow, true);
     }
 
@@ -539,19 +542,16 @@ impl Gate {
         self.withdraw_unreturned();
         self.withdraw_closed_local_clients();
         let now = Instant::now();
-        let stalled: Vec<Flow> = self
-            .streams
-            .iter()
-            .filter(|(flow, s)| {
-                !s.has_pending()
-                    && held::seq_lt(s.boundary(), s.data_end())
-                    && self
-                        .last_copy
-                        .get(*flow)
-                        .is_some_and(|t| now.duration_since(*t) >= STALL)
-            })
-            .map(|(flow, _)| *flow)
-            .collect();
+        let stalled: Vec<Flow> =
+            self.conns
+                .iter()
+                .filter(|(_, c)| {
+                    c.held.as_ref().is_some_and(|s| {
+                        !s.has_pending() && held::seq_lt(s.boundary(), s.data_end())
+                    }) && c.last_copy.is_some_and(|t| now.duration_since(t) >= STALL)
+                })
+                .map(|(flow, _)| *flow)
+                .collect();
         for flow in stalled {
             if self.pend_incomplete(&flow) {
                 self.advance(&flow, tracker);
@@ -562,7 +562,8 @@ impl Gate {
     /// Turns the partial Query/Parse at the stream's boundary into a pending
     /// message; false when the held bytes are not one.
     fn pend_incomplete(&mut self, flow: &Flow) -> bool {
-        let Some(stream) = self.streams.get_mut(flow) else {
+        let conn = self.info(flow).map(|c| c.conn).unwrap_or_default();
+        let Some(stream) = self.held_mut(flow) else {
             return false;
         };
         let start = stream.boundary();
@@ -587,7 +588,6 @@ impl Gate {
         }
         let prefix = String::from_utf8_lossy(stream.peek(text_start, usize::MAX)).into_owned();
         let seen = held_end.wrapping_sub(start);
-        let conn = tracker_conn(&self.conns, flow);
         stream.push_sql(PendingSql {
             start,
             end,
@@ -625,12 +625,15 @@ impl Gate {
                 subject.client_addr = self.client_of(&flow).map(|a| a.ip());
                 // The agent's own catalog session: a one-time token, over a
                 // Unix socket the server hook reads.
-                let own = self.hooked.get(&flow).is_some_and(|h| h.client.is_none())
+                let own = self.hook(&flow).is_some_and(|h| h.client.is_none())
                     && identity.application.as_deref().is_some_and(|app| {
-                        self.catalogs.as_ref().is_some_and(|c| c.consume_token(app))
+                        self.judge
+                            .catalogs
+                            .as_ref()
+                            .is_some_and(|c| c.consume_token(app))
                     });
-                let mode = if self.enforcing && !own {
-                    policy::needs_gate(&self.policy.current(), &subject)
+                let mode = if self.judge.enforcing && !own {
+                    policy::needs_gate(&self.judge.policy.current(), &subject)
                 } else {
                     GateMode::Monitor
                 };
@@ -641,27 +644,24 @@ impl Gate {
                         "connection refused by policy: its statements will be denied"
                     );
                 }
-                if let (Some(catalogs), false) = (&self.catalogs, own || refused) {
+                if let (Some(catalogs), false) = (&self.judge.catalogs, own || refused) {
                     catalogs.prefetch(&database_of(&subject));
                 }
-                self.conns.insert(
-                    flow,
-                    ConnInfo {
-                        conn: *conn,
-                        subject,
-                        refused,
-                        settings: identity.settings.clone(),
-                        mode: Some(mode),
-                        lexing: Lexing::default(),
-                        schema_changed: false,
-                        own,
-                        catalog_stale: false,
-                        search_path_changed: false,
-                        kernel_mode: None,
-                    },
-                );
+                self.record(flow).info = Some(ConnInfo {
+                    conn: *conn,
+                    subject,
+                    refused,
+                    settings: identity.settings.clone(),
+                    mode: Some(mode),
+                    lexing: Lexing::default(),
+                    schema_changed: false,
+                    own,
+                    catalog_stale: false,
+                    search_path_changed: false,
+                    kernel_mode: None,
+                });
                 if own {
-                    if let Some(pid) = self.hooked.get(&flow).map(|h| h.pid) {
+                    if let Some(pid) = self.hook(&flow).map(|h| h.pid) {
                         // Not followed from here on; resumed with its read.
                         self.kernel.ignore_backend(pid);
                     }
@@ -681,10 +681,11 @@ impl Gate {
                 }
             }
             WireEvent::Undecodable { conn, .. } | WireEvent::CaptureGap { conn, .. } => {
-                if let Some(flow) = tracker.flow(*conn) {
-                    if self.stopped_reads.contains_key(&flow) {
-                        self.broken_reads.insert(flow);
-                    }
+                let read = tracker
+                    .flow(*conn)
+                    .and_then(|flow| self.conns.get_mut(&flow)?.read.as_mut());
+                if let Some(BackendRead::Decoding { broken, .. }) = read {
+                    *broken = true;
                 }
             }
             WireEvent::ConnectionClosed { conn, .. } => {
@@ -692,11 +693,11 @@ impl Gate {
                     self.withdraw_backend(pid, "the client disconnected");
                 }
                 if let Some(flow) = tracker.flow(*conn) {
-                    self.deferred.remove(&flow);
-                    self.before_hook.remove(&flow);
                     self.withdraw(&flow, "the client disconnected");
-                    self.conns.remove(&flow);
-                    self.released_until.remove(&flow);
+                    if let Some(c) = self.conns.get_mut(&flow) {
+                        c.closed();
+                    }
+                    self.tidy(&flow);
                     self.kernel.forget(&flow);
                 }
             }
@@ -729,7 +730,7 @@ impl Gate {
     /// whether a schema change it made is committed (then visible to the
     /// catalog reader) or rolled back.
     fn server_report(&mut self, flow: &Flow, report: &ServerReport) {
-        let Some(info) = self.conns.get_mut(flow) else {
+        let Some(info) = self.info_mut(flow) else {
             return;
         };
         match report {
@@ -761,14 +762,13 @@ impl Gate {
     /// messages in their held streams, decide, release.
     pub fn after_segment(&mut self, tracker: &mut Tracker) {
         let messages = tracker.take_client_messages();
-        if messages.is_empty() && self.stopped_reads.is_empty() {
+        if messages.is_empty() && self.decoding.is_empty() {
             return;
         }
         let mut touched = Vec::new();
-        let mut stopped: HashMap<Flow, Vec<ClientMessage>> = self
-            .stopped_reads
-            .keys()
-            .map(|flow| (*flow, Vec::new()))
+        let mut stopped: HashMap<Flow, Vec<ClientMessage>> = std::mem::take(&mut self.decoding)
+            .into_iter()
+            .map(|flow| (flow, Vec::new()))
             .collect();
         for m in messages {
             let flow = m.flow;
@@ -793,7 +793,7 @@ impl Gate {
     /// connection holds nothing or the message was released already.
     fn place(&mut self, m: ClientMessage) -> bool {
         debug!(flow = ?m.flow, seq = m.span.seq, len = m.span.len, sql = m.sql.is_some(), "client message");
-        let Some(stream) = self.streams.get_mut(&m.flow) else {
+        let Some(stream) = self.held_mut(&m.flow) else {
             return false;
         };
         let start = m.span.seq;
@@ -848,7 +848,7 @@ impl Gate {
     /// releases what can go.
     fn advance(&mut self, flow: &Flow, tracker: &mut Tracker) {
         loop {
-            let Some(stream) = self.streams.get_mut(flow) else {
+            let Some(stream) = self.held_mut(flow) else {
                 return;
             };
             let Some(front) = stream.front() else {
@@ -863,20 +863,26 @@ impl Gate {
                 break;
             }
             match self.decide(flow, &front) {
-                Verdict::Allow => {
-                    if let Some(s) = self.streams.get_mut(flow) {
+                Outcome::Allow => {
+                    if let Some(s) = self.held_mut(flow) {
                         s.allow_front();
                     }
                 }
-                Verdict::Deny { id, reason } => self.deny_front(flow, id, &reason),
+                Outcome::Deny { id, reason } => self.deny_front(flow, id, &reason),
                 // Decided when the estimate arrives (`catalogs_changed`).
-                Verdict::Defer => break,
-                Verdict::Wait(id) => {
-                    if let Some(f) = self.streams.get_mut(flow).and_then(|s| s.front()) {
+                Outcome::Defer => break,
+                Outcome::Wait { id, schema } => {
+                    if let Some(f) = self.held_mut(flow).and_then(|s| s.front()) {
                         f.request = Some(id);
                     }
-                    self.requests.insert(id, *flow);
-                    if let Some(event) = self.recovered_final.remove(&id) {
+                    self.awaited.insert(
+                        id,
+                        Awaited {
+                            holder: Holder::Wire(*flow),
+                            schema,
+                        },
+                    );
+                    if let Some(event) = self.recovery.take_final(id) {
                         // Decided while the statement was on its way back.
                         self.on_request_event(&event, tracker);
                         return;
@@ -888,207 +894,114 @@ impl Gate {
         self.release(flow, tracker);
     }
 
-    fn decide(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
+    /// Rules on one message and carries the ruling out (request, audit,
+    /// the store's record, the session's state); the caller holds, releases
+    /// or refuses the bytes.
+    fn decide(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Outcome {
         let started = Instant::now();
-        let verdict = self.judge(flow, sql);
-        let label = match &verdict {
-            Verdict::Allow => "allow",
-            Verdict::Deny { .. } => "deny",
-            Verdict::Wait(_) => "hold",
-            Verdict::Defer => return verdict,
+        let info = self.info(flow).cloned().unwrap_or_default();
+        let origin = Origin {
+            client: self.client_of(flow),
+            // The wire reads plaintext TCP only; the hook knows.
+            transport: self.hook(flow).map_or(Transport::Tcp, |h| h.transport),
+        };
+        let Judged { ruling, shadow } = self.judge.rule(&info, sql, origin);
+        self.audit_shadow(shadow);
+        let outcome = self.carry_out(flow, sql, ruling);
+        let label = match &outcome {
+            Outcome::Allow => "allow",
+            Outcome::Deny { .. } => "deny",
+            Outcome::Wait { .. } => "hold",
+            Outcome::Defer => return outcome,
         };
         ::metrics::counter!(metrics::DECISIONS, "decision" => label).increment(1);
         ::metrics::histogram!(metrics::DECISION_LATENCY).record(started.elapsed().as_secs_f64());
-        verdict
+        outcome
     }
 
-    fn judge(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Verdict {
-        self.stats.decided += 1;
-        let conn = self.conns.get(flow).cloned().unwrap_or_default();
-        if conn.own {
-            // The agent's own catalog session (let go of at its startup; a
-            // statement already on its way is let through).
-            return Verdict::Allow;
+    fn carry_out(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>, ruling: Ruling) -> Outcome {
+        if !matches!(ruling, Ruling::Defer) {
+            self.stats.decided += 1;
         }
-        if sql.info.carrier == SqlCarrier::Startup {
-            if !conn.refused {
-                return match self.judge_startup_settings(&conn) {
-                    None => Verdict::Allow,
-                    Some(reason) => {
-                        self.stats.denied += 1;
-                        let id = self.audit_denial(flow, sql, &reason);
-                        Verdict::Deny { id, reason }
-                    }
-                };
-            }
-            self.stats.denied += 1;
-            let reason = "the policy refuses this identity";
-            let id = self.audit_denial(flow, sql, reason);
-            return Verdict::Deny {
-                id,
-                reason: reason.into(),
-            };
-        }
-        if conn.refused {
-            self.stats.denied += 1;
-            let id = self.audit_denial(flow, sql, "connection refused by policy");
-            return Verdict::Deny {
-                id,
-                reason: "connection refused by policy".into(),
-            };
-        }
-        if !self.enforcing {
-            self.stats.allowed += 1;
-            return Verdict::Allow;
-        }
-        let policy = self.policy.current();
-        let Some((classification, decision)) = self.classify_and_decide(&conn, sql, &policy) else {
-            // Waits for the planner's estimate (`catalogs_changed` retries).
-            self.stats.decided -= 1;
-            return Verdict::Defer;
-        };
-        let changes_schema = may_change_schema(&classification);
-        match decision.action {
-            Action::Allow | Action::AuditOnly => {
-                self.note_decided(sql, StatementDecision::Allow, &decision.rule, None);
-                if changes_schema {
-                    self.schema_changed(flow, may_create_code(&classification));
+        match ruling {
+            Ruling::Defer => Outcome::Defer,
+            Ruling::Allow {
+                rule,
+                schema,
+                search_path,
+            } => {
+                if sql.info.carrier != SqlCarrier::Startup {
+                    self.stats.allowed += 1;
                 }
-                if classification
-                    .statements
-                    .iter()
-                    .any(|s| s.has(Flag::SearchPathChange) || s.kind == Kind::Unknown)
-                {
-                    if let Some(info) = self.conns.get_mut(flow) {
+                if let Some(rule) = rule {
+                    self.note_decided(sql, StatementDecision::Allow, &rule, None);
+                }
+                if let Some(creates_code) = schema {
+                    self.schema_changed(flow, creates_code);
+                }
+                if search_path {
+                    if let Some(info) = self.info_mut(flow) {
                         info.search_path_changed = true;
                     }
                 }
-                self.stats.allowed += 1;
-                Verdict::Allow
+                Outcome::Allow
             }
-            Action::Deny { message } => {
+            Ruling::Deny { reason, rule } => {
                 self.stats.denied += 1;
-                self.note_decided(sql, StatementDecision::Deny, &decision.rule, None);
-                let reason = format!("{message} (rule {})", decision.rule);
+                if let Some(rule) = rule {
+                    self.note_decided(sql, StatementDecision::Deny, &rule, None);
+                }
                 let id = self.audit_denial(flow, sql, &reason);
-                Verdict::Deny { id, reason }
+                Outcome::Deny { id, reason }
             }
-            Action::Hold {
-                approvals,
-                reviewer_groups,
-            } => {
+            Ruling::Hold { request, schema } => {
                 self.stats.held += 1;
-                let client = self
-                    .client_of(flow)
-                    .map_or_else(|| "local".to_string(), |a| a.to_string());
-                // What reviewers, the store and webhooks see: credentials
-                // redacted (`classify::redact`).
-                let shown = crate::classify::redact::redact(&sql.info.text).into_owned();
-                let key = (client.clone(), shown.clone());
-                if let Some(id) = self.recovered.remove(&key) {
+                let client = request.identity.client_addr.clone().unwrap_or_default();
+                if let Some(id) = self.recovery.reclaim(&client, &request.statement) {
                     info!(
                         request = id,
                         "statement back after an agent restart: attached to its request"
                     );
-                    return Verdict::Wait(id);
+                    return Outcome::Wait { id, schema: None };
                 }
-                let mut facts = redacted_facts(&classification);
-                // Why the rule held it, for the reviewer (estimates included).
-                facts["reasons"] = decision
-                    .reasons
-                    .iter()
-                    .map(|r| crate::classify::redact::redact(r).into_owned())
-                    .collect::<Vec<_>>()
-                    .into();
-                let new = NewRequest {
-                    statement_id: None,
-                    statement: shown,
-                    facts,
-                    rule: decision.rule.clone(),
-                    approvals_needed: approvals,
-                    reviewer_groups,
-                    identity: RequestIdentity {
-                        db_user: conn.subject.user.clone(),
-                        database: conn.subject.database.clone(),
-                        application: conn.subject.application.clone(),
-                        client_addr: Some(client),
-                        // The wire reads plaintext TCP only; the hook knows.
-                        transport: Some(
-                            self.hooked
-                                .get(flow)
-                                .map_or(crate::wire::Transport::Tcp, |h| h.transport)
-                                .as_str()
-                                .to_owned(),
-                        ),
-                    },
-                    // The `connections` row: set by the store's writer
-                    // with `statement_id` (see `store::Decided`).
-                    connection_id: 0,
-                    transaction_state: TransactionState::Unknown,
-                    estimated_rows: None,
-                    timeout: None,
-                    hook: sql.info.hook.clone(),
-                };
-                match self.runtime.block_on(self.board.create(new)) {
+                let rule = request.rule.clone();
+                match self.runtime.block_on(self.board.create(*request)) {
                     Ok(request) => {
-                        if changes_schema {
-                            // Marked when (if) it is approved.
-                            self.schema_requests
-                                .insert(request.id, may_create_code(&classification));
+                        info!(request = request.id, %rule, "statement held for review");
+                        self.note_decided(sql, StatementDecision::Hold, &rule, Some(request.id));
+                        Outcome::Wait {
+                            id: request.id,
+                            schema,
                         }
-                        info!(request = request.id, rule = %decision.rule, "statement held for review");
-                        self.note_decided(
-                            sql,
-                            StatementDecision::Hold,
-                            &decision.rule,
-                            Some(request.id),
-                        );
-                        Verdict::Wait(request.id)
                     }
                     Err(e) => {
                         // No request, no reviewer: refuse rather than run it unreviewed.
                         warn!("could not open a request, denying: {e}");
                         self.stats.denied += 1;
-                        self.note_decided(sql, StatementDecision::Deny, &decision.rule, None);
+                        self.note_decided(sql, StatementDecision::Deny, &rule, None);
                         let reason = "qgate could not record the request".to_string();
                         let id = self.audit_denial(flow, sql, &reason);
-                        Verdict::Deny { id, reason }
+                        Outcome::Deny { id, reason }
                     }
                 }
             }
         }
     }
 
-    /// A StartupMessage's settings judged as the `SET`s they are (see
-    /// [`startup`]): why the connection is refused, if a setting is one the
-    /// policy would not let run at once. (Holding a connection for review
-    /// is not offered: issue such a SET inside the session instead, where
-    /// it is held like any statement.)
-    fn judge_startup_settings(&mut self, conn: &ConnInfo) -> Option<String> {
-        if !self.enforcing || conn.settings.is_empty() {
-            return None;
+    /// What shadow rules would have done: counted, and audited without
+    /// waiting (the statement goes on at once).
+    fn audit_shadow(&self, shadow: Vec<serde_json::Value>) {
+        for details in shadow {
+            let label = |key: &str| details[key].as_str().unwrap_or_default().to_owned();
+            ::metrics::counter!(metrics::SHADOW, "rule" => label("rule"), "would" => label("would"))
+                .increment(1);
+            let board = self.board.clone();
+            self.runtime.spawn(async move {
+                let _ = board
+                    .audit(crate::store::audit::kinds::POLICY_SHADOW, details)
+                    .await;
+            });
         }
-        let statements = match startup::settings_as_statements(&conn.settings) {
-            Ok(statements) => statements,
-            Err(why) => return Some(why),
-        };
-        let policy = self.policy.current();
-        for sql in statements {
-            let (_, decision) = self.cache.decide(
-                &policy,
-                &conn.subject,
-                &sql,
-                Dialect::Postgresql,
-                self.estimator.as_ref(),
-            );
-            if !matches!(decision.action, Action::Allow | Action::AuditOnly) {
-                return Some(format!(
-                    "startup setting `{sql}` needs review (rule {}): set it inside the session",
-                    decision.rule
-                ));
-            }
-        }
-        None
     }
 
     /// Records a denial that no request carries; its audit id names it. When
@@ -1112,7 +1025,7 @@ impl Gate {
     }
 
     fn deny_front(&mut self, flow: &Flow, id: DenialRef, reason: &str) {
-        let Some(stream) = self.streams.get_mut(flow) else {
+        let Some(stream) = self.held_mut(flow) else {
             return;
         };
         let Some(front) = stream.front() else {
@@ -1171,10 +1084,10 @@ impl Gate {
     /// get a reset, the server before it has the message whole, so nothing
     /// of it runs. Audited.
     fn reset_held(&mut self, flow: &Flow, id: DenialRef, reason: &str) {
-        let Some(stream) = self.streams.remove(flow) else {
+        let Some(stream) = self.conns.get_mut(flow).and_then(|c| c.drop_held()) else {
             return;
         };
-        self.last_copy.remove(flow);
+        self.tidy(flow);
         let client_seq = stream.base();
         let server_seq = stream
             .template()
@@ -1240,18 +1153,25 @@ impl Gate {
             // The handshake stays dropped: the client times out instead.
             warn!(?flow, "resetting an unreadable session: {e}");
         }
-        self.streams.remove(flow);
-        self.last_copy.remove(flow);
+        if let Some(c) = self.conns.get_mut(flow) {
+            c.drop_held();
+        }
+        self.tidy(flow);
         tracker.watch(flow, false);
     }
 
     /// Re-injects what is decided and tells the program where things stand.
     fn release(&mut self, flow: &Flow, tracker: &mut Tracker) {
-        let Some(stream) = self.streams.get_mut(flow) else {
+        let Some(c) = self.conns.get_mut(flow) else {
             return;
         };
+        let Some(stream) = c.held.as_mut() else {
+            return;
+        };
+        let mut released_until = None;
         while let Some(r) = stream.take_release() {
             let end = r.seq.wrapping_add(r.bytes.len() as u32);
+            released_until = Some(end);
             if let Err(e) = self.injector.inject(flow, &r.template, r.seq, &r.bytes) {
                 self.stats.inject_errors += 1;
                 warn!("re-injecting {} bytes at {}: {e}", r.bytes.len(), r.seq);
@@ -1270,9 +1190,12 @@ impl Gate {
                 warn!("releasing in the kernel: {e}");
             }
         }
-        if stream.is_idle() {
-            self.streams.remove(flow);
-            self.last_copy.remove(flow);
+        let idle = stream.is_idle();
+        if let Some(end) = released_until {
+            c.released(end);
+        }
+        if idle {
+            c.drop_held();
             tracker.watch(flow, false);
         }
     }
@@ -1282,38 +1205,37 @@ impl Gate {
         if !event.kind.is_final() {
             return;
         }
-        if let Some(creates_code) = self
-            .schema_requests
-            .remove(&event.request_id)
+        let Some(awaited) = self.awaited.remove(&event.request_id) else {
+            self.recovery.keep_final(event);
+            return;
+        };
+        if let Some(creates_code) = awaited
+            .schema
             .filter(|_| event.kind == RequestEventKind::Approved)
         {
-            let flow = match self.backend_requests.get(&event.request_id) {
-                Some(pid) => self
-                    .hooked
+            let flow = match awaited.holder {
+                Holder::Backend(pid) => self
+                    .conns
                     .iter()
-                    .find(|(_, h)| h.pid == *pid)
+                    .find(|(_, c)| c.hook.is_some_and(|h| h.pid == pid))
                     .map(|(flow, _)| *flow),
-                None => self.requests.get(&event.request_id).copied(),
+                Holder::Wire(flow) => Some(flow),
             };
             if let Some(flow) = flow {
                 self.schema_changed(&flow, creates_code);
             }
         }
-        if let Some(pid) = self.backend_requests.remove(&event.request_id) {
-            let approved = event.kind == RequestEventKind::Approved;
-            let reason = final_reason(event);
-            self.backend_request_final(pid, event.request_id, approved, &reason);
-            return;
-        }
-        let Some(flow) = self.requests.remove(&event.request_id) else {
-            if self.recovered.values().any(|id| *id == event.request_id) {
-                self.recovered_final.insert(event.request_id, event.clone());
+        let flow = match awaited.holder {
+            Holder::Backend(pid) => {
+                let approved = event.kind == RequestEventKind::Approved;
+                let reason = final_reason(event);
+                self.backend_request_final(pid, event.request_id, approved, &reason);
+                return;
             }
-            return;
+            Holder::Wire(flow) => flow,
         };
         let waiting = self
-            .streams
-            .get_mut(&flow)
+            .held_mut(&flow)
             .and_then(|s| s.front())
             .is_some_and(|f| f.request == Some(event.request_id));
         if !waiting {
@@ -1321,7 +1243,7 @@ impl Gate {
         }
         match event.kind {
             RequestEventKind::Approved => {
-                if let Some(s) = self.streams.get_mut(&flow) {
+                if let Some(s) = self.held_mut(&flow) {
                     s.allow_front();
                 }
             }
@@ -1333,7 +1255,6 @@ impl Gate {
         self.advance(&flow, tracker);
     }
 
-    /// Withdraws the request the connection waits on, if any.
     /// Withdraws the requests of held statements whose client runs on this
     /// host and has closed its socket. Such a client's FIN never shows on
     /// the wire while its statement is held: once a retransmission timeout
@@ -1342,7 +1263,15 @@ impl Gate {
     /// (A remote client's close shows only when its FIN or RST can be sent;
     /// until then its request waits for its expiry.)
     fn withdraw_closed_local_clients(&mut self) {
-        if self.requests.is_empty() || self.last_socket_look.elapsed() < SOCKET_LOOK_EVERY {
+        let waiting: Vec<Flow> = self
+            .awaited
+            .values()
+            .filter_map(|a| match a.holder {
+                Holder::Wire(flow) => Some(flow),
+                Holder::Backend(_) => None,
+            })
+            .collect();
+        if waiting.is_empty() || self.last_socket_look.elapsed() < SOCKET_LOOK_EVERY {
             return;
         }
         self.last_socket_look = Instant::now();
@@ -1350,11 +1279,9 @@ impl Gate {
         if closed.is_empty() {
             return;
         }
-        let gone: Vec<Flow> = self
-            .requests
-            .values()
+        let gone: Vec<Flow> = waiting
+            .into_iter()
             .filter(|flow| closed.contains(&(flow.client, flow.server)))
-            .copied()
             .collect();
         for flow in gone {
             info!(
@@ -1365,10 +1292,53 @@ impl Gate {
         }
     }
 
+    /// A statement that may create or change what runs user code (DDL, a
+    /// statement qgate does not understand, server-side code) was let run:
+    /// the database's catalog is read again, and this session's statements
+    /// count as user code until its transaction ends.
+    pub(super) fn schema_changed(&mut self, flow: &Flow, creates_code: bool) {
+        if self.judge.catalogs.is_none() {
+            return;
+        }
+        let Some(info) = self.info_mut(flow) else {
+            return;
+        };
+        let database = database_of(&info.subject);
+        // Read again once it is committed (the session is idle).
+        info.catalog_stale = true;
+        if creates_code {
+            info.schema_changed = true;
+        }
+        self.invalidate_database(&database);
+    }
+
+    /// `database`'s catalog no longer serves: it is read again, and until
+    /// then no session in it gets the kernel's fast path (a statement of
+    /// another session must not reach, unasked, what the change created).
+    pub(super) fn invalidate_database(&mut self, database: &str) {
+        let Some(catalogs) = self.judge.catalogs.clone() else {
+            return;
+        };
+        catalogs.invalidate(database);
+        let flows: Vec<Flow> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.info
+                    .as_ref()
+                    .is_some_and(|i| database_of(&i.subject) == database)
+            })
+            .map(|(flow, _)| *flow)
+            .collect();
+        for flow in flows {
+            self.apply_mode(&flow);
+        }
+    }
+
+    /// Withdraws the request the connection waits on, if any.
     fn withdraw(&mut self, flow: &Flow, why: &str) {
         let Some(id) = self
-            .streams
-            .get_mut(flow)
+            .held_mut(flow)
             .and_then(|s| s.front())
             .and_then(|f| f.request)
         else {
@@ -1378,30 +1348,6 @@ impl Gate {
             warn!("withdrawing request {id}: {e}");
         }
     }
-}
-
-/// The classifier's facts as a request keeps them, each statement's text
-/// with its credentials redacted (a parse error, which may quote them, is
-/// withheld for such a statement).
-fn redacted_facts(classification: &crate::classify::Classification) -> serde_json::Value {
-    let mut facts = serde_json::to_value(classification).unwrap_or_default();
-    if let Some(statements) = facts
-        .get_mut("statements")
-        .and_then(serde_json::Value::as_array_mut)
-    {
-        for statement in statements {
-            let Some(sql) = statement.get("sql").and_then(serde_json::Value::as_str) else {
-                continue;
-            };
-            if let std::borrow::Cow::Owned(redacted) = crate::classify::redact::redact(sql) {
-                statement["sql"] = redacted.into();
-                if statement.get("error").is_some_and(|e| !e.is_null()) {
-                    statement["error"] = "withheld: the statement holds a credential".into();
-                }
-            }
-        }
-    }
-    facts
 }
 
 /// How often the socket table is read while wire requests are pending.
@@ -1452,20 +1398,4 @@ fn final_reason(event: &RequestEvent) -> String {
             None => "denied".to_string(),
         },
     }
-}
-
-/// The tracker's connection id as the gate last saw it (0: not identified).
-fn tracker_conn(conns: &HashMap<Flow, ConnInfo>, flow: &Flow) -> ConnId {
-    conns.get(flow).map(|c| c.conn).unwrap_or_default()
-}
-
-enum Verdict {
-    Allow,
-    Deny {
-        id: DenialRef,
-        reason: String,
-    },
-    Wait(i64),
-    /// Not decided yet: a fact it needs is being read (`catalogs_changed`).
-    Defer,
 }

@@ -423,8 +423,8 @@ static BUILTIN: LazyLock<Policy> = LazyLock::new(|| {
     file::parse(DEFAULT_POLICY).expect("the shipped policy.toml is valid")
 });
 
-/// One statement's verdict before statements are combined.
-struct Verdict {
+/// One statement's ruling before statements are combined.
+struct StatementRuling {
     action: Action,
     rule: String,
     shadow: Vec<ShadowHit>,
@@ -660,7 +660,7 @@ impl Policy {
         statement: &StatementFacts,
         estimator: &dyn RowEstimator,
         now: OffsetDateTime,
-    ) -> Verdict {
+    ) -> StatementRuling {
         let mut reusable = true;
         let mut shadow = Vec::new();
         for rule in &self.rules {
@@ -742,7 +742,7 @@ impl Policy {
             if why.is_empty() {
                 why.push("applies to every statement of this identity".into());
             }
-            return Verdict {
+            return StatementRuling {
                 action: rule.action.clone(),
                 rule: rule.name.clone(),
                 shadow,
@@ -751,7 +751,7 @@ impl Policy {
                 reusable,
             };
         }
-        Verdict {
+        StatementRuling {
             action: self.default.clone(),
             rule: "default".into(),
             shadow,

@@ -24,7 +24,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{migrations::Migration, StoreError};
-use crate::capture::UnixNanos;
+use crate::clock::UnixNanos;
 
 /// The kind of an audit entry. Only the constants in [`kinds`] exist, so
 /// every writer and every test spells a kind the same way (the column
@@ -228,7 +228,7 @@ fn insert_entry(
     let prev_hash =
         decode_hash(&last_hash).ok_or_else(|| StoreError::CorruptHead(last_hash.clone()))?;
     let id = last_id + 1;
-    let at = super::now_nanos();
+    let at = crate::clock::now();
     let hash = entry_hash(&HashedFields {
         id,
         at,

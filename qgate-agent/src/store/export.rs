@@ -4,10 +4,9 @@ use std::io::Write;
 
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
-use time::{format_description::well_known::Rfc3339, macros::format_description, OffsetDateTime};
 
 use super::StoreError;
-use crate::capture::UnixNanos;
+use crate::clock::{self, UnixNanos};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportFormat {
@@ -32,15 +31,14 @@ pub struct AuditRecord {
 pub const AUDIT_COLUMNS: &[&str] = &["id", "at", "kind", "actor", "request_id", "details"];
 
 /// Selects what [`audit_record`] reads; filters are appended (`AND …`).
-const AUDIT_SELECT: &str =
-    "SELECT id, at / 1000000, kind, actor, request_id, details FROM audit WHERE 1 = 1";
+const AUDIT_SELECT: &str = "SELECT id, at, kind, actor, request_id, details FROM audit WHERE 1 = 1";
 
 /// A row of [`AUDIT_SELECT`].
 fn audit_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
     let details: String = r.get(5)?;
     Ok(AuditRecord {
         id: r.get(0)?,
-        at: super::requests::rfc3339_ms(r.get(1)?),
+        at: clock::rfc3339_or_number(r.get(1)?),
         kind: r.get(2)?,
         actor: r.get(3)?,
         request_id: r.get(4)?,
@@ -54,9 +52,9 @@ pub struct AuditFilter {
     pub kind: Option<String>,
     pub actor: Option<String>,
     pub request_id: Option<i64>,
-    /// At or after / before, Unix milliseconds.
-    pub since_ms: Option<i64>,
-    pub until_ms: Option<i64>,
+    /// At or after / before.
+    pub since: Option<UnixNanos>,
+    pub until: Option<UnixNanos>,
     /// Only entries with an id above this (paging, the audit stream).
     pub after: Option<i64>,
     pub limit: Option<u32>,
@@ -86,11 +84,11 @@ pub fn search_audit(
     if let Some(request) = filter.request_id {
         and("request_id = ?", Value::Integer(request));
     }
-    if let Some(since) = filter.since_ms {
-        and("at >= ? * 1000000", Value::Integer(since));
+    if let Some(since) = filter.since {
+        and("at >= ?", Value::Integer(since));
     }
-    if let Some(until) = filter.until_ms {
-        and("at < ? * 1000000", Value::Integer(until));
+    if let Some(until) = filter.until {
+        and("at < ?", Value::Integer(until));
     }
     if let Some(after) = filter.after {
         and("id > ?", Value::Integer(after));
@@ -337,7 +335,7 @@ fn statement_query(filter: &StatementFilter) -> (String, Vec<rusqlite::types::Va
 }
 
 fn statement_record(row: &rusqlite::Row<'_>) -> Result<StatementRecord, StoreError> {
-    let ms = |v: Option<i64>| v.map(super::requests::rfc3339_ms);
+    let ms = |v: Option<i64>| v.map(|ms| clock::rfc3339_or_number(clock::from_ms(ms)));
     Ok(StatementRecord {
         statement_id: row.get(0)?,
         connection_id: row.get(1)?,
@@ -358,8 +356,8 @@ fn statement_record(row: &rusqlite::Row<'_>) -> Result<StatementRecord, StoreErr
         tables: String::new(),
         path: row.get(15)?,
         statement_name: row.get(16)?,
-        received_at: rfc3339(row.get(17)?)?,
-        completed_at: row.get::<_, Option<i64>>(18)?.map(rfc3339).transpose()?,
+        received_at: clock::rfc3339_or_number(row.get(17)?),
+        completed_at: row.get::<_, Option<i64>>(18)?.map(clock::rfc3339_or_number),
         outcome: row.get(19)?,
         sqlstate: row.get(20)?,
         message: row.get(21)?,
@@ -489,68 +487,9 @@ enum Sink<W: Write> {
     Csv(Box<csv::Writer<W>>),
 }
 
-/// Unix nanoseconds as RFC 3339 UTC, e.g. `2024-05-01T12:00:00.123456789Z`.
-pub fn rfc3339(at: UnixNanos) -> Result<String, StoreError> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(at))
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .ok_or(StoreError::TimeOutOfRange(i128::from(at)))
-}
-
-/// Parses a command-line time: RFC 3339 (`2024-05-01T12:00:00Z`,
-/// `2024-05-01T14:00:00+02:00`) or a date (`2024-05-01`, midnight UTC).
-pub fn parse_time(input: &str) -> Result<UnixNanos, StoreError> {
-    let bad = || StoreError::BadTime {
-        input: input.to_owned(),
-    };
-    let at = match OffsetDateTime::parse(input, &Rfc3339) {
-        Ok(t) => t,
-        Err(_) => time::Date::parse(input, format_description!("[year]-[month]-[day]"))
-            .map_err(|_| bad())?
-            .midnight()
-            .assume_utc(),
-    };
-    i64::try_from(at.unix_timestamp_nanos()).map_err(|_| bad())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_mean_midnight_utc() {
-        assert_eq!(parse_time("1970-01-02").unwrap(), 86_400_000_000_000);
-    }
-
-    #[test]
-    fn rfc3339_offsets_are_honoured() {
-        assert_eq!(
-            parse_time("1970-01-01T01:00:00+01:00").unwrap(),
-            parse_time("1970-01-01T00:00:00Z").unwrap()
-        );
-        assert_eq!(
-            parse_time("2024-05-01T12:00:00.5Z").unwrap(),
-            1_714_564_800_500_000_000
-        );
-    }
-
-    #[test]
-    fn nonsense_times_are_refused() {
-        for input in ["yesterday", "2024-13-01", "2024-05-01 12:00", ""] {
-            assert!(
-                matches!(parse_time(input), Err(StoreError::BadTime { .. })),
-                "{input}"
-            );
-        }
-    }
-
-    #[test]
-    fn times_export_with_nanoseconds() {
-        assert_eq!(
-            rfc3339(1_714_564_800_000_000_001).unwrap(),
-            "2024-05-01T12:00:00.000000001Z"
-        );
-    }
 
     #[test]
     fn csv_header_matches_the_record() {

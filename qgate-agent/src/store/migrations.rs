@@ -301,7 +301,7 @@ fn apply(conn: &mut Connection, migration: &Migration) -> Result<(), StoreError>
     tx.execute_batch(migration.sql).map_err(failed)?;
     tx.execute(
         "INSERT INTO schema_migrations (name, applied_at) VALUES (?1, ?2)",
-        (migration.name, super::now_nanos()),
+        (migration.name, crate::clock::now()),
     )
     .map_err(failed)?;
     tx.commit().map_err(failed)

@@ -43,7 +43,7 @@ use std::{
 
 use rusqlite::{Connection, OpenFlags};
 
-use crate::capture::UnixNanos;
+use crate::clock::UnixNanos;
 
 pub use migrations::Migration;
 pub use writer::{Decided, StatementDecision, Writer, WriterConfig, WriterStats};
@@ -291,14 +291,6 @@ pub(crate) fn insert_capture_loss(
 /// practice, and saturating keeps a corrupt counter from failing a batch.
 pub(crate) fn sql_count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// The current time as Unix nanoseconds.
-pub fn now_nanos() -> UnixNanos {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// The database holds every statement text the agent saw: keep its directory

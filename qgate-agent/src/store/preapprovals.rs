@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 
 use super::audit::{self, AuditEntry};
 use super::migrations::Migration;
-use super::requests::{now_ms, rfc3339_ms, RequestError, Reviewer};
+use super::requests::{column_text, now_column, RequestError, Reviewer};
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
     name: "requests-0003-preapprovals",
@@ -98,7 +98,7 @@ pub fn add(
              belongs in the policy)"
         )));
     }
-    let now = now_ms();
+    let now = now_column();
     let until = now.saturating_add(valid_ms);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::new();
@@ -128,7 +128,7 @@ pub fn add(
             reviewer: reviewer.name.clone(),
             db_user: db_user.to_owned(),
             statement,
-            valid_until: rfc3339_ms(until),
+            valid_until: column_text(until),
             uses_left: uses,
         });
     }
@@ -142,7 +142,7 @@ pub fn add(
                 "db_user": db_user,
                 "statements": out.iter().map(|p| &p.statement).collect::<Vec<_>>(),
                 "ids": out.iter().map(|p| p.id).collect::<Vec<_>>(),
-                "valid_until": rfc3339_ms(until),
+                "valid_until": column_text(until),
                 "uses": uses,
             }),
         },
@@ -158,7 +158,7 @@ pub fn take(
     db_user: &str,
     normalized: &[String],
 ) -> Result<Vec<(Vec<i64>, i64)>, RequestError> {
-    let now = now_ms();
+    let now = now_column();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Reviewers with a live pre-approval of every part.
     let mut by_reviewer: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();

@@ -9,7 +9,6 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde::{Deserialize, Serialize};
-use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use utoipa::ToSchema;
 
 use super::audit::{self, AuditEntry};
@@ -18,6 +17,7 @@ pub use super::reviewers::{
     NewReviewer, Reviewer, Role,
 };
 use super::{migrations::Migration, Store, StoreError};
+use crate::clock::{self, UnixNanos};
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
     name: "requests-0001-requests-reviewers-votes",
@@ -280,7 +280,7 @@ pub struct Vote {
     /// reviewer never approves a statement of one of them): empty for a
     /// reviewer added with `--no-db-user`.
     pub reviewer_db_users: Vec<String>,
-    pub verdict: String,
+    pub verdict: Verdict,
     pub comment: Option<String>,
     #[schema(format = DateTime)]
     pub at: String,
@@ -336,13 +336,15 @@ pub struct RequestFilter {
     pub status: Option<RequestStatus>,
     pub db_user: Option<String>,
     pub database: Option<String>,
-    /// Created at or after, unix ms.
-    pub since_ms: Option<i64>,
+    /// Created at or after.
+    pub since: Option<UnixNanos>,
     pub limit: u32,
 }
 
-/// What a reviewer asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a reviewer asks for: the vote's `verdict` in the API, the store
+/// and the audit log (`approve`, `deny`, `force-approve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     Approve,
     Deny,
@@ -360,6 +362,19 @@ impl Verdict {
     }
 }
 
+impl rusqlite::types::FromSql for Verdict {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        match value.as_str()? {
+            "approve" => Ok(Verdict::Approve),
+            "deny" => Ok(Verdict::Deny),
+            "force-approve" => Ok(Verdict::ForceApprove),
+            other => Err(rusqlite::types::FromSqlError::Other(
+                format!("unknown verdict {other:?}").into(),
+            )),
+        }
+    }
+}
+
 /// The result of an accepted vote.
 #[derive(Debug, Clone)]
 pub struct VoteOutcome {
@@ -368,24 +383,14 @@ pub struct VoteOutcome {
     pub closed: bool,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+/// The current time as the request tables store it (Unix milliseconds).
+pub(super) fn now_column() -> i64 {
+    clock::to_ms(clock::now())
 }
 
-pub fn rfc3339_ms(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
-}
-
-/// Parses an RFC 3339 timestamp into unix ms.
-pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
-    let t = OffsetDateTime::parse(text, &Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+/// A time read from a milliseconds column, as RFC 3339.
+pub(super) fn column_text(ms: i64) -> String {
+    clock::rfc3339_or_number(clock::from_ms(ms))
 }
 
 pub(super) fn json_list(values: &[String]) -> String {
@@ -415,7 +420,7 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestEr
         Some(at) => Some(Closing {
             by: row.get::<_, Option<String>>(19)?.unwrap_or_default(),
             comment: row.get(20)?,
-            at: rfc3339_ms(at),
+            at: column_text(at),
             forced: row.get(21)?,
         }),
         None => None,
@@ -459,8 +464,8 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestEr
             approvals_remaining: approvals_needed,
             reviewer_groups: parse_list(&groups, "request reviewer_groups")?,
             votes: Vec::new(),
-            created_at: rfc3339_ms(created),
-            expires_at: rfc3339_ms(expires),
+            created_at: column_text(created),
+            expires_at: column_text(expires),
             closing,
             held_by: match held_by.as_str() {
                 "server_hook" => HeldBy::ServerHook,
@@ -487,7 +492,7 @@ fn attach_votes(conn: &Connection, request: &mut Request) -> Result<(), RequestE
                 reviewer_db_users: Vec::new(),
                 verdict: r.get(1)?,
                 comment: r.get(2)?,
-                at: rfc3339_ms(r.get(3)?),
+                at: column_text(r.get(3)?),
             },
             db_users,
         ))
@@ -503,7 +508,7 @@ fn attach_votes(conn: &Connection, request: &mut Request) -> Result<(), RequestE
     let approvals = request
         .votes
         .iter()
-        .filter(|v| v.verdict == "approve")
+        .filter(|v| v.verdict == Verdict::Approve)
         .count();
     request.approvals_remaining = match request.status {
         RequestStatus::Pending => request
@@ -551,8 +556,8 @@ pub fn list_requests(
         args.push(Box::new(database.clone()));
         sql.push_str(&format!(" AND database = ?{}", args.len()));
     }
-    if let Some(since) = filter.since_ms {
-        args.push(Box::new(since));
+    if let Some(since) = filter.since {
+        args.push(Box::new(clock::to_ms(since)));
         sql.push_str(&format!(" AND created_at >= ?{}", args.len()));
     }
     args.push(Box::new(i64::from(filter.limit)));
@@ -574,7 +579,7 @@ pub fn create_request(
     new: &NewRequest,
     default_timeout: std::time::Duration,
 ) -> Result<Request, RequestError> {
-    let created = now_ms();
+    let created = now_column();
     let timeout = new.timeout.unwrap_or(default_timeout);
     let expires = created.saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
     // The gate redacts before it asks; redacted here too, so that no caller
@@ -630,7 +635,7 @@ pub fn create_request(
                 "reviewer_groups": new.reviewer_groups,
                 "db_user": new.identity.db_user,
                 "database": new.identity.database,
-                "expires_at": rfc3339_ms(expires),
+                "expires_at": column_text(expires),
             }),
         },
     )?;
@@ -682,7 +687,7 @@ pub fn check_vote(request: &Request, reviewer: &Reviewer, verdict: Verdict) -> R
             if request
                 .votes
                 .iter()
-                .any(|v| v.verdict == "approve" && v.reviewer == reviewer.name) =>
+                .any(|v| v.verdict == Verdict::Approve && v.reviewer == reviewer.name) =>
         {
             Err(Refusal::AlreadyApproved {
                 request: request.id,
@@ -732,7 +737,7 @@ fn load_open(
     if request.status != RequestStatus::Pending {
         return Ok(Err((request, false)));
     }
-    let expires = parse_rfc3339_ms(&request.expires_at).unwrap_or(i64::MIN);
+    let expires = clock::parse(&request.expires_at).map_or(i64::MIN, clock::to_ms);
     if now >= expires {
         expire_in(tx, &request, now)?;
         let expired = get_request(tx, id)?.ok_or(RequestError::NotFound(id))?;
@@ -778,7 +783,7 @@ pub fn vote(
     verdict: Verdict,
     comment: Option<&str>,
 ) -> Result<VoteOutcome, VoteError> {
-    let now = now_ms();
+    let now = now_column();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let request = match load_open(&tx, id, now)? {
         Ok(request) => request,
@@ -798,7 +803,7 @@ pub fn vote(
     let approvals = request
         .votes
         .iter()
-        .filter(|v| v.verdict == "approve")
+        .filter(|v| v.verdict == Verdict::Approve)
         .count() as u64
         + 1;
     let (kind, closed) = match verdict {
@@ -898,7 +903,7 @@ pub fn close_by_qgate(
     status: RequestStatus,
     reason: Option<&str>,
 ) -> Result<Request, VoteError> {
-    let now = now_ms();
+    let now = now_column();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let request = get_request(&tx, id)?.ok_or(RequestError::NotFound(id))?;
     if request.status != RequestStatus::Pending {
@@ -957,22 +962,23 @@ pub fn append_audit(
     Ok(id)
 }
 
-/// Ids of pending requests whose deadline is at or before `now_ms`.
-pub fn due_for_expiry(conn: &Connection, now_ms: i64) -> Result<Vec<i64>, RequestError> {
+/// Ids of pending requests whose deadline is at or before `now`.
+pub fn due_for_expiry(conn: &Connection, now: UnixNanos) -> Result<Vec<i64>, RequestError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id FROM requests WHERE status = 'pending' AND expires_at <= ?1 ORDER BY expires_at",
     )?;
-    let ids = stmt.query_map([now_ms], |r| r.get(0))?;
+    let ids = stmt.query_map([clock::to_ms(now)], |r| r.get(0))?;
     Ok(ids.collect::<Result<_, _>>()?)
 }
 
 /// The earliest deadline among pending requests, unix ms.
-pub fn next_deadline(conn: &Connection) -> Result<Option<i64>, RequestError> {
-    Ok(conn.query_row(
+pub fn next_deadline(conn: &Connection) -> Result<Option<UnixNanos>, RequestError> {
+    let ms: Option<i64> = conn.query_row(
         "SELECT min(expires_at) FROM requests WHERE status = 'pending'",
         [],
         |r| r.get(0),
-    )?)
+    )?;
+    Ok(ms.map(clock::from_ms))
 }
 
 pub fn count_pending(conn: &Connection) -> Result<i64, RequestError> {

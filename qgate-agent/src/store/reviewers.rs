@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::audit::{self, AuditEntry};
-use super::requests::{json_list, now_ms, parse_list, rfc3339_ms, RequestError};
+use super::requests::{column_text, json_list, now_column, parse_list, RequestError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -100,7 +100,7 @@ pub fn add_reviewer(
     }
     let token =
         new_token().map_err(|e| RequestError::InvalidReviewer(format!("no randomness: {e}")))?;
-    let now = now_ms();
+    let now = now_column();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let taken: bool = tx.query_row(
         "SELECT EXISTS(SELECT 1 FROM reviewers WHERE name = ?1 AND revoked_at IS NULL)",
@@ -143,7 +143,7 @@ pub fn add_reviewer(
         role: new.role,
         groups: new.groups.clone(),
         db_users: new.db_users.clone(),
-        created_at: rfc3339_ms(now),
+        created_at: column_text(now),
         revoked_at: None,
     };
     Ok((reviewer, token))
@@ -165,8 +165,8 @@ fn reviewer_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Reviewer, Request
                 .ok_or_else(|| RequestError::Corrupt(format!("reviewer role {role:?}")))?,
             groups: parse_list(&groups, "reviewer groups")?,
             db_users: parse_list(&db_users, "reviewer db_users")?,
-            created_at: rfc3339_ms(created),
-            revoked_at: revoked.map(rfc3339_ms),
+            created_at: column_text(created),
+            revoked_at: revoked.map(column_text),
         })
     })())
 }
@@ -207,7 +207,7 @@ pub fn revoke_reviewer(conn: &mut Connection, name: &str) -> Result<(), RequestE
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let changed = tx.execute(
         "UPDATE reviewers SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
-        params![now_ms(), name],
+        params![now_column(), name],
     )?;
     if changed == 0 {
         return Err(RequestError::NoSuchReviewer(name.to_owned()));

@@ -30,7 +30,7 @@ use super::{
     audit::{self, AuditEntry},
     StoreError,
 };
-use crate::capture::UnixNanos;
+use crate::clock::UnixNanos;
 
 /// The schema: a `sealed_in` column on the sealed tables (NULL: not yet
 /// sealed), and one row per seal group.
@@ -502,7 +502,7 @@ impl Sealer {
 fn reserve_group(conn: &Connection) -> Result<i64, StoreError> {
     conn.execute(
         "INSERT INTO seals (at, audit_id, statements, connections) VALUES (?1, 0, x'', x'')",
-        [super::now_nanos()],
+        [crate::clock::now()],
     )?;
     Ok(conn.last_insert_rowid())
 }

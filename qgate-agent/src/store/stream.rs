@@ -425,7 +425,7 @@ impl Streamer {
     }
 
     fn send_statements(&mut self, sent: &mut usize) -> Result<(), StoreError> {
-        let stale = super::now_nanos() - GIVE_UP_AFTER.as_nanos() as i64;
+        let stale = crate::clock::now() - GIVE_UP_AFTER.as_nanos() as i64;
         let running = |r: &StatementRecord| {
             r.completed_at.is_none()
                 && time::OffsetDateTime::parse(

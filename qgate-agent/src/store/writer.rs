@@ -16,12 +16,12 @@ use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::{
-    insert_capture_loss, now_nanos,
+    insert_capture_loss,
     seal::{self, Completed, DecisionFields, Sealer, Written},
     sql_count, Store, StoreError,
 };
 use crate::{
-    capture::UnixNanos,
+    clock::{self, UnixNanos},
     wire::{Completion, ConnId, Outcome, ProtocolPath, StmtSeq, WireEvent},
 };
 
@@ -566,12 +566,12 @@ impl BatchWriter {
 
     /// Closes the open seal group (see [`Sealer::close`]).
     fn close_group(&mut self) {
-        let result = self.sealer.close(&self.conn, now_nanos());
+        let result = self.sealer.close(&self.conn, clock::now());
         self.sealed(result);
     }
 
     fn seal_leftovers(&mut self) {
-        let result = seal::seal_leftovers(&self.conn, now_nanos());
+        let result = seal::seal_leftovers(&self.conn, clock::now());
         self.sealed(result);
     }
 
@@ -741,7 +741,7 @@ impl BatchWriter {
                     "{} events dropped (store writer queue full); {dropped} since start",
                     dropped - self.dropped_recorded
                 ),
-                now_nanos(),
+                clock::now(),
             ))?;
         }
         tx.commit()?;

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::capture::UnixNanos;
+use crate::clock::UnixNanos;
 
 /// A connection the tracker knows, numbered from 1 in order of first sight
 /// (0: none).

@@ -17,7 +17,7 @@ use super::{
     pg::{command_rows, BackendMessage, ErrorFields, FrontendMessage, Target, TransactionStatus},
     Completion, ConnId, Identity, Outcome, ProtocolPath, ServerReport, StmtSeq, WireEvent,
 };
-use crate::capture::UnixNanos;
+use crate::clock::UnixNanos;
 
 /// Prepared statements and portals kept per connection; beyond this an
 /// arbitrary old one is forgotten (the server-side limit is memory only).
