@@ -65,24 +65,19 @@ pub struct ClientSql {
     pub statement: String,
 }
 
+/// One tracked connection: its two streams, what they decode to, and where
+/// it is in its life (announced, FINs seen, reported closed).
 #[derive(Debug)]
 struct Connection {
     id: ConnId,
     /// Report every client message to [`Tracker::take_client_messages`].
     watched: bool,
     last_seen: UnixNanos,
-    client: StreamReassembler,
-    server: StreamReassembler,
-    frontend: FrontendDecoder,
-    backend: BackendDecoder,
-    session: Session,
-    encrypted: bool,
-    /// An Undecodable was reported and nothing decoded since.
-    undecodable_reported: bool,
+    streams: Streams,
+    decoding: Decoding,
     closed_reported: bool,
     client_fin: bool,
     server_fin: bool,
-    backend_pid: Option<u32>,
     /// `ConnectionOpened` was reported: only once the connection carried
     /// bytes (a SYN flood's handshakes leave no record, and are the first
     /// state shed when the table is full).
@@ -94,40 +89,44 @@ struct Connection {
     new_syn: Option<Segment>,
 }
 
-impl Connection {
-    fn new(id: ConnId, at: UnixNanos, mid_stream: bool) -> Self {
-        Self {
-            new_syn: None,
-            announced: false,
-            opened_at: at,
-            mid_stream,
-            id,
-            watched: false,
-            last_seen: at,
-            client: StreamReassembler::new(),
-            server: StreamReassembler::new(),
-            frontend: if mid_stream {
-                FrontendDecoder::mid_stream()
-            } else {
-                FrontendDecoder::new()
-            },
-            backend: if mid_stream {
-                BackendDecoder::mid_stream()
-            } else {
-                BackendDecoder::new()
-            },
-            session: Session::default(),
-            encrypted: false,
-            undecodable_reported: false,
-            closed_reported: false,
-            client_fin: false,
-            server_fin: false,
-            backend_pid: None,
-        }
-    }
+/// Both directions of a connection's bytes, put back in TCP order.
+#[derive(Debug, Default)]
+struct Streams {
+    client: StreamReassembler,
+    server: StreamReassembler,
+}
+
+/// What a connection's bytes become: both decoders, the session pairing
+/// statements with answers, and what was already reported about them.
+#[derive(Debug)]
+struct Decoding {
+    frontend: FrontendDecoder,
+    backend: BackendDecoder,
+    session: Session,
+    encrypted: bool,
+    undecodable: UndecodableStretch,
+    /// From the last BackendKeyData: whose cancel key to forget at close.
+    backend_pid: Option<u32>,
+}
+
+/// Whether an Undecodable was reported and nothing decoded since (in either
+/// direction): one report per undecodable stretch, not one per byte.
+#[derive(Debug, Default)]
+struct UndecodableStretch {
+    reported: bool,
 }
 
 /// Which backend a CancelRequest names (§55.2.8): from BackendKeyData.
+#[derive(Debug)]
+struct BackendKey {
+    conn: ConnId,
+    secret_key: Box<[u8]>,
+}
+
+/// The BackendKeyData a connection's server sent, by backend pid, in
+/// stream order: what the tracker adds to its cancel keys.
+type LearnedKeys = Vec<(u32, BackendKey)>;
+
 /// One message of a watched connection as logged during decoding: its
 /// connection, stream offset and length, and what it carries.
 type LogEntry = (ConnId, u64, u64, Option<LoggedSql>);
@@ -140,12 +139,6 @@ struct LoggedSql {
     text_offset: u64,
     text_len: u64,
     statement: String,
-}
-
-#[derive(Debug)]
-struct BackendKey {
-    conn: ConnId,
-    secret_key: Box<[u8]>,
 }
 
 /// The wire stage's door: feed it every segment of every connection on the
@@ -232,20 +225,20 @@ impl Tracker {
     /// TCP sequence number of a server → client stream offset.
     pub fn server_seq_at(&self, conn: ConnId, offset: u64) -> Option<u32> {
         let flow = self.flows.get(&conn)?;
-        self.connections.get(flow)?.server.seq_at(offset)
+        self.connections.get(flow)?.streams.server.seq_at(offset)
     }
 
     /// TCP sequence number of a client → server stream offset.
     pub fn client_seq_at(&self, conn: ConnId, offset: u64) -> Option<u32> {
         let flow = self.flows.get(&conn)?;
-        self.connections.get(flow)?.client.seq_at(offset)
+        self.connections.get(flow)?.streams.client.seq_at(offset)
     }
 
     /// Client → server stream offset of a TCP sequence number (nearest to
     /// the current position).
     pub fn client_offset_of(&self, conn: ConnId, seq: u32) -> Option<u64> {
         let flow = self.flows.get(&conn)?;
-        self.connections.get(flow)?.client.offset_of(seq)
+        self.connections.get(flow)?.streams.client.offset_of(seq)
     }
 
     /// Where a statement still waiting for its answer sits in the client's
@@ -253,12 +246,12 @@ impl Tracker {
     pub fn pending_statement(&self, conn: ConnId, stmt: StmtSeq) -> Option<StatementSpan> {
         let flow = self.flows.get(&conn)?;
         let c = self.connections.get(flow)?;
-        let spans = c.session.pending_spans(stmt)?;
+        let spans = c.decoding.session.pending_spans(stmt)?;
         let locate = |span: MessageSpan| {
             Some(StreamSpan {
                 offset: span.offset,
                 len: span.len,
-                seq: c.client.seq_at(span.offset)?,
+                seq: c.streams.client.seq_at(span.offset)?,
             })
         };
         Some(StatementSpan {
@@ -298,7 +291,7 @@ impl Tracker {
                 Some(StreamSpan {
                     offset,
                     len,
-                    seq: c.client.seq_at(offset)?,
+                    seq: c.streams.client.seq_at(offset)?,
                 })
             };
             let Some(span) = locate(offset, len) else {
@@ -331,7 +324,7 @@ impl Tracker {
         self.flows
             .get(&conn)
             .and_then(|f| self.connections.get(f))
-            .is_some_and(|c| c.encrypted)
+            .is_some_and(|c| c.decoding.encrypted)
     }
 
     /// The tracker's id for `flow`'s connection.
@@ -340,20 +333,61 @@ impl Tracker {
     }
 
     pub fn on_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) {
-        // A SYN on a connection under way: the server ignores it unless it
-        // is a new connection on a reused address, which the server's
-        // SYN|ACK acknowledging it shows. Until then it changes nothing.
-        if seg.is_syn() && seg.tcp_flags & TCP_ACK == 0 && seg.direction == Direction::ToServer {
+        if seg.is_syn() && !self.screen_syn(seg, out) {
+            return;
+        }
+        if !self.connections.contains_key(&seg.flow) && !self.open(seg) {
+            return;
+        }
+        let Some(conn) = self.connections.get_mut(&seg.flow) else {
+            return;
+        };
+        if (seg.is_rst() || seg.is_fin()) && !conn.streams.in_receive_window(seg) {
+            // A receiver drops a RST or FIN far from where its stream is
+            // (RFC 5961 §3, RFC 9293 §3.10.7.4): a forged one ends nothing.
+            return;
+        }
+        conn.announce(seg, out);
+        conn.last_seen = seg.at;
+        // Once reported closed (Terminate or FIN with nothing pending), the
+        // rest is teardown: nothing more to decode or report.
+        if !conn.closed_reported {
+            match seg.direction {
+                Direction::ToServer => conn.client_segment(seg, &mut self.client_log, out),
+                Direction::FromServer => self.backends.extend(conn.server_segment(seg, out)),
+            }
+        }
+        if seg.is_rst() {
+            self.close(seg.flow, "the connection was reset", seg.at, out);
+            return;
+        }
+        if seg.is_fin() {
+            conn.finished(seg.direction);
+        }
+        if conn.client_fin && conn.server_fin {
+            self.close(seg.flow, "the connection closed", seg.at, out);
+            return;
+        }
+        conn.report_closed_if_done(seg.at, out);
+    }
+
+    /// What a SYN does to a connection under way; false when the segment
+    /// goes no further.
+    fn screen_syn(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) -> bool {
+        // A client SYN on a connection under way: the server ignores it
+        // unless it is a new connection on a reused address, which the
+        // server's SYN|ACK acknowledging it shows. Until then it changes
+        // nothing.
+        if seg.tcp_flags & TCP_ACK == 0 && seg.direction == Direction::ToServer {
             if let Some(c) = self.connections.get_mut(&seg.flow) {
-                if c.client.is_started() && c.client.seq_at(0) != Some(seg.seq.wrapping_add(1)) {
+                let client = &c.streams.client;
+                if client.is_started() && client.seq_at(0) != Some(seg.seq.wrapping_add(1)) {
                     c.new_syn = Some(seg.clone());
-                    return;
+                    return false;
                 }
             }
         }
-        let accepted_syn = (seg.direction == Direction::FromServer
-            && seg.is_syn()
-            && seg.tcp_flags & TCP_ACK != 0)
+        let accepted_syn = (seg.direction == Direction::FromServer && seg.tcp_flags & TCP_ACK != 0)
             .then(|| self.connections.get_mut(&seg.flow))
             .flatten()
             .and_then(|c| {
@@ -368,95 +402,43 @@ impl Tracker {
                 out,
             );
             self.on_segment(&syn, out);
-        } else if seg.is_syn()
-            && self
-                .connections
-                .get(&seg.flow)
-                .is_some_and(|c| match seg.direction {
-                    Direction::ToServer => c.client.is_started(),
-                    Direction::FromServer => c.server.is_started(),
-                })
-        {
-            // Any other SYN on a live connection (a SYN|ACK towards the
-            // server, one the server did not answer): ignored, as the
-            // server's stack ignores it.
-            return;
+            return true;
         }
-        if !self.connections.contains_key(&seg.flow) {
-            // A stray FIN, RST or ACK of a connection already forgotten
-            // opens nothing.
-            if seg.is_rst() || !(seg.is_syn() || !seg.payload.is_empty() || seg.truncated) {
-                return;
-            }
-            if self.connections.len() >= MAX_CONNECTIONS && !self.shed_one() {
-                self.shed += 1;
-                return;
-            }
-            self.opened += 1;
-            let id = ConnId(self.opened);
-            let mid_stream = !seg.is_syn();
-            let mut connection = Connection::new(id, seg.at, mid_stream);
-            connection.watched = self.watch_next.remove(&seg.flow);
-            self.connections.insert(seg.flow, connection);
-            self.flows.insert(id, seg.flow);
-            self.silent.push_back((seg.flow, id));
-            if self.silent.len() > 2 * MAX_CONNECTIONS {
-                let connections = &self.connections;
-                self.silent.retain(|(flow, id)| {
-                    connections
-                        .get(flow)
-                        .is_some_and(|c| c.id == *id && !c.announced)
-                });
-            }
+        // Any other SYN on a live connection (a SYN|ACK towards the server,
+        // one the server did not answer): ignored, as the server's stack
+        // ignores it.
+        !self
+            .connections
+            .get(&seg.flow)
+            .is_some_and(|c| c.streams.of(seg.direction).is_started())
+    }
+
+    /// Starts tracking `seg`'s connection; false when it opens none (a stray
+    /// FIN, RST or ACK of a connection already forgotten, or a full table).
+    fn open(&mut self, seg: &Segment) -> bool {
+        if seg.is_rst() || !(seg.is_syn() || !seg.payload.is_empty() || seg.truncated) {
+            return false;
         }
-        let Some(conn) = self.connections.get_mut(&seg.flow) else {
-            return;
-        };
-        if (seg.is_rst() || seg.is_fin()) && !in_receive_window(conn, seg) {
-            // A receiver drops a RST or FIN far from where its stream is
-            // (RFC 5961 §3, RFC 9293 §3.10.7.4): a forged one ends nothing.
-            return;
+        if self.connections.len() >= MAX_CONNECTIONS && !self.shed_one() {
+            self.shed += 1;
+            return false;
         }
-        // Synthetic connections (the server hook's, server port 0) are
-        // reported at once: the hook's own record about them follows.
-        if !conn.announced
-            && (!seg.payload.is_empty() || seg.truncated || seg.flow.server.port() == 0)
-        {
-            conn.announced = true;
-            out.push(WireEvent::ConnectionOpened {
-                conn: conn.id,
-                client: seg.flow.client,
-                server: seg.flow.server,
-                at: conn.opened_at,
-                mid_stream: conn.mid_stream,
+        self.opened += 1;
+        let id = ConnId(self.opened);
+        let mut connection = Connection::new(id, seg.at, !seg.is_syn());
+        connection.watched = self.watch_next.remove(&seg.flow);
+        self.connections.insert(seg.flow, connection);
+        self.flows.insert(id, seg.flow);
+        self.silent.push_back((seg.flow, id));
+        if self.silent.len() > 2 * MAX_CONNECTIONS {
+            let connections = &self.connections;
+            self.silent.retain(|(flow, id)| {
+                connections
+                    .get(flow)
+                    .is_some_and(|c| c.id == *id && !c.announced)
             });
         }
-        conn.last_seen = seg.at;
-        // Once reported closed (Terminate or FIN with nothing pending), the
-        // rest is teardown: nothing more to decode or report.
-        if !conn.closed_reported {
-            match seg.direction {
-                Direction::ToServer => client_segment(conn, seg, &mut self.client_log, out),
-                Direction::FromServer => server_segment(conn, &mut self.backends, seg, out),
-            }
-        }
-        if seg.is_rst() {
-            self.close(seg.flow, "the connection was reset", seg.at, out);
-            return;
-        }
-        match seg.direction {
-            Direction::ToServer if seg.is_fin() => conn.client_fin = true,
-            Direction::FromServer if seg.is_fin() => conn.server_fin = true,
-            _ => {}
-        }
-        if seg.is_fin() {
-            conn.session.closing = true;
-        }
-        if conn.client_fin && conn.server_fin {
-            self.close(seg.flow, "the connection closed", seg.at, out);
-            return;
-        }
-        report_closed_if_done(conn, seg.at, out);
+        true
     }
 
     /// Forgets connections silent since before `now - max_idle` (their
@@ -502,7 +484,7 @@ impl Tracker {
             return;
         };
         self.flows.remove(&conn.id);
-        if let Some(pid) = conn.backend_pid {
+        if let Some(pid) = conn.decoding.backend_pid {
             if self.backends.get(&pid).is_some_and(|b| b.conn == conn.id) {
                 self.backends.remove(&pid);
             }
@@ -510,110 +492,321 @@ impl Tracker {
         if conn.closed_reported || !conn.announced {
             return;
         }
+        self.backends.extend(conn.report_close(why, at, out));
+    }
+}
+
+impl Connection {
+    fn new(id: ConnId, at: UnixNanos, mid_stream: bool) -> Self {
+        Self {
+            id,
+            watched: false,
+            last_seen: at,
+            streams: Streams::default(),
+            decoding: Decoding::new(mid_stream),
+            closed_reported: false,
+            client_fin: false,
+            server_fin: false,
+            announced: false,
+            opened_at: at,
+            mid_stream,
+            new_syn: None,
+        }
+    }
+
+    /// Reports `ConnectionOpened` at the first segment carrying bytes.
+    /// Synthetic connections (the server hook's, server port 0) are reported
+    /// at once: the hook's own record about them follows.
+    fn announce(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) {
+        if !self.announced
+            && (!seg.payload.is_empty() || seg.truncated || seg.flow.server.port() == 0)
         {
-            let Connection {
-                id,
-                client,
-                frontend,
-                session,
-                encrypted,
-                undecodable_reported,
-                backend,
-                ..
-            } = &mut conn;
-            client.flush(&mut |d| {
-                on_client_delivery(
-                    *id,
-                    d,
-                    frontend,
-                    backend,
-                    session,
-                    encrypted,
-                    undecodable_reported,
-                    at,
-                    None,
-                    out,
-                )
+            self.announced = true;
+            out.push(WireEvent::ConnectionOpened {
+                conn: self.id,
+                client: seg.flow.client,
+                server: seg.flow.server,
+                at: self.opened_at,
+                mid_stream: self.mid_stream,
             });
         }
-        {
-            let Connection {
-                id,
-                server,
-                frontend,
-                backend,
-                session,
-                encrypted,
-                undecodable_reported,
-                backend_pid,
-                ..
-            } = &mut conn;
-            server.flush(&mut |d| {
-                on_server_delivery(
-                    *id,
-                    d,
-                    frontend,
-                    backend,
-                    session,
-                    &mut self.backends,
-                    backend_pid,
-                    encrypted,
-                    undecodable_reported,
-                    at,
-                    out,
-                )
-            });
+    }
+
+    /// Reassembles and decodes a client → server segment, logging its
+    /// messages in `log` when the connection is watched.
+    fn client_segment(&mut self, seg: &Segment, log: &mut Vec<LogEntry>, out: &mut Vec<WireEvent>) {
+        let mut log = self.watched.then_some(log);
+        self.streams.client.push(
+            seg.seq,
+            seg.is_syn(),
+            &seg.payload,
+            seg.truncated,
+            &mut |d| {
+                self.decoding
+                    .on_client_delivery(self.id, d, seg.at, log.as_deref_mut(), out)
+            },
+        );
+    }
+
+    /// Reassembles and decodes a server → client segment; returns the cancel
+    /// keys it carried.
+    fn server_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) -> LearnedKeys {
+        let decoding = &mut self.decoding;
+        if decoding.session.awaiting_encryption_answer {
+            decoding.session.awaiting_encryption_answer = false;
+            decoding.backend.expect_encryption_answer();
         }
+        let mut keys = LearnedKeys::new();
+        self.streams.server.push(
+            seg.seq,
+            seg.is_syn(),
+            &seg.payload,
+            seg.truncated,
+            &mut |d| {
+                self.decoding
+                    .on_server_delivery(self.id, d, seg.at, &mut keys, out)
+            },
+        );
+        keys
+    }
+
+    /// A FIN in `direction`: that side sends no more, the session is closing.
+    fn finished(&mut self, direction: Direction) {
+        match direction {
+            Direction::ToServer => self.client_fin = true,
+            Direction::FromServer => self.server_fin = true,
+        }
+        self.decoding.session.closing = true;
+    }
+
+    fn report_closed_if_done(&mut self, at: UnixNanos, out: &mut Vec<WireEvent>) {
+        let session = &self.decoding.session;
+        if session.closing && session.is_idle() && !self.closed_reported && self.announced {
+            self.closed_reported = true;
+            out.push(WireEvent::ConnectionClosed { conn: self.id, at });
+        }
+    }
+
+    /// Decodes what both streams still hold (none of it logged for the gate),
+    /// ends pending statements and reports the close; returns the cancel keys
+    /// the server's last bytes carried.
+    fn report_close(&mut self, why: &str, at: UnixNanos, out: &mut Vec<WireEvent>) -> LearnedKeys {
+        self.streams
+            .client
+            .flush(&mut |d| self.decoding.on_client_delivery(self.id, d, at, None, out));
+        let mut keys = LearnedKeys::new();
+        self.streams.server.flush(&mut |d| {
+            self.decoding
+                .on_server_delivery(self.id, d, at, &mut keys, out)
+        });
         let why = format!("no answer seen: {why}");
-        conn.session.fail_pending(conn.id, &why, at, out);
-        out.push(WireEvent::ConnectionClosed { conn: conn.id, at });
+        self.decoding.session.fail_pending(self.id, &why, at, out);
+        out.push(WireEvent::ConnectionClosed { conn: self.id, at });
+        keys
     }
 }
 
-fn report_closed_if_done(conn: &mut Connection, at: UnixNanos, out: &mut Vec<WireEvent>) {
-    if conn.session.closing && conn.session.is_idle() && !conn.closed_reported && conn.announced {
-        conn.closed_reported = true;
-        out.push(WireEvent::ConnectionClosed { conn: conn.id, at });
+impl Streams {
+    /// The stream that `direction`'s segments carry.
+    fn of(&self, direction: Direction) -> &StreamReassembler {
+        match direction {
+            Direction::ToServer => &self.client,
+            Direction::FromServer => &self.server,
+        }
+    }
+
+    /// True when `seg`'s sequence number is near where its direction's
+    /// stream is (or that stream has not started, so nothing can be checked).
+    fn in_receive_window(&self, seg: &Segment) -> bool {
+        let stream = self.of(seg.direction);
+        let Some(expected) = stream
+            .seq_at(stream.next_offset())
+            .filter(|_| stream.is_started())
+        else {
+            return true;
+        };
+        let delta = i64::from(qgate_common::tcp::seq_delta(seg.seq, expected));
+        (-CONTROL_WINDOW..=CONTROL_WINDOW).contains(&delta)
     }
 }
 
-fn client_segment(
-    conn: &mut Connection,
-    seg: &Segment,
-    log: &mut Vec<LogEntry>,
-    out: &mut Vec<WireEvent>,
-) {
-    let watched = conn.watched;
-    let Connection {
-        id,
-        client,
-        frontend,
-        backend,
-        session,
-        encrypted,
-        undecodable_reported,
-        ..
-    } = conn;
-    client.push(
-        seg.seq,
-        seg.is_syn(),
-        &seg.payload,
-        seg.truncated,
-        &mut |d| {
-            on_client_delivery(
-                *id,
-                d,
-                frontend,
-                backend,
-                session,
-                encrypted,
-                undecodable_reported,
-                seg.at,
-                watched.then_some(&mut *log),
+impl Decoding {
+    fn new(mid_stream: bool) -> Self {
+        Self {
+            frontend: if mid_stream {
+                FrontendDecoder::mid_stream()
+            } else {
+                FrontendDecoder::new()
+            },
+            backend: if mid_stream {
+                BackendDecoder::mid_stream()
+            } else {
+                BackendDecoder::new()
+            },
+            session: Session::default(),
+            encrypted: false,
+            undecodable: UndecodableStretch::default(),
+            backend_pid: None,
+        }
+    }
+
+    /// Decodes client bytes in order, appending each message to `log` when
+    /// given.
+    fn on_client_delivery(
+        &mut self,
+        conn: ConnId,
+        delivery: Delivery<'_>,
+        at: UnixNanos,
+        mut log: Option<&mut Vec<LogEntry>>,
+        out: &mut Vec<WireEvent>,
+    ) {
+        match delivery {
+            Delivery::Gap { .. } => {
+                if !self.encrypted {
+                    out.push(WireEvent::CaptureGap { conn, at });
+                }
+                self.frontend.gap();
+            }
+            Delivery::Data { offset, bytes } => {
+                let mut tls = false;
+                self.frontend.push(offset, bytes, &mut |decoded| {
+                    let Some((span, message)) = self
+                        .undecodable
+                        .message_or_report(conn, "client", decoded, at, out)
+                    else {
+                        return;
+                    };
+                    if message == FrontendMessage::Tls {
+                        tls = true;
+                    }
+                    if let Some(log) = log.as_deref_mut() {
+                        log.push(log_entry(conn, span.offset, span.len, &message));
+                    }
+                    self.session.on_frontend(conn, span, &message, at, out);
+                });
+                if tls {
+                    self.report_encrypted(conn, at, out);
+                }
+            }
+        }
+    }
+
+    /// Decodes server bytes in order, appending each BackendKeyData to
+    /// `keys`.
+    fn on_server_delivery(
+        &mut self,
+        conn: ConnId,
+        delivery: Delivery<'_>,
+        at: UnixNanos,
+        keys: &mut LearnedKeys,
+        out: &mut Vec<WireEvent>,
+    ) {
+        match delivery {
+            Delivery::Gap { .. } => {
+                if !self.encrypted {
+                    out.push(WireEvent::CaptureGap { conn, at });
+                }
+                self.backend.gap();
+                self.session.fail_pending(
+                    conn,
+                    "the capture lost part of the server's answer: outcome unknown",
+                    at,
+                    out,
+                );
+            }
+            Delivery::Data { offset, bytes } => {
+                let mut encryption_started = false;
+                self.backend.push(offset, bytes, &mut |decoded| {
+                    let Some((_, message)) = self
+                        .undecodable
+                        .message_or_report(conn, "server", decoded, at, out)
+                    else {
+                        return;
+                    };
+                    match message {
+                        BackendMessage::EncryptionResponse { accepted: true }
+                        | BackendMessage::Tls => {
+                            encryption_started = true;
+                        }
+                        BackendMessage::BackendKeyData {
+                            backend_pid,
+                            secret_key,
+                        } => {
+                            self.backend_pid = Some(backend_pid);
+                            keys.push((
+                                backend_pid,
+                                BackendKey {
+                                    conn,
+                                    secret_key: secret_key.into(),
+                                },
+                            ));
+                        }
+                        other => self.session.on_backend(conn, &other, at, out),
+                    }
+                });
+                if encryption_started {
+                    self.report_encrypted(conn, at, out);
+                }
+            }
+        }
+    }
+
+    /// Stops decoding both directions and reports the encryption once.
+    fn report_encrypted(&mut self, conn: ConnId, at: UnixNanos, out: &mut Vec<WireEvent>) {
+        self.frontend.stop();
+        self.backend.stop();
+        if !self.encrypted {
+            self.encrypted = true;
+            out.push(WireEvent::Encrypted { conn, at });
+        }
+    }
+}
+
+impl UndecodableStretch {
+    /// Hands a decoded message back with its place in the stream; reports
+    /// anything else a decoder says (once per undecodable stretch, re-armed
+    /// when it finds its footing again), the same way for both directions.
+    /// `stream` names the direction.
+    fn message_or_report<M>(
+        &mut self,
+        conn: ConnId,
+        stream: &str,
+        decoded: Decoded<M>,
+        at: UnixNanos,
+        out: &mut Vec<WireEvent>,
+    ) -> Option<(MessageSpan, M)> {
+        match decoded {
+            Decoded::Message {
+                offset,
+                len,
+                message,
+            } => return Some((MessageSpan { offset, len }, message)),
+            Decoded::Error { offset, error } => self.report(
+                conn,
+                format!("{stream} stream at offset {offset}: {error}"),
+                at,
                 out,
-            )
-        },
-    );
+            ),
+            Decoded::Unsynchronised { offset } => self.report(
+                conn,
+                format!(
+                    "{stream} stream at offset {offset}: no PostgreSQL message starts here \
+                     (picked up mid-stream, after a gap, or not PostgreSQL)"
+                ),
+                at,
+                out,
+            ),
+            Decoded::Resynchronised { .. } => self.reported = false,
+        }
+        None
+    }
+
+    fn report(&mut self, conn: ConnId, reason: String, at: UnixNanos, out: &mut Vec<WireEvent>) {
+        if !self.reported {
+            self.reported = true;
+            out.push(WireEvent::Undecodable { conn, reason, at });
+        }
+    }
 }
 
 /// What the gate needs to know of one decoded client message.
@@ -668,243 +861,9 @@ fn log_entry(conn: ConnId, offset: u64, len: u64, message: &FrontendMessage<'_>)
     (conn, offset, len, sql)
 }
 
-fn server_segment(
-    conn: &mut Connection,
-    backends: &mut HashMap<u32, BackendKey>,
-    seg: &Segment,
-    out: &mut Vec<WireEvent>,
-) {
-    let Connection {
-        id,
-        server,
-        frontend,
-        backend,
-        session,
-        encrypted,
-        undecodable_reported,
-        backend_pid,
-        ..
-    } = conn;
-    if session.awaiting_encryption_answer {
-        session.awaiting_encryption_answer = false;
-        backend.expect_encryption_answer();
-    }
-    server.push(
-        seg.seq,
-        seg.is_syn(),
-        &seg.payload,
-        seg.truncated,
-        &mut |d| {
-            on_server_delivery(
-                *id,
-                d,
-                frontend,
-                backend,
-                session,
-                backends,
-                backend_pid,
-                encrypted,
-                undecodable_reported,
-                seg.at,
-                out,
-            )
-        },
-    );
-}
-
-fn report_encrypted(
-    conn: ConnId,
-    frontend: &mut FrontendDecoder,
-    backend: &mut BackendDecoder,
-    encrypted: &mut bool,
-    at: UnixNanos,
-    out: &mut Vec<WireEvent>,
-) {
-    frontend.stop();
-    backend.stop();
-    if !*encrypted {
-        *encrypted = true;
-        out.push(WireEvent::Encrypted { conn, at });
-    }
-}
-
-fn report_undecodable(
-    conn: ConnId,
-    reported: &mut bool,
-    reason: String,
-    at: UnixNanos,
-    out: &mut Vec<WireEvent>,
-) {
-    if !*reported {
-        *reported = true;
-        out.push(WireEvent::Undecodable { conn, reason, at });
-    }
-}
-
-/// Hands a decoded message back with its place in the stream; reports anything
-/// else a decoder says (once per undecodable stretch, re-armed when it finds its
-/// footing again), the same way for both directions. `stream` names the direction.
-fn message_or_report<M>(
-    conn: ConnId,
-    stream: &str,
-    decoded: Decoded<M>,
-    undecodable_reported: &mut bool,
-    at: UnixNanos,
-    out: &mut Vec<WireEvent>,
-) -> Option<(MessageSpan, M)> {
-    match decoded {
-        Decoded::Message {
-            offset,
-            len,
-            message,
-        } => return Some((MessageSpan { offset, len }, message)),
-        Decoded::Error { offset, error } => report_undecodable(
-            conn,
-            undecodable_reported,
-            format!("{stream} stream at offset {offset}: {error}"),
-            at,
-            out,
-        ),
-        Decoded::Unsynchronised { offset } => report_undecodable(
-            conn,
-            undecodable_reported,
-            format!(
-                "{stream} stream at offset {offset}: no PostgreSQL message starts here \
-                 (picked up mid-stream, after a gap, or not PostgreSQL)"
-            ),
-            at,
-            out,
-        ),
-        Decoded::Resynchronised { .. } => *undecodable_reported = false,
-    }
-    None
-}
-
-#[allow(clippy::too_many_arguments)]
-fn on_client_delivery(
-    conn: ConnId,
-    delivery: Delivery<'_>,
-    frontend: &mut FrontendDecoder,
-    backend: &mut BackendDecoder,
-    session: &mut Session,
-    encrypted: &mut bool,
-    undecodable_reported: &mut bool,
-    at: UnixNanos,
-    mut log: Option<&mut Vec<LogEntry>>,
-    out: &mut Vec<WireEvent>,
-) {
-    match delivery {
-        Delivery::Gap { .. } => {
-            if !*encrypted {
-                out.push(WireEvent::CaptureGap { conn, at });
-            }
-            frontend.gap();
-        }
-        Delivery::Data { offset, bytes } => {
-            let mut tls = false;
-            frontend.push(offset, bytes, &mut |decoded| {
-                let Some((span, message)) =
-                    message_or_report(conn, "client", decoded, undecodable_reported, at, out)
-                else {
-                    return;
-                };
-                if message == FrontendMessage::Tls {
-                    tls = true;
-                }
-                if let Some(log) = log.as_deref_mut() {
-                    log.push(log_entry(conn, span.offset, span.len, &message));
-                }
-                session.on_frontend(conn, span, &message, at, out);
-            });
-            if tls {
-                report_encrypted(conn, frontend, backend, encrypted, at, out);
-            }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn on_server_delivery(
-    conn: ConnId,
-    delivery: Delivery<'_>,
-    frontend: &mut FrontendDecoder,
-    backend: &mut BackendDecoder,
-    session: &mut Session,
-    backends: &mut HashMap<u32, BackendKey>,
-    backend_pid: &mut Option<u32>,
-    encrypted: &mut bool,
-    undecodable_reported: &mut bool,
-    at: UnixNanos,
-    out: &mut Vec<WireEvent>,
-) {
-    match delivery {
-        Delivery::Gap { .. } => {
-            if !*encrypted {
-                out.push(WireEvent::CaptureGap { conn, at });
-            }
-            backend.gap();
-            session.fail_pending(
-                conn,
-                "the capture lost part of the server's answer: outcome unknown",
-                at,
-                out,
-            );
-        }
-        Delivery::Data { offset, bytes } => {
-            let mut encryption_started = false;
-            backend.push(offset, bytes, &mut |decoded| {
-                let Some((_, message)) =
-                    message_or_report(conn, "server", decoded, undecodable_reported, at, out)
-                else {
-                    return;
-                };
-                match message {
-                    BackendMessage::EncryptionResponse { accepted: true } | BackendMessage::Tls => {
-                        encryption_started = true;
-                    }
-                    BackendMessage::BackendKeyData {
-                        backend_pid: pid,
-                        secret_key,
-                    } => {
-                        *backend_pid = Some(pid);
-                        backends.insert(
-                            pid,
-                            BackendKey {
-                                conn,
-                                secret_key: secret_key.into(),
-                            },
-                        );
-                    }
-                    other => session.on_backend(conn, &other, at, out),
-                }
-            });
-            if encryption_started {
-                report_encrypted(conn, frontend, backend, encrypted, at, out);
-            }
-        }
-    }
-}
-
 /// How far from the next expected byte a RST or FIN may be and still be
 /// taken as the peer's (a receive window's worth).
 const CONTROL_WINDOW: i64 = 1 << 20;
-
-/// True when `seg`'s sequence number is near where its direction's stream
-/// is (or that stream has not started, so nothing can be checked).
-fn in_receive_window(conn: &Connection, seg: &Segment) -> bool {
-    let stream = match seg.direction {
-        Direction::ToServer => &conn.client,
-        Direction::FromServer => &conn.server,
-    };
-    let Some(expected) = stream
-        .seq_at(stream.next_offset())
-        .filter(|_| stream.is_started())
-    else {
-        return true;
-    };
-    let delta = i64::from(qgate_common::tcp::seq_delta(seg.seq, expected));
-    (-CONTROL_WINDOW..=CONTROL_WINDOW).contains(&delta)
-}
 
 /// The acknowledgment number of a segment whose TCP header was captured.
 fn ack_of(seg: &Segment) -> Option<u32> {
