@@ -20,9 +20,9 @@ use qgate_common::pg::{GSSENC_REQUEST, SSL_REQUEST};
 
 use super::{
     hook::{HookKind, HookRecord},
-    Direction, Flow, Segment, UnixNanos,
+    Direction, Flow, Segment,
 };
-use crate::wire::Transport;
+use crate::{clock::UnixNanos, wire::Transport};
 
 /// TCP flag bits (RFC 9293 §3.1) of the synthetic segments.
 const SYN: u8 = 0x02;

@@ -48,7 +48,7 @@ pub struct Flow {
     pub server: SocketAddr,
 }
 
-pub use crate::clock::UnixNanos;
+use crate::clock::UnixNanos;
 
 /// One TCP segment (or one GSO super-segment) of a database connection.
 #[derive(Clone, Debug)]

@@ -18,7 +18,8 @@ use pcap_parser::{
     create_reader, pcapng::Block, traits::PcapReaderIterator, Linktype, PcapBlockOwned,
 };
 
-use super::{Direction, Flow, Segment, UnixNanos};
+use super::{Direction, Flow, Segment};
+use crate::clock::UnixNanos;
 
 /// The reader's initial buffer; it grows for larger packets.
 const INITIAL_BUFFER: usize = 1 << 20;

@@ -7,7 +7,10 @@ use super::{
     tcp::{Delivery, StreamReassembler},
     ConnId, StmtSeq, WireEvent,
 };
-use crate::capture::{Direction, Flow, Segment, UnixNanos};
+use crate::{
+    capture::{Direction, Flow, Segment},
+    clock::UnixNanos,
+};
 
 /// TCP ACK flag (RFC 9293 §3.1): a SYN without it opens a connection.
 const TCP_ACK: u8 = 0x10;
