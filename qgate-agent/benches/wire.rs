@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qgate_agent::{
-    capture::{Direction, Flow, Segment},
+    capture::Segment,
+    flow::{Direction, Flow},
     wire::{Tracker, WireEvent},
 };
 

@@ -17,20 +17,19 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiOptions, AppState, ServeOptions},
-    bpf::GateMode,
     capture::{
         backend::{BackendStep, BackendStreams, PortInfo},
         hook::{existing_backends, postmaster_of, HookKind, Postmaster},
         kernel::{pin_dir, CaptureError, Captured, KernelCapture},
-        Flow,
     },
     catalog::{self, Catalogs},
     config::{Config, FailMode, GateSetting, Unreadable},
+    flow::{Flow, GateMode, Transport},
     gate::{inject::Injector, Gate},
     pipeline::Pipeline,
     policy::{self, Policy, PolicyHandle, Subject},
     store::{self, Store, Writer, WriterConfig},
-    wire::{Tracker, Transport, WireEvent},
+    wire::{Tracker, WireEvent},
 };
 
 #[derive(Debug, thiserror::Error)]

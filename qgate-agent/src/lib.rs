@@ -9,6 +9,7 @@
 //! | store | [`store`] | SQLite: connections, statements, requests, audit |
 //! | api | [`api`] | the reviewers' HTTP API |
 //! | (shared) | [`board`] | held requests: create, decide, watch (the gate and the API both use it) |
+//! | (shared) | [`flow`] | what names a connection ([`flow::Flow`]), its direction and transport |
 //! | (shared) | [`clock`] | the one time type ([`clock::UnixNanos`]), its text forms |
 //! | (shared) | [`bpf`] | the gating maps and the programs' clock, shared by capture and gate |
 //!
@@ -23,6 +24,7 @@ pub mod classify;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod flow;
 pub mod gate;
 pub mod pipeline;
 pub mod policy;

@@ -30,8 +30,9 @@ use corpus_support::corpus;
 use qgate_agent::{
     capture::{
         pcap::{read_segments, SegmentReader},
-        Direction, Flow, Segment,
+        Segment,
     },
+    flow::{Direction, Flow},
     wire::{
         pg::{Decoded, FrontendDecoder, FrontendMessage},
         tcp::{Delivery, StreamReassembler},

@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 
 use qgate_agent::{
-    capture::{Direction, Flow, Segment},
+    capture::Segment,
+    flow::{Direction, Flow},
     wire::{
         pg::{BackendDecoder, FrontendDecoder},
         Tracker,

@@ -3,9 +3,12 @@
 use std::{io::Cursor, net::SocketAddr, path::Path};
 
 use etherparse::{PacketBuilder, VlanId};
-use qgate_agent::capture::{
-    pcap::{PcapError, SegmentReader},
-    Direction, Segment,
+use qgate_agent::{
+    capture::{
+        pcap::{PcapError, SegmentReader},
+        Segment,
+    },
+    flow::Direction,
 };
 
 const PAYLOAD: &[u8] = b"Q\0\0\0\x0dSELECT 1\0";

@@ -2,7 +2,8 @@
 use std::net::SocketAddr;
 
 use qgate_agent::{
-    capture::{Direction, Flow, Segment},
+    capture::Segment,
+    flow::{Direction, Flow},
     wire::{Completion, ConnId, Identity, Outcome, ProtocolPath, StmtSeq, Tracker, WireEvent},
 };
 

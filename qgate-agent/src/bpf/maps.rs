@@ -7,41 +7,10 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use qgate_common::{
-    hook, known, mode, phase, tcp::seq_lt, BackendState, FlowKey, FlowState, GateConfig,
-};
+use qgate_common::{hook, known, phase, tcp::seq_lt, BackendState, FlowKey, FlowState, GateConfig};
 
 use super::monotonic_ns;
-use crate::capture::Flow;
-
-/// How much a connection is gated: what the policy asks for an identity
-/// (`policy::needs_gate`) and what the programs are told (`as_raw`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GateMode {
-    /// No statement from this identity can be held or denied: only watch.
-    Monitor,
-    /// Some statements may be held or denied, but never a plain read (one
-    /// SELECT/SHOW with no function call, INTO or FOR): the kernel may pass
-    /// those and send the rest to userspace.
-    GateRisky,
-    /// Even a plain read may be held (a rule on tables, tags, row estimates
-    /// or the clock applies): every SQL-bearing message goes to userspace.
-    GateAll,
-    /// The policy refuses this identity outright: every statement is denied.
-    Deny,
-}
-
-impl GateMode {
-    pub fn as_raw(self) -> u8 {
-        match self {
-            GateMode::Monitor => mode::MONITOR,
-            GateMode::GateRisky => mode::GATE_RISKY,
-            GateMode::GateAll => mode::GATE_ALL,
-            GateMode::Deny => mode::DENY,
-        }
-    }
-}
+use crate::flow::{Flow, GateMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateMapError {

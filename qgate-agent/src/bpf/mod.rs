@@ -1,10 +1,10 @@
 //! What capture and gate share about the kernel programs, so that neither
 //! imports the other: the gating maps' agent side ([`maps::KernelGate`],
-//! [`maps::GateMode`]) and the programs' clock ([`monotonic_ns`]).
+//! [`crate::flow::GateMode`]) and the programs' clock ([`monotonic_ns`]).
 //! `capture` loads the programs and hands the maps over; `gate` writes them.
 pub mod maps;
 
-pub use maps::{GateMode, KernelGate};
+pub use maps::KernelGate;
 
 /// CLOCK_MONOTONIC now: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {

@@ -20,9 +20,12 @@ use qgate_common::pg::{GSSENC_REQUEST, SSL_REQUEST};
 
 use super::{
     hook::{HookKind, HookRecord},
-    Direction, Flow, Segment,
+    Segment,
 };
-use crate::{clock::UnixNanos, wire::Transport};
+use crate::{
+    clock::UnixNanos,
+    flow::{Direction, Flow, Transport},
+};
 
 /// TCP flag bits (RFC 9293 §3.1) of the synthetic segments.
 const SYN: u8 = 0x02;

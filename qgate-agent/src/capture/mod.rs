@@ -16,7 +16,7 @@ pub mod kernel;
 pub mod pcap;
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr},
     time::Duration,
 };
 
@@ -33,22 +33,8 @@ pub fn unmapped(ip: Ipv6Addr) -> IpAddr {
     ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4)
 }
 
-/// Which way a segment travels, relative to the database server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    ToServer,
-    FromServer,
-}
-
-/// A TCP connection, named from the server's side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Flow {
-    pub client: SocketAddr,
-    pub server: SocketAddr,
-}
-
 use crate::clock::UnixNanos;
+use crate::flow::{Direction, Flow};
 
 /// One TCP segment (or one GSO super-segment) of a database connection.
 #[derive(Clone, Debug)]

@@ -37,7 +37,8 @@ use super::{
     Awaited, Gate, Holder, Outcome, SqlInfo,
 };
 use crate::{
-    capture::{backend::StoppedRead, hook::ClientSocket, Flow},
+    capture::{backend::StoppedRead, hook::ClientSocket},
+    flow::Flow,
     store::requests::HookHold,
     wire::{ClientMessage, SqlCarrier, Tracker},
 };

@@ -10,10 +10,10 @@ use super::{
     SqlInfo,
 };
 use crate::{
-    bpf::GateMode,
     capture::backend::StoppedRead,
+    flow::{GateMode, Transport},
     policy::Subject,
-    wire::{ClientMessage, ConnId, Transport},
+    wire::{ClientMessage, ConnId},
 };
 
 /// What the policy knows of an identified session.

@@ -16,7 +16,7 @@ use std::{
 use etherparse::{IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader};
 use qgate_common::QGATE_MARK;
 
-use crate::capture::Flow;
+use crate::flow::Flow;
 
 /// Payload bytes per injected packet: IPv4's 16-bit total length minus
 /// headers, rounded down. `lo` takes packets this large.

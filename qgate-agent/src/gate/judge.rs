@@ -8,9 +8,10 @@ use super::{connection::ConnInfo, held::PendingSql, SqlInfo, FUNCTION_CALL, INCO
 use crate::{
     catalog::{CatalogView, Catalogs, Estimate, Lookup},
     classify::{Classification, Dialect, Flag, Kind, RowShare},
+    flow::Transport,
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::{Identity as RequestIdentity, NewRequest, TransactionState},
-    wire::{SqlCarrier, Transport},
+    wire::SqlCarrier,
 };
 
 /// Session settings that change how the server splits statement text.

@@ -69,17 +69,16 @@ use self::{
     recover::Recovery,
     rewrite::DenialRef,
 };
-use crate::bpf::{GateMode, KernelGate};
+use crate::bpf::KernelGate;
 use crate::store::StatementDecision;
 use crate::{
     board::{RequestBoard, RequestEvent, RequestEventKind},
-    capture::{Direction, Flow, Segment},
+    capture::Segment,
     catalog::{Catalogs, Lookup},
+    flow::{Direction, Flow, GateMode, Transport},
     policy::{self, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::HookHold,
-    wire::{
-        ClientMessage, ConnId, Identity, ServerReport, SqlCarrier, Tracker, Transport, WireEvent,
-    },
+    wire::{ClientMessage, ConnId, Identity, ServerReport, SqlCarrier, Tracker, WireEvent},
 };
 
 /// What a pending SQL message needs to be decided and reported.
@@ -438,7 +437,7 @@ impl Gate {
         flow: Flow,
         pid: u32,
         client: Option<std::net::SocketAddr>,
-        transport: crate::wire::Transport,
+        transport: Transport,
     ) {
         self.record(flow).hook = Some(HookedSession {
             pid,

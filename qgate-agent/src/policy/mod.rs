@@ -145,7 +145,7 @@ pub struct ShadowHit {
 
 /// How much the kernel must gate a connection, from its identity alone
 /// ([`needs_gate`]): the one mode type of policy, gate and kernel maps.
-pub use crate::bpf::GateMode;
+use crate::flow::GateMode;
 
 /// Answers `estimated_rows_above` and `estimated_cost_above` conditions.
 pub trait RowEstimator {

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::clock::UnixNanos;
+use crate::{clock::UnixNanos, flow::Transport};
 
 /// A connection the tracker knows, numbered from 1 in order of first sight
 /// (0: none).
@@ -36,31 +36,6 @@ pub struct Identity {
     /// gate judges as the `SET`s they are.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub settings: Vec<(String, String)>,
-}
-
-/// How a session reached the server.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Transport {
-    #[default]
-    Tcp,
-    Tls,
-    Gss,
-    Unix,
-    /// TCP first seen mid-stream by the server hook: TLS or not is unknown.
-    Unknown,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-            Transport::Gss => "gss",
-            Transport::Unix => "unix",
-            Transport::Unknown => "unknown",
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

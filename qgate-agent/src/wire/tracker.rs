@@ -8,8 +8,9 @@ use super::{
     ConnId, StmtSeq, WireEvent,
 };
 use crate::{
-    capture::{Direction, Flow, Segment},
+    capture::Segment,
     clock::UnixNanos,
+    flow::{Direction, Flow},
 };
 
 /// TCP ACK flag (RFC 9293 §3.1): a SYN without it opens a connection.
