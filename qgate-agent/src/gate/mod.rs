@@ -32,13 +32,19 @@
 //! | [`rewrite`] | same-length denial texts (whole, prefix, tail, startup) |
 //! | [`startup`] | StartupMessage settings judged as the `SET`s they are |
 //! | `connection` | the one record the gate keeps per connection |
+//! | `decide` | a message's ruling carried out: request, audit, the store's record |
+//! | `modes` | what the kernel is told of each connection; catalogs and estimates arriving |
+//! | `refuse` | refusing held bytes (rewrite or reset); withdrawing requests of clients gone |
 //! | `judge` | what a message is judged on, and the ruling (pure: no kernel, board or socket) |
 //! | `backend` | the server hook's way: stopped backends, rewrite in place |
 //! | `recover` | after a restart: pending requests taken over, dead ones withdrawn |
 mod backend;
 mod connection;
+mod decide;
 pub mod held;
+mod modes;
 mod recover;
+mod refuse;
 
 /// What the gate measures (served at `/metrics` by the API).
 pub mod metrics {
@@ -65,16 +71,15 @@ use self::{
     connection::{BackendRead, ConnInfo, GatedConnection, HookedSession},
     held::{HeldStream, PendingSql},
     inject::Injector,
-    judge::{database_of, encoding_is_modelled, Judge, Judged, Lexing, Origin, Ruling},
+    judge::{database_of, encoding_is_modelled, Judge, Lexing},
     recover::Recovery,
     rewrite::DenialRef,
 };
 use crate::bpf::KernelGate;
-use crate::store::StatementDecision;
 use crate::{
     board::{RequestBoard, RequestEvent, RequestEventKind},
     capture::Segment,
-    catalog::{Catalogs, Lookup},
+    catalog::Catalogs,
     flow::{Direction, Flow, GateMode, Transport},
     policy::{self, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::HookHold,
@@ -269,26 +274,6 @@ impl Gate {
         std::mem::take(&mut self.decided)
     }
 
-    /// Notes a policy decision on a statement for the store.
-    fn note_decided(
-        &mut self,
-        sql: &PendingSql<SqlInfo>,
-        decision: crate::store::StatementDecision,
-        rule: &str,
-        request: Option<i64>,
-    ) {
-        if sql.info.carrier == SqlCarrier::Startup {
-            return;
-        }
-        self.decided.push(crate::store::Decided {
-            conn: sql.info.conn,
-            text: sql.info.text.clone(),
-            decision,
-            rule: rule.to_string(),
-            request,
-        });
-    }
-
     /// `gate.unreadable = "refuse"` in force (the program holds TLS handshakes).
     pub fn refuse_encrypted_sessions(&mut self, refuse: bool) {
         self.refuse_encrypted_sessions = refuse;
@@ -300,130 +285,6 @@ impl Gate {
 
     pub fn stats(&self) -> GateStats {
         self.stats
-    }
-
-    /// A new policy is in force: re-judge every known connection's mode.
-    pub fn refresh_modes(&mut self) {
-        let policy = self.judge.policy.current();
-        let flows: Vec<Flow> = self.conns.keys().copied().collect();
-        for flow in flows {
-            let Some(info) = self.conns.get_mut(&flow).and_then(|c| c.info.as_mut()) else {
-                continue;
-            };
-            let mode = if self.judge.enforcing {
-                policy::needs_gate(&policy, &info.subject)
-            } else {
-                GateMode::Monitor
-            };
-            info.refused = mode == GateMode::Deny;
-            info.mode = Some(mode);
-            self.apply_mode(&flow);
-        }
-    }
-
-    /// Tells the kernel the connection's mode: the policy's, made stricter
-    /// (every statement to the agent) where the kernel's fast path cannot be
-    /// proved safe for this session: the database's catalog not read, or
-    /// holding user code a plain SELECT can reach; text the session reads
-    /// in a way qgate does not model; an uncommitted schema change.
-    fn apply_mode(&mut self, flow: &Flow) {
-        let Some(info) = self.info(flow) else {
-            return;
-        };
-        if info.own {
-            return;
-        }
-        let mode = info.mode.unwrap_or(GateMode::Monitor);
-        let mode = if mode == GateMode::GateRisky && !self.fast_path_allowed(info) {
-            GateMode::GateAll
-        } else {
-            mode
-        };
-        if info.kernel_mode == Some(mode) {
-            // Unchanged: the wire path's flow state is rewritten whole, and
-            // a needless write could undo the program's own progress on a
-            // busy connection.
-            return;
-        }
-        if let Some(info) = self.info_mut(flow) {
-            info.kernel_mode = Some(mode);
-        }
-        let set = match self.hook(flow) {
-            Some(session) => self.kernel.set_backend_mode(session.pid, mode),
-            None => self.kernel.set_mode(flow, mode),
-        };
-        if let Err(e) = set {
-            warn!("setting the gate mode of {flow:?}: {e}");
-        }
-    }
-
-    fn fast_path_allowed(&self, info: &ConnInfo) -> bool {
-        let Some(catalogs) = &self.judge.catalogs else {
-            return true;
-        };
-        if info.lexing.any() || info.schema_changed {
-            return false;
-        }
-        let database = database_of(&info.subject);
-        if database.is_empty() {
-            return false;
-        }
-        match catalogs.lookup(&database) {
-            Lookup::Ready(view) => view.fast_path_safe(),
-            _ => false,
-        }
-    }
-
-    /// A catalog read or a planner's estimate ended: decide what waited for
-    /// it, and let the kernel pass plain reads again where the database
-    /// allows.
-    pub fn catalogs_changed(&mut self, tracker: &mut Tracker) {
-        let deferred: Vec<Flow> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| matches!(c.read, Some(BackendRead::Deferred { .. })))
-            .map(|(flow, _)| *flow)
-            .collect();
-        for flow in deferred {
-            let Some(c) = self.conns.get_mut(&flow) else {
-                continue;
-            };
-            if let Some(BackendRead::Deferred { read, messages }) = c.read.take() {
-                c.read = Some(BackendRead::Decoding {
-                    read,
-                    broken: false,
-                });
-                self.decide_stopped(flow, messages);
-            }
-        }
-        let flows: Vec<Flow> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.held.is_some())
-            .map(|(flow, _)| *flow)
-            .collect();
-        for flow in flows {
-            self.advance(&flow, tracker);
-        }
-        let conns: Vec<Flow> = self.conns.keys().copied().collect();
-        for flow in conns {
-            self.apply_mode(&flow);
-        }
-    }
-
-    /// True while `flow`'s database catalog is being read (its statements wait).
-    fn catalog_pending(&self, flow: &Flow) -> bool {
-        let (Some(catalogs), true) = (&self.judge.catalogs, self.judge.enforcing) else {
-            return false;
-        };
-        let Some(info) = self.info(flow) else {
-            return false;
-        };
-        let database = database_of(&info.subject);
-        !info.own
-            && !info.refused
-            && !database.is_empty()
-            && matches!(catalogs.lookup(&database), Lookup::Pending)
     }
 
     /// Connections with held bytes or undecided statements, and stopped backends.
@@ -893,272 +754,6 @@ impl Gate {
         self.release(flow, tracker);
     }
 
-    /// Rules on one message and carries the ruling out (request, audit,
-    /// the store's record, the session's state); the caller holds, releases
-    /// or refuses the bytes.
-    fn decide(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Outcome {
-        let started = Instant::now();
-        let info = self.info(flow).cloned().unwrap_or_default();
-        let origin = Origin {
-            client: self.client_of(flow),
-            // The wire reads plaintext TCP only; the hook knows.
-            transport: self.hook(flow).map_or(Transport::Tcp, |h| h.transport),
-        };
-        let Judged { ruling, shadow } = self.judge.rule(&info, sql, origin);
-        self.audit_shadow(shadow);
-        let outcome = self.carry_out(flow, sql, ruling);
-        let label = match &outcome {
-            Outcome::Allow => "allow",
-            Outcome::Deny { .. } => "deny",
-            Outcome::Wait { .. } => "hold",
-            Outcome::Defer => return outcome,
-        };
-        ::metrics::counter!(metrics::DECISIONS, "decision" => label).increment(1);
-        ::metrics::histogram!(metrics::DECISION_LATENCY).record(started.elapsed().as_secs_f64());
-        outcome
-    }
-
-    fn carry_out(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>, ruling: Ruling) -> Outcome {
-        if !matches!(ruling, Ruling::Defer) {
-            self.stats.decided += 1;
-        }
-        match ruling {
-            Ruling::Defer => Outcome::Defer,
-            Ruling::Allow {
-                rule,
-                schema,
-                search_path,
-            } => {
-                if sql.info.carrier != SqlCarrier::Startup {
-                    self.stats.allowed += 1;
-                }
-                if let Some(rule) = rule {
-                    self.note_decided(sql, StatementDecision::Allow, &rule, None);
-                }
-                if let Some(creates_code) = schema {
-                    self.schema_changed(flow, creates_code);
-                }
-                if search_path {
-                    if let Some(info) = self.info_mut(flow) {
-                        info.search_path_changed = true;
-                    }
-                }
-                Outcome::Allow
-            }
-            Ruling::Deny { reason, rule } => {
-                self.stats.denied += 1;
-                if let Some(rule) = rule {
-                    self.note_decided(sql, StatementDecision::Deny, &rule, None);
-                }
-                let id = self.audit_denial(flow, sql, &reason);
-                Outcome::Deny { id, reason }
-            }
-            Ruling::Hold { request, schema } => {
-                self.stats.held += 1;
-                let client = request.identity.client_addr.clone().unwrap_or_default();
-                if let Some(id) = self.recovery.reclaim(&client, &request.statement) {
-                    info!(
-                        request = id,
-                        "statement back after an agent restart: attached to its request"
-                    );
-                    return Outcome::Wait { id, schema: None };
-                }
-                let rule = request.rule.clone();
-                match self.runtime.block_on(self.board.create(*request)) {
-                    Ok(request) => {
-                        info!(request = request.id, %rule, "statement held for review");
-                        self.note_decided(sql, StatementDecision::Hold, &rule, Some(request.id));
-                        Outcome::Wait {
-                            id: request.id,
-                            schema,
-                        }
-                    }
-                    Err(e) => {
-                        // No request, no reviewer: refuse rather than run it unreviewed.
-                        warn!("could not open a request, denying: {e}");
-                        self.stats.denied += 1;
-                        self.note_decided(sql, StatementDecision::Deny, &rule, None);
-                        let reason = "qgate could not record the request".to_string();
-                        let id = self.audit_denial(flow, sql, &reason);
-                        Outcome::Deny { id, reason }
-                    }
-                }
-            }
-        }
-    }
-
-    /// What shadow rules would have done: counted, and audited without
-    /// waiting (the statement goes on at once).
-    fn audit_shadow(&self, shadow: Vec<serde_json::Value>) {
-        for details in shadow {
-            let label = |key: &str| details[key].as_str().unwrap_or_default().to_owned();
-            ::metrics::counter!(metrics::SHADOW, "rule" => label("rule"), "would" => label("would"))
-                .increment(1);
-            let board = self.board.clone();
-            self.runtime.spawn(async move {
-                let _ = board
-                    .audit(crate::store::audit::kinds::POLICY_SHADOW, details)
-                    .await;
-            });
-        }
-    }
-
-    /// Records a denial that no request carries; its audit id names it. When
-    /// the audit entry cannot be written (logged and counted by the board)
-    /// the statement is denied all the same and the client is told the
-    /// denial is unrecorded, never shown a made-up number.
-    fn audit_denial(&self, flow: &Flow, sql: &PendingSql<SqlInfo>, reason: &str) -> DenialRef {
-        let details = serde_json::json!({
-            "decision": "deny",
-            "reason": reason,
-            "statement": crate::classify::redact::redact(&sql.info.text),
-            "client": flow.client.to_string(),
-        });
-        match self.runtime.block_on(
-            self.board
-                .audit(crate::store::audit::kinds::DECISION, details),
-        ) {
-            Ok(id) => DenialRef::Decision(id),
-            Err(_) => DenialRef::Unrecorded,
-        }
-    }
-
-    fn deny_front(&mut self, flow: &Flow, id: DenialRef, reason: &str) {
-        let Some(stream) = self.held_mut(flow) else {
-            return;
-        };
-        let Some(front) = stream.front() else {
-            return;
-        };
-        let len = front.text_end.wrapping_sub(front.text_start) as usize;
-        // Only the held bytes are rewritten: the rest of an incomplete
-        // message must still reach the server, inside the opened string.
-        let (start, end) = (front.start, front.text_end);
-        let replacement = if front.info.carrier == SqlCarrier::Startup {
-            rewrite::startup_refusal(len, id, reason)
-        } else if front.info.carrier == SqlCarrier::FunctionCall {
-            // An OID no function has: "function with OID 0 does not exist".
-            (len == 4 && !front.incomplete).then(|| vec![0; 4])
-        } else if front.tail {
-            // The server has the message's first bytes: the held end makes
-            // the whole string fail to parse (a newline, then a dollar quote
-            // whose tag is nowhere in the text), or, with no room for that,
-            // the connection is closed and nothing of it runs.
-            let mut nonce = [0u8; 8];
-            let _ = getrandom::fill(&mut nonce);
-            let tail = (front.info.carrier == SqlCarrier::Query)
-                .then(|| {
-                    rewrite::tail_denial_text(len, id, u64::from_le_bytes(nonce), &front.info.text)
-                })
-                .flatten();
-            if tail.is_none() {
-                self.reset_held(flow, id, reason);
-                return;
-            }
-            tail
-        } else if front.incomplete {
-            let mut nonce = [0u8; 8];
-            let _ = getrandom::fill(&mut nonce);
-            rewrite::prefix_denial_text(len, id, u64::from_le_bytes(nonce))
-        } else if len > 0 {
-            Some(rewrite::denial_text(len, id, reason))
-        } else {
-            None
-        };
-        let Some(replacement) = replacement else {
-            // Nothing to rewrite (a prefix too short to open a string, or a
-            // FunctionCall not seen whole): the bytes stay held until the
-            // client gives up; nothing of them runs.
-            warn!("cannot rewrite this message; it stays held");
-            return;
-        };
-        stream.deny_front(replacement);
-        if let Err(e) = self.kernel.deny_range(flow, start, end) {
-            warn!("recording the denied range: {e}");
-        }
-    }
-
-    /// Ends a connection whose held message cannot be refused by a rewrite
-    /// (the held end of a long Parse, or too short a held end): both sides
-    /// get a reset, the server before it has the message whole, so nothing
-    /// of it runs. Audited.
-    fn reset_held(&mut self, flow: &Flow, id: DenialRef, reason: &str) {
-        let Some(stream) = self.conns.get_mut(flow).and_then(|c| c.drop_held()) else {
-            return;
-        };
-        self.tidy(flow);
-        let client_seq = stream.base();
-        let server_seq = stream
-            .template()
-            .get(8..12)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        let result = match server_seq {
-            Some(server_seq) => self
-                .injector
-                .reset_both(flow, server_seq, client_seq)
-                .map_err(|e| e.to_string()),
-            None => Err("no TCP header was captured".to_string()),
-        };
-        if let Err(e) = &result {
-            warn!(
-                ?flow,
-                "resetting the connection of a refused statement: {e}"
-            );
-        }
-        let details = serde_json::json!({
-            "request": id.request(),
-            "decision": id.decision(),
-            "client": flow.client.to_string(),
-            "reason": reason,
-            "why": "the held end of the statement leaves no room for a rewrite",
-            "reset": result.is_ok(),
-        });
-        let _ = self.runtime.block_on(
-            self.board
-                .audit(crate::store::audit::kinds::CONNECTION_RESET, details),
-        );
-    }
-
-    /// A TLS handshake the program held under `gate.unreadable =
-    /// "refuse"` (the server accepted TLS; qgate could not read the
-    /// session): both sides are reset before the handshake and the decision
-    /// is audited. No error text can reach the client here: libpq (15.8 on)
-    /// shows no server error during the SSL exchange, and after the
-    /// server's `S` only TLS is expected.
-    fn refuse_encrypted(&mut self, flow: &Flow, tracker: &mut Tracker, conn: ConnId, seq: u32) {
-        let details = serde_json::json!({
-            "decision": "deny",
-            "reason": "qgate: an encrypted session cannot be read on this port (server hook \
-                       not attached): refused before its TLS handshake",
-            "client": flow.client.to_string(),
-        });
-        match self.runtime.block_on(
-            self.board
-                .audit(crate::store::audit::kinds::DECISION, details),
-        ) {
-            Ok(id) => info!(decision = id, ?flow, "encrypted session refused"),
-            Err(e) => warn!("auditing a refused encrypted session: {e}"),
-        }
-        // The server sent its one-byte `S`: its next sequence number.
-        let reset = tracker
-            .server_seq_at(conn, 1)
-            .ok_or_else(|| "the server's sequence numbers were not seen".to_string())
-            .and_then(|server_seq| {
-                self.injector
-                    .reset_both(flow, server_seq, seq)
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = reset {
-            // The handshake stays dropped: the client times out instead.
-            warn!(?flow, "resetting an unreadable session: {e}");
-        }
-        if let Some(c) = self.conns.get_mut(flow) {
-            c.drop_held();
-        }
-        self.tidy(flow);
-        tracker.watch(flow, false);
-    }
-
     /// Re-injects what is decided and tells the program where things stand.
     fn release(&mut self, flow: &Flow, tracker: &mut Tracker) {
         let Some(c) = self.conns.get_mut(flow) else {
@@ -1253,135 +848,6 @@ impl Gate {
         }
         self.advance(&flow, tracker);
     }
-
-    /// Withdraws the requests of held statements whose client runs on this
-    /// host and has closed its socket. Such a client's FIN never shows on
-    /// the wire while its statement is held: once a retransmission timeout
-    /// has cut its congestion window to one segment, the FIN waits behind
-    /// the held (unacknowledged) bytes. The socket table shows it at once.
-    /// (A remote client's close shows only when its FIN or RST can be sent;
-    /// until then its request waits for its expiry.)
-    fn withdraw_closed_local_clients(&mut self) {
-        let waiting: Vec<Flow> = self
-            .awaited
-            .values()
-            .filter_map(|a| match a.holder {
-                Holder::Wire(flow) => Some(flow),
-                Holder::Backend(_) => None,
-            })
-            .collect();
-        if waiting.is_empty() || self.last_socket_look.elapsed() < SOCKET_LOOK_EVERY {
-            return;
-        }
-        self.last_socket_look = Instant::now();
-        let closed = closed_local_sockets();
-        if closed.is_empty() {
-            return;
-        }
-        let gone: Vec<Flow> = waiting
-            .into_iter()
-            .filter(|flow| closed.contains(&(flow.client, flow.server)))
-            .collect();
-        for flow in gone {
-            info!(
-                ?flow,
-                "the client closed its socket while its statement was held"
-            );
-            self.withdraw(&flow, "the client disconnected");
-        }
-    }
-
-    /// A statement that may create or change what runs user code (DDL, a
-    /// statement qgate does not understand, server-side code) was let run:
-    /// the database's catalog is read again, and this session's statements
-    /// count as user code until its transaction ends.
-    pub(super) fn schema_changed(&mut self, flow: &Flow, creates_code: bool) {
-        if self.judge.catalogs.is_none() {
-            return;
-        }
-        let Some(info) = self.info_mut(flow) else {
-            return;
-        };
-        let database = database_of(&info.subject);
-        // Read again once it is committed (the session is idle).
-        info.catalog_stale = true;
-        if creates_code {
-            info.schema_changed = true;
-        }
-        self.invalidate_database(&database);
-    }
-
-    /// `database`'s catalog no longer serves: it is read again, and until
-    /// then no session in it gets the kernel's fast path (a statement of
-    /// another session must not reach, unasked, what the change created).
-    pub(super) fn invalidate_database(&mut self, database: &str) {
-        let Some(catalogs) = self.judge.catalogs.clone() else {
-            return;
-        };
-        catalogs.invalidate(database);
-        let flows: Vec<Flow> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                c.info
-                    .as_ref()
-                    .is_some_and(|i| database_of(&i.subject) == database)
-            })
-            .map(|(flow, _)| *flow)
-            .collect();
-        for flow in flows {
-            self.apply_mode(&flow);
-        }
-    }
-
-    /// Withdraws the request the connection waits on, if any.
-    fn withdraw(&mut self, flow: &Flow, why: &str) {
-        let Some(id) = self
-            .held_mut(flow)
-            .and_then(|s| s.front())
-            .and_then(|f| f.request)
-        else {
-            return;
-        };
-        if let Err(e) = self.runtime.block_on(self.board.withdraw(id, why)) {
-            warn!("withdrawing request {id}: {e}");
-        }
-    }
-}
-
-/// How often the socket table is read while wire requests are pending.
-const SOCKET_LOOK_EVERY: Duration = Duration::from_millis(500);
-
-/// (local, remote) of this network namespace's TCP sockets that their
-/// owner has closed (FIN-WAIT, CLOSING, TIME-WAIT, LAST-ACK, CLOSE), with
-/// IPv4-mapped addresses read as IPv4.
-fn closed_local_sockets() -> crate::FastSet<(std::net::SocketAddr, std::net::SocketAddr)> {
-    use procfs::net::TcpState;
-    let plain = |a: std::net::SocketAddr| match a {
-        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    };
-    let tables = [procfs::net::tcp(), procfs::net::tcp6()];
-    tables
-        .into_iter()
-        .filter_map(Result::ok)
-        .flatten()
-        .filter(|e| {
-            matches!(
-                e.state,
-                TcpState::FinWait1
-                    | TcpState::FinWait2
-                    | TcpState::Closing
-                    | TcpState::TimeWait
-                    | TcpState::LastAck
-                    | TcpState::Close
-            )
-        })
-        .map(|e| (plain(e.local_address), plain(e.remote_address)))
-        .collect()
 }
 
 /// Why a request that did not end approved refuses its statement.
