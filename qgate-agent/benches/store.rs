@@ -17,9 +17,25 @@ use qgate_agent::store::{Store, Writer, WriterConfig};
 use store_support::*;
 
 const SESSIONS: u64 = 8;
-const STATEMENTS: u64 = 20_000;
+/// Enough for the WAL to pass SQLite's automatic checkpoint (1000 pages)
+/// several times, as it does every few seconds on a live host.
+const STATEMENTS: u64 = 100_000;
 
-fn events() -> Vec<qgate_agent::wire::WireEvent> {
+/// pgbench -S over the extended protocol: one text, repeated.
+fn prepared(i: u64) -> String {
+    let _ = i;
+    "SELECT abalance FROM pgbench_accounts WHERE aid = $1;".to_owned()
+}
+
+/// pgbench -S over the simple protocol: the literal differs every time.
+fn simple(i: u64) -> String {
+    format!(
+        "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+        (i * 7919) % 100_000 + 1
+    )
+}
+
+fn events(text: fn(u64) -> String) -> Vec<qgate_agent::wire::WireEvent> {
     let mut events = Vec::new();
     for c in 0..SESSIONS {
         events.push(opened(c, T0));
@@ -28,12 +44,7 @@ fn events() -> Vec<qgate_agent::wire::WireEvent> {
     for i in 0..STATEMENTS {
         let (c, seq) = (i % SESSIONS, i / SESSIONS + 1);
         let at = T0 + 2 * MS + i as i64 * 10_000;
-        events.push(received(
-            c,
-            seq,
-            "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
-            at,
-        ));
+        events.push(received(c, seq, &text(i), at));
         events.push(completed_ok(c, seq, "SELECT 1", Some(1), at + 5_000));
     }
     events
@@ -52,32 +63,47 @@ fn cpu_time() -> Duration {
 }
 
 fn writer(c: &mut Criterion) {
-    let events = events();
     let mut group = c.benchmark_group("store");
     group.throughput(Throughput::Elements(STATEMENTS));
     group.sample_size(10);
-    group.measurement_time(Duration::from_secs(20));
-    group.bench_function("pgbench -S stream, written and sealed", |b| {
-        b.iter_custom(|iterations| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iterations {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let writer = Writer::spawn(
-                    Store::open(dir.path().join("qgate.sqlite")).expect("store"),
-                    WriterConfig::default(),
-                )
-                .expect("writer");
-                let started = cpu_time();
-                for event in events.iter().cloned() {
-                    assert!(writer.send(event));
+    group.measurement_time(Duration::from_secs(30));
+    for (name, text) in [
+        (
+            "pgbench -S stream, written and sealed",
+            prepared as fn(u64) -> String,
+        ),
+        (
+            "pgbench -S simple protocol (literal texts), written and sealed",
+            simple,
+        ),
+    ] {
+        let events = events(text);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iterations| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iterations {
+                    let dir = tempfile::tempdir().expect("temp dir");
+                    let writer = Writer::spawn(
+                        Store::open(dir.path().join("qgate.sqlite")).expect("store"),
+                        // All of it is sent at once: the queue holds it.
+                        WriterConfig {
+                            queue: 1 << 20,
+                            ..WriterConfig::default()
+                        },
+                    )
+                    .expect("writer");
+                    let started = cpu_time();
+                    for event in events.iter().cloned() {
+                        assert!(writer.send(event));
+                    }
+                    writer.flush();
+                    spent += cpu_time() - started;
+                    writer.shutdown().expect("shutdown");
                 }
-                writer.flush();
-                spent += cpu_time() - started;
-                writer.shutdown().expect("shutdown");
-            }
-            spent
-        })
-    });
+                spent
+            })
+        });
+    }
     group.finish();
 }
 
