@@ -9,9 +9,11 @@
 //! | --- | --- |
 //! | [`tcp`] | puts one direction's segments back in order, reports gaps |
 //! | [`pg`] | decodes client and server messages incrementally |
+//! | [`mysql`] | the MySQL/MariaDB protocol: framing, packets, a connection's conversation (not yet fed by the tracker) |
 //! | `session` | pairs statements with the server's answers |
 //! | `tracker` | owns every connection; opens, feeds and closes them |
 pub mod events;
+pub mod mysql;
 pub mod pg;
 mod session;
 pub mod tcp;

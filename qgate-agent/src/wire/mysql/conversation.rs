@@ -1,0 +1,651 @@
+//! One MySQL connection's two directions, read in the order they were
+//! captured: the login, each statement (`COM_QUERY`, `COM_STMT_PREPARE`,
+//! and `COM_STMT_EXECUTE` named by the text it prepared) and what the server
+//! answered (OK with affected rows, ERR with code and SQLSTATE, a result
+//! set with its rows counted).
+//!
+//! Commands are answered in order, so a command sent before the previous
+//! answer (MariaDB's pipelined prepare + execute, a `COM_STMT_CLOSE`,
+//! which has no answer) waits in a queue. A server packet means what the
+//! command at the queue's front makes it mean; a client packet is a command
+//! only when one is due: during the login, `COM_CHANGE_USER`'s exchange or
+//! a `LOAD DATA LOCAL INFILE` transfer it is not, whatever its bytes say.
+use std::collections::{HashMap, VecDeque};
+
+use super::{
+    packet::{self, caps, command, Command, Login, Reply, MORE_RESULTS},
+    Frame, MysqlError,
+};
+
+/// What the conversation tells the rest of the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MysqlEvent {
+    Greeting {
+        version: String,
+        connection_id: u32,
+    },
+    /// The login the client sent (not yet accepted).
+    Login {
+        user: String,
+        database: Option<String>,
+        /// The client's `program_name` attribute (`mysql`, `mariadb`, …).
+        program: Option<String>,
+    },
+    /// The server accepted the login (or a `COM_CHANGE_USER`).
+    LoggedIn,
+    LoginFailed {
+        code: u16,
+        message: String,
+    },
+    /// The client asked for TLS: nothing after this is readable.
+    Encrypted,
+    /// A statement the server is about to run.
+    Statement {
+        carrier: Carrier,
+        /// `None` for an execute of a statement prepared before the capture.
+        text: Option<String>,
+        statement_id: Option<u32>,
+    },
+    /// A statement's result (one per result of a multi-statement query).
+    Completed {
+        outcome: Outcome,
+    },
+    /// `COM_INIT_DB` accepted: the session's database changed.
+    Database {
+        name: String,
+    },
+    /// `COM_CHANGE_USER` asked (accepted with the next `LoggedIn`).
+    ChangeUser {
+        user: String,
+    },
+    Quit,
+    /// The stream stopped being decodable; nothing more is read from it.
+    Undecodable {
+        side: &'static str,
+        error: MysqlError,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carrier {
+    Query,
+    Prepare,
+    Execute,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok {
+        affected_rows: u64,
+        rows: u64,
+    },
+    Error {
+        code: u16,
+        sqlstate: Option<String>,
+        message: String,
+    },
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// The server's greeting is due.
+    Greeting,
+    /// The client's login (or SSL request) is due.
+    Login,
+    /// Authentication packets both ways until the server's OK or ERR.
+    Auth,
+    /// Commands and their answers.
+    Commands,
+    /// TLS, a quit, a failed login or an error: nothing more is read.
+    Done,
+}
+
+/// Where an answer is.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// Its first packet is due.
+    First,
+    /// A result set's column definitions still to come, then (old style)
+    /// their EOF.
+    Columns {
+        left: u64,
+    },
+    ColumnsEof,
+    /// Rows, until the terminator.
+    Rows {
+        rows: u64,
+    },
+    /// `COM_STMT_PREPARE_OK` read: definitions still to come.
+    PrepareDefs {
+        left: u64,
+    },
+    /// A `LOCAL INFILE` file is being sent by the client.
+    Infile,
+}
+
+#[derive(Debug)]
+struct Pending {
+    command: Command,
+    answer: Answer,
+}
+
+/// One connection's conversation.
+#[derive(Debug)]
+pub struct Conversation {
+    phase: Phase,
+    /// The client's capabilities (from its login); until known, assumed
+    /// 4.1 with query attributes off.
+    capabilities: u32,
+    /// The login was seen (`capabilities` are the client's own).
+    logged_in_here: bool,
+    /// `CLIENT_DEPRECATE_EOF` in force: `None` until known (then learnt
+    /// from the first result set's shape).
+    deprecate_eof: Option<bool>,
+    server_capabilities: Option<u32>,
+    queue: VecDeque<Pending>,
+    /// Prepared statements' texts by id, and the last one prepared.
+    prepared: HashMap<u32, String>,
+    last_prepared: Option<u32>,
+    /// Prepares whose id is not known yet, in order.
+    preparing: VecDeque<String>,
+}
+
+impl Conversation {
+    /// A connection seen from its start (the greeting is due).
+    pub fn new() -> Self {
+        Self::at(Phase::Greeting)
+    }
+
+    /// A connection first seen mid-session: commands are due.
+    pub fn mid_stream() -> Self {
+        Self::at(Phase::Commands)
+    }
+
+    fn at(phase: Phase) -> Self {
+        Conversation {
+            phase,
+            capabilities: caps::PROTOCOL_41,
+            logged_in_here: false,
+            deprecate_eof: None,
+            server_capabilities: None,
+            queue: VecDeque::new(),
+            prepared: HashMap::new(),
+            last_prepared: None,
+            preparing: VecDeque::new(),
+        }
+    }
+
+    /// The conversation is over (nothing more is read).
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    fn fail(&mut self, side: &'static str, error: MysqlError, out: &mut Vec<MysqlEvent>) {
+        self.phase = Phase::Done;
+        out.push(MysqlEvent::Undecodable { side, error });
+    }
+
+    /// A frame from the client.
+    pub fn client(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+        match self.phase {
+            Phase::Done => {}
+            Phase::Greeting => self.fail(
+                "client",
+                MysqlError::OutOfTurn("a packet before the server's greeting"),
+                out,
+            ),
+            Phase::Login => match packet::login(&frame.payload) {
+                Ok(Login::Ssl { .. }) => {
+                    self.phase = Phase::Done;
+                    out.push(MysqlEvent::Encrypted);
+                }
+                Ok(Login::Response(login)) => {
+                    self.capabilities = login.capabilities;
+                    self.logged_in_here = true;
+                    self.deprecate_eof = Some(self.negotiated(caps::DEPRECATE_EOF));
+                    if self.negotiated(caps::COMPRESS) {
+                        self.fail(
+                            "client",
+                            MysqlError::Malformed {
+                                packet: "login",
+                                problem: "the compressed protocol is not decoded",
+                            },
+                            out,
+                        );
+                        return;
+                    }
+                    out.push(MysqlEvent::Login {
+                        program: login.attribute("program_name").map(str::to_owned),
+                        user: login.user,
+                        database: login.database.filter(|d| !d.is_empty()),
+                    });
+                    self.phase = Phase::Auth;
+                }
+                Err(e) => self.fail("client", e, out),
+            },
+            // Auth data (switch responses, public keys …): not read.
+            Phase::Auth => {}
+            Phase::Commands => {
+                if let Some(front) = self.queue.front() {
+                    if matches!(front.answer, Answer::Infile) {
+                        // The file's content; an empty packet ends it.
+                        if frame.len == 0 {
+                            self.queue[0].answer = Answer::First;
+                        }
+                        return;
+                    }
+                    if matches!(front.command, Command::ChangeUser { .. }) {
+                        // Its authentication exchange: not commands.
+                        return;
+                    }
+                }
+                self.command(frame, out);
+            }
+        }
+    }
+
+    /// Both sides have it (server capabilities unknown: the client's).
+    fn negotiated(&self, flag: u32) -> bool {
+        self.capabilities & self.server_capabilities.unwrap_or(u32::MAX) & flag != 0
+    }
+
+    fn command(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+        if frame.seq != 0 {
+            self.fail(
+                "client",
+                MysqlError::Sequence {
+                    expected: 0,
+                    got: frame.seq,
+                },
+                out,
+            );
+            return;
+        }
+        let command = match packet::command(&frame.payload, self.capabilities) {
+            Ok(command) => command,
+            Err(e) => {
+                self.fail("client", e, out);
+                return;
+            }
+        };
+        let answered = match &command {
+            Command::Query { text } => {
+                out.push(MysqlEvent::Statement {
+                    carrier: Carrier::Query,
+                    text: Some(text.clone()),
+                    statement_id: None,
+                });
+                true
+            }
+            Command::Prepare { text } => {
+                self.preparing.push_back(text.clone());
+                out.push(MysqlEvent::Statement {
+                    carrier: Carrier::Prepare,
+                    text: Some(text.clone()),
+                    statement_id: None,
+                });
+                true
+            }
+            Command::Execute { statement_id } => {
+                // MariaDB: id 0xFFFFFFFF is the statement prepared last.
+                let id = if *statement_id == u32::MAX {
+                    self.last_prepared
+                } else {
+                    Some(*statement_id)
+                };
+                out.push(MysqlEvent::Statement {
+                    carrier: Carrier::Execute,
+                    text: id.and_then(|id| self.prepared.get(&id).cloned()),
+                    statement_id: id,
+                });
+                true
+            }
+            Command::Close { statement_id } => {
+                self.prepared.remove(statement_id);
+                false
+            }
+            Command::SendLongData { .. } => false,
+            Command::Quit => {
+                out.push(MysqlEvent::Quit);
+                self.phase = Phase::Done;
+                false
+            }
+            Command::ChangeUser { user } => {
+                out.push(MysqlEvent::ChangeUser { user: user.clone() });
+                true
+            }
+            Command::InitDb { .. }
+            | Command::Reset { .. }
+            | Command::Fetch { .. }
+            | Command::Ping
+            | Command::Other { .. } => true,
+        };
+        if answered {
+            self.queue.push_back(Pending {
+                command,
+                answer: Answer::First,
+            });
+        }
+    }
+
+    /// A frame from the server.
+    pub fn server(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+        match self.phase {
+            Phase::Done => {}
+            Phase::Greeting => {
+                if frame.payload.first() == Some(&0xFF) {
+                    // Refused before the handshake (too many connections, host blocked).
+                    if let Ok(Reply::Err { code, message, .. }) =
+                        packet::reply(&frame.payload, frame.len)
+                    {
+                        out.push(MysqlEvent::LoginFailed { code, message });
+                    }
+                    self.phase = Phase::Done;
+                    return;
+                }
+                match packet::greeting(&frame.payload) {
+                    Ok(g) => {
+                        self.server_capabilities = Some(g.capabilities);
+                        out.push(MysqlEvent::Greeting {
+                            version: g.version,
+                            connection_id: g.connection_id,
+                        });
+                        self.phase = Phase::Login;
+                    }
+                    Err(e) => self.fail("server", e, out),
+                }
+            }
+            Phase::Login => self.fail(
+                "server",
+                MysqlError::OutOfTurn("a server packet before the client's login"),
+                out,
+            ),
+            Phase::Auth => self.auth_reply(frame, out),
+            Phase::Commands => self.answer(frame, out),
+        }
+    }
+
+    fn auth_reply(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+        match frame.payload.first() {
+            Some(0x00) => {
+                out.push(MysqlEvent::LoggedIn);
+                self.phase = Phase::Commands;
+            }
+            Some(0xFF) => {
+                if let Ok(Reply::Err { code, message, .. }) =
+                    packet::reply(&frame.payload, frame.len)
+                {
+                    out.push(MysqlEvent::LoginFailed { code, message });
+                }
+                self.phase = Phase::Done;
+            }
+            // Auth switch (0xFE), more data (0x01): the exchange goes on.
+            _ => {}
+        }
+    }
+
+    fn answer(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+        let Some(front) = self.queue.front() else {
+            self.fail(
+                "server",
+                MysqlError::OutOfTurn("a server packet no command asked for"),
+                out,
+            );
+            return;
+        };
+        if let Command::ChangeUser { .. } = front.command {
+            // The same exchange as a login.
+            match frame.payload.first() {
+                Some(0x00) => {
+                    self.queue.pop_front();
+                    out.push(MysqlEvent::LoggedIn);
+                }
+                Some(0xFF) => {
+                    self.queue.pop_front();
+                    if let Ok(Reply::Err { code, message, .. }) =
+                        packet::reply(&frame.payload, frame.len)
+                    {
+                        out.push(MysqlEvent::LoginFailed { code, message });
+                    }
+                }
+                _ => {}
+            }
+            return;
+        }
+        let first = frame.payload.first().copied();
+        let result = match front.answer {
+            Answer::First => self.first_reply(frame, out),
+            Answer::Columns { left } => {
+                self.queue[0].answer = if left > 1 {
+                    Answer::Columns { left: left - 1 }
+                } else if self.deprecate_eof == Some(true) {
+                    Answer::Rows { rows: 0 }
+                } else {
+                    Answer::ColumnsEof
+                };
+                Ok(())
+            }
+            Answer::ColumnsEof => {
+                // An EOF_Packet is 5 bytes (1 before 4.1); an OK that ends
+                // an empty result set in the new style is 7 or more.
+                let eof = first == Some(0xFE) && frame.len < 7;
+                match (eof, self.deprecate_eof) {
+                    (true, _) => {
+                        self.deprecate_eof = Some(false);
+                        self.queue[0].answer = Answer::Rows { rows: 0 };
+                        Ok(())
+                    }
+                    (false, None) => {
+                        // No EOF after the definitions: the new style; this
+                        // packet is the first row or the terminator.
+                        self.deprecate_eof = Some(true);
+                        self.queue[0].answer = Answer::Rows { rows: 0 };
+                        return self.answer(frame, out);
+                    }
+                    (false, Some(_)) => Err(MysqlError::Malformed {
+                        packet: "result set",
+                        problem: "no EOF after the column definitions",
+                    }),
+                }
+            }
+            Answer::Rows { rows } => {
+                let new_style = self.deprecate_eof == Some(true);
+                let terminator = first == Some(0xFE)
+                    && if new_style {
+                        frame.len < super::MAX_PAYLOAD
+                    } else {
+                        frame.len < 9
+                    };
+                if terminator {
+                    let read = if new_style {
+                        packet::ok(&frame.payload)
+                    } else {
+                        packet::reply(&frame.payload, frame.len)
+                    };
+                    let status = match read {
+                        Ok(Reply::Ok { status, .. } | Reply::Eof { status }) => status,
+                        _ => 0,
+                    };
+                    self.complete(
+                        Outcome::Ok {
+                            affected_rows: 0,
+                            rows,
+                        },
+                        status,
+                        out,
+                    );
+                } else if first == Some(0xFF) {
+                    self.error(frame, out);
+                } else {
+                    self.queue[0].answer = Answer::Rows { rows: rows + 1 };
+                }
+                Ok(())
+            }
+            Answer::PrepareDefs { left } => {
+                if left <= 1 {
+                    self.queue.pop_front();
+                    out.push(MysqlEvent::Completed {
+                        outcome: Outcome::Ok {
+                            affected_rows: 0,
+                            rows: 0,
+                        },
+                    });
+                } else {
+                    self.queue[0].answer = Answer::PrepareDefs { left: left - 1 };
+                }
+                Ok(())
+            }
+            Answer::Infile => Err(MysqlError::OutOfTurn(
+                "the server answered during a LOCAL INFILE transfer",
+            )),
+        };
+        if let Err(e) = result {
+            self.fail("server", e, out);
+        }
+    }
+
+    /// The first packet of an answer.
+    fn first_reply(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) -> Result<(), MysqlError> {
+        let front = self.queue.front().expect("checked by the caller");
+        if let Command::Prepare { .. } = front.command {
+            if frame.payload.first() == Some(&0xFF) {
+                self.preparing.pop_front();
+                self.error(frame, out);
+                return Ok(());
+            }
+            let (id, columns, params) = packet::prepare_ok(&frame.payload)?;
+            if let Some(text) = self.preparing.pop_front() {
+                self.prepared.insert(id, text);
+            }
+            self.last_prepared = Some(id);
+            // Definitions, each list followed by an EOF in the old style.
+            let old = u64::from(self.deprecate_eof != Some(true));
+            let defs = |n: u16| if n > 0 { u64::from(n) + old } else { 0 };
+            let left = defs(columns) + defs(params);
+            if left == 0 {
+                self.queue.pop_front();
+                out.push(MysqlEvent::Completed {
+                    outcome: Outcome::Ok {
+                        affected_rows: 0,
+                        rows: 0,
+                    },
+                });
+            } else {
+                self.queue[0].answer = Answer::PrepareDefs { left };
+            }
+            return Ok(());
+        }
+        match packet::reply(&frame.payload, frame.len)? {
+            Reply::Ok {
+                affected_rows,
+                status,
+                ..
+            } => {
+                if let Command::InitDb { database } = &front.command {
+                    out.push(MysqlEvent::Database {
+                        name: database.clone(),
+                    });
+                }
+                let statement = matches!(
+                    front.command,
+                    Command::Query { .. } | Command::Execute { .. }
+                );
+                if statement {
+                    self.complete(
+                        Outcome::Ok {
+                            affected_rows,
+                            rows: 0,
+                        },
+                        status,
+                        out,
+                    );
+                } else {
+                    self.queue.pop_front();
+                }
+            }
+            Reply::Err { .. } => self.error(frame, out),
+            Reply::Eof { .. } => {
+                // COM_FIELD_LIST's end, a COM_STMT_FETCH without rows …
+                self.queue.pop_front();
+            }
+            Reply::LocalInfile { .. } => {
+                if self.logged_in_here && self.capabilities & caps::LOCAL_FILES == 0 {
+                    return Err(MysqlError::OutOfTurn(
+                        "a LOCAL INFILE request the client did not offer to serve",
+                    ));
+                }
+                self.queue[0].answer = Answer::Infile;
+            }
+            Reply::Data => match front.command {
+                Command::Query { .. } | Command::Execute { .. } => {
+                    let mut f = packet::Fields::new(&frame.payload, "column count");
+                    let columns = f.lenenc()?.unwrap_or(0);
+                    if columns == 0 {
+                        return Err(MysqlError::Malformed {
+                            packet: "result set",
+                            problem: "zero columns",
+                        });
+                    }
+                    self.queue[0].answer = Answer::Columns { left: columns };
+                }
+                Command::Other {
+                    code: command::FIELD_LIST,
+                } => {
+                    // Column definitions until the EOF.
+                }
+                _ => {
+                    // COM_STATISTICS's string and the like: one packet.
+                    self.queue.pop_front();
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn error(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+        let Ok(Reply::Err {
+            code,
+            sqlstate,
+            message,
+        }) = packet::reply(&frame.payload, frame.len)
+        else {
+            return;
+        };
+        let statement = self.queue.front().is_some_and(|p| {
+            matches!(
+                p.command,
+                Command::Query { .. } | Command::Prepare { .. } | Command::Execute { .. }
+            )
+        });
+        // An error ends the command, the rest of a multi-statement query included.
+        self.queue.pop_front();
+        if statement {
+            out.push(MysqlEvent::Completed {
+                outcome: Outcome::Error {
+                    code,
+                    sqlstate,
+                    message,
+                },
+            });
+        }
+    }
+
+    /// One result of the command at the front; the command ends unless the
+    /// server says more results follow.
+    fn complete(&mut self, outcome: Outcome, status: u16, out: &mut Vec<MysqlEvent>) {
+        out.push(MysqlEvent::Completed { outcome });
+        if status & MORE_RESULTS != 0 {
+            if let Some(front) = self.queue.front_mut() {
+                front.answer = Answer::First;
+            }
+        } else {
+            self.queue.pop_front();
+        }
+    }
+}
+
+impl Default for Conversation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
