@@ -284,3 +284,109 @@ fn postgresql_read_as_mysql_yields_no_statement_and_nothing_panics() {
     assert!(checked >= 20, "only {checked} PostgreSQL captures");
     assert!(undecodable >= checked / 2, "{undecodable} of {checked}");
 }
+
+fn tracked(file: &str) -> Vec<qgate_agent::wire::WireEvent> {
+    let Some(corpus) = corpus() else {
+        return Vec::new();
+    };
+    let segments = read_segments(&corpus.join("pcap").join(file), PORTS).unwrap();
+    let mut tracker = qgate_agent::wire::Tracker::new();
+    tracker.set_mysql_ports(PORTS);
+    let mut events = Vec::new();
+    for seg in &segments {
+        tracker.on_segment(seg, &mut events);
+    }
+    let end = segments.last().map_or(0, |s| s.at);
+    tracker.close_all(end, &mut events);
+    events
+}
+
+#[test]
+fn mysql_sessions_become_the_wire_events_postgresql_ones_do() {
+    use qgate_agent::wire::{Outcome, ProtocolPath, WireEvent};
+    if corpus().is_none() {
+        return;
+    }
+    // A whole session of the `mysql` client: login, two reads, quit.
+    let events = tracked("deepflow/mysql/mysql-error.pcap");
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| {
+            serde_json::to_value(e).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "connection_opened",
+            "identified",
+            "statement_received",
+            "statement_completed",
+            "statement_received",
+            "statement_completed",
+            "connection_closed"
+        ]
+    );
+    let WireEvent::Identified { identity, .. } = &events[1] else {
+        panic!()
+    };
+    assert_eq!(identity.user.as_deref(), Some("root"));
+    assert_eq!(identity.application.as_deref(), Some("mysql"));
+    let WireEvent::StatementReceived { text, path, .. } = &events[4] else {
+        panic!()
+    };
+    assert_eq!(
+        (text.as_str(), *path),
+        ("SELECT DATABASE()", ProtocolPath::Simple)
+    );
+    let WireEvent::StatementCompleted { completion, .. } = &events[5] else {
+        panic!()
+    };
+    assert_eq!(
+        (completion.outcome.clone(), completion.rows),
+        (Outcome::Ok, Some(1))
+    );
+    // A prepared INSERT, executed: the execute is the statement, with the
+    // prepared text and its id.
+    let events = tracked("deepflow/mysql/mysql-exec.pcap");
+    let received: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            WireEvent::StatementReceived {
+                text,
+                path,
+                statement_name,
+                ..
+            } => Some((text.clone(), *path, statement_name.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(received[0].0.starts_with("INSERT INTO `controller`"));
+    assert_eq!(received[0].1, ProtocolPath::Extended);
+    assert!(received[0].2.is_some());
+    // Every MySQL capture: each statement reported is completed exactly once.
+    let corpus = corpus().unwrap();
+    for file in mysql_captures(&corpus.join("pcap")) {
+        let events = tracked(&file);
+        let mut open = std::collections::BTreeSet::new();
+        for e in &events {
+            match e {
+                WireEvent::StatementReceived { conn, stmt, .. } => {
+                    assert!(open.insert((*conn, *stmt)), "{file}: {e:?} twice")
+                }
+                WireEvent::StatementCompleted { conn, stmt, .. } => {
+                    assert!(
+                        open.remove(&(*conn, *stmt)),
+                        "{file}: {e:?} without its statement"
+                    )
+                }
+                _ => {}
+            }
+        }
+        assert!(open.is_empty(), "{file}: never completed: {open:?}");
+    }
+}

@@ -2,6 +2,7 @@
 use crate::FastMap as HashMap;
 
 use super::{
+    mysql::track::MysqlStreams,
     pg::{BackendDecoder, BackendMessage, Decoded, FrontendDecoder, FrontendMessage},
     session::{MessageSpan, Session},
     tcp::{Delivery, StreamReassembler},
@@ -79,6 +80,9 @@ struct Connection {
     last_seen: UnixNanos,
     streams: Streams,
     decoding: Decoding,
+    /// A MySQL connection (its server port carries MySQL): its bytes go
+    /// here, not to `decoding`.
+    mysql: Option<Box<MysqlStreams>>,
     closed_reported: bool,
     client_fin: bool,
     server_fin: bool,
@@ -163,6 +167,8 @@ pub struct Tracker {
     silent: std::collections::VecDeque<(Flow, ConnId)>,
     /// Connections forgotten, or never tracked, because the table was full.
     shed: u64,
+    /// Server ports that carry MySQL (the rest carry PostgreSQL).
+    mysql_ports: crate::FastSet<u16>,
 }
 
 /// Connections tracked at most. Beyond, the oldest that never carried a
@@ -174,6 +180,11 @@ pub const MAX_CONNECTIONS: usize = 65_536;
 impl Tracker {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Connections to these server ports speak MySQL (`capture.mysql_ports`).
+    pub fn set_mysql_ports(&mut self, ports: &[u16]) {
+        self.mysql_ports = ports.iter().copied().collect();
     }
 
     /// Connections shed or refused because the table was full.
@@ -328,7 +339,7 @@ impl Tracker {
         self.flows
             .get(&conn)
             .and_then(|f| self.connections.get(f))
-            .is_some_and(|c| c.decoding.encrypted)
+            .is_some_and(|c| c.decoding.encrypted || c.mysql.as_ref().is_some_and(|m| m.encrypted))
     }
 
     /// The tracker's id for `flow`'s connection.
@@ -430,6 +441,9 @@ impl Tracker {
         self.opened += 1;
         let id = ConnId(self.opened);
         let mut connection = Connection::new(id, seg.at, !seg.is_syn());
+        if self.mysql_ports.contains(&seg.flow.server.port()) {
+            connection.mysql = Some(Box::new(MysqlStreams::new(!seg.is_syn())));
+        }
         connection.watched = self.watch_next.remove(&seg.flow);
         self.connections.insert(seg.flow, connection);
         self.flows.insert(id, seg.flow);
@@ -508,6 +522,7 @@ impl Connection {
             last_seen: at,
             streams: Streams::default(),
             decoding: Decoding::new(mid_stream),
+            mysql: None,
             closed_reported: false,
             client_fin: false,
             server_fin: false,
@@ -539,6 +554,17 @@ impl Connection {
     /// Reassembles and decodes a client → server segment, logging its
     /// messages in `log` when the connection is watched.
     fn client_segment(&mut self, seg: &Segment, log: &mut Vec<LogEntry>, out: &mut Vec<WireEvent>) {
+        if let Some(mysql) = &mut self.mysql {
+            let id = self.id;
+            self.streams.client.push(
+                seg.seq,
+                seg.is_syn(),
+                &seg.payload,
+                seg.truncated,
+                &mut |d| mysql.client(id, d, seg.at, out),
+            );
+            return;
+        }
         let mut log = self.watched.then_some(log);
         self.streams.client.push(
             seg.seq,
@@ -555,6 +581,17 @@ impl Connection {
     /// Reassembles and decodes a server → client segment; returns the cancel
     /// keys it carried.
     fn server_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) -> LearnedKeys {
+        if let Some(mysql) = &mut self.mysql {
+            let id = self.id;
+            self.streams.server.push(
+                seg.seq,
+                seg.is_syn(),
+                &seg.payload,
+                seg.truncated,
+                &mut |d| mysql.server(id, d, seg.at, out),
+            );
+            return LearnedKeys::new();
+        }
         let decoding = &mut self.decoding;
         if decoding.session.awaiting_encryption_answer {
             decoding.session.awaiting_encryption_answer = false;
@@ -585,7 +622,11 @@ impl Connection {
 
     fn report_closed_if_done(&mut self, at: UnixNanos, out: &mut Vec<WireEvent>) {
         let session = &self.decoding.session;
-        if session.closing && session.is_idle() && !self.closed_reported && self.announced {
+        let idle = self
+            .mysql
+            .as_ref()
+            .map_or(session.is_idle(), |m| m.is_idle());
+        if session.closing && idle && !self.closed_reported && self.announced {
             self.closed_reported = true;
             out.push(WireEvent::ConnectionClosed { conn: self.id, at });
         }
@@ -595,6 +636,18 @@ impl Connection {
     /// ends pending statements and reports the close; returns the cancel keys
     /// the server's last bytes carried.
     fn report_close(&mut self, why: &str, at: UnixNanos, out: &mut Vec<WireEvent>) -> LearnedKeys {
+        if let Some(mysql) = &mut self.mysql {
+            let id = self.id;
+            self.streams
+                .client
+                .flush(&mut |d| mysql.client(id, d, at, out));
+            self.streams
+                .server
+                .flush(&mut |d| mysql.server(id, d, at, out));
+            mysql.fail_pending(id, &format!("no answer seen: {why}"), at, out);
+            out.push(WireEvent::ConnectionClosed { conn: id, at });
+            return LearnedKeys::new();
+        }
         self.streams
             .client
             .flush(&mut |d| self.decoding.on_client_delivery(self.id, d, at, None, out));

@@ -47,8 +47,10 @@ pub enum MysqlEvent {
         statement_id: Option<u32>,
     },
     /// A statement's result (one per result of a multi-statement query).
+    /// (`more`: another result of the same command follows.)
     Completed {
         outcome: Outcome,
+        more: bool,
     },
     /// `COM_INIT_DB` accepted: the session's database changed.
     Database {
@@ -178,6 +180,11 @@ impl Conversation {
     /// The conversation is over (nothing more is read).
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
+    }
+
+    /// No command waits for its answer.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
     }
 
     fn fail(&mut self, side: &'static str, error: MysqlError, out: &mut Vec<MysqlEvent>) {
@@ -489,6 +496,7 @@ impl Conversation {
                             affected_rows: 0,
                             rows: 0,
                         },
+                        more: false,
                     });
                 } else {
                     self.queue[0].answer = Answer::PrepareDefs { left: left - 1 };
@@ -529,6 +537,7 @@ impl Conversation {
                         affected_rows: 0,
                         rows: 0,
                     },
+                    more: false,
                 });
             } else {
                 self.queue[0].answer = Answer::PrepareDefs { left };
@@ -626,6 +635,7 @@ impl Conversation {
                     sqlstate,
                     message,
                 },
+                more: false,
             });
         }
     }
@@ -633,8 +643,9 @@ impl Conversation {
     /// One result of the command at the front; the command ends unless the
     /// server says more results follow.
     fn complete(&mut self, outcome: Outcome, status: u16, out: &mut Vec<MysqlEvent>) {
-        out.push(MysqlEvent::Completed { outcome });
-        if status & MORE_RESULTS != 0 {
+        let more = status & MORE_RESULTS != 0;
+        out.push(MysqlEvent::Completed { outcome, more });
+        if more {
             if let Some(front) = self.queue.front_mut() {
                 front.answer = Answer::First;
             }

@@ -1,7 +1,7 @@
 //! The MySQL client/server protocol (MySQL 5.7/8, MariaDB 10.x), decoded
-//! incrementally: the first piece of MySQL/MariaDB support (issue 16). Not
-//! yet wired into the [`Tracker`](super::Tracker): it is tested on crafted
-//! bytes and on the corpus's MySQL captures.
+//! incrementally: the first piece of MySQL/MariaDB support (issue 16). The
+//! [`Tracker`](super::Tracker) reads the ports it is told carry MySQL with
+//! it (`track`); those connections are watched and audited, not gated.
 //!
 //! References: MySQL Source Code Documentation, "Client/Server Protocol"
 //! (Protocol Basics: packets, integer and string types; Connection
@@ -16,12 +16,14 @@
 //! | this one | framing: 4-byte headers, payloads of 16 MiB − 1 continued, sequence ids |
 //! | [`packet`] | one packet's fields (greeting, login, commands, OK, ERR, EOF) |
 //! | [`conversation`] | both directions in order: who logged in, each statement and its outcome |
+//! | `track` | a MySQL connection in the tracker: its events as `WireEvent`s |
 //!
 //! Like the PostgreSQL decoders, nothing here panics on input and nothing
 //! buffers what it does not read: a server packet keeps at most
 //! [`SERVER_PREFIX`] bytes (rows are counted, not copied).
 pub mod conversation;
 pub mod packet;
+pub(crate) mod track;
 
 pub use conversation::{Conversation, MysqlEvent, Outcome as MysqlOutcome};
 

@@ -360,6 +360,17 @@ fn done(affected_rows: u64, rows: u64) -> MysqlEvent {
             affected_rows,
             rows,
         },
+        more: false,
+    }
+}
+
+fn more(affected_rows: u64, rows: u64) -> MysqlEvent {
+    MysqlEvent::Completed {
+        outcome: Outcome::Ok {
+            affected_rows,
+            rows,
+        },
+        more: true,
     }
 }
 
@@ -410,10 +421,11 @@ fn a_session_from_greeting_to_quit() {
                     code: 1051,
                     sqlstate: Some("42S02".into()),
                     message: "Unknown table 'shop.nope'".into()
-                }
+                },
+                more: false
             },
             statement(Carrier::Query, "UPDATE t SET a = 2; SELECT a FROM t"),
-            done(2, 0),
+            more(2, 0),
             done(0, 2),
             MysqlEvent::Database {
                 name: "other".into()
@@ -484,7 +496,8 @@ fn prepared_statements_are_named_by_their_text() {
                     code: 1243,
                     sqlstate: Some("HY000".into()),
                     message: "Unknown prepared statement handler".into()
-                }
+                },
+                more: false
             },
         ]
     );
