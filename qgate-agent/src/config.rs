@@ -172,6 +172,10 @@ pub struct CaptureConfig {
     pub interfaces: Vec<String>,
     /// TCP ports that carry PostgreSQL.
     pub ports: Vec<u16>,
+    /// TCP ports that carry MySQL/MariaDB: read and audited, not gated yet
+    /// (the kernel passes every segment; nothing is held or denied).
+    #[serde(default)]
+    pub mysql_ports: Vec<u16>,
     /// The agent's scheduling niceness (-20 … 19), set before it starts any
     /// thread. Below 0 (as auditd's `priority_boost`), so that a saturated
     /// server does not starve the capture into dropping statements: the
@@ -305,6 +309,16 @@ impl Config {
             return Err(format!(
                 "capture.nice: {} is not in -20 … 19",
                 self.capture.nice
+            ));
+        }
+        if let Some(port) = self
+            .capture
+            .mysql_ports
+            .iter()
+            .find(|p| self.capture.ports.contains(p))
+        {
+            return Err(format!(
+                "capture.mysql_ports: port {port} is also in capture.ports (PostgreSQL): a port carries one protocol"
             ));
         }
         if self.capture.ports.is_empty() {
@@ -512,6 +526,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("portz"), "{err}");
+    }
+
+    #[test]
+    fn mysql_ports_are_off_by_default_and_never_shared_with_postgresql() {
+        let parse = |text: &str| Config::parse(text, "x.toml".into());
+        assert!(parse(DEFAULT_CONFIG)
+            .unwrap()
+            .capture
+            .mysql_ports
+            .is_empty());
+        let text = DEFAULT_CONFIG.replace("# mysql_ports = [3306]", "mysql_ports = [3306]");
+        assert_eq!(parse(&text).unwrap().capture.mysql_ports, vec![3306]);
+        let text = DEFAULT_CONFIG.replace("# mysql_ports = [3306]", "mysql_ports = [5432]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("5432") && err.contains("one protocol"),
+            "{err}"
+        );
     }
 
     #[test]

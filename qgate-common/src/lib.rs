@@ -47,6 +47,9 @@ pub mod port_kind {
     /// The server hook reads this port's server: connections that start
     /// from now on are left to it; older ones stay on the wire path.
     pub const HOOKED: u8 = 2;
+    /// Captured both ways and never held: a protocol qgate reads but does
+    /// not gate yet (MySQL/MariaDB, `capture.mysql_ports`).
+    pub const WATCH: u8 = 3;
 }
 
 /// Payload bytes carried by one ring-buffer record of the large class.

@@ -52,6 +52,11 @@ mod programs {
         let Some((seg, kind)) = db_segment(&ctx, DIR_TO_SERVER) else {
             return TC_ACT_OK;
         };
+        if kind == port_kind::WATCH {
+            // Read, not gated (see `port_kind::WATCH`).
+            capture(&ctx, &seg, DIR_TO_SERVER, 0);
+            return TC_ACT_OK;
+        }
         if seg.fragment || seg.tcp_flags & tcp_flags::URG != 0 {
             // What the server's stack would make of it (the reassembled
             // packet; the stream without its urgent byte) is not what this
@@ -83,6 +88,10 @@ mod programs {
     #[classifier]
     pub fn qgate_egress(ctx: TcContext) -> i32 {
         if let Some((seg, kind)) = db_segment(&ctx, DIR_FROM_SERVER) {
+            if kind == port_kind::WATCH {
+                capture(&ctx, &seg, DIR_FROM_SERVER, 0);
+                return TC_ACT_OK;
+            }
             let flow = seg.flow(false);
             if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, false) {
                 return TC_ACT_OK;

@@ -34,6 +34,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // The package test: strip (packaging), systemd-analyze verify.
     ("binutils", "/usr/bin/strip"),
     ("systemd", "/usr/bin/systemd-analyze"),
+    // MySQL/MariaDB e2e: a throwaway server in the lab, the `mariadb` client.
+    ("mariadb-server", "/usr/sbin/mariadbd"),
+    ("mariadb-client", "/usr/bin/mariadb"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -238,7 +238,10 @@ impl<'a> Agent<'a> {
             },
         )
         .map_err(store_err)?;
-        let pipeline = Pipeline::new(writer);
+        let mut pipeline = Pipeline::new(writer);
+        pipeline
+            .tracker_mut()
+            .set_mysql_ports(&config.capture.mysql_ports);
         let stream = if config.audit_stream.enabled() {
             Some(
                 store::stream::StreamThread::spawn(&config.store.path, &config.audit_stream)
@@ -251,7 +254,18 @@ impl<'a> Agent<'a> {
         let (policy, watcher) = load_policy(config)?;
         let enforcing = config.gate.mode == GateSetting::Policy;
         let pins = pin_dir(&config.gate.pin_dir);
-        let mut capture = KernelCapture::attach(interfaces, &config.capture.ports, &pins)?;
+        let mut capture = KernelCapture::attach(
+            interfaces,
+            &config.capture.ports,
+            &config.capture.mysql_ports,
+            &pins,
+        )?;
+        if !config.capture.mysql_ports.is_empty() {
+            warn!(
+                ports = ?config.capture.mysql_ports,
+                "MySQL/MariaDB on these ports is read and audited, not gated: no statement of it is held or denied"
+            );
+        }
         let mut kernel = capture.take_gate()?;
         let follow = follow::HookFollow::new(BackendStreams::new(capture.clock_offset()));
         let mut servers_before_gate = Vec::new();

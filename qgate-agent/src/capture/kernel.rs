@@ -127,7 +127,14 @@ impl KernelCapture {
     /// [`pin_dir`]): a restarted agent finds the connections' states and the
     /// holds where the previous one left them, and replaces the program in
     /// the pinned links atomically, so nothing passes unseen in between.
-    pub fn attach(interfaces: &[String], ports: &[u16], pins: &Path) -> Result<Self, CaptureError> {
+    /// `ports` carry PostgreSQL (captured and gated); `watch_ports` carry a
+    /// protocol that is captured, never held (MySQL).
+    pub fn attach(
+        interfaces: &[String],
+        ports: &[u16],
+        watch_ports: &[u16],
+        pins: &Path,
+    ) -> Result<Self, CaptureError> {
         if PROGRAM_OBJECT.is_empty() {
             return Err(CaptureError::NoProgram);
         }
@@ -160,9 +167,13 @@ impl KernelCapture {
                     name: maps::DB_PORTS,
                     source,
                 })?;
-            for port in ports {
+            let kinds = ports
+                .iter()
+                .map(|p| (p, port_kind::WIRE))
+                .chain(watch_ports.iter().map(|p| (p, port_kind::WATCH)));
+            for (port, kind) in kinds {
                 db_ports
-                    .insert(port, port_kind::WIRE, 0)
+                    .insert(port, kind, 0)
                     .map_err(|source| CaptureError::Map {
                         name: maps::DB_PORTS,
                         source,

@@ -481,6 +481,10 @@ impl Gate {
                 let Some(flow) = tracker.flow(*conn) else {
                     return;
                 };
+                if tracker.is_mysql(*conn) {
+                    // Read and audited, not gated: no policy mode, no catalog.
+                    return;
+                }
                 let mut subject = subject_of(identity, &flow);
                 subject.client_addr = self.client_of(&flow).map(|a| a.ip());
                 // The agent's own catalog session: a one-time token, over a

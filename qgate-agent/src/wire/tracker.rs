@@ -342,6 +342,14 @@ impl Tracker {
             .is_some_and(|c| c.decoding.encrypted || c.mysql.as_ref().is_some_and(|m| m.encrypted))
     }
 
+    /// A MySQL connection (read, not gated).
+    pub fn is_mysql(&self, conn: ConnId) -> bool {
+        self.flows
+            .get(&conn)
+            .and_then(|f| self.connections.get(f))
+            .is_some_and(|c| c.mysql.is_some())
+    }
+
     /// The tracker's id for `flow`'s connection.
     pub fn connection_id(&self, flow: &Flow) -> Option<ConnId> {
         self.connections.get(flow).map(|c| c.id)

@@ -1,0 +1,212 @@
+//! MySQL/MariaDB read and audited (issue 16's first piece): MariaDB 10.11
+//! from Debian's packages in the lab's server namespace (a throwaway data
+//! directory, no system service), the `mariadb` client in the client one,
+//! the real tc programs on the veth between, `capture.mysql_ports = [3306]`.
+//! Not gated yet: the test also proves that nothing is held.
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use qgate_e2e::{require_root, run, Lab};
+
+const PORT: u16 = 3306;
+
+/// A MariaDB server of the lab's, stopped when dropped.
+struct Mariadb {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Mariadb {
+    /// `mariadb-install-db` into the lab's directory, `mariadbd` on the
+    /// server address, and a user `app` (password `secret`) owning `shop`.
+    fn start(lab: &Lab) -> Result<Mariadb> {
+        let dir = lab.dir.join("mariadb");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let data = dir.join("data");
+        run(Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args([
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ]))?;
+        let socket = dir.join("mariadb.sock");
+        let child = lab
+            .in_server("/usr/sbin/mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--port={PORT}"))
+            .arg(format!("--bind-address={}", lab.server_ip))
+            .args(["--user=root", "--skip-name-resolve", "--skip-log-bin"])
+            .spawn()
+            .context("starting mariadbd")?;
+        let server = Mariadb { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if server.root("SELECT 1").is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mariadbd did not start:\n{}",
+                    std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        server.root(
+            "CREATE DATABASE shop; CREATE USER 'app'@'%' IDENTIFIED BY 'secret'; \
+             GRANT ALL ON shop.* TO 'app'@'%';",
+        )?;
+        Ok(server)
+    }
+
+    /// SQL as root over the Unix socket (not captured: no TCP).
+    fn root(&self, sql: &str) -> Result<String> {
+        let out = run(Command::new("mariadb")
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket.display()))
+            .args(["-u", "root", "-N", "-B", "-e", sql]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The `mariadb` client in the client namespace, over TCP, as `app`.
+fn client(lab: &Lab, sql: &str) -> std::process::Output {
+    lab.in_client("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        .args(["-u", "app", "-psecret", "shop", "-N", "-B", "-e", sql])
+        .output()
+        .expect("running the mariadb client")
+}
+
+#[test]
+fn a_mariadb_sessions_statements_are_stored_with_user_database_rows_and_errors() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("mysql1")?;
+    let server = Mariadb::start(&lab)?;
+    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    lab.start_agent(&["--config", &config.to_string_lossy()])?;
+    assert!(
+        lab.agent_log().contains("read and audited, not gated"),
+        "the agent says MySQL is not gated:\n{}",
+        lab.agent_log()
+    );
+    // Reads, writes, DDL (not held: MySQL is not gated yet), then a failure.
+    let out = client(
+        &lab,
+        "CREATE TABLE t (a INT); INSERT INTO t VALUES (1),(2),(3); \
+         SELECT a FROM t ORDER BY a; UPDATE t SET a = a + 10 WHERE a > 1; \
+         DELETE FROM nope",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the last statement fails: {stderr}");
+    assert!(stderr.contains("1146"), "{stderr}");
+    assert_eq!(
+        stdout.split_whitespace().collect::<Vec<_>>(),
+        ["1", "2", "3"]
+    );
+    assert_eq!(
+        server
+            .root("SELECT a FROM shop.t ORDER BY a")?
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["1", "12", "13"],
+        "everything ran"
+    );
+    lab.stop_agent()?;
+
+    let store = lab.store()?;
+    let mut stmt = store.prepare(
+        "SELECT c.user, c.database, c.application, c.server_port, s.text, s.path, s.outcome,
+                s.rows, s.sqlstate, s.error_message
+         FROM statements s JOIN connections c ON c.id = s.connection_id
+         WHERE c.server_port = ?1 ORDER BY s.id",
+    )?;
+    type Row = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+        String,
+        String,
+        String,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = stmt
+        .query_map([PORT], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let texts: Vec<&str> = rows.iter().map(|r| r.4.as_str()).collect();
+    // The client's own statements (after its `select @@version_comment`).
+    let ours: Vec<&Row> = rows
+        .iter()
+        .filter(|r| !r.4.starts_with("select @@version_comment"))
+        .collect();
+    assert_eq!(
+        ours.iter().map(|r| r.4.as_str()).collect::<Vec<_>>(),
+        [
+            "CREATE TABLE t (a INT)",
+            "INSERT INTO t VALUES (1),(2),(3)",
+            "SELECT a FROM t ORDER BY a",
+            "UPDATE t SET a = a + 10 WHERE a > 1",
+            "DELETE FROM nope"
+        ],
+        "every statement, in order: {texts:?}"
+    );
+    for r in &ours {
+        assert_eq!(
+            (r.0.as_deref(), r.1.as_deref(), r.3),
+            (Some("app"), Some("shop"), i64::from(PORT)),
+            "{r:?}"
+        );
+        assert_eq!(r.5, "simple");
+    }
+    let outcome = |i: usize| (ours[i].6.as_str(), ours[i].7, ours[i].8.as_deref());
+    assert_eq!(outcome(1), ("ok", Some(3), None), "INSERT: 3 rows affected");
+    assert_eq!(outcome(2), ("ok", Some(3), None), "SELECT: 3 rows returned");
+    assert_eq!(outcome(3), ("ok", Some(2), None), "UPDATE: 2 rows changed");
+    assert_eq!(outcome(4), ("error", None, Some("42S02")));
+    assert!(
+        ours[4].9.as_deref().is_some_and(|m| m.contains("nope")),
+        "{:?}",
+        ours[4]
+    );
+    // Nothing was held or asked for.
+    let requests: i64 = store.query_row("SELECT count(*) FROM requests", [], |r| r.get(0))?;
+    assert_eq!(requests, 0);
+    Ok(())
+}
