@@ -18,14 +18,10 @@
 //! `ndpi/pgsql.pcap` the server answers two GSSENCRequests with `G`, which
 //! §55.2.11 defines as acceptance (the corpus README calls them refused): the
 //! clients then hang up, and those connections are reported `encrypted`.
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Write as _,
-    path::Path,
-};
+use std::{collections::HashMap, fmt::Write as _, path::Path};
 
 mod corpus_support;
-use corpus_support::corpus;
+use corpus_support::{corpus, tshark_rows};
 
 use qgate_agent::{
     capture::{
@@ -151,29 +147,6 @@ fn decoded_query_messages(segments: &[Segment]) -> Vec<(usize, &'static str, Str
     found
 }
 
-/// TSV rows by file: (tcp_stream, message, text), in frame order.
-fn tshark_rows(corpus: &Path) -> BTreeMap<String, Vec<(usize, String, String)>> {
-    let tsv = std::fs::read_to_string(corpus.join("pcap/queries-by-tshark.tsv"))
-        .expect("queries-by-tshark.tsv is readable");
-    let mut rows: BTreeMap<String, Vec<(usize, String, String)>> = BTreeMap::new();
-    for line in tsv.lines().skip(1) {
-        let cols: Vec<&str> = line.splitn(6, '\t').collect();
-        let [file, _frame, stream, protocol, message, text] = cols[..] else {
-            panic!("TSV row without 6 columns: {line}");
-        };
-        if protocol != "pgsql" {
-            continue;
-        }
-        let stream = stream.parse().expect("tcp_stream is a number");
-        rows.entry(file.to_owned()).or_default().push((
-            stream,
-            message.to_owned(),
-            text.to_owned(),
-        ));
-    }
-    rows
-}
-
 fn tracker_events(segments: &[Segment]) -> Vec<WireEvent> {
     let mut tracker = Tracker::new();
     let mut events = Vec::new();
@@ -211,7 +184,7 @@ fn golden_lines(events: &[WireEvent]) -> String {
 fn query_and_parse_texts_agree_with_tshark_on_every_postgresql_capture() {
     let Some(corpus) = corpus() else { return };
     let pcap_dir = corpus.join("pcap");
-    let expected = tshark_rows(&corpus);
+    let expected = tshark_rows(&corpus, "pgsql");
     let mut checked = 0;
     for file in captures(&pcap_dir) {
         if is_mysql(&file) {
@@ -273,7 +246,7 @@ fn tracker_events_match_the_golden_files() {
 fn simple_query_statements_are_exactly_the_tshark_query_rows() {
     let Some(corpus) = corpus() else { return };
     let pcap_dir = corpus.join("pcap");
-    let expected = tshark_rows(&corpus);
+    let expected = tshark_rows(&corpus, "pgsql");
     for file in captures(&pcap_dir) {
         if is_mysql(&file) {
             continue;

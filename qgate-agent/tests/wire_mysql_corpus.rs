@@ -3,13 +3,10 @@
 //! `queries-by-tshark.tsv`, an independent decoder's output, except where
 //! tshark is known to be wrong (listed below, each checked by hand); and no
 //! capture may make it panic.
-use std::{
-    collections::{BTreeMap, HashMap},
-    path::Path,
-};
+use std::{collections::HashMap, path::Path};
 
 mod corpus_support;
-use corpus_support::corpus;
+use corpus_support::{corpus, tshark_rows};
 
 use qgate_agent::{
     capture::{pcap::read_segments, Segment},
@@ -141,33 +138,11 @@ fn decode(segments: &[Segment]) -> (Vec<(usize, &'static str, String)>, Vec<Mysq
     (found, all)
 }
 
-/// TSV rows by file: (tcp_stream, message, text), in frame order.
-fn tshark_rows(corpus: &Path) -> BTreeMap<String, Vec<(usize, String, String)>> {
-    let tsv = std::fs::read_to_string(corpus.join("pcap/queries-by-tshark.tsv"))
-        .expect("queries-by-tshark.tsv is readable");
-    let mut rows: BTreeMap<String, Vec<(usize, String, String)>> = BTreeMap::new();
-    for line in tsv.lines().skip(1) {
-        let cols: Vec<&str> = line.splitn(6, '\t').collect();
-        let [file, _frame, stream, protocol, message, text] = cols[..] else {
-            panic!("TSV row without 6 columns: {line}");
-        };
-        if protocol != "mysql" {
-            continue;
-        }
-        rows.entry(file.to_owned()).or_default().push((
-            stream.parse().expect("tcp_stream is a number"),
-            message.to_owned(),
-            text.to_owned(),
-        ));
-    }
-    rows
-}
-
 #[test]
 fn query_and_prepare_texts_agree_with_tshark_on_every_mysql_capture() {
     let Some(corpus) = corpus() else { return };
     let pcap_dir = corpus.join("pcap");
-    let expected = tshark_rows(&corpus);
+    let expected = tshark_rows(&corpus, "mysql");
     let (mut checked, mut statements) = (0, 0);
     let mut differences = Vec::new();
     for file in mysql_captures(&pcap_dir) {

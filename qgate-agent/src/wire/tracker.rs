@@ -559,18 +559,32 @@ impl Connection {
         }
     }
 
+    /// A MySQL connection's segment, either way; false for a PostgreSQL one.
+    fn mysql_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) -> bool {
+        let Some(mysql) = &mut self.mysql else {
+            return false;
+        };
+        let from_client = seg.direction == Direction::ToServer;
+        let stream = if from_client {
+            &mut self.streams.client
+        } else {
+            &mut self.streams.server
+        };
+        let id = self.id;
+        stream.push(
+            seg.seq,
+            seg.is_syn(),
+            &seg.payload,
+            seg.truncated,
+            &mut |d| mysql.feed(from_client, id, d, seg.at, out),
+        );
+        true
+    }
+
     /// Reassembles and decodes a client → server segment, logging its
     /// messages in `log` when the connection is watched.
     fn client_segment(&mut self, seg: &Segment, log: &mut Vec<LogEntry>, out: &mut Vec<WireEvent>) {
-        if let Some(mysql) = &mut self.mysql {
-            let id = self.id;
-            self.streams.client.push(
-                seg.seq,
-                seg.is_syn(),
-                &seg.payload,
-                seg.truncated,
-                &mut |d| mysql.client(id, d, seg.at, out),
-            );
+        if self.mysql_segment(seg, out) {
             return;
         }
         let mut log = self.watched.then_some(log);
@@ -589,15 +603,7 @@ impl Connection {
     /// Reassembles and decodes a server → client segment; returns the cancel
     /// keys it carried.
     fn server_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) -> LearnedKeys {
-        if let Some(mysql) = &mut self.mysql {
-            let id = self.id;
-            self.streams.server.push(
-                seg.seq,
-                seg.is_syn(),
-                &seg.payload,
-                seg.truncated,
-                &mut |d| mysql.server(id, d, seg.at, out),
-            );
+        if self.mysql_segment(seg, out) {
             return LearnedKeys::new();
         }
         let decoding = &mut self.decoding;
@@ -648,10 +654,10 @@ impl Connection {
             let id = self.id;
             self.streams
                 .client
-                .flush(&mut |d| mysql.client(id, d, at, out));
+                .flush(&mut |d| mysql.feed(true, id, d, at, out));
             self.streams
                 .server
-                .flush(&mut |d| mysql.server(id, d, at, out));
+                .flush(&mut |d| mysql.feed(false, id, d, at, out));
             mysql.fail_pending(id, &format!("no answer seen: {why}"), at, out);
             out.push(WireEvent::ConnectionClosed { conn: id, at });
             return LearnedKeys::new();

@@ -4,7 +4,10 @@
 //! a green run must mean the corpus was read. Set `QGATE_SKIP_CORPUS=1` to
 //! skip those tests knowingly (each then says so on stderr).
 #![allow(dead_code)]
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 /// The corpus directory, or `None` (a skip) when it is absent and
 /// `QGATE_SKIP_CORPUS=1` asks for corpus tests to be skipped.
@@ -35,4 +38,30 @@ pub fn corpus_file(relative: &str) -> Option<PathBuf> {
     let file = corpus()?.join(relative);
     assert!(file.is_file(), "{} missing from the corpus", file.display());
     Some(file)
+}
+
+/// `pcap/queries-by-tshark.tsv`'s rows of one protocol (`pgsql`, `mysql`),
+/// by capture file: (tcp_stream, message, text), in frame order.
+pub fn tshark_rows(
+    corpus: &Path,
+    protocol: &str,
+) -> BTreeMap<String, Vec<(usize, String, String)>> {
+    let tsv = std::fs::read_to_string(corpus.join("pcap/queries-by-tshark.tsv"))
+        .expect("queries-by-tshark.tsv is readable");
+    let mut rows: BTreeMap<String, Vec<(usize, String, String)>> = BTreeMap::new();
+    for line in tsv.lines().skip(1) {
+        let cols: Vec<&str> = line.splitn(6, '\t').collect();
+        let [file, _frame, stream, proto, message, text] = cols[..] else {
+            panic!("TSV row without 6 columns: {line}");
+        };
+        if proto != protocol {
+            continue;
+        }
+        rows.entry(file.to_owned()).or_default().push((
+            stream.parse().expect("tcp_stream is a number"),
+            message.to_owned(),
+            text.to_owned(),
+        ));
+    }
+    rows
 }

@@ -490,14 +490,7 @@ impl Conversation {
             }
             Answer::PrepareDefs { left } => {
                 if left <= 1 {
-                    self.queue.pop_front();
-                    out.push(MysqlEvent::Completed {
-                        outcome: Outcome::Ok {
-                            affected_rows: 0,
-                            rows: 0,
-                        },
-                        more: false,
-                    });
+                    self.prepared_ok(out);
                 } else {
                     self.queue[0].answer = Answer::PrepareDefs { left: left - 1 };
                 }
@@ -531,14 +524,7 @@ impl Conversation {
             let defs = |n: u16| if n > 0 { u64::from(n) + old } else { 0 };
             let left = defs(columns) + defs(params);
             if left == 0 {
-                self.queue.pop_front();
-                out.push(MysqlEvent::Completed {
-                    outcome: Outcome::Ok {
-                        affected_rows: 0,
-                        rows: 0,
-                    },
-                    more: false,
-                });
+                self.prepared_ok(out);
             } else {
                 self.queue[0].answer = Answer::PrepareDefs { left };
             }
@@ -609,6 +595,18 @@ impl Conversation {
             },
         }
         Ok(())
+    }
+
+    /// A prepare's answer is complete.
+    fn prepared_ok(&mut self, out: &mut Vec<MysqlEvent>) {
+        self.queue.pop_front();
+        out.push(MysqlEvent::Completed {
+            outcome: Outcome::Ok {
+                affected_rows: 0,
+                rows: 0,
+            },
+            more: false,
+        });
     }
 
     fn error(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {

@@ -64,27 +64,8 @@ impl MysqlStreams {
         self.due.iter().all(Option::is_none)
     }
 
-    pub(crate) fn client(
-        &mut self,
-        conn: ConnId,
-        delivery: Delivery<'_>,
-        at: UnixNanos,
-        out: &mut Vec<WireEvent>,
-    ) {
-        self.feed(true, conn, delivery, at, out);
-    }
-
-    pub(crate) fn server(
-        &mut self,
-        conn: ConnId,
-        delivery: Delivery<'_>,
-        at: UnixNanos,
-        out: &mut Vec<WireEvent>,
-    ) {
-        self.feed(false, conn, delivery, at, out);
-    }
-
-    fn feed(
+    /// Bytes (or a gap) of one direction, in stream order.
+    pub(crate) fn feed(
         &mut self,
         from_client: bool,
         conn: ConnId,
