@@ -210,3 +210,92 @@ fn a_mariadb_sessions_statements_are_stored_with_user_database_rows_and_errors()
     assert_eq!(requests, 0);
     Ok(())
 }
+
+/// By hand, not in CI (a measurement, not a check):
+/// `cargo test -p qgate-e2e --test mysql -- --ignored --nocapture`.
+/// sysbench `oltp_read_only` against MariaDB, direct and with the agent
+/// reading port 3306, legs alternated; prints TPS ratios and the agent's
+/// CPU per statement.
+#[test]
+#[ignore]
+fn sysbench_oltp_read_only_with_and_without_the_agent() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("mysqlb")?;
+    let _server = Mariadb::start(&lab)?;
+    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let host = lab.server_ip.to_string();
+    let sysbench = |lab: &Lab, threads: u32, command: &str, seconds: u32| -> Result<String> {
+        let out = run(lab
+            .in_client("sysbench")
+            .arg("oltp_read_only")
+            .args(["--db-driver=mysql", &format!("--mysql-host={host}")])
+            .args([
+                "--mysql-port=3306",
+                "--mysql-user=app",
+                "--mysql-password=secret",
+            ])
+            .args(["--mysql-db=shop", "--tables=4", "--table-size=10000"])
+            .arg(format!("--threads={threads}"))
+            .arg(format!("--time={seconds}"))
+            .arg(command))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    sysbench(&lab, 4, "prepare", 0)?;
+    let tps = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| l.trim_start().starts_with("transactions:"))
+            .and_then(|l| l.split('(').nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let queries = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| l.trim_start().starts_with("queries:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let ticks = |pid: u32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        fields
+            .get(11)
+            .and_then(|u| u.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            + fields
+                .get(12)
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(0.0)
+    };
+    for threads in [1, 8] {
+        let (mut direct, mut watched, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            direct.push(tps(&sysbench(&lab, threads, "run", 10)?));
+            lab.start_agent(&["--config", &config.to_string_lossy()])?;
+            let pid = lab.agent_pid().expect("agent running");
+            let before = ticks(pid);
+            let out = sysbench(&lab, threads, "run", 10)?;
+            let spent = (ticks(pid) - before) / 100.0;
+            watched.push(tps(&out));
+            cpu.push(spent * 1e6 / queries(&out).max(1.0));
+            lab.stop_agent()?;
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (d, w, c) = (median(&mut direct), median(&mut watched), median(&mut cpu));
+        eprintln!(
+            "oltp_read_only, {threads} thread(s): direct {d:.0} tps, qgate reading {w:.0} tps, \
+             ratio {:.3}; agent {c:.2} µs CPU per statement (legs {direct:?} / {watched:?})",
+            w / d
+        );
+    }
+    Ok(())
+}
