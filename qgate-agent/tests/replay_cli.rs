@@ -230,3 +230,43 @@ fn export_refuses_an_empty_time_range_and_ends_quietly_on_a_closed_pipe() {
         "{err}"
     );
 }
+
+#[test]
+fn a_mysql_capture_replays_with_its_port_named() {
+    let Some(pcap) = corpus_support::corpus_file("pcap/deepflow/mysql/mysql-error.pcap") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("replay.sqlite");
+    let out = Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
+        .args(["replay", "--mysql-port", "20130", "--pcap"])
+        .arg(&pcap)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{summary}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
+        .args(["audit", "export", "--format", "jsonl", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let texts: Vec<&str> = rows.iter().filter_map(|r| r["text"].as_str()).collect();
+    assert_eq!(
+        texts,
+        ["select @@version_comment limit 1", "SELECT DATABASE()"]
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["user"] == "root" && r["application"] == "mysql" && r["server_port"] == 20130));
+}

@@ -28,6 +28,10 @@ pub struct RunArgs {
     /// PostgreSQL port (repeatable).
     #[arg(long = "port")]
     ports: Vec<u16>,
+    /// MySQL/MariaDB port, read and audited, not gated (repeatable;
+    /// overrides capture.mysql_ports).
+    #[arg(long = "mysql-port")]
+    mysql_ports: Vec<u16>,
     /// SQLite store to write (default: `<pcap>.qgate.sqlite` beside the
     /// capture, never the live store unless named here; replayed
     /// connections are marked with the file's name either way).
@@ -63,6 +67,9 @@ pub struct ReplayArgs {
     /// PostgreSQL port (repeatable; default 5432).
     #[arg(long = "port")]
     ports: Vec<u16>,
+    /// MySQL/MariaDB port (repeatable; none by default).
+    #[arg(long = "mysql-port")]
+    mysql_ports: Vec<u16>,
 }
 
 pub(super) fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
@@ -72,6 +79,9 @@ pub(super) fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if !args.ports.is_empty() {
         config.capture.ports = args.ports.clone();
+    }
+    if !args.mysql_ports.is_empty() {
+        config.capture.mysql_ports = args.mysql_ports.clone();
     }
     if let Some(db) = &args.db {
         config.store.path = db.clone();
@@ -119,11 +129,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     use sha2::{Digest, Sha256};
     let pcap = &args.pcap;
-    let ports = if args.ports.is_empty() {
+    let mut ports = if args.ports.is_empty() && args.mysql_ports.is_empty() {
         vec![5432]
     } else {
         args.ports.clone()
     };
+    ports.extend(&args.mysql_ports);
     let bytes = match std::fs::read(pcap) {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -169,6 +180,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     let mut pipeline = Pipeline::new(writer);
+    pipeline.tracker_mut().set_mysql_ports(&args.mysql_ports);
     let mut reader = match SegmentReader::open(pcap, &ports) {
         Ok(reader) => reader,
         Err(e) => {
