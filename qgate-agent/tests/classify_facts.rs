@@ -588,6 +588,82 @@ fn mysql_dialect_is_a_parameter() {
     );
 }
 
+/// MySQL/MariaDB spellings an attacker would try, read with the MySQL
+/// dialect under the shipped policy: none may be allowed unseen; the
+/// harmless look-alikes at the end run.
+#[test]
+fn mysql_evasions_are_never_allowed_and_their_harmless_look_alikes_are() {
+    let policy = Policy::builtin_default();
+    let decide = |sql: &str| {
+        let c = classify(sql, Dialect::Mysql);
+        policy.decide(&Subject::default(), &c, &NoEstimator)
+    };
+    for sql in [
+        // Executable comments: MySQL's, versioned, and MariaDB's own.
+        "/*!50000 DROP TABLE t */",
+        "SELECT 1 /*!50000 ; DROP TABLE t */",
+        "/*M!100100 DROP TABLE t */",
+        "SELECT 1 /*M!100100 ; DROP TABLE t */",
+        "SELECT 1 /*m! ; DROP TABLE t */",
+        // `#` comments end at the line's end; `--1` is not a comment.
+        "SELECT 1 # comment\n; DROP TABLE t",
+        "SELECT 1 #; \nDROP TABLE t",
+        "UPDATE t SET a = 1 WHERE b = 2 --1 OR 1=1",
+        // Backslash escapes: `\\` is one backslash, so the quote closes.
+        "SELECT 'a\\\\'; DROP TABLE t; -- '",
+        "SELECT \"a\\\\\"; DROP TABLE t; -- \"",
+        // Several statements in one COM_QUERY.
+        "SELECT 1;DROP TABLE t",
+        // Safety switches, in every spelling of a system variable.
+        "SET sql_log_bin = 0",
+        "SET SESSION sql_log_bin = 0",
+        "SET foreign_key_checks = 0",
+        "SET @@foreign_key_checks = 0",
+        "SET @@session.foreign_key_checks = 0",
+        "SET @@GLOBAL.sql_log_bin = 0",
+        "SET GLOBAL general_log = 'ON'",
+        // Files, the server, other sessions, privileges, plugins.
+        "LOAD DATA INFILE '/etc/passwd' INTO TABLE t",
+        "LOAD DATA LOCAL INFILE 'x.csv' INTO TABLE t",
+        "SELECT * FROM t INTO OUTFILE '/tmp/x'",
+        "SELECT * INTO DUMPFILE '/tmp/x' FROM t",
+        "SELECT LOAD_FILE('/etc/passwd')",
+        "KILL 5",
+        "KILL QUERY 5",
+        "SHUTDOWN",
+        "GRANT ALL ON *.* TO x",
+        "INSTALL PLUGIN x SONAME 'y.so'",
+        "CREATE FUNCTION f RETURNS STRING SONAME 'udf.so'",
+        // All-rows writes and their look-alikes.
+        "DELETE FROM t",
+        "UPDATE t SET a = 1",
+        "DELETE FROM `t` WHERE 1",
+        "DELETE FROM t WHERE TRUE",
+        "TRUNCATE t",
+        "RENAME TABLE a TO b",
+        "PREPARE s FROM 'DROP TABLE t'",
+        "HANDLER t OPEN",
+        "DO SLEEP(10)",
+        "SELECT BENCHMARK(1000000000, MD5('x'))",
+        "XA START 'x'",
+        "FLUSH TABLES WITH READ LOCK",
+        "LOCK TABLES t WRITE",
+    ] {
+        let d = decide(sql);
+        assert_ne!(d.action.name(), "allow", "{sql:?} was allowed ({})", d.rule);
+    }
+    for sql in [
+        "SELECT 1 FROM `a;DROP TABLE t`",
+        "SELECT 'x' /* ; DROP TABLE t */",
+        "SELECT 'a\\'; DROP TABLE t; -- '",
+        "SET @x = 0",
+        "SELECT a FROM t WHERE id = 5",
+    ] {
+        let d = decide(sql);
+        assert_eq!(d.action.name(), "allow", "{sql:?}: {}", d.rule);
+    }
+}
+
 #[test]
 fn very_long_operator_chains_classify_without_exhausting_the_stack() {
     for n in [900, 5_000, 60_000] {

@@ -93,6 +93,15 @@ const LARGE_STATEMENT_STACK: usize = 512 * 1024 * 1024;
 
 /// Classifies every statement in `sql`.
 pub fn classify(sql: &str, dialect: Dialect) -> Classification {
+    // MariaDB runs the body of `/*M!…*/` as it runs MySQL's `/*!…*/`, which
+    // the MySQL dialect already reads as code.
+    let mariadb;
+    let sql = if dialect == Dialect::Mysql && (sql.contains("/*M!") || sql.contains("/*m!")) {
+        mariadb = sql.replace("/*M!", "/*!").replace("/*m!", "/*!");
+        mariadb.as_str()
+    } else {
+        sql
+    };
     match tokenize(sql, dialect) {
         Ok(tokens) => {
             let fingerprint = Fingerprint::from_tokens(&tokens);

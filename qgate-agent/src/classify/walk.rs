@@ -729,13 +729,13 @@ fn set_head(
         variable, values, ..
     } = set
     {
-        let name = function_name(variable);
+        let name = setting_name(variable);
         if name == "client_encoding" || name == "names" || name == "character_set_client" {
             encoding(values.first().and_then(setting_text));
         }
     }
     let mut assign = |name: &ObjectName| {
-        let name = function_name(name);
+        let name = setting_name(name);
         if is_safety_setting(&name) {
             flags.insert(Flag::DisablesSafety);
         }
@@ -806,6 +806,23 @@ fn query_verb(body: &SetExpr) -> &'static str {
 }
 
 /// A function's name as recorded: unquoted parts lower case, joined with dots.
+/// A setting's name as the server resolves it: MySQL's `@@x`,
+/// `@@session.x`, `@@global.x` (and `local`, `persist`, `persist_only`)
+/// all name the system variable `x`.
+fn setting_name(name: &ObjectName) -> String {
+    let name = function_name(name);
+    let Some(bare) = name.strip_prefix("@@") else {
+        return name;
+    };
+    let lower = bare.to_ascii_lowercase();
+    for scope in ["session.", "global.", "local.", "persist.", "persist_only."] {
+        if lower.starts_with(scope) {
+            return bare[scope.len()..].to_owned();
+        }
+    }
+    bare.to_owned()
+}
+
 pub(crate) fn function_name(name: &ObjectName) -> String {
     let mut out = String::new();
     for (i, part) in name.0.iter().enumerate() {
