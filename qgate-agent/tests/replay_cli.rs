@@ -1,11 +1,42 @@
 //! `qgate-agent replay` and `audit export` as a security team would run them
 //! on a capture none of us made.
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 mod corpus_support;
 
 fn corpus_pcap(name: &str) -> Option<PathBuf> {
     corpus_support::corpus_file(&format!("pcap/suricata-verify/{name}"))
+}
+
+/// [`replay`] of `PCAP` into `DB` (after `extra`), which must succeed; its summary.
+fn replay_ok(pcap: &Path, db: &Path, extra: &[&str]) -> String {
+    let mut args: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+    args.extend([
+        std::ffi::OsStr::new("--pcap"),
+        pcap.as_os_str(),
+        std::ffi::OsStr::new("--db"),
+        db.as_os_str(),
+    ]);
+    let (ok, summary, err) = replay(&args);
+    assert!(ok, "{summary}{err}");
+    summary
+}
+
+/// `qgate-agent audit export --format jsonl --db DB`, one value per row.
+fn export(db: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
+        .args(["audit", "export", "--format", "jsonl", "--db"])
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -15,34 +46,13 @@ fn replaying_a_capture_stores_every_statement_with_its_outcome() {
     };
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("replay.sqlite");
-    let out = Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
-        .args(["replay", "--pcap"])
-        .arg(&pcap)
-        .arg("--db")
-        .arg(&db)
-        .output()
-        .unwrap();
-    let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{summary}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let summary = replay_ok(&pcap, &db, &[]);
     assert!(
         summary.contains("22 statements (22 answered, 5 with an error)"),
         "{summary}"
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
-        .args(["audit", "export", "--format", "jsonl", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = export(&db);
     assert_eq!(rows.len(), 22);
     assert!(rows
         .iter()
@@ -238,29 +248,8 @@ fn a_mysql_capture_replays_with_its_port_named() {
     };
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("replay.sqlite");
-    let out = Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
-        .args(["replay", "--mysql-port", "20130", "--pcap"])
-        .arg(&pcap)
-        .arg("--db")
-        .arg(&db)
-        .output()
-        .unwrap();
-    let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{summary}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(env!("CARGO_BIN_EXE_qgate-agent"))
-        .args(["audit", "export", "--format", "jsonl", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    replay_ok(&pcap, &db, &["--mysql-port", "20130"]);
+    let rows = export(&db);
     let texts: Vec<&str> = rows.iter().filter_map(|r| r["text"].as_str()).collect();
     assert_eq!(
         texts,
