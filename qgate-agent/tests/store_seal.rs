@@ -42,7 +42,8 @@ fn sealed_store(dir: &std::path::Path) -> std::path::PathBuf {
     std::thread::sleep(Duration::from_millis(300));
     let mid: i64 = reader(&db)
         .query_row(
-            "SELECT count(*) FROM statement_log WHERE sealed_in IS NOT NULL",
+            "SELECT (SELECT count(*) FROM statement_log WHERE sealed_in IS NOT NULL)
+                  + (SELECT count(*) FROM statement_pages p, json_each(p.body))",
             [],
             |r| r.get(0),
         )
@@ -88,9 +89,73 @@ fn an_untouched_store_verifies_and_every_row_is_covered() {
     assert!(report.groups >= 2, "passes and shutdown: {report:?}");
 }
 
+/// SQL that sets `path` (e.g. `[3]`: the text) of statement `id`'s element
+/// in its page (`store::pages`) to `value` (an SQL expression).
+fn page_edit(id: i64, path: &str, value: &str) -> String {
+    format!(
+        "UPDATE statement_pages SET body = json_set(body, '$[' || (SELECT j.key
+             FROM json_each(statement_pages.body) j
+             WHERE statement_pages.id + (j.value ->> 0) = {id}) || ']{path}', {value})
+         WHERE {id} BETWEEN id AND last_id"
+    )
+}
+
+/// SQL that removes statement `id`'s element from its page.
+fn page_remove(id: i64) -> String {
+    format!(
+        "UPDATE statement_pages SET body = json_remove(body, '$[' || (SELECT j.key
+             FROM json_each(statement_pages.body) j
+             WHERE statement_pages.id + (j.value ->> 0) = {id}) || ']')
+         WHERE {id} BETWEEN id AND last_id"
+    )
+}
+
+#[test]
+fn completed_statements_are_written_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sealed_store(dir.path());
+    let conn = reader(&db);
+    let (pages, rows): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM statement_pages), (SELECT count(*) FROM statement_log)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((pages, rows), (1, 0), "one batch, one page, no row");
+    let read: Vec<(i64, i64, String, Option<i64>)> = conn
+        .prepare("SELECT id, connection_id, text, rows FROM statements ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        read,
+        [
+            (1, 1, "SELECT 1".to_owned(), Some(1)),
+            (2, 1, "DELETE FROM orders WHERE id = 7".to_owned(), Some(1)),
+            (3, 2, "SELECT 1".to_owned(), Some(1)),
+        ]
+    );
+}
+
 /// Each tampering, on a fresh copy, and the table and row verify must name.
 #[test]
 fn every_tampering_with_a_sealed_row_is_named() {
+    let edit_text = page_edit(2, "[3]", "'DELETE FROM orders WHERE id = 8'");
+    let edit_rows = page_edit(2, "[13]", "0");
+    let delete = page_remove(2);
+    let take_out = format!(
+        "INSERT INTO statement_log (id, connection_id, seq, text, path, received_at,
+                                    completed_at, outcome, command_tag, rows)
+             SELECT id, connection_id, seq, text, path, received_at, completed_at, outcome,
+                    command_tag, rows FROM statements WHERE id = 2;
+         {delete}"
+    );
+    let forge_in_page = "UPDATE statement_pages SET body = json_insert(body, '$[#]',
+         json_array(99 - id, 1, 3, 'GRANT ALL ON orders TO bob', NULL, 'simple', NULL, 1, 2,
+                    'ok', NULL, NULL, 'GRANT', NULL, NULL, NULL, NULL))";
     let cases: &[(&str, &str, &str, i64)] = &[
         (
             "a repeated text edited in its shared row (the second SELECT 1 uses it)",
@@ -98,37 +163,39 @@ fn every_tampering_with_a_sealed_row_is_named() {
             "statements",
             3,
         ),
+        ("an inline text edited in its page", &edit_text, "statements", 2),
         (
-            "an inline text edited",
-            "UPDATE statement_log SET text = 'DELETE FROM orders WHERE id = 8' WHERE id = 2",
+            "a statement's outcome rewritten in its page",
+            &edit_rows,
+            "statements",
+            2,
+        ),
+        ("a statement deleted from its page", &delete, "statements", 2),
+        (
+            "a statement taken out of its page into an unsealed row",
+            &take_out,
             "statements",
             2,
         ),
         (
-            "a statement's outcome rewritten",
-            "UPDATE statement_log SET rows = 0 WHERE id = 2",
-            "statements",
-            2,
-        ),
-        (
-            "a statement deleted",
-            "DELETE FROM statement_log WHERE id = 2",
-            "statements",
-            2,
-        ),
-        (
-            "a statement taken out of its group",
-            "UPDATE statement_log SET sealed_in = NULL WHERE id = 2",
-            "statements",
-            2,
-        ),
-        (
-            "a statement forged into a group",
-            "INSERT INTO statement_log (id, connection_id, seq, text, path, received_at, sealed_in)
-             SELECT 99, 1, 3, 'GRANT ALL ON orders TO bob', 'simple', 1, sealed_in
-             FROM statement_log WHERE id = 1",
+            "a statement forged into a page",
+            forge_in_page,
             "statements",
             99,
+        ),
+        (
+            "a statement forged into a group as a row",
+            "INSERT INTO statement_log (id, connection_id, seq, text, path, received_at, sealed_in)
+             SELECT 99, 1, 3, 'GRANT ALL ON orders TO bob', 'simple', 1, sealed_in
+             FROM statement_pages LIMIT 1",
+            "statements",
+            99,
+        ),
+        (
+            "a page moved to another group",
+            "UPDATE statement_pages SET sealed_in = (SELECT max(id) FROM seals WHERE audit_id != 0 AND id != statement_pages.sealed_in)",
+            "statements",
+            1,
         ),
         (
             "a connection's user edited",

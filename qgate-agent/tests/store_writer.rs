@@ -16,6 +16,11 @@ fn spawn(db: &std::path::Path) -> Writer {
 }
 
 /// A second, independent connection, as the CLI would open.
+/// Statements whose text is stored inline (not by reference), in rows and
+/// in pages.
+const INLINE_TEXTS: &str = "SELECT (SELECT count(*) FROM statement_log WHERE text IS NOT NULL)
+    + (SELECT count(*) FROM statement_pages p, json_each(p.body) j WHERE j.value ->> 3 IS NOT NULL)";
+
 fn reader(db: &std::path::Path) -> Connection {
     Store::open(db).unwrap().into_conn()
 }
@@ -582,13 +587,7 @@ fn texts_are_stored_once_and_exported_whole_for_every_statement() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(stored, texts);
-    let inline: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM statement_log WHERE text IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let inline: i64 = conn.query_row(INLINE_TEXTS, [], |r| r.get(0)).unwrap();
     assert_eq!(inline, 4, "first sightings and the one-off");
     let mut out = Vec::new();
     let n = qgate_agent::store::export::export_statements(
@@ -752,8 +751,7 @@ fn a_repeated_text_with_a_password_is_stored_redacted_every_time() {
     assert_eq!(texts, vec!["ALTER ROLE app PASSWORD '[redacted]'"; 4]);
     let (inline, shared): (i64, i64) = conn
         .query_row(
-            "SELECT (SELECT count(*) FROM statement_log WHERE text IS NOT NULL),
-                    (SELECT count(*) FROM statement_texts)",
+            &format!("SELECT ({INLINE_TEXTS}), (SELECT count(*) FROM statement_texts)"),
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -765,7 +763,8 @@ fn a_repeated_text_with_a_password_is_stored_redacted_every_time() {
     let dump: String = conn
         .query_row(
             "SELECT group_concat(coalesce(text, ''), '|') FROM
-               (SELECT text FROM statement_log UNION ALL SELECT text FROM statement_texts)",
+               (SELECT text FROM statement_log UNION ALL SELECT text FROM statement_texts
+                UNION ALL SELECT body FROM statement_pages)",
             [],
             |r| r.get(0),
         )

@@ -151,10 +151,11 @@ fn report(db: &std::path::Path, since_ago: i64, json: bool) -> anyhow::Result<Ex
         })
     }
     {
-        let mut stmt = conn.prepare(
-            "SELECT rule, decision, count(*) FROM statement_log
-             WHERE rule IS NOT NULL AND received_at >= ?1 GROUP BY rule, decision",
-        )?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT rule, decision, count(*) FROM {}
+             WHERE rule IS NOT NULL GROUP BY rule, decision",
+            crate::store::pages::statement_source("?1", "9223372036854775807", "-1")
+        ))?;
         let mut rows = stmt.query([since])?;
         while let Some(row) = rows.next()? {
             let (rule, decision, n): (String, Option<String>, i64) =

@@ -28,12 +28,12 @@ const MAX_TEXTS: usize = 20_000;
 pub fn suggest(store: &Store, since: i64) -> anyhow::Result<String> {
     let conn = store.conn();
     // Distinct (user, database, application, client, text), with counts.
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare(&format!(
         "SELECT c.user, c.database, c.application, c.client_addr, s.text, count(*)
-         FROM statements s JOIN connections c ON c.id = s.connection_id
-         WHERE s.received_at >= ?1
+         FROM {} s JOIN connections c ON c.id = s.connection_id
          GROUP BY 1, 2, 3, 4, 5 ORDER BY count(*) DESC LIMIT ?2",
-    )?;
+        crate::store::pages::statement_source("?1", "9223372036854775807", "-1")
+    ))?;
     type Row = (
         Option<String>,
         Option<String>,

@@ -276,18 +276,23 @@ SELECT s.id, c.id, s.seq, c.user, c.database, c.application,
        s.outcome, s.sqlstate, s.error_message, s.command_tag, s.rows,
        s.decision, coalesce(s.rule, r.rule), s.request_id, r.status, r.closed_by, r.closed_at,
        r.justification
-FROM statements s
+FROM {source} s
 JOIN connections c ON c.id = s.connection_id
 LEFT JOIN requests r ON r.id = s.request_id
-WHERE s.received_at >= ?1 AND s.received_at < ?2";
+WHERE 1 = 1";
 
 /// The query for `filter` and its arguments.
 fn statement_query(filter: &StatementFilter) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let mut sql = STATEMENT_SELECT.to_owned();
+    // Time and id bounds prune the pages before they are expanded.
+    let mut sql = STATEMENT_SELECT.replace(
+        "{source}",
+        &super::pages::statement_source("?1", "?2", "?3"),
+    );
     let mut args: Vec<Value> = vec![
         Value::Integer(filter.range.since.unwrap_or(i64::MIN)),
         Value::Integer(filter.range.until.unwrap_or(i64::MAX)),
+        Value::Integer(filter.after.unwrap_or(i64::MIN)),
     ];
     let mut and = |clause: &str, value: Value| {
         args.push(value);
@@ -313,9 +318,6 @@ fn statement_query(filter: &StatementFilter) -> (String, Vec<rusqlite::types::Va
     }
     if let Some(rule) = &filter.rule {
         and("s.rule = ?", Value::Text(rule.clone()));
-    }
-    if let Some(after) = filter.after {
-        and("s.id > ?", Value::Integer(after));
     }
     match filter.decision {
         None => {}

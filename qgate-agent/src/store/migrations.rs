@@ -227,6 +227,10 @@ ALTER TABLE capture_loss ADD COLUMN hook_lost INTEGER NOT NULL DEFAULT 0;
         name: "capture_0007_seals",
         sql: super::seal::MIGRATION_SQL,
     },
+    Migration {
+        name: "capture_0008_statement_pages",
+        sql: super::pages::MIGRATION_SQL,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

@@ -25,10 +25,12 @@
 //! | [`audit`] | the hash-chained log: kinds, append, verify |
 //! | [`export`] | the statement and audit records, their search and export |
 //! | [`stream`] | every record as it happens to JSONL and syslog (`[audit_stream]`) |
+//! | [`pages`] | statements stored a batch per row; the readers' union of rows and pages |
 //! | [`migrations`] | the schema as named, ordered migrations |
 pub mod audit;
 pub mod export;
 pub mod migrations;
+pub mod pages;
 pub mod preapprovals;
 pub mod requests;
 pub mod reviewers;

@@ -304,6 +304,9 @@ pub struct Sealer {
     previous: Vec<i64>,
     /// The open group's digested statements, and its connections.
     statements: Vec<(i64, RowDigest)>,
+    /// Statements written in a page by the current batch, digested: they
+    /// join `statements` when the batch commits.
+    paged: Vec<(i64, RowDigest)>,
     connections: Vec<i64>,
     /// Where the current batch began, to forget it if it rolls back.
     mark: (usize, usize),
@@ -318,6 +321,7 @@ impl Sealer {
             current: Vec::new(),
             previous: Vec::new(),
             statements: Vec::new(),
+            paged: Vec::new(),
             connections: Vec::new(),
             mark: (0, 0),
         })
@@ -343,6 +347,20 @@ impl Sealer {
             self.current.push(row.id);
         }
         self.rows.insert(row.id, hash);
+    }
+
+    /// A final statement written in a page (into [`Sealer::group`]): its
+    /// digest is taken now, so nothing about it may change any more.
+    pub fn paged(
+        &mut self,
+        row: &Written<'_>,
+        completion: &Completed<'_>,
+        decision: DecisionFields,
+    ) {
+        let mut hash = RowHash::start(row);
+        hash.complete(completion);
+        hash.decision = decision;
+        self.paged.push((row.id, hash.digest()));
     }
 
     /// A running statement completed (its row now in [`Sealer::group`]).
@@ -378,6 +396,7 @@ impl Sealer {
     /// The batch committed: digests of the rows final since the one
     /// before, whose decisions had a batch to arrive.
     pub fn committed(&mut self) {
+        self.statements.append(&mut self.paged);
         for id in self.previous.drain(..) {
             if let Some(hash) = self.rows.remove(&id) {
                 self.statements.push((id, hash.digest()));
@@ -390,6 +409,7 @@ impl Sealer {
     /// The batch rolled back: forget what it marked final, and take the
     /// rows it touched from the store again (the retry writes them anew).
     pub fn rolled_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        self.paged.clear();
         self.current.truncate(self.mark.0);
         self.connections.truncate(self.mark.1);
         let final_before: std::collections::HashSet<i64> =
@@ -750,11 +770,13 @@ pub fn verify(conn: &Connection) -> Result<SealReport, StoreError> {
             what: "the group's seals row is gone (its chained entry remains)",
         });
     }
-    for (table, columns, group_column) in [
-        ("statements", STATEMENT_COLUMNS, "l.sealed_in"),
-        ("connections", CONNECTION_COLUMNS, "sealed_in"),
+    // Statements in rows and in pages alike (`store::pages`).
+    let statement_columns = format!("* FROM {}", super::pages::all_statements());
+    for (table, columns) in [
+        ("statements", statement_columns.as_str()),
+        ("connections", CONNECTION_COLUMNS),
     ] {
-        let sql = format!("SELECT {columns} WHERE {group_column} IS NOT NULL ORDER BY 1");
+        let sql = format!("SELECT {columns} WHERE sealed_in IS NOT NULL ORDER BY 1");
         let (sealed, in_open, problem) = verify_table(conn, table, &sql, &mut groups, &open)?;
         if table == "statements" {
             report.statements_sealed = sealed;

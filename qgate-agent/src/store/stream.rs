@@ -493,8 +493,10 @@ fn cursor(conn: &Connection) -> Result<(i64, BTreeSet<i64>, i64), StoreError> {
         return Ok((statements, serde_json::from_str(&waiting)?, audit));
     }
     Ok(conn.query_row(
-        "SELECT (SELECT coalesce(max(id), 0) FROM statement_log),
-                (SELECT coalesce(max(id), 0) FROM audit)",
+        &format!(
+            "SELECT ({}), (SELECT coalesce(max(id), 0) FROM audit)",
+            super::pages::MAX_STATEMENT_ID
+        ),
         [],
         |r| Ok((r.get(0)?, BTreeSet::new(), r.get(1)?)),
     )?)

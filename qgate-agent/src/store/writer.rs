@@ -1,7 +1,6 @@
 //! The live path into the store: wire events in, batched transactions out,
 //! on a thread of its own so the capture thread never waits on the disk.
 use std::{
-    borrow::Cow,
     cell::RefCell,
     collections::HashMap,
     sync::{
@@ -17,6 +16,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use super::{
     insert_capture_loss,
+    pages::{PageBuilder, PageEntry, MAX_STATEMENT_ID},
     seal::{self, Completed, DecisionFields, Sealer, Written},
     sql_count, Store, StoreError,
 };
@@ -238,6 +238,8 @@ impl Writer {
                         texts: Texts::default(),
                         dropped_recorded: 0,
                         sealer,
+                        staging: Staging::default(),
+                        next_id: 1,
                     }
                     .run(rx)
                 }
@@ -419,7 +421,7 @@ struct Texts {
 struct TextRow {
     hash: u64,
     captured: Box<str>,
-    stored: Box<str>,
+    stored: Arc<str>,
     id: i64,
 }
 
@@ -434,9 +436,9 @@ impl Default for Texts {
 }
 
 /// How a statement's text is stored: inline, or as a `statement_texts` row.
-struct StoredText<'t> {
+struct StoredText {
     /// The text as written (credentials redacted).
-    text: Cow<'t, str>,
+    text: Arc<str>,
     row: Option<i64>,
     /// [`Texts::hash`] of the captured text.
     hash: u64,
@@ -450,18 +452,14 @@ impl Texts {
     }
 
     /// How to store `captured`.
-    fn lookup<'t>(
-        &'t mut self,
-        tx: &Connection,
-        captured: &'t str,
-    ) -> Result<StoredText<'t>, StoreError> {
+    fn lookup(&mut self, tx: &Connection, captured: &str) -> Result<StoredText, StoreError> {
         let hash = self.hash(captured);
         let slot = hash as usize & (ROW_SLOTS - 1);
         if matches!(&self.rows[slot], Some(known) if known.hash == hash && *known.captured == *captured)
         {
             let known = self.rows[slot].as_ref().expect("matched above");
             return Ok(StoredText {
-                text: Cow::Borrowed(&known.stored),
+                text: Arc::clone(&known.stored),
                 row: Some(known.id),
                 hash,
             });
@@ -472,7 +470,7 @@ impl Texts {
         if *recent != hash {
             *recent = hash;
             return Ok(StoredText {
-                text,
+                text: Arc::from(text.as_ref()),
                 row: None,
                 hash,
             });
@@ -484,11 +482,11 @@ impl Texts {
         let row = self.rows[slot].insert(TextRow {
             hash,
             captured: captured.into(),
-            stored: text.into_owned().into(),
+            stored: Arc::from(text.as_ref()),
             id,
         });
         Ok(StoredText {
-            text: Cow::Borrowed(&row.stored),
+            text: Arc::clone(&row.stored),
             row: Some(id),
             hash,
         })
@@ -497,6 +495,40 @@ impl Texts {
     /// After a rolled-back transaction: rows it wrote are gone.
     fn forget_rows(&mut self) {
         self.rows.fill(None);
+    }
+}
+
+/// A statement received and not written yet. The batch after the one that
+/// received it writes it (or sooner: a flush, a quiet moment, a seal):
+/// into a page when it has completed by then (nearly all do), as a
+/// `statement_log` row otherwise (`store::pages`). Its completion and
+/// decision land here meanwhile, without SQL.
+struct Staged {
+    id: i64,
+    connection_id: i64,
+    seq: i64,
+    text: Arc<str>,
+    text_id: Option<i64>,
+    path: &'static str,
+    statement_name: Option<String>,
+    received_at: UnixNanos,
+    completion: Option<(Completion, UnixNanos)>,
+    decision: DecisionFields,
+}
+
+/// The staged statements, in id order.
+#[derive(Default)]
+struct Staging {
+    entries: Vec<Staged>,
+    /// Entries before this index were staged by an earlier batch: the next
+    /// batch writes them.
+    settled: usize,
+}
+
+impl Staging {
+    fn get_mut(&mut self, id: i64) -> Option<&mut Staged> {
+        let i = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        self.entries.get_mut(i)
     }
 }
 
@@ -510,6 +542,9 @@ struct BatchWriter {
     dropped_recorded: u64,
     /// Seals final rows into the audit chain (`store::seal`).
     sealer: Sealer,
+    staging: Staging,
+    /// The next statement id (rows and pages share one sequence).
+    next_id: i64,
 }
 
 impl BatchWriter {
@@ -526,9 +561,20 @@ impl BatchWriter {
                 last_seal = Instant::now();
                 self.close_group();
             }
-            let first = match rx.recv_timeout(self.config.seal_every) {
+            // Staged statements wait for the next batch, or a quiet moment.
+            let wait = if self.staging.entries.is_empty() {
+                self.config.seal_every
+            } else {
+                self.config.batch_wait
+            };
+            let first = match rx.recv_timeout(wait) {
                 Ok(first) => first,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if !self.staging.entries.is_empty() {
+                        self.write(&[], true);
+                    }
+                    continue;
+                }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             };
             let deadline = Instant::now() + self.config.batch_wait;
@@ -551,9 +597,12 @@ impl BatchWriter {
                 }
             }
             for chunk in batch.chunks(self.config.batch_max.max(1)) {
-                self.write(chunk);
+                self.write(chunk, false);
             }
             batch.clear();
+            if !flushes.is_empty() && !self.staging.entries.is_empty() {
+                self.write(&[], true);
+            }
             for done in flushes.drain(..) {
                 // The flusher may have given up waiting; nothing to tell then.
                 let _ = done.send(());
@@ -566,6 +615,10 @@ impl BatchWriter {
 
     /// Closes the open seal group (see [`Sealer::close`]).
     fn close_group(&mut self) {
+        // Staged statements go into the group closing.
+        if !self.staging.entries.is_empty() {
+            self.write(&[], true);
+        }
         let result = self.sealer.close(&self.conn, clock::now());
         self.sealed(result);
     }
@@ -595,15 +648,18 @@ impl BatchWriter {
         }
     }
 
-    fn write(&mut self, batch: &[Record]) {
+    /// Writes `batch` and the statements staged before it (all of them
+    /// with `settle_all`) in one transaction, retried on failure.
+    fn write(&mut self, batch: &[Record], settle_all: bool) {
         let events = batch
             .iter()
             .filter(|r| matches!(r, Record::Event(_) | Record::Decided(_)))
             .count() as u64;
         let mut last_error = None;
+        let mark = (self.staging.entries.len(), self.next_id);
         for attempt in 1..=self.config.attempts.max(1) {
             let mut undo = Vec::new();
-            match self.try_write(batch, &mut undo) {
+            match self.try_write(batch, &mut undo, settle_all) {
                 Ok(()) => {
                     self.sealer.committed();
                     self.counters.written.fetch_add(events, Ordering::Relaxed);
@@ -617,6 +673,8 @@ impl BatchWriter {
                     for step in undo.into_iter().rev() {
                         self.undo(step);
                     }
+                    self.staging.entries.truncate(mark.0);
+                    self.next_id = mark.1;
                     self.texts.forget_rows();
                     if let Err(e) = self.sealer.rolled_back(&self.conn) {
                         tracing::warn!("store writer: re-reading unsealed rows: {e}");
@@ -652,10 +710,18 @@ impl BatchWriter {
         }
     }
 
-    fn try_write(&mut self, batch: &[Record], undo: &mut Vec<Undo>) -> Result<(), StoreError> {
+    fn try_write(
+        &mut self,
+        batch: &[Record],
+        undo: &mut Vec<Undo>,
+        settle_all: bool,
+    ) -> Result<(), StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Past every id stored (a store another writer used before).
+        let stored: i64 = tx.query_row(MAX_STATEMENT_ID, [], |r| r.get(0))?;
+        self.next_id = self.next_id.max(stored + 1);
         let mut unmatched = 0;
         // A statement that completes within the batch (nearly all do: a
         // batch spans milliseconds) is written once, whole, not inserted
@@ -689,13 +755,14 @@ impl BatchWriter {
                     };
                     let mut ctx = Apply {
                         tx: &tx,
-                        insert_statement: &mut insert_statement,
                         connections: &mut self.connections,
                         texts: &mut self.texts,
                         undo,
                         replayed_from: self.config.replayed_from.as_deref(),
                         late_after_seal: &self.counters.late_after_seal,
                         sealer: &mut self.sealer,
+                        staging: &mut self.staging,
+                        next_id: &mut self.next_id,
                     };
                     match ctx.apply(event, completed.map(|(_, c, at)| (c, at)))? {
                         Applied::Matched => {}
@@ -710,13 +777,14 @@ impl BatchWriter {
                 Record::Decided(decided) => {
                     let mut ctx = Apply {
                         tx: &tx,
-                        insert_statement: &mut insert_statement,
                         connections: &mut self.connections,
                         texts: &mut self.texts,
                         undo,
                         replayed_from: self.config.replayed_from.as_deref(),
                         late_after_seal: &self.counters.late_after_seal,
                         sealer: &mut self.sealer,
+                        staging: &mut self.staging,
+                        next_id: &mut self.next_id,
                     };
                     if let Applied::Unmatched = ctx.decided(decided)? {
                         unmatched += 1;
@@ -730,6 +798,17 @@ impl BatchWriter {
                 )?,
             }
         }
+        let settle = if settle_all {
+            self.staging.entries.len()
+        } else {
+            self.staging.settled
+        };
+        write_staged(
+            &tx,
+            &mut insert_statement,
+            &self.staging.entries[..settle],
+            &mut self.sealer,
+        )?;
         drop(insert_statement);
         let dropped = self.counters.dropped.load(Ordering::Relaxed);
         if dropped > self.dropped_recorded {
@@ -745,6 +824,8 @@ impl BatchWriter {
             ))?;
         }
         tx.commit()?;
+        self.staging.entries.drain(..settle);
+        self.staging.settled = self.staging.entries.len();
         self.dropped_recorded = dropped;
         self.counters
             .unmatched
@@ -766,28 +847,101 @@ enum Applied {
 /// Every statement's row (prepared once per batch: the statement cache's
 /// lookup hashes the whole SQL text each time).
 const INSERT_STATEMENT: &str =
-    "INSERT INTO statement_log (connection_id, seq, text, text_id, path, statement_name,
-         received_at, completed_at, outcome, sqlstate, error_message, command_tag, rows,
-         decision, rule, request_id, sealed_in)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+    "INSERT INTO statement_log (id, connection_id, seq, text, text_id, path, statement_name,
+         received_at, decision, rule, request_id)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+/// Writes staged statements: the completed ones in one page, the others
+/// as rows (their completion comes later, as an UPDATE).
+fn write_staged(
+    tx: &Connection,
+    insert_statement: &mut rusqlite::CachedStatement<'_>,
+    staged: &[Staged],
+    sealer: &mut Sealer,
+) -> Result<(), StoreError> {
+    let mut page = PageBuilder::default();
+    for s in staged {
+        let written = Written {
+            id: s.id,
+            connection_id: s.connection_id,
+            seq: s.seq,
+            text: &s.text,
+            path: s.path,
+            statement_name: s.statement_name.as_deref(),
+            received_at: s.received_at,
+        };
+        let inline = s.text_id.is_none().then_some(&*s.text);
+        let decision = &s.decision;
+        let Some((c, at)) = &s.completion else {
+            insert_statement.execute(rusqlite::params![
+                s.id,
+                s.connection_id,
+                s.seq,
+                inline,
+                s.text_id,
+                s.path,
+                s.statement_name,
+                s.received_at,
+                decision.decision,
+                decision.rule,
+                decision.request_id,
+            ])?;
+            sealer.written(&written, None, decision.clone());
+            continue;
+        };
+        let completed = Completed {
+            completed_at: Some(*at),
+            outcome: outcome_name(&c.outcome),
+            sqlstate: c.sqlstate.as_deref(),
+            error_message: c.message.as_deref(),
+            command_tag: c.tag.as_deref(),
+            rows: c.rows.map(sql_count),
+        };
+        page.push(
+            s.id,
+            PageEntry {
+                offset: 0,
+                connection_id: s.connection_id,
+                seq: s.seq,
+                text: inline,
+                text_id: s.text_id,
+                path: s.path,
+                statement_name: s.statement_name.as_deref(),
+                received_at: s.received_at,
+                completed_at: completed.completed_at,
+                outcome: completed.outcome,
+                sqlstate: completed.sqlstate,
+                error_message: completed.error_message,
+                command_tag: completed.command_tag,
+                rows: completed.rows,
+                decision: decision.decision,
+                rule: decision.rule.as_deref(),
+                request_id: decision.request_id,
+            },
+        )?;
+        sealer.paged(&written, &completed, decision.clone());
+    }
+    page.insert(tx, sealer.group())
+}
 
 /// A request's links to the rows of its statement and connection.
 const LINK_REQUEST: &str =
     "UPDATE requests SET statement_id = ?2, connection_id = ?3 WHERE id = ?1";
 
 /// One transaction's view of the writer's state.
-struct Apply<'a, 'tx> {
+struct Apply<'a> {
     tx: &'a Connection,
-    insert_statement: &'a mut rusqlite::CachedStatement<'tx>,
     connections: &'a mut HashMap<ConnId, ConnRows>,
     texts: &'a mut Texts,
     undo: &'a mut Vec<Undo>,
     replayed_from: Option<&'a str>,
     late_after_seal: &'a AtomicU64,
     sealer: &'a mut Sealer,
+    staging: &'a mut Staging,
+    next_id: &'a mut i64,
 }
 
-impl Apply<'_, '_> {
+impl Apply<'_> {
     /// Records a decision on its statement's row, or keeps it for the
     /// statement still to come (see [`Decided`]).
     fn decided(&mut self, decided: &Decided) -> Result<Applied, StoreError> {
@@ -812,14 +966,14 @@ impl Apply<'_, '_> {
         let (row, _) = rows.undecided[at];
         rows.undecided.drain(..=at);
         let d = decided.decision.as_str();
-        if self.sealer.decided(
-            row,
-            DecisionFields {
-                decision: Some(d),
-                rule: Some(decided.rule.clone()),
-                request_id: decided.request,
-            },
-        ) {
+        let fields = DecisionFields {
+            decision: Some(d),
+            rule: Some(decided.rule.clone()),
+            request_id: decided.request,
+        };
+        if let Some(staged) = self.staging.get_mut(row) {
+            staged.decision = fields;
+        } else if self.sealer.decided(row, fields) {
             self.tx
                 .prepare_cached(
                     "UPDATE statement_log SET decision = ?2, rule = ?3, request_id = ?4 WHERE id = ?1",
@@ -947,60 +1101,30 @@ impl Apply<'_, '_> {
                     row: text_id,
                     hash,
                 } = self.texts.lookup(tx, captured)?;
-                let text = text.as_ref();
-                let inline = text_id.is_none().then_some(text);
                 let decided = rows
                     .decided
                     .iter()
                     .position(|(h, d)| *h == hash && d.text == *captured)
                     .and_then(|i| rows.decided.remove(i))
                     .map(|(_, d)| d);
-                self.insert_statement.execute(rusqlite::params![
-                    rows.row,
-                    sql_count(stmt.0),
-                    inline,
+                let row = *self.next_id;
+                *self.next_id += 1;
+                self.staging.entries.push(Staged {
+                    id: row,
+                    connection_id: rows.row,
+                    seq: sql_count(stmt.0),
+                    text,
                     text_id,
-                    path_name(*path),
-                    statement_name,
-                    at,
-                    completion.map(|(_, at)| at),
-                    completion.map_or("unknown", |(c, _)| outcome_name(&c.outcome)),
-                    completion.and_then(|(c, _)| c.sqlstate.as_deref()),
-                    completion.and_then(|(c, _)| c.message.as_deref()),
-                    completion.and_then(|(c, _)| c.tag.as_deref()),
-                    completion.and_then(|(c, _)| c.rows.map(sql_count)),
-                    decided.as_ref().map(|d| d.decision.as_str()),
-                    decided.as_ref().map(|d| d.rule.as_str()),
-                    decided.as_ref().and_then(|d| d.request),
-                    completion.map(|_| self.sealer.group()),
-                ])?;
-                let row = tx.last_insert_rowid();
-                self.sealer.written(
-                    &Written {
-                        id: row,
-                        connection_id: rows.row,
-                        seq: sql_count(stmt.0),
-                        text,
-                        path: path_name(*path),
-                        statement_name: statement_name.as_deref(),
-                        received_at: *at,
-                    },
-                    completion
-                        .map(|(c, at)| Completed {
-                            completed_at: Some(at),
-                            outcome: outcome_name(&c.outcome),
-                            sqlstate: c.sqlstate.as_deref(),
-                            error_message: c.message.as_deref(),
-                            command_tag: c.tag.as_deref(),
-                            rows: c.rows.map(sql_count),
-                        })
-                        .as_ref(),
-                    DecisionFields {
+                    path: path_name(*path),
+                    statement_name: statement_name.clone(),
+                    received_at: *at,
+                    completion: completion.map(|(c, at)| (c.clone(), at)),
+                    decision: DecisionFields {
                         decision: decided.as_ref().map(|d| d.decision.as_str()),
                         rule: decided.as_ref().map(|d| d.rule.clone()),
                         request_id: decided.as_ref().and_then(|d| d.request),
                     },
-                );
+                });
                 match &decided {
                     Some(Decided {
                         request: Some(request),
@@ -1036,6 +1160,10 @@ impl Apply<'_, '_> {
                     return Ok(Applied::Unmatched);
                 };
                 undo.push(Undo::Pending(*conn, *stmt, Some(row)));
+                if let Some(staged) = self.staging.get_mut(row) {
+                    staged.completion = Some((completion.clone(), *at));
+                    return Ok(Applied::Matched);
+                }
                 let Completion {
                     outcome,
                     tag,
