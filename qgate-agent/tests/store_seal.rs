@@ -123,19 +123,72 @@ fn completed_statements_are_written_in_pages() {
         )
         .unwrap();
     assert_eq!((pages, rows), (1, 0), "one batch, one page, no row");
-    let read: Vec<(i64, i64, String, Option<i64>)> = conn
-        .prepare("SELECT id, connection_id, text, rows FROM statements ORDER BY id")
+    type Read = (
+        i64,
+        i64,
+        String,
+        Option<i64>,
+        i64,
+        i64,
+        String,
+        Option<String>,
+    );
+    let read: Vec<Read> = conn
+        .prepare(
+            "SELECT id, connection_id, text, rows, received_at, completed_at, command_tag,
+                    sqlstate FROM statements ORDER BY id",
+        )
         .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        })
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
+    let select = "SELECT 1".to_owned();
+    let delete = "DELETE FROM orders WHERE id = 7".to_owned();
     assert_eq!(
         read,
         [
-            (1, 1, "SELECT 1".to_owned(), Some(1)),
-            (2, 1, "DELETE FROM orders WHERE id = 7".to_owned(), Some(1)),
-            (3, 2, "SELECT 1".to_owned(), Some(1)),
+            (
+                1,
+                1,
+                select.clone(),
+                Some(1),
+                T0 + 2 * MS,
+                T0 + 3 * MS,
+                select.clone(),
+                None
+            ),
+            (
+                2,
+                1,
+                delete,
+                Some(1),
+                T0 + 4 * MS,
+                T0 + 5 * MS,
+                "DELETE 1".into(),
+                None
+            ),
+            (
+                3,
+                2,
+                select.clone(),
+                Some(1),
+                T0 + 9 * MS,
+                T0 + 10 * MS,
+                select,
+                None
+            ),
         ]
     );
 }

@@ -39,8 +39,9 @@ macro_rules! pages_arm {
     () => {
         "SELECT p.id + (j.value ->> 0) AS id, j.value ->> 1 AS connection_id, j.value ->> 2 AS seq,
        coalesce(j.value ->> 3, t.text) AS text, j.value ->> 5 AS path,
-       j.value ->> 6 AS statement_name, j.value ->> 7 AS received_at,
-       j.value ->> 8 AS completed_at, j.value ->> 9 AS outcome, j.value ->> 10 AS sqlstate,
+       j.value ->> 6 AS statement_name, p.base_at + (j.value ->> 7) AS received_at,
+       p.base_at + (j.value ->> 7) + (j.value ->> 8) AS completed_at,
+       j.value ->> 9 AS outcome, j.value ->> 10 AS sqlstate,
        j.value ->> 11 AS error_message, j.value ->> 12 AS command_tag, j.value ->> 13 AS rows,
        j.value ->> 14 AS decision, j.value ->> 15 AS rule, j.value ->> 16 AS request_id,
        p.sealed_in AS sealed_in
@@ -55,8 +56,9 @@ pub const MIGRATION_SQL: &str = concat!(
 -- Statements that completed within their writer batch, one row per batch:
 -- `body` is a JSON array with one element per statement,
 -- [id - page id, connection_id, seq, text or null, text_id or null, path,
---  statement_name, received_at, completed_at, outcome, sqlstate,
---  error_message, command_tag, rows, decision, rule, request_id].
+--  statement_name, received_at - base_at, completed_at - received_at,
+--  outcome, sqlstate, error_message, command_tag, rows, decision, rule,
+--  request_id], trailing nulls left out.
 -- Statement ids come from one sequence shared with `statement_log`: a page
 -- spans ids `id` to `last_id`, and rows may hold ids in between.
 CREATE TABLE statement_pages (
@@ -64,6 +66,7 @@ CREATE TABLE statement_pages (
     last_id   INTEGER NOT NULL,
     first_at  INTEGER NOT NULL,
     last_at   INTEGER NOT NULL,
+    base_at   INTEGER NOT NULL,
     sealed_in INTEGER NOT NULL,
     body      TEXT    NOT NULL
 ) STRICT;
@@ -90,7 +93,7 @@ pub fn statement_source(since: &str, until: &str, after: &str) -> String {
         "({rows} WHERE l.received_at >= {since} AND l.received_at < {until} AND l.id > {after}
 UNION ALL
 {pages} WHERE p.last_at >= {since} AND p.first_at < {until} AND p.last_id > {after}
-    AND (j.value ->> 7) >= {since} AND (j.value ->> 7) < {until}
+    AND p.base_at + (j.value ->> 7) >= {since} AND p.base_at + (j.value ->> 7) < {until}
     AND p.id + (j.value ->> 0) > {after})",
         rows = rows_arm!(),
         pages = pages_arm!(),
@@ -106,9 +109,9 @@ pub fn all_statements() -> String {
 pub const MAX_STATEMENT_ID: &str = "SELECT max(coalesce((SELECT max(id) FROM statement_log), 0),
     coalesce((SELECT max(last_id) FROM statement_pages), 0))";
 
-/// One statement of a page, as its JSON array element.
+/// One statement of a page, as its JSON array element (times as offsets:
+/// see the table's comment).
 pub struct PageEntry<'a> {
-    pub offset: i64,
     pub connection_id: i64,
     pub seq: i64,
     /// Inline (`text_id` is `None`) or by reference.
@@ -117,7 +120,7 @@ pub struct PageEntry<'a> {
     pub path: &'a str,
     pub statement_name: Option<&'a str>,
     pub received_at: i64,
-    pub completed_at: Option<i64>,
+    pub completed_at: i64,
     pub outcome: &'a str,
     pub sqlstate: Option<&'a str>,
     pub error_message: Option<&'a str>,
@@ -128,27 +131,68 @@ pub struct PageEntry<'a> {
     pub request_id: Option<i64>,
 }
 
-impl Serialize for PageEntry<'_> {
+/// An element as written: the entry, its id's offset and its page's base.
+struct Element<'e, 'a> {
+    entry: &'e PageEntry<'a>,
+    offset: i64,
+    base_at: i64,
+}
+
+impl Serialize for Element<'_, '_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut t = serializer.serialize_tuple(17)?;
+        let e = self.entry;
+        // The optional tail, in element order: cut after its last value.
+        fn text(v: Option<&str>) -> Tail<'_> {
+            v.map_or(Tail::Null, Tail::Text)
+        }
+        fn int(v: Option<i64>) -> Tail<'static> {
+            v.map_or(Tail::Null, Tail::Int)
+        }
+        let tail = [
+            text(e.sqlstate),
+            text(e.error_message),
+            text(e.command_tag),
+            int(e.rows),
+            text(e.decision),
+            text(e.rule),
+            int(e.request_id),
+        ];
+        let kept = tail
+            .iter()
+            .rposition(|v| !matches!(v, Tail::Null))
+            .map_or(0, |i| i + 1);
+        let mut t = serializer.serialize_tuple(10 + kept)?;
         t.serialize_element(&self.offset)?;
-        t.serialize_element(&self.connection_id)?;
-        t.serialize_element(&self.seq)?;
-        t.serialize_element(&self.text)?;
-        t.serialize_element(&self.text_id)?;
-        t.serialize_element(self.path)?;
-        t.serialize_element(&self.statement_name)?;
-        t.serialize_element(&self.received_at)?;
-        t.serialize_element(&self.completed_at)?;
-        t.serialize_element(self.outcome)?;
-        t.serialize_element(&self.sqlstate)?;
-        t.serialize_element(&self.error_message)?;
-        t.serialize_element(&self.command_tag)?;
-        t.serialize_element(&self.rows)?;
-        t.serialize_element(&self.decision)?;
-        t.serialize_element(&self.rule)?;
-        t.serialize_element(&self.request_id)?;
+        t.serialize_element(&e.connection_id)?;
+        t.serialize_element(&e.seq)?;
+        t.serialize_element(&e.text)?;
+        t.serialize_element(&e.text_id)?;
+        t.serialize_element(e.path)?;
+        t.serialize_element(&e.statement_name)?;
+        t.serialize_element(&(e.received_at - self.base_at))?;
+        t.serialize_element(&(e.completed_at - e.received_at))?;
+        t.serialize_element(e.outcome)?;
+        for value in &tail[..kept] {
+            t.serialize_element(value)?;
+        }
         t.end()
+    }
+}
+
+/// An optional field of an element.
+enum Tail<'a> {
+    Null,
+    Text(&'a str),
+    Int(i64),
+}
+
+impl Serialize for Tail<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Tail::Null => serializer.serialize_none(),
+            Tail::Text(v) => serializer.serialize_str(v),
+            Tail::Int(v) => serializer.serialize_i64(*v),
+        }
     }
 }
 
@@ -160,24 +204,40 @@ pub struct PageBuilder {
     last_id: i64,
     first_at: i64,
     last_at: i64,
+    base_at: i64,
 }
 
 impl PageBuilder {
+    /// A page for about `statements` statements.
+    pub fn with_capacity(statements: usize) -> PageBuilder {
+        PageBuilder {
+            body: Vec::with_capacity(statements.saturating_mul(128)),
+            ..PageBuilder::default()
+        }
+    }
+
     /// Adds the statement with id `id` (ids added in increasing order).
-    pub fn push(&mut self, id: i64, mut entry: PageEntry<'_>) -> Result<(), serde_json::Error> {
+    pub fn push(&mut self, id: i64, entry: &PageEntry<'_>) -> Result<(), serde_json::Error> {
         let first = *self.first_id.get_or_insert(id);
-        entry.offset = id - first;
         if self.body.is_empty() {
             self.body.push(b'[');
             self.first_at = entry.received_at;
             self.last_at = entry.received_at;
+            self.base_at = entry.received_at;
         } else {
             self.body.push(b',');
         }
         self.first_at = self.first_at.min(entry.received_at);
         self.last_at = self.last_at.max(entry.received_at);
         self.last_id = id;
-        serde_json::to_writer(&mut self.body, &entry)
+        serde_json::to_writer(
+            &mut self.body,
+            &Element {
+                entry,
+                offset: id - first,
+                base_at: self.base_at,
+            },
+        )
     }
 
     /// Inserts the page (nothing when empty).
@@ -193,14 +253,15 @@ impl PageBuilder {
         // serde_json writes UTF-8 only.
         let body = String::from_utf8(self.body).expect("serde_json writes UTF-8");
         tx.prepare_cached(
-            "INSERT INTO statement_pages (id, last_id, first_at, last_at, sealed_in, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO statement_pages (id, last_id, first_at, last_at, base_at, sealed_in, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
         .execute((
             first_id,
             self.last_id,
             self.first_at,
             self.last_at,
+            self.base_at,
             sealed_in,
             body,
         ))?;

@@ -727,7 +727,7 @@ impl BatchWriter {
         // batch spans milliseconds) is written once, whole, not inserted
         // and then updated.
         let mut completions: HashMap<(ConnId, StmtSeq), usize, foldhash::fast::RandomState> =
-            HashMap::default();
+            HashMap::with_capacity_and_hasher(batch.len() / 2 + 1, Default::default());
         for (i, record) in batch.iter().enumerate() {
             if let Record::Event(WireEvent::StatementCompleted { conn, stmt, .. }) = record {
                 completions.entry((*conn, *stmt)).or_insert(i);
@@ -859,7 +859,7 @@ fn write_staged(
     staged: &[Staged],
     sealer: &mut Sealer,
 ) -> Result<(), StoreError> {
-    let mut page = PageBuilder::default();
+    let mut page = PageBuilder::with_capacity(staged.len());
     for s in staged {
         let written = Written {
             id: s.id,
@@ -899,8 +899,7 @@ fn write_staged(
         };
         page.push(
             s.id,
-            PageEntry {
-                offset: 0,
+            &PageEntry {
                 connection_id: s.connection_id,
                 seq: s.seq,
                 text: inline,
@@ -908,7 +907,7 @@ fn write_staged(
                 path: s.path,
                 statement_name: s.statement_name.as_deref(),
                 received_at: s.received_at,
-                completed_at: completed.completed_at,
+                completed_at: *at,
                 outcome: completed.outcome,
                 sqlstate: completed.sqlstate,
                 error_message: completed.error_message,
