@@ -774,3 +774,75 @@ fn a_repeated_text_with_a_password_is_stored_redacted_every_time() {
     assert_eq!(report.first_problem, None, "{report:?}");
     assert_eq!(report.statements_sealed, 4, "{report:?}");
 }
+
+/// A session that changes identity (MySQL's `USE`, `COM_INIT_DB`,
+/// `COM_CHANGE_USER`) is one connection row per identity: statements stay
+/// under the identity they were sent with, a statement running across the
+/// change included, and the old row ends naming the new one. Everything
+/// seals and verifies.
+#[test]
+fn a_new_identity_mid_session_continues_in_a_new_connection_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let writer = spawn(&db);
+    for event in [
+        opened(1, T0),
+        identified(1, "app", "shop", "mariadb", T0 + MS),
+        received(1, 1, "SELECT 1", T0 + 2 * MS),
+        completed_ok(1, 1, "SELECT", Some(1), T0 + 3 * MS),
+        received(1, 2, "SELECT SLEEP(10)", T0 + 4 * MS),
+        // The same identity again: nothing changes.
+        identified(1, "app", "shop", "mariadb", T0 + 5 * MS),
+        identified(1, "app", "other", "mariadb", T0 + 6 * MS),
+        received(1, 3, "DELETE FROM t", T0 + 7 * MS),
+        completed_ok(1, 3, "DELETE", Some(4), T0 + 8 * MS),
+        completed_ok(1, 2, "SELECT", Some(1), T0 + 9 * MS),
+        identified(1, "bob", "bobdb", "mariadb", T0 + 10 * MS),
+        received(1, 4, "SELECT 2", T0 + 11 * MS),
+        completed_ok(1, 4, "SELECT", Some(1), T0 + 12 * MS),
+        closed(1, T0 + 13 * MS),
+    ] {
+        assert!(writer.send(event));
+    }
+    let stats = writer.shutdown().unwrap();
+    assert_eq!((stats.unmatched, stats.failed), (0, 0), "{stats:?}");
+    let conn = reader(&db);
+    let rows: Vec<(String, String, String, Option<i64>)> = conn
+        .prepare(
+            "SELECT s.text, c.user, c.database, c.ended_at FROM statements s
+             JOIN connections c ON c.id = s.connection_id ORDER BY s.seq",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let row = |text: &str, user: &str, db: &str, ended: i64| {
+        (text.to_owned(), user.to_owned(), db.to_owned(), Some(ended))
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row("SELECT 1", "app", "shop", T0 + 6 * MS),
+            row("SELECT SLEEP(10)", "app", "shop", T0 + 6 * MS),
+            row("DELETE FROM t", "app", "other", T0 + 10 * MS),
+            row("SELECT 2", "bob", "bobdb", T0 + 13 * MS),
+        ]
+    );
+    let (connections, linked): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM connections),
+                    (SELECT count(*) FROM capture_events WHERE kind = 'identity_changed')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((connections, linked), (3, 2));
+    let report = qgate_agent::store::seal::verify(&conn).unwrap();
+    assert_eq!(report.first_problem, None, "{report:?}");
+    assert_eq!(
+        (report.statements_sealed, report.connections_sealed),
+        (4, 3),
+        "{report:?}"
+    );
+}

@@ -207,7 +207,8 @@ fn a_whole_session_reads_as_its_events() {
             },
             MysqlEvent::LoggedIn,
             MysqlEvent::ChangeUser {
-                user: "root2".into()
+                user: "root2".into(),
+                database: None
             },
         ],
         "{events:?}"

@@ -211,6 +211,58 @@ fn a_mariadb_sessions_statements_are_stored_with_user_database_rows_and_errors()
     Ok(())
 }
 
+/// `USE` (the client's own command: `COM_INIT_DB`) and a `USE` the server
+/// reads from a `COM_QUERY`: each statement is stored under the database
+/// it ran in, in one connection row per identity.
+#[test]
+fn a_mariadb_session_that_changes_database_is_stored_under_each() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("mysql2")?;
+    let server = Mariadb::start(&lab)?;
+    server.root("CREATE DATABASE depot; GRANT ALL ON depot.* TO 'app'@'%';")?;
+    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    lab.start_agent(&["--config", &config.to_string_lossy()])?;
+    let out = client(
+        &lab,
+        "CREATE TABLE t (a INT); USE depot; CREATE TABLE u (b INT); \
+         /* back */ USE shop; INSERT INTO t VALUES (7)",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.root("SELECT count(*) FROM depot.u")?.trim(), "0");
+    assert_eq!(server.root("SELECT a FROM shop.t")?.trim(), "7");
+    lab.stop_agent()?;
+
+    let store = lab.store()?;
+    let rows: Vec<(String, Option<String>)> = store
+        .prepare(
+            "SELECT s.text, c.database FROM statements s
+             JOIN connections c ON c.id = s.connection_id
+             WHERE c.server_port = ?1 AND s.text NOT LIKE 'select @@version_comment%'
+             ORDER BY s.id",
+        )?
+        .query_map([PORT], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let at = |text: &str| {
+        rows.iter()
+            .find(|(t, _)| t.contains(text))
+            .and_then(|(_, db)| db.clone())
+    };
+    assert_eq!(at("CREATE TABLE t"), Some("shop".into()), "{rows:?}");
+    assert_eq!(at("CREATE TABLE u"), Some("depot".into()), "{rows:?}");
+    assert_eq!(at("INSERT INTO t"), Some("shop".into()), "{rows:?}");
+    let changes: i64 = store.query_row(
+        "SELECT count(*) FROM capture_events WHERE kind = 'identity_changed'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(changes, 2, "{rows:?}");
+    Ok(())
+}
+
 /// By hand, not in CI (a measurement, not a check):
 /// `cargo test -p qgate-e2e --test mysql -- --ignored --nocapture`.
 /// sysbench `oltp_read_only` against MariaDB, direct and with the agent

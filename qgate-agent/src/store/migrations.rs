@@ -231,6 +231,30 @@ ALTER TABLE capture_loss ADD COLUMN hook_lost INTEGER NOT NULL DEFAULT 0;
         name: "capture_0008_statement_pages",
         sql: super::pages::MIGRATION_SQL,
     },
+    Migration {
+        name: "capture_0009_identity_changed",
+        sql: r#"
+-- A session that changed its identity (MySQL's COM_CHANGE_USER,
+-- COM_INIT_DB, USE) is one connection row per identity: the old row ends
+-- with an 'identity_changed' event naming the row that continues it.
+-- SQLite cannot widen a CHECK in place: the table is rebuilt.
+CREATE TABLE capture_events_new (
+    id            INTEGER PRIMARY KEY,
+    connection_id INTEGER REFERENCES connections (id),
+    kind          TEXT    NOT NULL CHECK (kind = 'gap' OR kind = 'undecodable'
+                                          OR kind = 'cancel_request' OR kind = 'writer_dropped'
+                                          OR kind = 'identity_changed'),
+    detail        TEXT,
+    at            INTEGER NOT NULL
+) STRICT;
+INSERT INTO capture_events_new (id, connection_id, kind, detail, at)
+    SELECT id, connection_id, kind, detail, at FROM capture_events;
+DROP TABLE capture_events;
+ALTER TABLE capture_events_new RENAME TO capture_events;
+CREATE INDEX capture_events_at ON capture_events (at);
+CREATE INDEX capture_events_connection ON capture_events (connection_id);
+"#,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

@@ -386,6 +386,8 @@ struct ConnRows {
     undecided: std::collections::VecDeque<(i64, u64)>,
     /// Decisions whose statement has not been written yet, oldest first.
     decided: std::collections::VecDeque<(u64, Decided)>,
+    /// The user and database of `row`, once identified.
+    identity: Option<(Option<String>, Option<String>)>,
 }
 
 /// How to undo the in-memory effect of a batch whose transaction rolled back.
@@ -1030,6 +1032,7 @@ impl Apply<'_> {
                     pending: HashMap::new(),
                     undecided: Default::default(),
                     decided: Default::default(),
+                    identity: None,
                 };
                 undo.push(Undo::Conn(*conn, connections.insert(*conn, rows)));
             }
@@ -1062,9 +1065,48 @@ impl Apply<'_> {
             ))?;
             }
             WireEvent::Identified { conn, identity, at } => {
-                let Some(rows) = connections.get(conn) else {
+                let Some(rows) = connections.get_mut(conn) else {
                     return Ok(Applied::Unmatched);
                 };
+                let who = (identity.user.clone(), identity.database.clone());
+                if rows.identity.as_ref().is_some_and(|known| *known != who) {
+                    // A new identity mid-session (MySQL's COM_CHANGE_USER,
+                    // COM_INIT_DB, USE): the statements before it stay
+                    // under the old one. The row ends here, sealed as an
+                    // ended connection, and a new row continues it.
+                    undo.push(Undo::Conn(*conn, Some(rows.clone())));
+                    let old = rows.row;
+                    tx.prepare_cached(
+                        "UPDATE connections SET ended_at = ?2, sealed_in = ?3 WHERE id = ?1",
+                    )?
+                    .execute((old, at, self.sealer.group()))?;
+                    self.sealer.connection_ended(old);
+                    tx.prepare_cached(
+                        "INSERT INTO connections (client_addr, client_port, server_addr, server_port,
+                             mid_stream, started_at, replayed_from, encrypted, transport, gated_by,
+                             backend_pid)
+                         SELECT client_addr, client_port, server_addr, server_port, 0, ?2,
+                             replayed_from, encrypted, transport, gated_by, backend_pid
+                         FROM connections WHERE id = ?1",
+                    )?
+                    .execute((old, at))?;
+                    rows.row = tx.last_insert_rowid();
+                    tx.prepare_cached(
+                        "INSERT INTO capture_events (connection_id, kind, detail, at)
+                         VALUES (?1, 'identity_changed', ?2, ?3)",
+                    )?
+                    .execute((
+                        old,
+                        format!(
+                            "continued as connection {}: user {}, database {}",
+                            rows.row,
+                            identity.user.as_deref().unwrap_or("unknown"),
+                            identity.database.as_deref().unwrap_or("unknown")
+                        ),
+                        at,
+                    ))?;
+                }
+                rows.identity = Some(who);
                 tx.prepare_cached(
                 "UPDATE connections SET user = ?2, database = ?3, application = ?4, identified_at = ?5 WHERE id = ?1",
             )?

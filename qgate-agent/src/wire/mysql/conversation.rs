@@ -59,6 +59,7 @@ pub enum MysqlEvent {
     /// `COM_CHANGE_USER` asked (accepted with the next `LoggedIn`).
     ChangeUser {
         user: String,
+        database: Option<String>,
     },
     Quit,
     /// The stream stopped being decodable; nothing more is read from it.
@@ -317,8 +318,11 @@ impl Conversation {
                 self.phase = Phase::Done;
                 false
             }
-            Command::ChangeUser { user } => {
-                out.push(MysqlEvent::ChangeUser { user: user.clone() });
+            Command::ChangeUser { user, database } => {
+                out.push(MysqlEvent::ChangeUser {
+                    user: user.clone(),
+                    database: database.clone(),
+                });
                 true
             }
             Command::InitDb { .. }

@@ -291,6 +291,9 @@ pub enum Command {
     },
     ChangeUser {
         user: String,
+        /// The database it names (`None` when it names none, or when the
+        /// packet's tail is not in the 4.1 layout).
+        database: Option<String>,
     },
     Ping,
     /// Anything else the server knows (statistics, kill, set option, …):
@@ -361,9 +364,17 @@ pub fn command(payload: &[u8], capabilities: u32) -> Result<Command, MysqlError>
         command::STMT_FETCH => Command::Fetch {
             statement_id: id(&mut f)?,
         },
-        command::CHANGE_USER => Command::ChangeUser {
-            user: text(f.cstr()?),
-        },
+        command::CHANGE_USER => {
+            let user = text(f.cstr()?);
+            // 4.1 layout: auth data (1-byte length), then the database.
+            let database = (|| {
+                let auth = f.u8().ok()?;
+                f.take(usize::from(auth)).ok()?;
+                Some(text(f.cstr().ok()?))
+            })()
+            .filter(|d| !d.is_empty());
+            Command::ChangeUser { user, database }
+        }
         command::PING => Command::Ping,
         command::FIELD_LIST
         | command::STATISTICS

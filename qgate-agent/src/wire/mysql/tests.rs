@@ -668,3 +668,122 @@ fn random_bytes_never_panic() {
         let _ = converse(&mut c, &steps);
     }
 }
+
+/// `COM_INIT_DB`, `USE` (plain, unreadable, hidden in an executable
+/// comment, failed) and `COM_CHANGE_USER`, through the tracker's MySQL
+/// streams: each accepted one is a new identity, reported after the
+/// statement that made it; a failed one changes nothing.
+#[test]
+fn identity_changes_are_followed() {
+    use super::track::MysqlStreams;
+    use crate::wire::{tcp::Delivery, ConnId, WireEvent};
+
+    let mut change_user = b"\x11bob\0".to_vec();
+    change_user.push(20);
+    change_user.extend_from_slice(&[0xCD; 20]);
+    change_user.extend_from_slice(b"bobdb\0");
+    change_user.extend_from_slice(&45u16.to_le_bytes());
+    change_user.extend_from_slice(b"mysql_native_password\0");
+    let script = vec![
+        (false, pkt(0, &greeting_payload(0xf7fe, 0x81bf))),
+        (true, pkt(1, &login_payload(CLIENT, "app", Some("shop")))),
+        (false, ok(2, 0, 2)),
+        (true, pkt(0, b"\x02other")),
+        (false, ok(1, 0, 2)),
+        (true, pkt(0, b"\x03  use `third`")),
+        (false, ok(1, 0, 2)),
+        (true, pkt(0, b"\x03USE nowhere")),
+        (false, err(1, 1049, "42000", "Unknown database 'nowhere'")),
+        (true, pkt(0, b"\x03SELECT 1; /*!40101 USE fourth */")),
+        (false, ok(1, 0, 2 | packet::MORE_RESULTS)),
+        (false, ok(2, 0, 2)),
+        (true, pkt(0, b"\x03USE fifth")),
+        (false, ok(1, 0, 2)),
+        (true, pkt(0, b"\x03/*M!100100 USE sixth */")),
+        (false, ok(1, 0, 2)),
+        (true, pkt(0, &change_user)),
+        (false, ok(1, 0, 2)),
+        (true, pkt(0, b"\x03SELECT 2")),
+        (false, ok(1, 0, 2)),
+    ];
+    let mut streams = MysqlStreams::new(false);
+    let (mut client_at, mut server_at) = (0u64, 0u64);
+    let mut events = Vec::new();
+    for (i, (from_client, bytes)) in script.iter().enumerate() {
+        let offset = if *from_client {
+            &mut client_at
+        } else {
+            &mut server_at
+        };
+        streams.feed(
+            *from_client,
+            ConnId(1),
+            Delivery::Data {
+                offset: *offset,
+                bytes,
+            },
+            i as i64,
+            &mut events,
+        );
+        *offset += bytes.len() as u64;
+    }
+    let seen: Vec<(Option<String>, Option<String>, Option<String>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            WireEvent::Identified { identity, .. } => Some((
+                identity.user.clone(),
+                identity.database.clone(),
+                identity.application.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let who = |user: &str, db: Option<&str>| {
+        (
+            Some(user.to_owned()),
+            db.map(str::to_owned),
+            Some("mariadb".to_owned()),
+        )
+    };
+    assert_eq!(
+        seen,
+        vec![
+            who("app", Some("shop")),
+            who("app", Some("other")),
+            who("app", Some("third")),
+            // MySQL's executable comment runs, and is read.
+            who("app", Some("fourth")),
+            who("app", Some("fifth")),
+            // MariaDB's runs too, and is not read: the database is unknown.
+            who("app", None),
+            who("bob", Some("bobdb")),
+        ]
+    );
+    // Each new identity comes after the statement that made it.
+    let order: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            WireEvent::Identified { .. } => Some("identified"),
+            WireEvent::StatementCompleted { .. } => Some("completed"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "identified",
+            "identified",
+            "completed",
+            "identified",
+            "completed",
+            "completed",
+            "identified",
+            "completed",
+            "identified",
+            "completed",
+            "identified",
+            "identified",
+            "completed"
+        ]
+    );
+}

@@ -33,6 +33,12 @@ pub(crate) struct MysqlStreams {
     next_stmt: u64,
     /// TLS was asked for.
     pub(crate) encrypted: bool,
+    /// Who the session is now: the login, then each accepted
+    /// `COM_CHANGE_USER`, `COM_INIT_DB` or `USE` (each reported again as
+    /// `Identified`, so the statements after it are stored under it).
+    identity: Option<Identity>,
+    /// A `COM_CHANGE_USER` asked for, until the server answers it.
+    changing_user: Option<(String, Option<String>)>,
 }
 
 /// A reported statement waiting for its completion, results folded so far.
@@ -41,6 +47,67 @@ struct Due {
     stmt: StmtSeq,
     rows: u64,
     error: Option<(u16, Option<String>, String)>,
+    /// The statement is a `USE`: the database it names once it succeeds
+    /// (`Some(None)`: a `USE` whose name qgate could not read).
+    use_database: Option<Option<String>>,
+}
+
+/// The database a `USE` statement switches to: `None` when `text` is not a
+/// `USE`, `Some(None)` when it is one qgate cannot read the name of (the
+/// session's database is then unknown, never guessed). MariaDB runs the
+/// inside of `/*! … */` comments: a `USE` hidden there counts as unread.
+fn use_database(text: &str) -> Option<Option<String>> {
+    use sqlparser::{
+        ast::{ObjectNamePart, Statement, Use},
+        dialect::MySqlDialect,
+        keywords::Keyword,
+        parser::Parser,
+        tokenizer::{Token, Tokenizer},
+    };
+    let dialect = MySqlDialect {};
+    let lower = text.to_ascii_lowercase();
+    let hidden_use = (lower.contains("/*!") || lower.contains("/*m!")) && lower.contains("use");
+    let Ok(statements) = Parser::parse_sql(&dialect, text) else {
+        // Unparsed: is any statement of it a USE?
+        let starts_with_use = Tokenizer::new(&dialect, text)
+            .tokenize()
+            .map_or(true, |tokens| {
+                let mut at_start = true;
+                tokens.iter().any(|token| match token {
+                    Token::Whitespace(_) => false,
+                    Token::SemiColon => {
+                        at_start = true;
+                        false
+                    }
+                    Token::Word(w) => {
+                        std::mem::replace(&mut at_start, false) && w.keyword == Keyword::USE
+                    }
+                    _ => {
+                        at_start = false;
+                        false
+                    }
+                })
+            });
+        return (starts_with_use || hidden_use).then_some(None);
+    };
+    let mut found = None;
+    for statement in statements {
+        if let Statement::Use(used) = statement {
+            found = Some(match used {
+                Use::Object(name) | Use::Database(name) | Use::Schema(name) => {
+                    match name.0.as_slice() {
+                        [ObjectNamePart::Identifier(ident)] => Some(ident.value.clone()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            });
+        }
+    }
+    if found.is_none() && hidden_use {
+        return Some(None);
+    }
+    found
 }
 
 impl MysqlStreams {
@@ -56,6 +123,8 @@ impl MysqlStreams {
             due: VecDeque::new(),
             next_stmt: 0,
             encrypted: false,
+            identity: None,
+            changing_user: None,
         }
     }
 
@@ -118,16 +187,38 @@ impl MysqlStreams {
                 user,
                 database,
                 program,
-            } => out.push(WireEvent::Identified {
+            } => self.identify(
                 conn,
-                identity: Identity {
+                Identity {
                     user: Some(user),
                     database,
                     application: program,
                     settings: Vec::new(),
                 },
                 at,
-            }),
+                out,
+            ),
+            MysqlEvent::ChangeUser { user, database } => {
+                self.changing_user = Some((user, database));
+            }
+            MysqlEvent::LoggedIn => {
+                if let Some((user, database)) = self.changing_user.take() {
+                    let application = self.identity.as_ref().and_then(|i| i.application.clone());
+                    self.identify(
+                        conn,
+                        Identity {
+                            user: Some(user),
+                            database,
+                            application,
+                            settings: Vec::new(),
+                        },
+                        at,
+                        out,
+                    );
+                }
+            }
+            MysqlEvent::LoginFailed { .. } => self.changing_user = None,
+            MysqlEvent::Database { name } => self.use_database(conn, Some(name), at, out),
             MysqlEvent::Encrypted => {
                 self.encrypted = true;
                 out.push(WireEvent::Encrypted { conn, at });
@@ -143,6 +234,7 @@ impl MysqlStreams {
             } => {
                 self.next_stmt += 1;
                 let stmt = StmtSeq(self.next_stmt);
+                let use_database = use_database(&text);
                 out.push(WireEvent::StatementReceived {
                     conn,
                     stmt,
@@ -158,6 +250,7 @@ impl MysqlStreams {
                     stmt,
                     rows: 0,
                     error: None,
+                    use_database,
                 }));
             }
             MysqlEvent::Statement { statement_id, .. } => {
@@ -193,13 +286,17 @@ impl MysqlStreams {
                     }
                 }
                 if !more {
-                    if let Some(Some(due)) = self.due.pop_front() {
+                    if let Some(Some(mut due)) = self.due.pop_front() {
+                        let switched = due.use_database.take().filter(|_| due.error.is_none());
                         out.push(WireEvent::StatementCompleted {
                             conn,
                             stmt: due.stmt,
                             completion: completion(due),
                             at,
                         });
+                        if let Some(database) = switched {
+                            self.use_database(conn, database, at, out);
+                        }
                     }
                 }
             }
@@ -208,15 +305,36 @@ impl MysqlStreams {
                 reason: format!("{side} stream: not MySQL from here on: {error}"),
                 at,
             }),
-            // Greeting, login outcome, COM_INIT_DB, COM_CHANGE_USER, quit:
-            // not yet reported (see the issue's note).
-            MysqlEvent::Greeting { .. }
-            | MysqlEvent::LoggedIn
-            | MysqlEvent::LoginFailed { .. }
-            | MysqlEvent::Database { .. }
-            | MysqlEvent::ChangeUser { .. }
-            | MysqlEvent::Quit => {}
+            // The greeting and the end say nothing the store keeps.
+            MysqlEvent::Greeting { .. } | MysqlEvent::Quit => {}
         }
+    }
+
+    /// The session is now `identity`.
+    fn identify(
+        &mut self,
+        conn: ConnId,
+        identity: Identity,
+        at: UnixNanos,
+        out: &mut Vec<WireEvent>,
+    ) {
+        self.identity = Some(identity.clone());
+        out.push(WireEvent::Identified { conn, identity, at });
+    }
+
+    /// The session's database is now `database` (`None`: unknown).
+    fn use_database(
+        &mut self,
+        conn: ConnId,
+        database: Option<String>,
+        at: UnixNanos,
+        out: &mut Vec<WireEvent>,
+    ) {
+        let Some(mut identity) = self.identity.clone() else {
+            return;
+        };
+        identity.database = database;
+        self.identify(conn, identity, at, out);
     }
 
     /// Statements still waiting end with an unknown outcome.
