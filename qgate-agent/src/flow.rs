@@ -23,6 +23,25 @@ pub struct Flow {
     pub server: SocketAddr,
 }
 
+/// The client/server protocol a connection speaks (by its server port:
+/// `capture.ports` and `capture.mysql_ports`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Postgresql,
+    Mysql,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Postgresql => "postgresql",
+            Protocol::Mysql => "mysql",
+        }
+    }
+}
+
 /// How a session reached the server.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

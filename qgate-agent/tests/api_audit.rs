@@ -212,11 +212,11 @@ async fn audit_exports_as_json_lines_and_csv() {
     );
     let row = lines.next().unwrap_or_default();
     assert!(
-        row.starts_with("12,2,1,bob,crm,app,10.0.0.8,50500,10.0.0.1,5432,tcp,wire,false,,")
-            && row.contains(
-                ",\"UPDATE customers SET vip = true, note = 'a,\"\"b\"\"'\",write,customers,simple,,"
-            )
-            && row.contains(",error,42501,"),
+        row.starts_with(
+            "12,2,1,bob,crm,app,10.0.0.8,50500,10.0.0.1,5432,postgresql,tcp,wire,false,,"
+        ) && row.contains(
+            ",\"UPDATE customers SET vip = true, note = 'a,\"\"b\"\"'\",write,customers,simple,,"
+        ) && row.contains(",error,42501,"),
         "{row}"
     );
 

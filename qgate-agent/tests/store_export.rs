@@ -74,6 +74,7 @@ fn jsonl_has_one_record_per_statement_with_its_connections_identity() {
             client_port: 40_001,
             server_addr: "10.0.0.1".into(),
             server_port: 5432,
+            protocol: "postgresql".into(),
             transport: "tcp".into(),
             gated_by: "wire".into(),
             mid_stream: false,

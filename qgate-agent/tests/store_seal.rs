@@ -257,6 +257,12 @@ fn every_tampering_with_a_sealed_row_is_named() {
             1,
         ),
         (
+            "a connection's protocol cleared (as rows sealed before the column read)",
+            "UPDATE connections SET protocol = NULL WHERE id = 1",
+            "connections",
+            1,
+        ),
+        (
             "a connection deleted",
             "PRAGMA foreign_keys = OFF; DELETE FROM connections WHERE id = 2",
             "connections",
@@ -394,4 +400,29 @@ fn rows_written_in_pieces_verify_while_the_writer_runs_and_after() {
     );
     let problem = verify(&db).first_problem.expect("edited decision found");
     assert_eq!((problem.table, problem.id), ("statements", 1), "{problem}");
+}
+
+/// Connections sealed before the `protocol` column existed (NULL there)
+/// keep verifying; giving one a protocol afterwards is found.
+#[test]
+fn rows_sealed_before_the_protocol_column_still_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("qgate.sqlite");
+    let conn = reader(&db);
+    conn.execute(
+        "INSERT INTO connections (client_addr, client_port, server_addr, server_port, mid_stream,
+                                  started_at, ended_at)
+         VALUES ('10.0.0.7', 40001, '10.0.0.1', 5432, 0, 1, 2)",
+        [],
+    )
+    .unwrap();
+    let sealed = seal::seal_leftovers(&conn, 3).unwrap().expect("a group");
+    assert_eq!(sealed.connections, 1);
+    drop(conn);
+    assert_eq!(verify(&db).first_problem, None);
+    tamper(&db, "UPDATE connections SET protocol = 'mysql'");
+    let problem = verify(&db)
+        .first_problem
+        .expect("a protocol set later is found");
+    assert_eq!((problem.table, problem.id), ("connections", 1), "{problem}");
 }

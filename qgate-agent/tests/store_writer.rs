@@ -219,6 +219,7 @@ fn mid_stream_connection_has_no_identity() {
         server: server(),
         at: T0,
         mid_stream: true,
+        protocol: qgate_agent::flow::Protocol::Postgresql,
     });
     writer.send(received(1, 1, "UPDATE t SET x = 1", T0 + 1));
     writer.shutdown().unwrap();

@@ -260,6 +260,13 @@ fn a_mariadb_session_that_changes_database_is_stored_under_each() -> Result<()> 
         |r| r.get(0),
     )?;
     assert_eq!(changes, 2, "{rows:?}");
+    let protocols: Vec<String> = store
+        .prepare(
+            "SELECT DISTINCT coalesce(protocol, 'NULL') FROM connections WHERE server_port = ?1",
+        )?
+        .query_map([PORT], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    assert_eq!(protocols, ["mysql"], "every row of the session says mysql");
     Ok(())
 }
 

@@ -132,6 +132,8 @@ pub struct StatementRecord {
     pub client_port: u16,
     pub server_addr: String,
     pub server_port: u16,
+    /// `postgresql` or `mysql`.
+    pub protocol: String,
     /// `tcp`, `tls`, `gss`, `unix` or `unknown`.
     pub transport: String,
     /// What read and gated it: `wire` (tc program) or `server_hook`.
@@ -182,7 +184,7 @@ pub struct StatementRecord {
 }
 
 /// CSV header, in [`StatementRecord`]'s field order.
-pub const CSV_HEADER: [&str; 33] = [
+pub const CSV_HEADER: [&str; 34] = [
     "statement_id",
     "connection_id",
     "seq",
@@ -193,6 +195,7 @@ pub const CSV_HEADER: [&str; 33] = [
     "client_port",
     "server_addr",
     "server_port",
+    "protocol",
     "transport",
     "gated_by",
     "mid_stream",
@@ -275,7 +278,7 @@ SELECT s.id, c.id, s.seq, c.user, c.database, c.application,
        s.text, s.path, s.statement_name, s.received_at, s.completed_at,
        s.outcome, s.sqlstate, s.error_message, s.command_tag, s.rows,
        s.decision, coalesce(s.rule, r.rule), s.request_id, r.status, r.closed_by, r.closed_at,
-       r.justification
+       r.justification, coalesce(c.protocol, 'postgresql')
 FROM {source} s
 JOIN connections c ON c.id = s.connection_id
 LEFT JOIN requests r ON r.id = s.request_id
@@ -349,6 +352,7 @@ fn statement_record(row: &rusqlite::Row<'_>) -> Result<StatementRecord, StoreErr
         client_port: row.get(7)?,
         server_addr: row.get(8)?,
         server_port: row.get(9)?,
+        protocol: row.get(31)?,
         transport: row.get(10)?,
         gated_by: row.get(11)?,
         mid_stream: row.get(12)?,
@@ -506,6 +510,7 @@ mod tests {
             client_port: 0,
             server_addr: String::new(),
             server_port: 0,
+            protocol: String::new(),
             transport: String::new(),
             gated_by: String::new(),
             mid_stream: false,

@@ -255,6 +255,16 @@ CREATE INDEX capture_events_at ON capture_events (at);
 CREATE INDEX capture_events_connection ON capture_events (connection_id);
 "#,
     },
+    Migration {
+        name: "capture_0010_connection_protocol",
+        sql: r#"
+-- The protocol a connection speaks. NULL on rows written before this
+-- column (all PostgreSQL): sealed digests leave a NULL protocol out, so
+-- they still verify (`store::seal`).
+ALTER TABLE connections ADD COLUMN protocol TEXT
+    CHECK (protocol IS NULL OR protocol = 'postgresql' OR protocol = 'mysql');
+"#,
+    },
 ];
 
 /// Brings `conn`'s database up to this binary's schema. Safe to call from

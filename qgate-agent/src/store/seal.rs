@@ -133,7 +133,7 @@ const STATEMENT_COLUMNS: &str = "l.id, l.connection_id, l.seq, coalesce(l.text, 
     FROM statement_log l LEFT JOIN statement_texts t ON t.id = l.text_id";
 const CONNECTION_COLUMNS: &str = "id, client_addr, client_port, server_addr, server_port, user,
     database, application, encrypted, mid_stream, started_at, identified_at, ended_at, transport,
-    gated_by, backend_pid, replayed_from, sealed_in FROM connections";
+    gated_by, backend_pid, replayed_from, protocol, sealed_in FROM connections";
 
 /// A row read back: its id, digest and group.
 fn read_row(
@@ -144,6 +144,12 @@ fn read_row(
     let mut fields = Vec::with_capacity(n - 1);
     for i in 0..n - 1 {
         fields.push(Field::from(row.get_ref(i)?));
+    }
+    // Columns added after rows were sealed (`connections.protocol`) are
+    // hashed only when set: a row sealed before them, NULL there, keeps
+    // its digest, and a value set or cleared later still changes it.
+    if table == "connections" && matches!(fields.last(), Some(Field::Null)) {
+        fields.pop();
     }
     Ok((row.get(0)?, digest_of(table, &fields), row.get(n - 1)?))
 }

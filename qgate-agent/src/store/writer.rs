@@ -1013,10 +1013,11 @@ impl Apply<'_> {
                 server,
                 at,
                 mid_stream,
+                protocol,
             } => {
                 tx.prepare_cached(
-                "INSERT INTO connections (client_addr, client_port, server_addr, server_port, mid_stream, started_at, replayed_from)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO connections (client_addr, client_port, server_addr, server_port, mid_stream, started_at, replayed_from, protocol)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute((
                 client.ip().to_string(),
@@ -1026,6 +1027,7 @@ impl Apply<'_> {
                 mid_stream,
                 at,
                 self.replayed_from,
+                protocol.as_str(),
             ))?;
                 let rows = ConnRows {
                     row: tx.last_insert_rowid(),
@@ -1084,9 +1086,9 @@ impl Apply<'_> {
                     tx.prepare_cached(
                         "INSERT INTO connections (client_addr, client_port, server_addr, server_port,
                              mid_stream, started_at, replayed_from, encrypted, transport, gated_by,
-                             backend_pid)
+                             backend_pid, protocol)
                          SELECT client_addr, client_port, server_addr, server_port, 0, ?2,
-                             replayed_from, encrypted, transport, gated_by, backend_pid
+                             replayed_from, encrypted, transport, gated_by, backend_pid, protocol
                          FROM connections WHERE id = ?1",
                     )?
                     .execute((old, at))?;

@@ -70,6 +70,7 @@ pub enum WireEvent {
         server: SocketAddr,
         at: UnixNanos,
         mid_stream: bool,
+        protocol: crate::flow::Protocol,
     },
     /// The connection is read inside the server (the server hook), not on
     /// the wire: how it reached the server and which backend serves it.

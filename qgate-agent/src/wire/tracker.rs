@@ -555,6 +555,11 @@ impl Connection {
                 server: seg.flow.server,
                 at: self.opened_at,
                 mid_stream: self.mid_stream,
+                protocol: if self.mysql.is_some() {
+                    crate::flow::Protocol::Mysql
+                } else {
+                    crate::flow::Protocol::Postgresql
+                },
             });
         }
     }

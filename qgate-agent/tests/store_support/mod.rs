@@ -25,6 +25,7 @@ pub fn opened(conn: u64, at: i64) -> WireEvent {
         server: server(),
         at,
         mid_stream: false,
+        protocol: qgate_agent::flow::Protocol::Postgresql,
     }
 }
 
