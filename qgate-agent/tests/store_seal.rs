@@ -139,18 +139,7 @@ fn completed_statements_are_written_in_pages() {
                     sqlstate FROM statements ORDER BY id",
         )
         .unwrap()
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-            ))
-        })
+        .query_map([], |r| Read::try_from(r))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();

@@ -349,7 +349,14 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
             )))
             .await?;
         match cards.into_iter().next() {
-            Some(card) => Ok(Some(card.text().await?)),
+            // The inbox re-renders a card when its request changes: one
+            // found just before a re-render is gone by the time it is
+            // read, and the next poll finds the new one.
+            Some(card) => match card.text().await {
+                Ok(text) => Ok(Some(text)),
+                Err(e) if e.to_string().contains("stale element") => Ok(None),
+                Err(e) => Err(e.into()),
+            },
             None => Ok(None),
         }
     })

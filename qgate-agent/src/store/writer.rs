@@ -2,7 +2,6 @@
 //! on a thread of its own so the capture thread never waits on the disk.
 use std::{
     cell::RefCell,
-    collections::HashMap,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -12,6 +11,9 @@ use std::{
 };
 
 use crossbeam_channel::{Receiver, Sender};
+
+/// The writer's lookups run a few times per statement: foldhash, not SipHash.
+type HashMap<K, V> = crate::FastMap<K, V>;
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::{
@@ -234,7 +236,7 @@ impl Writer {
                         conn,
                         config,
                         counters,
-                        connections: HashMap::new(),
+                        connections: HashMap::default(),
                         texts: Texts::default(),
                         dropped_recorded: 0,
                         sealer,
@@ -728,7 +730,7 @@ impl BatchWriter {
         // A statement that completes within the batch (nearly all do: a
         // batch spans milliseconds) is written once, whole, not inserted
         // and then updated.
-        let mut completions: HashMap<(ConnId, StmtSeq), usize, foldhash::fast::RandomState> =
+        let mut completions: HashMap<(ConnId, StmtSeq), usize> =
             HashMap::with_capacity_and_hasher(batch.len() / 2 + 1, Default::default());
         for (i, record) in batch.iter().enumerate() {
             if let Record::Event(WireEvent::StatementCompleted { conn, stmt, .. }) = record {
@@ -1031,7 +1033,7 @@ impl Apply<'_> {
             ))?;
                 let rows = ConnRows {
                     row: tx.last_insert_rowid(),
-                    pending: HashMap::new(),
+                    pending: HashMap::default(),
                     undecided: Default::default(),
                     decided: Default::default(),
                     identity: None,
