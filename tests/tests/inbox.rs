@@ -272,6 +272,32 @@ where
     }
 }
 
+/// Runs `step` on the card of request `id`, found afresh, and again on a
+/// new one when the page re-rendered the card under it: the inbox lists
+/// the requests once at sign-in and again once its event stream opens.
+async fn on_card<T, F, Fut>(c: &Client, id: &str, mut step: F) -> Result<T>
+where
+    F: FnMut(fantoccini::elements::Element) -> Fut,
+    Fut: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+{
+    let mut attempt = 0;
+    loop {
+        let card = c
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(&format!("#request-{id}")))
+            .await?;
+        match step(card).await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 5 && e.to_string().contains("stale element") => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 async fn text_of(c: &Client, css: &str) -> Result<String> {
     Ok(c.find(Locator::Css(css)).await?.text().await?)
 }
@@ -292,54 +318,62 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
 
     // Held by the agent: the card appears in the open page, no reload.
     let psql = scene.drop_table.spawn().context("psql")?;
-    let card = until("the held DROP in the inbox", 20, || async {
-        Ok(
-            c.find_all(Locator::Css("article.request[data-status=pending]"))
-                .await?
-                .into_iter()
-                .next(),
-        )
+    let (text, id) = until("the held DROP in the inbox", 20, || async {
+        let Some(card) = c
+            .find_all(Locator::Css("article.request[data-status=pending]"))
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        // Re-rendered under us (see `on_card`): the next poll reads the new one.
+        let read = async {
+            Ok::<_, fantoccini::error::CmdError>((card.text().await?, card.attr("data-id").await?))
+        };
+        match read.await {
+            Ok((text, Some(id))) => Ok(Some((text, id))),
+            Ok((_, None)) => bail!("a request card without data-id"),
+            Err(e) if e.to_string().contains("stale element") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     })
     .await?;
-    let text = card.text().await?;
     assert!(text.contains("DROP TABLE ledger_entries"), "{text}");
     assert!(text.contains("PENDING"), "status in words: {text}");
     assert!(text.contains("postgres"), "the database user: {text}");
     assert!(text.contains("TCP (plaintext)"), "the transport: {text}");
     assert!(text.contains("expires in"), "{text}");
-    let id = card.attr("data-id").await?.context("data-id")?;
     shot(c, scene.browser, "inbox.png").await?;
 
     // pat is the database user who sent it: the page says why not.
     sign_out(c).await?;
     sign_in(c, &scene.base, &scene.pat).await?;
-    let card = c
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css(&format!("#request-{id}")))
-        .await?;
-    let approve = card.find(Locator::Css("button.approve")).await?;
-    assert!(!approve.is_enabled().await?, "pat cannot approve");
-    let why = card.find(Locator::Css(".why-not")).await?.text().await?;
+    let (enabled, why) = on_card(c, &id, |card| async move {
+        let approve = card.find(Locator::Css("button.approve")).await?;
+        let enabled = approve.is_enabled().await?;
+        let why = card.find(Locator::Css(".why-not")).await?.text().await?;
+        Ok((enabled, why))
+    })
+    .await?;
+    assert!(!enabled, "pat cannot approve");
     assert!(why.contains("which is you"), "{why}");
     shot(c, scene.browser, "self-approval.png").await?;
     sign_out(c).await?;
 
     // rita approves with a comment; the card shows who decided.
     sign_in(c, &scene.base, &scene.rita).await?;
-    let card = c
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css(&format!("#request-{id}")))
-        .await?;
     // By keyboard: the comment, Tab to Approve, Enter.
-    let comment = card.find(Locator::Css("textarea")).await?;
-    comment.click().await?;
-    comment.send_keys("checked with the ledger team").await?;
-    comment.send_keys("\u{E004}").await?;
-    let focused = c
-        .execute("return document.activeElement.className;", vec![])
-        .await?;
+    let focused = on_card(c, &id, |card| async move {
+        let comment = card.find(Locator::Css("textarea")).await?;
+        comment.click().await?;
+        comment.clear().await?;
+        comment.send_keys("checked with the ledger team").await?;
+        comment.send_keys("\u{E004}").await?;
+        c.execute("return document.activeElement.className;", vec![])
+            .await
+    })
+    .await?;
     assert_eq!(focused, "approve", "Tab from the comment reaches Approve");
     c.active_element().await?.send_keys("\u{E007}").await?;
     let decided = until("the decision on the card", 15, || async {
