@@ -272,6 +272,11 @@ where
     }
 }
 
+/// The element was replaced in the page since it was found.
+fn is_stale(e: &fantoccini::error::CmdError) -> bool {
+    e.to_string().contains("stale element")
+}
+
 /// Runs `step` on the card of request `id`, found afresh, and again on a
 /// new one when the page re-rendered the card under it: the inbox lists
 /// the requests once at sign-in and again once its event stream opens.
@@ -289,7 +294,7 @@ where
             .await?;
         match step(card).await {
             Ok(v) => return Ok(v),
-            Err(e) if attempt < 5 && e.to_string().contains("stale element") => {
+            Err(e) if attempt < 5 && is_stale(&e) => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -334,7 +339,7 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
         match read.await {
             Ok((text, Some(id))) => Ok(Some((text, id))),
             Ok((_, None)) => bail!("a request card without data-id"),
-            Err(e) if e.to_string().contains("stale element") => Ok(None),
+            Err(e) if is_stale(&e) => Ok(None),
             Err(e) => Err(e.into()),
         }
     })
@@ -388,7 +393,7 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
             // read, and the next poll finds the new one.
             Some(card) => match card.text().await {
                 Ok(text) => Ok(Some(text)),
-                Err(e) if e.to_string().contains("stale element") => Ok(None),
+                Err(e) if is_stale(&e) => Ok(None),
                 Err(e) => Err(e.into()),
             },
             None => Ok(None),

@@ -155,20 +155,7 @@ fn a_mariadb_sessions_statements_are_stored_with_user_database_rows_and_errors()
         Option<String>,
     );
     let rows: Vec<Row> = stmt
-        .query_map([PORT], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
-                r.get(9)?,
-            ))
-        })?
+        .query_map([PORT], |r| Row::try_from(r))?
         .collect::<Result<_, _>>()?;
     let texts: Vec<&str> = rows.iter().map(|r| r.4.as_str()).collect();
     // The client's own statements (after its `select @@version_comment`).
