@@ -34,6 +34,7 @@ fn segments(flow: Flow, dir: Direction, seq: &mut u32, at: &mut i64, bytes: &[u8
                 payload: chunk.to_vec(),
                 truncated: false,
                 held: false,
+                refused: false,
                 tcp_header: Vec::new(),
             };
             *seq = seq.wrapping_add(chunk.len() as u32);
@@ -63,6 +64,7 @@ fn workload(connections: u16, transactions: usize, rows: usize) -> Vec<Segment> 
             payload: Vec::new(),
             truncated: false,
             held: false,
+            refused: false,
             tcp_header: Vec::new(),
         });
         let mut startup = 196_608u32.to_be_bytes().to_vec();

@@ -236,6 +236,7 @@ fn random_segments_never_panic_the_tracker() {
             payload,
             truncated: rng.below(20) == 0,
             held: false,
+            refused: false,
             tcp_header: Vec::new(),
         };
         tracker.on_segment(&segment, &mut events);

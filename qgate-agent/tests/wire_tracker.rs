@@ -170,6 +170,7 @@ impl Conn {
             payload: payload.to_vec(),
             truncated: false,
             held: false,
+            refused: false,
             tcp_header: Vec::new(),
         };
         *seq = seq.wrapping_add(payload.len() as u32 + u32::from(flags & (SYN | FIN) != 0));

@@ -73,6 +73,14 @@ pub mod flags {
     /// The program dropped this segment: it waits for the agent's decision
     /// and only reaches the server if the agent re-injects it.
     pub const HELD: u32 = 1 << 1;
+    /// The program dropped this segment as a new copy of bytes already let
+    /// through that the server has not acknowledged (`refused_segments`).
+    /// It never reaches the server and is not part of the stream; the agent
+    /// re-delivers its own judged copy of those bytes if it has one: the
+    /// server may have lost the copy the agent re-injected (an old
+    /// timestamp, a full receive buffer), and without it the connection
+    /// would wait forever.
+    pub const REFUSED: u32 = 1 << 2;
 }
 
 /// Per-connection gating modes (`FlowState::mode`, `GateConfig::default_mode`).
@@ -125,9 +133,9 @@ pub struct FlowState {
     /// is a retransmission; another one on the live flow is not trusted.
     pub isn: u32,
     /// While `tail`: end of the in-order bytes passed so far. A segment
-    /// beyond it (a hole before it) is held from there on: the server's
+    /// beyond it (a hole before it) is dropped, as if lost: the server's
     /// reassembly of out-of-order overlaps need not match the agent's, so
-    /// past a hole the server gets only what the agent re-injects.
+    /// past a hole the server gets nothing until the client fills it.
     pub pass_until: u32,
     /// The highest acknowledgment the server has sent (tc egress): bytes
     /// before it are in the server's hands, and a copy of them arriving

@@ -139,12 +139,13 @@ fn emit_segment(ctx: &TcContext, seg: &Segment, direction: u8, extra_flags: u32)
     emit.payload_offset = seg.payload_offset;
     emit.offset = 0;
     emit.failed = 0;
-    // A held segment waits for the agent: its last record wakes it.
+    // A held segment waits for the agent, and a refused one may be a
+    // connection waiting for a re-delivery: its last record wakes it.
     emit.wake = ring::wakes(
         &SEGMENTS,
         SEGMENTS_BYTES as u64,
         seg.payload_len as u64 + core::mem::size_of::<SegmentEvent>() as u64,
-        extra_flags & flags::HELD != 0,
+        extra_flags & (flags::HELD | flags::REFUSED) != 0,
     ) as u32;
     let mut skb_ref = SkbRef { skb: ctx.skb.skb };
     // SAFETY: callback and context are valid for the call's duration.

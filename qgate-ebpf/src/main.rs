@@ -80,6 +80,10 @@ mod programs {
                 TC_ACT_SHOT
             }
             Verdict::Drop => TC_ACT_SHOT,
+            Verdict::Refuse => {
+                capture(&ctx, &seg, DIR_TO_SERVER, flags::REFUSED);
+                TC_ACT_SHOT
+            }
         }
     }
 

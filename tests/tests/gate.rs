@@ -752,6 +752,13 @@ fn a_denial_whose_audit_cannot_be_written_is_still_denied_and_names_no_number() 
     Ok(())
 }
 
+/// A client that never finished: the agent's log tells why.
+fn with_log(e: anyhow::Error, lab: &Lab) -> anyhow::Error {
+    let log = lab.agent_log();
+    let tail = &log[log.len().saturating_sub(8000)..];
+    e.context(format!("agent log (tail):\n{tail}"))
+}
+
 /// Pending requests now (none expected: the caller checks).
 fn pending_now(lab: &Lab, token: &str) -> Result<Vec<serde_json::Value>> {
     Ok(lab
@@ -767,7 +774,7 @@ fn large_permitted_statements_run_without_a_request_and_a_large_drop_is_held_who
     // A 300 kB plain read.
     let literal = "x".repeat(300 * 1024);
     let psql = psql_script(&lab, "read.sql", format!("SELECT length('{literal}');\n"))?;
-    let (ok, out, err) = finish(psql, Duration::from_secs(20))?;
+    let (ok, out, err) = finish(psql, Duration::from_secs(20)).map_err(|e| with_log(e, &lab))?;
     assert!(ok, "{err}");
     assert_eq!(out.trim(), (300 * 1024).to_string());
     assert!(
@@ -787,7 +794,7 @@ fn large_permitted_statements_run_without_a_request_and_a_large_drop_is_held_who
     }
     insert.push_str(";\n");
     let psql = psql_script(&lab, "insert.sql", insert)?;
-    let (ok, _, err) = finish(psql, Duration::from_secs(30))?;
+    let (ok, _, err) = finish(psql, Duration::from_secs(30)).map_err(|e| with_log(e, &lab))?;
     assert!(ok, "{err}");
     assert_eq!(
         lab.sql("SELECT count(*) FROM t WHERE id > 100")?,
@@ -818,12 +825,67 @@ fn large_permitted_statements_run_without_a_request_and_a_large_drop_is_held_who
     );
     assert_ne!(request["rule"], "not-understood", "{}", request["rule"]);
     lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
-    let (ok, _, err) = finish(psql, Duration::from_secs(20))?;
+    let (ok, _, err) = finish(psql, Duration::from_secs(20)).map_err(|e| with_log(e, &lab))?;
     assert!(!ok || err.contains("qgate"), "{err}");
     assert!(err.contains("qgate"), "the client is told: {err}");
     assert!(table_exists(&lab)?, "the denied DROP never ran");
     // The session's server side is still fine: a new statement runs.
     assert_eq!(lab.sql("SELECT count(*) FROM t WHERE id <= 3")?, "3");
+    Ok(())
+}
+
+/// The server's TCP loses the copy of a held statement the agent
+/// re-injected (here its netfilter drops the first copy; in the wild an old
+/// timestamp or a full receive buffer): the client's own retransmission of
+/// those bytes is refused in the kernel (the server never acknowledged
+/// bytes let through), so the agent sends its judged copy again under the
+/// retransmission's header and the statement runs. Before, every
+/// retransmission was refused and the session waited forever (seen as a
+/// flaky large-statement test: PAWS dropped a re-injected copy whose
+/// timestamp was older than a later client segment's).
+#[test]
+fn a_released_statement_the_server_lost_is_delivered_again() -> Result<()> {
+    let (lab, _token) = gated_lab("gredeliv")?;
+    let nft = |args: &str| -> Result<()> {
+        let out = lab.in_server("nft").args(args.split(' ')).output()?;
+        if !out.status.success() {
+            bail!("nft {args}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let _ = nft("delete table inet qgate_redeliver");
+    nft("add table inet qgate_redeliver")?;
+    nft("add chain inet qgate_redeliver input { type filter hook input priority 0 ; }")?;
+    // "/*qgrede" at payload offset 5 (after the type byte and the length):
+    // the first copy that reaches the server's IP layer is dropped, later
+    // ones pass (over the limit, the rule no longer matches).
+    nft("add rule inet qgate_redeliver input tcp dport 5432 @ih,40,64 0x2f2a716772656465 limit rate 1/hour burst 1 packets counter drop")?;
+    let sql = "/*qgredeliver*/ INSERT INTO t (id, v) VALUES (9001, 'again');\n";
+    let psql = psql_script(&lab, "redeliver.sql", sql)?;
+    let finished = finish(psql, Duration::from_secs(15)).map_err(|e| with_log(e, &lab));
+    let dropped = lab
+        .in_server("nft")
+        .args(["list", "chain", "inet", "qgate_redeliver", "input"])
+        .output()?;
+    let _ = nft("delete table inet qgate_redeliver");
+    let (ok, _, err) = finished?;
+    assert!(ok, "{err}");
+    let rules = String::from_utf8_lossy(&dropped.stdout);
+    assert!(
+        rules.contains("packets 1 "),
+        "netfilter dropped the first copy: {rules}"
+    );
+    assert_eq!(lab.sql("SELECT v FROM t WHERE id = 9001")?, "again");
+    if !qgate_e2e::server_hook_on() {
+        // The wire path: the kernel refused the client's copy and the agent
+        // delivered its own again.
+        let log = lab.agent_log();
+        assert!(
+            log.contains("re-delivering released bytes the server has not acknowledged"),
+            "{}",
+            &log[log.len().saturating_sub(4000)..]
+        );
+    }
     Ok(())
 }
 

@@ -373,6 +373,8 @@ impl<'a> Agent<'a> {
         // is how often they are drained. Held statements, stopped backends
         // and reviewers' decisions (the eventfd) wake the loop.
         capture.poll(wait, Some(decisions.fd()), |item| match item {
+            // Never reached the server: not part of the stream.
+            Captured::Segment(seg) if seg.refused => gate.on_refused(&seg),
             Captured::Segment(seg) => {
                 gate.before_segment(&seg, pipeline.tracker_mut());
                 pipeline.on_segment(&seg, |tracker, event| gate.on_event(tracker, event));

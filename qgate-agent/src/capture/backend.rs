@@ -261,6 +261,7 @@ impl BackendStreams {
                     payload: r.bytes,
                     truncated: r.truncated,
                     held: false,
+                    refused: false,
                     tcp_header: Vec::new(),
                 }));
                 if announce_after {
@@ -371,6 +372,7 @@ fn control(flow: Flow, direction: Direction, seq: u32, tcp_flags: u8, at: UnixNa
         payload: Vec::new(),
         truncated: false,
         held: false,
+        refused: false,
         tcp_header: Vec::new(),
     }
 }

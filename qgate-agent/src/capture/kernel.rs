@@ -486,6 +486,7 @@ fn segment_from(clock_offset: i64, h: &SegmentEvent) -> Segment {
         payload: Vec::new(),
         truncated: false,
         held: h.flags & flags::HELD != 0,
+        refused: h.flags & flags::REFUSED != 0,
         tcp_header: h.tcp_header[..(h.tcp_header_len as usize).min(h.tcp_header.len())].to_vec(),
     }
 }

@@ -52,6 +52,10 @@ pub struct Segment {
     pub truncated: bool,
     /// The tc program dropped it to wait for a decision (live capture only).
     pub held: bool,
+    /// The tc program refused it: a new copy of bytes already let through
+    /// that the server has not acknowledged (`qgate_common::flags::REFUSED`).
+    /// Not part of the stream: only the gate looks at it.
+    pub refused: bool,
     /// The raw TCP header, options included (live to-server segments only;
     /// empty otherwise): what a re-injected copy is rebuilt from.
     pub tcp_header: Vec<u8>,

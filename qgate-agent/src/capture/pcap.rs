@@ -327,6 +327,7 @@ impl Packet<'_> {
             payload: tcp.payload().to_vec(),
             truncated: incomplete,
             held: false,
+            refused: false,
             tcp_header: Vec::new(),
         })
     }

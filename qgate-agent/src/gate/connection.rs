@@ -73,6 +73,56 @@ impl BackendRead {
     }
 }
 
+/// Bytes the agent re-injected that the server has not acknowledged yet, as
+/// far as the agent knows (the tc egress program's `server_ack`): what is
+/// sent again when the client's own copy of them is refused.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Delivered {
+    pub seq: u32,
+    pub bytes: Vec<u8>,
+    /// When they were last sent again: at most once per
+    /// `REDELIVER_EVERY`, however many copies a client (or someone forging
+    /// its segments) sends.
+    pub redelivered_at: Option<Instant>,
+}
+
+impl Delivered {
+    pub fn end(&self) -> u32 {
+        self.seq.wrapping_add(self.bytes.len() as u32)
+    }
+
+    /// Bytes re-injected at `seq`: appended when they follow the kept ones,
+    /// in their place otherwise (an earlier release was acknowledged or
+    /// the stream moved on).
+    pub fn add(&mut self, seq: u32, bytes: &[u8]) {
+        if self.bytes.is_empty() || seq != self.end() {
+            self.seq = seq;
+            self.bytes.clear();
+        }
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    /// The server acknowledged every byte before `ack`.
+    pub fn acknowledged(&mut self, ack: u32) {
+        if !held::seq_lt(self.seq, ack) {
+            return;
+        }
+        if !held::seq_lt(ack, self.end()) {
+            self.bytes.clear();
+            self.seq = ack;
+            return;
+        }
+        self.bytes.drain(..ack.wrapping_sub(self.seq) as usize);
+        self.seq = ack;
+    }
+
+    /// Whether `[seq, seq + len)` overlaps the kept bytes.
+    pub fn overlaps(&self, seq: u32, len: usize) -> bool {
+        let end = seq.wrapping_add(len as u32);
+        !self.bytes.is_empty() && held::seq_lt(seq, self.end()) && held::seq_lt(self.seq, end)
+    }
+}
+
 /// Everything the gate keeps of one connection.
 #[derive(Default)]
 pub(super) struct GatedConnection {
@@ -86,6 +136,8 @@ pub(super) struct GatedConnection {
     /// dropped before the release took effect and is stale (the server has
     /// those bytes).
     pub released_until: Option<u32>,
+    /// What was re-injected and not acknowledged yet.
+    pub delivered: Option<Delivered>,
     /// Read inside the server by the hook.
     pub hook: Option<HookedSession>,
     /// The server hook stopped its backend after a read.
@@ -101,6 +153,7 @@ impl GatedConnection {
         self.info.is_none()
             && self.held.is_none()
             && self.released_until.is_none()
+            && self.delivered.is_none()
             && self.hook.is_none()
             && self.read.is_none()
             && self.before_hook.is_none()
@@ -146,6 +199,7 @@ impl GatedConnection {
         self.info = None;
         self.before_hook = None;
         self.released_until = None;
+        self.delivered = None;
         if matches!(self.read, Some(BackendRead::Deferred { .. })) {
             self.read = None;
         }
@@ -171,6 +225,42 @@ mod tests {
         let mut c = GatedConnection::default();
         c.released(3);
         assert_eq!(c.unreleased(u32::MAX - 1, b"abcdef"), Some((3, &b"f"[..])));
+    }
+
+    #[test]
+    fn delivered_bytes_follow_releases_and_acknowledgments() {
+        let mut d = Delivered::default();
+        assert!(!d.overlaps(0, 10), "nothing kept");
+        d.add(100, b"abcd");
+        d.add(104, b"ef");
+        assert_eq!(
+            (d.seq, &d.bytes[..]),
+            (100, &b"abcdef"[..]),
+            "contiguous: appended"
+        );
+        assert!(d.overlaps(105, 1) && d.overlaps(90, 11) && !d.overlaps(90, 10));
+        assert!(!d.overlaps(106, 5), "past the end");
+        d.acknowledged(99);
+        assert_eq!(d.seq, 100, "an older acknowledgment changes nothing");
+        d.acknowledged(103);
+        assert_eq!((d.seq, &d.bytes[..]), (103, &b"def"[..]));
+        d.add(200, b"xy");
+        assert_eq!(
+            (d.seq, &d.bytes[..]),
+            (200, &b"xy"[..]),
+            "not contiguous: replaced"
+        );
+        d.acknowledged(500);
+        assert!(
+            d.bytes.is_empty() && !d.overlaps(200, 2),
+            "all acknowledged"
+        );
+        // Across the sequence-number wrap.
+        let mut d = Delivered::default();
+        d.add(u32::MAX - 1, b"abcd");
+        assert!(d.overlaps(1, 1));
+        d.acknowledged(1);
+        assert_eq!((d.seq, &d.bytes[..]), (1, &b"d"[..]));
     }
 
     #[test]

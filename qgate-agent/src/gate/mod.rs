@@ -105,6 +105,9 @@ pub struct GateStats {
     pub denied: u64,
     pub released_bytes: u64,
     pub inject_errors: u64,
+    /// Re-injected bytes sent again because the client's copy of them was
+    /// refused while the server had not acknowledged them.
+    pub redelivered: u64,
     /// Stopped backends sent SIGCONT (server hook).
     pub backends_resumed: u64,
 }
@@ -127,6 +130,9 @@ pub struct Gate {
     /// When the host's socket table was last read for clients that closed
     /// while held (see [`Gate::withdraw_closed_local_clients`]).
     last_socket_look: Instant,
+    /// When re-injected bytes were last checked against the server's
+    /// acknowledgments ([`Gate::forget_acknowledged`]).
+    last_ack_look: Instant,
     /// Server hook: backends stopped and not resumed yet, by pid.
     stopped: HashMap<u32, backend::StoppedBackend>,
     /// `gate.unreadable = "refuse"`: the program holds the TLS handshake of
@@ -178,6 +184,14 @@ enum Outcome {
 /// before it is judged on what was seen (see `PendingSql::incomplete`).
 const STALL: Duration = Duration::from_millis(200);
 
+/// Re-injected bytes are sent again at most this often per connection (a
+/// client's retransmission timer starts at 200 ms).
+const REDELIVER_EVERY: Duration = Duration::from_millis(100);
+
+/// How often re-injected bytes are checked against the server's
+/// acknowledgments, so what it has is not kept.
+const ACK_LOOK_EVERY: Duration = Duration::from_millis(500);
+
 /// Text decided in place of a statement not seen whole: it never parses, so
 /// the policy's rule for unparseable statements applies.
 const INCOMPLETE: &str = "-- qgate: statement not seen whole\n(";
@@ -223,6 +237,7 @@ impl Gate {
             awaited: HashMap::default(),
             recovery: Recovery::default(),
             last_socket_look: Instant::now(),
+            last_ack_look: Instant::now(),
             stopped: HashMap::default(),
             orphan_suspects: std::collections::HashSet::new(),
             refuse_encrypted_sessions: false,
@@ -348,6 +363,7 @@ impl Gate {
             // A new connection on a reused address starts from scratch.
             if let Some(c) = self.conns.get_mut(&seg.flow) {
                 c.released_until = None;
+                c.delivered = None;
             }
             self.tidy(&seg.flow);
         }
@@ -393,11 +409,103 @@ impl Gate {
         tracker.watch(&seg.flow, true);
     }
 
+    /// A copy the tc program refused (`Segment::refused`): the client sent
+    /// bytes again that were let through and that the server has not
+    /// acknowledged. When the agent re-injected them the server may have
+    /// lost that copy: its TCP drops a segment whose timestamp is older
+    /// than one it took since (PAWS: the re-injected copy carries the held
+    /// copy's timestamp, and a later client segment may have passed while
+    /// the statement was judged), or one its full receive buffer cannot
+    /// take. The client keeps retransmitting and every copy is refused, so
+    /// the connection would wait forever: the agent sends its own judged
+    /// bytes again, under this copy's TCP header (the client's latest
+    /// timestamp and acknowledgment). A copy of bytes the program let
+    /// through itself stays refused (counted as `refused_segments`).
+    pub fn on_refused(&mut self, seg: &Segment) {
+        if seg.direction != Direction::ToServer || seg.tcp_header.is_empty() {
+            return;
+        }
+        let acked = self
+            .kernel
+            .state(&seg.flow)
+            .filter(|s| s.known & qgate_common::known::SERVER_ACK != 0)
+            .map(|s| s.server_ack);
+        let Some(c) = self.conns.get_mut(&seg.flow) else {
+            return;
+        };
+        let Some(delivered) = c.delivered.as_mut() else {
+            return;
+        };
+        if let Some(ack) = acked {
+            delivered.acknowledged(ack);
+        }
+        if !delivered.overlaps(seg.seq, seg.payload.len())
+            || delivered
+                .redelivered_at
+                .is_some_and(|t| t.elapsed() < REDELIVER_EVERY)
+        {
+            return;
+        }
+        delivered.redelivered_at = Some(Instant::now());
+        info!(
+            flow = ?seg.flow,
+            copy = seg.seq,
+            seq = delivered.seq,
+            len = delivered.bytes.len(),
+            ?acked,
+            "re-delivering released bytes the server has not acknowledged"
+        );
+        match self
+            .injector
+            .inject(&seg.flow, &seg.tcp_header, delivered.seq, &delivered.bytes)
+        {
+            Ok(()) => self.stats.redelivered += 1,
+            Err(e) => {
+                self.stats.inject_errors += 1;
+                warn!(
+                    "re-delivering {} bytes at {}: {e}",
+                    delivered.bytes.len(),
+                    delivered.seq
+                );
+            }
+        }
+    }
+
+    /// Forgets re-injected bytes the server has acknowledged (at most every
+    /// [`ACK_LOOK_EVERY`]: one map read per connection that has some).
+    fn forget_acknowledged(&mut self) {
+        if self.last_ack_look.elapsed() < ACK_LOOK_EVERY {
+            return;
+        }
+        self.last_ack_look = Instant::now();
+        let kernel = &self.kernel;
+        let mut emptied = Vec::new();
+        for (flow, c) in self.conns.iter_mut() {
+            let Some(delivered) = c.delivered.as_mut() else {
+                continue;
+            };
+            if let Some(state) = kernel
+                .state(flow)
+                .filter(|s| s.known & qgate_common::known::SERVER_ACK != 0)
+            {
+                delivered.acknowledged(state.server_ack);
+            }
+            if delivered.bytes.is_empty() {
+                c.delivered = None;
+                emptied.push(*flow);
+            }
+        }
+        for flow in emptied {
+            self.tidy(&flow);
+        }
+    }
+
     /// Judges held messages the client stopped sending half-way: a statement
     /// longer than the client's congestion window cannot arrive whole while
     /// its first bytes are held, so after [`STALL`] it is decided as a
     /// statement not seen whole (unparseable: the policy's strictest case).
     pub fn tick(&mut self, tracker: &mut Tracker) {
+        self.forget_acknowledged();
         self.watch_stopped();
         self.withdraw_unreturned();
         self.withdraw_closed_local_clients();
@@ -775,6 +883,7 @@ impl Gate {
                 warn!("re-injecting {} bytes at {}: {e}", r.bytes.len(), r.seq);
             }
             self.stats.released_bytes += r.bytes.len() as u64;
+            c.delivered.get_or_insert_default().add(r.seq, &r.bytes);
             let still = r.more_held.then_some(end);
             debug!(
                 ?flow,
