@@ -368,12 +368,49 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
 
     // rita approves with a comment; the card shows who decided.
     sign_in(c, &scene.base, &scene.rita).await?;
-    // By keyboard: the comment, Tab to Approve, Enter.
-    let focused = on_card(c, &id, |card| async move {
+    // By keyboard: the comment, Tab to Approve, Enter. Half-way through,
+    // the inbox renders again (as when another request arrives or its event
+    // stream reconnects): what rita typed and her cursor stay.
+    on_card(c, &id, |card| async move {
         let comment = card.find(Locator::Css("textarea")).await?;
         comment.click().await?;
         comment.clear().await?;
-        comment.send_keys("checked with the ledger team").await?;
+        comment.send_keys("checked with").await
+    })
+    .await?;
+    c.execute(
+        "window.dispatchEvent(new HashChangeEvent('hashchange'));",
+        vec![],
+    )
+    .await?;
+    let (draft, focus) = on_card(c, &id, |card| async move {
+        let draft = card
+            .find(Locator::Css("textarea"))
+            .await?
+            .prop("value")
+            .await?;
+        let focus = c
+            .execute("return document.activeElement.id;", vec![])
+            .await?;
+        Ok((draft, focus))
+    })
+    .await?;
+    assert_eq!(
+        draft.as_deref(),
+        Some("checked with"),
+        "the draft survives a re-render"
+    );
+    assert_eq!(
+        focus,
+        serde_json::json!(format!("comment-{id}")),
+        "so does the focus"
+    );
+    c.active_element()
+        .await?
+        .send_keys(" the ledger team")
+        .await?;
+    let focused = on_card(c, &id, |card| async move {
+        let comment = card.find(Locator::Css("textarea")).await?;
         comment.send_keys("\u{E004}").await?;
         c.execute("return document.activeElement.className;", vec![])
             .await

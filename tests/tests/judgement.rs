@@ -857,6 +857,111 @@ fn a_second_copy_of_bytes_let_through_cannot_carry_other_sql() -> Result<()> {
 }
 
 /// Reads messages until ReadyForQuery.
+/// A Query longer than its segment is held by its end (its start passes):
+/// a segment reaching the end is held, and then a shorter copy of that
+/// segment's start, carrying other bytes and ending before the held tail,
+/// arrives. It must not pass: the server would take its bytes instead of
+/// the held ones the agent judged (and re-injects), and run a DELETE the
+/// agent never saw. With the server hook the backend's read is judged,
+/// whatever the wire did.
+#[test]
+fn a_shorter_copy_of_a_held_tail_cannot_replace_it() -> Result<()> {
+    let (lab, token) = lab("jtail")?;
+    // Timestamps off in the client namespace: the raw segments carry none.
+    let out = lab
+        .in_client("sysctl")
+        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stream = raw_session(&lab)?;
+    let client_port = stream.local_addr()?.port();
+    let (snd, rcv) = queue_seqs(&stream)?;
+    // What the agent judges: one SELECT and a long comment.
+    let mut text = b"SELECT 1 /*".to_vec();
+    text.extend(std::iter::repeat_n(b'x', 1500));
+    text.extend_from_slice(b"*/ ;\0");
+    let query = message(b'Q', &text);
+    let forged: &[u8] = b"*/ ; DELETE FROM victim; /*";
+    // Segments under the veth's MTU: [0, 600) [600, 1000) [1000, end).
+    let (first, cut) = (600usize, 1000usize);
+    assert!(cut + forged.len() + 64 < query.len());
+    let segment = |offset: usize, bytes: &[u8]| -> Result<Vec<u8>> {
+        let builder =
+            etherparse::PacketBuilder::ipv4(lab.client_ip.octets(), lab.server_ip.octets(), 64)
+                .tcp(client_port, PG_PORT, snd.wrapping_add(offset as u32), 64240)
+                .ack(rcv)
+                .psh();
+        let mut out = Vec::with_capacity(builder.size(bytes.len()));
+        builder.write(&mut out, bytes)?;
+        Ok(out)
+    };
+    let packets = [
+        // The start: passes (the kernel holds this Query by its end).
+        segment(0, &query[..first])?,
+        // The bytes before the cut: pass in order.
+        segment(first, &query[first..cut])?,
+        // From the cut to the end: reaches the tail, held.
+        segment(cut, &query[cut..])?,
+        // A shorter copy from the cut, other bytes, ending before the tail.
+        segment(cut, forged)?,
+    ];
+    let server_ip = lab.server_ip;
+    let ns = lab.client_ns.clone();
+    qgate_e2e::in_netns(&ns, move || {
+        for p in &packets[..2] {
+            send_raw(p, server_ip)?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The held segment and its shorter copy back to back: the copy
+        // arrives while the agent is still judging.
+        for p in &packets[2..] {
+            send_raw(p, server_ip)?;
+        }
+        Ok(())
+    })?;
+    // Whatever goes up for review (the hook sees the DELETE) is denied.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        let pending = lab.requests(&token, &["list", "--status", "pending"])?;
+        for r in pending.as_array().cloned().unwrap_or_default() {
+            let id = r["id"].as_i64().context("id")?;
+            lab.requests(&token, &["deny", &id.to_string()])?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The judged statement itself ran: the server had it whole, as judged
+    // (the wrong fix only turns the bypass into a session that waits for
+    // bytes nobody sends).
+    let tag = lab.wait_for(
+        "the judged statement's completion",
+        Duration::from_secs(10),
+        || {
+            let tag: Option<String> = lab
+                .store()?
+                .query_row(
+                    "SELECT command_tag FROM statements \
+                     WHERE text LIKE 'SELECT 1 /*xxx%' AND completed_at IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                )
+                .ok();
+            Ok(tag)
+        },
+    )?;
+    assert_eq!(tag, "SELECT 1");
+    drop(stream);
+    assert_eq!(
+        damage_report(&lab)?,
+        INTACT,
+        "the shorter copy's DELETE ran"
+    );
+    Ok(())
+}
+
 fn read_until_ready(stream: &mut std::net::TcpStream) -> Result<()> {
     use std::io::Read;
     loop {

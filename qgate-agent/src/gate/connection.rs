@@ -2,7 +2,7 @@
 //! ([`GatedConnection`]): made by the first thing the gate learns of the
 //! connection, emptied part by part as its holds end, and dropped in one
 //! place (`Gate::tidy`) when nothing of it is left.
-use std::time::Instant;
+use std::{collections::VecDeque, time::Instant};
 
 use super::{
     held::{self, HeldStream},
@@ -75,51 +75,95 @@ impl BackendRead {
 
 /// Bytes the agent re-injected that the server has not acknowledged yet, as
 /// far as the agent knows (the tc egress program's `server_ack`): what is
-/// sent again when the client's own copy of them is refused.
+/// sent again when the client's own copy of them is refused. Kept as the
+/// ranges released (a lost release followed by bytes the kernel passed
+/// itself and another release stays findable), at most [`MAX_DELIVERED`]
+/// bytes: beyond that the oldest go, and a copy of them is only refused
+/// (the session fails closed rather than the agent keeping without bound
+/// what a server that stopped acknowledging never takes).
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Delivered {
-    pub seq: u32,
-    pub bytes: Vec<u8>,
-    /// When they were last sent again: at most once per
-    /// `REDELIVER_EVERY`, however many copies a client (or someone forging
-    /// its segments) sends.
-    pub redelivered_at: Option<Instant>,
+    ranges: VecDeque<(u32, Vec<u8>)>,
+    bytes: usize,
+    /// The refused copy last answered, and when: the same copy again
+    /// within `REDELIVER_EVERY` is not answered again.
+    pub last: Option<(u32, Instant)>,
 }
 
+/// See [`Delivered`]: as much as the wire stage holds for one connection.
+pub(super) const MAX_DELIVERED: usize = crate::wire::tcp::MAX_HELD_BYTES;
+
 impl Delivered {
-    pub fn end(&self) -> u32 {
-        self.seq.wrapping_add(self.bytes.len() as u32)
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
     }
 
-    /// Bytes re-injected at `seq`: appended when they follow the kept ones,
-    /// in their place otherwise (an earlier release was acknowledged or
-    /// the stream moved on).
+    /// Bytes re-injected at `seq`: appended to the last range when they
+    /// follow it, a new range otherwise.
     pub fn add(&mut self, seq: u32, bytes: &[u8]) {
-        if self.bytes.is_empty() || seq != self.end() {
-            self.seq = seq;
-            self.bytes.clear();
+        if bytes.is_empty() {
+            return;
         }
-        self.bytes.extend_from_slice(bytes);
+        match self.ranges.back_mut() {
+            Some((at, kept)) if at.wrapping_add(kept.len() as u32) == seq => {
+                kept.extend_from_slice(bytes)
+            }
+            _ => self.ranges.push_back((seq, bytes.to_vec())),
+        }
+        self.bytes += bytes.len();
+        while self.bytes > MAX_DELIVERED {
+            let Some((at, front)) = self.ranges.front_mut() else {
+                break;
+            };
+            let over = (self.bytes - MAX_DELIVERED).min(front.len());
+            front.drain(..over);
+            *at = at.wrapping_add(over as u32);
+            self.bytes -= over;
+            if front.is_empty() {
+                self.ranges.pop_front();
+            }
+        }
     }
 
     /// The server acknowledged every byte before `ack`.
     pub fn acknowledged(&mut self, ack: u32) {
-        if !held::seq_lt(self.seq, ack) {
+        while let Some((at, front)) = self.ranges.front_mut() {
+            if !held::seq_lt(*at, ack) {
+                return;
+            }
+            let end = at.wrapping_add(front.len() as u32);
+            if !held::seq_lt(ack, end) {
+                self.bytes -= front.len();
+                self.ranges.pop_front();
+                continue;
+            }
+            let n = ack.wrapping_sub(*at) as usize;
+            front.drain(..n);
+            *at = ack;
+            self.bytes -= n;
             return;
         }
-        if !held::seq_lt(ack, self.end()) {
-            self.bytes.clear();
-            self.seq = ack;
-            return;
-        }
-        self.bytes.drain(..ack.wrapping_sub(self.seq) as usize);
-        self.seq = ack;
     }
 
-    /// Whether `[seq, seq + len)` overlaps the kept bytes.
-    pub fn overlaps(&self, seq: u32, len: usize) -> bool {
+    /// The kept bytes within `[seq, seq + len)`, range by range.
+    pub fn overlapping(&self, seq: u32, len: usize) -> Vec<(u32, &[u8])> {
         let end = seq.wrapping_add(len as u32);
-        !self.bytes.is_empty() && held::seq_lt(seq, self.end()) && held::seq_lt(self.seq, end)
+        self.ranges
+            .iter()
+            .filter_map(|(at, kept)| {
+                let kept_end = at.wrapping_add(kept.len() as u32);
+                let from = if held::seq_lt(*at, seq) { seq } else { *at };
+                let to = if held::seq_lt(end, kept_end) {
+                    end
+                } else {
+                    kept_end
+                };
+                held::seq_lt(from, to).then(|| {
+                    let skip = from.wrapping_sub(*at) as usize;
+                    (from, &kept[skip..skip + to.wrapping_sub(from) as usize])
+                })
+            })
+            .collect()
     }
 }
 
@@ -230,37 +274,70 @@ mod tests {
     #[test]
     fn delivered_bytes_follow_releases_and_acknowledgments() {
         let mut d = Delivered::default();
-        assert!(!d.overlaps(0, 10), "nothing kept");
+        assert!(d.overlapping(0, 10).is_empty(), "nothing kept");
         d.add(100, b"abcd");
         d.add(104, b"ef");
         assert_eq!(
-            (d.seq, &d.bytes[..]),
-            (100, &b"abcdef"[..]),
-            "contiguous: appended"
+            d.overlapping(0, 1000),
+            vec![(100, &b"abcdef"[..])],
+            "contiguous: one range"
         );
-        assert!(d.overlaps(105, 1) && d.overlaps(90, 11) && !d.overlaps(90, 10));
-        assert!(!d.overlaps(106, 5), "past the end");
-        d.acknowledged(99);
-        assert_eq!(d.seq, 100, "an older acknowledgment changes nothing");
-        d.acknowledged(103);
-        assert_eq!((d.seq, &d.bytes[..]), (103, &b"def"[..]));
-        d.add(200, b"xy");
+        assert_eq!(d.overlapping(105, 1), vec![(105, &b"f"[..])]);
         assert_eq!(
-            (d.seq, &d.bytes[..]),
-            (200, &b"xy"[..]),
-            "not contiguous: replaced"
+            d.overlapping(90, 12),
+            vec![(100, &b"ab"[..])],
+            "only the overlap"
         );
+        assert!(d.overlapping(90, 10).is_empty() && d.overlapping(106, 5).is_empty());
+        // Bytes the kernel passed itself in between, then another release:
+        // both releases stay findable.
+        d.add(200, b"xy");
+        assert_eq!(d.overlapping(100, 1), vec![(100, &b"a"[..])]);
+        assert_eq!(
+            d.overlapping(103, 98),
+            vec![(103, &b"def"[..]), (200, &b"x"[..])]
+        );
+        d.acknowledged(99);
+        assert_eq!(
+            d.overlapping(0, 1000).len(),
+            2,
+            "an older acknowledgment changes nothing"
+        );
+        d.acknowledged(103);
+        assert_eq!(
+            d.overlapping(0, 1000),
+            vec![(103, &b"def"[..]), (200, &b"xy"[..])]
+        );
+        d.acknowledged(201);
+        assert_eq!(d.overlapping(0, 1000), vec![(201, &b"y"[..])]);
         d.acknowledged(500);
-        assert!(
-            d.bytes.is_empty() && !d.overlaps(200, 2),
-            "all acknowledged"
-        );
+        assert!(d.is_empty(), "all acknowledged");
         // Across the sequence-number wrap.
         let mut d = Delivered::default();
         d.add(u32::MAX - 1, b"abcd");
-        assert!(d.overlaps(1, 1));
+        assert_eq!(d.overlapping(0, 1), vec![(0, &b"c"[..])]);
         d.acknowledged(1);
-        assert_eq!((d.seq, &d.bytes[..]), (1, &b"d"[..]));
+        assert_eq!(d.overlapping(u32::MAX - 5, 20), vec![(1, &b"d"[..])]);
+    }
+
+    #[test]
+    fn delivered_bytes_are_bounded_and_the_oldest_go() {
+        let mut d = Delivered::default();
+        let chunk = vec![7u8; MAX_DELIVERED / 2];
+        d.add(0, &chunk);
+        d.add(chunk.len() as u32 + 10, &chunk);
+        d.add(2 * chunk.len() as u32 + 10, b"tail");
+        let kept: usize = d
+            .overlapping(0, 3 * chunk.len())
+            .iter()
+            .map(|(_, b)| b.len())
+            .sum();
+        assert_eq!(kept, MAX_DELIVERED);
+        assert!(
+            d.overlapping(0, 4).is_empty(),
+            "the oldest bytes went first"
+        );
+        assert_eq!(d.overlapping(2 * chunk.len() as u32 + 10, 4)[0].1, b"tail");
     }
 
     #[test]

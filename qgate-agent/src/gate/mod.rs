@@ -184,8 +184,8 @@ enum Outcome {
 /// before it is judged on what was seen (see `PendingSql::incomplete`).
 const STALL: Duration = Duration::from_millis(200);
 
-/// Re-injected bytes are sent again at most this often per connection (a
-/// client's retransmission timer starts at 200 ms).
+/// The same refused copy is answered at most this often (a client's
+/// retransmission timer starts at 200 ms).
 const REDELIVER_EVERY: Duration = Duration::from_millis(100);
 
 /// How often re-injected bytes are checked against the server's
@@ -401,8 +401,20 @@ impl Gate {
                 return;
             }
         }
+        // A new hold starts where the kernel's does: bytes of this copy
+        // before it went through already (the server has them, and they
+        // may differ from this copy's), and a copy that arrived out of
+        // order waits for the bytes before it.
+        let base = match self.conns.get(&seg.flow).and_then(|c| c.held.as_ref()) {
+            Some(_) => seq,
+            None => self
+                .kernel
+                .state(&seg.flow)
+                .filter(|s| s.held != 0)
+                .map_or(seq, |s| s.hold_seq),
+        };
         let c = self.record(seg.flow);
-        let stream = c.held.get_or_insert_with(|| HeldStream::new(seq));
+        let stream = c.held.get_or_insert_with(|| HeldStream::new(base));
         stream.add_copy(seq, payload, &seg.tcp_header);
         debug!(flow = ?seg.flow, seq, len = payload.len(), base = stream.base(), data_end = stream.data_end(), "held copy");
         c.last_copy = Some(Instant::now());
@@ -439,36 +451,35 @@ impl Gate {
         if let Some(ack) = acked {
             delivered.acknowledged(ack);
         }
-        if !delivered.overlaps(seg.seq, seg.payload.len())
-            || delivered
-                .redelivered_at
-                .is_some_and(|t| t.elapsed() < REDELIVER_EVERY)
+        if delivered
+            .last
+            .is_some_and(|(seq, t)| seq == seg.seq && t.elapsed() < REDELIVER_EVERY)
         {
             return;
         }
-        delivered.redelivered_at = Some(Instant::now());
+        // Only what this copy covers: no copy makes the agent send more
+        // than it carries.
+        let parts = delivered.overlapping(seg.seq, seg.payload.len());
+        if parts.is_empty() {
+            return;
+        }
         info!(
             flow = ?seg.flow,
             copy = seg.seq,
-            seq = delivered.seq,
-            len = delivered.bytes.len(),
+            len = seg.payload.len(),
             ?acked,
             "re-delivering released bytes the server has not acknowledged"
         );
-        match self
-            .injector
-            .inject(&seg.flow, &seg.tcp_header, delivered.seq, &delivered.bytes)
-        {
-            Ok(()) => self.stats.redelivered += 1,
-            Err(e) => {
-                self.stats.inject_errors += 1;
-                warn!(
-                    "re-delivering {} bytes at {}: {e}",
-                    delivered.bytes.len(),
-                    delivered.seq
-                );
+        for (seq, bytes) in parts {
+            match self.injector.inject(&seg.flow, &seg.tcp_header, seq, bytes) {
+                Ok(()) => self.stats.redelivered += 1,
+                Err(e) => {
+                    self.stats.inject_errors += 1;
+                    warn!("re-delivering {} bytes at {seq}: {e}", bytes.len());
+                }
             }
         }
+        delivered.last = Some((seg.seq, Instant::now()));
     }
 
     /// Forgets re-injected bytes the server has acknowledged (at most every
@@ -484,13 +495,15 @@ impl Gate {
             let Some(delivered) = c.delivered.as_mut() else {
                 continue;
             };
-            if let Some(state) = kernel
-                .state(flow)
-                .filter(|s| s.known & qgate_common::known::SERVER_ACK != 0)
-            {
-                delivered.acknowledged(state.server_ack);
+            match kernel.state(flow) {
+                Some(state) if state.known & qgate_common::known::SERVER_ACK != 0 => {
+                    delivered.acknowledged(state.server_ack)
+                }
+                Some(_) => {}
+                // The kernel forgot the flow: nothing of it is refused now.
+                None => *delivered = Default::default(),
             }
-            if delivered.bytes.is_empty() {
+            if delivered.is_empty() {
                 c.delivered = None;
                 emptied.push(*flow);
             }

@@ -231,26 +231,35 @@ fn decide_flow(
         return Verdict::Drop;
     }
     if state.held != 0 {
+        // Tail mode, the tail not reached in order yet: `pass_until` is the
+        // end of what passed, `hold_seq` the tail.
+        let before_tail = state.tail != 0 && seq_lt(state.pass_until, state.hold_seq);
+        if before_tail && seq_lt(state.pass_until, seg.seq) {
+            // Out of order before the tail (a hole before it), whether or
+            // not it reaches the tail: dropped, as if lost. The server's
+            // reassembly of out-of-order overlaps need not match the
+            // agent's, so it gets no byte past a hole; the client sends
+            // these again once the server's acknowledgments show the hole,
+            // and they pass in order. Holding them instead (from here on)
+            // held the rest of a long message too, and a client whose
+            // window was full of those unacknowledged bytes never sent its
+            // end: the statement was never seen whole and the connection
+            // waited forever (seen with a 1 MiB INSERT on a 2-CPU veth).
+            return Verdict::Drop;
+        }
         if seq_lt(state.hold_seq, end) {
+            if before_tail {
+                // It reaches the tail from where the passed bytes end:
+                // every byte from there waits now, or a shorter copy of
+                // its start (ending before the tail) would pass after it
+                // and the server would take those bytes instead of the
+                // held ones the agent judged.
+                state.hold_seq = state.pass_until;
+            }
             return Verdict::Hold;
         }
-        if state.tail != 0 {
-            if seq_lt(state.pass_until, seg.seq) {
-                // Out of order before the tail (a hole before it): dropped,
-                // as if lost. The server's reassembly of out-of-order
-                // overlaps need not match the agent's, so it gets no byte
-                // past a hole; the client sends these again once the
-                // server's acknowledgments show the hole, and they pass in
-                // order. Holding them instead (from here on) held the rest
-                // of a long message too, and a client whose window was full
-                // of those unacknowledged bytes never sent its end: the
-                // statement was never seen whole and the connection waited
-                // forever (seen with a 1 MiB INSERT on a 2-CPU veth).
-                return Verdict::Drop;
-            }
-            if seq_lt(state.pass_until, end) {
-                state.pass_until = end;
-            }
+        if state.tail != 0 && seq_lt(state.pass_until, end) {
+            state.pass_until = end;
         }
         return Verdict::Pass;
     }

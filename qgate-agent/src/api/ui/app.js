@@ -220,12 +220,35 @@ function closingOf(r) {
     (c.forced ? ' (break-glass)' : '') + (c.comment ? ': “' + c.comment + '”' : ''));
 }
 
+// A reviewer's half-typed comments, by request id: a card rebuilt while
+// they type (its request changed, another request arrived, the event stream
+// reconnected) gets its draft back.
+const drafts = new Map();
+
+// Runs `render`, then puts the focus (and a text field's selection) back on
+// the element with the same id, if it was taken away: replacing or moving a
+// focused element blurs it.
+function keepingFocus(render) {
+  const active = document.activeElement;
+  const id = active && active !== document.body ? active.id : '';
+  const selection = id && typeof active.selectionStart === 'number'
+    ? [active.selectionStart, active.selectionEnd] : null;
+  render();
+  if (!id) return;
+  const again = document.getElementById(id);
+  if (!again || again === document.activeElement) return;
+  again.focus();
+  if (selection && typeof again.setSelectionRange === 'function') again.setSelectionRange(...selection);
+}
+
 function decideForm(r) {
   const refusal = refusalFor(r);
   const comment = el('textarea', { id: 'comment-' + r.id, name: 'comment', maxlength: 2000 });
+  comment.value = drafts.get(r.id) || '';
+  comment.addEventListener('input', () => drafts.set(r.id, comment.value));
   const error = el('p', { class: 'why-not', role: 'alert' });
-  const approve = el('button', { type: 'button', class: 'approve', text: 'Approve' });
-  const deny = el('button', { type: 'button', class: 'deny', text: 'Deny' });
+  const approve = el('button', { type: 'button', class: 'approve', id: 'approve-' + r.id, text: 'Approve' });
+  const deny = el('button', { type: 'button', class: 'deny', id: 'deny-' + r.id, text: 'Deny' });
   if (refusal) {
     approve.disabled = true;
     approve.title = refusal;
@@ -240,6 +263,7 @@ function decideForm(r) {
       const out = await api('/v1/requests/' + r.id + '/' + verdict, {
         method: 'POST', headers: { 'Content-Type': 'application/json' }, body,
       });
+      drafts.delete(r.id);
       upsert(out);
       say('Request #' + r.id + ': ' + (verdict === 'approve' ? 'your approval is recorded' : 'denied') + '.');
     } catch (e) {
@@ -283,19 +307,33 @@ function pending() {
   return [...state.requests.values()].filter((r) => r.status === 'pending').sort((a, b) => b.id - a.id);
 }
 
+// The request each inbox card was built from (as JSON), by card element.
+const cardSigs = new WeakMap();
+
 function renderInbox() {
   if (currentView() !== 'inbox') return;
   setNav('inbox');
   const list = pending();
   $('pending-count').textContent = list.length ? String(list.length) : '';
   const decided = state.decidedHere.map((id) => state.requests.get(id)).filter(Boolean);
-  fill($('main'),
+  // A card whose request did not change is kept as it is (what the reviewer
+  // typed, selected or scrolled stays); only changed and new ones are built.
+  const shown = new Map([...document.querySelectorAll('#main article.request')].map((c) => [c.dataset.id, c]));
+  const kept = (r) => {
+    const sig = JSON.stringify(r);
+    const old = shown.get(String(r.id));
+    if (old && cardSigs.get(old) === sig) return old;
+    const fresh = card(r, false);
+    cardSigs.set(fresh, sig);
+    return fresh;
+  };
+  keepingFocus(() => fill($('main'),
     el('h1', {}, 'Held statements'),
     list.length
-      ? el('div', { id: 'pending' }, list.map((r) => card(r, false)))
+      ? el('div', { id: 'pending' }, list.map(kept))
       : el('p', { class: 'empty', id: 'pending' }, 'Nothing is waiting for review. New held statements appear here as they are held.'),
     decided.length ? el('section', { class: 'decided' }, el('h2', {}, 'Decided since this page opened'),
-      decided.map((r) => card(r, false))) : null);
+      decided.map(kept)) : null));
 }
 
 async function renderRequest(id) {
@@ -570,7 +608,7 @@ function renderCurrent(navigated) {
     else if (state.requests.has(id)) {
       const main = $('main');
       const old = document.getElementById('request-' + id);
-      if (old) old.replaceWith(card(state.requests.get(id), true));
+      if (old) keepingFocus(() => old.replaceWith(card(state.requests.get(id), true)));
       else if (main) renderRequest(id);
     }
   } else if (navigated) renderAudit();
