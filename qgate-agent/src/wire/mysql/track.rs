@@ -65,8 +65,7 @@ fn use_database(text: &str) -> Option<Option<String>> {
         tokenizer::{Token, Tokenizer},
     };
     let dialect = MySqlDialect {};
-    let lower = text.to_ascii_lowercase();
-    let hidden_use = (lower.contains("/*!") || lower.contains("/*m!")) && lower.contains("use");
+    let hidden_use = use_in_executable_comment(text);
     let Ok(statements) = Parser::parse_sql(&dialect, text) else {
         // Unparsed: is any statement of it a USE?
         let starts_with_use = Tokenizer::new(&dialect, text)
@@ -104,10 +103,38 @@ fn use_database(text: &str) -> Option<Option<String>> {
             });
         }
     }
-    if found.is_none() && hidden_use {
+    if hidden_use {
+        // Whether the server runs it depends on its version (`/*!NNNNN`),
+        // which qgate does not model: whatever a plain USE beside it said,
+        // the database is unknown.
         return Some(None);
     }
     found
+}
+
+/// Whether an executable comment (`/*! … */`, `/*M! … */`, which MariaDB
+/// runs when its version is at least the one written after the `!`) holds
+/// the word `USE`. Other executable comments (mysqldump's
+/// `/*!40001 SQL_NO_CACHE */`) and a table named `users` are not one. A
+/// comment opener inside a string literal counts too: the database is then
+/// unknown, never guessed.
+fn use_in_executable_comment(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    let mut rest = lower.as_str();
+    while let Some(at) = rest.find("/*") {
+        let after = &rest[at + 2..];
+        let end = after.find("*/").unwrap_or(after.len());
+        let body = &after[..end];
+        if (body.starts_with('!') || body.starts_with("m!"))
+            && body
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+                .any(|word| word == "use")
+        {
+            return true;
+        }
+        rest = &after[end..];
+    }
+    false
 }
 
 impl MysqlStreams {
@@ -378,5 +405,27 @@ fn completion(due: Due) -> Completion {
             sqlstate,
             message: Some(message),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::use_database;
+
+    #[test]
+    fn a_use_is_read_and_one_in_an_executable_comment_makes_the_database_unknown() {
+        assert_eq!(use_database("  use `third`"), Some(Some("third".into())));
+        assert_eq!(use_database("SELECT 1"), None);
+        // mysqldump's hints and a table named `users` are not a USE.
+        assert_eq!(
+            use_database("SELECT /*!40001 SQL_NO_CACHE */ * FROM users"),
+            None
+        );
+        assert_eq!(use_database("SELECT * FROM users /* use me */"), None);
+        // Run or not by the server's version: unknown, never guessed.
+        assert_eq!(use_database("/*!99999 USE other */"), Some(None));
+        assert_eq!(use_database("/*M!100100 USE sixth */"), Some(None));
+        assert_eq!(use_database("USE a; /*!50000 USE b */"), Some(None));
+        assert_eq!(use_database("SELECT 1; /*!40101 USE fourth */"), Some(None));
     }
 }
