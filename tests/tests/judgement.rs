@@ -962,6 +962,63 @@ fn a_shorter_copy_of_a_held_tail_cannot_replace_it() -> Result<()> {
     Ok(())
 }
 
+/// A segment that comes early (a hole before it) is held from the next
+/// message header, not from its own start: the segment that fills the hole,
+/// here a DELETE, is held too when it comes, and judged. Before, the hold
+/// started at the early segment and the late one passed as "before the
+/// hold", never walked (any reordering or loss did it; raw segments here).
+#[test]
+fn a_segment_that_fills_a_hole_is_judged() -> Result<()> {
+    let (lab, token) = lab("jhole")?;
+    // Timestamps off in the client namespace: the raw segments carry none.
+    let out = lab
+        .in_client("sysctl")
+        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stream = raw_session(&lab)?;
+    let client_port = stream.local_addr()?.port();
+    let (snd, rcv) = queue_seqs(&stream)?;
+    let delete = message(b'Q', b"DELETE FROM victim\0");
+    let select = message(b'Q', b"SELECT 1\0");
+    let segment = |offset: usize, bytes: &[u8]| -> Result<Vec<u8>> {
+        let builder =
+            etherparse::PacketBuilder::ipv4(lab.client_ip.octets(), lab.server_ip.octets(), 64)
+                .tcp(client_port, PG_PORT, snd.wrapping_add(offset as u32), 64240)
+                .ack(rcv)
+                .psh();
+        let mut out = Vec::with_capacity(builder.size(bytes.len()));
+        builder.write(&mut out, bytes)?;
+        Ok(out)
+    };
+    // The SELECT that follows the DELETE first, then the DELETE.
+    let early = segment(delete.len(), &select)?;
+    let late = segment(0, &delete)?;
+    let server_ip = lab.server_ip;
+    let ns = lab.client_ns.clone();
+    qgate_e2e::in_netns(&ns, move || {
+        send_raw(&early, server_ip)?;
+        std::thread::sleep(Duration::from_millis(200));
+        send_raw(&late, server_ip)
+    })?;
+    // Judged: it goes up for review (the hook reads it in the backend).
+    let request = lab
+        .pending_requests(&token, 1, Duration::from_secs(10))?
+        .remove(0);
+    let statement = request["statement"].as_str().unwrap_or_default();
+    assert!(statement.contains("DELETE FROM victim"), "{statement}");
+    let id = request["id"].as_i64().context("id")?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    std::thread::sleep(Duration::from_millis(500));
+    drop(stream);
+    assert_eq!(damage_report(&lab)?, INTACT, "the late DELETE ran");
+    Ok(())
+}
+
 fn read_until_ready(stream: &mut std::net::TcpStream) -> Result<()> {
     use std::io::Read;
     loop {

@@ -147,11 +147,22 @@ impl<T> HeldStream<T> {
         self.absorb_pieces();
     }
 
-    /// Moves pieces that now touch the contiguous data into it.
+    /// Moves pieces that now touch the contiguous data into it, in stream
+    /// order: the one nearest the base first, counted from the base (the
+    /// map's numeric order is not stream order once sequence numbers wrap,
+    /// and absorbing a later piece first would keep other bytes than the
+    /// wire stage's reassembly, which judges them).
     fn absorb_pieces(&mut self) {
         loop {
             let end = self.data_end();
-            let Some((&seq, _)) = self.pieces.iter().find(|(&s, _)| !seq_lt(end, s)) else {
+            let base = self.base;
+            let Some(seq) = self
+                .pieces
+                .keys()
+                .copied()
+                .filter(|&s| !seq_lt(end, s))
+                .min_by_key(|&s| s.wrapping_sub(base))
+            else {
                 return;
             };
             let piece = self.pieces.remove(&seq).unwrap_or_default();
@@ -297,6 +308,21 @@ mod tests {
         h.add_copy(10, b"xyzw", b"");
         h.add_copy(0, b"0123456789", b"");
         assert_eq!(h.peek(0, 14), b"0123456789xyzw");
+    }
+
+    #[test]
+    fn pieces_beyond_a_hole_are_absorbed_in_stream_order_across_the_wrap() {
+        // Two pieces both touch the data once the hole fills: the one
+        // nearer the base goes first (as `wire::tcp`, which counts offsets
+        // from the stream's start), even when the other's sequence number
+        // wrapped to a smaller one.
+        let base = 0xFFFF_FFF0u32;
+        let mut h: HeldStream<&str> = HeldStream::new(base);
+        h.add_copy(base.wrapping_add(10), &[b'A'; 20], b"");
+        h.add_copy(base.wrapping_add(17), &[b'B'; 13], b"");
+        h.add_copy(base, &[b'0'; 20], b"");
+        assert_eq!(h.data_end(), base.wrapping_add(30));
+        assert_eq!(h.peek(base.wrapping_add(20), 10), &[b'A'; 10]);
     }
 
     #[test]

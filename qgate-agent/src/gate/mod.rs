@@ -405,13 +405,21 @@ impl Gate {
         // before it went through already (the server has them, and they
         // may differ from this copy's), and a copy that arrived out of
         // order waits for the bytes before it.
-        let base = match self.conns.get(&seg.flow).and_then(|c| c.held.as_ref()) {
-            Some(_) => seq,
-            None => self
-                .kernel
-                .state(&seg.flow)
-                .filter(|s| s.held != 0)
-                .map_or(seq, |s| s.hold_seq),
+        let base = match self.conns.get(&seg.flow) {
+            Some(c) if c.held.is_some() => seq,
+            known => {
+                let base = self
+                    .kernel
+                    .state(&seg.flow)
+                    .filter(|s| s.held != 0)
+                    .map_or(seq, |s| s.hold_seq);
+                // Never before what was re-injected already (its copies
+                // are trimmed there, so a base before it never fills).
+                match known.and_then(|c| c.released_until) {
+                    Some(until) if held::seq_lt(base, until) => until,
+                    _ => base,
+                }
+            }
         };
         let c = self.record(seg.flow);
         let stream = c.held.get_or_insert_with(|| HeldStream::new(base));

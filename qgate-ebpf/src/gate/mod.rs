@@ -66,6 +66,14 @@ pub fn agent_gone(cfg: &GateConfig) -> bool {
 #[inline(always)]
 pub fn left_to_hook(seg: &Segment, flow: &FlowKey, to_server: bool) -> bool {
     if to_server && seg.tcp_flags & tcp_flags::SYN != 0 {
+        if let Some(state) = FLOWS.get_ptr(flow) {
+            // A SYN on a flow the wire path gates (a session older than the
+            // hook, or a forged SYN naming it) never hands it to the hook:
+            // the hook does not read that backend, and the session would
+            // run ungated. `decide` treats it as a SYN on a live flow.
+            // SAFETY: read of a plain byte of a map value.
+            return unsafe { (*state).phase == phase::HOOKED };
+        }
         let state = FlowState {
             phase: phase::HOOKED,
             ..FlowState::default()
@@ -258,8 +266,20 @@ fn decide_flow(
             }
             return Verdict::Hold;
         }
-        if state.tail != 0 && seq_lt(state.pass_until, end) {
-            state.pass_until = end;
+        if state.tail != 0 {
+            if seq_lt(state.pass_until, end) {
+                state.pass_until = end;
+            }
+            return Verdict::Pass;
+        }
+        // Before the hold: only a copy of bytes already let through may
+        // pass. Bytes never let through were never walked either (the hold
+        // of a connection seen mid-stream, of a denied identity, or one
+        // that began at a segment that came early): held, and if the
+        // agent's held bytes start after them the session waits (fails
+        // closed) rather than the server running them unjudged.
+        if state.known & known::PASSED_END == 0 || seq_lt(state.passed_end, end) {
+            return Verdict::Hold;
         }
         return Verdict::Pass;
     }
@@ -278,13 +298,25 @@ fn decide_flow(
         return Verdict::Pass;
     }
     if seq_lt(state.next_msg_seq, seg.seq) {
-        // A gap: bytes the program never inspected went missing or out of order.
-        return hold(state, seg.seq);
+        // A gap: bytes the program never inspected went missing or out of
+        // order. The hold starts at the next header, not at this segment:
+        // the missing bytes, when they come, are held too (held from here,
+        // they would pass as "before the hold", never walked).
+        return hold(state, state.next_msg_seq);
     }
     let first = state.next_msg_seq.wrapping_sub(seg.seq);
-    match state.phase {
+    let verdict = match state.phase {
         phase::STARTUP => startup(ctx, seg, state, cfg, first),
         phase::READY => messages(ctx, seg, state, first),
         _ => hold(state, seg.seq),
+    };
+    if matches!(verdict, Verdict::Hold)
+        && state.tail == 0
+        && seq_lt(state.hold_seq, state.next_msg_seq)
+    {
+        // A segment straddling the next header: the bytes before it were
+        // walked and passed; the hold starts at the header.
+        state.hold_seq = state.next_msg_seq;
     }
+    verdict
 }
