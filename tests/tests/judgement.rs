@@ -594,6 +594,44 @@ fn a_forged_syn_on_a_live_connection_changes_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A session that connected before the agent (and so before its server
+/// was hooked) is gated on the wire: the hook lets go of its backend. A
+/// forged SYN naming it must not hand it to the hook: the tc programs would
+/// then pass it without looking, and its DROP would run ungated.
+#[test]
+fn a_forged_syn_never_hands_a_wire_gated_session_to_the_hook() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("jsynhk")?;
+    lab.start_postgres()?;
+    lab.sql_via(Via::Unix, SETUP)?;
+    let mut stream = raw_session(&lab)?;
+    lab.start_agent(&[])?;
+    let token = lab.add_reviewer("rita", "reviewers", Some(""))?;
+    // The wire path follows the session from its next statement on.
+    stream.write_all(&message(b'Q', b"DROP TABLE sac\0"))?;
+    deny_pending(&lab, &token, "before the forged SYN", "DROP TABLE sac")?;
+    let std::net::SocketAddr::V4(client) = stream.local_addr()? else {
+        bail!("IPv4 expected");
+    };
+    let server_ip = lab.server_ip;
+    qgate_e2e::in_netns(&lab.client_ns, move || {
+        send_raw_tcp(
+            *client.ip(),
+            client.port(),
+            server_ip,
+            PG_PORT,
+            0x5eed_0000,
+            0x02,
+            false,
+        )
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    stream.write_all(&message(b'Q', b"DROP TABLE sac\0"))?;
+    deny_pending(&lab, &token, "after a forged SYN", "DROP TABLE sac")?;
+    drop(stream);
+    Ok(())
+}
+
 /// One IPv4 TCP segment (no payload) from `src:sport` to `dst:dport` with
 /// sequence `seq` and `flags`, through a raw socket (headers built here,
 /// checksums included); `first_fragment`: sent as the first fragment of a
