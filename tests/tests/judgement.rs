@@ -571,7 +571,14 @@ fn refused_at_startup(lab: &Lab, variable: &str, value: &str) -> Result<()> {
 #[test]
 fn a_forged_syn_on_a_live_connection_changes_nothing() -> Result<()> {
     let (lab, token) = lab("jsyn")?;
-    let mut stream = raw_session(&lab)?;
+    let stream = raw_session(&lab)?;
+    forged_syn_then_drop(&lab, &token, stream)
+}
+
+/// A SYN with `stream`'s four-tuple and another sequence number, sent raw
+/// from the client namespace; then a DROP on `stream`, which must go up for
+/// review (denied, nothing damaged).
+fn forged_syn_then_drop(lab: &Lab, token: &str, mut stream: std::net::TcpStream) -> Result<()> {
     let std::net::SocketAddr::V4(client) = stream.local_addr()? else {
         bail!("IPv4 expected");
     };
@@ -587,9 +594,9 @@ fn a_forged_syn_on_a_live_connection_changes_nothing() -> Result<()> {
             false,
         )
     })?;
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(300));
     stream.write_all(&message(b'Q', b"DROP TABLE sac\0"))?;
-    deny_pending(&lab, &token, "after a forged SYN", "DROP TABLE sac")?;
+    deny_pending(lab, token, "after a forged SYN", "DROP TABLE sac")?;
     drop(stream);
     Ok(())
 }
@@ -610,26 +617,7 @@ fn a_forged_syn_never_hands_a_wire_gated_session_to_the_hook() -> Result<()> {
     // The wire path follows the session from its next statement on.
     stream.write_all(&message(b'Q', b"DROP TABLE sac\0"))?;
     deny_pending(&lab, &token, "before the forged SYN", "DROP TABLE sac")?;
-    let std::net::SocketAddr::V4(client) = stream.local_addr()? else {
-        bail!("IPv4 expected");
-    };
-    let server_ip = lab.server_ip;
-    qgate_e2e::in_netns(&lab.client_ns, move || {
-        send_raw_tcp(
-            *client.ip(),
-            client.port(),
-            server_ip,
-            PG_PORT,
-            0x5eed_0000,
-            0x02,
-            false,
-        )
-    })?;
-    std::thread::sleep(Duration::from_millis(300));
-    stream.write_all(&message(b'Q', b"DROP TABLE sac\0"))?;
-    deny_pending(&lab, &token, "after a forged SYN", "DROP TABLE sac")?;
-    drop(stream);
-    Ok(())
+    forged_syn_then_drop(&lab, &token, stream)
 }
 
 /// One IPv4 TCP segment (no payload) from `src:sport` to `dst:dport` with
@@ -916,7 +904,6 @@ fn a_shorter_copy_of_a_held_tail_cannot_replace_it() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let stream = raw_session(&lab)?;
-    let client_port = stream.local_addr()?.port();
     let (snd, rcv) = queue_seqs(&stream)?;
     // What the agent judges: one SELECT and a long comment.
     let mut text = b"SELECT 1 /*".to_vec();
@@ -927,16 +914,7 @@ fn a_shorter_copy_of_a_held_tail_cannot_replace_it() -> Result<()> {
     // Segments under the veth's MTU: [0, 600) [600, 1000) [1000, end).
     let (first, cut) = (600usize, 1000usize);
     assert!(cut + forged.len() + 64 < query.len());
-    let segment = |offset: usize, bytes: &[u8]| -> Result<Vec<u8>> {
-        let builder =
-            etherparse::PacketBuilder::ipv4(lab.client_ip.octets(), lab.server_ip.octets(), 64)
-                .tcp(client_port, PG_PORT, snd.wrapping_add(offset as u32), 64240)
-                .ack(rcv)
-                .psh();
-        let mut out = Vec::with_capacity(builder.size(bytes.len()));
-        builder.write(&mut out, bytes)?;
-        Ok(out)
-    };
+    let segment = |offset: usize, bytes: &[u8]| raw_segment(&lab, &stream, snd, rcv, offset, bytes);
     let packets = [
         // The start: passes (the kernel holds this Query by its end).
         segment(0, &query[..first])?,
@@ -1019,20 +997,10 @@ fn a_segment_that_fills_a_hole_is_judged() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let stream = raw_session(&lab)?;
-    let client_port = stream.local_addr()?.port();
     let (snd, rcv) = queue_seqs(&stream)?;
     let delete = message(b'Q', b"DELETE FROM victim\0");
     let select = message(b'Q', b"SELECT 1\0");
-    let segment = |offset: usize, bytes: &[u8]| -> Result<Vec<u8>> {
-        let builder =
-            etherparse::PacketBuilder::ipv4(lab.client_ip.octets(), lab.server_ip.octets(), 64)
-                .tcp(client_port, PG_PORT, snd.wrapping_add(offset as u32), 64240)
-                .ack(rcv)
-                .psh();
-        let mut out = Vec::with_capacity(builder.size(bytes.len()));
-        builder.write(&mut out, bytes)?;
-        Ok(out)
-    };
+    let segment = |offset: usize, bytes: &[u8]| raw_segment(&lab, &stream, snd, rcv, offset, bytes);
     // The SELECT that follows the DELETE first, then the DELETE.
     let early = segment(delete.len(), &select)?;
     let late = segment(0, &delete)?;
@@ -1055,6 +1023,31 @@ fn a_segment_that_fills_a_hole_is_judged() -> Result<()> {
     drop(stream);
     assert_eq!(damage_report(&lab)?, INTACT, "the late DELETE ran");
     Ok(())
+}
+
+/// An IPv4 segment of `stream`'s client bytes at `offset` past `snd`
+/// (acknowledging `rcv`), built whole to be sent raw.
+fn raw_segment(
+    lab: &Lab,
+    stream: &std::net::TcpStream,
+    snd: u32,
+    rcv: u32,
+    offset: usize,
+    bytes: &[u8],
+) -> Result<Vec<u8>> {
+    let builder =
+        etherparse::PacketBuilder::ipv4(lab.client_ip.octets(), lab.server_ip.octets(), 64)
+            .tcp(
+                stream.local_addr()?.port(),
+                PG_PORT,
+                snd.wrapping_add(offset as u32),
+                64240,
+            )
+            .ack(rcv)
+            .psh();
+    let mut out = Vec::with_capacity(builder.size(bytes.len()));
+    builder.write(&mut out, bytes)?;
+    Ok(out)
 }
 
 fn read_until_ready(stream: &mut std::net::TcpStream) -> Result<()> {
