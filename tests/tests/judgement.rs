@@ -851,15 +851,7 @@ fn a_second_copy_of_bytes_let_through_cannot_carry_other_sql() -> Result<()> {
     let ns = lab.client_ns.clone();
     qgate_e2e::in_netns(&ns, move || send_raw(&packet, server_ip))?;
     // With the server hook the DELETE is read by the backend and held.
-    let deadline = std::time::Instant::now() + Duration::from_secs(4);
-    while std::time::Instant::now() < deadline {
-        let pending = lab.requests(&token, &["list", "--status", "pending"])?;
-        for r in pending.as_array().cloned().unwrap_or_default() {
-            let id = r["id"].as_i64().context("id")?;
-            lab.requests(&token, &["deny", &id.to_string()])?;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    deny_all_for(&lab, &token, Duration::from_secs(4))?;
     drop(stream);
     let _ = nft("delete table inet qgate_test");
     assert_eq!(damage_report(&lab)?, INTACT, "the forged copy ran");
@@ -893,18 +885,7 @@ fn a_second_copy_of_bytes_let_through_cannot_carry_other_sql() -> Result<()> {
 #[test]
 fn a_shorter_copy_of_a_held_tail_cannot_replace_it() -> Result<()> {
     let (lab, token) = lab("jtail")?;
-    // Timestamps off in the client namespace: the raw segments carry none.
-    let out = lab
-        .in_client("sysctl")
-        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stream = raw_session(&lab)?;
-    let (snd, rcv) = queue_seqs(&stream)?;
+    let (stream, snd, rcv) = raw_session_without_timestamps(&lab)?;
     // What the agent judges: one SELECT and a long comment.
     let mut text = b"SELECT 1 /*".to_vec();
     text.extend(std::iter::repeat_n(b'x', 1500));
@@ -940,15 +921,7 @@ fn a_shorter_copy_of_a_held_tail_cannot_replace_it() -> Result<()> {
         Ok(())
     })?;
     // Whatever goes up for review (the hook sees the DELETE) is denied.
-    let deadline = std::time::Instant::now() + Duration::from_secs(4);
-    while std::time::Instant::now() < deadline {
-        let pending = lab.requests(&token, &["list", "--status", "pending"])?;
-        for r in pending.as_array().cloned().unwrap_or_default() {
-            let id = r["id"].as_i64().context("id")?;
-            lab.requests(&token, &["deny", &id.to_string()])?;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    deny_all_for(&lab, &token, Duration::from_secs(4))?;
     // The judged statement itself ran: the server had it whole, as judged
     // (the wrong fix only turns the bypass into a session that waits for
     // bytes nobody sends).
@@ -986,18 +959,7 @@ fn a_shorter_copy_of_a_held_tail_cannot_replace_it() -> Result<()> {
 #[test]
 fn a_segment_that_fills_a_hole_is_judged() -> Result<()> {
     let (lab, token) = lab("jhole")?;
-    // Timestamps off in the client namespace: the raw segments carry none.
-    let out = lab
-        .in_client("sysctl")
-        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stream = raw_session(&lab)?;
-    let (snd, rcv) = queue_seqs(&stream)?;
+    let (stream, snd, rcv) = raw_session_without_timestamps(&lab)?;
     let delete = message(b'Q', b"DELETE FROM victim\0");
     let select = message(b'Q', b"SELECT 1\0");
     let segment = |offset: usize, bytes: &[u8]| raw_segment(&lab, &stream, snd, rcv, offset, bytes);
@@ -1023,6 +985,36 @@ fn a_segment_that_fills_a_hole_is_judged() -> Result<()> {
     drop(stream);
     assert_eq!(damage_report(&lab)?, INTACT, "the late DELETE ran");
     Ok(())
+}
+
+/// Denies every request that goes up for review during `window`.
+fn deny_all_for(lab: &Lab, token: &str, window: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + window;
+    while std::time::Instant::now() < deadline {
+        let pending = lab.requests(token, &["list", "--status", "pending"])?;
+        for r in pending.as_array().cloned().unwrap_or_default() {
+            let id = r["id"].as_i64().context("id")?;
+            lab.requests(token, &["deny", &id.to_string()])?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// A session for raw segments: TCP timestamps off in the client namespace
+/// (the raw segments carry none), then the socket's next sequence numbers
+/// to send and to receive.
+fn raw_session_without_timestamps(lab: &Lab) -> Result<(std::net::TcpStream, u32, u32)> {
+    let out = lab
+        .in_client("sysctl")
+        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
+        .output()?;
+    if !out.status.success() {
+        bail!("sysctl: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stream = raw_session(lab)?;
+    let (snd, rcv) = queue_seqs(&stream)?;
+    Ok((stream, snd, rcv))
 }
 
 /// An IPv4 segment of `stream`'s client bytes at `offset` past `snd`
