@@ -987,6 +987,57 @@ fn a_segment_that_fills_a_hole_is_judged() -> Result<()> {
     Ok(())
 }
 
+/// The wire stage gives up on a hole in held bytes (more than it keeps out
+/// of order) and decodes on from past it; the hole is then filled, in the
+/// held bytes only, with a DELETE nobody decoded. Nothing of a stream the
+/// wire stage lost bytes of may be released on its word: the connection is
+/// reset (audited) and the DELETE never runs. With the server hook the
+/// backend's reads are judged whatever the wire did.
+#[test]
+fn a_hole_the_wire_stage_gives_up_on_resets_the_held_connection() -> Result<()> {
+    let (lab, token) = lab("jgiveup")?;
+    let (stream, snd, rcv) = raw_session_without_timestamps(&lab)?;
+    // A Query of 100 bytes: its type and 3 of its length bytes first (the
+    // program cannot walk an incomplete header: held from here).
+    let mut delete = b"DELETE FROM victim;".to_vec();
+    delete.resize(94, b' ');
+    delete.push(0);
+    let first = message(b'Q', &delete);
+    assert_eq!(first.len(), 100);
+    // Past the hole, more than the wire stage keeps out of order (4 MiB):
+    // one plain read.
+    let mut text = b"SELECT 1 /*".to_vec();
+    text.extend(std::iter::repeat_n(b'x', (4 << 20) + (300 << 10)));
+    text.extend_from_slice(b"*/\0");
+    let later = message(b'Q', &text);
+    let mut packets = vec![raw_segment(&lab, &stream, snd, rcv, 0, &first[..4])?];
+    for (i, chunk) in later.chunks(1400).enumerate() {
+        packets.push(raw_segment(&lab, &stream, snd, rcv, 100 + i * 1400, chunk)?);
+    }
+    let fill = raw_segment(&lab, &stream, snd, rcv, 4, &first[4..])?;
+    let server_ip = lab.server_ip;
+    let ns = lab.client_ns.clone();
+    qgate_e2e::in_netns(&ns, move || {
+        for p in &packets {
+            send_raw(p, server_ip)?;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        send_raw(&fill, server_ip)
+    })?;
+    deny_all_for(&lab, &token, Duration::from_secs(4))?;
+    drop(stream);
+    assert_eq!(damage_report(&lab)?, INTACT, "the DELETE in the hole ran");
+    if !qgate_e2e::server_hook_on() {
+        let resets: i64 = lab.store()?.query_row(
+            "SELECT count(*) FROM audit WHERE kind = 'gate.connection_reset'",
+            [],
+            |r| r.get(0),
+        )?;
+        assert!(resets > 0, "the held connection was reset and audited");
+    }
+    Ok(())
+}
+
 /// Denies every request that goes up for review during `window`.
 fn deny_all_for(lab: &Lab, token: &str, window: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + window;

@@ -674,11 +674,28 @@ impl Gate {
                 }
             }
             WireEvent::Undecodable { conn, .. } | WireEvent::CaptureGap { conn, .. } => {
-                let read = tracker
-                    .flow(*conn)
-                    .and_then(|flow| self.conns.get_mut(&flow)?.read.as_mut());
-                if let Some(BackendRead::Decoding { broken, .. }) = read {
+                let Some(flow) = tracker.flow(*conn) else {
+                    return;
+                };
+                if let Some(BackendRead::Decoding { broken, .. }) =
+                    self.conns.get_mut(&flow).and_then(|c| c.read.as_mut())
+                {
                     *broken = true;
+                }
+                if matches!(event, WireEvent::CaptureGap { .. }) && self.held_mut(&flow).is_some() {
+                    // The wire stage gave up on bytes of a connection the
+                    // kernel holds (a hole it could not wait for, a lost or
+                    // truncated copy) and decodes on from past them: the
+                    // held bytes may then fill in what it never decoded,
+                    // and nothing of them may be released on its word. The
+                    // connection is reset (audited); nothing held runs.
+                    self.withdraw(&flow, "qgate could not read the held bytes whole");
+                    self.reset_held(
+                        &flow,
+                        DenialRef::Unrecorded,
+                        "qgate: the held bytes could not be read whole",
+                        "the wire stage lost bytes of the held stream",
+                    );
                 }
             }
             WireEvent::ConnectionClosed { conn, .. } => {

@@ -45,7 +45,12 @@ impl Gate {
                 })
                 .flatten();
             if tail.is_none() {
-                self.reset_held(flow, id, reason);
+                self.reset_held(
+                    flow,
+                    id,
+                    reason,
+                    "the held end of the statement leaves no room for a rewrite",
+                );
                 return;
             }
             tail
@@ -75,7 +80,7 @@ impl Gate {
     /// (the held end of a long Parse, or too short a held end): both sides
     /// get a reset, the server before it has the message whole, so nothing
     /// of it runs. Audited.
-    pub(super) fn reset_held(&mut self, flow: &Flow, id: DenialRef, reason: &str) {
+    pub(super) fn reset_held(&mut self, flow: &Flow, id: DenialRef, reason: &str, why: &str) {
         let Some(stream) = self.conns.get_mut(flow).and_then(|c| c.drop_held()) else {
             return;
         };
@@ -103,7 +108,7 @@ impl Gate {
             "decision": id.decision(),
             "client": flow.client.to_string(),
             "reason": reason,
-            "why": "the held end of the statement leaves no room for a rewrite",
+            "why": why,
             "reset": result.is_ok(),
         });
         let _ = self.runtime.block_on(
