@@ -14,6 +14,12 @@ use std::collections::{BTreeMap, VecDeque};
 
 pub use qgate_common::tcp::seq_lt;
 
+/// At most this many held bytes per connection (contiguous and beyond
+/// holes). A client's window bounds what it can have unacknowledged; raw
+/// segments at arbitrary sequence numbers do not, and would otherwise grow
+/// the agent without bound. Past it the connection is reset.
+pub const MAX_HELD: usize = 16 << 20;
+
 /// A SQL-bearing message inside the held stream.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingSql<T> {
@@ -48,6 +54,8 @@ pub struct HeldStream<T> {
     data: Vec<u8>,
     /// Held bytes beyond a hole, by sequence number.
     pieces: BTreeMap<u32, Vec<u8>>,
+    /// Bytes in `pieces`.
+    piece_bytes: usize,
     /// Newest held copy's TCP header.
     template: Vec<u8>,
     /// End of the last complete message the wire stage reported.
@@ -80,6 +88,7 @@ impl<T> HeldStream<T> {
             base,
             data: Vec::new(),
             pieces: BTreeMap::new(),
+            piece_bytes: 0,
             template: Vec::new(),
             boundary: base,
             pending: VecDeque::new(),
@@ -142,9 +151,18 @@ impl<T> HeldStream<T> {
             .get(&seq)
             .is_none_or(|kept| kept.len() < payload.len());
         if replace {
-            self.pieces.insert(seq, payload.to_vec());
+            self.piece_bytes += payload.len();
+            if let Some(old) = self.pieces.insert(seq, payload.to_vec()) {
+                self.piece_bytes -= old.len();
+            }
         }
         self.absorb_pieces();
+    }
+
+    /// Bytes kept: contiguous and beyond holes. The gate refuses to keep
+    /// more than [`MAX_HELD`].
+    pub fn held_bytes(&self) -> usize {
+        self.data.len() + self.piece_bytes
     }
 
     /// Moves pieces that now touch the contiguous data into it, in stream
@@ -166,6 +184,7 @@ impl<T> HeldStream<T> {
                 return;
             };
             let piece = self.pieces.remove(&seq).unwrap_or_default();
+            self.piece_bytes -= piece.len();
             let skip = end.wrapping_sub(seq) as usize;
             if skip < piece.len() {
                 self.data.extend_from_slice(&piece[skip..]);
@@ -323,6 +342,20 @@ mod tests {
         h.add_copy(base, &[b'0'; 20], b"");
         assert_eq!(h.data_end(), base.wrapping_add(30));
         assert_eq!(h.peek(base.wrapping_add(20), 10), &[b'A'; 10]);
+    }
+
+    #[test]
+    fn held_bytes_count_data_and_pieces_once() {
+        let mut h: HeldStream<&str> = HeldStream::new(0);
+        h.add_copy(10, b"abcde", b"");
+        h.add_copy(10, b"abc", b"");
+        assert_eq!(h.held_bytes(), 5, "a shorter copy is not kept");
+        h.add_copy(10, b"abcdefg", b"");
+        assert_eq!(h.held_bytes(), 7, "a longer one replaces it");
+        h.add_copy(0, b"0123456789", b"");
+        assert_eq!(h.held_bytes(), 17, "absorbed: counted once");
+        h.add_copy(5, b"56789abc", b"");
+        assert_eq!(h.held_bytes(), 17, "bytes already held add nothing");
     }
 
     #[test]

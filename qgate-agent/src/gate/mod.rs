@@ -424,6 +424,16 @@ impl Gate {
         let c = self.record(seg.flow);
         let stream = c.held.get_or_insert_with(|| HeldStream::new(base));
         stream.add_copy(seq, payload, &seg.tcp_header);
+        if stream.held_bytes() > held::MAX_HELD {
+            self.withdraw(&seg.flow, "qgate will not hold this much of one connection");
+            self.reset_held(
+                &seg.flow,
+                DenialRef::Unrecorded,
+                "qgate: more than 16 MiB held on one connection",
+                "more held bytes than qgate keeps for one connection",
+            );
+            return;
+        }
         debug!(flow = ?seg.flow, seq, len = payload.len(), base = stream.base(), data_end = stream.data_end(), "held copy");
         c.last_copy = Some(Instant::now());
         tracker.watch(&seg.flow, true);
