@@ -425,10 +425,8 @@ impl Gate {
         let stream = c.held.get_or_insert_with(|| HeldStream::new(base));
         stream.add_copy(seq, payload, &seg.tcp_header);
         if stream.held_bytes() > held::MAX_HELD {
-            self.withdraw(&seg.flow, "qgate will not hold this much of one connection");
-            self.reset_held(
+            self.reset_unreadable(
                 &seg.flow,
-                DenialRef::Unrecorded,
                 "qgate: more than 16 MiB held on one connection",
                 "more held bytes than qgate keeps for one connection",
             );
@@ -699,10 +697,8 @@ impl Gate {
                     // held bytes may then fill in what it never decoded,
                     // and nothing of them may be released on its word. The
                     // connection is reset (audited); nothing held runs.
-                    self.withdraw(&flow, "qgate could not read the held bytes whole");
-                    self.reset_held(
+                    self.reset_unreadable(
                         &flow,
-                        DenialRef::Unrecorded,
                         "qgate: the held bytes could not be read whole",
                         "the wire stage lost bytes of the held stream",
                     );

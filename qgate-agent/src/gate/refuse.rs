@@ -76,6 +76,13 @@ impl Gate {
         }
     }
 
+    /// Ends a connection whose held bytes qgate cannot vouch for (see
+    /// `reset_held`): its waiting request is withdrawn with `reason`.
+    pub(super) fn reset_unreadable(&mut self, flow: &Flow, reason: &str, why: &str) {
+        self.withdraw(flow, reason);
+        self.reset_held(flow, DenialRef::Unrecorded, reason, why);
+    }
+
     /// Ends a connection whose held message cannot be refused by a rewrite
     /// (the held end of a long Parse, or too short a held end): both sides
     /// get a reset, the server before it has the message whole, so nothing
