@@ -110,7 +110,9 @@ fn decode(segments: &[Segment]) -> (Vec<(usize, &'static str, String)>, Vec<Mysq
         let mut events = Vec::new();
         for frame in frames {
             match frame {
-                Ok(f) if to_server => c.conversation.client(&f, &mut events),
+                Ok(f) if to_server => {
+                    c.conversation.client(&f, &mut events);
+                }
                 Ok(f) => c.conversation.server(&f, &mut events),
                 Err(error) => events.push(MysqlEvent::Undecodable {
                     side: if to_server { "client" } else { "server" },

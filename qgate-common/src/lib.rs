@@ -47,9 +47,12 @@ pub mod port_kind {
     /// The server hook reads this port's server: connections that start
     /// from now on are left to it; older ones stay on the wire path.
     pub const HOOKED: u8 = 2;
-    /// Captured both ways and never held: a protocol qgate reads but does
-    /// not gate yet (MySQL/MariaDB, `capture.mysql_ports`).
-    pub const WATCH: u8 = 3;
+    /// MySQL/MariaDB (`capture.mysql_ports`): captured both ways and
+    /// gated, but the program does not walk this protocol's packets: in a
+    /// gating mode every client byte past `next_msg_seq` waits for the
+    /// agent, which decodes and decides each packet (`phase` is the
+    /// agent's; the PostgreSQL walk never runs on these bytes).
+    pub const MYSQL: u8 = 3;
 }
 
 /// Payload bytes carried by one ring-buffer record of the large class.

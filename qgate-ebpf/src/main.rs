@@ -52,11 +52,6 @@ mod programs {
         let Some((seg, kind)) = db_segment(&ctx, DIR_TO_SERVER) else {
             return TC_ACT_OK;
         };
-        if kind == port_kind::WATCH {
-            // Read, not gated (see `port_kind::WATCH`).
-            capture(&ctx, &seg, DIR_TO_SERVER, 0);
-            return TC_ACT_OK;
-        }
         if seg.fragment || seg.tcp_flags & tcp_flags::URG != 0 {
             // What the server's stack would make of it (the reassembled
             // packet; the stream without its urgent byte) is not what this
@@ -69,7 +64,7 @@ mod programs {
         if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, true) {
             return TC_ACT_OK;
         }
-        match verdict(&ctx, &seg, &flow, counters()) {
+        match verdict(&ctx, &seg, &flow, counters(), kind == port_kind::MYSQL) {
             Verdict::Pass => {
                 capture(&ctx, &seg, DIR_TO_SERVER, 0);
                 TC_ACT_OK
@@ -92,10 +87,6 @@ mod programs {
     #[classifier]
     pub fn qgate_egress(ctx: TcContext) -> i32 {
         if let Some((seg, kind)) = db_segment(&ctx, DIR_FROM_SERVER) {
-            if kind == port_kind::WATCH {
-                capture(&ctx, &seg, DIR_FROM_SERVER, 0);
-                return TC_ACT_OK;
-            }
             let flow = seg.flow(false);
             if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, false) {
                 return TC_ACT_OK;

@@ -2,7 +2,9 @@
 //! from Debian's packages in the lab's server namespace (a throwaway data
 //! directory, no system service), the `mariadb` client in the client one,
 //! the real tc programs on the veth between, `capture.mysql_ports = [3306]`.
-//! Not gated yet: the test also proves that nothing is held.
+//! The audit tests run with `gate.mode = "monitor"`; the gate tests with
+//! the shipped default policy, where the tc program holds every client
+//! packet on the MySQL port and the agent decides each.
 use std::{
     path::PathBuf,
     process::{Child, Command},
@@ -11,7 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use qgate_e2e::{require_root, run, Lab};
+use qgate_e2e::{finish, require_root, run, Lab};
 
 const PORT: u16 = 3306;
 
@@ -103,14 +105,12 @@ fn a_mariadb_sessions_statements_are_stored_with_user_database_rows_and_errors()
     require_root();
     let mut lab = Lab::new("mysql1")?;
     let server = Mariadb::start(&lab)?;
-    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let config = lab.config_with(&[
+        ("# mysql_ports = [3306]", "mysql_ports = [3306]"),
+        ("mode = \"policy\"", "mode = \"monitor\""),
+    ])?;
     lab.start_agent(&["--config", &config.to_string_lossy()])?;
-    assert!(
-        lab.agent_log().contains("read and audited, not gated"),
-        "the agent says MySQL is not gated:\n{}",
-        lab.agent_log()
-    );
-    // Reads, writes, DDL (not held: MySQL is not gated yet), then a failure.
+    // Reads, writes, DDL (not held: the gate only watches), then a failure.
     let out = client(
         &lab,
         "CREATE TABLE t (a INT); INSERT INTO t VALUES (1),(2),(3); \
@@ -207,7 +207,10 @@ fn a_mariadb_session_that_changes_database_is_stored_under_each() -> Result<()> 
     let mut lab = Lab::new("mysql2")?;
     let server = Mariadb::start(&lab)?;
     server.root("CREATE DATABASE depot; GRANT ALL ON depot.* TO 'app'@'%';")?;
-    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let config = lab.config_with(&[
+        ("# mysql_ports = [3306]", "mysql_ports = [3306]"),
+        ("mode = \"policy\"", "mode = \"monitor\""),
+    ])?;
     lab.start_agent(&["--config", &config.to_string_lossy()])?;
     let out = client(
         &lab,
@@ -254,6 +257,168 @@ fn a_mariadb_session_that_changes_database_is_stored_under_each() -> Result<()> 
         .query_map([PORT], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     assert_eq!(protocols, ["mysql"], "every row of the session says mysql");
+    Ok(())
+}
+
+/// The `mariadb` client running the script `sql` (from its standard
+/// input, `--force`: on after a failed statement, in the same session) in
+/// the background.
+fn client_spawn(lab: &Lab, sql: &str) -> Result<Child> {
+    use std::io::Write;
+    let mut child = lab
+        .in_client("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        .args([
+            "-u",
+            "app",
+            "-psecret",
+            "shop",
+            "-N",
+            "-B",
+            "--force",
+            "--comments",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running the mariadb client")?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(sql.as_bytes())?;
+    stdin.write_all(b";\n")?;
+    Ok(child)
+}
+
+/// A gated lab: MariaDB with `shop.victim` (3 rows), the agent with the
+/// shipped default policy on port 3306, and a reviewer's token.
+fn gated(tag: &str) -> Result<(Lab, Mariadb, String)> {
+    require_root();
+    let mut lab = Lab::new(tag)?;
+    let server = Mariadb::start(&lab)?;
+    server.root(
+        "CREATE TABLE shop.victim (id INT PRIMARY KEY, v TEXT); \
+         INSERT INTO shop.victim VALUES (1,'a'),(2,'b'),(3,'c'); \
+         CREATE TABLE shop.spare (id INT);",
+    )?;
+    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    lab.start_agent(&["--config", &config.to_string_lossy()])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    Ok((lab, server, token))
+}
+
+fn pending_id(lab: &Lab, token: &str) -> Result<(serde_json::Value, i64)> {
+    let request = lab
+        .pending_requests(token, 1, Duration::from_secs(10))?
+        .remove(0);
+    let id = request["id"].as_i64().context("request id")?;
+    Ok((request, id))
+}
+
+fn victim_rows(server: &Mariadb) -> Result<Option<u32>> {
+    let tables = server.root("SELECT count(*) FROM information_schema.tables WHERE table_schema='shop' AND table_name='victim'")?;
+    if tables.trim() == "0" {
+        return Ok(None);
+    }
+    Ok(Some(
+        server
+            .root("SELECT count(*) FROM shop.victim")?
+            .trim()
+            .parse()?,
+    ))
+}
+
+/// Issue 16's gate: a `DROP TABLE` over MariaDB's protocol waits for a
+/// reviewer (the table intact, other sessions' reads answered), runs once
+/// approved; plain reads and small writes are decided at once.
+#[test]
+fn a_mariadb_drop_table_is_held_until_approved() -> Result<()> {
+    let (lab, server, token) = gated("mygate1")?;
+    // Reads and a keyed write go through without a request.
+    let out = client(
+        &lab,
+        "SELECT count(*) FROM victim; INSERT INTO spare VALUES (1); SELECT v FROM victim WHERE id = 2",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["3", "b"]
+    );
+    let none = lab.requests(&token, &["list", "--status", "pending"])?;
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+
+    let drop = client_spawn(&lab, "DROP TABLE victim")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(request["statement"], "DROP TABLE victim", "{request}");
+    thread::sleep(Duration::from_millis(1000));
+    assert_eq!(victim_rows(&server)?, Some(3), "DROP ran before approval");
+    // Another session meanwhile: answered.
+    let started = Instant::now();
+    let other = client(&lab, "SELECT count(*) FROM victim");
+    assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "3");
+    eprintln!("a read in another session took {:?}", started.elapsed());
+
+    lab.requests(&token, &["approve", &id.to_string(), "--comment", "ok"])?;
+    let approved_at = Instant::now();
+    let (ok, _, err) = finish(drop, Duration::from_secs(10))?;
+    let latency = approved_at.elapsed();
+    assert!(ok, "the approved DROP failed: {err}");
+    eprintln!("approved DROP TABLE completed {latency:?} after the approve call returned");
+    assert_eq!(victim_rows(&server)?, None, "the approved DROP did not run");
+    let shown = lab.requests(&token, &["show", &id.to_string()])?;
+    assert_eq!(shown["status"], "approved", "{shown}");
+    Ok(())
+}
+
+/// Denied: the server itself answers with an error naming qgate and the
+/// request (a same-length SIGNAL, or for a short text a quoted name the
+/// parser stops at), the table is intact, and the same session runs its
+/// next statement.
+#[test]
+fn a_denied_mariadb_statement_fails_naming_qgate_and_the_session_goes_on() -> Result<()> {
+    let (lab, server, token) = gated("mygate2")?;
+    let long = "DELETE FROM victim /* clearing out the old rows before the quarterly import, as agreed with the data team */";
+    let child = client_spawn(
+        &lab,
+        &format!("{long};\nSELECT 'next', count(*) FROM victim"),
+    )?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(request["statement"], long, "{request}");
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "not today"])?;
+    let (_, stdout, stderr) = finish(child, Duration::from_secs(10))?;
+    assert!(
+        stderr.contains("1644 (45000)") && stderr.contains(&format!("qgate: request {id} denied")),
+        "the error names qgate and the request: {stderr}"
+    );
+    assert!(
+        stderr.contains("not today"),
+        "the reviewer's comment: {stderr}"
+    );
+    assert_eq!(
+        stdout.split_whitespace().collect::<Vec<_>>(),
+        ["next", "3"],
+        "the session ran its next statement: {stderr}"
+    );
+    assert_eq!(victim_rows(&server)?, Some(3));
+
+    // Too short for SIGNAL: a quoted name the parser stops at.
+    let child = client_spawn(&lab, "DROP TABLE victim;\nSELECT 'after'")?;
+    let (_, id) = pending_id(&lab, &token)?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, stdout, stderr) = finish(child, Duration::from_secs(10))?;
+    assert!(
+        stderr.contains("1064") && stderr.contains(&format!("`qgate {id}`")),
+        "{stderr}"
+    );
+    assert_eq!(stdout.trim(), "after");
+    assert_eq!(victim_rows(&server)?, Some(3));
+
     Ok(())
 }
 

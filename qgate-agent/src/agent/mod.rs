@@ -260,12 +260,6 @@ impl<'a> Agent<'a> {
             &config.capture.mysql_ports,
             &pins,
         )?;
-        if !config.capture.mysql_ports.is_empty() {
-            warn!(
-                ports = ?config.capture.mysql_ports,
-                "MySQL/MariaDB on these ports is read and audited, not gated: no statement of it is held or denied"
-            );
-        }
         let mut kernel = capture.take_gate()?;
         let follow = follow::HookFollow::new(BackendStreams::new(capture.clock_offset()));
         let mut servers_before_gate = Vec::new();

@@ -170,7 +170,7 @@ impl KernelCapture {
             let kinds = ports
                 .iter()
                 .map(|p| (p, port_kind::WIRE))
-                .chain(watch_ports.iter().map(|p| (p, port_kind::WATCH)));
+                .chain(watch_ports.iter().map(|p| (p, port_kind::MYSQL)));
             for (port, kind) in kinds {
                 db_ports
                     .insert(port, kind, 0)

@@ -71,6 +71,8 @@ pub enum Carrier {
     Parse,
     FunctionCall,
     Startup,
+    /// A MySQL command (never held by the server hook).
+    Command,
 }
 
 impl From<SqlCarrier> for Carrier {
@@ -80,6 +82,7 @@ impl From<SqlCarrier> for Carrier {
             SqlCarrier::Parse => Carrier::Parse,
             SqlCarrier::FunctionCall => Carrier::FunctionCall,
             SqlCarrier::Startup => Carrier::Startup,
+            SqlCarrier::Command => Carrier::Command,
         }
     }
 }
@@ -337,6 +340,10 @@ impl Gate {
                     "the startup packet is not whole in the buffer",
                 )),
             },
+            // The hook reads PostgreSQL backends only: terminated below.
+            Carrier::Command => Err(std::io::Error::other(
+                "a MySQL command in a PostgreSQL backend",
+            )),
         };
         if let Err(e) = result {
             warn!(

@@ -41,6 +41,9 @@ pub(super) struct ConnInfo {
     pub search_path_changed: bool,
     /// The mode the kernel was last told.
     pub kernel_mode: Option<GateMode>,
+    /// The server's grammar: MySQL/MariaDB sessions are judged with the
+    /// MySQL dialect, without PostgreSQL's catalog or planner.
+    pub dialect: crate::classify::Dialect,
 }
 
 /// A session the server hook reads.

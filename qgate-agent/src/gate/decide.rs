@@ -31,6 +31,13 @@ impl Gate {
             transport: self.hook(flow).map_or(Transport::Tcp, |h| h.transport),
         };
         let Judged { ruling, shadow } = self.judge.rule(&info, sql, origin);
+        if info.dialect == crate::classify::Dialect::Mysql {
+            // Whether or not it runs: a statement that may change how the
+            // server reads text makes later ones read with care.
+            if let Some(info) = self.info_mut(flow) {
+                info.lexing.mysql_statement(&sql.info.text);
+            }
+        }
         self.audit_shadow(shadow);
         let outcome = self.carry_out(flow, sql, ruling);
         let label = match &outcome {

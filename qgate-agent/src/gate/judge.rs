@@ -22,6 +22,23 @@ pub(super) struct Lexing {
     pub(super) encoding: Option<String>,
     /// `standard_conforming_strings = off`: backslashes escape in '…'.
     pub(super) backslashes: bool,
+    /// MySQL: the session may have changed its `sql_mode`
+    /// (`NO_BACKSLASH_ESCAPES` ends a string where qgate's reading goes on).
+    pub(super) sql_mode: bool,
+}
+
+/// MySQL statement text that may change how the server splits text: its
+/// `sql_mode` (backslashes) or its character set (multibyte characters
+/// that hide a `\` or a quote). Matched on the words, wherever they are:
+/// `SET sql_mode`, `SET @@SESSION.sql_mode`, `SET STATEMENT sql_mode=… FOR`,
+/// `SET NAMES`, `SET CHARACTER SET`, `character_set_client`, `collation_…`.
+fn mysql_changes_lexing(text: &str) -> (bool, bool) {
+    let lower = text.to_ascii_lowercase();
+    let sql_mode = lower.contains("sql_mode");
+    let charset = ["names", "character", "charset", "collation"]
+        .iter()
+        .any(|w| lower.contains(w));
+    (sql_mode, charset)
 }
 
 impl Lexing {
@@ -46,7 +63,42 @@ impl Lexing {
     }
 
     pub(super) fn any(&self) -> bool {
-        self.encoding.is_some() || self.backslashes
+        self.encoding.is_some() || self.backslashes || self.sql_mode
+    }
+
+    /// A MySQL statement judged in this session: from now on its text is
+    /// read with care if it may change the session's `sql_mode` or
+    /// character set (`unmodelled` then holds what qgate cannot split
+    /// like the server).
+    pub(super) fn mysql_statement(&mut self, text: &str) {
+        let (sql_mode, charset) = mysql_changes_lexing(text);
+        self.sql_mode |= sql_mode;
+        if charset && self.encoding.is_none() {
+            self.encoding = Some("set by the session".into());
+        }
+    }
+
+    /// Why a MySQL text may be read differently by the server than by
+    /// qgate: the session's state, or the text itself changing it before
+    /// a later statement in it (`SET sql_mode='NO_BACKSLASH_ESCAPES';
+    /// SELECT 'a\'; DROP …`).
+    pub(super) fn mysql_unmodelled(&self, text: &str) -> Option<String> {
+        let (sql_mode, charset) = mysql_changes_lexing(text);
+        if (self.sql_mode || sql_mode) && text.contains('\\') {
+            return Some(
+                "the session may have changed its sql_mode: backslashes in strings may \
+                 not escape, which qgate does not model"
+                    .into(),
+            );
+        }
+        if charset && !text.is_ascii() {
+            return Some(
+                "the statement changes the character set and has non-ASCII bytes \
+                 (a multibyte character can hide a quote or backslash)"
+                    .into(),
+            );
+        }
+        self.unmodelled(text)
     }
 }
 
@@ -419,14 +471,21 @@ impl Judge {
         policy: &Arc<policy::Policy>,
     ) -> Option<(Classification, policy::Decision)> {
         let text = sql.info.text.as_str();
-        if let Some(why) = conn.lexing.unmodelled(text) {
-            let c = Classification::unknown(text, Dialect::Postgresql, why);
+        let unmodelled = match conn.dialect {
+            Dialect::Mysql => conn.lexing.mysql_unmodelled(text),
+            Dialect::Postgresql => conn.lexing.unmodelled(text),
+        };
+        if let Some(why) = unmodelled {
+            let c = Classification::unknown(text, conn.dialect, why);
             let d = policy.decide(&conn.subject, &c, self.estimator.as_ref());
             return self.unless_estimating((c, d));
         }
         let database = database_of(&conn.subject);
         let view = match &self.catalogs {
             None => None,
+            // No catalog of MariaDB's is read (stored functions are not on
+            // the known-safe list, so the shipped policy holds them).
+            Some(_) if conn.dialect == Dialect::Mysql => None,
             Some(_) if database.is_empty() => Some(Err(
                 "the session's database is unknown (it was open before the agent started)"
                     .to_string(),
@@ -454,7 +513,7 @@ impl Judge {
             policy,
             &conn.subject,
             judged,
-            Dialect::Postgresql,
+            conn.dialect,
             self.estimator.as_ref(),
         );
         if self.estimator.take_pending() {
@@ -468,6 +527,25 @@ impl Judge {
             }
         }
         let Some(view) = view else {
+            if conn.dialect == Dialect::Mysql && policy.wants_row_shares() {
+                // No planner of MariaDB's is asked: a write to existing
+                // rows has no estimate (the policy's rules on shares fail
+                // closed on that).
+                let mut flagged = false;
+                for statement in &mut classification.statements {
+                    if statement.changes_existing_rows() && !statement.has(Flag::AllRows) {
+                        statement.share = Some(RowShare::Unavailable {
+                            reason: "qgate does not estimate rows on MySQL/MariaDB".into(),
+                        });
+                        flagged = true;
+                    }
+                }
+                if flagged {
+                    let decision =
+                        policy.decide(&conn.subject, &classification, self.estimator.as_ref());
+                    return self.unless_estimating((classification, decision));
+                }
+            }
             return Some((classification, decision));
         };
         let mut flagged = false;
@@ -609,6 +687,7 @@ mod tests {
         let sjis = Lexing {
             encoding: Some("SJIS".into()),
             backslashes: false,
+            sql_mode: false,
         };
         assert!(
             sjis.unmodelled("SELECT 'a\\b'").is_none(),
@@ -621,6 +700,7 @@ mod tests {
         let escapes = Lexing {
             encoding: None,
             backslashes: true,
+            sql_mode: false,
         };
         assert!(escapes.unmodelled("SELECT 'x'").is_none());
         let why = escapes
@@ -887,6 +967,7 @@ action = "hold"
             lexing: Lexing {
                 encoding: Some("SJIS".into()),
                 backslashes: false,
+                sql_mode: false,
             },
             ..session("alice")
         };

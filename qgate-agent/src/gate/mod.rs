@@ -71,7 +71,7 @@ use self::{
     connection::{BackendRead, ConnInfo, GatedConnection, HookedSession},
     held::{HeldStream, PendingSql},
     inject::Injector,
-    judge::{database_of, encoding_is_modelled, Judge, Lexing},
+    judge::{database_of, encoding_is_modelled, Judge},
     recover::Recovery,
     rewrite::DenialRef,
 };
@@ -80,6 +80,7 @@ use crate::{
     board::{RequestBoard, RequestEvent, RequestEventKind},
     capture::Segment,
     catalog::Catalogs,
+    classify::Dialect,
     flow::{Direction, Flow, GateMode, Transport},
     policy::{self, DecisionCache, PolicyHandle, RowEstimator, Subject},
     store::requests::HookHold,
@@ -391,11 +392,12 @@ impl Gate {
             debug!(flow = ?seg.flow, seq = seg.seq, "stale held copy ignored");
             return;
         };
-        if self.refuse_encrypted_sessions {
-            if let Some(conn) = tracker
-                .connection_id(&seg.flow)
-                .filter(|c| tracker.is_encrypted(*c))
-            {
+        let encrypted = tracker
+            .connection_id(&seg.flow)
+            .filter(|c| tracker.is_encrypted(*c));
+        let mysql_tls = encrypted.is_some_and(|c| tracker.is_mysql(c));
+        if self.refuse_encrypted_sessions && !mysql_tls {
+            if let Some(conn) = encrypted {
                 // Held only because the session turned encrypted.
                 self.refuse_encrypted(&seg.flow, tracker, conn, seq);
                 return;
@@ -424,6 +426,19 @@ impl Gate {
         let c = self.record(seg.flow);
         let stream = c.held.get_or_insert_with(|| HeldStream::new(base));
         stream.add_copy(seq, payload, &seg.tcp_header);
+        if mysql_tls {
+            // MySQL's TLS starts after its login request, on the gated
+            // wire path: what the kernel holds of it qgate can never read
+            // or release. The connection is reset (audited), whatever
+            // `gate.unreadable` says (the wire path cannot let a MySQL
+            // session through unread once it holds it).
+            self.reset_unreadable(
+                &seg.flow,
+                "qgate: an encrypted MySQL session cannot be read on this port",
+                "the client asked for TLS on a gated MySQL port",
+            );
+            return;
+        }
         if stream.held_bytes() > held::MAX_HELD {
             self.reset_unreadable(
                 &seg.flow,
@@ -559,6 +574,11 @@ impl Gate {
     /// Turns the partial Query/Parse at the stream's boundary into a pending
     /// message; false when the held bytes are not one.
     fn pend_incomplete(&mut self, flow: &Flow) -> bool {
+        if self.info(flow).is_some_and(|c| c.dialect == Dialect::Mysql) {
+            // MySQL packets are held whole (no partial decision): a packet
+            // the client stopped sending stays held until it gives up.
+            return false;
+        }
         let conn = self.info(flow).map(|c| c.conn).unwrap_or_default();
         let Some(stream) = self.held_mut(flow) else {
             return false;
@@ -618,15 +638,17 @@ impl Gate {
                 let Some(flow) = tracker.flow(*conn) else {
                     return;
                 };
-                if tracker.is_mysql(*conn) {
-                    // Read and audited, not gated: no policy mode, no catalog.
-                    return;
-                }
+                let dialect = if tracker.is_mysql(*conn) {
+                    Dialect::Mysql
+                } else {
+                    Dialect::Postgresql
+                };
                 let mut subject = subject_of(identity, &flow);
                 subject.client_addr = self.client_of(&flow).map(|a| a.ip());
                 // The agent's own catalog session: a one-time token, over a
                 // Unix socket the server hook reads.
-                let own = self.hook(&flow).is_some_and(|h| h.client.is_none())
+                let own = dialect == Dialect::Postgresql
+                    && self.hook(&flow).is_some_and(|h| h.client.is_none())
                     && identity.application.as_deref().is_some_and(|app| {
                         self.judge
                             .catalogs
@@ -645,21 +667,30 @@ impl Gate {
                         "connection refused by policy: its statements will be denied"
                     );
                 }
-                if let (Some(catalogs), false) = (&self.judge.catalogs, own || refused) {
+                if let (Some(catalogs), false) = (
+                    &self.judge.catalogs,
+                    own || refused || dialect == Dialect::Mysql,
+                ) {
                     catalogs.prefetch(&database_of(&subject));
                 }
+                // A MySQL session is identified again at each change of
+                // user or database: what it learnt of the session stays.
+                let before = self.info(&flow).filter(|i| i.conn == *conn);
+                let lexing = before.map(|i| i.lexing.clone()).unwrap_or_default();
+                let kernel_mode = before.and_then(|i| i.kernel_mode);
                 self.record(flow).info = Some(ConnInfo {
                     conn: *conn,
                     subject,
                     refused,
                     settings: identity.settings.clone(),
                     mode: Some(mode),
-                    lexing: Lexing::default(),
+                    lexing,
                     schema_changed: false,
                     own,
                     catalog_stale: false,
                     search_path_changed: false,
-                    kernel_mode: None,
+                    kernel_mode,
+                    dialect,
                 });
                 if own {
                     if let Some(pid) = self.hook(&flow).map(|h| h.pid) {
@@ -689,6 +720,22 @@ impl Gate {
                     self.conns.get_mut(&flow).and_then(|c| c.read.as_mut())
                 {
                     *broken = true;
+                }
+                let mysql_unread = matches!(event, WireEvent::Undecodable { .. })
+                    && self
+                        .info(&flow)
+                        .is_some_and(|i| i.dialect == Dialect::Mysql);
+                if mysql_unread && self.held_mut(&flow).is_some() {
+                    // A MySQL conversation qgate stopped reading (a command
+                    // sent ahead of the server's answer to a login, a
+                    // malformed packet, the compressed protocol): what the
+                    // kernel holds of it is never released unread.
+                    self.reset_unreadable(
+                        &flow,
+                        "qgate: the held bytes could not be read",
+                        "the MySQL conversation could not be read on",
+                    );
+                    return;
                 }
                 if matches!(event, WireEvent::CaptureGap { .. }) && self.held_mut(&flow).is_some() {
                     // The wire stage gave up on bytes of a connection the

@@ -138,6 +138,7 @@ impl Gate {
         let database = database_of(&info.subject);
         !info.own
             && !info.refused
+            && info.dialect == crate::classify::Dialect::Postgresql
             && !database.is_empty()
             && matches!(catalogs.lookup(&database), Lookup::Pending)
     }

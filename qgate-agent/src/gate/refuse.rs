@@ -27,7 +27,29 @@ impl Gate {
         // Only the held bytes are rewritten: the rest of an incomplete
         // message must still reach the server, inside the opened string.
         let (start, end) = (front.start, front.text_end);
-        let replacement = if front.info.carrier == SqlCarrier::Startup {
+        let mysql = self
+            .info(flow)
+            .is_some_and(|i| i.dialect == crate::classify::Dialect::Mysql);
+        let Some(stream) = self.held_mut(flow) else {
+            return;
+        };
+        let Some(front) = stream.front() else {
+            return;
+        };
+        let replacement = if mysql {
+            match front.info.carrier {
+                // COM_SLEEP: "Unknown command" (error 1047); the session
+                // goes on.
+                SqlCarrier::Command => (len == 1).then(|| vec![0]),
+                carrier if len > 0 && !front.incomplete => Some(rewrite::mysql_denial_text(
+                    len,
+                    id,
+                    reason,
+                    carrier == SqlCarrier::Parse,
+                )),
+                _ => None,
+            }
+        } else if front.info.carrier == SqlCarrier::Startup {
             rewrite::startup_refusal(len, id, reason)
         } else if front.info.carrier == SqlCarrier::FunctionCall {
             // An OID no function has: "function with OID 0 does not exist".

@@ -189,6 +189,59 @@ pub fn startup_refusal(len: usize, denial: DenialRef, reason: &str) -> Option<Ve
 /// Keeps what can sit, unescaped, inside a single-quoted RAISE format in a
 /// dollar-quoted body or a quoted identifier: printable ASCII except quotes,
 /// dollar, backslash and `%` (a RAISE placeholder).
+/// The replacement for `len` bytes of a MySQL/MariaDB statement's text
+/// (`COM_QUERY`, or `COM_STMT_PREPARE` when `prepare`), in order of
+/// preference:
+/// 1. `SIGNAL SQLSTATE'45000'SET MESSAGE_TEXT='qgate: request 7 denied: reason'`
+///    (MariaDB runs SIGNAL outside stored programs: the client sees error
+///    1644 with exactly that message; not for a prepare, which would
+///    succeed and fail only at its execute);
+/// 2. a quoted identifier, `` `qgate: request 7 denied: reason` `` down to
+///    `` `q7` ``: error 1064, "… near '`qgate: request 7 denied`'" (a
+///    prepare fails at once, so no statement id exists to execute);
+/// 3. below that, a bare identifier cut to `len` (`q`): still error 1064.
+///
+/// Padded with spaces to exactly `len` bytes; `len` must be at least 1.
+pub fn mysql_denial_text(len: usize, denial: DenialRef, reason: &str, prepare: bool) -> Vec<u8> {
+    const SIGNAL_PREFIX: &str = "SIGNAL SQLSTATE'45000'SET MESSAGE_TEXT='";
+    // The server cuts a SIGNAL's message at 128 characters.
+    const MAX_MESSAGE: usize = 128;
+    let head = denial.head();
+    let clean: String = sanitize(reason).chars().filter(|&c| c != '`').collect();
+    let with_reason = |room: usize| {
+        let mut message = head.clone();
+        if !clean.is_empty() && room >= message.len() + 3 {
+            message.push_str(": ");
+            let keep = (room - message.len()).min(clean.len());
+            message.push_str(&clean[..keep]);
+        }
+        message
+    };
+    let signal_room = len.saturating_sub(SIGNAL_PREFIX.len() + 1).min(MAX_MESSAGE);
+    let quoted_room = len.saturating_sub(2).min(MAX_MESSAGE);
+    let mut text = if !prepare && signal_room >= head.len() {
+        format!("{SIGNAL_PREFIX}{}'", with_reason(signal_room))
+    } else if quoted_room >= head.len() {
+        format!("`{}`", with_reason(quoted_room))
+    } else {
+        [
+            format!("`qgate {}`", denial.short()),
+            format!("`q{}`", denial.short()),
+        ]
+        .into_iter()
+        .find(|candidate| candidate.len() <= len)
+        .unwrap_or_else(|| {
+            let mut ident = "qgate_denied".to_string();
+            ident.truncate(len.max(1));
+            ident
+        })
+    };
+    while text.len() < len {
+        text.push(' ');
+    }
+    text.into_bytes()
+}
+
 fn sanitize(reason: &str) -> String {
     reason
         .chars()
@@ -205,6 +258,36 @@ fn sanitize(reason: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mysql_denials_keep_the_length_and_name_qgate() {
+        use super::{mysql_denial_text, DenialRef};
+        let r = DenialRef::Request(7);
+        let reason = "denied by ann: it's `dangerous` \\ here";
+        for len in 1..200 {
+            for prepare in [false, true] {
+                let t = mysql_denial_text(len, r, reason, prepare);
+                assert_eq!(t.len(), len, "{len}");
+                let text = String::from_utf8(t).unwrap();
+                assert!(!text.trim().is_empty());
+                assert!(!text.contains('\\'), "{text}");
+                if len >= 64 && !prepare {
+                    assert!(
+                        text.starts_with(
+                            "SIGNAL SQLSTATE'45000'SET MESSAGE_TEXT='qgate: request 7 denied"
+                        ),
+                        "{text}"
+                    );
+                    assert_eq!(text.matches('\'').count(), 4, "{text}");
+                } else if len >= 25 {
+                    assert!(text.starts_with("`qgate: request 7 denied"), "{text}");
+                    assert_eq!(text.matches('`').count(), 2, "{text}");
+                }
+            }
+        }
+        assert_eq!(mysql_denial_text(4, r, "", false), b"`q7`");
+        assert_eq!(mysql_denial_text(1, r, "", true), b"q");
+    }
+
     use super::*;
 
     #[test]

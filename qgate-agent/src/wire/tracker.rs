@@ -2,7 +2,10 @@
 use crate::FastMap as HashMap;
 
 use super::{
-    mysql::track::MysqlStreams,
+    mysql::{
+        conversation::{Carrier as MysqlCarrier, ClientPacket},
+        track::{LoggedPacket, MysqlStreams},
+    },
     pg::{BackendDecoder, BackendMessage, Decoded, FrontendDecoder, FrontendMessage},
     session::{MessageSpan, Session},
     tcp::{Delivery, StreamReassembler},
@@ -46,6 +49,10 @@ pub enum SqlCarrier {
     FunctionCall,
     /// The StartupMessage: the identity the policy judges.
     Startup,
+    /// A MySQL command with an effect of its own and no SQL text (kill,
+    /// shutdown, change user, …): judged as the statement it amounts to;
+    /// its "text" in the stream is the command byte.
+    Command,
 }
 
 /// One message of a watched connection's client → server stream (see
@@ -138,6 +145,40 @@ type LearnedKeys = Vec<(u32, BackendKey)>;
 /// One message of a watched connection as logged during decoding: its
 /// connection, stream offset and length, and what it carries.
 type LogEntry = (ConnId, u64, u64, Option<LoggedSql>);
+
+/// A MySQL client packet as the gate's log entry: a packet the
+/// conversation could not read is not logged (it is never released).
+fn mysql_log_entry(conn: ConnId, p: LoggedPacket) -> Option<LogEntry> {
+    let end = p.offset + p.wire_len;
+    let sql = match p.packet {
+        ClientPacket::Unread => return None,
+        ClientPacket::Exchange | ClientPacket::Plain => None,
+        ClientPacket::Sql { carrier, text, .. } => {
+            // A text split over several physical packets has no one place
+            // on the wire: logged empty, so it cannot be rewritten (a
+            // denial leaves it held).
+            let text_offset = p.text_offset.unwrap_or(end);
+            Some(LoggedSql {
+                carrier: match carrier {
+                    MysqlCarrier::Prepare => SqlCarrier::Parse,
+                    _ => SqlCarrier::Query,
+                },
+                text,
+                text_offset,
+                text_len: end - text_offset,
+                statement: String::new(),
+            })
+        }
+        ClientPacket::Command { text } => Some(LoggedSql {
+            carrier: SqlCarrier::Command,
+            text,
+            text_offset: p.text_offset.unwrap_or(p.offset + 4),
+            text_len: 1,
+            statement: String::new(),
+        }),
+    };
+    Some((conn, p.offset, p.wire_len, sql))
+}
 
 /// A SQL-bearing message as logged during decoding (offsets, not yet seqs).
 #[derive(Debug)]
@@ -565,10 +606,18 @@ impl Connection {
     }
 
     /// A MySQL connection's segment, either way; false for a PostgreSQL one.
-    fn mysql_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) -> bool {
+    fn mysql_segment(
+        &mut self,
+        seg: &Segment,
+        log: Option<&mut Vec<LogEntry>>,
+        out: &mut Vec<WireEvent>,
+    ) -> bool {
         let Some(mysql) = &mut self.mysql else {
             return false;
         };
+        let mut packets = Vec::new();
+        let mut packets_log =
+            (log.is_some() && seg.direction == Direction::ToServer).then_some(&mut packets);
         let from_client = seg.direction == Direction::ToServer;
         let stream = if from_client {
             &mut self.streams.client
@@ -581,18 +630,21 @@ impl Connection {
             seg.is_syn(),
             &seg.payload,
             seg.truncated,
-            &mut |d| mysql.feed(from_client, id, d, seg.at, out),
+            &mut |d| mysql.feed(from_client, id, d, seg.at, packets_log.as_deref_mut(), out),
         );
+        if let Some(log) = log {
+            log.extend(packets.into_iter().filter_map(|p| mysql_log_entry(id, p)));
+        }
         true
     }
 
     /// Reassembles and decodes a client → server segment, logging its
     /// messages in `log` when the connection is watched.
     fn client_segment(&mut self, seg: &Segment, log: &mut Vec<LogEntry>, out: &mut Vec<WireEvent>) {
-        if self.mysql_segment(seg, out) {
+        let mut log = self.watched.then_some(log);
+        if self.mysql_segment(seg, log.as_deref_mut(), out) {
             return;
         }
-        let mut log = self.watched.then_some(log);
         self.streams.client.push(
             seg.seq,
             seg.is_syn(),
@@ -608,7 +660,7 @@ impl Connection {
     /// Reassembles and decodes a server → client segment; returns the cancel
     /// keys it carried.
     fn server_segment(&mut self, seg: &Segment, out: &mut Vec<WireEvent>) -> LearnedKeys {
-        if self.mysql_segment(seg, out) {
+        if self.mysql_segment(seg, None, out) {
             return LearnedKeys::new();
         }
         let decoding = &mut self.decoding;
@@ -659,10 +711,10 @@ impl Connection {
             let id = self.id;
             self.streams
                 .client
-                .flush(&mut |d| mysql.feed(true, id, d, at, out));
+                .flush(&mut |d| mysql.feed(true, id, d, at, None, out));
             self.streams
                 .server
-                .flush(&mut |d| mysql.feed(false, id, d, at, out));
+                .flush(&mut |d| mysql.feed(false, id, d, at, None, out));
             mysql.fail_pending(id, &format!("no answer seen: {why}"), at, out);
             out.push(WireEvent::ConnectionClosed { conn: id, at });
             return LearnedKeys::new();

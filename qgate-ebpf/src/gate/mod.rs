@@ -97,9 +97,17 @@ fn hold(state: &mut FlowState, seq: u32) -> Verdict {
     Verdict::Hold
 }
 
-pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Counters) -> Verdict {
+/// `mysql`: the port speaks MySQL (`port_kind::MYSQL`): no message walk,
+/// every new client byte waits for the agent in a gating mode.
+pub fn verdict(
+    ctx: &TcContext,
+    seg: &Segment,
+    flow: &FlowKey,
+    counters: *mut Counters,
+    mysql: bool,
+) -> Verdict {
     let cfg = config();
-    let v = decide(ctx, seg, flow, &cfg);
+    let v = decide(ctx, seg, flow, &cfg, mysql);
     if !matches!(v, Verdict::Hold) || cfg.fail_open == 0 {
         return v;
     }
@@ -123,7 +131,13 @@ pub fn verdict(ctx: &TcContext, seg: &Segment, flow: &FlowKey, counters: *mut Co
 }
 
 #[inline(always)]
-fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> Verdict {
+fn decide(
+    ctx: &TcContext,
+    seg: &Segment,
+    flow: &FlowKey,
+    cfg: &GateConfig,
+    mysql: bool,
+) -> Verdict {
     if seg.tcp_flags & tcp_flags::SYN != 0 {
         if let Some(state) = FLOWS.get_ptr_mut(flow) {
             // SAFETY: map value; plain integers.
@@ -173,7 +187,7 @@ fn decide(ctx: &TcContext, seg: &Segment, flow: &FlowKey, cfg: &GateConfig) -> V
     // SAFETY: map value owned by the map; concurrent writers only race on
     // plain integers, and the agent re-checks everything it is told.
     let state = unsafe { &mut *state };
-    let verdict = decide_flow(ctx, seg, state, cfg, end);
+    let verdict = decide_flow(ctx, seg, state, cfg, end, mysql);
     if matches!(verdict, Verdict::Pass)
         && (state.known & known::PASSED_END == 0 || seq_lt(state.passed_end, end))
     {
@@ -224,6 +238,7 @@ fn decide_flow(
     state: &mut FlowState,
     cfg: &GateConfig,
     end: u32,
+    mysql: bool,
 ) -> Verdict {
     if state.mode != mode::MONITOR
         && state.phase != phase::OPAQUE
@@ -306,6 +321,9 @@ fn decide_flow(
     }
     let first = state.next_msg_seq.wrapping_sub(seg.seq);
     let verdict = match state.phase {
+        // MySQL: nothing is proven here; the agent decodes and decides
+        // every packet (the hold starts at the next one, below).
+        _ if mysql => hold(state, seg.seq),
         phase::STARTUP => startup(ctx, seg, state, cfg, first),
         phase::READY => messages(ctx, seg, state, first),
         _ => hold(state, seg.seq),

@@ -69,6 +69,37 @@ pub enum MysqlEvent {
     },
 }
 
+/// What one client packet is to the gate: whether the server runs SQL
+/// from it, and what may be released without a decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientPacket {
+    /// Not a command: the login or TLS request, authentication data the
+    /// server asked for, a `LOCAL INFILE` file the server asked for.
+    /// Nothing in it runs as SQL.
+    Exchange,
+    /// SQL text the server parses (`COM_QUERY`, `COM_STMT_PREPARE`), from
+    /// payload byte `text_at` to the end.
+    Sql {
+        carrier: Carrier,
+        text: String,
+        text_at: usize,
+    },
+    /// A command that runs no SQL text of its own and changes nothing the
+    /// policy judges: ping, quit, `COM_INIT_DB` (the database is followed),
+    /// the execute, close, reset or fetch of a statement whose prepare was
+    /// judged, set option, reset connection, statistics, field list.
+    Plain,
+    /// A command with an effect of its own (shutdown, kill, refresh, change
+    /// user, replication, an execute of a statement prepared before qgate
+    /// saw it, …): judged as `text`, the statement it amounts to (or a name
+    /// the policy does not understand), refused by replacing its command
+    /// byte with one the server does not take.
+    Command { text: String },
+    /// Not read: the conversation failed, turned encrypted or is over.
+    /// Never released on qgate's word.
+    Unread,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Carrier {
     Query,
@@ -151,6 +182,12 @@ pub struct Conversation {
     last_prepared: Option<u32>,
     /// Prepares whose id is not known yet, in order.
     preparing: VecDeque<String>,
+    /// During a login or `COM_CHANGE_USER`: the server asked the client for
+    /// authentication data (an auth switch, more data) and the client has
+    /// not answered. A client packet nobody asked for is a command sent
+    /// ahead of the server's OK, which the server runs as one: never taken
+    /// for authentication data.
+    auth_asked: bool,
 }
 
 impl Conversation {
@@ -175,6 +212,7 @@ impl Conversation {
             prepared: HashMap::new(),
             last_prepared: None,
             preparing: VecDeque::new(),
+            auth_asked: false,
         }
     }
 
@@ -193,19 +231,23 @@ impl Conversation {
         out.push(MysqlEvent::Undecodable { side, error });
     }
 
-    /// A frame from the client.
-    pub fn client(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+    /// A frame from the client, and what it is to the gate.
+    pub fn client(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) -> ClientPacket {
         match self.phase {
-            Phase::Done => {}
-            Phase::Greeting => self.fail(
-                "client",
-                MysqlError::OutOfTurn("a packet before the server's greeting"),
-                out,
-            ),
+            Phase::Done => ClientPacket::Unread,
+            Phase::Greeting => {
+                self.fail(
+                    "client",
+                    MysqlError::OutOfTurn("a packet before the server's greeting"),
+                    out,
+                );
+                ClientPacket::Unread
+            }
             Phase::Login => match packet::login(&frame.payload) {
                 Ok(Login::Ssl { .. }) => {
                     self.phase = Phase::Done;
                     out.push(MysqlEvent::Encrypted);
+                    ClientPacket::Exchange
                 }
                 Ok(Login::Response(login)) => {
                     self.capabilities = login.capabilities;
@@ -220,7 +262,7 @@ impl Conversation {
                             },
                             out,
                         );
-                        return;
+                        return ClientPacket::Unread;
                     }
                     out.push(MysqlEvent::Login {
                         program: login.attribute("program_name").map(str::to_owned),
@@ -228,11 +270,16 @@ impl Conversation {
                         database: login.database.filter(|d| !d.is_empty()),
                     });
                     self.phase = Phase::Auth;
+                    self.auth_asked = false;
+                    ClientPacket::Exchange
                 }
-                Err(e) => self.fail("client", e, out),
+                Err(e) => {
+                    self.fail("client", e, out);
+                    ClientPacket::Unread
+                }
             },
             // Auth data (switch responses, public keys …): not read.
-            Phase::Auth => {}
+            Phase::Auth => self.auth_answer(out),
             Phase::Commands => {
                 if let Some(front) = self.queue.front() {
                     if matches!(front.answer, Answer::Infile) {
@@ -240,15 +287,43 @@ impl Conversation {
                         if frame.len == 0 {
                             self.queue[0].answer = Answer::First;
                         }
-                        return;
+                        return ClientPacket::Exchange;
                     }
                     if matches!(front.command, Command::ChangeUser { .. }) {
                         // Its authentication exchange: not commands.
-                        return;
+                        return self.auth_answer(out);
                     }
                 }
-                self.command(frame, out);
+                self.command(frame, out)
             }
+        }
+    }
+
+    /// A client packet during an authentication exchange: data the server
+    /// asked for, or a command sent ahead of the server's answer (the
+    /// server would run it as one if it accepts the login): the
+    /// conversation fails rather than let it pass for data.
+    fn auth_answer(&mut self, out: &mut Vec<MysqlEvent>) -> ClientPacket {
+        if std::mem::take(&mut self.auth_asked) {
+            return ClientPacket::Exchange;
+        }
+        self.fail(
+            "client",
+            MysqlError::OutOfTurn("a packet the server did not ask for during authentication"),
+            out,
+        );
+        ClientPacket::Unread
+    }
+
+    /// A server packet during an authentication exchange that asks the
+    /// client for more: an auth switch (0xFE), or more data (0x01) other
+    /// than caching_sha2's "fast authentication succeeded" (0x01 0x03),
+    /// which an OK follows.
+    fn asks_for_auth_data(payload: &[u8]) -> bool {
+        match payload.first() {
+            Some(0xFE) => true,
+            Some(0x01) => payload != [0x01, 0x03],
+            _ => false,
         }
     }
 
@@ -257,7 +332,7 @@ impl Conversation {
         self.capabilities & self.server_capabilities.unwrap_or(u32::MAX) & flag != 0
     }
 
-    fn command(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) {
+    fn command(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) -> ClientPacket {
         if frame.seq != 0 {
             self.fail(
                 "client",
@@ -267,23 +342,29 @@ impl Conversation {
                 },
                 out,
             );
-            return;
+            return ClientPacket::Unread;
         }
         let command = match packet::command(&frame.payload, self.capabilities) {
             Ok(command) => command,
             Err(e) => {
                 self.fail("client", e, out);
-                return;
+                return ClientPacket::Unread;
             }
         };
-        let answered = match &command {
+        let sql = |carrier, text: &String| ClientPacket::Sql {
+            carrier,
+            text: text.clone(),
+            text_at: packet::text_at(&frame.payload, self.capabilities)
+                .unwrap_or(frame.payload.len()),
+        };
+        let (answered, packet) = match &command {
             Command::Query { text } => {
                 out.push(MysqlEvent::Statement {
                     carrier: Carrier::Query,
                     text: Some(text.clone()),
                     statement_id: None,
                 });
-                true
+                (true, sql(Carrier::Query, text))
             }
             Command::Prepare { text } => {
                 self.preparing.push_back(text.clone());
@@ -292,7 +373,7 @@ impl Conversation {
                     text: Some(text.clone()),
                     statement_id: None,
                 });
-                true
+                (true, sql(Carrier::Prepare, text))
             }
             Command::Execute { statement_id } => {
                 // MariaDB: id 0xFFFFFFFF is the statement prepared last.
@@ -301,35 +382,48 @@ impl Conversation {
                 } else {
                     Some(*statement_id)
                 };
+                let text = id.and_then(|id| self.prepared.get(&id).cloned());
+                let packet = if text.is_some() {
+                    ClientPacket::Plain
+                } else {
+                    ClientPacket::Command {
+                        text: format!(
+                            "COM_STMT_EXECUTE of statement {} prepared before qgate saw it",
+                            id.map_or("?".to_owned(), |id| id.to_string())
+                        ),
+                    }
+                };
                 out.push(MysqlEvent::Statement {
                     carrier: Carrier::Execute,
-                    text: id.and_then(|id| self.prepared.get(&id).cloned()),
+                    text,
                     statement_id: id,
                 });
-                true
+                (true, packet)
             }
             Command::Close { statement_id } => {
                 self.prepared.remove(statement_id);
-                false
+                (false, ClientPacket::Plain)
             }
-            Command::SendLongData { .. } => false,
+            Command::SendLongData { .. } => (false, ClientPacket::Plain),
             Command::Quit => {
                 out.push(MysqlEvent::Quit);
                 self.phase = Phase::Done;
-                false
+                (false, ClientPacket::Plain)
             }
             Command::ChangeUser { user, database } => {
                 out.push(MysqlEvent::ChangeUser {
                     user: user.clone(),
                     database: database.clone(),
                 });
-                true
+                self.auth_asked = false;
+                let text = format!("COM_CHANGE_USER to '{user}'");
+                (true, ClientPacket::Command { text })
             }
+            Command::Other { code } => (true, other_command(*code, &frame.payload)),
             Command::InitDb { .. }
             | Command::Reset { .. }
             | Command::Fetch { .. }
-            | Command::Ping
-            | Command::Other { .. } => true,
+            | Command::Ping => (true, ClientPacket::Plain),
         };
         if answered {
             self.queue.push_back(Pending {
@@ -337,6 +431,7 @@ impl Conversation {
                 answer: Answer::First,
             });
         }
+        packet
     }
 
     /// A frame from the server.
@@ -391,7 +486,7 @@ impl Conversation {
                 self.phase = Phase::Done;
             }
             // Auth switch (0xFE), more data (0x01): the exchange goes on.
-            _ => {}
+            _ => self.auth_asked = Self::asks_for_auth_data(&frame.payload),
         }
     }
 
@@ -419,7 +514,7 @@ impl Conversation {
                         out.push(MysqlEvent::LoginFailed { code, message });
                     }
                 }
-                _ => {}
+                _ => self.auth_asked = Self::asks_for_auth_data(&frame.payload),
             }
             return;
         }
@@ -661,4 +756,40 @@ impl Default for Conversation {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A command without SQL text (`Command::Other`) as the gate sees it: the
+/// ones that only read or change the session's own protocol state pass,
+/// the others are judged as the statement they amount to.
+fn other_command(code: u8, payload: &[u8]) -> ClientPacket {
+    use packet::command as c;
+    let text = match code {
+        c::FIELD_LIST | c::STATISTICS | c::SET_OPTION | c::RESET_CONNECTION => {
+            return ClientPacket::Plain
+        }
+        // COM_PROCESS_INFO: the process list.
+        0x0a => "SHOW PROCESSLIST".to_owned(),
+        c::PROCESS_KILL => match payload.get(1..5) {
+            Some(id) => format!("KILL {}", u32::from_le_bytes([id[0], id[1], id[2], id[3]])),
+            None => "KILL".to_owned(),
+        },
+        0x08 => "SHUTDOWN".to_owned(),
+        // The rest have no SQL spelling the policy reads: named, and so
+        // not understood (held by the shipped policy).
+        0x00 => "COM_SLEEP".to_owned(),
+        0x05 => format!("COM_CREATE_DB {}", String::from_utf8_lossy(&payload[1..])),
+        0x06 => format!("COM_DROP_DB {}", String::from_utf8_lossy(&payload[1..])),
+        0x07 => "COM_REFRESH".to_owned(),
+        0x0b => "COM_CONNECT".to_owned(),
+        0x0d => "COM_DEBUG".to_owned(),
+        0x0f => "COM_TIME".to_owned(),
+        0x10 => "COM_DELAYED_INSERT".to_owned(),
+        c::BINLOG_DUMP | 0x1e => "COM_BINLOG_DUMP".to_owned(),
+        0x13 => "COM_TABLE_DUMP".to_owned(),
+        0x14 => "COM_CONNECT_OUT".to_owned(),
+        0x15 => "COM_REGISTER_SLAVE".to_owned(),
+        0x1d => "COM_DAEMON".to_owned(),
+        other => format!("COM_{other:#04x}"),
+    };
+    ClientPacket::Command { text }
 }

@@ -396,6 +396,19 @@ pub fn command(payload: &[u8], capabilities: u32) -> Result<Command, MysqlError>
     })
 }
 
+/// Where the text of a `COM_QUERY` or `COM_STMT_PREPARE` starts in its
+/// payload (after the command byte and, for a query, its attributes).
+pub fn text_at(payload: &[u8], capabilities: u32) -> Option<usize> {
+    let mut f = Fields::new(payload, "command");
+    let code = f.u8().ok()?;
+    if code == command::QUERY && capabilities & caps::QUERY_ATTRIBUTES != 0 {
+        let mut q = Fields::new(f.rest(), "COM_QUERY");
+        skip_query_attributes(&mut q).ok()?;
+        return Some(payload.len() - q.rest().len());
+    }
+    Some(1)
+}
+
 /// Skips `COM_QUERY`'s query attributes (MySQL 8.0.23+): their count, the
 /// NULL bitmap, each one's type and name, and the values in the binary
 /// protocol's encoding; what is left is the statement's text.

@@ -723,6 +723,7 @@ fn identity_changes_are_followed() {
                 bytes,
             },
             i as i64,
+            None,
             &mut events,
         );
         *offset += bytes.len() as u64;

@@ -11,9 +11,23 @@
 use std::collections::VecDeque;
 
 use super::{
-    conversation::{Carrier, Outcome as MysqlOutcome},
+    conversation::{Carrier, ClientPacket, Outcome as MysqlOutcome},
     Conversation, Framer, MysqlEvent,
 };
+
+/// One client packet of a watched connection, for the gate: where it is
+/// in the stream (header included), where its text is when it carries
+/// SQL, and what it is.
+#[derive(Debug)]
+pub(crate) struct LoggedPacket {
+    pub offset: u64,
+    pub wire_len: u64,
+    /// Stream offset of the text (`ClientPacket::Sql`) or of the command
+    /// byte (`ClientPacket::Command`); `None` for a packet split in
+    /// several physical ones (its text is not contiguous on the wire).
+    pub text_offset: Option<u64>,
+    pub packet: ClientPacket,
+}
 use crate::{
     clock::UnixNanos,
     wire::{
@@ -167,6 +181,7 @@ impl MysqlStreams {
         conn: ConnId,
         delivery: Delivery<'_>,
         at: UnixNanos,
+        mut log: Option<&mut Vec<LoggedPacket>>,
         out: &mut Vec<WireEvent>,
     ) {
         if self.conversation.is_done() {
@@ -195,7 +210,25 @@ impl MysqlStreams {
         let mut events = Vec::new();
         for frame in frames {
             match frame {
-                Ok(f) if from_client => self.conversation.client(&f, &mut events),
+                Ok(f) if from_client => {
+                    let packet = self.conversation.client(&f, &mut events);
+                    if let Some(log) = log.as_deref_mut() {
+                        let single = f.wire_len == f.len as u64 + 4;
+                        let text_offset = match &packet {
+                            ClientPacket::Sql { text_at, .. } => {
+                                single.then_some(f.offset + 4 + *text_at as u64)
+                            }
+                            ClientPacket::Command { .. } => Some(f.offset + 4),
+                            _ => None,
+                        };
+                        log.push(LoggedPacket {
+                            offset: f.offset,
+                            wire_len: f.wire_len,
+                            text_offset,
+                            packet,
+                        });
+                    }
+                }
                 Ok(f) => self.conversation.server(&f, &mut events),
                 Err(error) => events.push(MysqlEvent::Undecodable {
                     side: if from_client { "client" } else { "server" },
