@@ -422,6 +422,244 @@ fn a_denied_mariadb_statement_fails_naming_qgate_and_the_session_goes_on() -> Re
     Ok(())
 }
 
+/// A MySQL client that writes its packets itself, for what the `mariadb`
+/// client never sends: commands ahead of the login's answer, prepared
+/// statements, commands without SQL. Logs in as `raw` (no password).
+struct Raw {
+    stream: std::net::TcpStream,
+    /// The server's connection id (its greeting's).
+    id: u32,
+}
+
+impl Raw {
+    const CAPS: u32 = 0x1 // LONG_PASSWORD
+        | 0x8 // CONNECT_WITH_DB
+        | 0x200 // PROTOCOL_41
+        | 0x2000 // TRANSACTIONS
+        | 0x8000 // SECURE_CONNECTION
+        | 0x1_0000 // MULTI_STATEMENTS
+        | 0x2_0000 // MULTI_RESULTS
+        | 0x8_0000; // PLUGIN_AUTH
+
+    /// Connects and reads the greeting; the login is the caller's.
+    fn open(lab: &Lab) -> Result<Raw> {
+        let addr = std::net::SocketAddr::from((lab.server_ip, PORT));
+        let stream = lab.connect_from_client(addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let mut raw = Raw { stream, id: 0 };
+        let (_, greeting) = raw.read()?;
+        let version_end = greeting[1..]
+            .iter()
+            .position(|&b| b == 0)
+            .context("greeting version")?;
+        let at = 1 + version_end + 1;
+        raw.id = u32::from_le_bytes(greeting[at..at + 4].try_into()?);
+        Ok(raw)
+    }
+
+    /// Connected and logged in to `shop`.
+    fn login(lab: &Lab) -> Result<Raw> {
+        let mut raw = Raw::open(lab)?;
+        raw.write(&[(1, Raw::login_packet())])?;
+        let (_, ok) = raw.read()?;
+        if ok.first() != Some(&0) {
+            bail!("login refused: {}", String::from_utf8_lossy(&ok));
+        }
+        Ok(raw)
+    }
+
+    fn login_packet() -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&Raw::CAPS.to_le_bytes());
+        p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        p.push(33); // utf8_general_ci
+        p.extend_from_slice(&[0; 23]);
+        p.extend_from_slice(b"raw\0");
+        p.push(0); // no auth data: no password
+        p.extend_from_slice(b"shop\0");
+        p.extend_from_slice(b"mysql_native_password\0");
+        p
+    }
+
+    /// Writes `(sequence id, payload)` packets in one write.
+    fn write(&mut self, packets: &[(u8, Vec<u8>)]) -> Result<()> {
+        use std::io::Write;
+        let mut bytes = Vec::new();
+        for (seq, payload) in packets {
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
+            bytes.push(*seq);
+            bytes.extend_from_slice(payload);
+        }
+        self.stream.write_all(&bytes)?;
+        Ok(())
+    }
+
+    fn command(&mut self, code: u8, body: &[u8]) -> Result<()> {
+        let mut payload = vec![code];
+        payload.extend_from_slice(body);
+        self.write(&[(0, payload)])
+    }
+
+    fn read(&mut self) -> Result<(u8, Vec<u8>)> {
+        use std::io::Read;
+        let mut header = [0u8; 4];
+        self.stream.read_exact(&mut header)?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+        let mut payload = vec![0; len];
+        self.stream.read_exact(&mut payload)?;
+        Ok((header[3], payload))
+    }
+
+    /// Reads packets up to and including the next EOF (0xFE, short) or ERR.
+    fn read_through_eof(&mut self) -> Result<Vec<Vec<u8>>> {
+        let mut packets = Vec::new();
+        loop {
+            let (_, p) = self.read()?;
+            let end = (p.first() == Some(&0xFE) && p.len() < 9) || p.first() == Some(&0xFF);
+            packets.push(p);
+            if end {
+                return Ok(packets);
+            }
+        }
+    }
+}
+
+/// An ERR packet's message, or why the packet is not one.
+fn err_message(packet: &[u8]) -> String {
+    if packet.first() != Some(&0xFF) || packet.len() < 9 {
+        return format!("not an ERR packet: {packet:?}");
+    }
+    let code = u16::from_le_bytes([packet[1], packet[2]]);
+    format!("{code} {}", String::from_utf8_lossy(&packet[9..]))
+}
+
+/// A command sent in the same write as the login, ahead of the server's
+/// answer: MariaDB runs it as a command once it accepts the login (no
+/// authentication exchange for a user without a password), so it must
+/// never pass for authentication data. The conversation stops being read
+/// and the held connection is reset (audited); the table is intact.
+#[test]
+fn a_command_sent_ahead_of_the_login_answer_is_never_run_unjudged() -> Result<()> {
+    let (lab, server, _token) = gated("myahead")?;
+    server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
+    // The same user, logged in the usual way first: the login alone passes.
+    Raw::login(&lab)?;
+    let mut raw = Raw::open(&lab)?;
+    let mut drop = vec![0x03];
+    drop.extend_from_slice(b"DROP TABLE victim");
+    raw.write(&[(1, Raw::login_packet()), (0, drop)])?;
+    // Whatever comes back (a reset, or nothing), the DROP never runs.
+    let answer = raw.read();
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        victim_rows(&server)?,
+        Some(3),
+        "the DROP sent ahead of the login's answer ran (answer {answer:?})"
+    );
+    assert!(answer.is_err(), "the connection is ended: {answer:?}");
+    let store = lab.store()?;
+    let resets: i64 = store.query_row(
+        "SELECT count(*) FROM audit WHERE kind = 'gate.connection_reset'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(resets, 1, "the reset is audited");
+    Ok(())
+}
+
+/// Prepared statements over the binary protocol: a `COM_STMT_PREPARE` of a
+/// `DROP TABLE` is held and, denied, fails at the prepare naming qgate (no
+/// statement id to execute); a prepared read runs at once, with its
+/// parameter; an approved prepared `DELETE` runs at its execute without a
+/// second request. A `COM_PROCESS_KILL` (no SQL text) is judged as the
+/// `KILL` it is: held, denied by a command byte the server does not know,
+/// the session named in it untouched.
+#[test]
+fn mariadb_prepared_statements_and_commands_without_sql_are_gated() -> Result<()> {
+    let (lab, server, token) = gated("myprep")?;
+    server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
+    let mut raw = Raw::login(&lab)?;
+
+    raw.command(0x16, b"DROP TABLE victim")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(request["statement"], "DROP TABLE victim", "{request}");
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, answer) = raw.read()?;
+    let message = err_message(&answer);
+    assert!(
+        message.starts_with("1064") && message.contains(&format!("`qgate {id}`")),
+        "{message}"
+    );
+    assert_eq!(victim_rows(&server)?, Some(3));
+
+    // A read: prepared and executed with its parameter, no request.
+    raw.command(0x16, b"SELECT v FROM victim WHERE id = ?")?;
+    let (_, ok) = raw.read()?;
+    assert_eq!(ok.first(), Some(&0), "PREPARE_OK: {}", err_message(&ok));
+    let stmt = u32::from_le_bytes(ok[1..5].try_into()?);
+    raw.read_through_eof()?; // the parameter's definition
+    raw.read_through_eof()?; // the column's
+    let mut execute = stmt.to_le_bytes().to_vec();
+    execute.extend_from_slice(&[0, 1, 0, 0, 0]); // no cursor, 1 iteration
+    execute.extend_from_slice(&[0, 1, 0x03, 0]); // no NULLs, types: LONG
+    execute.extend_from_slice(&2i32.to_le_bytes());
+    raw.command(0x17, &execute)?;
+    let (_, columns) = raw.read()?;
+    assert_eq!(columns, [1], "one column: {}", err_message(&columns));
+    raw.read_through_eof()?; // its definition
+    let rows = raw.read_through_eof()?;
+    assert!(
+        rows.len() == 2 && rows[0].ends_with(b"\x01b"),
+        "the row of id 2: {rows:?}"
+    );
+
+    // An approved prepared DELETE runs at its execute.
+    raw.command(0x16, b"DELETE FROM victim")?;
+    let (_, id) = pending_id(&lab, &token)?;
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let (_, ok) = raw.read()?;
+    assert_eq!(ok.first(), Some(&0), "PREPARE_OK: {}", err_message(&ok));
+    let stmt = u32::from_le_bytes(ok[1..5].try_into()?);
+    let mut execute = stmt.to_le_bytes().to_vec();
+    execute.extend_from_slice(&[0, 1, 0, 0, 0]);
+    raw.command(0x17, &execute)?;
+    let (_, ok) = raw.read()?;
+    assert_eq!(
+        ok.get(..2),
+        Some(&[0, 3][..]),
+        "OK, 3 rows: {}",
+        err_message(&ok)
+    );
+    assert_eq!(victim_rows(&server)?, Some(0));
+    let pending = lab.requests(&token, &["list", "--status", "pending"])?;
+    assert_eq!(pending.as_array().map(Vec::len), Some(0), "{pending}");
+
+    // COM_PROCESS_KILL of another session of the same user.
+    let mut other = Raw::login(&lab)?;
+    raw.command(0x0c, &other.id.to_le_bytes())?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(
+        request["statement"],
+        format!("KILL {}", other.id),
+        "{request}"
+    );
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, answer) = raw.read()?;
+    assert!(
+        err_message(&answer).starts_with("1047"),
+        "{}",
+        err_message(&answer)
+    );
+    other.command(0x0e, b"")?; // COM_PING: the named session lives
+    let (_, pong) = other.read()?;
+    assert_eq!(pong.first(), Some(&0), "{}", err_message(&pong));
+    // And the session that asked goes on.
+    raw.command(0x03, b"SELECT 1")?;
+    let (_, columns) = raw.read()?;
+    assert_eq!(columns, [1], "{}", err_message(&columns));
+    Ok(())
+}
+
 /// By hand, not in CI (a measurement, not a check):
 /// `cargo test -p qgate-e2e --test mysql -- --ignored --nocapture`.
 /// sysbench `oltp_read_only` against MariaDB, direct and with the agent

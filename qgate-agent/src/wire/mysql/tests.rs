@@ -1,5 +1,5 @@
 use super::{
-    conversation::{Carrier, Outcome},
+    conversation::{Carrier, ClientPacket, Outcome},
     packet::{self, caps, Command, Login},
     *,
 };
@@ -786,6 +786,157 @@ fn identity_changes_are_followed() {
             "identified",
             "identified",
             "completed"
+        ]
+    );
+}
+
+/// What each client packet is to the gate, in order (`converse` with the
+/// client packets' verdicts kept).
+fn packets(c: &mut Conversation, steps: &[(bool, Vec<u8>)]) -> Vec<ClientPacket> {
+    let (mut client, mut server) = (Framer::client(), Framer::server());
+    let (mut co, mut so) = (0u64, 0u64);
+    let (mut out, mut seen) = (Vec::new(), Vec::new());
+    for (from_client, bytes) in steps {
+        let mut got = Vec::new();
+        if *from_client {
+            client.push(co, bytes, &mut |f| got.push(f));
+            co += bytes.len() as u64;
+        } else {
+            server.push(so, bytes, &mut |f| got.push(f));
+            so += bytes.len() as u64;
+        }
+        for f in got {
+            let f = f.expect("framed");
+            if *from_client {
+                seen.push(c.client(&f, &mut out));
+            } else {
+                c.server(&f, &mut out);
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn the_gate_sees_sql_commands_and_exchanges_apart() {
+    let mut c = Conversation::new();
+    let seen = packets(
+        &mut c,
+        &[
+            (false, pkt(0, &greeting_payload(0xf7fe, 0x81bf))),
+            (true, pkt(1, &login_payload(CLIENT, "alice", Some("shop")))),
+            // An auth switch: the client's answer is data the server asked for.
+            (
+                false,
+                pkt(2, b"\xfemysql_native_password\x00abcdefghijklmnopqrst\x00"),
+            ),
+            (true, pkt(3, &[7; 20])),
+            (false, ok(4, 0, 2)),
+            (true, pkt(0, b"\x03SELECT 1")),
+            (false, ok(1, 0, 2)),
+            (true, pkt(0, b"\x16DELETE FROM t WHERE id = ?")),
+            (false, err(1, 1146, "42S02", "no")),
+            (true, pkt(0, b"\x0e")),
+            (false, ok(1, 0, 2)),
+            (true, pkt(0, b"\x0c\x05\x00\x00\x00")),
+            (false, ok(1, 0, 2)),
+            (true, pkt(0, b"\x08")),
+            (false, ok(1, 0, 2)),
+            (true, pkt(0, b"\x17\x09\x00\x00\x00\x00\x01\x00\x00\x00")),
+        ],
+    );
+    let sql = |carrier, text: &str| ClientPacket::Sql {
+        carrier,
+        text: text.into(),
+        text_at: 1,
+    };
+    assert_eq!(
+        seen,
+        [
+            ClientPacket::Exchange,
+            ClientPacket::Exchange,
+            sql(Carrier::Query, "SELECT 1"),
+            sql(Carrier::Prepare, "DELETE FROM t WHERE id = ?"),
+            ClientPacket::Plain,
+            ClientPacket::Command {
+                text: "KILL 5".into()
+            },
+            ClientPacket::Command {
+                text: "SHUTDOWN".into()
+            },
+            // Statement 9 was never prepared here: its text is unknown.
+            ClientPacket::Command {
+                text: "COM_STMT_EXECUTE of statement 9 prepared before qgate saw it".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_packet_the_server_did_not_ask_for_during_authentication_is_never_data() {
+    // A command written with the login, before the server's OK: MariaDB
+    // runs it as a command once it accepts the login.
+    let mut c = Conversation::new();
+    let seen = packets(
+        &mut c,
+        &[
+            (false, pkt(0, &greeting_payload(0xf7fe, 0x81bf))),
+            (true, pkt(1, &login_payload(CLIENT, "alice", Some("shop")))),
+            (true, pkt(0, b"\x03DROP TABLE t")),
+            (false, ok(2, 0, 2)),
+            (true, pkt(0, b"\x03SELECT 1")),
+        ],
+    );
+    assert_eq!(
+        seen,
+        [
+            ClientPacket::Exchange,
+            ClientPacket::Unread,
+            ClientPacket::Unread
+        ]
+    );
+    assert!(c.is_done());
+    // caching_sha2's "fast authentication succeeded" asks for nothing: an
+    // OK follows, and a packet before it is not data either.
+    let mut c = Conversation::new();
+    let seen = packets(
+        &mut c,
+        &[
+            (false, pkt(0, &greeting_payload(0xf7fe, 0x81bf))),
+            (true, pkt(1, &login_payload(CLIENT, "alice", None))),
+            (false, pkt(2, b"\x01\x03")),
+            (true, pkt(3, b"\x03DROP TABLE t")),
+        ],
+    );
+    assert_eq!(seen, [ClientPacket::Exchange, ClientPacket::Unread]);
+    // The same holds during a COM_CHANGE_USER: only what the server asked for.
+    let mut c = Conversation::new();
+    let mut change = b"\x11bob\x00\x00".to_vec();
+    change.extend_from_slice(b"shop\x00");
+    let seen = packets(
+        &mut c,
+        &[
+            (false, pkt(0, &greeting_payload(0xf7fe, 0x81bf))),
+            (true, pkt(1, &login_payload(CLIENT, "alice", None))),
+            (false, ok(2, 0, 2)),
+            (true, pkt(0, &change)),
+            (
+                false,
+                pkt(1, b"\xfemysql_native_password\x00abcdefghijklmnopqrst\x00"),
+            ),
+            (true, pkt(2, &[7; 20])),
+            (true, pkt(0, b"\x03DROP TABLE t")),
+        ],
+    );
+    assert_eq!(
+        seen,
+        [
+            ClientPacket::Exchange,
+            ClientPacket::Command {
+                text: "COM_CHANGE_USER to 'bob'".into()
+            },
+            ClientPacket::Exchange,
+            ClientPacket::Unread,
         ]
     );
 }
