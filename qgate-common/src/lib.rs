@@ -48,10 +48,11 @@ pub mod port_kind {
     /// from now on are left to it; older ones stay on the wire path.
     pub const HOOKED: u8 = 2;
     /// MySQL/MariaDB (`capture.mysql_ports`): captured both ways and
-    /// gated, but the program does not walk this protocol's packets: in a
-    /// gating mode every client byte past `next_msg_seq` waits for the
-    /// agent, which decodes and decides each packet (`phase` is the
-    /// agent's; the PostgreSQL walk never runs on these bytes).
+    /// gated. The program passes on its own only a whole `COM_QUERY` it
+    /// proves a plain read, or a `COM_PING`, once the agent has let the
+    /// login through; every other client byte waits for the agent, which
+    /// decodes and decides each packet (the PostgreSQL walk never runs on
+    /// these bytes).
     pub const MYSQL: u8 = 3;
 }
 

@@ -8,6 +8,13 @@
 //! join (no `JOIN` word, no comma in its FROM list: whether a join is
 //! filtered is the agent's to read), after leading whitespace and
 //! comments. Nested block comments are refused rather than followed.
+//!
+//! For MySQL/MariaDB ([`Scan::mysql`]) also refused: a leading block
+//! comment (MariaDB runs `/*! … */`: `/*!INSERT INTO t2*/ SELECT …` is an
+//! INSERT), a NUL byte (a MySQL text has no terminator: what follows one is
+//! the server's to read), any byte above 0x7F (the session's character set
+//! is not known here), and the word `LOCK` (`LOCK IN SHARE MODE` takes row
+//! locks).
 
 /// Lower-case ASCII letters packed big-endian, for keyword comparison.
 const KW_SELECT: u64 = 0x73656c656374; // "select"
@@ -16,6 +23,7 @@ const W_INTO: u64 = 0x696e746f; // "into": SELECT INTO creates a table
 const W_FOR: u64 = 0x666f72; // "for": FOR UPDATE/SHARE take row locks
 const W_JOIN: u64 = 0x6a6f696e; // "join"
 const W_FROM: u64 = 0x66726f6d; // "from": a comma after it joins tables
+const W_LOCK: u64 = 0x6c6f636b; // "lock": MySQL's LOCK IN SHARE MODE
 /// Words that end a FROM list (a comma after them is not a join).
 const ENDS_FROM: [u64; 11] = [
     0x7768657265,   // where
@@ -59,7 +67,9 @@ pub struct Scan {
     pub refused: u8,
     /// 1 between the word FROM and the next clause word.
     pub in_from: u8,
-    pub _pad: [u8; 3],
+    /// 1: the text is MySQL's (see the module's note).
+    pub mysql: u8,
+    pub _pad: [u8; 2],
 }
 
 impl Scan {
@@ -75,14 +85,25 @@ impl Scan {
             skip_name: is_parse as u8,
             refused: 0,
             in_from: 0,
-            _pad: [0; 3],
+            mysql: 0,
+            _pad: [0; 2],
         }
+    }
+
+    /// A fresh scanner for a MySQL `COM_QUERY` text.
+    pub const fn mysql(n: u32) -> Scan {
+        let mut scan = Scan::new(n, false);
+        scan.mysql = 1;
+        scan
     }
 }
 
 impl Scan {
     fn ends_word_badly(&self) -> bool {
-        (self.word_len == 4 && (self.word == W_INTO || self.word == W_JOIN))
+        (self.word_len == 4
+            && (self.word == W_INTO
+                || self.word == W_JOIN
+                || (self.mysql != 0 && self.word == W_LOCK)))
             || (self.word_len == 3 && self.word == W_FOR)
     }
 
@@ -111,6 +132,9 @@ impl Scan {
             }
             return true;
         }
+        if self.mysql != 0 && (c == 0 || c >= 0x80) {
+            return self.refuse();
+        }
         if c == 0 {
             return false;
         }
@@ -120,7 +144,7 @@ impl Scan {
                     // The second character of a comment opener, or a stray operator.
                     if self.prev == b'-' && c == b'-' {
                         self.state = LINE_COMMENT;
-                    } else if self.prev == b'/' && c == b'*' {
+                    } else if self.prev == b'/' && c == b'*' && self.mysql == 0 {
                         self.state = BLOCK_COMMENT;
                     } else {
                         return self.refuse();
@@ -227,14 +251,61 @@ impl Scan {
 /// The whole proof over `text` in one call (userspace; the kernel feeds the
 /// same [`Scan::step`] from `bpf_loop`, at most 512 bytes).
 pub fn harmless_text(text: &[u8], is_parse: bool) -> bool {
+    scan_text(text, Scan::new(text.len() as u32, is_parse))
+}
+
+/// [`harmless_text`] for a MySQL `COM_QUERY` text.
+pub fn harmless_mysql_text(text: &[u8]) -> bool {
+    scan_text(text, Scan::mysql(text.len() as u32))
+}
+
+fn scan_text(text: &[u8], mut scan: Scan) -> bool {
     if text.is_empty() || text.len() > 512 {
         return false;
     }
-    let mut scan = Scan::new(text.len() as u32, is_parse);
     for &c in text {
         if !scan.step(c) {
             break;
         }
     }
     scan.harmless()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{harmless_mysql_text as mysql, harmless_text as pg};
+
+    #[test]
+    fn mysql_texts_refuse_what_mariadb_reads_differently() {
+        for ok in [
+            "SELECT * FROM t WHERE id = 1",
+            "select count(*) from t",
+            "SELECT v FROM t WHERE id = 2;",
+            "-- note\nSELECT 1",
+            "SHOW TABLES",
+            "SELECT @@version_comment LIMIT 1",
+        ] {
+            let expected = !ok.contains('(');
+            assert_eq!(mysql(ok.as_bytes()), expected, "{ok}");
+        }
+        for refused in [
+            // MariaDB runs the inside of /*! … */: an INSERT … SELECT.
+            "/*!INSERT INTO t2*/ SELECT * FROM t",
+            "/* a note */ SELECT 1",
+            "SELECT 1;\0DROP TABLE t",
+            "SELECT * FROM t WHERE name = 'Zo\u{eb}'",
+            "SELECT * FROM t LOCK IN SHARE MODE",
+            "SELECT * FROM t FOR UPDATE",
+            "SELECT * FROM t INTO OUTFILE '/tmp/x'",
+            "SELECT 1; DROP TABLE t",
+            "SELECT * FROM t /*!,t2*/",
+            "# c\nSELECT 1",
+        ] {
+            assert!(!mysql(refused.as_bytes()), "{refused}");
+        }
+        // PostgreSQL's reading is unchanged.
+        assert!(pg(b"/* a note */ SELECT 1", false));
+        assert!(pg(b"SELECT lock FROM t", false));
+        assert!(!mysql(b"SELECT lock FROM t"));
+    }
 }

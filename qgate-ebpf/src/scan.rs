@@ -60,12 +60,24 @@ pub fn buffer(len: u32) -> Option<(*mut u8, u32)> {
 /// comments are refused rather than followed.
 #[inline(always)]
 pub fn harmless(n: u32, is_parse: bool) -> bool {
+    run(Scan::new(n, is_parse))
+}
+
+/// [`harmless`] for a MySQL `COM_QUERY` text (`Scan::mysql`).
+#[inline(always)]
+pub fn harmless_mysql(n: u32) -> bool {
+    run(Scan::mysql(n))
+}
+
+#[inline(always)]
+fn run(fresh: Scan) -> bool {
     let Some(scratch) = SCAN_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
+    let n = fresh.n;
     // SAFETY: per-CPU slot, this program run is its only user.
     let scan = unsafe { &mut (*scratch).scan };
-    *scan = Scan::new(n, is_parse);
+    *scan = fresh;
     // SAFETY: callback and context are valid for the call's duration.
     let rc = unsafe {
         bpf_loop(

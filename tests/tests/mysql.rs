@@ -422,6 +422,89 @@ fn a_denied_mariadb_statement_fails_naming_qgate_and_the_session_goes_on() -> Re
     Ok(())
 }
 
+/// `qgate_decisions_total{decision="allow"}`: statements the agent decided.
+fn allowed_by_agent(lab: &Lab, token: &str) -> Result<f64> {
+    let (status, metrics) = lab.api_get(token, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics: {status} {metrics}");
+    }
+    Ok(metrics
+        .lines()
+        .find(|l| l.starts_with("qgate_decisions_total{decision=\"allow\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .map_or(Ok(0.0), str::parse)?)
+}
+
+/// The kernel's MySQL prefilter: plain reads pass without a round trip to
+/// the agent (and are still stored); a statement longer than a segment is
+/// held by its end (its first bytes pass, the server runs nothing of it
+/// before it has it whole): a 1 MB INSERT runs without a request, a long
+/// DELETE waits and runs once approved, a long DROP denied closes the
+/// connection with nothing run.
+#[test]
+fn mariadb_plain_reads_pass_in_the_kernel_and_long_statements_are_held_by_their_end() -> Result<()>
+{
+    let (lab, server, token) = gated("mytail")?;
+    let before = allowed_by_agent(&lab, &token)?;
+    let reads = "SELECT v FROM victim WHERE id = 1;\n".repeat(20);
+    let out = client_spawn(&lab, &reads)?;
+    let (ok, stdout, stderr) = finish(out, Duration::from_secs(20))?;
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.split_whitespace().filter(|w| *w == "a").count(), 20);
+    let decided = allowed_by_agent(&lab, &token)? - before;
+    assert_eq!(
+        decided, 0.0,
+        "plain reads were decided by the agent, not passed by the kernel"
+    );
+
+    // A 1 MB INSERT: allowed by the policy, run without a request.
+    let values: Vec<String> = (0..100_000).map(|i| format!("({i})")).collect();
+    let insert = format!("INSERT INTO spare VALUES {}", values.join(","));
+    assert!(insert.len() > 700_000);
+    let (ok, _, stderr) = finish(client_spawn(&lab, &insert)?, Duration::from_secs(30))?;
+    assert!(ok, "{}", &stderr[stderr.len().saturating_sub(300)..]);
+    assert_eq!(
+        server.root("SELECT count(*) FROM shop.spare")?.trim(),
+        "100000"
+    );
+
+    // A long DELETE of every row: held by its end, approved, run.
+    let padding = "x".repeat(200_000);
+    let delete = format!("DELETE FROM spare /* {padding} */");
+    let child = client_spawn(&lab, &delete)?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(
+        request["statement"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("DELETE FROM spare /* xxx") && s.len() > 200_000),
+        "the whole statement is up for review"
+    );
+    assert_eq!(
+        server.root("SELECT count(*) FROM shop.spare")?.trim(),
+        "100000"
+    );
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let (ok, _, stderr) = finish(child, Duration::from_secs(20))?;
+    assert!(ok, "{}", &stderr[stderr.len().saturating_sub(300)..]);
+    assert_eq!(server.root("SELECT count(*) FROM shop.spare")?.trim(), "0");
+
+    // A long DROP denied: no same-length text makes every prefix fail, so
+    // the connection is closed; nothing of it ran.
+    let drop = format!("DROP TABLE victim /* {padding} */");
+    let child = client_spawn(&lab, &format!("{drop};\nSELECT 'after'"))?;
+    let (_, id) = pending_id(&lab, &token)?;
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, _, stderr) = finish(child, Duration::from_secs(20))?;
+    // (The client reconnects for its next statement.)
+    assert!(
+        stderr.contains("ERROR 2013"),
+        "the connection was closed: {}",
+        &stderr[stderr.len().saturating_sub(300)..]
+    );
+    assert_eq!(victim_rows(&server)?, Some(3));
+    Ok(())
+}
+
 /// A MySQL client that writes its packets itself, for what the `mariadb`
 /// client never sends: commands ahead of the login's answer, prepared
 /// statements, commands without SQL. Logs in as `raw` (no password).

@@ -426,6 +426,16 @@ impl Gate {
         let c = self.record(seg.flow);
         let stream = c.held.get_or_insert_with(|| HeldStream::new(base));
         stream.add_copy(seq, payload, &seg.tcp_header);
+        if !mysql_tls && tracker.mysql_unread(&seg.flow) {
+            // Held bytes of a MySQL conversation qgate stopped reading (it
+            // failed, or the client quit): never released unread.
+            self.reset_unreadable(
+                &seg.flow,
+                "qgate: the held bytes could not be read",
+                "the MySQL conversation could not be read on",
+            );
+            return;
+        }
         if mysql_tls {
             // MySQL's TLS starts after its login request, on the gated
             // wire path: what the kernel holds of it qgate can never read
@@ -722,9 +732,19 @@ impl Gate {
                     *broken = true;
                 }
                 let mysql_unread = matches!(event, WireEvent::Undecodable { .. })
-                    && self
-                        .info(&flow)
-                        .is_some_and(|i| i.dialect == Dialect::Mysql);
+                    && self.info(&flow).is_some_and(|i| {
+                        i.dialect == Dialect::Mysql && i.mode != Some(GateMode::Monitor)
+                    });
+                if mysql_unread {
+                    // Nothing more passes on the kernel's word either: its
+                    // next bytes are held, and reset (`before_segment`).
+                    if let Some(info) = self.info_mut(&flow) {
+                        info.kernel_mode = Some(GateMode::GateAll);
+                    }
+                    if let Err(e) = self.kernel.set_mode(&flow, GateMode::GateAll) {
+                        warn!("setting the gate mode of {flow:?}: {e}");
+                    }
+                }
                 if mysql_unread && self.held_mut(&flow).is_some() {
                     // A MySQL conversation qgate stopped reading (a command
                     // sent ahead of the server's answer to a login, a

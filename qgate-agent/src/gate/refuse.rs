@@ -36,6 +36,18 @@ impl Gate {
         let Some(front) = stream.front() else {
             return;
         };
+        if mysql && front.tail {
+            // The server has the packet's first bytes and MySQL has no
+            // spelling that makes any prefix fail whatever it opened:
+            // the connection is closed, and nothing of the packet runs.
+            self.reset_held(
+                flow,
+                id,
+                reason,
+                "a long MySQL statement held by its end is refused by closing the connection",
+            );
+            return;
+        }
         let replacement = if mysql {
             match front.info.carrier {
                 // COM_SLEEP: "Unknown command" (error 1047); the session

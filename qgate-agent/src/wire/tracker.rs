@@ -391,6 +391,16 @@ impl Tracker {
             .is_some_and(|c| c.mysql.is_some())
     }
 
+    /// A MySQL connection whose conversation stopped being read (it failed,
+    /// or the client quit), other than by turning encrypted: nothing more
+    /// of it is decoded.
+    pub fn mysql_unread(&self, flow: &Flow) -> bool {
+        self.connections
+            .get(flow)
+            .and_then(|c| c.mysql.as_ref())
+            .is_some_and(|m| m.unread())
+    }
+
     /// The tracker's id for `flow`'s connection.
     pub fn connection_id(&self, flow: &Flow) -> Option<ConnId> {
         self.connections.get(flow).map(|c| c.id)

@@ -27,7 +27,10 @@ use qgate_common::{
     known, mode, phase, tcp::seq_lt, tcp_flags, Counters, FlowKey, FlowState, GateConfig,
 };
 
-use self::{startup::startup, walk::messages};
+use self::{
+    startup::startup,
+    walk::{messages, mysql_packet},
+};
 use crate::{capture::count, packet::Segment};
 
 #[map(name = "FLOWS")]
@@ -321,8 +324,10 @@ fn decide_flow(
     }
     let first = state.next_msg_seq.wrapping_sub(seg.seq);
     let verdict = match state.phase {
-        // MySQL: nothing is proven here; the agent decodes and decides
-        // every packet (the hold starts at the next one, below).
+        // MySQL: one command packet per segment, once the agent has let
+        // the login through (`READY`); the agent decodes and decides the
+        // rest (the hold starts at the next packet, below).
+        phase::READY if mysql => mysql_packet(ctx, seg, state, first),
         _ if mysql => hold(state, seg.seq),
         phase::STARTUP => startup(ctx, seg, state, cfg, first),
         phase::READY => messages(ctx, seg, state, first),

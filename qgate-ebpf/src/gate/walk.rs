@@ -1,7 +1,8 @@
 //! The message walk: a segment's PostgreSQL message headers, one per
 //! `bpf_loop` step, and the plain-read proof of the one SQL message a
 //! segment may carry; a Query or Parse longer than its segment is held by
-//! its end ([`TAIL`]).
+//! its end ([`TAIL`]). For MySQL ([`mysql_packet`]): one command packet
+//! per segment, a `COM_QUERY` proven a plain read or a `COM_PING` passes.
 use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_skb_load_bytes},
     macros::map,
@@ -198,6 +199,94 @@ pub(super) fn messages(
     }
     state.next_msg_seq = seg.seq.wrapping_add(walk.off);
     Verdict::Pass
+}
+
+/// `COM_QUERY` and `COM_PING` (MySQL Client/Server Protocol, "Command
+/// Phase").
+const COM_QUERY: u8 = 0x03;
+const COM_PING: u8 = 0x0e;
+/// A payload this long is continued by the next packet.
+const MYSQL_MAX_PAYLOAD: u32 = 0xFF_FFFF;
+
+/// A MySQL segment from its next packet header at `first`: passes only when
+/// it is one whole command packet (sequence id 0) that is a `COM_PING`, or,
+/// for `GATE_RISKY`, a `COM_QUERY` whose text is provably one plain read
+/// ([`scan::harmless_mysql`]); a `COM_QUERY` longer than the segment is held
+/// by its end ([`TAIL`]). Everything else waits for the agent: a login,
+/// authentication data (sequence ids above 0), a prepare or execute, any
+/// other command, two packets in one segment.
+#[inline(always)]
+pub(super) fn mysql_packet(
+    ctx: &TcContext,
+    seg: &Segment,
+    state: &mut FlowState,
+    first: u32,
+) -> Verdict {
+    if first + 5 > seg.payload_len {
+        return hold(state, seg.seq);
+    }
+    let mut header = [0u8; 5];
+    // SAFETY: 5 bytes into a 5-byte stack buffer; the helper checks the skb side.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            seg.payload_offset + first,
+            header.as_mut_ptr() as *mut _,
+            5,
+        )
+    };
+    if rc != 0 {
+        return hold(state, seg.seq);
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]);
+    let (seq, command) = (header[3], header[4]);
+    if seq != 0 || len == 0 || len >= MYSQL_MAX_PAYLOAD {
+        return hold(state, seg.seq);
+    }
+    let end = first + 4 + len;
+    if end > seg.payload_len {
+        if command == COM_QUERY && len > 2 * TAIL && state.mode == mode::GATE_RISKY {
+            let message_end = seg.seq.wrapping_add(end);
+            let tail = message_end.wrapping_sub(TAIL);
+            if !seq_lt(tail, seg.seq.wrapping_add(seg.payload_len)) {
+                // As for a long PostgreSQL Query: the server parses
+                // nothing of a packet before it has it whole.
+                state.held = 1;
+                state.tail = 1;
+                state.hold_seq = tail;
+                state.pass_until = seg.seq.wrapping_add(seg.payload_len);
+                state.next_msg_seq = message_end;
+                return Verdict::Pass;
+            }
+        }
+        return hold(state, seg.seq);
+    }
+    if end != seg.payload_len {
+        return hold(state, seg.seq);
+    }
+    let harmless = match command {
+        COM_PING => state.mode != mode::GATE_ALL,
+        COM_QUERY => {
+            state.mode == mode::GATE_RISKY
+                && plain_mysql_read(ctx, seg.payload_offset + first + 5, len - 1)
+        }
+        _ => false,
+    };
+    if !harmless {
+        return hold(state, seg.seq);
+    }
+    state.next_msg_seq = seg.seq.wrapping_add(end);
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn plain_mysql_read(ctx: &TcContext, at: u32, len: u32) -> bool {
+    let Some((buf, n)) = scan::buffer(len) else {
+        return false;
+    };
+    // SAFETY: the scan buffer holds SCAN >= n bytes.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, at, buf as *mut _, n) };
+    rc == 0 && scan::harmless_mysql(n)
 }
 
 /// Copies the statement text out of the skb and asks [`scan::harmless`].

@@ -169,6 +169,11 @@ impl MysqlStreams {
         }
     }
 
+    /// The conversation is over other than by TLS: nothing more is read.
+    pub(crate) fn unread(&self) -> bool {
+        self.conversation.is_done() && !self.encrypted
+    }
+
     /// No reported statement waits for its answer.
     pub(crate) fn is_idle(&self) -> bool {
         self.due.iter().all(Option::is_none)
