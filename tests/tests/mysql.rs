@@ -422,6 +422,68 @@ fn a_denied_mariadb_statement_fails_naming_qgate_and_the_session_goes_on() -> Re
     Ok(())
 }
 
+/// An identity the policy refuses gets a clear error at connect: its login
+/// is rewritten into one no server accepts, whose user name is qgate's
+/// refusal (MariaDB: error 1045 "Access denied for user 'qgate: connection
+/// refused (decision N): …'"); nothing of the session runs, and everybody
+/// else connects as before.
+#[test]
+fn a_mariadb_identity_the_policy_refuses_gets_an_error_at_connect() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("myrefuse")?;
+    let server = Mariadb::start(&lab)?;
+    server.root(
+        "CREATE TABLE shop.victim (id INT); INSERT INTO shop.victim VALUES (1); \
+         CREATE USER 'mallory'@'%' IDENTIFIED BY 'secret'; GRANT ALL ON shop.* TO 'mallory'@'%';",
+    )?;
+    let policy = lab.dir.join("refuse.toml");
+    std::fs::write(
+        &policy,
+        "[default]\naction = \"allow\"\n\n[groups.outsiders]\nusers = [\"mallory\"]\n\n\
+         [[rules]]\nname = \"no-outsiders\"\ngroups = [\"outsiders\"]\naction = \"deny\"\n\
+         message = \"outsiders may not connect\"\n",
+    )?;
+    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    lab.start_agent(&[
+        "--config",
+        &config.to_string_lossy(),
+        "--policy",
+        policy.to_str().unwrap_or_default(),
+    ])?;
+    let started = Instant::now();
+    let out = lab
+        .in_client("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        .args([
+            "-u",
+            "mallory",
+            "-psecret",
+            "shop",
+            "-N",
+            "-B",
+            "-e",
+            "DELETE FROM victim",
+        ])
+        .output()?;
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(
+        err.contains("1045") && err.contains("qgate: connection refused (decision"),
+        "{err}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "promptly, not a hang: {took:?}"
+    );
+    assert_eq!(server.root("SELECT count(*) FROM shop.victim")?.trim(), "1");
+    // Everybody else connects as before.
+    let out = client(&lab, "SELECT count(*) FROM victim");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    Ok(())
+}
+
 /// `qgate_decisions_total{decision="allow"}`: statements the agent decided.
 fn allowed_by_agent(lab: &Lab, token: &str) -> Result<f64> {
     let (status, metrics) = lab.api_get(token, "/metrics")?;

@@ -53,6 +53,7 @@ impl Gate {
                 // COM_SLEEP: "Unknown command" (error 1047); the session
                 // goes on.
                 SqlCarrier::Command => (len == 1).then(|| vec![0]),
+                SqlCarrier::Startup => rewrite::mysql_login_refusal(len, id, reason),
                 carrier if len > 0 && !front.incomplete => Some(rewrite::mysql_denial_text(
                     len,
                     id,

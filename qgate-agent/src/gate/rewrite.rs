@@ -242,6 +242,47 @@ pub fn mysql_denial_text(len: usize, denial: DenialRef, reason: &str, prepare: b
     text.into_bytes()
 }
 
+/// A MySQL login (`HandshakeResponse41` payload) of exactly `len` bytes
+/// that no server accepts, naming qgate and the refusal in its user name:
+/// the server answers error 1045 "Access denied for user 'qgate: connection
+/// refused (decision 12): …'@'…'" and closes. Capabilities: 4.1 protocol,
+/// secure connection and a database (no plugin name, no attributes, so the
+/// server cannot switch the authentication); the user is cut at 80
+/// characters (MariaDB keeps 128), the auth data is a scramble's 20 bytes
+/// when there is room (MariaDB 10.11 answers "Bad handshake" to other
+/// lengths without a plugin name) or none, and a database name takes the
+/// rest (the login is refused before it is looked at; 3 000 characters
+/// tried). `None` below 44 bytes.
+pub fn mysql_login_refusal(len: usize, denial: DenialRef, reason: &str) -> Option<Vec<u8>> {
+    const PROTOCOL_41: u32 = 0x200;
+    const SECURE_CONNECTION: u32 = 0x8000;
+    const CONNECT_WITH_DB: u32 = 0x8;
+    const USER_MAX: usize = 80;
+    const SCRAMBLE: usize = 20;
+    // caps, max packet, charset, filler; the user's NUL, the auth length
+    // byte, the database's NUL; a database of at least one character.
+    const FIXED: usize = 4 + 4 + 1 + 23 + 1 + 1 + 1 + 1;
+    let room = len.checked_sub(FIXED).filter(|r| *r >= 8)?;
+    let mut user = format!("qgate: connection refused ({denial}): {}", sanitize(reason));
+    user.truncate(room.min(USER_MAX));
+    let rest = room - user.len();
+    let auth = if rest >= SCRAMBLE { SCRAMBLE } else { 0 };
+    let database = 1 + rest - auth;
+    let mut login = Vec::with_capacity(len);
+    login.extend_from_slice(&(PROTOCOL_41 | SECURE_CONNECTION | CONNECT_WITH_DB).to_le_bytes());
+    login.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    login.push(33);
+    login.extend_from_slice(&[0; 23]);
+    login.extend_from_slice(user.as_bytes());
+    login.push(0);
+    login.push(auth as u8);
+    login.extend(std::iter::repeat_n(b'q', auth));
+    login.extend(std::iter::repeat_n(b'q', database));
+    login.push(0);
+    debug_assert_eq!(login.len(), len);
+    Some(login)
+}
+
 fn sanitize(reason: &str) -> String {
     reason
         .chars()
@@ -258,6 +299,26 @@ fn sanitize(reason: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refused_mysql_login_is_a_well_formed_login_of_the_same_length() {
+        use super::{mysql_login_refusal, DenialRef};
+        assert!(mysql_login_refusal(43, DenialRef::Decision(3), "no").is_none());
+        for len in [44, 64, 100, 200, 500, 2000] {
+            let p =
+                mysql_login_refusal(len, DenialRef::Decision(3), "the 'policy' refuses").unwrap();
+            assert_eq!(p.len(), len);
+            assert_eq!(u32::from_le_bytes(p[..4].try_into().unwrap()), 0x8208);
+            let user_end = 32 + p[32..].iter().position(|&b| b == 0).unwrap();
+            let user = std::str::from_utf8(&p[32..user_end]).unwrap();
+            assert!(user.starts_with("qgate: c") && user.len() <= 80, "{user}");
+            assert!(!user.contains('\''), "{user}");
+            let auth = p[user_end + 1] as usize;
+            assert!(auth == 0 || auth == 20);
+            let db = &p[user_end + 2 + auth..];
+            assert!(db.len() >= 2 && db.ends_with(&[0]) && !db[..db.len() - 1].contains(&0));
+        }
+    }
+
     #[test]
     fn mysql_denials_keep_the_length_and_name_qgate() {
         use super::{mysql_denial_text, DenialRef};

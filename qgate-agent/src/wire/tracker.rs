@@ -169,6 +169,17 @@ fn mysql_log_entry(conn: ConnId, p: LoggedPacket) -> Option<LogEntry> {
                 statement: String::new(),
             })
         }
+        ClientPacket::Login { user } => {
+            // Refused by rewriting the whole payload (the header stays).
+            let text_offset = p.text_offset.unwrap_or(end);
+            Some(LoggedSql {
+                carrier: SqlCarrier::Startup,
+                text: format!("MySQL login as '{user}'"),
+                text_offset,
+                text_len: end - text_offset,
+                statement: String::new(),
+            })
+        }
         ClientPacket::Command { text } => Some(LoggedSql {
             carrier: SqlCarrier::Command,
             text,

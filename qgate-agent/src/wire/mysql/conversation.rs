@@ -73,10 +73,13 @@ pub enum MysqlEvent {
 /// from it, and what may be released without a decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientPacket {
-    /// Not a command: the login or TLS request, authentication data the
-    /// server asked for, a `LOCAL INFILE` file the server asked for.
-    /// Nothing in it runs as SQL.
+    /// Not a command: the TLS request, authentication data the server
+    /// asked for, a `LOCAL INFILE` file the server asked for. Nothing in it
+    /// runs as SQL.
     Exchange,
+    /// The login (`HandshakeResponse41`): the identity the policy judges;
+    /// refused by rewriting it into a login no server accepts.
+    Login { user: String },
     /// SQL text the server parses (`COM_QUERY`, `COM_STMT_PREPARE`), from
     /// payload byte `text_at` to the end.
     Sql {
@@ -264,6 +267,7 @@ impl Conversation {
                         );
                         return ClientPacket::Unread;
                     }
+                    let user = login.user.clone();
                     out.push(MysqlEvent::Login {
                         program: login.attribute("program_name").map(str::to_owned),
                         user: login.user,
@@ -271,7 +275,7 @@ impl Conversation {
                     });
                     self.phase = Phase::Auth;
                     self.auth_asked = false;
-                    ClientPacket::Exchange
+                    ClientPacket::Login { user }
                 }
                 Err(e) => {
                     self.fail("client", e, out);

@@ -853,7 +853,9 @@ fn the_gate_sees_sql_commands_and_exchanges_apart() {
     assert_eq!(
         seen,
         [
-            ClientPacket::Exchange,
+            ClientPacket::Login {
+                user: "alice".into()
+            },
             ClientPacket::Exchange,
             sql(Carrier::Query, "SELECT 1"),
             sql(Carrier::Prepare, "DELETE FROM t WHERE id = ?"),
@@ -890,7 +892,9 @@ fn a_packet_the_server_did_not_ask_for_during_authentication_is_never_data() {
     assert_eq!(
         seen,
         [
-            ClientPacket::Exchange,
+            ClientPacket::Login {
+                user: "alice".into()
+            },
             ClientPacket::Unread,
             ClientPacket::Unread
         ]
@@ -908,7 +912,15 @@ fn a_packet_the_server_did_not_ask_for_during_authentication_is_never_data() {
             (true, pkt(3, b"\x03DROP TABLE t")),
         ],
     );
-    assert_eq!(seen, [ClientPacket::Exchange, ClientPacket::Unread]);
+    assert_eq!(
+        seen,
+        [
+            ClientPacket::Login {
+                user: "alice".into()
+            },
+            ClientPacket::Unread
+        ]
+    );
     // The same holds during a COM_CHANGE_USER: only what the server asked for.
     let mut c = Conversation::new();
     let mut change = b"\x11bob\x00\x00".to_vec();
@@ -931,7 +943,9 @@ fn a_packet_the_server_did_not_ask_for_during_authentication_is_never_data() {
     assert_eq!(
         seen,
         [
-            ClientPacket::Exchange,
+            ClientPacket::Login {
+                user: "alice".into()
+            },
             ClientPacket::Command {
                 text: "COM_CHANGE_USER to 'bob'".into()
             },

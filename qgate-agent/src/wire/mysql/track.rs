@@ -224,6 +224,7 @@ impl MysqlStreams {
                                 single.then_some(f.offset + 4 + *text_at as u64)
                             }
                             ClientPacket::Command { .. } => Some(f.offset + 4),
+                            ClientPacket::Login { .. } => single.then_some(f.offset + 4),
                             _ => None,
                         };
                         log.push(LoggedPacket {
