@@ -34,6 +34,14 @@ pub(crate) fn classify_statements(
     tokens: Vec<TokenWithSpan>,
     dialect: Dialect,
 ) -> (Vec<StatementFacts>, bool) {
+    if dialect == Dialect::Mysql {
+        if let Some(why) = mysql_lexes_differently(&tokens) {
+            return (
+                vec![StatementFacts::unknown(sql.to_owned(), String::new(), why)],
+                false,
+            );
+        }
+    }
     let index = LineIndex::new(sql);
     let pieces = segments(&tokens);
     let texts: Vec<Option<String>> = pieces
@@ -58,7 +66,10 @@ pub(crate) fn classify_statements(
                         Some(Some(text)) if texts_fit => text.clone(),
                         _ => statement.to_string(),
                     };
-                    let (facts, d) = facts_of(statement, text);
+                    let (mut facts, d) = facts_of(statement, text);
+                    if dialect == Dialect::Mysql {
+                        mysql_facts(statement, &mut facts);
+                    }
                     depends |= d;
                     facts
                 })
@@ -66,6 +77,122 @@ pub(crate) fn classify_statements(
             (facts, depends)
         }
         Err(_) => classify_pieces(sql, &index, dialect),
+    }
+}
+
+/// Where sqlparser's MySQL tokenizer splits text otherwise than MySQL:
+/// a `--` comment opened by a whitespace character that is not ASCII (MySQL
+/// needs a space or a control character: `--\u{a0}x` is `- -x`), and a
+/// string literal of a kind MySQL does not have (`b"…"` is the column `b`
+/// and a string with backslash escapes to MySQL, a byte string without them
+/// to sqlparser). Such a text is not understood.
+fn mysql_lexes_differently(tokens: &[TokenWithSpan]) -> Option<String> {
+    use sqlparser::tokenizer::{Token, Whitespace};
+    for t in tokens {
+        match &t.token {
+            Token::Whitespace(Whitespace::SingleLineComment { prefix, comment })
+                if prefix == "--"
+                    && comment
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_whitespace() && !c.is_ascii()) =>
+            {
+                return Some("a `--` followed by a non-ASCII space is no comment to MySQL".into());
+            }
+            Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::NationalStringLiteral(_)
+            | Token::HexStringLiteral(_)
+            | Token::SingleQuotedByteStringLiteral(_) => {}
+            Token::TripleSingleQuotedString(_)
+            | Token::TripleDoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::TripleSingleQuotedByteStringLiteral(_)
+            | Token::TripleDoubleQuotedByteStringLiteral(_)
+            | Token::SingleQuotedRawStringLiteral(_)
+            | Token::DoubleQuotedRawStringLiteral(_)
+            | Token::TripleSingleQuotedRawStringLiteral(_)
+            | Token::TripleDoubleQuotedRawStringLiteral(_)
+            | Token::QuoteDelimitedStringLiteral(_)
+            | Token::NationalQuoteDelimitedStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_) => {
+                return Some(format!(
+                    "a literal MySQL does not read as sqlparser does: {}",
+                    t.token
+                ));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What a statement means on MySQL/MariaDB beyond its PostgreSQL reading:
+/// `RESET` (MySQL's `RESET MASTER` deletes the binary logs, `RESET SLAVE`
+/// forgets replication: nothing like PostgreSQL's RESET of a setting) is
+/// not understood; `SET GLOBAL` / `@@global.` / `PERSIST` changes the
+/// server for every session; a write to the `mysql` schema (the grant
+/// tables) changes privileges.
+fn mysql_facts(statement: &Statement, facts: &mut StatementFacts) {
+    let text = facts.sql.to_ascii_lowercase();
+    if let Statement::Reset(_) = statement {
+        facts.kind = Kind::Unknown;
+        facts.error = Some("MySQL's RESET is not a setting's reset".into());
+    }
+    if matches!(statement, Statement::Execute { .. }) {
+        facts.kind = Kind::Unknown;
+        if text.split_whitespace().nth(1) == Some("immediate") {
+            // Read by sqlparser's MySQL dialect as a statement named IMMEDIATE.
+            facts.verb = "EXECUTE IMMEDIATE".into();
+            facts.error = Some("EXECUTE IMMEDIATE runs text qgate does not see".into());
+        } else {
+            // The statement a SQL-level PREPARE gave the name (from a
+            // variable, or before qgate saw the session): not followed.
+            facts.error =
+                Some("EXECUTE runs a statement prepared by name, not followed on MySQL".into());
+        }
+    }
+    if facts.settings.iter().any(|s| s == "password") {
+        // SET PASSWORD [FOR user] = …: a credential change.
+        facts.kind = Kind::Dcl;
+        facts.verb = "SET PASSWORD".into();
+    }
+    if let Statement::Insert(insert) = statement {
+        let from_query = insert
+            .source
+            .as_ref()
+            .is_some_and(|q| !matches!(*q.body, SetExpr::Values(_)));
+        if from_query && (insert.replace_into || insert.on.is_some()) {
+            // REPLACE … SELECT deletes every row whose key the query
+            // produces; INSERT … SELECT … ON DUPLICATE KEY UPDATE updates
+            // them: as many existing rows as the query returns.
+            facts.flags.insert(Flag::AllRows);
+        }
+    }
+    if let Statement::Set(Set::SingleAssignment {
+        scope: Some(sqlparser::ast::ContextModifier::Global),
+        ..
+    }) = statement
+    {
+        facts.flags.insert(Flag::AlterSystem);
+    }
+    if matches!(statement, Statement::Set(_))
+        && ["@@global.", "@@persist", "global ", "persist "]
+            .iter()
+            .any(|scope| text.contains(scope))
+    {
+        facts.flags.insert(Flag::AlterSystem);
+    }
+    if facts.kind == Kind::Write
+        && facts
+            .tables_written
+            .iter()
+            .any(|t| t.schema().is_some_and(|s| s.eq_ignore_ascii_case("mysql")))
+    {
+        facts.flags.insert(Flag::PrivilegeChange);
+        facts.kind = Kind::Dcl;
     }
 }
 
@@ -637,6 +764,13 @@ fn head(statement: &Statement) -> Head {
             (Utility, "LOAD".into())
         }
         Statement::Deallocate { .. } => (Utility, "DEALLOCATE".into()),
+        // EXECUTE IMMEDIATE runs a text (or a variable's) nobody sees here.
+        Statement::Execute {
+            immediate: true, ..
+        } => {
+            unknown_because = Some("EXECUTE IMMEDIATE runs text qgate does not see");
+            (Unknown, "EXECUTE IMMEDIATE".into())
+        }
         Statement::Execute { .. } => (Utility, "EXECUTE".into()),
         Statement::LISTEN { .. } => (Utility, "LISTEN".into()),
         Statement::UNLISTEN { .. } => (Utility, "UNLISTEN".into()),
@@ -742,6 +876,10 @@ fn set_head(
         if name == "role" || name == "session_authorization" {
             flags.insert(Flag::IdentityChange);
         }
+        if name == "password" {
+            // MySQL's SET PASSWORD [FOR user] = …: a credential change.
+            flags.insert(Flag::PrivilegeChange);
+        }
         if name == "search_path" || name == "schema" {
             flags.insert(Flag::SearchPathChange);
         }
@@ -810,7 +948,9 @@ fn query_verb(body: &SetExpr) -> &'static str {
 /// `@@session.x`, `@@global.x` (and `local`, `persist`, `persist_only`)
 /// all name the system variable `x`.
 fn setting_name(name: &ObjectName) -> String {
-    let name = function_name(name);
+    // Both servers look settings up ignoring case, quoted or not
+    // (``SET `SQL_LOG_BIN` = 0``, `SET "Search_Path" = …`).
+    let name = function_name(name).to_ascii_lowercase();
     let Some(bare) = name.strip_prefix("@@") else {
         return name;
     };

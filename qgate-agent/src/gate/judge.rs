@@ -526,6 +526,29 @@ impl Judge {
                 s.sql = text.to_owned();
             }
         }
+        if conn.dialect == Dialect::Mysql
+            && conn
+                .subject
+                .database
+                .as_deref()
+                .is_some_and(|d| d.eq_ignore_ascii_case("mysql"))
+        {
+            // The session's database is the grant tables': an unqualified
+            // write there changes privileges.
+            let mut flagged = false;
+            for statement in &mut classification.statements {
+                if statement.kind == Kind::Write {
+                    statement.kind = Kind::Dcl;
+                    statement.flags.insert(Flag::PrivilegeChange);
+                    flagged = true;
+                }
+            }
+            if flagged {
+                let decision =
+                    policy.decide(&conn.subject, &classification, self.estimator.as_ref());
+                return self.unless_estimating((classification, decision));
+            }
+        }
         let Some(view) = view else {
             if conn.dialect == Dialect::Mysql && policy.wants_row_shares() {
                 // No planner of MariaDB's is asked: a write to existing
