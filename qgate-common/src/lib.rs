@@ -149,7 +149,12 @@ pub struct FlowState {
     pub passed_end: u32,
     /// `known::*` bits: which of `server_ack` and `passed_end` are set.
     pub known: u8,
-    pub _pad: [u8; 3],
+    /// MySQL: 1 when the agent saw the session from its login, so every
+    /// statement id the server hands out comes from a `COM_STMT_PREPARE`
+    /// the agent judged (the program never passes one): its executes,
+    /// fetches, long data, resets and closes pass.
+    pub mysql_prepared_judged: u8,
+    pub _pad: [u8; 2],
 }
 
 /// [`FlowState::known`] bits.

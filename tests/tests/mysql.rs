@@ -721,7 +721,7 @@ fn a_command_sent_ahead_of_the_login_answer_is_never_run_unjudged() -> Result<()
 /// the session named in it untouched.
 #[test]
 fn mariadb_prepared_statements_and_commands_without_sql_are_gated() -> Result<()> {
-    let (lab, server, token) = gated("myprep")?;
+    let (mut lab, server, token) = gated("myprep")?;
     server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
     let mut raw = Raw::login(&lab)?;
 
@@ -757,6 +757,15 @@ fn mariadb_prepared_statements_and_commands_without_sql_are_gated() -> Result<()
         rows.len() == 2 && rows[0].ends_with(b"\x01b"),
         "the row of id 2: {rows:?}"
     );
+    // Its next executes pass in the kernel: the session was seen from its
+    // login, so the statement id came from a prepare the agent judged
+    // (counted below from the bytes the agent released).
+    for _ in 0..200 {
+        raw.command(0x17, &execute)?;
+        raw.read()?;
+        raw.read_through_eof()?;
+        raw.read_through_eof()?;
+    }
 
     // An approved prepared DELETE runs at its execute.
     raw.command(0x16, b"DELETE FROM victim")?;
@@ -802,6 +811,18 @@ fn mariadb_prepared_statements_and_commands_without_sql_are_gated() -> Result<()
     raw.command(0x03, b"SELECT 1")?;
     let (_, columns) = raw.read()?;
     assert_eq!(columns, [1], "{}", err_message(&columns));
+    drop((raw, other));
+    lab.stop_agent()?;
+    let released: i64 = lab.store()?.query_row(
+        "SELECT json_extract(details, '$.gate.released_bytes') FROM audit WHERE kind = 'agent.stop'",
+        [],
+        |r| r.get(0),
+    )?;
+    // 200 executes of 18 bytes each would be 3 600 bytes on their own.
+    assert!(
+        released < 2_000,
+        "{released} bytes released by the agent: the executes were held"
+    );
     Ok(())
 }
 

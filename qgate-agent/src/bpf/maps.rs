@@ -117,6 +117,21 @@ impl KernelGate {
         self.update(flow, |s| s.mode = mode.as_raw())
     }
 
+    /// Sets a MySQL connection's mode, and whether every statement id its
+    /// server hands out comes from a prepare the agent judged (the session
+    /// was seen from its login).
+    pub fn set_mysql_mode(
+        &mut self,
+        flow: &Flow,
+        mode: GateMode,
+        prepared_judged: bool,
+    ) -> Result<(), GateMapError> {
+        self.update(flow, |s| {
+            s.mode = mode.as_raw();
+            s.mysql_prepared_judged = prepared_judged as u8;
+        })
+    }
+
     /// Everything before `next_msg_seq` is decided and delivered: the next
     /// message header is there. `still_held_from`: bytes from there on still
     /// wait for a decision.

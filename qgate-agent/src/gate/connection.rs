@@ -44,6 +44,10 @@ pub(super) struct ConnInfo {
     /// The server's grammar: MySQL/MariaDB sessions are judged with the
     /// MySQL dialect, without PostgreSQL's catalog or planner.
     pub dialect: crate::classify::Dialect,
+    /// MySQL: the session was seen from its login, so every prepared
+    /// statement in it went through the gate (see
+    /// `FlowState::mysql_prepared_judged`).
+    pub prepared_judged: bool,
 }
 
 /// A session the server hook reads.

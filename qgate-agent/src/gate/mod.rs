@@ -701,6 +701,7 @@ impl Gate {
                     search_path_changed: false,
                     kernel_mode,
                     dialect,
+                    prepared_judged: dialect == Dialect::Mysql && tracker.seen_from_start(*conn),
                 });
                 if own {
                     if let Some(pid) = self.hook(&flow).map(|h| h.pid) {

@@ -55,6 +55,8 @@ impl Gate {
         } else {
             mode
         };
+        let mysql = info.dialect == crate::classify::Dialect::Mysql;
+        let prepared_judged = info.prepared_judged;
         if info.kernel_mode == Some(mode) {
             // Unchanged: the wire path's flow state is rewritten whole, and
             // a needless write could undo the program's own progress on a
@@ -66,6 +68,7 @@ impl Gate {
         }
         let set = match self.hook(flow) {
             Some(session) => self.kernel.set_backend_mode(session.pid, mode),
+            None if mysql => self.kernel.set_mysql_mode(flow, mode, prepared_judged),
             None => self.kernel.set_mode(flow, mode),
         };
         if let Err(e) = set {

@@ -412,6 +412,15 @@ impl Tracker {
             .is_some_and(|m| m.unread())
     }
 
+    /// The connection was seen from its first bytes (not picked up
+    /// mid-stream).
+    pub fn seen_from_start(&self, conn: ConnId) -> bool {
+        self.flows
+            .get(&conn)
+            .and_then(|f| self.connections.get(f))
+            .is_some_and(|c| !c.mid_stream)
+    }
+
     /// The tracker's id for `flow`'s connection.
     pub fn connection_id(&self, flow: &Flow) -> Option<ConnId> {
         self.connections.get(flow).map(|c| c.id)

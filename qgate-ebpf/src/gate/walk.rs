@@ -205,16 +205,22 @@ pub(super) fn messages(
 /// Phase").
 const COM_QUERY: u8 = 0x03;
 const COM_PING: u8 = 0x0e;
+/// `COM_STMT_EXECUTE` … `COM_STMT_RESET` (0x17–0x1a) and `COM_STMT_FETCH`.
+const COM_STMT_EXECUTE: u8 = 0x17;
+const COM_STMT_RESET: u8 = 0x1a;
+const COM_STMT_FETCH: u8 = 0x1c;
 /// A payload this long is continued by the next packet.
 const MYSQL_MAX_PAYLOAD: u32 = 0xFF_FFFF;
 
 /// A MySQL segment from its next packet header at `first`: passes only when
 /// it is one whole command packet (sequence id 0) that is a `COM_PING`, or,
 /// for `GATE_RISKY`, a `COM_QUERY` whose text is provably one plain read
-/// ([`scan::harmless_mysql`]); a `COM_QUERY` longer than the segment is held
-/// by its end ([`TAIL`]). Everything else waits for the agent: a login,
-/// authentication data (sequence ids above 0), a prepare or execute, any
-/// other command, two packets in one segment.
+/// ([`scan::harmless_mysql`]) or the execute (fetch, long data, reset,
+/// close) of a prepared statement in a session whose every prepare the
+/// agent judged; a `COM_QUERY` longer than the segment is held by its end
+/// ([`TAIL`]). Everything else waits for the agent: a login, authentication
+/// data (sequence ids above 0), a prepare, any other command, two packets
+/// in one segment.
 #[inline(always)]
 pub(super) fn mysql_packet(
     ctx: &TcContext,
@@ -266,6 +272,11 @@ pub(super) fn mysql_packet(
     }
     let harmless = match command {
         COM_PING => state.mode != mode::GATE_ALL,
+        // A statement id only a judged prepare gave out (see
+        // `FlowState::mysql_prepared_judged`).
+        COM_STMT_EXECUTE..=COM_STMT_RESET | COM_STMT_FETCH => {
+            state.mode == mode::GATE_RISKY && state.mysql_prepared_judged != 0
+        }
         COM_QUERY => {
             state.mode == mode::GATE_RISKY
                 && plain_mysql_read(ctx, seg.payload_offset + first + 5, len - 1)
