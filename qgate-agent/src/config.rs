@@ -172,8 +172,8 @@ pub struct CaptureConfig {
     pub interfaces: Vec<String>,
     /// TCP ports that carry PostgreSQL.
     pub ports: Vec<u16>,
-    /// TCP ports that carry MySQL/MariaDB: read and audited, not gated yet
-    /// (the kernel passes every segment; nothing is held or denied).
+    /// TCP ports that carry MySQL/MariaDB: read, audited and gated on the
+    /// wire (`port_kind::MYSQL`).
     #[serde(default)]
     pub mysql_ports: Vec<u16>,
     /// The agent's scheduling niceness (-20 … 19), set before it starts any

@@ -567,6 +567,65 @@ fn mariadb_plain_reads_pass_in_the_kernel_and_long_statements_are_held_by_their_
     Ok(())
 }
 
+/// sysbench `oltp_read_only` (prepared statements, BEGIN/COMMIT, MariaDB's
+/// metadata cache) through the gate with the shipped default policy and a
+/// fixed number of events: it runs to the end without a request, and the
+/// store holds exactly the statements it sent, none undecodable.
+#[test]
+fn sysbench_through_the_gate_stores_exactly_its_statements() -> Result<()> {
+    let (mut lab, server, token) = gated("mysb")?;
+    // The tables, as root over the Unix socket (not captured, not gated).
+    run(Command::new("sysbench")
+        .arg("oltp_read_only")
+        .args(["--db-driver=mysql", "--mysql-user=root", "--mysql-db=shop"])
+        .arg(format!("--mysql-socket={}", server.socket.display()))
+        .args(["--tables=2", "--table-size=1000", "prepare"]))?;
+    server.root("GRANT ALL ON shop.* TO 'app'@'%'")?;
+    let out = run(lab
+        .in_client("sysbench")
+        .arg("oltp_read_only")
+        .args([
+            "--db-driver=mysql",
+            &format!("--mysql-host={}", lab.server_ip),
+        ])
+        .args([
+            "--mysql-port=3306",
+            "--mysql-user=app",
+            "--mysql-password=secret",
+        ])
+        .args(["--mysql-db=shop", "--tables=2", "--table-size=1000"])
+        .args(["--threads=2", "--events=100", "--time=0", "run"]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let total: i64 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("total:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("sysbench's query total in:\n{text}"))?;
+    assert_eq!(total, 1600, "100 events of 16 queries");
+    let pending = lab.requests(&token, &["list", "--status", "pending"])?;
+    assert_eq!(pending.as_array().map(Vec::len), Some(0), "{pending}");
+    lab.stop_agent()?;
+    let store = lab.store()?;
+    let stored: i64 = store.query_row(
+        "SELECT count(*) FROM statements s JOIN connections c ON c.id = s.connection_id
+         WHERE c.server_port = 3306 AND c.user = 'app'",
+        [],
+        |r| r.get(0),
+    )?;
+    let undecodable: i64 = store.query_row(
+        "SELECT count(*) FROM capture_events WHERE kind = 'undecodable'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(
+        (stored, undecodable),
+        (total, 0),
+        "every statement sysbench sent, none lost"
+    );
+    Ok(())
+}
+
 /// A MySQL client that writes its packets itself, for what the `mariadb`
 /// client never sends: commands ahead of the login's answer, prepared
 /// statements, commands without SQL. Logs in as `raw` (no password).
@@ -828,16 +887,26 @@ fn mariadb_prepared_statements_and_commands_without_sql_are_gated() -> Result<()
 
 /// By hand, not in CI (a measurement, not a check):
 /// `cargo test -p qgate-e2e --test mysql -- --ignored --nocapture`.
-/// sysbench `oltp_read_only` against MariaDB, direct and with the agent
-/// reading port 3306, legs alternated; prints TPS ratios and the agent's
-/// CPU per statement.
+/// sysbench `oltp_read_only` against MariaDB, direct, with the agent only
+/// watching port 3306 (`gate.mode = "monitor"`) and gating it with the
+/// shipped default policy, legs alternated; prints TPS ratios and the
+/// agent's CPU per statement.
 #[test]
 #[ignore]
 fn sysbench_oltp_read_only_with_and_without_the_agent() -> Result<()> {
     require_root();
     let mut lab = Lab::new("mysqlb")?;
     let _server = Mariadb::start(&lab)?;
-    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let gated = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let gated = {
+        let path = lab.dir.join("gated.toml");
+        std::fs::rename(&gated, &path)?;
+        path
+    };
+    let monitor = lab.config_with(&[
+        ("# mysql_ports = [3306]", "mysql_ports = [3306]"),
+        ("mode = \"policy\"", "mode = \"monitor\""),
+    ])?;
     let host = lab.server_ip.to_string();
     let sysbench = |lab: &Lab, threads: u32, command: &str, seconds: u32| -> Result<String> {
         let out = run(lab
@@ -888,29 +957,36 @@ fn sysbench_oltp_read_only_with_and_without_the_agent() -> Result<()> {
                 .and_then(|s| s.parse::<f64>().ok())
                 .unwrap_or(0.0)
     };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     for threads in [1, 8] {
-        let (mut direct, mut watched, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let mut direct = Vec::new();
+        // (monitor, default policy): tps and agent CPU per statement.
+        let mut legs = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
         for _ in 0..3 {
             direct.push(tps(&sysbench(&lab, threads, "run", 10)?));
-            lab.start_agent(&["--config", &config.to_string_lossy()])?;
-            let pid = lab.agent_pid().expect("agent running");
-            let before = ticks(pid);
-            let out = sysbench(&lab, threads, "run", 10)?;
-            let spent = (ticks(pid) - before) / 100.0;
-            watched.push(tps(&out));
-            cpu.push(spent * 1e6 / queries(&out).max(1.0));
-            lab.stop_agent()?;
+            for (leg, config) in legs.iter_mut().zip([&monitor, &gated]) {
+                lab.start_agent(&["--config", &config.to_string_lossy()])?;
+                let pid = lab.agent_pid().expect("agent running");
+                let before = ticks(pid);
+                let out = sysbench(&lab, threads, "run", 10)?;
+                let spent = (ticks(pid) - before) / 100.0;
+                leg.0.push(tps(&out));
+                leg.1.push(spent * 1e6 / queries(&out).max(1.0));
+                lab.stop_agent()?;
+            }
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (d, w, c) = (median(&mut direct), median(&mut watched), median(&mut cpu));
-        eprintln!(
-            "oltp_read_only, {threads} thread(s): direct {d:.0} tps, qgate reading {w:.0} tps, \
-             ratio {:.3}; agent {c:.2} µs CPU per statement (legs {direct:?} / {watched:?})",
-            w / d
-        );
+        let d = median(&mut direct);
+        for (name, (tps_leg, cpu)) in ["monitor", "default policy"].iter().zip(legs.iter_mut()) {
+            let (w, c) = (median(tps_leg), median(cpu));
+            eprintln!(
+                "oltp_read_only, {threads} thread(s), {name}: direct {d:.0} tps, qgate {w:.0} tps, \
+                 ratio {:.3}; agent {c:.2} µs CPU per statement (legs {direct:?} / {tps_leg:?})",
+                w / d
+            );
+        }
     }
     Ok(())
 }

@@ -37,6 +37,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // MySQL/MariaDB e2e: a throwaway server in the lab, the `mariadb` client.
     ("mariadb-server", "/usr/sbin/mariadbd"),
     ("mariadb-client", "/usr/bin/mariadb"),
+    // ... and sysbench's oltp_read_only through the gate.
+    ("sysbench", "/usr/bin/sysbench"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -28,7 +28,7 @@ pub struct RunArgs {
     /// PostgreSQL port (repeatable).
     #[arg(long = "port")]
     ports: Vec<u16>,
-    /// MySQL/MariaDB port, read and audited, not gated (repeatable;
+    /// MySQL/MariaDB port, read, audited and gated (repeatable;
     /// overrides capture.mysql_ports).
     #[arg(long = "mysql-port")]
     mysql_ports: Vec<u16>,

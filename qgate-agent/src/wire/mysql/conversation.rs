@@ -179,6 +179,10 @@ pub struct Conversation {
     /// from the first result set's shape).
     deprecate_eof: Option<bool>,
     server_capabilities: Option<u32>,
+    /// Both sides declared MariaDB's `CACHE_METADATA`: a column count is
+    /// followed by a "metadata follows" byte.
+    cache_metadata: bool,
+    server_mariadb_capabilities: u32,
     queue: VecDeque<Pending>,
     /// Prepared statements' texts by id, and the last one prepared.
     prepared: HashMap<u32, String>,
@@ -211,6 +215,8 @@ impl Conversation {
             logged_in_here: false,
             deprecate_eof: None,
             server_capabilities: None,
+            cache_metadata: false,
+            server_mariadb_capabilities: 0,
             queue: VecDeque::new(),
             prepared: HashMap::new(),
             last_prepared: None,
@@ -254,6 +260,10 @@ impl Conversation {
                 }
                 Ok(Login::Response(login)) => {
                     self.capabilities = login.capabilities;
+                    self.cache_metadata = login.mariadb_capabilities
+                        & self.server_mariadb_capabilities
+                        & packet::mariadb_caps::CACHE_METADATA
+                        != 0;
                     self.logged_in_here = true;
                     self.deprecate_eof = Some(self.negotiated(caps::DEPRECATE_EOF));
                     if self.negotiated(caps::COMPRESS) {
@@ -456,6 +466,7 @@ impl Conversation {
                 match packet::greeting(&frame.payload) {
                     Ok(g) => {
                         self.server_capabilities = Some(g.capabilities);
+                        self.server_mariadb_capabilities = g.mariadb_capabilities;
                         out.push(MysqlEvent::Greeting {
                             version: g.version,
                             connection_id: g.connection_id,
@@ -684,7 +695,14 @@ impl Conversation {
                             problem: "zero columns",
                         });
                     }
-                    self.queue[0].answer = Answer::Columns { left: columns };
+                    // MariaDB's metadata cache: 0 = no column definitions
+                    // follow (their EOF still does, in the old style).
+                    let skipped = self.cache_metadata && f.u8()? == 0;
+                    self.queue[0].answer = match (skipped, self.deprecate_eof) {
+                        (false, _) => Answer::Columns { left: columns },
+                        (true, Some(true)) => Answer::Rows { rows: 0 },
+                        (true, _) => Answer::ColumnsEof,
+                    };
                 }
                 Command::Other {
                     code: command::FIELD_LIST,

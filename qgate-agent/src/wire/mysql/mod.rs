@@ -1,7 +1,8 @@
 //! The MySQL client/server protocol (MySQL 5.7/8, MariaDB 10.x), decoded
-//! incrementally: the first piece of MySQL/MariaDB support (issue 16). The
-//! [`Tracker`](super::Tracker) reads the ports it is told carry MySQL with
-//! it (`track`); those connections are watched and audited, not gated.
+//! incrementally (issue 16). The [`Tracker`](super::Tracker) reads the
+//! ports it is told carry MySQL with it (`track`); for the gate, each client
+//! packet is also told apart ([`conversation::ClientPacket`]): SQL to judge,
+//! a command with an effect, authentication data the server asked for.
 //!
 //! References: MySQL Source Code Documentation, "Client/Server Protocol"
 //! (Protocol Basics: packets, integer and string types; Connection

@@ -151,6 +151,22 @@ pub struct Greeting {
     pub version: String,
     pub connection_id: u32,
     pub capabilities: u32,
+    /// MariaDB's extended capabilities (the last 4 of the 10 reserved bytes,
+    /// read only from a server without `CLIENT_MYSQL`); 0 otherwise.
+    pub mariadb_capabilities: u32,
+}
+
+/// MariaDB's extended capability bits (MariaDB's "Client/Server Protocol",
+/// "MariaDB Protocol Differences with MySQL").
+pub mod mariadb_caps {
+    /// `CLIENT_MYSQL` (bit 0 of the classic capabilities, also
+    /// `CLIENT_LONG_PASSWORD`): set by MySQL peers; MariaDB's extended
+    /// capabilities are read only when it is not.
+    pub const CLIENT_MYSQL: u32 = 1;
+    /// `MARIADB_CLIENT_CACHE_METADATA` (bit 36, 4 of the extended word): a
+    /// result set's column count is followed by a "metadata follows" byte,
+    /// and when it is 0 the column definitions are not sent.
+    pub const CACHE_METADATA: u32 = 1 << 4;
 }
 
 pub fn greeting(payload: &[u8]) -> Result<Greeting, MysqlError> {
@@ -173,10 +189,17 @@ pub fn greeting(payload: &[u8]) -> Result<Greeting, MysqlError> {
         f.take(1 + 2)?;
         u32::from(f.u16()?)
     };
+    let capabilities = low | high << 16;
+    // Auth data length, 6 reserved bytes, then MariaDB's 4.
+    let mariadb_capabilities = match (f.take(1 + 6), f.u32()) {
+        (Ok(_), Ok(extended)) if capabilities & mariadb_caps::CLIENT_MYSQL == 0 => extended,
+        _ => 0,
+    };
     Ok(Greeting {
         version,
         connection_id,
-        capabilities: low | high << 16,
+        capabilities,
+        mariadb_capabilities,
     })
 }
 
@@ -193,6 +216,9 @@ pub enum Login {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoginResponse {
     pub capabilities: u32,
+    /// MariaDB's extended capabilities (the last 4 of the 23 filler bytes,
+    /// from a client without `CLIENT_MYSQL`); 0 otherwise.
+    pub mariadb_capabilities: u32,
     pub user: String,
     pub database: Option<String>,
     pub auth_plugin: Option<String>,
@@ -219,7 +245,13 @@ pub fn login(payload: &[u8]) -> Result<Login, MysqlError> {
             problem: "a pre-4.1 handshake response",
         });
     }
-    f.take(4 + 1 + 23)?;
+    f.take(4 + 1 + 19)?;
+    let extended = f.u32()?;
+    let mariadb_capabilities = if capabilities & mariadb_caps::CLIENT_MYSQL == 0 {
+        extended
+    } else {
+        0
+    };
     if f.is_empty() && capabilities & caps::SSL != 0 {
         return Ok(Login::Ssl { capabilities });
     }
@@ -253,6 +285,7 @@ pub fn login(payload: &[u8]) -> Result<Login, MysqlError> {
     }
     Ok(Login::Response(LoginResponse {
         capabilities,
+        mariadb_capabilities,
         user,
         database,
         auth_plugin,

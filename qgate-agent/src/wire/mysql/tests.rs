@@ -954,3 +954,75 @@ fn a_packet_the_server_did_not_ask_for_during_authentication_is_never_data() {
         ]
     );
 }
+
+#[test]
+fn mariadbs_metadata_cache_is_followed_when_both_sides_declare_it() {
+    // MARIADB_CLIENT_CACHE_METADATA (extended bit 4) in the greeting's last
+    // 4 reserved bytes and the login's last 4 filler bytes.
+    let mut greeting = greeting_payload(0xf7fe, 0x81bf);
+    let reserved = greeting.len() - 22 - 13 - 10;
+    greeting[reserved + 6..reserved + 10].copy_from_slice(&(1u32 << 4).to_le_bytes());
+    let mut login = login_payload(CLIENT, "alice", Some("shop"));
+    login[28..32].copy_from_slice(&(1u32 << 4).to_le_bytes());
+    let mut prepare_ok = vec![0];
+    prepare_ok.extend_from_slice(&9u32.to_le_bytes());
+    prepare_ok.extend_from_slice(&1u16.to_le_bytes()); // columns
+    prepare_ok.extend_from_slice(&0u16.to_le_bytes()); // params
+    prepare_ok.extend_from_slice(&[0, 0, 0]);
+    let column =
+        b"\x03def\x04shop\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00";
+    let mut execute = vec![0x17];
+    execute.extend_from_slice(&9u32.to_le_bytes());
+    execute.extend_from_slice(&[0, 1, 0, 0, 0]);
+    let mut c = Conversation::new();
+    let events = converse(
+        &mut c,
+        &[
+            (false, pkt(0, &greeting)),
+            (true, pkt(1, &login)),
+            (false, ok(2, 0, 2)),
+            (true, pkt(0, b"\x16SELECT a FROM t")),
+            (false, pkt(1, &prepare_ok)),
+            (false, pkt(2, column)),
+            (false, eof(3, 2)),
+            // First execute: "metadata follows" = 1, the definitions come.
+            (true, pkt(0, &execute)),
+            (false, pkt(1, b"\x01\x01")),
+            (false, pkt(2, column)),
+            (false, eof(3, 0)),
+            (false, pkt(4, b"\x00\x00\x01")),
+            (false, eof(5, 2)),
+            // Then 0: straight to the EOF that ends the (absent) definitions.
+            (true, pkt(0, &execute)),
+            (false, pkt(1, b"\x01\x00")),
+            (false, eof(2, 0)),
+            (false, pkt(3, b"\x00\x00\x01")),
+            (false, pkt(4, b"\x00\x00\x02")),
+            (false, eof(5, 2)),
+            (true, pkt(0, b"\x0e")),
+            (false, ok(1, 0, 2)),
+        ],
+    );
+    let exec = MysqlEvent::Statement {
+        carrier: Carrier::Execute,
+        text: Some("SELECT a FROM t".into()),
+        statement_id: Some(9),
+    };
+    let tail: Vec<_> = events
+        .into_iter()
+        .filter(|e| !matches!(e, MysqlEvent::Greeting { .. } | MysqlEvent::Login { .. }))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![
+            MysqlEvent::LoggedIn,
+            statement(Carrier::Prepare, "SELECT a FROM t"),
+            done(0, 0),
+            exec.clone(),
+            done(0, 1),
+            exec,
+            done(0, 2),
+        ]
+    );
+    assert!(!c.is_done());
+}
