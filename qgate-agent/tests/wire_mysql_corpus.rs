@@ -205,7 +205,8 @@ fn a_whole_session_reads_as_its_events() {
             MysqlEvent::Login {
                 user: "root".into(),
                 database: None,
-                program: None
+                program: None,
+                collation: 255,
             },
             MysqlEvent::LoggedIn,
             MysqlEvent::ChangeUser {

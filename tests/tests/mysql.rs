@@ -663,8 +663,15 @@ impl Raw {
 
     /// Connected and logged in to `shop`.
     fn login(lab: &Lab) -> Result<Raw> {
+        Raw::login_with(lab, 33)
+    }
+
+    /// Logged in with the collation `collation` (its character set).
+    fn login_with(lab: &Lab, collation: u8) -> Result<Raw> {
         let mut raw = Raw::open(lab)?;
-        raw.write(&[(1, Raw::login_packet())])?;
+        let mut login = Raw::login_packet();
+        login[8] = collation;
+        raw.write(&[(1, login)])?;
         let (_, ok) = raw.read()?;
         if ok.first() != Some(&0) {
             bail!("login refused: {}", String::from_utf8_lossy(&ok));
@@ -735,6 +742,30 @@ fn err_message(packet: &[u8]) -> String {
     }
     let code = u16::from_le_bytes([packet[1], packet[2]]);
     format!("{code} {}", String::from_utf8_lossy(&packet[9..]))
+}
+
+/// A session that logs in with a multibyte character set (gbk: 0xBF 0x5C is
+/// one character) reads `'\xBF\'` as a closed string where qgate's lexer
+/// reads an escaped quote: the rest of the text is a DELETE to MariaDB and
+/// part of a string to sqlparser. Such text is not understood: held, and
+/// denied here; nothing runs.
+#[test]
+fn a_multibyte_login_character_set_cannot_hide_a_statement() -> Result<()> {
+    let (lab, server, token) = gated("mygbk")?;
+    server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
+    let mut raw = Raw::login_with(&lab, 28)?; // gbk_chinese_ci
+    raw.command(0x03, b"SELECT '\xbf\\' ; DELETE FROM victim; -- '")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(
+        request["facts"]["statements"][0]["kind"] == "unknown",
+        "{request}"
+    );
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, answer) = raw.read()?;
+    assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(victim_rows(&server)?, Some(3));
+    Ok(())
 }
 
 /// A command sent in the same write as the login, ahead of the server's

@@ -35,9 +35,16 @@ pub(super) struct Lexing {
 fn mysql_changes_lexing(text: &str) -> (bool, bool) {
     let lower = text.to_ascii_lowercase();
     let sql_mode = lower.contains("sql_mode");
-    let charset = ["names", "character", "charset", "collation"]
-        .iter()
-        .any(|w| lower.contains(w));
+    // (A COM_CHANGE_USER, judged as its name, carries a character set too.)
+    let charset = [
+        "names",
+        "character",
+        "charset",
+        "collation",
+        "com_change_user",
+    ]
+    .iter()
+    .any(|w| lower.contains(w));
     (sql_mode, charset)
 }
 
@@ -326,6 +333,10 @@ impl Judge {
         if sql.info.carrier == SqlCarrier::Startup {
             let refusal = if conn.refused {
                 Some("the policy refuses this identity".to_string())
+            } else if conn.dialect == Dialect::Mysql {
+                // A MySQL login carries no settings to judge (its collation
+                // is read into the session's lexing).
+                None
             } else {
                 self.judge_startup_settings(conn)
             };

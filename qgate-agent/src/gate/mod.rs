@@ -71,7 +71,7 @@ use self::{
     connection::{BackendRead, ConnInfo, GatedConnection, HookedSession},
     held::{HeldStream, PendingSql},
     inject::Injector,
-    judge::{database_of, encoding_is_modelled, Judge},
+    judge::{database_of, encoding_is_modelled, Judge, Lexing},
     recover::Recovery,
     rewrite::DenialRef,
 };
@@ -686,7 +686,21 @@ impl Gate {
                 // A MySQL session is identified again at each change of
                 // user or database: what it learnt of the session stays.
                 let before = self.info(&flow).filter(|i| i.conn == *conn);
-                let lexing = before.map(|i| i.lexing.clone()).unwrap_or_default();
+                let mut lexing: Lexing = before.map(|i| i.lexing.clone()).unwrap_or_default();
+                let login_collation = identity
+                    .settings
+                    .iter()
+                    .find(|(k, _)| k == crate::wire::mysql::track::MYSQL_LOGIN_COLLATION)
+                    .and_then(|(_, v)| v.parse::<u8>().ok());
+                if let Some(id) = login_collation.filter(|&id| {
+                    dialect == Dialect::Mysql
+                        && !crate::wire::mysql::packet::collation_splits_like_ascii(id)
+                }) {
+                    // A multibyte character set (gbk, sjis, big5 …) from
+                    // the login: a `\` or a quote may be a character's
+                    // second byte, which qgate's reading does not model.
+                    lexing.encoding = Some(format!("the login's collation {id}"));
+                }
                 let kernel_mode = before.and_then(|i| i.kernel_mode);
                 self.record(flow).info = Some(ConnInfo {
                     conn: *conn,

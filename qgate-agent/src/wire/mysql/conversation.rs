@@ -30,6 +30,8 @@ pub enum MysqlEvent {
         database: Option<String>,
         /// The client's `program_name` attribute (`mysql`, `mariadb`, …).
         program: Option<String>,
+        /// The collation id it asked for (its character set).
+        collation: u8,
     },
     /// The server accepted the login (or a `COM_CHANGE_USER`).
     LoggedIn,
@@ -279,6 +281,7 @@ impl Conversation {
                     }
                     let user = login.user.clone();
                     out.push(MysqlEvent::Login {
+                        collation: login.collation,
                         program: login.attribute("program_name").map(str::to_owned),
                         user: login.user,
                         database: login.database.filter(|d| !d.is_empty()),

@@ -216,6 +216,8 @@ pub enum Login {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoginResponse {
     pub capabilities: u32,
+    /// The collation id the client asked for: the session's character set.
+    pub collation: u8,
     /// MariaDB's extended capabilities (the last 4 of the 23 filler bytes,
     /// from a client without `CLIENT_MYSQL`); 0 otherwise.
     pub mariadb_capabilities: u32,
@@ -245,7 +247,9 @@ pub fn login(payload: &[u8]) -> Result<Login, MysqlError> {
             problem: "a pre-4.1 handshake response",
         });
     }
-    f.take(4 + 1 + 19)?;
+    f.take(4)?;
+    let collation = f.u8()?;
+    f.take(19)?;
     let extended = f.u32()?;
     let mariadb_capabilities = if capabilities & mariadb_caps::CLIENT_MYSQL == 0 {
         extended
@@ -285,6 +289,7 @@ pub fn login(payload: &[u8]) -> Result<Login, MysqlError> {
     }
     Ok(Login::Response(LoginResponse {
         capabilities,
+        collation,
         mariadb_capabilities,
         user,
         database,
@@ -427,6 +432,25 @@ pub fn command(payload: &[u8], capabilities: u32) -> Result<Command, MysqlError>
         | 0x1e => Command::Other { code },
         other => return Err(MysqlError::UnknownCommand(other)),
     })
+}
+
+/// Whether text in the character set of collation `id` (a login's, from
+/// the server's `SHOW COLLATION`) splits like ASCII: every byte above 0x7F
+/// belongs to a character with no ASCII byte in it (latin1, UTF-8, ASCII,
+/// binary). The others (big5, sjis, gbk, cp932, …: a `\` or a quote can be
+/// a multibyte character's second byte), or an id not listed here, are not.
+pub fn collation_splits_like_ascii(id: u8) -> bool {
+    matches!(
+        id,
+        // latin1
+        5 | 8 | 15 | 31 | 47 | 48 | 49 | 94
+        // ascii, binary
+        | 11 | 65 | 63
+        // utf8mb3
+        | 33 | 83 | 192..=215 | 223
+        // utf8mb4
+        | 45 | 46 | 224..=247 | 255
+    )
 }
 
 /// Where the text of a `COM_QUERY` or `COM_STMT_PREPARE` starts in its

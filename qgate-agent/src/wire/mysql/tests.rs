@@ -408,7 +408,8 @@ fn a_session_from_greeting_to_quit() {
             MysqlEvent::Login {
                 user: "alice".into(),
                 database: Some("shop".into()),
-                program: Some("mariadb".into())
+                program: Some("mariadb".into()),
+                collation: 45,
             },
             MysqlEvent::LoggedIn,
             statement(Carrier::Query, "SELECT a FROM t"),

@@ -35,6 +35,10 @@ use crate::{
     },
 };
 
+/// The setting a MySQL login's `Identity` carries: the collation id it
+/// asked for (`super::packet::collation_splits_like_ascii`).
+pub const MYSQL_LOGIN_COLLATION: &str = "mysql_login_collation";
+
 /// One MySQL connection's decoding state.
 #[derive(Debug)]
 pub(crate) struct MysqlStreams {
@@ -253,13 +257,16 @@ impl MysqlStreams {
                 user,
                 database,
                 program,
+                collation,
             } => self.identify(
                 conn,
                 Identity {
                     user: Some(user),
                     database,
                     application: program,
-                    settings: Vec::new(),
+                    // Not a SET: the gate reads how the session splits
+                    // text from it (`MYSQL_LOGIN_COLLATION`).
+                    settings: vec![(MYSQL_LOGIN_COLLATION.into(), collation.to_string())],
                 },
                 at,
                 out,
