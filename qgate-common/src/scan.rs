@@ -69,7 +69,9 @@ pub struct Scan {
     pub in_from: u8,
     /// 1: the text is MySQL's (see the module's note).
     pub mysql: u8,
-    pub _pad: [u8; 2],
+    /// 1 while the current word began with a digit.
+    pub digit_word: u8,
+    pub _pad: [u8; 1],
 }
 
 impl Scan {
@@ -86,7 +88,8 @@ impl Scan {
             refused: 0,
             in_from: 0,
             mysql: 0,
-            _pad: [0; 2],
+            digit_word: 0,
+            _pad: [0; 1],
         }
     }
 
@@ -211,7 +214,20 @@ impl Scan {
                     self.prev = c;
                     return true;
                 }
+                if self.mysql != 0 && self.prev == b'/' && c == b'*' {
+                    // MariaDB runs `/*!…*/` (and strips its version
+                    // digits, so `/*!50000INTO` reads INTO): no block
+                    // comment in a MySQL body.
+                    return self.refuse();
+                }
                 if is_ident(c) {
+                    if self.word_len == 0 {
+                        self.digit_word = c.is_ascii_digit() as u8;
+                    } else if self.mysql != 0 && self.digit_word != 0 && c.is_ascii_alphabetic() {
+                        // MySQL ends a number before letters: `1.5INTO`,
+                        // `1e0FOR` read INTO and FOR.
+                        return self.refuse();
+                    }
                     self.word = (self.word << 8) | c.to_ascii_lowercase() as u64;
                     self.word_len += 1;
                 } else {
@@ -299,6 +315,11 @@ mod tests {
             "SELECT * FROM t INTO OUTFILE '/tmp/x'",
             "SELECT 1; DROP TABLE t",
             "SELECT * FROM t /*!,t2*/",
+            "SELECT 1.5INTO OUTFILE '/tmp/q'",
+            "SELECT * FROM t /*!50000INTO OUTFILE '/tmp/q'*/",
+            "SELECT * FROM t WHERE id=1e0FOR UPDATE",
+            "SELECT * FROM t /* a note */",
+            "SELECT 5lock FROM t",
             "# c\nSELECT 1",
         ] {
             assert!(!mysql(refused.as_bytes()), "{refused}");

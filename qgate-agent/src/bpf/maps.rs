@@ -141,6 +141,19 @@ impl KernelGate {
         next_msg_seq: u32,
         still_held_from: Option<u32>,
     ) -> Result<(), GateMapError> {
+        self.release_with(flow, next_msg_seq, still_held_from, true)
+    }
+
+    /// [`Self::release`]; `walk`: the program may read the next message
+    /// itself (PostgreSQL always; MySQL only at a command boundary, else
+    /// every byte after the release waits for the agent: `phase::STARTUP`).
+    pub fn release_with(
+        &mut self,
+        flow: &Flow,
+        next_msg_seq: u32,
+        still_held_from: Option<u32>,
+        walk: bool,
+    ) -> Result<(), GateMapError> {
         self.update(flow, |s| {
             s.next_msg_seq = next_msg_seq;
             // Released bytes count as let through: a later copy of them that
@@ -150,7 +163,7 @@ impl KernelGate {
                 s.passed_end = next_msg_seq;
                 s.known |= known::PASSED_END;
             }
-            s.phase = phase::READY;
+            s.phase = if walk { phase::READY } else { phase::STARTUP };
             s.tail = 0;
             match still_held_from {
                 Some(seq) => {
@@ -158,6 +171,26 @@ impl KernelGate {
                     s.hold_seq = seq;
                 }
                 None => s.held = 0,
+            }
+        })
+    }
+
+    /// A MySQL connection whose server now reads the next packet as a
+    /// command (its login or a `LOCAL INFILE` transfer is over) and of
+    /// which nothing is held: the program reads commands itself again.
+    /// Only from `phase::STARTUP` with nothing held (a copy the program
+    /// holds meanwhile is the agent's to release).
+    pub fn resume_walk(&mut self, flow: &Flow) -> Result<(), GateMapError> {
+        let key = flow_key(flow);
+        let Ok(state) = self.flows.get(&key, 0) else {
+            return Ok(());
+        };
+        if state.phase != phase::STARTUP || state.held != 0 {
+            return Ok(());
+        }
+        self.update(flow, |s| {
+            if s.phase == phase::STARTUP && s.held == 0 {
+                s.phase = phase::READY;
             }
         })
     }

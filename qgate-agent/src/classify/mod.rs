@@ -93,15 +93,6 @@ const LARGE_STATEMENT_STACK: usize = 512 * 1024 * 1024;
 
 /// Classifies every statement in `sql`.
 pub fn classify(sql: &str, dialect: Dialect) -> Classification {
-    // MariaDB runs the body of `/*M!…*/` as it runs MySQL's `/*!…*/`, which
-    // the MySQL dialect already reads as code.
-    let mariadb;
-    let sql = if dialect == Dialect::Mysql && (sql.contains("/*M!") || sql.contains("/*m!")) {
-        mariadb = sql.replace("/*M!", "/*!").replace("/*m!", "/*!");
-        mariadb.as_str()
-    } else {
-        sql
-    };
     match tokenize(sql, dialect) {
         Ok(tokens) => {
             let fingerprint = Fingerprint::from_tokens(&tokens);
@@ -112,6 +103,18 @@ pub fn classify(sql: &str, dialect: Dialect) -> Classification {
 }
 
 pub(crate) fn tokenize(sql: &str, dialect: Dialect) -> Result<Vec<TokenWithSpan>, String> {
+    // MariaDB runs the body of `/*M!…*/` as it runs MySQL's `/*!…*/`, which
+    // the MySQL dialect reads as code: read as `/*! …` (same length, so the
+    // tokens' places are the text's). Only an upper-case M: MariaDB takes
+    // `/*m!…*/` for a comment. (A versioned one is not understood at all:
+    // `walk::classify_statements`.)
+    let mariadb;
+    let sql = if dialect == Dialect::Mysql && sql.contains("/*M!") {
+        mariadb = sql.replace("/*M!", "/*! ");
+        mariadb.as_str()
+    } else {
+        sql
+    };
     Tokenizer::new(dialect.parser_dialect(), sql)
         .tokenize_with_location()
         .map_err(|e| e.to_string())

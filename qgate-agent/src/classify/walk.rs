@@ -35,7 +35,9 @@ pub(crate) fn classify_statements(
     dialect: Dialect,
 ) -> (Vec<StatementFacts>, bool) {
     if dialect == Dialect::Mysql {
-        if let Some(why) = mysql_lexes_differently(&tokens) {
+        if let Some(why) =
+            versioned_executable_comment(sql).or_else(|| mysql_lexes_differently(&tokens))
+        {
             return (
                 vec![StatementFacts::unknown(sql.to_owned(), String::new(), why)],
                 false,
@@ -73,11 +75,44 @@ pub(crate) fn classify_statements(
                     depends |= d;
                     facts
                 })
-                .collect();
+                .collect::<Vec<StatementFacts>>();
+            let mut facts = facts;
+            if dialect == Dialect::Mysql && facts.len() > 1 {
+                // The statements after a USE run in another database than
+                // the session's, which the policy and the grant-table check
+                // read: the USE is not understood (the text is held).
+                for f in facts.iter_mut().filter(|f| f.verb == "USE") {
+                    f.kind = Kind::Unknown;
+                    f.error =
+                        Some("a USE among other statements: they run in another database".into());
+                }
+            }
             (facts, depends)
         }
         Err(_) => classify_pieces(sql, &index, dialect),
     }
+}
+
+/// A versioned executable comment (`/*!50000 …*/`, `/*M!100000 …*/`):
+/// MariaDB runs its body or skips it by its own version (and skips MySQL's
+/// 50700–99999 whatever it is), sqlparser always runs it. Not modelled: the
+/// text is not understood. (Anywhere in the text, a string's content
+/// included: held rather than guessed.)
+fn versioned_executable_comment(sql: &str) -> Option<String> {
+    let bytes = sql.as_bytes();
+    for opener in ["/*!", "/*M!"] {
+        let mut from = 0;
+        while let Some(at) = sql[from..].find(opener) {
+            let next = from + at + opener.len();
+            if bytes.get(next).is_some_and(u8::is_ascii_digit) {
+                return Some(
+                    "a versioned executable comment: MariaDB runs it or not by its version".into(),
+                );
+            }
+            from = next;
+        }
+    }
+    None
 }
 
 /// Where sqlparser's MySQL tokenizer splits text otherwise than MySQL:

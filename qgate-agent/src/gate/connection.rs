@@ -48,6 +48,9 @@ pub(super) struct ConnInfo {
     /// statement in it went through the gate (see
     /// `FlowState::mysql_prepared_judged`).
     pub prepared_judged: bool,
+    /// MySQL: a USE (or `COM_INIT_DB`) was let through and the server has
+    /// not confirmed it yet: the session's database is unknown until then.
+    pub database_pending: bool,
 }
 
 /// A session the server hook reads.

@@ -24,7 +24,11 @@ impl Gate {
     /// or refuses the bytes.
     pub(super) fn decide(&mut self, flow: &Flow, sql: &PendingSql<SqlInfo>) -> Outcome {
         let started = Instant::now();
-        let info = self.info(flow).cloned().unwrap_or_default();
+        let mut info = self.info(flow).cloned().unwrap_or_default();
+        if info.database_pending {
+            // A USE on its way: the database the statement runs in is not known.
+            info.subject.database = None;
+        }
         let origin = Origin {
             client: self.client_of(flow),
             // The wire reads plaintext TCP only; the hook knows.
@@ -33,9 +37,18 @@ impl Gate {
         let Judged { ruling, shadow } = self.judge.rule(&info, sql, origin);
         if info.dialect == crate::classify::Dialect::Mysql {
             // Whether or not it runs: a statement that may change how the
-            // server reads text makes later ones read with care.
+            // server reads text makes later ones read with care, and one
+            // that may change the database leaves it unknown until the
+            // server's answer (`WireEvent::Identified`).
+            let uses = sql
+                .info
+                .text
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("use");
             if let Some(info) = self.info_mut(flow) {
                 info.lexing.mysql_statement(&sql.info.text);
+                info.database_pending |= uses;
             }
         }
         self.audit_shadow(shadow);

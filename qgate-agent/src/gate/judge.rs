@@ -538,14 +538,16 @@ impl Judge {
             }
         }
         if conn.dialect == Dialect::Mysql
-            && conn
-                .subject
-                .database
-                .as_deref()
-                .is_some_and(|d| d.eq_ignore_ascii_case("mysql"))
+            && (conn.database_pending
+                || conn
+                    .subject
+                    .database
+                    .as_deref()
+                    .is_some_and(|d| d.eq_ignore_ascii_case("mysql")))
         {
-            // The session's database is the grant tables': an unqualified
-            // write there changes privileges.
+            // The session's database is the grant tables' (or may be: a
+            // USE on its way): an unqualified write there changes
+            // privileges.
             let mut flagged = false;
             for statement in &mut classification.statements {
                 if statement.kind == Kind::Write {

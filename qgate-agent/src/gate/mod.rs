@@ -716,6 +716,7 @@ impl Gate {
                     kernel_mode,
                     dialect,
                     prepared_judged: dialect == Dialect::Mysql && tracker.seen_from_start(*conn),
+                    database_pending: false,
                 });
                 if own {
                     if let Some(pid) = self.hook(&flow).map(|h| h.pid) {
@@ -724,6 +725,12 @@ impl Gate {
                     }
                 } else {
                     self.apply_mode(&flow);
+                    self.mysql_resume_walk(tracker, &flow);
+                }
+            }
+            WireEvent::StatementCompleted { conn, .. } => {
+                if let Some(flow) = tracker.flow(*conn) {
+                    self.mysql_resume_walk(tracker, &flow);
                 }
             }
             WireEvent::ServerReport { conn, report } => {
@@ -731,6 +738,8 @@ impl Gate {
                     return;
                 };
                 self.server_report(&flow, report);
+                // (A MySQL login's OK reports its status first.)
+                self.mysql_resume_walk(tracker, &flow);
             }
             WireEvent::Encrypted { conn, .. } => {
                 if let Some(flow) = tracker.flow(*conn) {
@@ -824,6 +833,23 @@ impl Gate {
         }
     }
 
+    /// A MySQL connection the kernel holds everything of (a login or a
+    /// `LOCAL INFILE` transfer was under way when it was last released)
+    /// that is back at a command boundary with nothing held: the kernel
+    /// reads its commands again (a first command longer than the client's
+    /// window could not arrive whole otherwise).
+    fn mysql_resume_walk(&mut self, tracker: &Tracker, flow: &Flow) {
+        if tracker.mysql_at_command_boundary(flow) != Some(true) {
+            return;
+        }
+        if self.conns.get(flow).is_some_and(|c| c.held.is_some()) {
+            return;
+        }
+        if let Err(e) = self.kernel.resume_walk(flow) {
+            warn!("resuming the kernel's walk of {flow:?}: {e}");
+        }
+    }
+
     /// ParameterStatus and ReadyForQuery: how the session reads text, and
     /// whether a schema change it made is committed (then visible to the
     /// catalog reader) or rolled back.
@@ -840,6 +866,11 @@ impl Gate {
                     }
                     "standard_conforming_strings" => {
                         info.lexing.backslashes = !value.eq_ignore_ascii_case("on");
+                    }
+                    crate::wire::mysql::track::MYSQL_NO_BACKSLASH_ESCAPES => {
+                        // Once seen on, backslashes are read with care for
+                        // the rest of the session.
+                        info.lexing.sql_mode |= value == "on";
                     }
                     _ => return,
                 }
@@ -994,6 +1025,9 @@ impl Gate {
 
     /// Re-injects what is decided and tells the program where things stand.
     fn release(&mut self, flow: &Flow, tracker: &mut Tracker) {
+        // MySQL: the kernel reads commands itself only while the server
+        // will take the next packet for one.
+        let walk = tracker.mysql_at_command_boundary(flow).unwrap_or(true);
         let Some(c) = self.conns.get_mut(flow) else {
             return;
         };
@@ -1019,7 +1053,7 @@ impl Gate {
                 ?still,
                 "released"
             );
-            if let Err(e) = self.kernel.release(flow, r.next_header, still) {
+            if let Err(e) = self.kernel.release_with(flow, r.next_header, still, walk) {
                 warn!("releasing in the kernel: {e}");
             }
         }

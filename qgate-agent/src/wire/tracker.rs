@@ -421,6 +421,14 @@ impl Tracker {
             .is_some_and(|c| !c.mid_stream)
     }
 
+    /// A MySQL connection whose server reads the next client packet as a
+    /// command, whatever was released so far (see
+    /// `Conversation::at_command_boundary`); `None` for a PostgreSQL one.
+    pub fn mysql_at_command_boundary(&self, flow: &Flow) -> Option<bool> {
+        let c = self.connections.get(flow)?;
+        c.mysql.as_ref().map(|m| m.at_command_boundary())
+    }
+
     /// The tracker's id for `flow`'s connection.
     pub fn connection_id(&self, flow: &Flow) -> Option<ConnId> {
         self.connections.get(flow).map(|c| c.id)

@@ -271,7 +271,9 @@ pub(super) fn mysql_packet(
         return hold(state, seg.seq);
     }
     let harmless = match command {
-        COM_PING => state.mode != mode::GATE_ALL,
+        // Only a ping's one byte: a longer "ping" out of sequence is a
+        // header whose body MariaDB may read as the next packet.
+        COM_PING => len == 1 && state.mode != mode::GATE_ALL,
         // A statement id only a judged prepare gave out (see
         // `FlowState::mysql_prepared_judged`).
         COM_STMT_EXECUTE..=COM_STMT_RESET | COM_STMT_FETCH => {

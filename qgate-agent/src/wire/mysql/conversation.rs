@@ -64,6 +64,9 @@ pub enum MysqlEvent {
         database: Option<String>,
     },
     Quit,
+    /// The server's status says backslashes do (false) or do not (true)
+    /// escape in strings (`sql_mode` `NO_BACKSLASH_ESCAPES`); on a change.
+    NoBackslashEscapes(bool),
     /// The stream stopped being decodable; nothing more is read from it.
     Undecodable {
         side: &'static str,
@@ -90,9 +93,9 @@ pub enum ClientPacket {
         text_at: usize,
     },
     /// A command that runs no SQL text of its own and changes nothing the
-    /// policy judges: ping, quit, `COM_INIT_DB` (the database is followed),
-    /// the execute, close, reset or fetch of a statement whose prepare was
-    /// judged, set option, reset connection, statistics, field list.
+    /// policy judges: ping, quit, the execute, close, reset or fetch of a
+    /// statement whose prepare was judged, set option, reset connection,
+    /// statistics, field list.
     Plain,
     /// A command with an effect of its own (shutdown, kill, refresh, change
     /// user, replication, an execute of a statement prepared before qgate
@@ -158,8 +161,11 @@ enum Answer {
     PrepareDefs {
         left: u64,
     },
-    /// A `LOCAL INFILE` file is being sent by the client.
-    Infile,
+    /// A `LOCAL INFILE` file is being sent by the client; its next packet
+    /// carries this sequence id.
+    Infile {
+        next_seq: u8,
+    },
 }
 
 #[derive(Debug)]
@@ -196,7 +202,9 @@ pub struct Conversation {
     /// not answered. A client packet nobody asked for is a command sent
     /// ahead of the server's OK, which the server runs as one: never taken
     /// for authentication data.
-    auth_asked: bool,
+    auth_asked: Option<u8>,
+    /// The server's last word on `NO_BACKSLASH_ESCAPES` (OK/EOF status).
+    no_backslash_escapes: Option<bool>,
 }
 
 impl Conversation {
@@ -223,7 +231,8 @@ impl Conversation {
             prepared: HashMap::new(),
             last_prepared: None,
             preparing: VecDeque::new(),
-            auth_asked: false,
+            auth_asked: None,
+            no_backslash_escapes: None,
         }
     }
 
@@ -287,7 +296,7 @@ impl Conversation {
                         database: login.database.filter(|d| !d.is_empty()),
                     });
                     self.phase = Phase::Auth;
-                    self.auth_asked = false;
+                    self.auth_asked = None;
                     ClientPacket::Login { user }
                 }
                 Err(e) => {
@@ -296,19 +305,37 @@ impl Conversation {
                 }
             },
             // Auth data (switch responses, public keys …): not read.
-            Phase::Auth => self.auth_answer(out),
+            Phase::Auth => self.auth_answer(frame, out),
             Phase::Commands => {
                 if let Some(front) = self.queue.front() {
-                    if matches!(front.answer, Answer::Infile) {
-                        // The file's content; an empty packet ends it.
-                        if frame.len == 0 {
-                            self.queue[0].answer = Answer::First;
+                    if let Answer::Infile { next_seq } = front.answer {
+                        // The file's content; an empty packet ends it. Each
+                        // in sequence: MariaDB reads only the header of a
+                        // packet out of sequence and takes what follows it
+                        // for a new packet.
+                        if frame.seq != next_seq {
+                            self.fail(
+                                "client",
+                                MysqlError::Sequence {
+                                    expected: next_seq,
+                                    got: frame.seq,
+                                },
+                                out,
+                            );
+                            return ClientPacket::Unread;
                         }
+                        self.queue[0].answer = if frame.len == 0 {
+                            Answer::First
+                        } else {
+                            Answer::Infile {
+                                next_seq: next_seq.wrapping_add(physical_packets(frame)),
+                            }
+                        };
                         return ClientPacket::Exchange;
                     }
                     if matches!(front.command, Command::ChangeUser { .. }) {
                         // Its authentication exchange: not commands.
-                        return self.auth_answer(out);
+                        return self.auth_answer(frame, out);
                     }
                 }
                 self.command(frame, out)
@@ -316,31 +343,75 @@ impl Conversation {
         }
     }
 
+    /// Whether the server reads the client's next packet as a command, and
+    /// nothing released so far can make it read one otherwise: logged in,
+    /// no authentication exchange (login or `COM_CHANGE_USER`) or `LOCAL
+    /// INFILE` transfer under way or possible (a pending text that names
+    /// `INFILE`). Only then may the kernel pass commands on its own.
+    pub fn at_command_boundary(&self) -> bool {
+        matches!(self.phase, Phase::Commands)
+            && self.auth_asked.is_none()
+            && self.queue.iter().all(|p| {
+                !matches!(p.answer, Answer::Infile { .. })
+                    && match &p.command {
+                        Command::ChangeUser { .. } => false,
+                        Command::Query { text } | Command::Prepare { text } => {
+                            !text.to_ascii_lowercase().contains("infile")
+                        }
+                        _ => true,
+                    }
+            })
+    }
+
     /// A client packet during an authentication exchange: data the server
-    /// asked for, or a command sent ahead of the server's answer (the
-    /// server would run it as one if it accepts the login): the
-    /// conversation fails rather than let it pass for data.
-    fn auth_answer(&mut self, out: &mut Vec<MysqlEvent>) -> ClientPacket {
-        if std::mem::take(&mut self.auth_asked) {
-            return ClientPacket::Exchange;
+    /// asked for, in sequence, or a command sent ahead of the server's
+    /// answer (the server would run it as one if it accepts the login):
+    /// the conversation fails rather than let it pass for data.
+    fn auth_answer(&mut self, frame: &Frame, out: &mut Vec<MysqlEvent>) -> ClientPacket {
+        match self.auth_asked.take() {
+            Some(seq) if seq == frame.seq => return ClientPacket::Exchange,
+            Some(seq) => self.fail(
+                "client",
+                MysqlError::Sequence {
+                    expected: seq,
+                    got: frame.seq,
+                },
+                out,
+            ),
+            None => self.fail(
+                "client",
+                MysqlError::OutOfTurn("a packet the server did not ask for during authentication"),
+                out,
+            ),
         }
-        self.fail(
-            "client",
-            MysqlError::OutOfTurn("a packet the server did not ask for during authentication"),
-            out,
-        );
         ClientPacket::Unread
     }
 
     /// A server packet during an authentication exchange that asks the
     /// client for more: an auth switch (0xFE), or more data (0x01) other
     /// than caching_sha2's "fast authentication succeeded" (0x01 0x03),
-    /// which an OK follows.
-    fn asks_for_auth_data(payload: &[u8]) -> bool {
-        match payload.first() {
+    /// which an OK follows. The answer is due with the next sequence id.
+    fn asks_for_auth_data(frame: &Frame) -> Option<u8> {
+        let asks = match frame.payload.first() {
             Some(0xFE) => true,
-            Some(0x01) => payload != [0x01, 0x03],
+            Some(0x01) => frame.payload != [0x01, 0x03],
             _ => false,
+        };
+        asks.then(|| frame.seq.wrapping_add(physical_packets(frame)))
+    }
+
+    /// The capabilities a command is read with: `CLIENT_QUERY_ATTRIBUTES`
+    /// only when the server offered it too (MariaDB never does, and reads a
+    /// COM_QUERY's text from its second byte whatever the client claims;
+    /// unknown server: off).
+    fn command_capabilities(&self) -> u32 {
+        let server_has = self
+            .server_capabilities
+            .is_some_and(|s| s & caps::QUERY_ATTRIBUTES != 0);
+        if server_has {
+            self.capabilities
+        } else {
+            self.capabilities & !caps::QUERY_ATTRIBUTES
         }
     }
 
@@ -361,7 +432,8 @@ impl Conversation {
             );
             return ClientPacket::Unread;
         }
-        let command = match packet::command(&frame.payload, self.capabilities) {
+        let capabilities = self.command_capabilities();
+        let command = match packet::command(&frame.payload, capabilities) {
             Ok(command) => command,
             Err(e) => {
                 self.fail("client", e, out);
@@ -371,8 +443,7 @@ impl Conversation {
         let sql = |carrier, text: &String| ClientPacket::Sql {
             carrier,
             text: text.clone(),
-            text_at: packet::text_at(&frame.payload, self.capabilities)
-                .unwrap_or(frame.payload.len()),
+            text_at: packet::text_at(&frame.payload, capabilities).unwrap_or(frame.payload.len()),
         };
         let (answered, packet) = match &command {
             Command::Query { text } => {
@@ -432,15 +503,22 @@ impl Conversation {
                     user: user.clone(),
                     database: database.clone(),
                 });
-                self.auth_asked = false;
+                self.auth_asked = None;
                 let text = format!("COM_CHANGE_USER to '{user}'");
                 (true, ClientPacket::Command { text })
             }
             Command::Other { code } => (true, other_command(*code, &frame.payload)),
-            Command::InitDb { .. }
-            | Command::Reset { .. }
-            | Command::Fetch { .. }
-            | Command::Ping => (true, ClientPacket::Plain),
+            // Judged as the USE it is: the gate follows the database the
+            // statements after it are judged in.
+            Command::InitDb { database } => (
+                true,
+                ClientPacket::Command {
+                    text: format!("USE `{}`", database.replace('`', "``")),
+                },
+            ),
+            Command::Reset { .. } | Command::Fetch { .. } | Command::Ping => {
+                (true, ClientPacket::Plain)
+            }
         };
         if answered {
             self.queue.push_back(Pending {
@@ -493,6 +571,9 @@ impl Conversation {
         match frame.payload.first() {
             Some(0x00) => {
                 out.push(MysqlEvent::LoggedIn);
+                if let Ok(Reply::Ok { status, .. }) = packet::reply(&frame.payload, frame.len) {
+                    self.note_status(status, out);
+                }
                 self.phase = Phase::Commands;
             }
             Some(0xFF) => {
@@ -504,7 +585,7 @@ impl Conversation {
                 self.phase = Phase::Done;
             }
             // Auth switch (0xFE), more data (0x01): the exchange goes on.
-            _ => self.auth_asked = Self::asks_for_auth_data(&frame.payload),
+            _ => self.auth_asked = Self::asks_for_auth_data(frame),
         }
     }
 
@@ -532,7 +613,7 @@ impl Conversation {
                         out.push(MysqlEvent::LoginFailed { code, message });
                     }
                 }
-                _ => self.auth_asked = Self::asks_for_auth_data(&frame.payload),
+                _ => self.auth_asked = Self::asks_for_auth_data(frame),
             }
             return;
         }
@@ -613,7 +694,7 @@ impl Conversation {
                 }
                 Ok(())
             }
-            Answer::Infile => Err(MysqlError::OutOfTurn(
+            Answer::Infile { .. } => Err(MysqlError::OutOfTurn(
                 "the server answered during a LOCAL INFILE transfer",
             )),
         };
@@ -686,7 +767,9 @@ impl Conversation {
                         "a LOCAL INFILE request the client did not offer to serve",
                     ));
                 }
-                self.queue[0].answer = Answer::Infile;
+                self.queue[0].answer = Answer::Infile {
+                    next_seq: frame.seq.wrapping_add(physical_packets(frame)),
+                };
             }
             Reply::Data => match front.command {
                 Command::Query { .. } | Command::Execute { .. } => {
@@ -765,6 +848,7 @@ impl Conversation {
     /// One result of the command at the front; the command ends unless the
     /// server says more results follow.
     fn complete(&mut self, outcome: Outcome, status: u16, out: &mut Vec<MysqlEvent>) {
+        self.note_status(status, out);
         let more = status & MORE_RESULTS != 0;
         out.push(MysqlEvent::Completed { outcome, more });
         if more {
@@ -776,6 +860,22 @@ impl Conversation {
         }
     }
 }
+
+impl Conversation {
+    /// `SERVER_STATUS_NO_BACKSLASH_ESCAPES` in an OK or EOF: the session's
+    /// `sql_mode` (its own, or the server's global one) ends a string at a
+    /// quote after a backslash. Reported when it changes.
+    fn note_status(&mut self, status: u16, out: &mut Vec<MysqlEvent>) {
+        let on = status & NO_BACKSLASH_ESCAPES != 0;
+        if self.no_backslash_escapes != Some(on) {
+            self.no_backslash_escapes = Some(on);
+            out.push(MysqlEvent::NoBackslashEscapes(on));
+        }
+    }
+}
+
+/// `SERVER_STATUS_NO_BACKSLASH_ESCAPES`.
+const NO_BACKSLASH_ESCAPES: u16 = 0x0200;
 
 impl Default for Conversation {
     fn default() -> Self {
@@ -817,4 +917,10 @@ fn other_command(code: u8, payload: &[u8]) -> ClientPacket {
         other => format!("COM_{other:#04x}"),
     };
     ClientPacket::Command { text }
+}
+
+/// How many physical packets a logical one took (a payload of 16 MiB − 1 or
+/// more is continued): the sequence id after it is its first one's plus this.
+fn physical_packets(frame: &Frame) -> u8 {
+    (frame.len / super::MAX_PAYLOAD + 1) as u8
 }

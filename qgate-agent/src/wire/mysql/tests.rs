@@ -277,7 +277,16 @@ fn replies_by_their_first_byte_and_length() {
 }
 
 /// Feeds a conversation in order: (from the client?, packet bytes).
+/// The events of `steps`, without the server's `NoBackslashEscapes`
+/// reports (`converse_all` keeps them).
 fn converse(c: &mut Conversation, steps: &[(bool, Vec<u8>)]) -> Vec<MysqlEvent> {
+    converse_all(c, steps)
+        .into_iter()
+        .filter(|e| !matches!(e, MysqlEvent::NoBackslashEscapes(_)))
+        .collect()
+}
+
+fn converse_all(c: &mut Conversation, steps: &[(bool, Vec<u8>)]) -> Vec<MysqlEvent> {
     let (mut client, mut server) = (Framer::client(), Framer::server());
     let (mut co, mut so) = (0u64, 0u64);
     let mut out = Vec::new();
@@ -1026,4 +1035,32 @@ fn mariadbs_metadata_cache_is_followed_when_both_sides_declare_it() {
         ]
     );
     assert!(!c.is_done());
+}
+
+#[test]
+fn the_servers_no_backslash_escapes_status_is_reported_when_it_changes() {
+    let mut c = Conversation::new();
+    let events = converse_all(
+        &mut c,
+        &[
+            (false, pkt(0, &greeting_payload(0xf7fe, 0x81bf))),
+            (true, pkt(1, &login_payload(CLIENT, "alice", Some("shop")))),
+            (false, ok(2, 0, 2)),
+            (true, pkt(0, b"\x03SET sql_mode = 'NO_BACKSLASH_ESCAPES'")),
+            (false, ok(1, 0, 2 | 0x0200)),
+            (true, pkt(0, b"\x03SELECT 1")),
+            (false, ok(1, 0, 2 | 0x0200)),
+        ],
+    );
+    let reports: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, MysqlEvent::NoBackslashEscapes(_)))
+        .collect();
+    assert_eq!(
+        reports,
+        [
+            &MysqlEvent::NoBackslashEscapes(false),
+            &MysqlEvent::NoBackslashEscapes(true)
+        ]
+    );
 }

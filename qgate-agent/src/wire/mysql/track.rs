@@ -39,6 +39,10 @@ use crate::{
 /// asked for (`super::packet::collation_splits_like_ascii`).
 pub const MYSQL_LOGIN_COLLATION: &str = "mysql_login_collation";
 
+/// The `ServerReport::Parameter` a MySQL server's status reports its
+/// `NO_BACKSLASH_ESCAPES` with ("on"/"off").
+pub const MYSQL_NO_BACKSLASH_ESCAPES: &str = "mysql_no_backslash_escapes";
+
 /// One MySQL connection's decoding state.
 #[derive(Debug)]
 pub(crate) struct MysqlStreams {
@@ -171,6 +175,11 @@ impl MysqlStreams {
             identity: None,
             changing_user: None,
         }
+    }
+
+    /// See `Conversation::at_command_boundary`.
+    pub(crate) fn at_command_boundary(&self) -> bool {
+        self.conversation.at_command_boundary()
     }
 
     /// The conversation is over other than by TLS: nothing more is read.
@@ -380,6 +389,13 @@ impl MysqlStreams {
             }),
             // The greeting and the end say nothing the store keeps.
             MysqlEvent::Greeting { .. } | MysqlEvent::Quit => {}
+            MysqlEvent::NoBackslashEscapes(on) => out.push(WireEvent::ServerReport {
+                conn,
+                report: crate::wire::ServerReport::Parameter {
+                    name: MYSQL_NO_BACKSLASH_ESCAPES.into(),
+                    value: if on { "on" } else { "off" }.into(),
+                },
+            }),
         }
     }
 
