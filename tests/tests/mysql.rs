@@ -771,6 +771,53 @@ fn a_multibyte_login_character_set_cannot_hide_a_statement() -> Result<()> {
     Ok(())
 }
 
+/// A client that claims MySQL 8's query attributes (`CLIENT_QUERY_ATTRIBUTES`,
+/// which MariaDB never offers): MariaDB reads a COM_QUERY's text from its
+/// second byte, so bytes a MySQL 8 reader would skip as attributes are SQL
+/// to it. Here they are `#…` up to a newline, then `DROP TABLE victim`, then
+/// a `#` that comments out the rest (a MySQL 8 reader sees `SELECT 1`). qgate
+/// reads the text as MariaDB does: the DROP is held, and denied here.
+#[test]
+fn query_attributes_the_server_never_offered_hide_nothing() -> Result<()> {
+    let (lab, server, token) = gated("myattrs")?;
+    server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
+    let mut raw = Raw::open(&lab)?;
+    let mut login = Raw::login_packet();
+    let caps = Raw::CAPS | 1 << 27;
+    login[..4].copy_from_slice(&caps.to_le_bytes());
+    raw.write(&[(1, login)])?;
+    let (_, ok) = raw.read()?;
+    assert_eq!(ok.first(), Some(&0), "{}", err_message(&ok));
+    // 35 attributes in one set, all NULL (no values), the first one's name
+    // the hidden statement; then the text a MySQL 8 reader would run.
+    let mut query = vec![0x03, b'#', b'x'];
+    query.extend_from_slice(b"AAAAA");
+    query.push(0x01);
+    query.extend_from_slice(&[0x06, b'A', 0x16]);
+    query.extend_from_slice(b"\nDROP TABLE victim   #");
+    for _ in 0..34 {
+        query.extend_from_slice(&[0x06, b'A', 0x01, b'a']);
+    }
+    query.extend_from_slice(b"SELECT 1");
+    raw.write(&[(0, query)])?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(
+        request["statement"]
+            .as_str()
+            .is_some_and(|s| s.contains("DROP TABLE victim")),
+        "{request}"
+    );
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, answer) = raw.read()?;
+    assert!(
+        err_message(&answer).contains("qgate"),
+        "{}",
+        err_message(&answer)
+    );
+    assert_eq!(victim_rows(&server)?, Some(3));
+    Ok(())
+}
+
 /// A command sent in the same write as the login, ahead of the server's
 /// answer: MariaDB runs it as a command once it accepts the login (no
 /// authentication exchange for a user without a password), so it must

@@ -343,14 +343,20 @@ impl Conversation {
         }
     }
 
-    /// Whether the server reads the client's next packet as a command, and
-    /// nothing released so far can make it read one otherwise: logged in,
-    /// no authentication exchange (login or `COM_CHANGE_USER`) or `LOCAL
-    /// INFILE` transfer under way or possible (a pending text that names
-    /// `INFILE`). Only then may the kernel pass commands on its own.
+    /// Whether the kernel may pass commands on its own: the server reads
+    /// the client's next packet as a command, or, during the login's
+    /// authentication, as data that cannot become one (a failed login ends
+    /// the connection; the kernel passes only packets with sequence id 0,
+    /// which the conversation then refuses as not asked for: the connection
+    /// is reset); and nothing released so far can make the server read a
+    /// packet otherwise: no `COM_CHANGE_USER` (whose failed authentication
+    /// keeps the session, and MariaDB takes the body of a packet out of
+    /// sequence for the next command) or `LOCAL INFILE` transfer under way
+    /// or possible (a pending text that names `INFILE`). Holding the login's
+    /// exchange instead stalled a first command longer than the client's
+    /// window (the kernel's tail hold needs the walk).
     pub fn at_command_boundary(&self) -> bool {
-        matches!(self.phase, Phase::Commands)
-            && self.auth_asked.is_none()
+        matches!(self.phase, Phase::Commands | Phase::Auth)
             && self.queue.iter().all(|p| {
                 !matches!(p.answer, Answer::Infile { .. })
                     && match &p.command {
