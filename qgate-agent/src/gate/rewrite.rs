@@ -94,16 +94,27 @@ pub fn denial_text(len: usize, denial: DenialRef, reason: &str) -> Vec<u8> {
     };
     let do_room = len.saturating_sub(DO_PREFIX.len() + DO_SUFFIX.len());
     let show_room = len.saturating_sub("SHOW \"\"".len()).min(MAX_IDENT);
-    let mut text = if do_room >= head.len() {
+    let text = if do_room >= head.len() {
         format!("{DO_PREFIX}{}{DO_SUFFIX}", with_reason(do_room))
     } else if show_room >= head.len() {
         format!("SHOW \"{}\"", with_reason(show_room))
     } else {
-        [
-            format!("\"{}\"", head.replace(':', "")),
-            format!("\"qgate {short}\""),
-            format!("\"q{short}\""),
-        ]
+        shortest_fitting(
+            [
+                format!("\"{}\"", head.replace(':', "")),
+                format!("\"qgate {short}\""),
+                format!("\"q{short}\""),
+            ],
+            len,
+        )
+    };
+    padded(text, len)
+}
+
+/// The first candidate of at most `len` bytes, else a bare identifier cut
+/// to `len` (`q`): a syntax error either way.
+fn shortest_fitting<const N: usize>(candidates: [String; N], len: usize) -> String {
+    candidates
         .into_iter()
         .find(|candidate| candidate.len() <= len)
         .unwrap_or_else(|| {
@@ -111,7 +122,10 @@ pub fn denial_text(len: usize, denial: DenialRef, reason: &str) -> Vec<u8> {
             ident.truncate(len.max(1));
             ident
         })
-    };
+}
+
+/// `text` padded with spaces to `len` bytes.
+fn padded(mut text: String, len: usize) -> Vec<u8> {
     while text.len() < len {
         text.push(' ');
     }
@@ -219,27 +233,20 @@ pub fn mysql_denial_text(len: usize, denial: DenialRef, reason: &str, prepare: b
     };
     let signal_room = len.saturating_sub(SIGNAL_PREFIX.len() + 1).min(MAX_MESSAGE);
     let quoted_room = len.saturating_sub(2).min(MAX_MESSAGE);
-    let mut text = if !prepare && signal_room >= head.len() {
+    let text = if !prepare && signal_room >= head.len() {
         format!("{SIGNAL_PREFIX}{}'", with_reason(signal_room))
     } else if quoted_room >= head.len() {
         format!("`{}`", with_reason(quoted_room))
     } else {
-        [
-            format!("`qgate {}`", denial.short()),
-            format!("`q{}`", denial.short()),
-        ]
-        .into_iter()
-        .find(|candidate| candidate.len() <= len)
-        .unwrap_or_else(|| {
-            let mut ident = "qgate_denied".to_string();
-            ident.truncate(len.max(1));
-            ident
-        })
+        shortest_fitting(
+            [
+                format!("`qgate {}`", denial.short()),
+                format!("`q{}`", denial.short()),
+            ],
+            len,
+        )
     };
-    while text.len() < len {
-        text.push(' ');
-    }
-    text.into_bytes()
+    padded(text, len)
 }
 
 /// A MySQL login (`HandshakeResponse41` payload) of exactly `len` bytes

@@ -177,19 +177,7 @@ pub(super) fn messages(
     // SAFETY: per-CPU slot, written by the callback.
     let walk = unsafe { &(*scratch).walk };
     if rc >= 0 && walk.outcome == WALK_TAIL {
-        let message_end = seg.seq.wrapping_add(walk.tail_end);
-        let tail = message_end.wrapping_sub(TAIL);
-        if !seq_lt(tail, seg.seq.wrapping_add(seg.payload_len)) {
-            // This segment ends before the tail: it passes, and so do the
-            // ones after it, up to the segment that reaches the tail.
-            state.held = 1;
-            state.tail = 1;
-            state.hold_seq = tail;
-            state.pass_until = seg.seq.wrapping_add(seg.payload_len);
-            state.next_msg_seq = message_end;
-            return Verdict::Pass;
-        }
-        return hold(state, seg.seq);
+        return hold_by_tail(seg, state, seg.seq.wrapping_add(walk.tail_end));
     }
     if rc < 0 || walk.outcome != WALK_DONE || walk.sql_count > 1 {
         return hold(state, seg.seq);
@@ -252,18 +240,9 @@ pub(super) fn mysql_packet(
     let end = first + 4 + len;
     if end > seg.payload_len {
         if command == COM_QUERY && len > 2 * TAIL && state.mode == mode::GATE_RISKY {
-            let message_end = seg.seq.wrapping_add(end);
-            let tail = message_end.wrapping_sub(TAIL);
-            if !seq_lt(tail, seg.seq.wrapping_add(seg.payload_len)) {
-                // As for a long PostgreSQL Query: the server parses
-                // nothing of a packet before it has it whole.
-                state.held = 1;
-                state.tail = 1;
-                state.hold_seq = tail;
-                state.pass_until = seg.seq.wrapping_add(seg.payload_len);
-                state.next_msg_seq = message_end;
-                return Verdict::Pass;
-            }
+            // As for a long PostgreSQL Query: the server parses nothing of
+            // a packet before it has it whole.
+            return hold_by_tail(seg, state, seg.seq.wrapping_add(end));
         }
         return hold(state, seg.seq);
     }
@@ -300,6 +279,23 @@ fn plain_mysql_read(ctx: &TcContext, at: u32, len: u32) -> bool {
     // SAFETY: the scan buffer holds SCAN >= n bytes.
     let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, at, buf as *mut _, n) };
     rc == 0 && scan::harmless_mysql(n)
+}
+
+/// A message ending at `message_end`, past this segment: held by its end
+/// ([`TAIL`]). When this segment ends before the tail it passes, and so do
+/// the ones after it, up to the segment that reaches the tail.
+#[inline(always)]
+fn hold_by_tail(seg: &Segment, state: &mut FlowState, message_end: u32) -> Verdict {
+    let tail = message_end.wrapping_sub(TAIL);
+    if seq_lt(tail, seg.seq.wrapping_add(seg.payload_len)) {
+        return hold(state, seg.seq);
+    }
+    state.held = 1;
+    state.tail = 1;
+    state.hold_seq = tail;
+    state.pass_until = seg.seq.wrapping_add(seg.payload_len);
+    state.next_msg_seq = message_end;
+    Verdict::Pass
 }
 
 /// Copies the statement text out of the skb and asks [`scan::harmless`].

@@ -287,9 +287,18 @@ fn converse(c: &mut Conversation, steps: &[(bool, Vec<u8>)]) -> Vec<MysqlEvent> 
 }
 
 fn converse_all(c: &mut Conversation, steps: &[(bool, Vec<u8>)]) -> Vec<MysqlEvent> {
+    run_script(c, steps).0
+}
+
+/// Frames and feeds `steps` (client or server bytes) to `c`: its events, and
+/// what each client packet was to the gate.
+fn run_script(
+    c: &mut Conversation,
+    steps: &[(bool, Vec<u8>)],
+) -> (Vec<MysqlEvent>, Vec<ClientPacket>) {
     let (mut client, mut server) = (Framer::client(), Framer::server());
     let (mut co, mut so) = (0u64, 0u64);
-    let mut out = Vec::new();
+    let (mut out, mut seen) = (Vec::new(), Vec::new());
     for (from_client, bytes) in steps {
         let mut got = Vec::new();
         if *from_client {
@@ -302,13 +311,13 @@ fn converse_all(c: &mut Conversation, steps: &[(bool, Vec<u8>)]) -> Vec<MysqlEve
         for f in got {
             let f = f.expect("framed");
             if *from_client {
-                c.client(&f, &mut out);
+                seen.push(c.client(&f, &mut out));
             } else {
                 c.server(&f, &mut out);
             }
         }
     }
-    out
+    (out, seen)
 }
 
 fn ok(seq: u8, affected: u64, status: u16) -> Vec<u8> {
@@ -800,31 +809,9 @@ fn identity_changes_are_followed() {
     );
 }
 
-/// What each client packet is to the gate, in order (`converse` with the
-/// client packets' verdicts kept).
+/// What each client packet is to the gate, in order.
 fn packets(c: &mut Conversation, steps: &[(bool, Vec<u8>)]) -> Vec<ClientPacket> {
-    let (mut client, mut server) = (Framer::client(), Framer::server());
-    let (mut co, mut so) = (0u64, 0u64);
-    let (mut out, mut seen) = (Vec::new(), Vec::new());
-    for (from_client, bytes) in steps {
-        let mut got = Vec::new();
-        if *from_client {
-            client.push(co, bytes, &mut |f| got.push(f));
-            co += bytes.len() as u64;
-        } else {
-            server.push(so, bytes, &mut |f| got.push(f));
-            so += bytes.len() as u64;
-        }
-        for f in got {
-            let f = f.expect("framed");
-            if *from_client {
-                seen.push(c.client(&f, &mut out));
-            } else {
-                c.server(&f, &mut out);
-            }
-        }
-    }
-    seen
+    run_script(c, steps).1
 }
 
 #[test]
