@@ -484,6 +484,56 @@ fn a_mariadb_identity_the_policy_refuses_gets_an_error_at_connect() -> Result<()
     Ok(())
 }
 
+/// `LOAD DATA LOCAL INFILE` through the gate: held (the shipped policy holds
+/// LOAD), approved, then the file the server asks for is let through packet
+/// by packet (each in sequence, while the kernel holds everything of the
+/// session), and the session's next statement runs as usual.
+#[test]
+fn an_approved_load_data_local_transfers_its_file_and_the_session_goes_on() -> Result<()> {
+    let (lab, server, token) = gated("myload")?;
+    let csv = lab.dir.join("rows.csv");
+    let rows: String = (0..5000).map(|i| format!("{i}\n")).collect();
+    std::fs::write(&csv, rows)?;
+    let mut child = lab
+        .in_client("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        .args([
+            "-u",
+            "app",
+            "-psecret",
+            "shop",
+            "-N",
+            "-B",
+            "--local-infile=1",
+        ])
+        .arg("-e")
+        .arg(format!(
+            "LOAD DATA LOCAL INFILE '{}' INTO TABLE spare; SELECT count(*) FROM spare",
+            csv.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(
+        request["statement"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("LOAD DATA LOCAL INFILE")),
+        "{request}"
+    );
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let _ = child.stdin.take();
+    let (ok, stdout, stderr) = finish(child, Duration::from_secs(20))?;
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "5000");
+    assert_eq!(
+        server.root("SELECT count(*) FROM shop.spare")?.trim(),
+        "5000"
+    );
+    Ok(())
+}
+
 /// `qgate_decisions_total{decision="allow"}`: statements the agent decided.
 fn allowed_by_agent(lab: &Lab, token: &str) -> Result<f64> {
     let (status, metrics) = lab.api_get(token, "/metrics")?;

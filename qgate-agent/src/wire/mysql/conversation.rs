@@ -604,6 +604,12 @@ impl Conversation {
             );
             return;
         };
+        if frame.payload.starts_with(&[0xFF, 0xFF, 0xFF]) {
+            // MariaDB's progress report (an ERR with code 0xFFFF, sent to
+            // clients with MARIADB_CLIENT_PROGRESS during LOAD DATA, ALTER
+            // TABLE …): not an answer; the real one follows.
+            return;
+        }
         if let Command::ChangeUser { .. } = front.command {
             // The same exchange as a login.
             match frame.payload.first() {

@@ -1051,3 +1051,41 @@ fn the_servers_no_backslash_escapes_status_is_reported_when_it_changes() {
         ]
     );
 }
+
+#[test]
+fn mariadbs_progress_reports_are_not_answers() {
+    // The `mariadb` client asks for progress reports: during a LOAD DATA
+    // the server sends ERRs with code 0xFFFF before its OK.
+    let mut c = Conversation::mid_stream();
+    let mut progress = vec![0xFF, 0xFF, 0xFF, 0x01, 0x02, 0x02];
+    progress.extend_from_slice(&[0x00, 0x00, 0x00, 0x05, b'l', b'o', b'a', b'd', b'!']);
+    let events = converse(
+        &mut c,
+        &[
+            (
+                true,
+                pkt(0, b"\x03LOAD DATA LOCAL INFILE 'x.csv' INTO TABLE t"),
+            ),
+            (false, pkt(1, b"\xfbx.csv")),
+            (true, pkt(2, b"1\n2\n")),
+            (true, pkt(3, b"")),
+            (false, pkt(4, &progress)),
+            (false, ok(5, 2, 2)),
+            (true, pkt(0, b"\x03SELECT a FROM t")),
+            (false, rows(1, 2, 2)),
+        ],
+    );
+    assert_eq!(
+        events,
+        vec![
+            statement(
+                Carrier::Query,
+                "LOAD DATA LOCAL INFILE 'x.csv' INTO TABLE t"
+            ),
+            done(2, 0),
+            statement(Carrier::Query, "SELECT a FROM t"),
+            done(0, 2),
+        ]
+    );
+    assert!(!c.is_done());
+}
