@@ -695,3 +695,13 @@ fn very_long_operator_chains_classify_without_exhausting_the_stack() {
     let sql = format!("SELECT 1{}", "+1".repeat(1990));
     assert_eq!(facts(&sql).statements[0].kind, Kind::Read);
 }
+
+/// PostgreSQL looks settings up ignoring case even when quoted
+/// (`guc_name_compare`): a quoted, mixed-case name is the same setting.
+#[test]
+fn quoted_setting_names_are_the_settings_postgresql_resolves() {
+    let c = facts("SET \"Search_Path\" = evil");
+    assert!(c.statements[0].has(Flag::SearchPathChange), "{c:?}");
+    let c = facts("SET \"SESSION_REPLICATION_ROLE\" = replica");
+    assert!(c.statements[0].has(Flag::DisablesSafety), "{c:?}");
+}

@@ -48,9 +48,9 @@ pub mod port_kind {
     /// from now on are left to it; older ones stay on the wire path.
     pub const HOOKED: u8 = 2;
     /// MySQL/MariaDB (`capture.mysql_ports`): captured both ways and
-    /// gated. The program passes on its own only a whole `COM_QUERY` it
-    /// proves a plain read, or a `COM_PING`, once the agent has let the
-    /// login through; every other client byte waits for the agent, which
+    /// gated. The program walks one command packet per segment
+    /// (`walk::mysql_packet`) and passes on its own only what it proves
+    /// harmless; every other client byte waits for the agent, which
     /// decodes and decides each packet (the PostgreSQL walk never runs on
     /// these bytes).
     pub const MYSQL: u8 = 3;

@@ -51,6 +51,11 @@ pub(super) struct ConnInfo {
     /// MySQL: a USE (or `COM_INIT_DB`) was let through and the server has
     /// not confirmed it yet: the session's database is unknown until then.
     pub database_pending: bool,
+    /// MySQL: the last release left the kernel holding every byte
+    /// (`phase::STARTUP`: a `COM_CHANGE_USER` or `LOCAL INFILE` was under
+    /// way); `Gate::mysql_resume_walk` lets it walk again. Without it the
+    /// agent would read the kernel's map at every statement's completion.
+    pub walk_paused: bool,
 }
 
 /// A session the server hook reads.

@@ -717,6 +717,7 @@ impl Gate {
                     dialect,
                     prepared_judged: dialect == Dialect::Mysql && tracker.seen_from_start(*conn),
                     database_pending: false,
+                    walk_paused: before.is_some_and(|i| i.walk_paused),
                 });
                 if own {
                     if let Some(pid) = self.hook(&flow).map(|h| h.pid) {
@@ -839,11 +840,15 @@ impl Gate {
     /// reads its commands again (a first command longer than the client's
     /// window could not arrive whole otherwise).
     fn mysql_resume_walk(&mut self, tracker: &Tracker, flow: &Flow) {
-        if tracker.mysql_at_command_boundary(flow) != Some(true) {
+        let Some(c) = self.conns.get_mut(flow) else {
+            return;
+        };
+        let paused = c.info.as_ref().is_some_and(|i| i.walk_paused);
+        if !paused || c.held.is_some() || tracker.mysql_at_command_boundary(flow) != Some(true) {
             return;
         }
-        if self.conns.get(flow).is_some_and(|c| c.held.is_some()) {
-            return;
+        if let Some(info) = c.info.as_mut() {
+            info.walk_paused = false;
         }
         if let Err(e) = self.kernel.resume_walk(flow) {
             warn!("resuming the kernel's walk of {flow:?}: {e}");
@@ -1060,6 +1065,9 @@ impl Gate {
         let idle = stream.is_idle();
         if let Some(end) = released_until {
             c.released(end);
+            if let Some(info) = c.info.as_mut() {
+                info.walk_paused = !walk;
+            }
         }
         if idle {
             c.drop_held();

@@ -83,15 +83,7 @@ pub fn denial_text(len: usize, denial: DenialRef, reason: &str) -> Vec<u8> {
     let head = denial.head();
     let short = denial.short();
     let clean = sanitize(reason);
-    let with_reason = |room: usize| {
-        let mut message = head.clone();
-        if !clean.is_empty() && room >= message.len() + 3 {
-            message.push_str(": ");
-            let keep = (room - message.len()).min(clean.len());
-            message.push_str(&clean[..keep]);
-        }
-        message
-    };
+    let with_reason = |room: usize| with_reason(&head, &clean, room);
     let do_room = len.saturating_sub(DO_PREFIX.len() + DO_SUFFIX.len());
     let show_room = len.saturating_sub("SHOW \"\"".len()).min(MAX_IDENT);
     let text = if do_room >= head.len() {
@@ -109,6 +101,18 @@ pub fn denial_text(len: usize, denial: DenialRef, reason: &str) -> Vec<u8> {
         )
     };
     padded(text, len)
+}
+
+/// `head`, then `": "` and as much of the (sanitized) reason as fits in
+/// `room` bytes, when at least a few of its characters fit.
+fn with_reason(head: &str, clean: &str, room: usize) -> String {
+    let mut message = head.to_owned();
+    if !clean.is_empty() && room >= message.len() + 3 {
+        message.push_str(": ");
+        let keep = (room - message.len()).min(clean.len());
+        message.push_str(&clean[..keep]);
+    }
+    message
 }
 
 /// The first candidate of at most `len` bytes, else a bare identifier cut
@@ -222,15 +226,7 @@ pub fn mysql_denial_text(len: usize, denial: DenialRef, reason: &str, prepare: b
     const MAX_MESSAGE: usize = 128;
     let head = denial.head();
     let clean: String = sanitize(reason).chars().filter(|&c| c != '`').collect();
-    let with_reason = |room: usize| {
-        let mut message = head.clone();
-        if !clean.is_empty() && room >= message.len() + 3 {
-            message.push_str(": ");
-            let keep = (room - message.len()).min(clean.len());
-            message.push_str(&clean[..keep]);
-        }
-        message
-    };
+    let with_reason = |room: usize| with_reason(&head, &clean, room);
     let signal_room = len.saturating_sub(SIGNAL_PREFIX.len() + 1).min(MAX_MESSAGE);
     let quoted_room = len.saturating_sub(2).min(MAX_MESSAGE);
     let text = if !prepare && signal_room >= head.len() {

@@ -100,8 +100,8 @@ fn hold(state: &mut FlowState, seq: u32) -> Verdict {
     Verdict::Hold
 }
 
-/// `mysql`: the port speaks MySQL (`port_kind::MYSQL`): no message walk,
-/// every new client byte waits for the agent in a gating mode.
+/// `mysql`: the port speaks MySQL (`port_kind::MYSQL`): its own packet
+/// walk (`walk::mysql_packet`), never the PostgreSQL one.
 pub fn verdict(
     ctx: &TcContext,
     seg: &Segment,
