@@ -173,8 +173,8 @@ pub struct CaptureConfig {
     /// TCP ports that carry PostgreSQL.
     pub ports: Vec<u16>,
     /// TCP ports that carry MySQL/MariaDB: read, audited and gated on the
-    /// wire (`port_kind::MYSQL`).
-    #[serde(default)]
+    /// wire (`port_kind::MYSQL`). 3306 unless set (`[]` for none).
+    #[serde(default = "default_mysql_ports")]
     pub mysql_ports: Vec<u16>,
     /// The agent's scheduling niceness (-20 … 19), set before it starts any
     /// thread. Below 0 (as auditd's `priority_boost`), so that a saturated
@@ -184,6 +184,10 @@ pub struct CaptureConfig {
     /// behind and dropped 40 % of 124 k statements/s; at -10 none.
     #[serde(default = "default_nice")]
     pub nice: i32,
+}
+
+fn default_mysql_ports() -> Vec<u16> {
+    vec![3306]
 }
 
 fn default_nice() -> i32 {
@@ -318,7 +322,9 @@ impl Config {
             .find(|p| self.capture.ports.contains(p))
         {
             return Err(format!(
-                "capture.mysql_ports: port {port} is also in capture.ports (PostgreSQL): a port carries one protocol"
+                "capture.mysql_ports: port {port} is also in capture.ports (PostgreSQL): a port \
+                 carries one protocol (capture.mysql_ports is [3306] unless set; \
+                 `mysql_ports = []` for none)"
             ));
         }
         if self.capture.ports.is_empty() {
@@ -529,16 +535,25 @@ mod tests {
     }
 
     #[test]
-    fn mysql_ports_are_off_by_default_and_never_shared_with_postgresql() {
+    fn mysql_ports_default_to_3306_and_are_never_shared_with_postgresql() {
         let parse = |text: &str| Config::parse(text, "x.toml".into());
-        assert!(parse(DEFAULT_CONFIG)
-            .unwrap()
-            .capture
-            .mysql_ports
-            .is_empty());
-        let text = DEFAULT_CONFIG.replace("# mysql_ports = [3306]", "mysql_ports = [3306]");
+        assert_eq!(
+            parse(DEFAULT_CONFIG).unwrap().capture.mysql_ports,
+            vec![3306]
+        );
+        // A config written without the key gets the default too.
+        let text = DEFAULT_CONFIG.replace("mysql_ports = [3306]\n", "");
+        assert_ne!(text, DEFAULT_CONFIG);
         assert_eq!(parse(&text).unwrap().capture.mysql_ports, vec![3306]);
-        let text = DEFAULT_CONFIG.replace("# mysql_ports = [3306]", "mysql_ports = [5432]");
+        let text = DEFAULT_CONFIG.replace("mysql_ports = [3306]", "mysql_ports = []");
+        assert!(parse(&text).unwrap().capture.mysql_ports.is_empty());
+        let text = DEFAULT_CONFIG.replace("ports = [5432]", "ports = [3306]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("3306") && err.contains("mysql_ports = []"),
+            "{err}"
+        );
+        let text = DEFAULT_CONFIG.replace("mysql_ports = [3306]", "mysql_ports = [5432]");
         let err = parse(&text).unwrap_err().to_string();
         assert!(
             err.contains("5432") && err.contains("one protocol"),

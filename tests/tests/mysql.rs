@@ -1,7 +1,7 @@
 //! MySQL/MariaDB read and audited (issue 16's first piece): MariaDB 10.11
 //! from Debian's packages in the lab's server namespace (a throwaway data
 //! directory, no system service), the `mariadb` client in the client one,
-//! the real tc programs on the veth between, `capture.mysql_ports = [3306]`.
+//! the real tc programs on the veth between, the shipped `capture.mysql_ports = [3306]`.
 //! The audit tests run with `gate.mode = "monitor"`; the gate tests with
 //! the shipped default policy, where the tc program holds every client
 //! packet on the MySQL port and the agent decides each.
@@ -105,10 +105,7 @@ fn a_mariadb_sessions_statements_are_stored_with_user_database_rows_and_errors()
     require_root();
     let mut lab = Lab::new("mysql1")?;
     let server = Mariadb::start(&lab)?;
-    let config = lab.config_with(&[
-        ("# mysql_ports = [3306]", "mysql_ports = [3306]"),
-        ("mode = \"policy\"", "mode = \"monitor\""),
-    ])?;
+    let config = lab.config_with(&[("mode = \"policy\"", "mode = \"monitor\"")])?;
     lab.start_agent(&["--config", &config.to_string_lossy()])?;
     // Reads, writes, DDL (not held: the gate only watches), then a failure.
     let out = client(
@@ -207,10 +204,7 @@ fn a_mariadb_session_that_changes_database_is_stored_under_each() -> Result<()> 
     let mut lab = Lab::new("mysql2")?;
     let server = Mariadb::start(&lab)?;
     server.root("CREATE DATABASE depot; GRANT ALL ON depot.* TO 'app'@'%';")?;
-    let config = lab.config_with(&[
-        ("# mysql_ports = [3306]", "mysql_ports = [3306]"),
-        ("mode = \"policy\"", "mode = \"monitor\""),
-    ])?;
+    let config = lab.config_with(&[("mode = \"policy\"", "mode = \"monitor\"")])?;
     lab.start_agent(&["--config", &config.to_string_lossy()])?;
     let out = client(
         &lab,
@@ -301,7 +295,7 @@ fn gated(tag: &str) -> Result<(Lab, Mariadb, String)> {
          INSERT INTO shop.victim VALUES (1,'a'),(2,'b'),(3,'c'); \
          CREATE TABLE shop.spare (id INT);",
     )?;
-    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let config = lab.config_with(&[])?;
     lab.start_agent(&["--config", &config.to_string_lossy()])?;
     let token = lab.add_reviewer("rita", "reviewers", None)?;
     Ok((lab, server, token))
@@ -376,6 +370,60 @@ fn a_mariadb_drop_table_is_held_until_approved() -> Result<()> {
     Ok(())
 }
 
+/// Issue 16's row estimate: MariaDB's own planner is asked (over its Unix
+/// socket, as root, `EXPLAIN FORMAT=JSON`, never run) how much of its table
+/// a write changes. A keyed `DELETE` of 1 % runs without a request; an
+/// `UPDATE` whose condition no index serves is estimated at the whole
+/// table and held by the shipped `most-of-a-table-write` with the numbers;
+/// a write calling a function qgate does not know is not planned (MariaDB
+/// evaluates constants while planning) and is held saying so. The request
+/// names the protocol and the server.
+#[test]
+fn mariadbs_planner_estimates_how_much_of_its_table_a_write_changes() -> Result<()> {
+    let (lab, server, token) = gated("myest")?;
+    server.root(
+        "CREATE TABLE shop.big (id INT PRIMARY KEY, v INT); \
+         USE shop; INSERT INTO big SELECT seq, seq % 100 FROM seq_1_to_5000; \
+         ANALYZE TABLE shop.big; \
+         CREATE FUNCTION shop.pick() RETURNS INT DETERMINISTIC RETURN 7;",
+    )?;
+    let keyed = client_spawn(&lab, "DELETE FROM big WHERE id <= 50; SELECT count(*) FROM big")?;
+    let (ok, out, err) = finish(keyed, Duration::from_secs(15))?;
+    assert!(ok, "a keyed delete of 1 % did not run at once: {err}");
+    assert_eq!(out.trim(), "4950");
+    let none = lab.requests(&token, &["list", "--status", "pending"])?;
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+
+    let update = client_spawn(&lab, "UPDATE big SET v = 0 WHERE v = 3")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(request["rule"], "most-of-a-table-write", "{request}");
+    let reasons = request["facts"]["reasons"].to_string();
+    assert!(
+        reasons.contains("planner estimates it changes") && reasons.contains("`shop`.`big`"),
+        "{reasons}"
+    );
+    assert_eq!(request["identity"]["protocol"], "mysql", "{request}");
+    assert_eq!(
+        request["identity"]["server"],
+        format!("{}:{PORT}", lab.server_ip),
+        "{request}"
+    );
+    let untouched = server.root("SELECT count(*) FROM shop.big WHERE v = 0")?;
+    assert_eq!(untouched.trim(), "50", "the held UPDATE ran");
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
+    let _ = finish(update, Duration::from_secs(10))?;
+
+    let call = client_spawn(&lab, "DELETE FROM big WHERE id = pick()")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    let reasons = request["facts"]["reasons"].to_string();
+    assert!(reasons.contains("planning could run it"), "{request}");
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
+    let _ = finish(call, Duration::from_secs(10))?;
+    let rows = server.root("SELECT count(*) FROM shop.big")?;
+    assert_eq!(rows.trim(), "4950", "a denied write ran");
+    Ok(())
+}
+
 /// Denied: the server itself answers with an error naming qgate and the
 /// request (a same-length SIGNAL, or for a short text a quoted name the
 /// parser stops at), the table is intact, and the same session runs its
@@ -443,7 +491,7 @@ fn a_mariadb_identity_the_policy_refuses_gets_an_error_at_connect() -> Result<()
          [[rules]]\nname = \"no-outsiders\"\ngroups = [\"outsiders\"]\naction = \"deny\"\n\
          message = \"outsiders may not connect\"\n",
     )?;
-    let config = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let config = lab.config_with(&[])?;
     lab.start_agent(&[
         "--config",
         &config.to_string_lossy(),
@@ -1028,16 +1076,13 @@ fn sysbench_oltp_read_only_with_and_without_the_agent() -> Result<()> {
     require_root();
     let mut lab = Lab::new("mysqlb")?;
     let _server = Mariadb::start(&lab)?;
-    let gated = lab.config_with(&[("# mysql_ports = [3306]", "mysql_ports = [3306]")])?;
+    let gated = lab.config_with(&[])?;
     let gated = {
         let path = lab.dir.join("gated.toml");
         std::fs::rename(&gated, &path)?;
         path
     };
-    let monitor = lab.config_with(&[
-        ("# mysql_ports = [3306]", "mysql_ports = [3306]"),
-        ("mode = \"policy\"", "mode = \"monitor\""),
-    ])?;
+    let monitor = lab.config_with(&[("mode = \"policy\"", "mode = \"monitor\"")])?;
     let host = lab.server_ip.to_string();
     let sysbench = |lab: &Lab, threads: u32, command: &str, seconds: u32| -> Result<String> {
         let out = run(lab

@@ -135,7 +135,7 @@ fn on_backend_step(step: BackendStep, gate: &mut Gate, pipeline: &mut Pipeline) 
             client,
             server,
         } => {
-            gate.hooked_session(flow, pid, client, transport);
+            gate.hooked_session(flow, pid, client, server, transport);
             if let Some(conn) = pipeline.tracker().connection_id(&flow) {
                 pipeline.writer().send(WireEvent::ServerHooked {
                     conn,

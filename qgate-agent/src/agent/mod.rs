@@ -301,6 +301,7 @@ impl<'a> Agent<'a> {
         let catalogs = (enforcing && config.catalog.enabled).then(|| {
             let catalogs = Catalogs::start(decisions.waker());
             catalogs.set_server(catalog_server(&config.capture.ports));
+            catalogs.set_mysql_servers(mysql_servers(&config.capture.mysql_ports));
             gate.use_catalogs(catalogs.clone());
             catalogs
         });
@@ -439,6 +440,7 @@ impl<'a> Agent<'a> {
             if self.last_catalog_look.elapsed() >= CATALOG_SERVER_LOOK {
                 self.last_catalog_look = Instant::now();
                 catalogs.set_server(catalog_server(&self.config.capture.ports));
+                catalogs.set_mysql_servers(mysql_servers(&self.config.capture.mysql_ports));
             }
             let generation = catalogs.generation();
             if generation != self.seen.catalog {
@@ -535,6 +537,13 @@ fn catalog_server(ports: &[u16]) -> Option<catalog::load::Server> {
             None
         }
     }
+}
+
+/// The gated MariaDB/MySQL servers whose planners estimate writes (see
+/// `catalog::mysql`): found in this network namespace, with their Unix
+/// sockets.
+fn mysql_servers(ports: &[u16]) -> Vec<catalog::mysql::MysqlServer> {
+    catalog::mysql::find_servers(ports)
 }
 
 /// An eventfd that becomes readable whenever a request event is published.

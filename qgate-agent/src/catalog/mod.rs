@@ -4,6 +4,7 @@
 //! facts can be matched against; `load` reads the snapshot over the server's
 //! Unix socket; `service` keeps one view per database fresh for the gate.
 pub mod load;
+pub mod mysql;
 pub mod service;
 pub mod view;
 

@@ -20,8 +20,10 @@ use tracing::{info, warn};
 
 use super::{
     load::{Reader, Server, Share},
+    mysql::{MysqlReader, MysqlServer},
     view::CatalogView,
 };
+use crate::classify::TableName;
 
 /// How long a read may take before the statements waiting on it are
 /// decided without it (fail closed).
@@ -53,6 +55,13 @@ enum Job {
         database: String,
         sql: String,
         params: usize,
+    },
+    /// A write on a MySQL session: asked of the MariaDB server on `port`.
+    MysqlEstimate {
+        port: u16,
+        database: Option<String>,
+        sql: String,
+        written: Vec<TableName>,
     },
 }
 
@@ -90,6 +99,8 @@ enum Entry {
 #[derive(Default)]
 struct State {
     server: Option<Server>,
+    /// The gated MariaDB/MySQL servers, one per port.
+    mysql_servers: Vec<MysqlServer>,
     entries: HashMap<String, Entry>,
     tokens: HashSet<String>,
     estimates: HashMap<(String, String), EstimateEntry>,
@@ -118,6 +129,7 @@ impl Catalogs {
         let spawned = std::thread::Builder::new()
             .name("qgate-catalog".into())
             .spawn(move || {
+                let mut mysql_reader = MysqlReader::default();
                 let mut reader = match Reader::new() {
                     Ok(reader) => reader,
                     Err(e) => {
@@ -133,6 +145,46 @@ impl Catalogs {
                         token
                     };
                     match job {
+                        Job::MysqlEstimate {
+                            port,
+                            database,
+                            sql,
+                            written,
+                        } => {
+                            let server = lock(&worker_state)
+                                .mysql_servers
+                                .iter()
+                                .find(|s| s.port == port)
+                                .cloned();
+                            let result = match &server {
+                                Some(server) => mysql_reader.estimate(
+                                    server,
+                                    database.as_deref(),
+                                    &sql,
+                                    &written,
+                                    LOAD_TIMEOUT,
+                                ),
+                                None => Err(format!(
+                                    "no MariaDB/MySQL server listening on port {port} with a \
+                                     Unix socket qgate can read it over"
+                                )),
+                            };
+                            if let Err(e) = &result {
+                                warn!(port, "cannot estimate on MariaDB: {e}");
+                            }
+                            let mut s = lock(&worker_state);
+                            if s.estimates.len() >= MAX_ESTIMATES {
+                                s.estimates.clear();
+                            }
+                            s.estimates.insert(
+                                (mysql_key(port, database.as_deref()), sql),
+                                EstimateEntry::Ready {
+                                    result,
+                                    at: Instant::now(),
+                                },
+                            );
+                            s.generation += 1;
+                        }
                         Job::Catalog(database) => {
                             let epoch = lock(&worker_state).epochs.get(&database).copied();
                             let result = match &server {
@@ -219,6 +271,56 @@ impl Catalogs {
             s.entries.clear();
             s.generation += 1;
         }
+    }
+
+    /// The gated MariaDB/MySQL servers whose planners are asked.
+    pub fn set_mysql_servers(&self, servers: Vec<MysqlServer>) {
+        let mut s = lock(&self.state);
+        if s.mysql_servers != servers {
+            s.mysql_servers = servers;
+            s.estimates
+                .retain(|(key, _), _| !key.starts_with(MYSQL_KEY));
+            s.generation += 1;
+        }
+    }
+
+    /// MariaDB's estimate of the share of a written table `sql` changes on
+    /// the server at `port`, in the session's `database`, asked once and
+    /// kept briefly (see [`super::mysql`]).
+    pub fn estimate_mysql(
+        &self,
+        port: u16,
+        database: Option<&str>,
+        sql: &str,
+        written: &[TableName],
+    ) -> Estimate {
+        let now = Instant::now();
+        let key = (mysql_key(port, database), sql.to_owned());
+        let mut s = lock(&self.state);
+        match s.estimates.get(&key) {
+            Some(EstimateEntry::Ready { result, at })
+                if now.duration_since(*at) < ESTIMATE_FRESH =>
+            {
+                return Estimate::Ready(result.clone());
+            }
+            Some(EstimateEntry::Pending { since }) => {
+                if now.duration_since(*since) > LOAD_TIMEOUT + Duration::from_secs(1) {
+                    return Estimate::Ready(Err(format!("no estimate within {LOAD_TIMEOUT:?}")));
+                }
+                return Estimate::Pending;
+            }
+            _ => {}
+        }
+        s.estimates
+            .insert(key, EstimateEntry::Pending { since: now });
+        drop(s);
+        let _ = self.jobs.send(Job::MysqlEstimate {
+            port,
+            database: database.map(str::to_owned),
+            sql: sql.to_owned(),
+            written: written.to_vec(),
+        });
+        Estimate::Pending
     }
 
     pub fn has_server(&self) -> bool {
@@ -347,6 +449,14 @@ impl Catalogs {
         );
         let _ = self.jobs.send(Job::Catalog(database.to_owned()));
     }
+}
+
+/// Estimates of MySQL sessions are kept under a key no PostgreSQL database
+/// name can be (it starts with a NUL).
+const MYSQL_KEY: &str = "\0mysql:";
+
+fn mysql_key(port: u16, database: Option<&str>) -> String {
+    format!("{MYSQL_KEY}{port}:{}", database.unwrap_or(""))
 }
 
 const NO_SERVER: &str =

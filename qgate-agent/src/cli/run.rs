@@ -79,6 +79,12 @@ pub(super) fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if !args.ports.is_empty() {
         config.capture.ports = args.ports.clone();
+        // Ports named PostgreSQL's on the command line are not MySQL's
+        // (the default 3306 included).
+        config
+            .capture
+            .mysql_ports
+            .retain(|p| !args.ports.contains(p));
     }
     if !args.mysql_ports.is_empty() {
         config.capture.mysql_ports = args.mysql_ports.clone();

@@ -64,6 +64,8 @@ pub(super) struct HookedSession {
     pub pid: u32,
     /// `None` for a Unix socket.
     pub client: Option<std::net::SocketAddr>,
+    /// The server's address the session reached (`None` for a Unix socket).
+    pub server: Option<std::net::SocketAddr>,
     pub transport: Transport,
 }
 

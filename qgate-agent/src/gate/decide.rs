@@ -31,6 +31,7 @@ impl Gate {
         }
         let origin = Origin {
             client: self.client_of(flow),
+            server: self.hook(flow).map_or(Some(flow.server), |h| h.server),
             // The wire reads plaintext TCP only; the hook knows.
             transport: self.hook(flow).map_or(Transport::Tcp, |h| h.transport),
         };

@@ -265,6 +265,8 @@ pub(super) struct Judge {
 pub(super) struct Origin {
     /// `None` for a Unix-socket session.
     pub client: Option<std::net::SocketAddr>,
+    /// The server's address the session reached (`None`: a Unix socket).
+    pub server: Option<std::net::SocketAddr>,
     pub transport: Transport,
 }
 
@@ -357,7 +359,9 @@ impl Judge {
             return allow().into();
         }
         let policy = self.policy.current();
-        let Some((classification, decision)) = self.classify_and_decide_now(conn, sql, &policy)
+        let server_port = origin.server.map(|a| a.port());
+        let Some((classification, decision)) =
+            self.classify_and_decide_now(conn, sql, &policy, server_port)
         else {
             return Ruling::Defer.into();
         };
@@ -422,6 +426,15 @@ impl Judge {
                         application: conn.subject.application.clone(),
                         client_addr: Some(client),
                         transport: Some(origin.transport.as_str().to_owned()),
+                        protocol: Some(
+                            match conn.dialect {
+                                Dialect::Mysql => crate::flow::Protocol::Mysql,
+                                Dialect::Postgresql => crate::flow::Protocol::Postgresql,
+                            }
+                            .as_str()
+                            .to_owned(),
+                        ),
+                        server: origin.server.map(|a| a.to_string()),
                     },
                     // The `connections` row: set by the store's writer
                     // with `statement_id` (see `store::Decided`).
@@ -480,6 +493,7 @@ impl Judge {
         conn: &ConnInfo,
         sql: &PendingSql<SqlInfo>,
         policy: &Arc<policy::Policy>,
+        server_port: Option<u16>,
     ) -> Option<(Classification, policy::Decision)> {
         let text = sql.info.text.as_str();
         let unmodelled = match conn.dialect {
@@ -564,15 +578,14 @@ impl Judge {
         }
         let Some(view) = view else {
             if conn.dialect == Dialect::Mysql && policy.wants_row_shares() {
-                // No planner of MariaDB's is asked: a write to existing
-                // rows has no estimate (the policy's rules on shares fail
-                // closed on that).
+                // MariaDB's planner is asked (`catalog::mysql`); a write it
+                // cannot estimate is held with the reason (the policy's
+                // rules on shares fail closed on that).
                 let mut flagged = false;
                 for statement in &mut classification.statements {
                     if statement.changes_existing_rows() && !statement.has(Flag::AllRows) {
-                        statement.share = Some(RowShare::Unavailable {
-                            reason: "qgate does not estimate rows on MySQL/MariaDB".into(),
-                        });
+                        statement.share =
+                            Some(self.mysql_row_share(conn, statement, policy, server_port)?);
                         flagged = true;
                     }
                 }
@@ -628,6 +641,61 @@ impl Judge {
     /// and the statement is decided again when the answer is in.
     fn unless_estimating<T>(&self, decided: T) -> Option<T> {
         (!self.estimator.take_pending()).then_some(decided)
+    }
+
+    /// MariaDB's estimate of how much of its table a write on a MySQL
+    /// session changes; `None` while it is being asked.
+    fn mysql_row_share(
+        &self,
+        conn: &ConnInfo,
+        statement: &crate::classify::StatementFacts,
+        policy: &policy::Policy,
+        server_port: Option<u16>,
+    ) -> Option<RowShare> {
+        let unavailable = |reason: String| Some(RowShare::Unavailable { reason });
+        let Some(catalogs) = &self.catalogs else {
+            return unavailable(
+                "MariaDB's planner is not asked (catalog.enabled = false)".into(),
+            );
+        };
+        let Some(port) = server_port else {
+            return unavailable("the session's server is not known".into());
+        };
+        if conn.database_pending {
+            return unavailable("the session's database is changing (a USE on its way)".into());
+        }
+        // MariaDB evaluates constant expressions while it plans: a stored
+        // function could run (and write) inside EXPLAIN.
+        if let Some(f) = statement
+            .functions
+            .iter()
+            .find(|f| !crate::classify::is_known_safe_function(f) && !policy.lists_safe_function(f))
+        {
+            return unavailable(format!(
+                "it calls `{f}`, which qgate does not know: planning could run it"
+            ));
+        }
+        let plan = crate::classify::classify(&statement.sql, Dialect::Mysql);
+        if plan.statements.len() != 1 {
+            return unavailable(format!(
+                "{} statements in one text cannot be planned one by one",
+                plan.statements.len()
+            ));
+        }
+        match catalogs.estimate_mysql(
+            port,
+            conn.subject.database.as_deref(),
+            &statement.sql,
+            &statement.tables_written,
+        ) {
+            Estimate::Pending => None,
+            Estimate::Ready(Ok(share)) => Some(RowShare::Estimated {
+                rows: share.rows,
+                of: share.of,
+                relation: share.relation,
+            }),
+            Estimate::Ready(Err(reason)) => unavailable(reason),
+        }
     }
 
     /// The planner's estimate of how much of its table a write changes;
@@ -823,6 +891,10 @@ mod tests {
             std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)),
             50000,
         )),
+        server: Some(std::net::SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 4)),
+            5432,
+        )),
         transport: Transport::Tcp,
     };
 
@@ -908,6 +980,7 @@ action = "hold"
             ),
             Origin {
                 client: None,
+                server: None,
                 transport: Transport::Unix,
             },
         );

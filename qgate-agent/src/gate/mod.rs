@@ -314,11 +314,13 @@ impl Gate {
         flow: Flow,
         pid: u32,
         client: Option<std::net::SocketAddr>,
+        server: Option<std::net::SocketAddr>,
         transport: Transport,
     ) {
         self.record(flow).hook = Some(HookedSession {
             pid,
             client,
+            server,
             transport,
         });
     }

@@ -91,6 +91,16 @@ ALTER TABLE requests ADD COLUMN resume TEXT;
 -- unix, unknown); NULL for requests recorded before this column.
 ALTER TABLE requests ADD COLUMN transport TEXT;
 ",
+}, Migration {
+    name: "requests-0004-protocol-server",
+    sql: "
+-- Which server and protocol the held statement came from: 'postgresql' or
+-- 'mysql', and the server's address:port (NULL for a Unix socket, and for
+-- requests recorded before these columns).
+ALTER TABLE requests ADD COLUMN protocol TEXT
+    CHECK (protocol IS NULL OR protocol IN ('postgresql', 'mysql'));
+ALTER TABLE requests ADD COLUMN server TEXT;
+",
 }];
 
 /// Opens the store the way every user of these tables must: the one place
@@ -233,6 +243,14 @@ pub struct Identity {
     /// qgate recorded it.
     #[serde(default)]
     pub transport: Option<String>,
+    /// The protocol the session speaks: `postgresql` or `mysql`; `None`
+    /// from before qgate recorded it.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// The server's address and port the session reached (`None` for a
+    /// Unix-socket session, or from before qgate recorded it).
+    #[serde(default)]
+    pub server: Option<String>,
 }
 
 /// What the gate knows when the policy says `hold`.
@@ -407,7 +425,7 @@ const REQUEST_COLUMNS: &str =
     "id, status, statement, justification, facts, rule, db_user, database,
     application, client_addr, connection_id, statement_id, transaction_state, estimated_rows,
     approvals_needed, reviewer_groups, created_at, expires_at, closed_at, closed_by,
-    close_comment, forced, held_by, backend_pid, resume, transport";
+    close_comment, forced, held_by, backend_pid, resume, transport, protocol, server";
 
 /// A request row before its votes are attached.
 fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestError>> {
@@ -431,6 +449,8 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Request, RequestEr
         application: row.get(8)?,
         client_addr: row.get(9)?,
         transport: row.get(25)?,
+        protocol: row.get(26)?,
+        server: row.get(27)?,
     };
     let (id, statement, justification, rule): (i64, String, Option<String>, String) =
         (row.get(0)?, row.get(2)?, row.get(3)?, row.get(5)?);
@@ -591,9 +611,9 @@ pub fn create_request(
         "INSERT INTO requests (statement_id, statement, justification, facts, rule,
             approvals_needed, reviewer_groups, db_user, database, application, client_addr,
             connection_id, transaction_state, estimated_rows, status, created_at, expires_at,
-            held_by, backend_pid, resume, transport)
+            held_by, backend_pid, resume, transport, protocol, server)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', ?15, ?16,
-            ?17, ?18, ?19, ?20)",
+            ?17, ?18, ?19, ?20, ?21, ?22)",
         params![
             new.statement_id,
             statement,
@@ -619,6 +639,8 @@ pub fn create_request(
             new.hook.as_ref().map(|h| h.backend_pid),
             new.hook.as_ref().map(|h| h.resume.as_str()),
             new.identity.transport,
+            new.identity.protocol,
+            new.identity.server,
         ],
     )?;
     let id = tx.last_insert_rowid();
@@ -635,6 +657,8 @@ pub fn create_request(
                 "reviewer_groups": new.reviewer_groups,
                 "db_user": new.identity.db_user,
                 "database": new.identity.database,
+                "protocol": new.identity.protocol,
+                "server": new.identity.server,
                 "expires_at": column_text(expires),
             }),
         },
