@@ -26,6 +26,8 @@ fn held(i: i64, approvals: u32) -> NewRequest {
             application: Some("psql".into()),
             client_addr: Some("127.0.0.1:5000".into()),
             transport: Some("tcp".into()),
+            protocol: Some("postgresql".into()),
+            server: Some("127.0.0.1:5432".into()),
         },
         connection_id: i,
         transaction_state: TransactionState::Idle,

@@ -33,6 +33,11 @@ async fn request_shows_statement_identity_justification_and_approvals_needed() {
     assert_eq!(body["identity"]["application"], "psql");
     assert_eq!(body["identity"]["client_addr"], "10.0.0.7:50432");
     assert_eq!(body["identity"]["transport"], "tls", "kept and shown");
+    assert_eq!(body["identity"]["protocol"], "mysql", "kept and shown");
+    assert_eq!(
+        body["identity"]["server"], "10.0.0.1:3306",
+        "kept and shown"
+    );
     assert_eq!(body["connection_id"], 42);
     assert_eq!(body["transaction_state"], "in_transaction");
     assert_eq!(body["estimated_rows"], 1200);

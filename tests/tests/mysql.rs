@@ -387,7 +387,10 @@ fn mariadbs_planner_estimates_how_much_of_its_table_a_write_changes() -> Result<
          ANALYZE TABLE shop.big; \
          CREATE FUNCTION shop.pick() RETURNS INT DETERMINISTIC RETURN 7;",
     )?;
-    let keyed = client_spawn(&lab, "DELETE FROM big WHERE id <= 50; SELECT count(*) FROM big")?;
+    let keyed = client_spawn(
+        &lab,
+        "DELETE FROM big WHERE id <= 50; SELECT count(*) FROM big",
+    )?;
     let (ok, out, err) = finish(keyed, Duration::from_secs(15))?;
     assert!(ok, "a keyed delete of 1 % did not run at once: {err}");
     assert_eq!(out.trim(), "4950");
@@ -668,23 +671,26 @@ fn mariadb_plain_reads_pass_in_the_kernel_and_long_statements_are_held_by_their_
     Ok(())
 }
 
-/// sysbench `oltp_read_only` (prepared statements, BEGIN/COMMIT, MariaDB's
-/// metadata cache) through the gate with the shipped default policy and a
-/// fixed number of events: it runs to the end without a request, and the
-/// store holds exactly the statements it sent, none undecodable.
+/// sysbench `oltp_read_write` (prepared statements, BEGIN/COMMIT, keyed
+/// UPDATEs and DELETEs, INSERTs, MariaDB's metadata cache) through the gate
+/// with the shipped default policy and a fixed number of events: it runs to
+/// the end without a request (each keyed write is estimated at one row:
+/// `WHERE id = ?` pins the primary key), and the store holds exactly the
+/// statements it sent, none undecodable, each with its user, database,
+/// affected rows and errors.
 #[test]
 fn sysbench_through_the_gate_stores_exactly_its_statements() -> Result<()> {
     let (mut lab, server, token) = gated("mysb")?;
     // The tables, as root over the Unix socket (not captured, not gated).
     run(Command::new("sysbench")
-        .arg("oltp_read_only")
+        .arg("oltp_read_write")
         .args(["--db-driver=mysql", "--mysql-user=root", "--mysql-db=shop"])
         .arg(format!("--mysql-socket={}", server.socket.display()))
         .args(["--tables=2", "--table-size=1000", "prepare"]))?;
     server.root("GRANT ALL ON shop.* TO 'app'@'%'")?;
     let out = run(lab
         .in_client("sysbench")
-        .arg("oltp_read_only")
+        .arg("oltp_read_write")
         .args([
             "--db-driver=mysql",
             &format!("--mysql-host={}", lab.server_ip),
@@ -703,17 +709,46 @@ fn sysbench_through_the_gate_stores_exactly_its_statements() -> Result<()> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("sysbench's query total in:\n{text}"))?;
-    assert_eq!(total, 1600, "100 events of 16 queries");
+    let counted = |label: &str| -> Result<i64> {
+        text.lines()
+            .find_map(|l| l.trim_start().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("sysbench's `{label}` in:\n{text}"))
+    };
+    let (writes, errors) = (counted("write:")?, counted("ignored errors:")?);
+    // 100 events of 20 queries (10 point reads, 4 ranges, 2 updates, a
+    // delete, an insert, BEGIN, COMMIT), plus what a deadlock retried.
+    assert_eq!(total, 2000 + 20 * errors, "{text}");
     let pending = lab.requests(&token, &["list", "--status", "pending"])?;
     assert_eq!(pending.as_array().map(Vec::len), Some(0), "{pending}");
     lab.stop_agent()?;
     let store = lab.store()?;
     let stored: i64 = store.query_row(
         "SELECT count(*) FROM statements s JOIN connections c ON c.id = s.connection_id
-         WHERE c.server_port = 3306 AND c.user = 'app'",
+         WHERE c.server_port = 3306 AND c.user = 'app' AND c.database = 'shop'",
         [],
         |r| r.get(0),
     )?;
+    // Every write stored with its affected rows (one each: keyed, and the
+    // row is there), every failure with its error.
+    let (stored_writes, one_row): (i64, i64) = store.query_row(
+        "SELECT count(*), coalesce(sum(s.rows = 1), 0)
+         FROM statements s JOIN connections c ON c.id = s.connection_id
+         WHERE c.server_port = 3306 AND c.user = 'app'
+           AND (s.text LIKE 'UPDATE%' OR s.text LIKE 'DELETE%' OR s.text LIKE 'INSERT%')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    assert_eq!(stored_writes, writes, "sysbench's writes, stored");
+    assert_eq!(one_row + errors, writes, "each write changed one row or failed");
+    let failed: i64 = store.query_row(
+        "SELECT count(*) FROM statements s JOIN connections c ON c.id = s.connection_id
+         WHERE c.server_port = 3306 AND s.outcome = 'error' AND s.sqlstate IS NOT NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(failed, errors, "sysbench's ignored errors, stored as errors");
     let undecodable: i64 = store.query_row(
         "SELECT count(*) FROM capture_events WHERE kind = 'undecodable'",
         [],

@@ -212,6 +212,13 @@ fn explain_share(
     // transaction (error 1792). Nothing runs (no ANALYZE; statements that
     // call a function qgate does not know are not planned at all), and the
     // transaction is rolled back whatever happens.
+    match shape(sql)? {
+        Shape::Planned => {}
+        Shape::Keyed(keyed) => return keyed_share(conn, database, written, &keyed, sizes, port),
+        Shape::Values { rows, replace } => {
+            return values_share(conn, database, written, rows, replace, sizes, port)
+        }
+    }
     conn.query_drop("START TRANSACTION").map_err(fail)?;
     let result = (|| {
         let statement = conn
@@ -227,19 +234,12 @@ fn explain_share(
         // The smallest written table: the largest share.
         let mut best: Option<Share> = None;
         for table in written {
-            let (db, name) = match table.parts.as_slice() {
-                [name] => (
-                    database.ok_or("no database selected for an unqualified table")?,
-                    name.as_str(),
-                ),
-                [.., db, name] => (db.as_str(), name.as_str()),
-                [] => continue,
-            };
+            let (db, name) = resolve(table, database)?;
             let key = (port, db.to_owned(), name.to_owned());
             let of = match sizes.get(&key).filter(|(_, at)| at.elapsed() < SIZE_FRESH) {
                 Some((of, _)) => *of,
                 None => {
-                    let of = table_rows(conn, db, name)?;
+                    let (_, _, of) = table_rows(conn, db, name)?;
                     sizes.insert(key, (of, Instant::now()));
                     of
                 }
@@ -264,12 +264,250 @@ fn explain_share(
     result
 }
 
+/// The share of a prepared write whose parameters (`?`) are not known when
+/// it is judged: at most one row if its condition pins a unique key of
+/// integer columns (`id = ?`, alone or ANDed with anything); otherwise no
+/// estimate. (Binding NULL or a sample value would plan another statement
+/// than the one that runs: `id > ?` is 0 rows with NULL. A string or
+/// decimal key is left out: MariaDB compares it with a number parameter as
+/// numbers, and `email = 0` matches every email not starting with a digit.)
+fn keyed_share(
+    conn: &mut mysql::Conn,
+    database: Option<&str>,
+    written: &[TableName],
+    keyed: &[String],
+    sizes: &mut HashMap<(u16, String, String), (u64, Instant)>,
+    port: u16,
+) -> Result<Share, String> {
+    let [table] = written else {
+        return Err("a prepared write to several tables: its parameters are not known".into());
+    };
+    let (db, name) = resolve(table, database)?;
+    let (schema, exact, of) = table_rows(conn, db, name)?;
+    sizes.insert((port, db.to_owned(), name.to_owned()), (of, Instant::now()));
+    let keys = unique_keys(conn, &schema, &exact)?;
+    let integer = |t: &str| {
+        matches!(
+            t.to_ascii_lowercase().as_str(),
+            "tinyint" | "smallint" | "mediumint" | "int" | "bigint"
+        )
+    };
+    let pinned = keys.values().any(|key| {
+        key.iter().all(|(column, data_type)| {
+            integer(data_type) && keyed.iter().any(|k| k.eq_ignore_ascii_case(column))
+        })
+    });
+    if !pinned {
+        return Err(format!(
+            "a prepared write's parameters are only known when it runs, and its condition \
+             pins no unique integer key of {}.{} with `column = ?`",
+            quote(&schema),
+            quote(&exact)
+        ));
+    }
+    Ok(Share {
+        rows: 1,
+        of,
+        relation: format!("{}.{}", quote(&schema), quote(&exact)),
+    })
+}
+
+/// The share of an `INSERT … VALUES … ON DUPLICATE KEY UPDATE` (each row
+/// updates at most one existing row) or a `REPLACE … VALUES` (each row
+/// deletes at most one existing row per unique key): MariaDB's EXPLAIN
+/// gives no row count for them.
+fn values_share(
+    conn: &mut mysql::Conn,
+    database: Option<&str>,
+    written: &[TableName],
+    rows: u64,
+    replace: bool,
+    sizes: &mut HashMap<(u16, String, String), (u64, Instant)>,
+    port: u16,
+) -> Result<Share, String> {
+    let [table] = written else {
+        return Err("an insert into several tables".into());
+    };
+    let (db, name) = resolve(table, database)?;
+    let (schema, exact, of) = table_rows(conn, db, name)?;
+    sizes.insert((port, db.to_owned(), name.to_owned()), (of, Instant::now()));
+    let per_row = if replace {
+        unique_keys(conn, &schema, &exact)?.len().max(1) as u64
+    } else {
+        1
+    };
+    Ok(Share {
+        rows: rows.saturating_mul(per_row),
+        of,
+        relation: format!("{}.{}", quote(&schema), quote(&exact)),
+    })
+}
+
+/// Each unique index of a table: its columns with their data types.
+fn unique_keys(
+    conn: &mut mysql::Conn,
+    schema: &str,
+    table: &str,
+) -> Result<HashMap<String, Vec<(String, String)>>, String> {
+    let columns: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT s.INDEX_NAME, s.COLUMN_NAME, c.DATA_TYPE \
+             FROM information_schema.STATISTICS s JOIN information_schema.COLUMNS c \
+               ON c.TABLE_SCHEMA = s.TABLE_SCHEMA AND c.TABLE_NAME = s.TABLE_NAME \
+              AND c.COLUMN_NAME = s.COLUMN_NAME \
+             WHERE s.TABLE_SCHEMA = ? AND s.TABLE_NAME = ? AND s.NON_UNIQUE = 0",
+            (schema, table),
+        )
+        .map_err(|e| format!("MariaDB: {e}"))?;
+    let mut keys: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for (index, column, data_type) in columns {
+        keys.entry(index).or_default().push((column, data_type));
+    }
+    Ok(keys)
+}
+
+/// A written table's database and name (an unqualified one is in the
+/// session's database).
+fn resolve<'a>(
+    table: &'a TableName,
+    database: Option<&'a str>,
+) -> Result<(&'a str, &'a str), String> {
+    match table.parts.as_slice() {
+        [name] => Ok((
+            database.ok_or("no database selected for an unqualified table")?,
+            name.as_str(),
+        )),
+        [.., db, name] => Ok((db.as_str(), name.as_str())),
+        [] => Err("a table without a name".into()),
+    }
+}
+
+/// How a write's rows are estimated.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// By MariaDB's EXPLAIN (no parameters).
+    Planned,
+    /// A single-table UPDATE or DELETE with `?` parameters: the columns its
+    /// condition compares with a parameter by `=` at its top level
+    /// (`a = ? AND b = ? AND …`).
+    Keyed(Vec<String>),
+    /// `INSERT … VALUES … ON DUPLICATE KEY UPDATE` or `REPLACE … VALUES`:
+    /// how many rows it inserts.
+    Values { rows: u64, replace: bool },
+}
+
+/// See [`Shape`]. An error for any other statement with parameters
+/// (nothing to estimate it by).
+pub fn shape(sql: &str) -> Result<Shape, String> {
+    use sqlparser::ast::{
+        visit_expressions, BinaryOperator, Expr, FromTable, OnInsert, SetExpr, Statement, Value,
+    };
+    use std::ops::ControlFlow;
+    let parsed = sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::MySqlDialect {}, sql)
+        .map_err(|e| format!("qgate cannot parse it to estimate it: {e}"))?;
+    let [statement] = parsed.as_slice() else {
+        return Err(format!("{} statements in one text", parsed.len()));
+    };
+    let is_placeholder =
+        |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Placeholder(_)));
+    let mut placeholders = 0;
+    let _ = visit_expressions(statement, |e| {
+        if is_placeholder(e) {
+            placeholders += 1;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if let Statement::Insert(insert) = statement {
+        let upsert = matches!(insert.on, Some(OnInsert::DuplicateKeyUpdate(_)));
+        if upsert || insert.replace_into {
+            let rows = match &insert.source {
+                None if !insert.assignments.is_empty() => Some(1),
+                Some(query) => match query.body.as_ref() {
+                    SetExpr::Values(values) if query.with.is_none() => {
+                        Some(values.rows.len() as u64)
+                    }
+                    _ => None,
+                },
+                None => None,
+            };
+            if let Some(rows) = rows {
+                return Ok(Shape::Values {
+                    rows,
+                    replace: insert.replace_into,
+                });
+            }
+        }
+    }
+    if placeholders == 0 {
+        return Ok(Shape::Planned);
+    }
+    let single =
+        |from: &[sqlparser::ast::TableWithJoins]| matches!(from, [only] if only.joins.is_empty());
+    let selection = match statement {
+        Statement::Delete(d)
+            if d.tables.is_empty()
+                && d.using.is_none()
+                && matches!(&d.from, FromTable::WithFromKeyword(f) | FromTable::WithoutKeyword(f)
+                    if single(f)) =>
+        {
+            d.selection.as_ref()
+        }
+        Statement::Update(u) if u.table.joins.is_empty() && u.from.is_none() => {
+            u.selection.as_ref()
+        }
+        _ => return Err("a prepared statement's parameters are only known when it runs".into()),
+    };
+    let mut conjuncts = Vec::new();
+    let mut stack: Vec<&Expr> = selection.into_iter().collect();
+    while let Some(e) = stack.pop() {
+        match e {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And,
+                right,
+            } => {
+                stack.push(left);
+                stack.push(right);
+            }
+            Expr::Nested(inner) => stack.push(inner),
+            other => conjuncts.push(other),
+        }
+    }
+    let column = |e: &Expr| match e {
+        Expr::Identifier(i) => Some(i.value.to_lowercase()),
+        Expr::CompoundIdentifier(parts) => parts.last().map(|i| i.value.to_lowercase()),
+        _ => None,
+    };
+    Ok(Shape::Keyed(
+        conjuncts
+            .into_iter()
+            .filter_map(|c| match c {
+                Expr::BinaryOp {
+                    left,
+                    op: BinaryOperator::Eq,
+                    right,
+                } if is_placeholder(right) => column(left),
+                Expr::BinaryOp {
+                    left,
+                    op: BinaryOperator::Eq,
+                    right,
+                } if is_placeholder(left) => column(right),
+                _ => None,
+            })
+            .collect(),
+    ))
+}
+
 /// The server's row count of a table (`information_schema.TABLES`, the
 /// statistics the planner's estimates come from). qgate folds unquoted
 /// names to lower case; MariaDB's table names are case-sensitive on Linux,
 /// so the name is matched ignoring case and must match one table only
 /// (exactly, if several differ only in case).
-fn table_rows(conn: &mut mysql::Conn, db: &str, name: &str) -> Result<u64, String> {
+fn table_rows(
+    conn: &mut mysql::Conn,
+    db: &str,
+    name: &str,
+) -> Result<(String, String, u64), String> {
     let found: Vec<(String, String, Option<u64>)> = conn
         .exec(
             "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_ROWS FROM information_schema.TABLES \
@@ -300,7 +538,7 @@ fn table_rows(conn: &mut mysql::Conn, db: &str, name: &str) -> Result<u64, Strin
         }
     };
     match row.2 {
-        Some(rows) => Ok(rows.max(1)),
+        Some(rows) => Ok((row.0.clone(), row.1.clone(), rows.max(1))),
         None => Err(format!(
             "{}.{} has no row count (a view?)",
             quote(&row.0),
@@ -427,6 +665,70 @@ mod tests {
         assert!(rows_from_plan(&json!({"query_block": {"table": {"rows": "many"}}})).is_err());
         assert!(rows_from_plan(&json!({"query_block": {"table": {"rows": -1}}})).is_err());
         assert!(rows_from_plan(&json!([])).is_err());
+    }
+
+    #[test]
+    fn parameters_are_estimated_only_by_a_pinned_key() {
+        assert_eq!(shape("DELETE FROM t WHERE v > 5").unwrap(), Shape::Planned);
+        assert_eq!(
+            shape("UPDATE sbtest1 SET k=k+1 WHERE id=?").unwrap(),
+            Shape::Keyed(vec!["id".to_string()])
+        );
+        let Shape::Keyed(mut both) =
+            shape("DELETE FROM t WHERE (a = ? AND t.B = ?) AND v > ?").unwrap()
+        else {
+            panic!("keyed");
+        };
+        both.sort();
+        assert_eq!(both, ["a", "b"]);
+        // Not at the top level, or not `=`: no column pinned.
+        for sql in [
+            "DELETE FROM t WHERE id = ? OR 1 = 1",
+            "DELETE FROM t WHERE id > ?",
+            "DELETE FROM t WHERE id <=> ?",
+            "UPDATE t SET v = ? WHERE v > 3",
+        ] {
+            assert_eq!(shape(sql).unwrap(), Shape::Keyed(vec![]), "{sql}");
+        }
+        // Several tables, a SELECT source, or several statements: refused.
+        for sql in [
+            "DELETE t FROM t JOIN u ON t.id = u.id WHERE u.id = ?",
+            "UPDATE t JOIN u ON t.id = u.id SET t.v = ? WHERE u.id = 1",
+            "DELETE FROM t WHERE id = ?; DELETE FROM t",
+            "INSERT INTO t SELECT * FROM u WHERE id = ? ON DUPLICATE KEY UPDATE v = 1",
+        ] {
+            assert!(shape(sql).is_err(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn upserts_and_replaces_of_values_count_their_rows() {
+        assert_eq!(
+            shape("INSERT INTO t VALUES (1,2),(3,?) ON DUPLICATE KEY UPDATE v = ?").unwrap(),
+            Shape::Values {
+                rows: 2,
+                replace: false
+            }
+        );
+        assert_eq!(
+            shape("REPLACE INTO t VALUES (?, ?)").unwrap(),
+            Shape::Values {
+                rows: 1,
+                replace: true
+            }
+        );
+        assert_eq!(
+            shape("INSERT INTO t SET id = 1, v = 2 ON DUPLICATE KEY UPDATE v = 9").unwrap(),
+            Shape::Values {
+                rows: 1,
+                replace: false
+            }
+        );
+        // From a SELECT: planned (without parameters) or refused.
+        assert_eq!(
+            shape("REPLACE INTO t SELECT * FROM u").unwrap(),
+            Shape::Planned
+        );
     }
 
     #[test]

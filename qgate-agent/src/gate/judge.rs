@@ -654,9 +654,7 @@ impl Judge {
     ) -> Option<RowShare> {
         let unavailable = |reason: String| Some(RowShare::Unavailable { reason });
         let Some(catalogs) = &self.catalogs else {
-            return unavailable(
-                "MariaDB's planner is not asked (catalog.enabled = false)".into(),
-            );
+            return unavailable("MariaDB's planner is not asked (catalog.enabled = false)".into());
         };
         let Some(port) = server_port else {
             return unavailable("the session's server is not known".into());

@@ -152,6 +152,8 @@ pub fn held(user: Option<&str>, rule: &str, approvals: u32, groups: &[&str]) -> 
             application: Some("psql".into()),
             client_addr: Some("10.0.0.7:50432".into()),
             transport: Some("tls".into()),
+            protocol: Some("mysql".into()),
+            server: Some("10.0.0.1:3306".into()),
         },
         connection_id: 42,
         transaction_state: TransactionState::InTransaction,
