@@ -416,6 +416,15 @@ fn mariadbs_planner_estimates_how_much_of_its_table_a_write_changes() -> Result<
     lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
     let _ = finish(update, Duration::from_secs(10))?;
 
+    // A session variable: qgate's planner session would read it as NULL
+    // ("Impossible WHERE", 0 rows) while this session deletes every row.
+    let variable = client_spawn(&lab, "SET @x = 0; DELETE FROM big WHERE id > (SELECT @x)")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    let reasons = request["facts"]["reasons"].to_string();
+    assert!(reasons.contains("variables"), "{request}");
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
+    let _ = finish(variable, Duration::from_secs(10))?;
+
     let call = client_spawn(&lab, "DELETE FROM big WHERE id = pick()")?;
     let (request, id) = pending_id(&lab, &token)?;
     let reasons = request["facts"]["reasons"].to_string();
@@ -741,14 +750,21 @@ fn sysbench_through_the_gate_stores_exactly_its_statements() -> Result<()> {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     assert_eq!(stored_writes, writes, "sysbench's writes, stored");
-    assert_eq!(one_row + errors, writes, "each write changed one row or failed");
+    assert_eq!(
+        one_row + errors,
+        writes,
+        "each write changed one row or failed"
+    );
     let failed: i64 = store.query_row(
         "SELECT count(*) FROM statements s JOIN connections c ON c.id = s.connection_id
          WHERE c.server_port = 3306 AND s.outcome = 'error' AND s.sqlstate IS NOT NULL",
         [],
         |r| r.get(0),
     )?;
-    assert_eq!(failed, errors, "sysbench's ignored errors, stored as errors");
+    assert_eq!(
+        failed, errors,
+        "sysbench's ignored errors, stored as errors"
+    );
     let undecodable: i64 = store.query_row(
         "SELECT count(*) FROM capture_events WHERE kind = 'undecodable'",
         [],

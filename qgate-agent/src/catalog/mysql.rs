@@ -417,6 +417,15 @@ pub fn shape(sql: &str) -> Result<Shape, String> {
         }
         ControlFlow::<()>::Continue(())
     });
+    if sql.contains("/*") || sql.contains("||") || sql.contains("&&") {
+        // Text MariaDB may read otherwise than sqlparser (an executable
+        // comment runs; `||` is OR): only MariaDB's own EXPLAIN judges it.
+        return if placeholders == 0 {
+            Ok(Shape::Planned)
+        } else {
+            Err("a prepared statement with comments or `||`/`&&` is not estimated".into())
+        };
+    }
     if let Statement::Insert(insert) = statement {
         let upsert = matches!(insert.on, Some(OnInsert::DuplicateKeyUpdate(_)));
         if upsert || insert.replace_into {
@@ -478,24 +487,37 @@ pub fn shape(sql: &str) -> Result<Shape, String> {
         Expr::CompoundIdentifier(parts) => parts.last().map(|i| i.value.to_lowercase()),
         _ => None,
     };
-    Ok(Shape::Keyed(
-        conjuncts
-            .into_iter()
-            .filter_map(|c| match c {
-                Expr::BinaryOp {
-                    left,
-                    op: BinaryOperator::Eq,
-                    right,
-                } if is_placeholder(right) => column(left),
-                Expr::BinaryOp {
-                    left,
-                    op: BinaryOperator::Eq,
-                    right,
-                } if is_placeholder(left) => column(right),
-                _ => None,
-            })
-            .collect(),
-    ))
+    let operand = |e: &Expr| matches!(e, Expr::Value(_));
+    // Every conjunct a column compared with a parameter or a literal:
+    // nothing else, so no operator MariaDB binds otherwise than sqlparser
+    // (`||` and XOR are OR-like to MariaDB) can sit between them.
+    let mut pinned = Vec::new();
+    for c in conjuncts {
+        let Expr::BinaryOp { left, op, right } = c else {
+            return Ok(Shape::Keyed(Vec::new()));
+        };
+        let comparison = matches!(
+            op,
+            BinaryOperator::Eq
+                | BinaryOperator::NotEq
+                | BinaryOperator::Lt
+                | BinaryOperator::LtEq
+                | BinaryOperator::Gt
+                | BinaryOperator::GtEq
+        );
+        let (col, other) = match (column(left), column(right)) {
+            (Some(col), None) => (col, right),
+            (None, Some(col)) => (col, left),
+            _ => return Ok(Shape::Keyed(Vec::new())),
+        };
+        if !comparison || !operand(other) {
+            return Ok(Shape::Keyed(Vec::new()));
+        }
+        if *op == BinaryOperator::Eq && is_placeholder(other) {
+            pinned.push(col);
+        }
+    }
+    Ok(Shape::Keyed(pinned))
 }
 
 /// The server's row count of a table (`information_schema.TABLES`, the
@@ -687,8 +709,21 @@ mod tests {
             "DELETE FROM t WHERE id > ?",
             "DELETE FROM t WHERE id <=> ?",
             "UPDATE t SET v = ? WHERE v > 3",
+            // MariaDB: `(id = ? AND 1) XOR 1`, every row.
+            "DELETE FROM t WHERE id = ? AND 1 XOR 1",
+            "DELETE FROM t WHERE id = ? AND v IN (SELECT v FROM u)",
+            "DELETE FROM t WHERE id = ? AND f(v) = 1",
         ] {
             assert_eq!(shape(sql).unwrap(), Shape::Keyed(vec![]), "{sql}");
+        }
+        // Read otherwise by MariaDB: `(id = ? AND 1) OR 1`, and an
+        // executable comment that runs.
+        for sql in [
+            "DELETE FROM t WHERE id = ? AND 1 || 1",
+            "DELETE FROM t WHERE id = ? /*! OR 1 = 1 */",
+            "INSERT INTO t VALUES (?) /*!, (2), (3) */ ON DUPLICATE KEY UPDATE v = 1",
+        ] {
+            assert!(shape(sql).is_err(), "{sql}");
         }
         // Several tables, a SELECT source, or several statements: refused.
         for sql in [

@@ -109,6 +109,50 @@ impl Lexing {
     }
 }
 
+/// True if a MySQL text has an `@` outside its quoted strings and names
+/// (a user or system variable; one in a comment counts too). Backslashes
+/// escape in strings, as in MariaDB's default `sql_mode` (a session that may
+/// have changed it is not estimated at all).
+fn mentions_variable(sql: &str) -> bool {
+    let mut quote: Option<char> = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) if c == '\\' && q != '`' => {
+                chars.next();
+            }
+            Some(q) if c == q => {
+                if chars.peek() == Some(&q) {
+                    chars.next();
+                } else {
+                    quote = None;
+                }
+            }
+            Some(_) => {}
+            None if matches!(c, '\'' | '"' | '`') => quote = Some(c),
+            None if c == '@' => return true,
+            None => {}
+        }
+    }
+    false
+}
+
+/// MySQL functions whose value depends on the session calling them: a
+/// plan in qgate's own session would estimate another statement.
+const SESSION_FUNCTIONS: &[&str] = &[
+    "last_insert_id",
+    "found_rows",
+    "row_count",
+    "connection_id",
+    "current_user",
+    "current_role",
+    "user",
+    "session_user",
+    "system_user",
+    "database",
+    "schema",
+];
+
 /// Client encodings whose every byte ≥ 0x80 starts or continues a character
 /// that contains no ASCII byte: text in them splits like qgate splits it.
 pub(super) fn encoding_is_modelled(name: &str) -> bool {
@@ -584,8 +628,13 @@ impl Judge {
                 let mut flagged = false;
                 for statement in &mut classification.statements {
                     if statement.changes_existing_rows() && !statement.has(Flag::AllRows) {
-                        statement.share =
-                            Some(self.mysql_row_share(conn, statement, policy, server_port)?);
+                        statement.share = Some(self.mysql_row_share(
+                            conn,
+                            text,
+                            statement,
+                            policy,
+                            server_port,
+                        )?);
                         flagged = true;
                     }
                 }
@@ -648,6 +697,7 @@ impl Judge {
     fn mysql_row_share(
         &self,
         conn: &ConnInfo,
+        text: &str,
         statement: &crate::classify::StatementFacts,
         policy: &policy::Policy,
         server_port: Option<u16>,
@@ -661,6 +711,32 @@ impl Judge {
         };
         if conn.database_pending {
             return unavailable("the session's database is changing (a USE on its way)".into());
+        }
+        // The planner is asked in a session of qgate's own, in the server's
+        // defaults: what the client's session changed it cannot see.
+        let (sql_mode, charset) = mysql_changes_lexing(text);
+        if conn.lexing.sql_mode || conn.lexing.encoding.is_some() || sql_mode || charset {
+            return unavailable(
+                "the session may have changed its sql_mode or character set, which \
+                 MariaDB's planner in qgate's session does not have"
+                    .into(),
+            );
+        }
+        if mentions_variable(&statement.sql) {
+            return unavailable(
+                "it reads variables (`@x`, `@@x`) of the session, which MariaDB's planner \
+                 in qgate's session does not have"
+                    .into(),
+            );
+        }
+        if let Some(f) = statement
+            .functions
+            .iter()
+            .find(|f| SESSION_FUNCTIONS.contains(&f.as_str()))
+        {
+            return unavailable(format!(
+                "it calls `{f}`, whose value in qgate's session is not the client's"
+            ));
         }
         // MariaDB evaluates constant expressions while it plans: a stored
         // function could run (and write) inside EXPLAIN.
@@ -758,6 +834,27 @@ fn redacted_facts(classification: &crate::classify::Classification) -> serde_jso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variables_are_found_outside_strings_only() {
+        assert!(mentions_variable("DELETE FROM t WHERE id > @x"));
+        assert!(mentions_variable(
+            "DELETE FROM t WHERE id > @@max_sp_recursion_depth"
+        ));
+        assert!(mentions_variable(
+            "DELETE FROM t WHERE v = 'a\\'' OR id > @x"
+        ));
+        assert!(mentions_variable(
+            "DELETE FROM t WHERE v = 'it''s' AND id > @x"
+        ));
+        assert!(!mentions_variable(
+            "UPDATE u SET email = 'x@y.com' WHERE id = 5"
+        ));
+        assert!(!mentions_variable(
+            "UPDATE u SET `a@b` = \"c@d\" WHERE id = 5"
+        ));
+        assert!(!mentions_variable("UPDATE u SET v = 'a\\'@' WHERE id = 5"));
+    }
 
     #[test]
     fn encodings_qgate_splits_like_the_server() {
