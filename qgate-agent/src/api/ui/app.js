@@ -175,6 +175,7 @@ function factsList(r) {
     ['Database', id.database || 'unknown'],
     ['Client', id.client_addr || 'unknown'],
     ['Application', id.application || '—'],
+    ['Server', (({ postgresql: 'PostgreSQL', mysql: 'MySQL/MariaDB' })[id.protocol] || 'protocol not recorded') + (id.server ? ' at ' + id.server : '')],
     ['Transport', ({ tcp: 'TCP (plaintext)', tls: 'TLS', gss: 'GSSAPI encryption', unix: 'Unix socket', unknown: 'TCP, seen mid-stream' })[id.transport] || 'not recorded'],
     ['Held by', r.held_by === 'server_hook' ? 'the server hook (backend ' + r.backend_pid + ' stopped)' : 'the wire (tc)'],
     ['Transaction', String(r.transaction_state || 'unknown').replace(/_/g, ' ')],
