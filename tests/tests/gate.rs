@@ -563,6 +563,13 @@ fn a_statement_over_ipv6_is_held_and_released() -> Result<()> {
             .contains("fd71:"),
         "{request}"
     );
+    assert_eq!(request["identity"]["protocol"], "postgresql", "{request}");
+    assert!(
+        request["identity"]["server"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("[fd71:") && s.ends_with("]:5432")),
+        "{request}"
+    );
     assert!(table_exists(&lab)?);
     lab.requests(&token, &["approve", &id.to_string()])?;
     let (ok, out, err) = finish(psql, Duration::from_secs(5))?;

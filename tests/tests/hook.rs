@@ -160,6 +160,13 @@ fn held_until_approved(via: Via, tag: &str) -> Result<()> {
     let (request, id) = pending(&lab, &token)?;
     assert_eq!(request["statement"], DROP, "{request}");
     assert_eq!(request["held_by"], "server_hook", "{request}");
+    assert_eq!(request["identity"]["protocol"], "postgresql", "{request}");
+    if via == Via::Unix {
+        assert!(request["identity"]["server"].is_null(), "{request}");
+    } else {
+        let server = request["identity"]["server"].as_str().unwrap_or_default();
+        assert!(server.ends_with(":5432"), "{request}");
+    }
     // The held session is the only other client: its backend is in here.
     let held_backends = lab.backend_pids()?;
 

@@ -348,7 +348,10 @@ async fn steps(c: &Client, scene: &mut Scene) -> Result<Child> {
     assert!(text.contains("PENDING"), "status in words: {text}");
     assert!(text.contains("postgres"), "the database user: {text}");
     assert!(text.contains("TCP (plaintext)"), "the transport: {text}");
-    assert!(text.contains("PostgreSQL at "), "the server and protocol: {text}");
+    assert!(
+        text.contains("PostgreSQL at "),
+        "the server and protocol: {text}"
+    );
     assert!(text.contains("expires in"), "{text}");
     shot(c, scene.browser, "inbox.png").await?;
 
