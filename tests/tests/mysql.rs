@@ -34,6 +34,11 @@ impl Mariadb {
     /// `mariadb-install-db` into the lab's directory, `mariadbd` on the
     /// server address, and a user `app` (password `secret`) owning `shop`.
     fn start(lab: &Lab) -> Result<Mariadb> {
+        Mariadb::start_with(lab, &[])
+    }
+
+    /// As [`Mariadb::start`], with more `mariadbd` options.
+    fn start_with(lab: &Lab, options: &[&str]) -> Result<Mariadb> {
         let dir = lab.dir.join("mariadb");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -57,6 +62,7 @@ impl Mariadb {
             .arg(format!("--port={PORT}"))
             .arg(format!("--bind-address={}", lab.server_ip))
             .args(["--user=root", "--skip-name-resolve", "--skip-log-bin"])
+            .args(options)
             .spawn()
             .context("starting mariadbd")?;
         let server = Mariadb { child, socket };
@@ -287,9 +293,14 @@ fn client_spawn(lab: &Lab, sql: &str) -> Result<Child> {
 /// A gated lab: MariaDB with `shop.victim` (3 rows), the agent with the
 /// shipped default policy on port 3306, and a reviewer's token.
 fn gated(tag: &str) -> Result<(Lab, Mariadb, String)> {
+    gated_with(tag, &[])
+}
+
+/// As [`gated`], the server started with more `mariadbd` options.
+fn gated_with(tag: &str, options: &[&str]) -> Result<(Lab, Mariadb, String)> {
     require_root();
     let mut lab = Lab::new(tag)?;
-    let server = Mariadb::start(&lab)?;
+    let server = Mariadb::start_with(&lab, options)?;
     server.root(
         "CREATE TABLE shop.victim (id INT PRIMARY KEY, v TEXT); \
          INSERT INTO shop.victim VALUES (1,'a'),(2,'b'),(3,'c'); \
@@ -906,6 +917,35 @@ fn a_multibyte_login_character_set_cannot_hide_a_statement() -> Result<()> {
     let (lab, server, token) = gated("mygbk")?;
     server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
     let mut raw = Raw::login_with(&lab, 28)?; // gbk_chinese_ci
+    raw.command(0x03, b"SELECT '\xbf\\' ; DELETE FROM victim; -- '")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(
+        request["facts"]["statements"][0]["kind"] == "unknown",
+        "{request}"
+    );
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, answer) = raw.read()?;
+    assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(victim_rows(&server)?, Some(3));
+    Ok(())
+}
+
+/// The same through the server's default: a login naming MySQL 8's
+/// `utf8mb4_0900_ai_ci` (255), which MariaDB 10.11 does not know, gets the
+/// server's default character set, here gbk. The greeting says so; the
+/// text is not understood, held, denied; nothing runs.
+#[test]
+fn a_collation_the_server_does_not_know_cannot_hide_a_statement() -> Result<()> {
+    let (lab, server, token) = gated_with(
+        "mygbk2",
+        &[
+            "--character-set-server=gbk",
+            "--collation-server=gbk_chinese_ci",
+        ],
+    )?;
+    server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
+    let mut raw = Raw::login_with(&lab, 255)?;
     raw.command(0x03, b"SELECT '\xbf\\' ; DELETE FROM victim; -- '")?;
     let (request, id) = pending_id(&lab, &token)?;
     assert!(

@@ -627,7 +627,7 @@ fn configure_kernel(
     // A connection whose identity is not judged yet (or never: opened before
     // the agent) is gated as the policy treats an unknown identity.
     let default_mode = if enforcing {
-        match policy::needs_gate(&policy.current(), &Subject::default()) {
+        match policy::needs_gate(&policy.current(), &Subject::default(), false) {
             GateMode::Monitor => GateMode::Monitor,
             GateMode::GateRisky => GateMode::GateRisky,
             // Refused identities are judged per connection, once known.

@@ -668,7 +668,11 @@ impl Gate {
                             .is_some_and(|c| c.consume_token(app))
                     });
                 let mode = if self.judge.enforcing && !own {
-                    policy::needs_gate(&self.judge.policy.current(), &subject)
+                    policy::needs_gate(
+                        &self.judge.policy.current(),
+                        &subject,
+                        dialect == Dialect::Mysql,
+                    )
                 } else {
                     GateMode::Monitor
                 };
@@ -689,19 +693,34 @@ impl Gate {
                 // user or database: what it learnt of the session stays.
                 let before = self.info(&flow).filter(|i| i.conn == *conn);
                 let mut lexing: Lexing = before.map(|i| i.lexing.clone()).unwrap_or_default();
-                let login_collation = identity
-                    .settings
-                    .iter()
-                    .find(|(k, _)| k == crate::wire::mysql::track::MYSQL_LOGIN_COLLATION)
-                    .and_then(|(_, v)| v.parse::<u8>().ok());
-                if let Some(id) = login_collation.filter(|&id| {
-                    dialect == Dialect::Mysql
-                        && !crate::wire::mysql::packet::collation_splits_like_ascii(id)
-                }) {
-                    // A multibyte character set (gbk, sjis, big5 …) from
-                    // the login: a `\` or a quote may be a character's
-                    // second byte, which qgate's reading does not model.
-                    lexing.encoding = Some(format!("the login's collation {id}"));
+                let collation = |key: &str| {
+                    identity
+                        .settings
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .and_then(|(_, v)| v.parse::<u8>().ok())
+                };
+                // The login's collation, and the server's default, which
+                // the session gets if the server does not know the login's
+                // (MariaDB 10.11 and MySQL 8's 255): both must split text
+                // like ASCII.
+                let unmodelled = [
+                    crate::wire::mysql::track::MYSQL_LOGIN_COLLATION,
+                    crate::wire::mysql::track::MYSQL_SERVER_COLLATION,
+                ]
+                .into_iter()
+                .filter_map(|key| collation(key).map(|id| (key, id)))
+                .find(|(_, id)| !crate::wire::mysql::packet::collation_splits_like_ascii(*id));
+                if let Some((key, id)) = unmodelled.filter(|_| dialect == Dialect::Mysql) {
+                    // A multibyte character set (gbk, sjis, big5 …): a `\`
+                    // or a quote may be a character's second byte, which
+                    // qgate's reading does not model.
+                    let whose = if key == crate::wire::mysql::track::MYSQL_LOGIN_COLLATION {
+                        "the login's"
+                    } else {
+                        "the server's default"
+                    };
+                    lexing.encoding = Some(format!("{whose} collation {id}"));
                 }
                 let kernel_mode = before.and_then(|i| i.kernel_mode);
                 self.record(flow).info = Some(ConnInfo {

@@ -27,7 +27,11 @@ impl Gate {
                 continue;
             };
             let mode = if self.judge.enforcing {
-                policy::needs_gate(&policy, &info.subject)
+                policy::needs_gate(
+                    &policy,
+                    &info.subject,
+                    info.dialect == crate::classify::Dialect::Mysql,
+                )
             } else {
                 GateMode::Monitor
             };

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, Weekday};
 
 use crate::classify::{
-    is_known_safe_function, Classification, Flags, Kind, RowShare, StatementFacts,
+    is_known_safe_function, Classification, Dialect, Flags, Kind, RowShare, StatementFacts,
 };
 
 mod cache;
@@ -195,8 +195,26 @@ struct Group {
     identity_unknown: Option<bool>,
 }
 
+/// Which databases a statement may act in, for groups' `databases`.
+#[derive(Clone, Copy)]
+enum Reach<'a> {
+    /// The session's only (PostgreSQL: a session cannot name another
+    /// database's tables).
+    Session,
+    /// The session's and these, named as table qualifiers (MySQL's
+    /// `otherdb.t`).
+    Also(&'a [String]),
+    /// Any: a MySQL session's connection-wide mode, before any statement
+    /// is seen (its statements may name any database).
+    Anywhere,
+}
+
 impl Group {
-    fn membership(&self, subject: &Subject) -> Membership {
+    /// Membership for a statement that may act in the databases `reach`
+    /// says: in a `databases` group only if every one of them matches, in
+    /// none if none does, unknown (`Maybe`: restricting rules apply,
+    /// allowing ones do not) otherwise.
+    fn membership_reaching(&self, subject: &Subject, reach: Reach<'_>) -> Membership {
         fn field<T>(patterns: &[T], value: Option<bool>) -> Membership {
             match (patterns.is_empty(), value) {
                 (true, _) => Membership::Yes,
@@ -208,9 +226,31 @@ impl Group {
         let any = |globs: &[Glob], value: &Option<String>| {
             value.as_deref().map(|v| globs.iter().any(|g| g.matches(v)))
         };
+        let session = any(&self.databases, &subject.database);
+        let databases = match reach {
+            Reach::Session => session,
+            Reach::Anywhere => None,
+            Reach::Also(others) => {
+                // Unquoted names were folded to lower case: a qualifier
+                // matches a pattern ignoring case.
+                let matched = others
+                    .iter()
+                    .map(|d| Some(self.databases.iter().any(|g| g.matches_ignoring_case(d))));
+                std::iter::once(session)
+                    .chain(matched)
+                    .try_fold(None, |seen: Option<bool>, m| match (seen, m) {
+                        (_, None) => Err(()),
+                        (None, Some(m)) => Ok(Some(m)),
+                        (Some(a), Some(b)) if a == b => Ok(Some(a)),
+                        _ => Err(()),
+                    })
+                    .ok()
+                    .flatten()
+            }
+        };
         let tests = [
             field(&self.users, any(&self.users, &subject.user)),
-            field(&self.databases, any(&self.databases, &subject.database)),
+            field(&self.databases, databases),
             field(
                 &self.client_addrs,
                 subject
@@ -560,8 +600,26 @@ impl Policy {
         estimator: &dyn RowEstimator,
         now: OffsetDateTime,
     ) -> Decision {
-        let membership: Vec<Membership> =
-            self.groups.iter().map(|g| g.membership(subject)).collect();
+        // A MySQL statement may name tables of other databases
+        // (`otherdb.t`): a group's `databases` counts them too.
+        let qualifiers: Vec<String> = if classification.dialect == Dialect::Mysql {
+            let mut q: Vec<String> = classification
+                .statements
+                .iter()
+                .flat_map(|s| s.tables())
+                .filter_map(|t| t.parts.len().checked_sub(2).map(|i| t.parts[i].clone()))
+                .collect();
+            q.sort();
+            q.dedup();
+            q
+        } else {
+            Vec::new()
+        };
+        let membership: Vec<Membership> = self
+            .groups
+            .iter()
+            .map(|g| g.membership_reaching(subject, Reach::Also(&qualifiers)))
+            .collect();
         let search_path = self.resolved_search_path(subject);
         if classification.statements.is_empty() {
             return Decision {
@@ -871,11 +929,21 @@ fn strictest(a: Action, a_rule: String, b: Action, b_rule: String) -> (Action, S
 /// How strictly the kernel must gate connections of `subject`: `Monitor` only
 /// when no statement of theirs could ever be held or denied. Unknown identity
 /// fields count against the subject.
-pub fn needs_gate(policy: &Policy, subject: &Subject) -> GateMode {
+///
+/// `any_database`: the session's statements may name tables of any
+/// database (MySQL), so a group's `databases` cannot settle its membership
+/// for the whole connection (each statement is decided with the databases
+/// it names).
+pub fn needs_gate(policy: &Policy, subject: &Subject, any_database: bool) -> GateMode {
+    let reach = if any_database {
+        Reach::Anywhere
+    } else {
+        Reach::Session
+    };
     let membership: Vec<Membership> = policy
         .groups
         .iter()
-        .map(|g| g.membership(subject))
+        .map(|g| g.membership_reaching(subject, reach))
         .collect();
     let mut earlier_rule_applies = false;
     // A restricting rule applies to this subject; one could hold a plain read.

@@ -16,6 +16,11 @@ impl Glob {
         &self.0
     }
 
+    /// As [`Glob::matches`], with ASCII case ignored on both sides.
+    pub fn matches_ignoring_case(&self, text: &str) -> bool {
+        Glob(self.0.to_ascii_lowercase()).matches(&text.to_ascii_lowercase())
+    }
+
     pub fn matches(&self, text: &str) -> bool {
         glob_match(self.0.as_bytes(), text.as_bytes())
     }

@@ -190,13 +190,13 @@ fn safe_functions_extend_the_known_safe_list() {
 #[test]
 fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
     let free = Policy::from_toml("[default]\naction = \"allow\"\n").unwrap();
-    assert_eq!(needs_gate(&free, &subject("a")), GateMode::Monitor);
+    assert_eq!(needs_gate(&free, &subject("a"), false), GateMode::Monitor);
     assert_eq!(
-        needs_gate(&Policy::builtin_default(), &subject("a")),
+        needs_gate(&Policy::builtin_default(), &subject("a"), false),
         GateMode::GateRisky
     );
     assert_eq!(
-        needs_gate(&Policy::builtin_default(), &Subject::default()),
+        needs_gate(&Policy::builtin_default(), &Subject::default(), false),
         GateMode::GateRisky
     );
 
@@ -210,14 +210,17 @@ fn gate_mode_is_monitor_only_when_nothing_can_be_held() {
     .unwrap();
     let mut bot = subject("x");
     bot.application = Some("bot".into());
-    assert_eq!(needs_gate(&p, &bot), GateMode::Deny);
-    assert_eq!(needs_gate(&p, &subject("admin")), GateMode::Monitor);
-    assert_eq!(needs_gate(&p, &subject("someone")), GateMode::GateRisky);
+    assert_eq!(needs_gate(&p, &bot, false), GateMode::Deny);
+    assert_eq!(needs_gate(&p, &subject("admin"), false), GateMode::Monitor);
+    assert_eq!(
+        needs_gate(&p, &subject("someone"), false),
+        GateMode::GateRisky
+    );
     // Application unknown: might be a bot, so statements are gated (not
     // refused outright) — all of them, since a bot's plain read is denied too.
     let mut unsure = subject("admin");
     unsure.application = None;
-    assert_eq!(needs_gate(&p, &unsure), GateMode::GateAll);
+    assert_eq!(needs_gate(&p, &unsure, false), GateMode::GateAll);
 }
 
 #[test]
@@ -230,9 +233,9 @@ fn a_rule_that_can_hold_plain_reads_makes_the_kernel_send_every_statement_up() {
     )
     .unwrap();
     // A plain `SELECT * FROM salaries` could be held for ana: the kernel must not pass it.
-    assert_eq!(needs_gate(&p, &subject("ana")), GateMode::GateAll);
+    assert_eq!(needs_gate(&p, &subject("ana"), false), GateMode::GateAll);
     // For others only DDL can be held: plain reads may pass in the kernel.
-    assert_eq!(needs_gate(&p, &subject("bob")), GateMode::GateRisky);
+    assert_eq!(needs_gate(&p, &subject("bob"), false), GateMode::GateRisky);
 }
 
 #[test]
@@ -407,7 +410,7 @@ message = "all"
     let d = decide(&p, &who, "DELETE FROM t WHERE id = 1");
     assert_eq!((d.action.name(), d.rule.as_str()), ("deny", "no-deletes"));
     // A shadow deny of everyone refuses no connection outright.
-    assert_ne!(needs_gate(&p, &who), GateMode::Deny);
+    assert_ne!(needs_gate(&p, &who, false), GateMode::Deny);
     // The whole policy in shadow: nothing is held, everything is recorded.
     let all = Policy::from_toml(
         "shadow = true\n[default]\naction = \"allow\"\n[[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
@@ -468,7 +471,7 @@ fn a_rule_with_only_a_cost_limit_does_not_decide_every_statement() {
     )
     .unwrap();
     assert!(!deny.refuses_some_connections());
-    assert_eq!(needs_gate(&deny, &subject("ana")), GateMode::GateAll);
+    assert_eq!(needs_gate(&deny, &subject("ana"), false), GateMode::GateAll);
     let allow_then_hold = Policy::from_toml(
         "[default]\naction = \"allow\"\n[groups.analysts]\nusers = [\"ana\"]\n\
          [[rules]]\nname = \"cheap\"\ngroups = [\"analysts\"]\nestimated_cost_above = 1000\naction = \"allow\"\n\
@@ -476,7 +479,55 @@ fn a_rule_with_only_a_cost_limit_does_not_decide_every_statement() {
     )
     .unwrap();
     assert_ne!(
-        needs_gate(&allow_then_hold, &subject("ana")),
+        needs_gate(&allow_then_hold, &subject("ana"), false),
         GateMode::Monitor
     );
+}
+
+/// A MySQL statement may name another database's tables (`prod.t`): a
+/// group's `databases` counts them, so a rule for the session's database
+/// neither frees nor spares what the statement does elsewhere; and the
+/// connection-wide mode cannot trust the session's database at all.
+#[test]
+fn mysql_tables_of_other_databases_count_for_database_groups() {
+    let p = Policy::from_toml(
+        "[default]\naction = \"allow\"\n\
+         [groups.sandbox]\ndatabases = [\"sandbox\"]\n\
+         [groups.prod]\ndatabases = [\"prod\"]\n\
+         [[rules]]\nname = \"sandbox-free\"\ngroups = [\"sandbox\"]\naction = \"allow\"\n\
+         [[rules]]\nname = \"prod-writes\"\ngroups = [\"prod\"]\nkinds = [\"write\"]\naction = \"hold\"\n\
+         [[rules]]\nname = \"ddl\"\nkinds = [\"ddl\"]\naction = \"hold\"\n",
+    )
+    .unwrap();
+    let mysql = |db: &str, sql: &str| {
+        let mut who = subject("app");
+        who.database = Some(db.into());
+        p.decide(&who, &classify(sql, Dialect::Mysql), &NoEstimator)
+    };
+    assert_eq!(mysql("sandbox", "DROP TABLE t").rule, "sandbox-free");
+    // From the sandbox, on prod's tables: neither free nor spared.
+    assert_eq!(mysql("sandbox", "DROP TABLE prod.t").rule, "ddl");
+    assert_eq!(
+        mysql("sandbox", "DELETE FROM prod.t WHERE id = 1").rule,
+        "prod-writes"
+    );
+    assert_eq!(
+        mysql("test", "DELETE FROM prod.t WHERE id = 1").rule,
+        "prod-writes"
+    );
+    // Unquoted names are folded: `PROD.t` is prod's as far as groups go.
+    assert_eq!(
+        mysql("test", "UPDATE PROD.t SET v = 1 WHERE id = 1").rule,
+        "prod-writes"
+    );
+    assert_eq!(mysql("test", "DELETE FROM t WHERE id = 1").rule, "default");
+    // PostgreSQL's `prod.t` is a schema's table in the session's database.
+    let mut who = subject("app");
+    who.database = Some("sandbox".into());
+    assert_eq!(decide(&p, &who, "DROP TABLE prod.t").rule, "sandbox-free");
+
+    // The connection's mode: a MySQL session in the sandbox can still
+    // reach prod, so its statements go up to the agent.
+    assert_eq!(needs_gate(&p, &who, false), GateMode::Monitor);
+    assert_ne!(needs_gate(&p, &who, true), GateMode::Monitor);
 }

@@ -32,6 +32,9 @@ pub enum MysqlEvent {
         program: Option<String>,
         /// The collation id it asked for (its character set).
         collation: u8,
+        /// The server's default collation (its greeting's), which the
+        /// session gets if the server does not know `collation`.
+        server_collation: Option<u8>,
     },
     /// The server accepted the login (or a `COM_CHANGE_USER`).
     LoggedIn,
@@ -191,6 +194,8 @@ pub struct Conversation {
     /// followed by a "metadata follows" byte.
     cache_metadata: bool,
     server_mariadb_capabilities: u32,
+    /// The greeting's default collation.
+    server_collation: Option<u8>,
     queue: VecDeque<Pending>,
     /// Prepared statements' texts by id, and the last one prepared.
     prepared: HashMap<u32, String>,
@@ -227,6 +232,7 @@ impl Conversation {
             server_capabilities: None,
             cache_metadata: false,
             server_mariadb_capabilities: 0,
+            server_collation: None,
             queue: VecDeque::new(),
             prepared: HashMap::new(),
             last_prepared: None,
@@ -291,6 +297,7 @@ impl Conversation {
                     let user = login.user.clone();
                     out.push(MysqlEvent::Login {
                         collation: login.collation,
+                        server_collation: self.server_collation,
                         program: login.attribute("program_name").map(str::to_owned),
                         user: login.user,
                         database: login.database.filter(|d| !d.is_empty()),
@@ -554,6 +561,7 @@ impl Conversation {
                     Ok(g) => {
                         self.server_capabilities = Some(g.capabilities);
                         self.server_mariadb_capabilities = g.mariadb_capabilities;
+                        self.server_collation = g.collation;
                         out.push(MysqlEvent::Greeting {
                             version: g.version,
                             connection_id: g.connection_id,

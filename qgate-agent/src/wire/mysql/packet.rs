@@ -154,6 +154,11 @@ pub struct Greeting {
     /// MariaDB's extended capabilities (the last 4 of the 10 reserved bytes,
     /// read only from a server without `CLIENT_MYSQL`); 0 otherwise.
     pub mariadb_capabilities: u32,
+    /// The low byte of the server's default collation id: what a session
+    /// gets when its login names a collation the server does not know
+    /// (MariaDB 10.11 does not know MySQL 8's 255); `None` from a server
+    /// too old to send it.
+    pub collation: Option<u8>,
 }
 
 /// MariaDB's extended capability bits (MariaDB's "Client/Server Protocol",
@@ -183,11 +188,12 @@ pub fn greeting(payload: &[u8]) -> Result<Greeting, MysqlError> {
     f.take(8 + 1)?;
     let low = u32::from(f.u16()?);
     // Older servers end here.
-    let high = if f.is_empty() {
-        0
+    let (high, collation) = if f.is_empty() {
+        (0, None)
     } else {
-        f.take(1 + 2)?;
-        u32::from(f.u16()?)
+        let collation = f.u8()?;
+        f.take(2)?;
+        (u32::from(f.u16()?), Some(collation))
     };
     let capabilities = low | high << 16;
     // Auth data length, 6 reserved bytes, then MariaDB's 4.
@@ -200,6 +206,7 @@ pub fn greeting(payload: &[u8]) -> Result<Greeting, MysqlError> {
         connection_id,
         capabilities,
         mariadb_capabilities,
+        collation,
     })
 }
 

@@ -158,6 +158,7 @@ fn greeting_and_login_fields() {
     assert_eq!(g.version, "10.11.6-MariaDB-0+deb12u1");
     assert_eq!(g.connection_id, 42);
     assert_eq!(g.capabilities, 0x81bf_f7fe);
+    assert_eq!(g.collation, Some(45));
     let Login::Response(l) = packet::login(&login_payload(CLIENT, "alice", Some("shop"))).unwrap()
     else {
         panic!("a login")
@@ -428,6 +429,7 @@ fn a_session_from_greeting_to_quit() {
                 database: Some("shop".into()),
                 program: Some("mariadb".into()),
                 collation: 45,
+                server_collation: Some(45),
             },
             MysqlEvent::LoggedIn,
             statement(Carrier::Query, "SELECT a FROM t"),

@@ -39,6 +39,11 @@ use crate::{
 /// asked for (`super::packet::collation_splits_like_ascii`).
 pub const MYSQL_LOGIN_COLLATION: &str = "mysql_login_collation";
 
+/// The setting a MySQL login's `Identity` carries for the server's default
+/// collation (its greeting's): the session's if the server does not know
+/// the login's.
+pub const MYSQL_SERVER_COLLATION: &str = "mysql_server_collation";
+
 /// The `ServerReport::Parameter` a MySQL server's status reports its
 /// `NO_BACKSLASH_ESCAPES` with ("on"/"off").
 pub const MYSQL_NO_BACKSLASH_ESCAPES: &str = "mysql_no_backslash_escapes";
@@ -267,6 +272,7 @@ impl MysqlStreams {
                 database,
                 program,
                 collation,
+                server_collation,
             } => self.identify(
                 conn,
                 Identity {
@@ -275,7 +281,12 @@ impl MysqlStreams {
                     application: program,
                     // Not a SET: the gate reads how the session splits
                     // text from it (`MYSQL_LOGIN_COLLATION`).
-                    settings: vec![(MYSQL_LOGIN_COLLATION.into(), collation.to_string())],
+                    settings: std::iter::once((
+                        MYSQL_LOGIN_COLLATION.into(),
+                        collation.to_string(),
+                    ))
+                    .chain(server_collation.map(|c| (MYSQL_SERVER_COLLATION.into(), c.to_string())))
+                    .collect(),
                 },
                 at,
                 out,
