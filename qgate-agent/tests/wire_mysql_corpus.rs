@@ -211,6 +211,7 @@ fn a_whole_session_reads_as_its_events() {
                 database: None,
                 program: None,
                 collation: 255,
+                server_collation: Some(255),
             },
             MysqlEvent::LoggedIn,
             MysqlEvent::ChangeUser {

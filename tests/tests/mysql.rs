@@ -444,6 +444,48 @@ fn mariadbs_planner_estimates_how_much_of_its_table_a_write_changes() -> Result<
     let _ = finish(call, Duration::from_secs(10))?;
     let rows = server.root("SELECT count(*) FROM shop.big")?;
     assert_eq!(rows.trim(), "4950", "a denied write ran");
+
+    // A REPLACE of 2 000 rows deletes the 2 000 rows it collides with: 40 %.
+    let values: Vec<String> = (51..2051).map(|i| format!("({i},0)")).collect();
+    let replace = client_spawn(
+        &lab,
+        &format!("REPLACE INTO big VALUES {}", values.join(",")),
+    )?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(request["rule"], "most-of-a-table-write", "{request}");
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
+    let _ = finish(replace, Duration::from_secs(10))?;
+
+    // A session whose collation compares otherwise than qgate's planner
+    // session: under utf8mb4_bin 'B' < 'a', so this deletes every row; it
+    // is planned under the session's collation, and held.
+    server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
+    let mut raw = Raw::login_with(&lab, 46)?; // utf8mb4_bin
+    raw.command(
+        0x03,
+        b"DELETE FROM big WHERE id > CASE WHEN 'B' < 'a' THEN 0 ELSE 100000 END",
+    )?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(request["rule"], "most-of-a-table-write", "{request}");
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
+    let _ = raw.read()?;
+
+    // A trigger may write more than the statement's own rows: not planned.
+    server.root(
+        "CREATE TABLE shop.log (n INT); \
+         CREATE TRIGGER shop.big_del AFTER DELETE ON shop.big \
+         FOR EACH ROW DELETE FROM shop.log;",
+    )?;
+    let keyed = client_spawn(&lab, "DELETE FROM big WHERE id = 60")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(
+        request["facts"]["reasons"].to_string().contains("trigger"),
+        "{request}"
+    );
+    lab.requests(&token, &["deny", &id.to_string(), "--comment", "no"])?;
+    let _ = finish(keyed, Duration::from_secs(10))?;
+    let rows = server.root("SELECT count(*) FROM shop.big")?;
+    assert_eq!(rows.trim(), "4950", "a denied write ran");
     Ok(())
 }
 

@@ -151,8 +151,11 @@ fn session<'a>(
             .map_err(|e| format!("connecting to {}: {e}", server.socket.display()))?;
         // Whole seconds or a fraction: the server's own limit, so a
         // plan that takes too long is stopped there, not only here.
+        // `eq_range_index_dive_limit = 0`: an IN list of any length is
+        // estimated by index dives, not by the average rows per key (a
+        // list of 201 values one of which is 90 % of the table).
         conn.query_drop(format!(
-            "SET SESSION max_statement_time = {:.3}",
+            "SET SESSION max_statement_time = {:.3}, eq_range_index_dive_limit = 0",
             timeout.as_secs_f64()
         ))
         .map_err(|e| e.to_string())?;
@@ -170,6 +173,7 @@ impl MysqlReader {
         database: Option<&str>,
         sql: &str,
         written: &[TableName],
+        collation: Option<u8>,
         timeout: Duration,
     ) -> Result<Share, String> {
         if written.is_empty() {
@@ -180,7 +184,8 @@ impl MysqlReader {
         }
         let port = server.port;
         let conn = session(&mut self.sessions, server, timeout)?;
-        let result = explain_share(conn, port, database, sql, written, &mut self.sizes);
+        let result = set_collation(conn, collation, sql)
+            .and_then(|()| explain_share(conn, port, database, sql, written, &mut self.sizes));
         if result.is_err()
             && self
                 .sessions
@@ -193,6 +198,39 @@ impl MysqlReader {
     }
 }
 
+/// Compares text as the client's session does: its login's collation (a
+/// literal's comparisons depend on it: `'B' < 'a'` under `utf8mb4_bin`).
+/// A collation the server does not know, or non-ASCII text in a character
+/// set other than UTF-8 (qgate sends UTF-8), is not estimated.
+fn set_collation(conn: &mut mysql::Conn, collation: Option<u8>, sql: &str) -> Result<(), String> {
+    let Some(id) = collation else {
+        return Err("the session's collation is not known".into());
+    };
+    let found: Option<(String, String)> = conn
+        .exec_first(
+            "SELECT COLLATION_NAME, CHARACTER_SET_NAME FROM information_schema.COLLATIONS \
+             WHERE ID = ?",
+            (id,),
+        )
+        .map_err(|e| format!("MariaDB: {e}"))?;
+    let Some((name, charset)) = found else {
+        return Err(format!(
+            "the session's collation {id} is not one the server knows"
+        ));
+    };
+    if !sql.is_ascii() && !charset.starts_with("utf8") {
+        return Err(format!(
+            "non-ASCII text in the session's character set {charset}"
+        ));
+    }
+    conn.query_drop(format!(
+        "SET NAMES {} COLLATE {}",
+        quote(&charset),
+        quote(&name)
+    ))
+    .map_err(|e| format!("MariaDB: {e}"))
+}
+
 fn explain_share(
     conn: &mut mysql::Conn,
     port: u16,
@@ -202,11 +240,16 @@ fn explain_share(
     sizes: &mut HashMap<(u16, String, String), (u64, Instant)>,
 ) -> Result<Share, String> {
     let fail = |e: mysql::Error| format!("MariaDB: {e}");
-    match database {
-        Some(db) => conn.select_db(db).map_err(fail)?,
-        // No database selected: unqualified names fail to plan (as they
-        // would fail to run).
-        None => conn.query_drop("SELECT 1").map_err(fail)?,
+    // Every written table resolved (the judge reads no other), and none
+    // that runs more than the write itself: a trigger, or a foreign key
+    // that cascades onto another table.
+    for table in written {
+        let (db, name) = resolve(table, database)?;
+        let (schema, exact, _) = table_rows(conn, db, name)?;
+        runs_more(conn, &schema, &exact)?;
+    }
+    if let Some(db) = database {
+        conn.select_db(db).map_err(fail)?;
     }
     // Not READ ONLY: MariaDB refuses to EXPLAIN a write in a read-only
     // transaction (error 1792). Nothing runs (no ANALYZE; statements that
@@ -224,8 +267,13 @@ fn explain_share(
         let statement = conn
             .prep(format!("EXPLAIN FORMAT=JSON {sql}"))
             .map_err(fail)?;
-        let nulls = vec![mysql::Value::NULL; statement.num_params() as usize];
-        let plan: Option<String> = conn.exec_first(&statement, nulls).map_err(fail)?;
+        if statement.num_params() != 0 {
+            // A parameter the text hid from qgate's reading (inside an
+            // executable comment): never planned with a stand-in value.
+            let _ = conn.close(statement);
+            return Err("parameters qgate did not see in the text".into());
+        }
+        let plan: Option<String> = conn.exec_first(&statement, ()).map_err(fail)?;
         let _ = conn.close(statement);
         let plan = plan.ok_or("EXPLAIN returned no plan")?;
         let plan: Value =
@@ -408,6 +456,19 @@ pub fn shape(sql: &str) -> Result<Shape, String> {
     let [statement] = parsed.as_slice() else {
         return Err(format!("{} statements in one text", parsed.len()));
     };
+    // A subquery is evaluated while planning when it is constant, with the
+    // estimator's privileges (root's), and its value decides the
+    // estimate: it could tell the client what it may not read, or wait on
+    // a lock. Not planned.
+    let tokens = sqlparser::tokenizer::Tokenizer::new(&sqlparser::dialect::MySqlDialect {}, sql)
+        .tokenize()
+        .map_err(|e| format!("qgate cannot split it to estimate it: {e}"))?;
+    if tokens.iter().any(|t| {
+        matches!(t, sqlparser::tokenizer::Token::Word(w)
+            if w.keyword == sqlparser::keywords::Keyword::SELECT && w.quote_style.is_none())
+    }) {
+        return Err("a subquery: its value while planning would decide the estimate".into());
+    }
     let is_placeholder =
         |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Placeholder(_)));
     let mut placeholders = 0;
@@ -543,7 +604,6 @@ fn table_rows(
         .collect();
     let row = match (found.as_slice(), exact.as_slice()) {
         ([only], _) => only,
-        (_, [only]) => *only,
         ([], _) => {
             return Err(format!(
                 "no table {}.{} on the server",
@@ -567,6 +627,43 @@ fn table_rows(
             quote(&row.1)
         )),
     }
+}
+
+/// Why a write to this table does more than its own rows show: a trigger
+/// on it, or a foreign key that cascades (or sets NULL or a default) from
+/// it onto another table.
+fn runs_more(conn: &mut mysql::Conn, schema: &str, table: &str) -> Result<(), String> {
+    let triggers: Option<String> = conn
+        .exec_first(
+            "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS \
+             WHERE EVENT_OBJECT_SCHEMA = ? AND EVENT_OBJECT_TABLE = ? LIMIT 1",
+            (schema, table),
+        )
+        .map_err(|e| format!("MariaDB: {e}"))?;
+    if let Some(trigger) = triggers {
+        return Err(format!(
+            "{}.{} has a trigger ({trigger}), which may change more rows",
+            quote(schema),
+            quote(table)
+        ));
+    }
+    let cascades: Option<String> = conn
+        .exec_first(
+            "SELECT CONSTRAINT_NAME FROM information_schema.REFERENTIAL_CONSTRAINTS \
+             WHERE UNIQUE_CONSTRAINT_SCHEMA = ? AND REFERENCED_TABLE_NAME = ? \
+               AND (DELETE_RULE NOT IN ('RESTRICT', 'NO ACTION') \
+                 OR UPDATE_RULE NOT IN ('RESTRICT', 'NO ACTION')) LIMIT 1",
+            (schema, table),
+        )
+        .map_err(|e| format!("MariaDB: {e}"))?;
+    if let Some(constraint) = cascades {
+        return Err(format!(
+            "a foreign key ({constraint}) cascades from {}.{} onto another table",
+            quote(schema),
+            quote(table)
+        ));
+    }
+    Ok(())
 }
 
 /// A MariaDB identifier in backquotes.
@@ -602,10 +699,22 @@ const NOTHING_TOUCHED: &[&str] = &[
 pub fn rows_from_plan(plan: &Value) -> Result<Planned, String> {
     let mut rows: Option<f64> = None;
     let mut all = false;
+    // Steps that may give more than one row per row before them: MariaDB's
+    // `rows` is per loop, so a join's rows multiply. One such step (the
+    // rest unique lookups) is the only plan whose largest `rows` bounds it.
+    let mut fanning = 0;
     let mut stack = vec![plan];
     while let Some(node) = stack.pop() {
         match node {
             Value::Object(map) => {
+                if map.contains_key("table_name")
+                    && !matches!(
+                        map.get("access_type").and_then(Value::as_str),
+                        Some("eq_ref" | "const" | "system")
+                    )
+                {
+                    fanning += 1;
+                }
                 for (key, value) in map {
                     match (key.as_str(), value) {
                         ("rows", Value::Number(n)) => {
@@ -634,6 +743,9 @@ pub fn rows_from_plan(plan: &Value) -> Result<Planned, String> {
             Value::Array(items) => stack.extend(items),
             _ => {}
         }
+    }
+    if fanning > 1 {
+        return Err("a join whose steps each fan out: MariaDB's rows are per loop".into());
     }
     if all {
         return Ok(Planned::All);
@@ -666,6 +778,34 @@ mod tests {
             "nested_loop": [{"table": {"table_name": "t", "access_type": "ALL",
                 "rows": 10000, "filtered": 100}}]}}});
         assert_eq!(rows_from_plan(&upsert).unwrap(), Planned::Rows(10000));
+    }
+
+    /// `rows` is per loop: a join whose later steps are not unique lookups
+    /// multiplies (5 keys × 1 026 rows each was "1 026"), so it has no
+    /// estimate.
+    #[test]
+    fn joins_that_fan_out_have_no_estimate() {
+        let fanning = json!({"query_block": {"select_id": 1, "nested_loop": [
+            {"table": {"table_name": "<derived2>", "access_type": "ALL", "rows": 5}},
+            {"table": {"table_name": "t", "access_type": "ref", "ref": ["d.k"],
+                "rows": 1026}}]}});
+        assert!(rows_from_plan(&fanning).unwrap_err().contains("per loop"));
+    }
+
+    #[test]
+    fn subqueries_are_not_planned() {
+        for sql in [
+            "DELETE FROM t WHERE id > (SELECT IF(val LIKE 'h%', 0, 1) FROM secret.k)",
+            "DELETE t FROM t JOIN (SELECT 0 AS k) d ON t.k = d.k",
+            "UPDATE t SET v = 1 WHERE EXISTS (SELECT 1 FROM u)",
+        ] {
+            assert!(shape(sql).unwrap_err().contains("subquery"), "{sql}");
+        }
+        // The word in a string or a quoted name is no subquery.
+        assert_eq!(
+            shape("UPDATE t SET note = 'select' WHERE `select` = 1").unwrap(),
+            Shape::Planned
+        );
     }
 
     #[test]
@@ -711,7 +851,6 @@ mod tests {
             "UPDATE t SET v = ? WHERE v > 3",
             // MariaDB: `(id = ? AND 1) XOR 1`, every row.
             "DELETE FROM t WHERE id = ? AND 1 XOR 1",
-            "DELETE FROM t WHERE id = ? AND v IN (SELECT v FROM u)",
             "DELETE FROM t WHERE id = ? AND f(v) = 1",
         ] {
             assert_eq!(shape(sql).unwrap(), Shape::Keyed(vec![]), "{sql}");
@@ -759,11 +898,9 @@ mod tests {
                 replace: false
             }
         );
-        // From a SELECT: planned (without parameters) or refused.
-        assert_eq!(
-            shape("REPLACE INTO t SELECT * FROM u").unwrap(),
-            Shape::Planned
-        );
+        // From a SELECT: not planned (a subquery; the classifier holds it
+        // as an all-rows write anyway).
+        assert!(shape("REPLACE INTO t SELECT * FROM u").is_err());
     }
 
     #[test]

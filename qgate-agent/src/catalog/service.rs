@@ -62,6 +62,7 @@ enum Job {
         database: Option<String>,
         sql: String,
         written: Vec<TableName>,
+        collation: Option<u8>,
     },
 }
 
@@ -150,6 +151,7 @@ impl Catalogs {
                             database,
                             sql,
                             written,
+                            collation,
                         } => {
                             let server = lock(&worker_state)
                                 .mysql_servers
@@ -162,6 +164,7 @@ impl Catalogs {
                                     database.as_deref(),
                                     &sql,
                                     &written,
+                                    collation,
                                     LOAD_TIMEOUT,
                                 ),
                                 None => Err(format!(
@@ -177,7 +180,7 @@ impl Catalogs {
                                 s.estimates.clear();
                             }
                             s.estimates.insert(
-                                (mysql_key(port, database.as_deref()), sql),
+                                (mysql_key(port, database.as_deref(), collation), sql),
                                 EstimateEntry::Ready {
                                     result,
                                     at: Instant::now(),
@@ -285,23 +288,26 @@ impl Catalogs {
     }
 
     /// MariaDB's estimate of the share of a written table `sql` changes on
-    /// the server at `port`, in the session's `database`, asked once and
-    /// kept briefly (see [`super::mysql`]).
+    /// the server at `port`, in the session's `database` and `collation`
+    /// (see [`super::mysql`]). An answer serves the decision that asked for
+    /// it once: a plan depends on the data (`id > (…)` is empty until a row
+    /// arrives), so the same text later is asked again.
     pub fn estimate_mysql(
         &self,
         port: u16,
         database: Option<&str>,
+        collation: Option<u8>,
         sql: &str,
         written: &[TableName],
     ) -> Estimate {
         let now = Instant::now();
-        let key = (mysql_key(port, database), sql.to_owned());
+        let key = (mysql_key(port, database, collation), sql.to_owned());
         let mut s = lock(&self.state);
         match s.estimates.get(&key) {
-            Some(EstimateEntry::Ready { result, at })
-                if now.duration_since(*at) < ESTIMATE_FRESH =>
-            {
-                return Estimate::Ready(result.clone());
+            Some(EstimateEntry::Ready { at, .. }) if now.duration_since(*at) < ESTIMATE_FRESH => {
+                if let Some(EstimateEntry::Ready { result, .. }) = s.estimates.remove(&key) {
+                    return Estimate::Ready(result);
+                }
             }
             Some(EstimateEntry::Pending { since }) => {
                 if now.duration_since(*since) > LOAD_TIMEOUT + Duration::from_secs(1) {
@@ -319,6 +325,7 @@ impl Catalogs {
             database: database.map(str::to_owned),
             sql: sql.to_owned(),
             written: written.to_vec(),
+            collation,
         });
         Estimate::Pending
     }
@@ -455,8 +462,9 @@ impl Catalogs {
 /// name can be (it starts with a NUL).
 const MYSQL_KEY: &str = "\0mysql:";
 
-fn mysql_key(port: u16, database: Option<&str>) -> String {
-    format!("{MYSQL_KEY}{port}:{}", database.unwrap_or(""))
+fn mysql_key(port: u16, database: Option<&str>, collation: Option<u8>) -> String {
+    let collation = collation.map_or(String::new(), |c| c.to_string());
+    format!("{MYSQL_KEY}{port}:{collation}:{}", database.unwrap_or(""))
 }
 
 const NO_SERVER: &str =

@@ -409,14 +409,16 @@ impl StatementFacts {
     }
 
     /// True for a write that may change rows already in a table: UPDATE,
-    /// DELETE, MERGE, an INSERT with ON CONFLICT DO UPDATE, any of them in
-    /// WITH or prepared, or a statement qgate reads as a write in a CTE.
+    /// DELETE, MERGE, an INSERT with ON CONFLICT DO UPDATE (MySQL: ON
+    /// DUPLICATE KEY UPDATE), MySQL's REPLACE (it deletes the rows a new
+    /// one collides with), any of them in WITH or prepared, or a statement
+    /// qgate reads as a write in a CTE.
     pub fn changes_existing_rows(&self) -> bool {
         if !matches!(self.kind, Kind::Write) {
             return false;
         }
         let first = self.verb.split(' ').next().unwrap_or("");
-        matches!(first, "UPDATE" | "DELETE" | "MERGE")
+        matches!(first, "UPDATE" | "DELETE" | "MERGE" | "REPLACE")
             || self.has(Flag::WriteInCte)
             || self.has(Flag::Upsert)
     }

@@ -35,7 +35,11 @@ impl Gate {
             // The wire reads plaintext TCP only; the hook knows.
             transport: self.hook(flow).map_or(Transport::Tcp, |h| h.transport),
         };
-        let Judged { ruling, shadow } = self.judge.rule(&info, sql, origin);
+        let Judged {
+            ruling,
+            shadow,
+            changes_session,
+        } = self.judge.rule(&info, sql, origin);
         if info.dialect == crate::classify::Dialect::Mysql {
             // Whether or not it runs: a statement that may change how the
             // server reads text makes later ones read with care, and one
@@ -50,6 +54,7 @@ impl Gate {
             if let Some(info) = self.info_mut(flow) {
                 info.lexing.mysql_statement(&sql.info.text);
                 info.database_pending |= uses;
+                info.search_path_changed |= changes_session;
             }
         }
         self.audit_shadow(shadow);

@@ -137,9 +137,33 @@ fn mentions_variable(sql: &str) -> bool {
     false
 }
 
+/// MySQL settings that change no statement's meaning (what it reads,
+/// writes or compares): a session setting them can still be estimated.
+const MEANINGLESS_SETTINGS: &[&str] = &[
+    "autocommit",
+    "wait_timeout",
+    "interactive_timeout",
+    "net_read_timeout",
+    "net_write_timeout",
+    "innodb_lock_wait_timeout",
+    "lock_wait_timeout",
+    "max_statement_time",
+    "max_execution_time",
+    "character_set_results",
+    "transaction_isolation",
+    "tx_isolation",
+    "session_track_schema",
+    "session_track_state_change",
+    "session_track_system_variables",
+    "session_track_transaction_info",
+];
+
 /// MySQL functions whose value depends on the session calling them: a
 /// plan in qgate's own session would estimate another statement.
 const SESSION_FUNCTIONS: &[&str] = &[
+    "lastval",
+    "nextval",
+    "setval",
     "last_insert_id",
     "found_rows",
     "row_count",
@@ -347,6 +371,11 @@ pub(super) enum Ruling {
 pub(super) struct Judged {
     pub ruling: Ruling,
     pub shadow: Vec<serde_json::Value>,
+    /// A MySQL text that sets a variable of the session (`SET timestamp`,
+    /// `time_zone`, …), or is not understood, whatever its ruling: from
+    /// then on the session's statements mean something qgate's planner
+    /// session cannot reproduce (no row estimates).
+    pub changes_session: bool,
 }
 
 impl From<Ruling> for Judged {
@@ -354,6 +383,7 @@ impl From<Ruling> for Judged {
         Judged {
             ruling,
             shadow: Vec::new(),
+            changes_session: false,
         }
     }
 }
@@ -494,7 +524,21 @@ impl Judge {
                 }
             }
         };
-        Judged { ruling, shadow }
+        let changes_session = conn.dialect == Dialect::Mysql
+            && classification.statements.iter().any(|s| {
+                let sets = s.verb.split(' ').next() == Some("SET") || !s.settings.is_empty();
+                let harmless = s.verb.starts_with("SET TRANSACTION")
+                    || (!s.settings.is_empty()
+                        && s.settings
+                            .iter()
+                            .all(|name| MEANINGLESS_SETTINGS.contains(&name.as_str())));
+                s.kind == Kind::Unknown || (sets && !harmless)
+            });
+        Judged {
+            ruling,
+            shadow,
+            changes_session,
+        }
     }
 
     /// A StartupMessage's settings judged as the `SET`s they are (see
@@ -712,6 +756,13 @@ impl Judge {
         if conn.database_pending {
             return unavailable("the session's database is changing (a USE on its way)".into());
         }
+        if conn.search_path_changed {
+            return unavailable(
+                "the session set variables of its own (`SET time_zone`, `timestamp` …), \
+                 which MariaDB's planner in qgate's session does not have"
+                    .into(),
+            );
+        }
         // The planner is asked in a session of qgate's own, in the server's
         // defaults: what the client's session changed it cannot see.
         let (sql_mode, charset) = mysql_changes_lexing(text);
@@ -756,9 +807,29 @@ impl Judge {
                 plan.statements.len()
             ));
         }
+        if let Some(t) = statement
+            .tables_read
+            .iter()
+            .find(|t| !statement.tables_written.contains(t))
+        {
+            // Planned as root: a constant subquery's value would be read
+            // with privileges the client may not have, and decide the
+            // estimate the client sees.
+            return unavailable(format!(
+                "it reads {} besides what it writes: qgate's planner session may read \
+                 what the client cannot",
+                t.parts.join(".")
+            ));
+        }
+        let collation = conn
+            .settings
+            .iter()
+            .find(|(k, _)| k == crate::wire::mysql::track::MYSQL_LOGIN_COLLATION)
+            .and_then(|(_, v)| v.parse::<u8>().ok());
         match catalogs.estimate_mysql(
             port,
             conn.subject.database.as_deref(),
+            collation,
             &statement.sql,
             &statement.tables_written,
         ) {
