@@ -1002,6 +1002,84 @@ fn a_collation_the_server_does_not_know_cannot_hide_a_statement() -> Result<()> 
     Ok(())
 }
 
+/// A TLS session on a gated MySQL port: qgate cannot read it. The shipped
+/// `gate.unreadable = "refuse"` resets it before its handshake (the SSL
+/// request is held with everything before a login); `"allow"` lets it
+/// through unread and records it as encrypted, as for PostgreSQL.
+#[test]
+fn a_mariadb_tls_session_is_refused_or_let_through_as_gate_unreadable_says() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("mytls")?;
+    let (cert, key) = (lab.dir.join("server.crt"), lab.dir.join("server.key"));
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=qgate-lab", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert))?;
+    let _server = Mariadb::start_with(
+        &lab,
+        &[
+            &format!("--ssl-cert={}", cert.display()),
+            &format!("--ssl-key={}", key.display()),
+        ],
+    )?;
+    let tls_client = |lab: &Lab| {
+        lab.in_client("mariadb")
+            .arg("--no-defaults")
+            .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+            .args(["--ssl", "-u", "app", "-psecret", "shop", "-N", "-B"])
+            .args(["-e", "SELECT 'over tls'"])
+            .output()
+    };
+    let config = lab.config_with(&[])?;
+    lab.start_agent(&["--config", &config.to_string_lossy()])?;
+    let refused = tls_client(&lab)?;
+    assert!(
+        !refused.status.success(),
+        "a TLS session ran through a refusing gate: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    // (The mariadb client asks for TLS whenever the server offers it.)
+    let plain = lab
+        .in_client("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        .args(["--skip-ssl", "-u", "app", "-psecret", "shop", "-N", "-B"])
+        .args(["-e", "SELECT 'plain'"])
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout).trim(),
+        "plain",
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    lab.stop_agent()?;
+
+    let allowing = lab.config_with(&[("unreadable = \"refuse\"", "unreadable = \"allow\"")])?;
+    lab.start_agent(&["--config", &allowing.to_string_lossy()])?;
+    let allowed = tls_client(&lab)?;
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&allowed.stdout).trim(), "over tls");
+    lab.stop_agent()?;
+    let encrypted: i64 = lab.store()?.query_row(
+        "SELECT count(*) FROM connections WHERE server_port = 3306 AND encrypted = 1",
+        [],
+        |r| r.get(0),
+    )?;
+    assert!(
+        encrypted >= 2,
+        "both TLS sessions recorded as encrypted: {encrypted}"
+    );
+    Ok(())
+}
+
 /// A client that claims MySQL 8's query attributes (`CLIENT_QUERY_ATTRIBUTES`,
 /// which MariaDB never offers): MariaDB reads a COM_QUERY's text from its
 /// second byte, so bytes a MySQL 8 reader would skip as attributes are SQL

@@ -398,6 +398,7 @@ impl Gate {
             .connection_id(&seg.flow)
             .filter(|c| tracker.is_encrypted(*c));
         let mysql_tls = encrypted.is_some_and(|c| tracker.is_mysql(c));
+        let refuse_encrypted = self.refuse_encrypted_sessions;
         if self.refuse_encrypted_sessions && !mysql_tls {
             if let Some(conn) = encrypted {
                 // Held only because the session turned encrypted.
@@ -438,12 +439,17 @@ impl Gate {
             );
             return;
         }
+        if mysql_tls && !refuse_encrypted {
+            // `gate.unreadable = "allow"`: the SSL request and the TLS
+            // bytes after it go through unread, as for PostgreSQL (the
+            // connection is recorded as encrypted).
+            self.let_encrypted_through(&seg.flow, tracker);
+            return;
+        }
         if mysql_tls {
-            // MySQL's TLS starts after its login request, on the gated
-            // wire path: what the kernel holds of it qgate can never read
-            // or release. The connection is reset (audited), whatever
-            // `gate.unreadable` says (the wire path cannot let a MySQL
-            // session through unread once it holds it).
+            // MySQL's TLS starts right after its SSL request, which the
+            // kernel holds with everything before a login is accepted:
+            // `gate.unreadable = "refuse"` resets the connection (audited).
             self.reset_unreadable(
                 &seg.flow,
                 "qgate: an encrypted MySQL session cannot be read on this port",
@@ -462,6 +468,24 @@ impl Gate {
         debug!(flow = ?seg.flow, seq, len = payload.len(), base = stream.base(), data_end = stream.data_end(), "held copy");
         c.last_copy = Some(Instant::now());
         tracker.watch(&seg.flow, true);
+    }
+
+    /// A MySQL session that turned to TLS, let through unread
+    /// (`gate.unreadable = "allow"`): the kernel passes its bytes from now
+    /// on (monitor mode), and what it held is re-injected as it came.
+    fn let_encrypted_through(&mut self, flow: &Flow, tracker: &mut Tracker) {
+        if let Err(e) = self.kernel.set_mysql_mode(flow, GateMode::Monitor, false) {
+            warn!(?flow, "letting an encrypted MySQL session through: {e}");
+        }
+        if let Some(info) = self.info_mut(flow) {
+            info.mode = Some(GateMode::Monitor);
+            info.kernel_mode = Some(GateMode::Monitor);
+        }
+        if let Some(stream) = self.held_mut(flow) {
+            let end = stream.data_end();
+            stream.message_ends(end);
+        }
+        self.release(flow, tracker);
     }
 
     /// A copy the tc program refused (`Segment::refused`): the client sent
