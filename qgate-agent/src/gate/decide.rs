@@ -45,12 +45,10 @@ impl Gate {
             // server reads text makes later ones read with care, and one
             // that may change the database leaves it unknown until the
             // server's answer (`WireEvent::Identified`).
-            let uses = sql
-                .info
-                .text
-                .trim_start()
-                .to_ascii_lowercase()
-                .starts_with("use");
+            // Any statement of the text (`SELECT 1; USE prod`, one in an
+            // executable comment), not only its start.
+            let uses = sql.info.text.to_ascii_lowercase().contains("use")
+                && crate::wire::mysql::track::use_database(&sql.info.text).is_some();
             if let Some(info) = self.info_mut(flow) {
                 info.lexing.mysql_statement(&sql.info.text);
                 info.database_pending |= uses;

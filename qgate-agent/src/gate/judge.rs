@@ -91,10 +91,11 @@ impl Lexing {
     /// SELECT 'a\'; DROP …`).
     pub(super) fn mysql_unmodelled(&self, text: &str) -> Option<String> {
         let (sql_mode, charset) = mysql_changes_lexing(text);
-        if (self.sql_mode || sql_mode) && text.contains('\\') {
+        if (self.sql_mode || sql_mode) && (text.contains('\\') || text.contains('"')) {
             return Some(
                 "the session may have changed its sql_mode: backslashes in strings may \
-                 not escape, which qgate does not model"
+                 not escape and double quotes may name columns (ANSI_QUOTES), which \
+                 qgate does not model"
                     .into(),
             );
         }
@@ -532,7 +533,14 @@ impl Judge {
                         && s.settings
                             .iter()
                             .all(|name| MEANINGLESS_SETTINGS.contains(&name.as_str())));
-                s.kind == Kind::Unknown || (sets && !harmless)
+                // A procedure or function of the server's may set the
+                // session's variables too (`time_zone` outlives the CALL).
+                let code = s.kind == Kind::Procedural
+                    || s.functions.iter().any(|f| {
+                        !crate::classify::is_known_safe_function(f)
+                            && !policy.lists_safe_function(f)
+                    });
+                s.kind == Kind::Unknown || code || (sets && !harmless)
             });
         Judged {
             ruling,

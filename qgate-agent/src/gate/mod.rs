@@ -717,12 +717,14 @@ impl Gate {
                 // user or database: what it learnt of the session stays.
                 let before = self.info(&flow).filter(|i| i.conn == *conn);
                 let mut lexing: Lexing = before.map(|i| i.lexing.clone()).unwrap_or_default();
+                // A collation setting qgate cannot read (`COM_CHANGE_USER`'s)
+                // counts as 0: not one that splits like ASCII.
                 let collation = |key: &str| {
                     identity
                         .settings
                         .iter()
                         .find(|(k, _)| k == key)
-                        .and_then(|(_, v)| v.parse::<u8>().ok())
+                        .map(|(_, v)| v.parse::<u8>().unwrap_or(0))
                 };
                 // The login's collation, and the server's default, which
                 // the session gets if the server does not know the login's

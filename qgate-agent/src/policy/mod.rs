@@ -195,6 +195,37 @@ struct Group {
     identity_unknown: Option<bool>,
 }
 
+/// A MySQL statement whose every database qgate reads from its table
+/// names: a plain read, write, table creation or removal, transaction
+/// control or setting, calling no function of another database.
+fn sees_every_database(s: &StatementFacts) -> bool {
+    let kind = matches!(
+        s.kind,
+        Kind::Read | Kind::Write | Kind::Transaction | Kind::Session | Kind::Ddl
+    );
+    let first = s.verb.split(' ').next().unwrap_or("");
+    let verb = matches!(
+        first,
+        "SELECT"
+            | "INSERT"
+            | "UPDATE"
+            | "DELETE"
+            | "REPLACE"
+            | "WITH"
+            | "VALUES"
+            | "TABLE"
+            | "TRUNCATE"
+            | "BEGIN"
+            | "START"
+            | "COMMIT"
+            | "ROLLBACK"
+            | "SAVEPOINT"
+            | "RELEASE"
+            | "SET"
+    ) || matches!(s.verb.as_str(), "CREATE TABLE" | "DROP TABLE");
+    kind && verb && !s.functions.iter().any(|f| f.contains('.'))
+}
+
 /// Which databases a statement may act in, for groups' `databases`.
 #[derive(Clone, Copy)]
 enum Reach<'a> {
@@ -615,10 +646,21 @@ impl Policy {
         } else {
             Vec::new()
         };
+        // Only where qgate sees every object a MySQL statement acts on can
+        // the databases it names settle a `databases` group; otherwise
+        // (`CALL prod.p()`, `RENAME TABLE`, `SHOW … FROM prod`, a `USE`,
+        // text not understood …) membership is unknown.
+        let reach = if classification.dialect == Dialect::Mysql
+            && !classification.statements.iter().all(sees_every_database)
+        {
+            Reach::Anywhere
+        } else {
+            Reach::Also(&qualifiers)
+        };
         let membership: Vec<Membership> = self
             .groups
             .iter()
-            .map(|g| g.membership_reaching(subject, Reach::Also(&qualifiers)))
+            .map(|g| g.membership_reaching(subject, reach))
             .collect();
         let search_path = self.resolved_search_path(subject);
         if classification.statements.is_empty() {

@@ -521,6 +521,20 @@ fn mysql_tables_of_other_databases_count_for_database_groups() {
         "prod-writes"
     );
     assert_eq!(mysql("test", "DELETE FROM t WHERE id = 1").rule, "default");
+    // What names a database qgate does not list as a table's: the
+    // sandbox's rule does not free it.
+    for sql in [
+        "CALL prod.p()",
+        "SELECT prod.f()",
+        "RENAME TABLE prod.t TO sandbox.t",
+        "SHOW TABLES FROM prod",
+        "DROP DATABASE prod",
+        "USE prod; DELETE FROM t",
+        "LOAD DATA INFILE '/tmp/x' INTO TABLE prod.t",
+        "ALTER TABLE t RENAME TO prod.t",
+    ] {
+        assert_ne!(mysql("sandbox", sql).rule, "sandbox-free", "{sql}");
+    }
     // PostgreSQL's `prod.t` is a schema's table in the session's database.
     let mut who = subject("app");
     who.database = Some("sandbox".into());

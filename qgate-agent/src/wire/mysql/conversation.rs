@@ -30,7 +30,10 @@ pub enum MysqlEvent {
         database: Option<String>,
         /// The client's `program_name` attribute (`mysql`, `mariadb`, …).
         program: Option<String>,
-        /// The collation id it asked for (its character set).
+        /// The collation id it asked for (its character set); 0 when the
+        /// server is MariaDB and that id is MySQL 8's 255, which MariaDB
+        /// does not know and replaces with its global
+        /// `character_set_client` (unseen by qgate).
         collation: u8,
         /// The server's default collation (its greeting's), which the
         /// session gets if the server does not know `collation`.
@@ -295,8 +298,15 @@ impl Conversation {
                         return ClientPacket::Unread;
                     }
                     let user = login.user.clone();
+                    let mariadb = self
+                        .server_capabilities
+                        .is_some_and(|c| c & packet::mariadb_caps::CLIENT_MYSQL == 0);
                     out.push(MysqlEvent::Login {
-                        collation: login.collation,
+                        collation: if mariadb && login.collation == 255 {
+                            0
+                        } else {
+                            login.collation
+                        },
                         server_collation: self.server_collation,
                         program: login.attribute("program_name").map(str::to_owned),
                         user: login.user,

@@ -263,7 +263,10 @@ pub fn login(payload: &[u8]) -> Result<Login, MysqlError> {
     } else {
         0
     };
-    if f.is_empty() && capabilities & caps::SSL != 0 {
+    // MariaDB turns to TLS on the capability alone, whatever follows it in
+    // the packet (a full login with the bit set is followed by a TLS
+    // handshake, and the real login inside it).
+    if capabilities & caps::SSL != 0 {
         return Ok(Login::Ssl { capabilities });
     }
     let user = text(f.cstr()?);

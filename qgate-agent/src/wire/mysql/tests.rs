@@ -152,6 +152,14 @@ fn login_payload(capabilities: u32, user: &str, db: Option<&str>) -> Vec<u8> {
     l
 }
 
+/// MariaDB turns to TLS on the SSL capability alone: a full login with
+/// the bit is an SSL request (the real login follows inside TLS).
+#[test]
+fn a_login_with_the_ssl_capability_is_an_ssl_request() {
+    let login = login_payload(CLIENT | caps::SSL, "n", Some("shop"));
+    assert!(matches!(packet::login(&login).unwrap(), Login::Ssl { .. }));
+}
+
 #[test]
 fn greeting_and_login_fields() {
     let g = packet::greeting(&greeting_payload(0xf7fe, 0x81bf)).unwrap();

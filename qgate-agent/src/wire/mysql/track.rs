@@ -83,7 +83,7 @@ struct Due {
 /// `USE`, `Some(None)` when it is one qgate cannot read the name of (the
 /// session's database is then unknown, never guessed). MariaDB runs the
 /// inside of `/*! … */` comments: a `USE` hidden there counts as unread.
-fn use_database(text: &str) -> Option<Option<String>> {
+pub(crate) fn use_database(text: &str) -> Option<Option<String>> {
     use sqlparser::{
         ast::{ObjectNamePart, Statement, Use},
         dialect::MySqlDialect,
@@ -303,7 +303,12 @@ impl MysqlStreams {
                             user: Some(user),
                             database,
                             application,
-                            settings: Vec::new(),
+                            // Its character set is not read: the session's
+                            // text is not modelled from now on.
+                            settings: vec![(
+                                MYSQL_LOGIN_COLLATION.into(),
+                                "set by COM_CHANGE_USER".into(),
+                            )],
                         },
                         at,
                         out,
