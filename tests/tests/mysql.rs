@@ -1080,6 +1080,63 @@ fn a_mariadb_tls_session_is_refused_or_let_through_as_gate_unreadable_says() -> 
     Ok(())
 }
 
+/// A policy rule for one database (`sandbox`: anything goes) neither frees
+/// nor spares what a MySQL statement does to another's tables
+/// (`shop.victim`, named from a session in `sandbox`): the connection is not
+/// handed to the kernel as "nothing to gate", and the DELETE of every row
+/// of `shop.victim` is held.
+#[test]
+fn a_rule_for_one_database_does_not_free_another_databases_tables() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("mydbs")?;
+    let server = Mariadb::start(&lab)?;
+    server.root(
+        "CREATE DATABASE sandbox; GRANT ALL ON sandbox.* TO 'app'@'%'; \
+         CREATE TABLE sandbox.scratch (id INT); \
+         CREATE TABLE shop.victim (id INT PRIMARY KEY, v TEXT); \
+         INSERT INTO shop.victim VALUES (1,'a'),(2,'b'),(3,'c');",
+    )?;
+    let policy = lab.dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[default]\naction = \"allow\"\n\
+         [groups.sandbox]\ndatabases = [\"sandbox\"]\n\
+         [[rules]]\nname = \"sandbox-free\"\ngroups = [\"sandbox\"]\naction = \"allow\"\n\
+         [[rules]]\nname = \"all-rows-write\"\nflags = [\"all_rows\"]\naction = \"hold\"\n\
+         reviewers = [\"reviewers\"]\n",
+    )?;
+    let config = lab.config_with(&[])?;
+    lab.start_agent(&[
+        "--config",
+        &config.to_string_lossy(),
+        "--policy",
+        &policy.to_string_lossy(),
+    ])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    let in_sandbox = |sql: &str| {
+        lab.in_client("mariadb")
+            .arg("--no-defaults")
+            .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+            .args(["-u", "app", "-psecret", "sandbox", "-N", "-B", "-e", sql])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    // Its own database: free.
+    let own = in_sandbox("DELETE FROM scratch")?;
+    let (ok, _, err) = finish(own, Duration::from_secs(15))?;
+    assert!(ok, "the sandbox's own DELETE: {err}");
+    // Another's: held, and denied here.
+    let other = in_sandbox("DELETE FROM shop.victim")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert_eq!(request["rule"], "all-rows-write", "{request}");
+    assert_eq!(victim_rows(&server)?, Some(3), "ran before a decision");
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let _ = finish(other, Duration::from_secs(10))?;
+    assert_eq!(victim_rows(&server)?, Some(3));
+    Ok(())
+}
+
 /// A client that claims MySQL 8's query attributes (`CLIENT_QUERY_ATTRIBUTES`,
 /// which MariaDB never offers): MariaDB reads a COM_QUERY's text from its
 /// second byte, so bytes a MySQL 8 reader would skip as attributes are SQL
