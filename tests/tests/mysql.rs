@@ -1137,6 +1137,59 @@ fn a_rule_for_one_database_does_not_free_another_databases_tables() -> Result<()
     Ok(())
 }
 
+/// What MariaDB runs that a statement's text does not show, read from the
+/// server's catalog: a plain `SELECT * FROM v` whose view calls a stored
+/// function that deletes rows, and an INSERT into a table whose trigger
+/// deletes rows elsewhere. Both are held (`user_code`), neither passes in
+/// the kernel, and nothing runs on a denial; a plain read of a table runs.
+#[test]
+fn views_calling_functions_and_triggers_are_user_code_on_mariadb() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("mycode")?;
+    let server = Mariadb::start(&lab)?;
+    server.root(
+        "CREATE TABLE shop.victim (id INT PRIMARY KEY, v TEXT); \
+         INSERT INTO shop.victim VALUES (1,'a'),(2,'b'),(3,'c'); \
+         CREATE TABLE shop.inbox (n INT); \
+         CREATE TRIGGER shop.inbox_in AFTER INSERT ON shop.inbox \
+           FOR EACH ROW DELETE FROM shop.victim;",
+    )?;
+    server.root(
+        "DELIMITER //\n\
+         CREATE FUNCTION shop.purge() RETURNS INT MODIFIES SQL DATA \
+           BEGIN DELETE FROM shop.victim; RETURN 1; END//\n\
+         DELIMITER ;\n\
+         CREATE VIEW shop.report AS SELECT shop.purge() AS done;",
+    )?;
+    let config = lab.config_with(&[])?;
+    lab.start_agent(&["--config", &config.to_string_lossy()])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+
+    let read = client_spawn(&lab, "SELECT count(*) FROM victim")?;
+    let (ok, out, err) = finish(read, Duration::from_secs(15))?;
+    assert!(ok && out.trim() == "3", "a plain read: {out} {err}");
+
+    for sql in ["SELECT * FROM report", "INSERT INTO inbox VALUES (1)"] {
+        let child = client_spawn(&lab, sql)?;
+        let (request, id) = pending_id(&lab, &token)?;
+        let facts = request["facts"].to_string();
+        assert!(
+            facts.contains("user_code") && (facts.contains("view") || facts.contains("trigger")),
+            "{sql}: {request}"
+        );
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            victim_rows(&server)?,
+            Some(3),
+            "{sql} ran before a decision"
+        );
+        lab.requests(&token, &["deny", &id.to_string()])?;
+        let _ = finish(child, Duration::from_secs(10))?;
+        assert_eq!(victim_rows(&server)?, Some(3), "{sql} ran");
+    }
+    Ok(())
+}
+
 /// A client that claims MySQL 8's query attributes (`CLIENT_QUERY_ATTRIBUTES`,
 /// which MariaDB never offers): MariaDB reads a COM_QUERY's text from its
 /// second byte, so bytes a MySQL 8 reader would skip as attributes are SQL

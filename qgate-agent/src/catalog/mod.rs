@@ -8,5 +8,5 @@ pub mod mysql;
 pub mod service;
 pub mod view;
 
-pub use service::{Catalogs, Estimate, Lookup};
+pub use service::{Catalogs, Estimate, Lookup, MysqlLookup};
 pub use view::CatalogView;

@@ -117,6 +117,67 @@ pub fn find_servers(ports: &[u16]) -> Vec<MysqlServer> {
     found
 }
 
+/// What of a MariaDB server's catalog runs code a statement's text does
+/// not show: stored and loadable functions (a view may call one, and a
+/// plain `SELECT * FROM v` runs it) and triggers (a write to their table
+/// runs them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MysqlCatalog {
+    /// Views that call a stored or loadable function, by (database, name),
+    /// lower case. The `sys` schema's functions, which the server's own
+    /// install creates, do not count.
+    pub views: HashSet<(String, String)>,
+    /// Tables with triggers, by (database, name), lower case.
+    pub triggers: HashSet<(String, String)>,
+}
+
+impl MysqlCatalog {
+    /// What `statement` may run that its text does not show, in a session
+    /// whose database is `database`: each a reason for the `user_code` fact.
+    pub fn user_code(
+        &self,
+        statement: &crate::classify::StatementFacts,
+        database: Option<&str>,
+    ) -> Vec<String> {
+        let key = |t: &TableName| -> Option<(String, String)> {
+            let (db, name) = resolve(t, database).ok()?;
+            Some((db.to_lowercase(), name.to_lowercase()))
+        };
+        let mut runs = Vec::new();
+        for t in statement.tables() {
+            match key(t) {
+                Some(k) if self.views.contains(&k) => runs.push(format!(
+                    "it reads the view {}.{}, which calls a stored function",
+                    quote(&k.0),
+                    quote(&k.1)
+                )),
+                Some(_) => {}
+                None if !self.views.is_empty() => runs.push(format!(
+                    "`{}` may be a view calling a stored function (no database selected)",
+                    t.parts.join(".")
+                )),
+                None => {}
+            }
+        }
+        for t in &statement.tables_written {
+            match key(t) {
+                Some(k) if self.triggers.contains(&k) => runs.push(format!(
+                    "it writes {}.{}, whose triggers run",
+                    quote(&k.0),
+                    quote(&k.1)
+                )),
+                Some(_) => {}
+                None if !self.triggers.is_empty() => runs.push(format!(
+                    "`{}` may have triggers (no database selected)",
+                    t.parts.join(".")
+                )),
+                None => {}
+            }
+        }
+        runs
+    }
+}
+
 /// The reader's sessions, one per server (by port), kept open between
 /// estimates.
 #[derive(Default)]
@@ -165,6 +226,58 @@ fn session<'a>(
 }
 
 impl MysqlReader {
+    /// The server's functions, views and triggers (see [`MysqlCatalog`]).
+    pub fn catalog(
+        &mut self,
+        server: &MysqlServer,
+        timeout: Duration,
+    ) -> Result<MysqlCatalog, String> {
+        let fail = |e: mysql::Error| format!("MariaDB: {e}");
+        let conn = session(&mut self.sessions, server, timeout)?;
+        let functions: Vec<(String, String)> = conn
+            .query(
+                "SELECT ROUTINE_SCHEMA, ROUTINE_NAME FROM information_schema.ROUTINES \
+                 WHERE ROUTINE_TYPE = 'FUNCTION' AND ROUTINE_SCHEMA <> 'sys'",
+            )
+            .map_err(fail)?;
+        let loadable: Vec<String> = conn.query("SELECT name FROM mysql.func").map_err(fail)?;
+        let views: Vec<(String, String, String)> = conn
+            .query("SELECT TABLE_SCHEMA, TABLE_NAME, VIEW_DEFINITION FROM information_schema.VIEWS")
+            .map_err(fail)?;
+        // MariaDB keeps a view's definition with names quoted: a call reads
+        // `` `db`.`f`( ``, or `` `f`( `` for a function of the view's own
+        // database; a loadable function's `` `f`( `` or `f(`. Matched by
+        // name alone (a function of another database with the same name
+        // counts too: more is held, never less).
+        let calls: Vec<String> = functions
+            .iter()
+            .map(|(_, f)| format!("`{}`(", f.to_lowercase()))
+            .chain(loadable.iter().flat_map(|f| {
+                let f = f.to_lowercase();
+                [format!("`{f}`("), format!("{f}(")]
+            }))
+            .collect();
+        let views: Vec<(String, String)> = views
+            .into_iter()
+            .filter(|(_, _, definition)| {
+                let definition = definition.to_lowercase();
+                calls.iter().any(|c| definition.contains(c))
+            })
+            .map(|(d, n, _)| (d, n))
+            .collect();
+        let triggers: Vec<(String, String)> = conn
+            .query(
+                "SELECT DISTINCT EVENT_OBJECT_SCHEMA, EVENT_OBJECT_TABLE \
+                 FROM information_schema.TRIGGERS",
+            )
+            .map_err(fail)?;
+        let lower = |(d, n): (String, String)| (d.to_lowercase(), n.to_lowercase());
+        Ok(MysqlCatalog {
+            views: views.into_iter().map(lower).collect(),
+            triggers: triggers.into_iter().map(lower).collect(),
+        })
+    }
+
     /// The planner's estimate of the share of a written table `sql`
     /// changes, planned in `database` (the client session's) and never run.
     pub fn estimate(
@@ -901,6 +1014,27 @@ mod tests {
         // From a SELECT: not planned (a subquery; the classifier holds it
         // as an all-rows write anyway).
         assert!(shape("REPLACE INTO t SELECT * FROM u").is_err());
+    }
+
+    #[test]
+    fn views_calling_functions_and_triggered_tables_are_user_code() {
+        use crate::classify::{classify, Dialect};
+        let catalog = MysqlCatalog {
+            views: [("shop".to_string(), "report".to_string())].into(),
+            triggers: [("shop".to_string(), "inbox".to_string())].into(),
+        };
+        let runs = |sql: &str, db: Option<&str>| {
+            let c = classify(sql, Dialect::Mysql);
+            catalog.user_code(&c.statements[0], db)
+        };
+        assert!(runs("SELECT * FROM report", Some("shop"))[0].contains("view"));
+        assert!(runs("SELECT * FROM Shop.Report", Some("other"))[0].contains("view"));
+        assert!(runs("INSERT INTO inbox VALUES (1)", Some("shop"))[0].contains("trigger"));
+        // A read of the triggered table runs no trigger.
+        assert!(runs("SELECT * FROM inbox", Some("shop")).is_empty());
+        assert!(runs("SELECT * FROM report", Some("other")).is_empty());
+        // No database selected: an unqualified name may be either.
+        assert!(!runs("SELECT * FROM report", None).is_empty());
     }
 
     #[test]

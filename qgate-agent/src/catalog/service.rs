@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     load::{Reader, Server, Share},
-    mysql::{MysqlReader, MysqlServer},
+    mysql::{MysqlCatalog, MysqlReader, MysqlServer},
     view::CatalogView,
 };
 use crate::classify::TableName;
@@ -48,8 +48,33 @@ pub enum Estimate {
     Pending,
 }
 
+/// A MariaDB server's catalog (see [`super::mysql::MysqlCatalog`]).
+pub enum MysqlLookup {
+    Ready(Arc<MysqlCatalog>),
+    /// Being read; ask again when the worker rings.
+    Pending,
+    /// Cannot be read: why.
+    Unavailable(String),
+}
+
+enum MysqlEntry {
+    Loading {
+        since: Instant,
+    },
+    Ready {
+        catalog: Arc<MysqlCatalog>,
+        at: Instant,
+    },
+    Failed {
+        error: String,
+        at: Instant,
+    },
+}
+
 /// Work for the reader thread.
 enum Job {
+    /// The catalog of the MariaDB server on this port.
+    MysqlCatalog(u16),
     Catalog(String),
     Estimate {
         database: String,
@@ -102,6 +127,8 @@ struct State {
     server: Option<Server>,
     /// The gated MariaDB/MySQL servers, one per port.
     mysql_servers: Vec<MysqlServer>,
+    /// Their catalogs, by port.
+    mysql_catalogs: HashMap<u16, MysqlEntry>,
     entries: HashMap<String, Entry>,
     tokens: HashSet<String>,
     estimates: HashMap<(String, String), EstimateEntry>,
@@ -146,6 +173,31 @@ impl Catalogs {
                         token
                     };
                     match job {
+                        Job::MysqlCatalog(port) => {
+                            let server = lock(&worker_state)
+                                .mysql_servers
+                                .iter()
+                                .find(|s| s.port == port)
+                                .cloned();
+                            let result = match &server {
+                                Some(server) => mysql_reader.catalog(server, LOAD_TIMEOUT),
+                                None => Err(no_mysql_server(port)),
+                            };
+                            let now = Instant::now();
+                            let entry = match result {
+                                Ok(catalog) => MysqlEntry::Ready {
+                                    catalog: Arc::new(catalog),
+                                    at: now,
+                                },
+                                Err(error) => {
+                                    warn!(port, "cannot read MariaDB's catalog: {error}");
+                                    MysqlEntry::Failed { error, at: now }
+                                }
+                            };
+                            let mut s = lock(&worker_state);
+                            s.mysql_catalogs.insert(port, entry);
+                            s.generation += 1;
+                        }
                         Job::MysqlEstimate {
                             port,
                             database,
@@ -167,10 +219,7 @@ impl Catalogs {
                                     collation,
                                     LOAD_TIMEOUT,
                                 ),
-                                None => Err(format!(
-                                    "no MariaDB/MySQL server listening on port {port} with a \
-                                     Unix socket qgate can read it over"
-                                )),
+                                None => Err(no_mysql_server(port)),
                             };
                             if let Err(e) = &result {
                                 warn!(port, "cannot estimate on MariaDB: {e}");
@@ -280,11 +329,79 @@ impl Catalogs {
     pub fn set_mysql_servers(&self, servers: Vec<MysqlServer>) {
         let mut s = lock(&self.state);
         if s.mysql_servers != servers {
+            // Each server's catalog read at once (its first statements
+            // would wait for it).
+            let now = Instant::now();
+            s.mysql_catalogs.clear();
+            for server in &servers {
+                s.mysql_catalogs
+                    .insert(server.port, MysqlEntry::Loading { since: now });
+                let _ = self.jobs.send(Job::MysqlCatalog(server.port));
+            }
             s.mysql_servers = servers;
             s.estimates
                 .retain(|(key, _), _| !key.starts_with(MYSQL_KEY));
             s.generation += 1;
         }
+    }
+
+    /// The catalog of the MariaDB server on `port`, or why not yet / not
+    /// at all. Read again after [`REFRESH_EVERY`] (the old one serves
+    /// meanwhile) and after [`Catalogs::invalidate_mysql`].
+    pub fn lookup_mysql(&self, port: u16) -> MysqlLookup {
+        let now = Instant::now();
+        let mut s = lock(&self.state);
+        let (lookup, read) = match s.mysql_catalogs.get(&port) {
+            Some(MysqlEntry::Ready { catalog, at }) => (
+                MysqlLookup::Ready(Arc::clone(catalog)),
+                now.duration_since(*at) >= REFRESH_EVERY,
+            ),
+            Some(MysqlEntry::Loading { since }) => {
+                if now.duration_since(*since) > LOAD_TIMEOUT + Duration::from_secs(1) {
+                    (
+                        MysqlLookup::Unavailable(format!(
+                            "MariaDB's catalog (port {port}) was not read within {LOAD_TIMEOUT:?}"
+                        )),
+                        false,
+                    )
+                } else {
+                    (MysqlLookup::Pending, false)
+                }
+            }
+            Some(MysqlEntry::Failed { error, at }) => (
+                MysqlLookup::Unavailable(format!(
+                    "MariaDB's catalog (port {port}) cannot be read: {error}"
+                )),
+                now.duration_since(*at) >= RETRY_AFTER,
+            ),
+            None => (MysqlLookup::Pending, true),
+        };
+        if read {
+            if !matches!(lookup, MysqlLookup::Ready(_)) {
+                s.mysql_catalogs
+                    .insert(port, MysqlEntry::Loading { since: now });
+            } else if let Some(MysqlEntry::Ready { at, .. }) = s.mysql_catalogs.get_mut(&port) {
+                // Served until the new read lands; not asked again meanwhile.
+                *at = now;
+            }
+            drop(s);
+            let _ = self.jobs.send(Job::MysqlCatalog(port));
+        }
+        lookup
+    }
+
+    /// A statement on the MariaDB server at `port` may have changed its
+    /// functions, views or triggers: statements wait for a fresh read.
+    pub fn invalidate_mysql(&self, port: u16) {
+        let mut s = lock(&self.state);
+        s.mysql_catalogs.insert(
+            port,
+            MysqlEntry::Loading {
+                since: Instant::now(),
+            },
+        );
+        drop(s);
+        let _ = self.jobs.send(Job::MysqlCatalog(port));
     }
 
     /// MariaDB's estimate of the share of a written table `sql` changes on
@@ -465,6 +582,13 @@ const MYSQL_KEY: &str = "\0mysql:";
 fn mysql_key(port: u16, database: Option<&str>, collation: Option<u8>) -> String {
     let collation = collation.map_or(String::new(), |c| c.to_string());
     format!("{MYSQL_KEY}{port}:{collation}:{}", database.unwrap_or(""))
+}
+
+fn no_mysql_server(port: u16) -> String {
+    format!(
+        "no MariaDB/MySQL server listening on port {port} with a Unix socket qgate can \
+         read it over"
+    )
 }
 
 const NO_SERVER: &str =

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{connection::ConnInfo, held::PendingSql, SqlInfo, FUNCTION_CALL, INCOMPLETE};
 use crate::{
-    catalog::{CatalogView, Catalogs, Estimate, Lookup},
+    catalog::{CatalogView, Catalogs, Estimate, Lookup, MysqlLookup},
     classify::{Classification, Dialect, Flag, Kind, RowShare},
     flow::Transport,
     policy::{self, Action, DecisionCache, PolicyHandle, RowEstimator, Subject},
@@ -673,13 +673,21 @@ impl Judge {
             }
         }
         let Some(view) = view else {
+            let mut flagged = false;
+            if conn.dialect == Dialect::Mysql {
+                // What MariaDB's catalog says runs unseen: a view that may
+                // call a stored function, a table's triggers.
+                flagged |= self.mysql_user_code(conn, &mut classification, server_port)?;
+            }
             if conn.dialect == Dialect::Mysql && policy.wants_row_shares() {
                 // MariaDB's planner is asked (`catalog::mysql`); a write it
                 // cannot estimate is held with the reason (the policy's
                 // rules on shares fail closed on that).
-                let mut flagged = false;
                 for statement in &mut classification.statements {
-                    if statement.changes_existing_rows() && !statement.has(Flag::AllRows) {
+                    if statement.changes_existing_rows()
+                        && !statement.has(Flag::AllRows)
+                        && !statement.has(Flag::UserCode)
+                    {
                         statement.share = Some(self.mysql_row_share(
                             conn,
                             text,
@@ -690,11 +698,11 @@ impl Judge {
                         flagged = true;
                     }
                 }
-                if flagged {
-                    let decision =
-                        policy.decide(&conn.subject, &classification, self.estimator.as_ref());
-                    return self.unless_estimating((classification, decision));
-                }
+            }
+            if flagged {
+                let decision =
+                    policy.decide(&conn.subject, &classification, self.estimator.as_ref());
+                return self.unless_estimating((classification, decision));
             }
             return Some((classification, decision));
         };
@@ -742,6 +750,46 @@ impl Judge {
     /// and the statement is decided again when the answer is in.
     fn unless_estimating<T>(&self, decided: T) -> Option<T> {
         (!self.estimator.take_pending()).then_some(decided)
+    }
+
+    /// Marks the statements of a MySQL session that run code their text
+    /// does not show, from the server's catalog (`catalog::mysql`): `true`
+    /// if any was marked; `None` while the catalog is being read. A catalog
+    /// that cannot be read marks every statement but transaction control
+    /// (fails closed, as for PostgreSQL). Nothing without catalogs
+    /// (`catalog.enabled = false`).
+    fn mysql_user_code(
+        &self,
+        conn: &ConnInfo,
+        classification: &mut Classification,
+        server_port: Option<u16>,
+    ) -> Option<bool> {
+        let Some(catalogs) = &self.catalogs else {
+            return Some(false);
+        };
+        let lookup = match server_port {
+            Some(port) => catalogs.lookup_mysql(port),
+            None => MysqlLookup::Unavailable("the session's server is not known".into()),
+        };
+        let catalog = match lookup {
+            MysqlLookup::Pending => return None,
+            MysqlLookup::Ready(catalog) => Ok(catalog),
+            MysqlLookup::Unavailable(why) => Err(why),
+        };
+        let mut flagged = false;
+        for statement in &mut classification.statements {
+            let runs = match &catalog {
+                Ok(catalog) => catalog.user_code(statement, conn.subject.database.as_deref()),
+                Err(why) if statement.kind != Kind::Transaction => vec![why.clone()],
+                Err(_) => Vec::new(),
+            };
+            if !runs.is_empty() {
+                statement.flags.insert(Flag::UserCode);
+                statement.code.runs.extend(runs);
+                flagged = true;
+            }
+        }
+        Some(flagged)
     }
 
     /// MariaDB's estimate of how much of its table a write on a MySQL

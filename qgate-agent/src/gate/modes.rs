@@ -54,11 +54,12 @@ impl Gate {
             return;
         }
         let mode = info.mode.unwrap_or(GateMode::Monitor);
-        let mode = if mode == GateMode::GateRisky && !self.fast_path_allowed(info) {
-            GateMode::GateAll
-        } else {
-            mode
-        };
+        let mode =
+            if mode == GateMode::GateRisky && !self.fast_path_allowed(info, flow.server.port()) {
+                GateMode::GateAll
+            } else {
+                mode
+            };
         let mysql = info.dialect == crate::classify::Dialect::Mysql;
         let prepared_judged = info.prepared_judged;
         if info.kernel_mode == Some(mode) {
@@ -80,16 +81,21 @@ impl Gate {
         }
     }
 
-    pub(super) fn fast_path_allowed(&self, info: &ConnInfo) -> bool {
-        if info.dialect == crate::classify::Dialect::Mysql {
-            // The kernel's MySQL proof refuses what the session's sql_mode
-            // or character set could make the server read differently
-            // (`qgate_common::scan`); no catalog of MariaDB's is read.
-            return true;
-        }
+    pub(super) fn fast_path_allowed(&self, info: &ConnInfo, port: u16) -> bool {
         let Some(catalogs) = &self.judge.catalogs else {
             return true;
         };
+        if info.dialect == crate::classify::Dialect::Mysql {
+            // The kernel's MySQL proof refuses what the session's sql_mode
+            // or character set could make the server read differently
+            // (`qgate_common::scan`); a plain `SELECT * FROM v` runs the
+            // functions a view calls, so only a server with no such view
+            // gets the fast path.
+            return matches!(
+                catalogs.lookup_mysql(port),
+                crate::catalog::MysqlLookup::Ready(c) if c.views.is_empty()
+            );
+        }
         if info.lexing.any() || info.schema_changed {
             return false;
         }
@@ -161,7 +167,20 @@ impl Gate {
     /// the database's catalog is read again, and this session's statements
     /// count as user code until its transaction ends.
     pub(super) fn schema_changed(&mut self, flow: &Flow, creates_code: bool) {
-        if self.judge.catalogs.is_none() {
+        let Some(catalogs) = self.judge.catalogs.clone() else {
+            return;
+        };
+        if self
+            .info(flow)
+            .is_some_and(|i| i.dialect == crate::classify::Dialect::Mysql)
+        {
+            // Functions, views or triggers may be new: read again, and
+            // until then no session of that server gets the fast path.
+            catalogs.invalidate_mysql(flow.server.port());
+            let conns: Vec<Flow> = self.conns.keys().copied().collect();
+            for other in conns {
+                self.apply_mode(&other);
+            }
             return;
         }
         let Some(info) = self.info_mut(flow) else {
