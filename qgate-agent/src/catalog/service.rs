@@ -417,11 +417,28 @@ impl Catalogs {
         sql: &str,
         written: &[TableName],
     ) -> Estimate {
-        let now = Instant::now();
         let key = (mysql_key(port, database, collation), sql.to_owned());
+        self.ask(key, true, || Job::MysqlEstimate {
+            port,
+            database: database.map(str::to_owned),
+            sql: sql.to_owned(),
+            written: written.to_vec(),
+            collation,
+        })
+    }
+
+    /// The estimate kept under `key`, or `job` sent for it. `once`: a
+    /// ready answer is handed out once, then asked again.
+    fn ask(&self, key: (String, String), once: bool, job: impl FnOnce() -> Job) -> Estimate {
+        let now = Instant::now();
         let mut s = lock(&self.state);
         match s.estimates.get(&key) {
-            Some(EstimateEntry::Ready { at, .. }) if now.duration_since(*at) < ESTIMATE_FRESH => {
+            Some(EstimateEntry::Ready { result, at })
+                if now.duration_since(*at) < ESTIMATE_FRESH =>
+            {
+                if !once {
+                    return Estimate::Ready(result.clone());
+                }
                 if let Some(EstimateEntry::Ready { result, .. }) = s.estimates.remove(&key) {
                     return Estimate::Ready(result);
                 }
@@ -437,13 +454,7 @@ impl Catalogs {
         s.estimates
             .insert(key, EstimateEntry::Pending { since: now });
         drop(s);
-        let _ = self.jobs.send(Job::MysqlEstimate {
-            port,
-            database: database.map(str::to_owned),
-            sql: sql.to_owned(),
-            written: written.to_vec(),
-            collation,
-        });
+        let _ = self.jobs.send(job());
         Estimate::Pending
     }
 
@@ -530,32 +541,12 @@ impl Catalogs {
     /// The planner's estimate of the share of its table `sql` changes
     /// (`params`: how many `$n` it has), asked once and kept briefly.
     pub fn estimate(&self, database: &str, sql: &str, params: usize) -> Estimate {
-        let now = Instant::now();
         let key = (database.to_owned(), sql.to_owned());
-        let mut s = lock(&self.state);
-        match s.estimates.get(&key) {
-            Some(EstimateEntry::Ready { result, at })
-                if now.duration_since(*at) < ESTIMATE_FRESH =>
-            {
-                return Estimate::Ready(result.clone());
-            }
-            Some(EstimateEntry::Pending { since }) => {
-                if now.duration_since(*since) > LOAD_TIMEOUT + Duration::from_secs(1) {
-                    return Estimate::Ready(Err(format!("no estimate within {LOAD_TIMEOUT:?}")));
-                }
-                return Estimate::Pending;
-            }
-            _ => {}
-        }
-        s.estimates
-            .insert(key, EstimateEntry::Pending { since: now });
-        drop(s);
-        let _ = self.jobs.send(Job::Estimate {
+        self.ask(key, false, || Job::Estimate {
             database: database.to_owned(),
             sql: sql.to_owned(),
             params,
-        });
-        Estimate::Pending
+        })
     }
 
     /// True once for a token the worker is connecting with.

@@ -890,12 +890,7 @@ impl Judge {
             &statement.tables_written,
         ) {
             Estimate::Pending => None,
-            Estimate::Ready(Ok(share)) => Some(RowShare::Estimated {
-                rows: share.rows,
-                of: share.of,
-                relation: share.relation,
-            }),
-            Estimate::Ready(Err(reason)) => unavailable(reason),
+            Estimate::Ready(ready) => Some(row_share(ready)),
         }
     }
 
@@ -924,13 +919,20 @@ impl Judge {
         let catalogs = self.catalogs.as_ref()?;
         match catalogs.estimate(&database_of(&conn.subject), sql, placeholders(sql)) {
             Estimate::Pending => None,
-            Estimate::Ready(Ok(share)) => Some(RowShare::Estimated {
-                rows: share.rows,
-                of: share.of,
-                relation: share.relation,
-            }),
-            Estimate::Ready(Err(reason)) => unavailable(reason),
+            Estimate::Ready(ready) => Some(row_share(ready)),
         }
+    }
+}
+
+/// A planner's answer as the statement's facts keep it.
+fn row_share(answer: Result<crate::catalog::load::Share, String>) -> RowShare {
+    match answer {
+        Ok(share) => RowShare::Estimated {
+            rows: share.rows,
+            of: share.of,
+            relation: share.relation,
+        },
+        Err(reason) => RowShare::Unavailable { reason },
     }
 }
 
