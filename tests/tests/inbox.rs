@@ -303,8 +303,22 @@ where
     }
 }
 
+/// The text of the element `css` finds, found afresh when the page
+/// re-rendered it between the find and the read (the inbox renders once at
+/// sign-in and again when its event stream opens).
 async fn text_of(c: &Client, css: &str) -> Result<String> {
-    Ok(c.find(Locator::Css(css)).await?.text().await?)
+    let mut attempt = 0;
+    loop {
+        let read = async { c.find(Locator::Css(css)).await?.text().await };
+        match read.await {
+            Ok(text) => return Ok(text),
+            Err(e) if attempt < 5 && is_stale(&e) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn browse(mut scene: Scene) -> Result<Child> {
