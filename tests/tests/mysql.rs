@@ -979,15 +979,84 @@ fn a_collation_the_server_does_not_know_cannot_hide_a_statement() -> Result<()> 
 /// `options`) sends `'\xBF\'` followed by a DELETE: held as not
 /// understood, denied; nothing runs.
 fn gbk_text_is_held(tag: &str, options: &[&str], collation: u8) -> Result<()> {
+    text_is_held(
+        tag,
+        options,
+        collation,
+        b"SELECT '\xbf\\' ; DELETE FROM victim; -- '",
+        "",
+    )
+}
+
+/// Server-wide settings change how every session's text splits: a global
+/// `sql_mode` with ANSI_QUOTES makes `"x\"` a name ending at its second
+/// quote (`SELECT 1 AS "x\" ; DELETE FROM victim; -- "` is a DELETE to the
+/// server, one SELECT with a string alias in MariaDB's default mode), and
+/// an `init_connect` of `SET NAMES gbk` makes `\xBF\` one character. qgate
+/// reads both settings from the server (catalog) and holds such text as not
+/// understood; without that the DELETE ran.
+#[test]
+fn server_wide_sql_mode_and_init_connect_cannot_hide_a_statement() -> Result<()> {
+    text_is_held(
+        "myansi",
+        &["--sql-mode=ANSI_QUOTES"],
+        33,
+        b"SELECT 1 AS \"x\\\" ; DELETE FROM victim; -- \"",
+        "ANSI_QUOTES",
+    )?;
+    text_is_held(
+        "myinit",
+        &["--init-connect=SET NAMES gbk"],
+        33,
+        b"SELECT '\xbf\\' ; DELETE FROM victim; -- '",
+        "init_connect",
+    )?;
+    // Set through the gate (held, approved): the next session's text is
+    // read with the new setting in mind, not after the 60 s re-read.
+    let (lab, server, token) = gated_with("myglobal", &[])?;
+    server.root(
+        "CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%'; \
+         CREATE USER 'admin'@'%' IDENTIFIED BY 'secret'; GRANT ALL ON *.* TO 'admin'@'%';",
+    )?;
+    let admin = lab
+        .in_client("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        .args(["--skip-ssl", "-u", "admin", "-psecret", "-N", "-B"])
+        .args(["-e", "SET GLOBAL sql_mode = 'ANSI_QUOTES'"])
+        .spawn()?;
+    let (_, id) = pending_id(&lab, &token)?;
+    lab.requests(&token, &["approve", &id.to_string()])?;
+    let set = admin.wait_with_output()?;
+    assert!(set.status.success(), "SET GLOBAL: {set:?}");
+    assert!(server
+        .root("SELECT @@GLOBAL.sql_mode")?
+        .contains("ANSI_QUOTES"));
+    let mut raw = Raw::login_with(&lab, 33)?;
+    raw.command(0x03, b"SELECT 1 AS \"x\\\" ; DELETE FROM victim; -- \"")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(request.to_string().contains("ANSI_QUOTES"), "{request}");
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, answer) = raw.read()?;
+    assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));
+    assert_eq!(victim_rows(&server)?, Some(3));
+    Ok(())
+}
+
+/// A raw client logged in with `collation` (on a server started with
+/// `options`) sends `text`, which hides a DELETE: held as not understood
+/// (the reason names `why`), denied; nothing runs.
+fn text_is_held(tag: &str, options: &[&str], collation: u8, text: &[u8], why: &str) -> Result<()> {
     let (lab, server, token) = gated_with(tag, options)?;
     server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
     let mut raw = Raw::login_with(&lab, collation)?;
-    raw.command(0x03, b"SELECT '\xbf\\' ; DELETE FROM victim; -- '")?;
+    raw.command(0x03, text)?;
     let (request, id) = pending_id(&lab, &token)?;
     assert!(
         request["facts"]["statements"][0]["kind"] == "unknown",
         "{request}"
     );
+    assert!(request.to_string().contains(why), "{request}");
     lab.requests(&token, &["deny", &id.to_string()])?;
     let (_, answer) = raw.read()?;
     assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));

@@ -129,6 +129,44 @@ pub struct MysqlCatalog {
     pub views: HashSet<(String, String)>,
     /// Tables with triggers, by (database, name), lower case.
     pub triggers: HashSet<(String, String)>,
+    /// Why a new session of this server may split text differently from
+    /// MariaDB's default `sql_mode` and its login character set, from the
+    /// server's global settings ([`server_lexing`]); `None`: it does not.
+    pub lexing: Option<String>,
+}
+
+/// Why sessions of a server whose global `sql_mode` and `init_connect` are
+/// these may read statement text differently from how qgate splits it:
+/// `ANSI_QUOTES` makes `"…"` a name (a backslash no longer escapes in it),
+/// `NO_BACKSLASH_ESCAPES` ends a string at a backslash-quote, and
+/// `init_connect` runs at every login (except a SUPER user's) whatever it
+/// sets: `SET NAMES gbk`, a `sql_mode`. `None` when none of this holds.
+pub fn server_lexing(sql_mode: &str, init_connect: &str) -> Option<String> {
+    let modes: Vec<&str> = sql_mode
+        .split(',')
+        .map(str::trim)
+        .filter(|m| {
+            m.eq_ignore_ascii_case("ANSI_QUOTES")
+                || m.eq_ignore_ascii_case("NO_BACKSLASH_ESCAPES")
+                // ANSI and ORACLE include ANSI_QUOTES.
+                || m.eq_ignore_ascii_case("ANSI")
+                || m.eq_ignore_ascii_case("ORACLE")
+        })
+        .collect();
+    if !modes.is_empty() {
+        return Some(format!(
+            "the server's global sql_mode has {}",
+            modes.join(", ")
+        ));
+    }
+    let init = init_connect.trim();
+    if !init.is_empty() {
+        let shown: String = init.chars().take(60).collect();
+        return Some(format!(
+            "the server's init_connect runs `{shown}` at every login (it may set sql_mode or the character set)"
+        ));
+    }
+    None
 }
 
 impl MysqlCatalog {
@@ -271,10 +309,15 @@ impl MysqlReader {
                  FROM information_schema.TRIGGERS",
             )
             .map_err(fail)?;
+        let settings: Option<(String, Option<String>)> = conn
+            .query_first("SELECT @@GLOBAL.sql_mode, @@GLOBAL.init_connect")
+            .map_err(fail)?;
+        let (sql_mode, init_connect) = settings.ok_or("MariaDB returned no global settings")?;
         let lower = |(d, n): (String, String)| (d.to_lowercase(), n.to_lowercase());
         Ok(MysqlCatalog {
             views: views.into_iter().map(lower).collect(),
             triggers: triggers.into_iter().map(lower).collect(),
+            lexing: server_lexing(&sql_mode, init_connect.as_deref().unwrap_or("")),
         })
     }
 
@@ -1017,11 +1060,36 @@ mod tests {
     }
 
     #[test]
+    fn server_wide_settings_that_change_how_text_splits_are_named() {
+        assert_eq!(
+            server_lexing(
+                "STRICT_TRANS_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_AUTO_CREATE_USER,NO_ENGINE_SUBSTITUTION",
+                ""
+            ),
+            None
+        );
+        let why = server_lexing("STRICT_TRANS_TABLES,ANSI_QUOTES", "").unwrap();
+        assert!(why.contains("ANSI_QUOTES"), "{why}");
+        let why = server_lexing("no_backslash_escapes", "").unwrap();
+        assert!(why.contains("no_backslash_escapes"), "{why}");
+        // MariaDB's compound modes that include ANSI_QUOTES.
+        assert!(server_lexing("ANSI", "").is_some());
+        assert!(server_lexing("PIPES_AS_CONCAT,ORACLE", "").is_some());
+        let why = server_lexing("", "SET NAMES gbk").unwrap();
+        assert!(
+            why.contains("init_connect") && why.contains("SET NAMES gbk"),
+            "{why}"
+        );
+        assert_eq!(server_lexing("", "  "), None);
+    }
+
+    #[test]
     fn views_calling_functions_and_triggered_tables_are_user_code() {
         use crate::classify::{classify, Dialect};
         let catalog = MysqlCatalog {
             views: [("shop".to_string(), "report".to_string())].into(),
             triggers: [("shop".to_string(), "inbox".to_string())].into(),
+            lexing: None,
         };
         let runs = |sql: &str, db: Option<&str>| {
             let c = classify(sql, Dialect::Mysql);

@@ -89,7 +89,15 @@ impl Lexing {
     /// qgate: the session's state, or the text itself changing it before
     /// a later statement in it (`SET sql_mode='NO_BACKSLASH_ESCAPES';
     /// SELECT 'a\'; DROP …`).
-    pub(super) fn mysql_unmodelled(&self, text: &str) -> Option<String> {
+    pub(super) fn mysql_unmodelled(&self, text: &str, server: Option<&str>) -> Option<String> {
+        if let Some(why) = server {
+            if text.contains('\\') || text.contains('"') || !text.is_ascii() {
+                return Some(format!(
+                    "{why}: backslashes, double quotes and non-ASCII bytes may be read \
+                     differently by the server, which qgate does not model"
+                ));
+            }
+        }
         let (sql_mode, charset) = mysql_changes_lexing(text);
         if (self.sql_mode || sql_mode) && (text.contains('\\') || text.contains('"')) {
             return Some(
@@ -457,7 +465,12 @@ impl Judge {
                 })
             })
             .collect();
-        let schema = may_change_schema(&classification).then(|| may_create_code(&classification));
+        // A MySQL text naming GLOBAL may change the server's `sql_mode` or
+        // `init_connect` for every later session: its catalog is read again.
+        let sets_globals =
+            conn.dialect == Dialect::Mysql && sql.info.text.to_ascii_lowercase().contains("global");
+        let schema = (may_change_schema(&classification) || sets_globals)
+            .then(|| may_create_code(&classification));
         let ruling = match decision.action {
             Action::Allow | Action::AuditOnly => Ruling::Allow {
                 rule: Some(decision.rule),
@@ -593,7 +606,10 @@ impl Judge {
     ) -> Option<(Classification, policy::Decision)> {
         let text = sql.info.text.as_str();
         let unmodelled = match conn.dialect {
-            Dialect::Mysql => conn.lexing.mysql_unmodelled(text),
+            Dialect::Mysql => {
+                let server = self.mysql_server_lexing(server_port)?;
+                conn.lexing.mysql_unmodelled(text, server.as_deref())
+            }
             Dialect::Postgresql => conn.lexing.unmodelled(text),
         };
         if let Some(why) = unmodelled {
@@ -790,6 +806,27 @@ impl Judge {
             }
         }
         Some(flagged)
+    }
+
+    /// Why the MySQL server at `server_port` may split every session's text
+    /// differently from qgate (its global `sql_mode`, its `init_connect`),
+    /// from its catalog; a catalog that cannot be read counts as such a
+    /// reason (fails closed). `None` while it is being read; `Some(None)`
+    /// without catalogs (`catalog.enabled = false`).
+    fn mysql_server_lexing(&self, server_port: Option<u16>) -> Option<Option<String>> {
+        let Some(catalogs) = &self.catalogs else {
+            return Some(None);
+        };
+        let Some(port) = server_port else {
+            return Some(Some("the session's server is not known".into()));
+        };
+        match catalogs.lookup_mysql(port) {
+            MysqlLookup::Pending => None,
+            MysqlLookup::Ready(catalog) => Some(catalog.lexing.clone()),
+            MysqlLookup::Unavailable(why) => Some(Some(format!(
+                "the server's global settings could not be read ({why})"
+            ))),
+        }
     }
 
     /// MariaDB's estimate of how much of its table a write on a MySQL
