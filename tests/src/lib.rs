@@ -271,7 +271,9 @@ impl Lab {
     /// for this lab only, so that a client may choose a session the tc
     /// program cannot read (what the server hook is for). Plaintext stays
     /// allowed: `pg_hba.conf` trusts `host` lines either way.
-    pub fn start_postgres_tls(&mut self) -> Result<()> {
+    /// A self-signed certificate and its key for the lab's servers
+    /// (`server.crt`, `server.key` in the lab's directory).
+    pub fn self_signed_cert(&self) -> Result<(PathBuf, PathBuf)> {
         let cert = self.dir.join("server.crt");
         let key = self.dir.join("server.key");
         run(Command::new("openssl")
@@ -282,6 +284,11 @@ impl Lab {
             .arg(&key)
             .arg("-out")
             .arg(&cert))?;
+        Ok((cert, key))
+    }
+
+    pub fn start_postgres_tls(&mut self) -> Result<()> {
+        let (cert, key) = self.self_signed_cert()?;
         // PostgreSQL refuses a key that anyone but its owner may read; the
         // owner becomes postgres with the rest of the lab's directory.
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600))?;

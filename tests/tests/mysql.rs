@@ -97,10 +97,17 @@ impl Mariadb {
 }
 
 /// The `mariadb` client in the client namespace, over TCP, as `app`.
+/// The `mariadb` client in the client namespace, pointed at the lab's
+/// server (no option files).
+fn mariadb(lab: &Lab) -> Command {
+    let mut cmd = lab.in_client("mariadb");
+    cmd.arg("--no-defaults")
+        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()]);
+    cmd
+}
+
 fn client(lab: &Lab, sql: &str) -> std::process::Output {
-    lab.in_client("mariadb")
-        .arg("--no-defaults")
-        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+    mariadb(lab)
         .args(["-u", "app", "-psecret", "shop", "-N", "-B", "-e", sql])
         .output()
         .expect("running the mariadb client")
@@ -265,10 +272,7 @@ fn a_mariadb_session_that_changes_database_is_stored_under_each() -> Result<()> 
 /// the background.
 fn client_spawn(lab: &Lab, sql: &str) -> Result<Child> {
     use std::io::Write;
-    let mut child = lab
-        .in_client("mariadb")
-        .arg("--no-defaults")
-        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+    let mut child = mariadb(lab)
         .args([
             "-u",
             "app",
@@ -564,10 +568,7 @@ fn a_mariadb_identity_the_policy_refuses_gets_an_error_at_connect() -> Result<()
         policy.to_str().unwrap_or_default(),
     ])?;
     let started = Instant::now();
-    let out = lab
-        .in_client("mariadb")
-        .arg("--no-defaults")
-        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+    let out = mariadb(&lab)
         .args([
             "-u",
             "mallory",
@@ -607,10 +608,7 @@ fn an_approved_load_data_local_transfers_its_file_and_the_session_goes_on() -> R
     let csv = lab.dir.join("rows.csv");
     let rows: String = (0..5000).map(|i| format!("{i}\n")).collect();
     std::fs::write(&csv, rows)?;
-    let mut child = lab
-        .in_client("mariadb")
-        .arg("--no-defaults")
-        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+    let mut child = mariadb(&lab)
         .args([
             "-u",
             "app",
@@ -1018,10 +1016,7 @@ fn server_wide_sql_mode_and_init_connect_cannot_hide_a_statement() -> Result<()>
         "CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%'; \
          CREATE USER 'admin'@'%' IDENTIFIED BY 'secret'; GRANT ALL ON *.* TO 'admin'@'%';",
     )?;
-    let admin = lab
-        .in_client("mariadb")
-        .arg("--no-defaults")
-        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+    let admin = mariadb(&lab)
         .args(["--skip-ssl", "-u", "admin", "-psecret", "-N", "-B"])
         .args(["-e", "SET GLOBAL sql_mode = 'ANSI_QUOTES'"])
         .spawn()?;
@@ -1073,15 +1068,7 @@ fn text_is_held(tag: &str, options: &[&str], collation: u8, text: &[u8], why: &s
 fn a_mariadb_tls_session_is_refused_or_let_through_as_gate_unreadable_says() -> Result<()> {
     require_root();
     let mut lab = Lab::new("mytls")?;
-    let (cert, key) = (lab.dir.join("server.crt"), lab.dir.join("server.key"));
-    run(Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=qgate-lab", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert))?;
+    let (cert, key) = lab.self_signed_cert()?;
     let _server = Mariadb::start_with(
         &lab,
         &[
@@ -1090,9 +1077,7 @@ fn a_mariadb_tls_session_is_refused_or_let_through_as_gate_unreadable_says() -> 
         ],
     )?;
     let tls_client = |lab: &Lab| {
-        lab.in_client("mariadb")
-            .arg("--no-defaults")
-            .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        mariadb(lab)
             .args(["--ssl", "-u", "app", "-psecret", "shop", "-N", "-B"])
             .args(["-e", "SELECT 'over tls'"])
             .output()
@@ -1106,10 +1091,7 @@ fn a_mariadb_tls_session_is_refused_or_let_through_as_gate_unreadable_says() -> 
         String::from_utf8_lossy(&refused.stdout)
     );
     // (The mariadb client asks for TLS whenever the server offers it.)
-    let plain = lab
-        .in_client("mariadb")
-        .arg("--no-defaults")
-        .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+    let plain = mariadb(&lab)
         .args(["--skip-ssl", "-u", "app", "-psecret", "shop", "-N", "-B"])
         .args(["-e", "SELECT 'plain'"])
         .output()?;
@@ -1177,9 +1159,7 @@ fn a_rule_for_one_database_does_not_free_another_databases_tables() -> Result<()
     ])?;
     let token = lab.add_reviewer("rita", "reviewers", None)?;
     let in_sandbox = |sql: &str| {
-        lab.in_client("mariadb")
-            .arg("--no-defaults")
-            .args(["-h", &lab.server_ip.to_string(), "-P", &PORT.to_string()])
+        mariadb(&lab)
             .args(["-u", "app", "-psecret", "sandbox", "-N", "-B", "-e", sql])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

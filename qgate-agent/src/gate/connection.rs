@@ -36,9 +36,12 @@ pub(super) struct ConnInfo {
     /// A schema change ran in the transaction still open: the catalog is
     /// read again once it ends.
     pub catalog_stale: bool,
-    /// A `SET search_path` (or similar) ran: table names may resolve
-    /// elsewhere than in the estimator's session.
-    pub search_path_changed: bool,
+    /// The session changed what its statements mean in a way the
+    /// estimator's session does not share: a PostgreSQL `SET search_path`
+    /// (or similar: table names may resolve elsewhere), a MySQL `SET` of a
+    /// variable that changes meaning (`time_zone`, `timestamp` …), a CALL
+    /// or a text not understood. No row estimates from then on.
+    pub session_changed: bool,
     /// The mode the kernel was last told.
     pub kernel_mode: Option<GateMode>,
     /// The server's grammar: MySQL/MariaDB sessions are judged with the

@@ -52,7 +52,7 @@ impl Gate {
             if let Some(info) = self.info_mut(flow) {
                 info.lexing.mysql_statement(&sql.info.text);
                 info.database_pending |= uses;
-                info.search_path_changed |= changes_session;
+                info.session_changed |= changes_session;
             }
         }
         self.audit_shadow(shadow);
@@ -95,7 +95,7 @@ impl Gate {
                 }
                 if search_path {
                     if let Some(info) = self.info_mut(flow) {
-                        info.search_path_changed = true;
+                        info.session_changed = true;
                     }
                 }
                 Outcome::Allow

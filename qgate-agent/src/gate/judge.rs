@@ -849,7 +849,7 @@ impl Judge {
         if conn.database_pending {
             return unavailable("the session's database is changing (a USE on its way)".into());
         }
-        if conn.search_path_changed {
+        if conn.session_changed {
             return unavailable(
                 "the session set variables of its own (`SET time_zone`, `timestamp` …), \
                  which MariaDB's planner in qgate's session does not have"
@@ -943,7 +943,7 @@ impl Judge {
         if let Err(why) = view {
             return unavailable(why.clone());
         }
-        if conn.search_path_changed {
+        if conn.session_changed {
             return unavailable(
                 "the session changed its search_path, so the planner here may read \
                  other tables"

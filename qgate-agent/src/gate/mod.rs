@@ -759,7 +759,7 @@ impl Gate {
                     schema_changed: false,
                     own,
                     catalog_stale: false,
-                    search_path_changed: false,
+                    session_changed: false,
                     kernel_mode,
                     dialect,
                     prepared_judged: dialect == Dialect::Mysql && tracker.seen_from_start(*conn),
