@@ -1038,6 +1038,41 @@ fn server_wide_sql_mode_and_init_connect_cannot_hide_a_statement() -> Result<()>
     Ok(())
 }
 
+/// A session can set its own `sql_mode` where no word of its text says so:
+/// `PREPARE s FROM CONCAT('SET sql_', 'mode=…')` and `EXECUTE s`. Both are
+/// held (not understood); once a reviewer lets them run, qgate cannot know
+/// what they set, so the session's later texts with double quotes,
+/// backslashes or non-ASCII bytes are not understood either. Without that
+/// the ANSI_QUOTES text below ran its DELETE.
+#[test]
+fn a_session_change_qgate_cannot_read_leaves_its_text_unmodelled() -> Result<()> {
+    let (lab, server, token) = gated_with("myexec", &[])?;
+    server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
+    let mut raw = Raw::login_with(&lab, 33)?;
+    for step in [
+        &b"PREPARE s FROM CONCAT('SET sql_', 'mode=''ANSI_QUOTES''')"[..],
+        b"EXECUTE s",
+    ] {
+        raw.command(0x03, step)?;
+        let (_, id) = pending_id(&lab, &token)?;
+        lab.requests(&token, &["approve", &id.to_string()])?;
+        let (_, answer) = raw.read()?;
+        assert!(answer.first() == Some(&0), "{}", err_message(&answer));
+    }
+    raw.command(0x03, b"SELECT 1 AS \"x\\\" ; DELETE FROM victim; -- \"")?;
+    let (request, id) = pending_id(&lab, &token)?;
+    assert!(
+        request["facts"]["statements"][0]["kind"] == "unknown",
+        "{request}"
+    );
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (_, answer) = raw.read()?;
+    assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(victim_rows(&server)?, Some(3));
+    Ok(())
+}
+
 /// A raw client logged in with `collation` (on a server started with
 /// `options`) sends `text`, which hides a DELETE: held as not understood
 /// (the reason names `why`), denied; nothing runs.

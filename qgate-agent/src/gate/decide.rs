@@ -39,6 +39,7 @@ impl Gate {
             ruling,
             shadow,
             changes_session,
+            hides_session_change,
         } = self.judge.rule(&info, sql, origin);
         if info.dialect == crate::classify::Dialect::Mysql {
             // Whether or not it runs: a statement that may change how the
@@ -50,7 +51,8 @@ impl Gate {
             let uses = sql.info.text.to_ascii_lowercase().contains("use")
                 && crate::wire::mysql::track::use_database(&sql.info.text).is_some();
             if let Some(info) = self.info_mut(flow) {
-                info.lexing.mysql_statement(&sql.info.text);
+                info.lexing
+                    .mysql_statement(&sql.info.text, hides_session_change);
                 info.database_pending |= uses;
                 info.session_changed |= changes_session;
             }

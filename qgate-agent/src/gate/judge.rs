@@ -77,11 +77,17 @@ impl Lexing {
     /// read with care if it may change the session's `sql_mode` or
     /// character set (`unmodelled` then holds what qgate cannot split
     /// like the server).
-    pub(super) fn mysql_statement(&mut self, text: &str) {
+    pub(super) fn mysql_statement(&mut self, text: &str, hides_session_change: bool) {
         let (sql_mode, charset) = mysql_changes_lexing(text);
-        self.sql_mode |= sql_mode;
-        if charset && self.encoding.is_none() {
-            self.encoding = Some("set by the session".into());
+        self.sql_mode |= sql_mode || hides_session_change;
+        if (charset || hides_session_change) && self.encoding.is_none() {
+            self.encoding = Some(if charset {
+                "set by the session".into()
+            } else {
+                "perhaps set by a statement whose effect qgate cannot read (a CALL, EXECUTE, \
+                 text not understood)"
+                    .into()
+            });
         }
     }
 
@@ -385,6 +391,12 @@ pub(super) struct Judged {
     /// then on the session's statements mean something qgate's planner
     /// session cannot reproduce (no row estimates).
     pub changes_session: bool,
+    /// A MySQL text whose effect on the session qgate cannot read (a CALL,
+    /// `EXECUTE`, `EXECUTE IMMEDIATE`, a function not on the known-safe
+    /// list, text not understood), whatever its ruling: it may have set
+    /// the session's `sql_mode` or character set where no word of the text
+    /// says so (`PREPARE s FROM CONCAT('SET sql_', 'mode=…')`).
+    pub hides_session_change: bool,
 }
 
 impl From<Ruling> for Judged {
@@ -393,6 +405,7 @@ impl From<Ruling> for Judged {
             ruling,
             shadow: Vec::new(),
             changes_session: false,
+            hides_session_change: false,
         }
     }
 }
@@ -538,7 +551,19 @@ impl Judge {
                 }
             }
         };
-        let changes_session = conn.dialect == Dialect::Mysql
+        // A procedure or function of the server's may set the session's
+        // variables too (`time_zone` outlives the CALL); so may text qgate
+        // does not understand (`EXECUTE s`).
+        let hides = |s: &crate::classify::StatementFacts| {
+            s.kind == Kind::Unknown
+                || s.kind == Kind::Procedural
+                || s.functions.iter().any(|f| {
+                    !crate::classify::is_known_safe_function(f) && !policy.lists_safe_function(f)
+                })
+        };
+        let mysql = conn.dialect == Dialect::Mysql;
+        let hides_session_change = mysql && classification.statements.iter().any(hides);
+        let changes_session = mysql
             && classification.statements.iter().any(|s| {
                 let sets = s.verb.split(' ').next() == Some("SET") || !s.settings.is_empty();
                 let harmless = s.verb.starts_with("SET TRANSACTION")
@@ -546,19 +571,13 @@ impl Judge {
                         && s.settings
                             .iter()
                             .all(|name| MEANINGLESS_SETTINGS.contains(&name.as_str())));
-                // A procedure or function of the server's may set the
-                // session's variables too (`time_zone` outlives the CALL).
-                let code = s.kind == Kind::Procedural
-                    || s.functions.iter().any(|f| {
-                        !crate::classify::is_known_safe_function(f)
-                            && !policy.lists_safe_function(f)
-                    });
-                s.kind == Kind::Unknown || code || (sets && !harmless)
+                hides(s) || (sets && !harmless)
             });
         Judged {
             ruling,
             shadow,
             changes_session,
+            hides_session_change,
         }
     }
 
