@@ -999,7 +999,7 @@ fn server_wide_sql_mode_and_init_connect_cannot_hide_a_statement() -> Result<()>
         "myansi",
         &["--sql-mode=ANSI_QUOTES"],
         33,
-        b"SELECT 1 AS \"x\\\" ; DELETE FROM victim; -- \"",
+        ANSI_DELETE,
         "ANSI_QUOTES",
     )?;
     text_is_held(
@@ -1028,14 +1028,7 @@ fn server_wide_sql_mode_and_init_connect_cannot_hide_a_statement() -> Result<()>
         .root("SELECT @@GLOBAL.sql_mode")?
         .contains("ANSI_QUOTES"));
     let mut raw = Raw::login_with(&lab, 33)?;
-    raw.command(0x03, b"SELECT 1 AS \"x\\\" ; DELETE FROM victim; -- \"")?;
-    let (request, id) = pending_id(&lab, &token)?;
-    assert!(request.to_string().contains("ANSI_QUOTES"), "{request}");
-    lab.requests(&token, &["deny", &id.to_string()])?;
-    let (_, answer) = raw.read()?;
-    assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));
-    assert_eq!(victim_rows(&server)?, Some(3));
-    Ok(())
+    held_as_unknown_and_denied(&lab, &server, &token, &mut raw, ANSI_DELETE, "ANSI_QUOTES")
 }
 
 /// A session can set its own `sql_mode` where no word of its text says so:
@@ -1059,18 +1052,7 @@ fn a_session_change_qgate_cannot_read_leaves_its_text_unmodelled() -> Result<()>
         let (_, answer) = raw.read()?;
         assert!(answer.first() == Some(&0), "{}", err_message(&answer));
     }
-    raw.command(0x03, b"SELECT 1 AS \"x\\\" ; DELETE FROM victim; -- \"")?;
-    let (request, id) = pending_id(&lab, &token)?;
-    assert!(
-        request["facts"]["statements"][0]["kind"] == "unknown",
-        "{request}"
-    );
-    lab.requests(&token, &["deny", &id.to_string()])?;
-    let (_, answer) = raw.read()?;
-    assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(victim_rows(&server)?, Some(3));
-    Ok(())
+    held_as_unknown_and_denied(&lab, &server, &token, &mut raw, ANSI_DELETE, "")
 }
 
 /// A raw client logged in with `collation` (on a server started with
@@ -1080,18 +1062,36 @@ fn text_is_held(tag: &str, options: &[&str], collation: u8, text: &[u8], why: &s
     let (lab, server, token) = gated_with(tag, options)?;
     server.root("CREATE USER 'raw'@'%'; GRANT ALL ON shop.* TO 'raw'@'%';")?;
     let mut raw = Raw::login_with(&lab, collation)?;
+    held_as_unknown_and_denied(&lab, &server, &token, &mut raw, text, why)
+}
+
+/// A text that is one SELECT (with a string alias) to MariaDB's default
+/// `sql_mode` and a DELETE of every row under ANSI_QUOTES, where `"x\"` is
+/// a name that ends at its second quote.
+const ANSI_DELETE: &[u8] = b"SELECT 1 AS \"x\\\" ; DELETE FROM victim; -- \"";
+
+/// `raw` sends `text`, which hides a DELETE: it is held as not understood
+/// (the request names `why`), denied with an error, and nothing runs.
+fn held_as_unknown_and_denied(
+    lab: &Lab,
+    server: &Mariadb,
+    token: &str,
+    raw: &mut Raw,
+    text: &[u8],
+    why: &str,
+) -> Result<()> {
     raw.command(0x03, text)?;
-    let (request, id) = pending_id(&lab, &token)?;
+    let (request, id) = pending_id(lab, token)?;
     assert!(
         request["facts"]["statements"][0]["kind"] == "unknown",
         "{request}"
     );
     assert!(request.to_string().contains(why), "{request}");
-    lab.requests(&token, &["deny", &id.to_string()])?;
+    lab.requests(token, &["deny", &id.to_string()])?;
     let (_, answer) = raw.read()?;
     assert!(answer.first() == Some(&0xFF), "{}", err_message(&answer));
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(victim_rows(&server)?, Some(3));
+    assert_eq!(victim_rows(server)?, Some(3));
     Ok(())
 }
 
