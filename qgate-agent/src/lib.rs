@@ -36,3 +36,27 @@ pub mod wire;
 /// foldhash's quality variant keeps a per-process random seed.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::quality::RandomState>;
+
+/// True if `text` contains `needle` (ASCII letters compared without case),
+/// without the lower-cased copy of `text` that `to_ascii_lowercase` makes:
+/// asked of every MySQL statement judged.
+pub fn contains_ignoring_case(text: &str, needle: &str) -> bool {
+    let needle = needle.as_bytes();
+    needle.is_empty()
+        || text
+            .as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn contains_ignoring_case_compares_ascii_letters_only() {
+        assert!(super::contains_ignoring_case("SET GLOBAL x = 1", "global"));
+        assert!(super::contains_ignoring_case("select 1; UsE db", "use"));
+        assert!(!super::contains_ignoring_case("SELECT 'glob al'", "global"));
+        assert!(!super::contains_ignoring_case("us", "use"));
+        assert!(super::contains_ignoring_case("", ""));
+    }
+}

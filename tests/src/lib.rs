@@ -403,6 +403,20 @@ impl Lab {
         )
     }
 
+    /// Writes `toml` as the lab's policy file and starts the agent with the
+    /// shipped qgate.toml and that policy.
+    pub fn start_agent_with_policy(&mut self, toml: &str) -> Result<()> {
+        let policy = self.dir.join("policy.toml");
+        fs::write(&policy, toml)?;
+        let config = self.config_with(&[])?;
+        self.start_agent(&[
+            "--config",
+            &config.to_string_lossy(),
+            "--policy",
+            &policy.to_string_lossy(),
+        ])
+    }
+
     /// Writes the shipped qgate.toml with `replacements` applied (whole
     /// `key = value` lines) into the lab and returns its path, for
     /// `start_agent(&["--config", path])`.

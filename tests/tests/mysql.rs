@@ -553,20 +553,11 @@ fn a_mariadb_identity_the_policy_refuses_gets_an_error_at_connect() -> Result<()
         "CREATE TABLE shop.victim (id INT); INSERT INTO shop.victim VALUES (1); \
          CREATE USER 'mallory'@'%' IDENTIFIED BY 'secret'; GRANT ALL ON shop.* TO 'mallory'@'%';",
     )?;
-    let policy = lab.dir.join("refuse.toml");
-    std::fs::write(
-        &policy,
+    lab.start_agent_with_policy(
         "[default]\naction = \"allow\"\n\n[groups.outsiders]\nusers = [\"mallory\"]\n\n\
          [[rules]]\nname = \"no-outsiders\"\ngroups = [\"outsiders\"]\naction = \"deny\"\n\
          message = \"outsiders may not connect\"\n",
     )?;
-    let config = lab.config_with(&[])?;
-    lab.start_agent(&[
-        "--config",
-        &config.to_string_lossy(),
-        "--policy",
-        policy.to_str().unwrap_or_default(),
-    ])?;
     let started = Instant::now();
     let out = mariadb(&lab)
         .args([
@@ -1176,22 +1167,13 @@ fn a_rule_for_one_database_does_not_free_another_databases_tables() -> Result<()
          CREATE TABLE shop.victim (id INT PRIMARY KEY, v TEXT); \
          INSERT INTO shop.victim VALUES (1,'a'),(2,'b'),(3,'c');",
     )?;
-    let policy = lab.dir.join("policy.toml");
-    std::fs::write(
-        &policy,
+    lab.start_agent_with_policy(
         "[default]\naction = \"allow\"\n\
          [groups.sandbox]\ndatabases = [\"sandbox\"]\n\
          [[rules]]\nname = \"sandbox-free\"\ngroups = [\"sandbox\"]\naction = \"allow\"\n\
          [[rules]]\nname = \"all-rows-write\"\nflags = [\"all_rows\"]\naction = \"hold\"\n\
          reviewers = [\"reviewers\"]\n",
     )?;
-    let config = lab.config_with(&[])?;
-    lab.start_agent(&[
-        "--config",
-        &config.to_string_lossy(),
-        "--policy",
-        &policy.to_string_lossy(),
-    ])?;
     let token = lab.add_reviewer("rita", "reviewers", None)?;
     let in_sandbox = |sql: &str| {
         mariadb(&lab)

@@ -139,6 +139,13 @@ struct State {
     generation: u64,
 }
 
+impl State {
+    /// The gated MariaDB/MySQL server on `port`, if one is known.
+    fn mysql_server(&self, port: u16) -> Option<MysqlServer> {
+        self.mysql_servers.iter().find(|s| s.port == port).cloned()
+    }
+}
+
 type Wake = Box<dyn Fn() + Send + Sync>;
 
 /// See the module documentation. Cheap to clone.
@@ -174,11 +181,7 @@ impl Catalogs {
                     };
                     match job {
                         Job::MysqlCatalog(port) => {
-                            let server = lock(&worker_state)
-                                .mysql_servers
-                                .iter()
-                                .find(|s| s.port == port)
-                                .cloned();
+                            let server = lock(&worker_state).mysql_server(port);
                             let result = match &server {
                                 Some(server) => mysql_reader.catalog(server, LOAD_TIMEOUT),
                                 None => Err(no_mysql_server(port)),
@@ -205,11 +208,7 @@ impl Catalogs {
                             written,
                             collation,
                         } => {
-                            let server = lock(&worker_state)
-                                .mysql_servers
-                                .iter()
-                                .find(|s| s.port == port)
-                                .cloned();
+                            let server = lock(&worker_state).mysql_server(port);
                             let result = match &server {
                                 Some(server) => mysql_reader.estimate(
                                     server,

@@ -48,7 +48,7 @@ impl Gate {
             // server's answer (`WireEvent::Identified`).
             // Any statement of the text (`SELECT 1; USE prod`, one in an
             // executable comment), not only its start.
-            let uses = sql.info.text.to_ascii_lowercase().contains("use")
+            let uses = crate::contains_ignoring_case(&sql.info.text, "use")
                 && crate::wire::mysql::track::use_database(&sql.info.text).is_some();
             if let Some(info) = self.info_mut(flow) {
                 info.lexing

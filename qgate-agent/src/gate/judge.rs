@@ -480,8 +480,8 @@ impl Judge {
             .collect();
         // A MySQL text naming GLOBAL may change the server's `sql_mode` or
         // `init_connect` for every later session: its catalog is read again.
-        let sets_globals =
-            conn.dialect == Dialect::Mysql && sql.info.text.to_ascii_lowercase().contains("global");
+        let sets_globals = conn.dialect == Dialect::Mysql
+            && crate::contains_ignoring_case(&sql.info.text, "global");
         let schema = (may_change_schema(&classification) || sets_globals)
             .then(|| may_create_code(&classification));
         let ruling = match decision.action {

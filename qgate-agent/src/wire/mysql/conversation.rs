@@ -379,7 +379,7 @@ impl Conversation {
                     && match &p.command {
                         Command::ChangeUser { .. } => false,
                         Command::Query { text } | Command::Prepare { text } => {
-                            !text.to_ascii_lowercase().contains("infile")
+                            !crate::contains_ignoring_case(text, "infile")
                         }
                         _ => true,
                     }
