@@ -234,6 +234,7 @@ impl<'a> Agent<'a> {
             store,
             WriterConfig {
                 publish_head: true,
+                behind_nice: Some(config.capture.nice),
                 ..WriterConfig::default()
             },
         )
