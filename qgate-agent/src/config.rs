@@ -181,7 +181,8 @@ pub struct CaptureConfig {
     /// server does not starve the capture into dropping statements: the
     /// agent takes what it needs and no more (it sleeps when idle). At -5
     /// the store writer, preempted by 32 busy backends on 2 cores, fell
-    /// behind and dropped 40 % of 124 k statements/s; at -10 none.
+    /// behind and dropped 40 % of 124 k statements/s; at -10 none. The store
+    /// writer takes it only while it is behind (`store::writer::Pace`).
     #[serde(default = "default_nice")]
     pub nice: i32,
 }
