@@ -21,23 +21,32 @@ struct ScanScratch {
 #[map(name = "SCAN_SCRATCH")]
 static SCAN_SCRATCH: PerCpuArray<ScanScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// `bpf_loop` callback: one character of the scratch buffer.
+/// Characters per `bpf_loop` iteration: each iteration pays a callback call
+/// and a map lookup. Eight at a time took what the tc ingress program
+/// spends on a `pgbench -S` read beyond the egress program's run (the scan,
+/// mostly) from 890 to 700 ns (`kernel.bpf_stats_enabled`, hook off, the
+/// default policy, 8 clients, five alternated pairs).
+const STRIDE: usize = 8;
+
+/// `bpf_loop` callback: the scratch buffer's characters `index * STRIDE`
+/// to `index * STRIDE + STRIDE - 1`.
 extern "C" fn scan_step(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(scratch) = SCAN_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: per-CPU slot, this program run is its only user.
     let (buf, scan) = unsafe { (&(*scratch).buf, &mut (*scratch).scan) };
-    let i = index as usize & SCAN_MASK;
-    if i >= scan.n as usize {
-        return 1;
+    let first = (index as usize).wrapping_mul(STRIDE);
+    for k in 0..STRIDE {
+        let i = first.wrapping_add(k);
+        if i >= scan.n as usize {
+            return 1;
+        }
+        if !scan.step(buf[i & SCAN_MASK]) {
+            return 1;
+        }
     }
-    let c = buf[i];
-    if scan.step(c) {
-        0
-    } else {
-        1
-    }
+    0
 }
 
 /// The buffer to copy a text of `len` bytes into, and the number of bytes
@@ -81,7 +90,7 @@ fn run(fresh: Scan) -> bool {
     // SAFETY: callback and context are valid for the call's duration.
     let rc = unsafe {
         bpf_loop(
-            n,
+            n.div_ceil(STRIDE as u32),
             scan_step as *mut core::ffi::c_void,
             core::ptr::null_mut(),
             0,
