@@ -585,16 +585,28 @@ impl Pace {
     }
 }
 
-/// Sets the calling thread's niceness; a failure is logged once per change.
-fn set_thread_nice(nice: i32) {
+/// The calling thread's niceness.
+fn thread_nice() -> Option<i32> {
+    // getpriority(2) may return -1 as a niceness: errno tells.
+    // SAFETY: errno is this thread's; plain getpriority on the calling thread.
+    unsafe { *libc::__errno_location() = 0 };
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    (nice != -1 || std::io::Error::last_os_error().raw_os_error() == Some(0)).then_some(nice)
+}
+
+/// Sets the calling thread's niceness (on Linux, `PRIO_PROCESS` with 0 is
+/// the calling thread). `false`, logged, when refused.
+fn set_thread_nice(nice: i32) -> bool {
     // SAFETY: plain setpriority(2) on the calling thread (who = 0).
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
         tracing::warn!(
             nice,
-            "store writer: setting its niceness: {}",
+            "store writer: setting its niceness (it keeps the one it has from now on): {}",
             std::io::Error::last_os_error()
         );
+        return false;
     }
+    true
 }
 
 struct BatchWriter {
@@ -619,12 +631,17 @@ impl BatchWriter {
         // Rows an earlier writer left unsealed will not change again.
         self.seal_leftovers();
         let mut last_seal = Instant::now();
+        // Only when the agent's niceness took: a thread that could not
+        // raise itself back must not lower itself.
         let mut pace = self
             .config
             .behind_nice
+            .filter(|&nice| thread_nice() == Some(nice))
             .and_then(|nice| Pace::new(nice, self.config.queue));
         if let Some(nice) = pace.as_mut().and_then(|p| p.update(0)) {
-            set_thread_nice(nice);
+            if !set_thread_nice(nice) {
+                pace = None;
+            }
         }
         // `recv` keeps returning queued messages after the `Writer` is gone,
         // and fails only once the queue is empty: shutdown loses nothing.
@@ -670,8 +687,8 @@ impl BatchWriter {
             }
             if let Some(p) = pace.as_mut() {
                 let backlog = batch.len() + self.counters.in_queue.load(Ordering::Acquire);
-                if let Some(nice) = p.update(backlog) {
-                    set_thread_nice(nice);
+                if p.update(backlog).is_some_and(|nice| !set_thread_nice(nice)) {
+                    pace = None;
                 }
             }
             for chunk in batch.chunks(self.config.batch_max.max(1)) {
@@ -1416,5 +1433,20 @@ mod tests {
         assert_eq!(pace.update(2_049), None);
         assert_eq!(pace.update(2_048), Some(0));
         assert_eq!(pace.update(2_048), None);
+    }
+
+    #[test]
+    fn a_threads_niceness_is_its_own() {
+        let before = super::thread_nice().expect("getpriority");
+        let (inner, after) = std::thread::spawn(move || {
+            // Raising one's niceness needs no privilege.
+            let wanted = (before + 1).min(19);
+            assert!(super::set_thread_nice(wanted));
+            (wanted, super::thread_nice())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(after, Some(inner), "the thread's own niceness changed");
+        assert_eq!(super::thread_nice(), Some(before), "not the process's");
     }
 }
