@@ -49,6 +49,26 @@ pub fn contains_ignoring_case(text: &str, needle: &str) -> bool {
             .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
+/// The calling thread's niceness.
+pub fn thread_nice() -> Option<i32> {
+    // getpriority(2) may return -1 as a niceness: errno tells.
+    // SAFETY: errno is this thread's; plain getpriority on the calling thread.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: plain getpriority(2) on the calling thread (who = 0).
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    (nice != -1 || std::io::Error::last_os_error().raw_os_error() == Some(0)).then_some(nice)
+}
+
+/// Sets the calling thread's niceness (on Linux, `PRIO_PROCESS` with 0 is
+/// the calling thread; threads started later inherit it).
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: plain setpriority(2) on the calling thread (who = 0).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -655,6 +655,48 @@ fn plain_reads_pass_in_the_kernel_without_a_decision() -> Result<()> {
     Ok(())
 }
 
+/// The kernel's proof reads a text eight characters a `bpf_loop` step
+/// (qgate-ebpf's scan.rs): a character in the last, partial step must be
+/// read like any other. For each padding 0..8, a `(` third and second from
+/// the end (functions, never a plain read) must reach the agent, and the
+/// same text without one must pass in the kernel.
+#[test]
+fn the_kernels_scan_reads_a_texts_last_characters_whatever_its_length() -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("gstride")?;
+    lab.start_postgres()?;
+    lab.start_agent(&[])?;
+    let mut calls = Vec::new();
+    let mut plain = Vec::new();
+    for pad in 0..8 {
+        let blank = " ".repeat(pad);
+        calls.push(format!("SELECT{blank} abs(1)"));
+        calls.push(format!("SELECT{blank} now()"));
+        plain.push(format!("SELECT{blank} 1"));
+    }
+    for text in calls.iter().chain(&plain) {
+        lab.sql(text)?;
+    }
+    lab.stop_agent()?;
+    let db = lab.store()?;
+    let decided = |text: &str| -> Result<bool> {
+        let (n, decided): (i64, i64) = db.query_row(
+            "SELECT count(*), count(decision) FROM statements WHERE text = ?1",
+            [text],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        assert_eq!(n, 1, "{text:?} stored once");
+        Ok(decided == 1)
+    };
+    for text in &calls {
+        assert!(decided(text)?, "{text:?} passed in the kernel unjudged");
+    }
+    for text in &plain {
+        assert!(!decided(text)?, "{text:?} should pass in the kernel");
+    }
+    Ok(())
+}
+
 #[test]
 fn a_cancel_request_with_a_wrong_key_withdraws_nothing() -> Result<()> {
     let (lab, token) = gated_lab("gbadkey")?;

@@ -511,14 +511,8 @@ impl<'a> Agent<'a> {
 /// Sets this thread's niceness (threads started later inherit it). A
 /// failure (no CAP_SYS_NICE) is logged, not fatal: the agent still works.
 fn set_nice(nice: i32) {
-    // SAFETY: plain setpriority(2) on the calling thread (who = 0).
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-    if rc != 0 {
-        warn!(
-            nice,
-            "setting the agent's niceness: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = crate::set_thread_nice(nice) {
+        warn!(nice, "setting the agent's niceness: {e}");
     }
 }
 

@@ -585,28 +585,16 @@ impl Pace {
     }
 }
 
-/// The calling thread's niceness.
-fn thread_nice() -> Option<i32> {
-    // getpriority(2) may return -1 as a niceness: errno tells.
-    // SAFETY: errno is this thread's; plain getpriority on the calling thread.
-    unsafe { *libc::__errno_location() = 0 };
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    (nice != -1 || std::io::Error::last_os_error().raw_os_error() == Some(0)).then_some(nice)
-}
-
-/// Sets the calling thread's niceness (on Linux, `PRIO_PROCESS` with 0 is
-/// the calling thread). `false`, logged, when refused.
+/// [`crate::set_thread_nice`]; `false`, logged, when refused.
 fn set_thread_nice(nice: i32) -> bool {
-    // SAFETY: plain setpriority(2) on the calling thread (who = 0).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
-        tracing::warn!(
-            nice,
-            "store writer: setting its niceness (it keeps the one it has from now on): {}",
-            std::io::Error::last_os_error()
-        );
-        return false;
-    }
-    true
+    crate::set_thread_nice(nice)
+        .inspect_err(|e| {
+            tracing::warn!(
+                nice,
+                "store writer: setting its niceness (it keeps the one it has from now on): {e}"
+            )
+        })
+        .is_ok()
 }
 
 struct BatchWriter {
@@ -636,7 +624,7 @@ impl BatchWriter {
         let mut pace = self
             .config
             .behind_nice
-            .filter(|&nice| thread_nice() == Some(nice))
+            .filter(|&nice| crate::thread_nice() == Some(nice))
             .and_then(|nice| Pace::new(nice, self.config.queue));
         if let Some(nice) = pace.as_mut().and_then(|p| p.update(0)) {
             if !set_thread_nice(nice) {
@@ -1437,16 +1425,16 @@ mod tests {
 
     #[test]
     fn a_threads_niceness_is_its_own() {
-        let before = super::thread_nice().expect("getpriority");
+        let before = crate::thread_nice().expect("getpriority");
         let (inner, after) = std::thread::spawn(move || {
             // Raising one's niceness needs no privilege.
             let wanted = (before + 1).min(19);
             assert!(super::set_thread_nice(wanted));
-            (wanted, super::thread_nice())
+            (wanted, crate::thread_nice())
         })
         .join()
         .expect("thread");
         assert_eq!(after, Some(inner), "the thread's own niceness changed");
-        assert_eq!(super::thread_nice(), Some(before), "not the process's");
+        assert_eq!(crate::thread_nice(), Some(before), "not the process's");
     }
 }
