@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bumped on every change of a shared layout or map; part of pinned names.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// `SO_MARK` value on packets the agent re-injects; the tc program passes
 /// them untouched so a released statement is not held a second time.
@@ -38,14 +38,20 @@ pub mod maps {
     pub const BACKEND_MODES: &str = "BACKEND_MODES";
     /// `Array<ManagedServer>` of [`super::MAX_MANAGED_SERVERS`]: the postmasters gated.
     pub const MANAGED_SERVERS: &str = "MANAGED_SERVERS";
+    /// `LruHashMap<u32 (tgid), u8>`: backends that asked for the session
+    /// probes (`hook::UNIX`, `TLS`, `GSS`, `SESSION`), with
+    /// `hook::PID_AWAITING` / `PID_STOPPED` until the agent attached them.
+    pub const HOOK_PIDS: &str = "HOOK_PIDS";
 }
 
 /// `DB_PORTS` values.
 pub mod port_kind {
     /// The tc programs capture and gate every connection.
     pub const WIRE: u8 = 1;
-    /// The server hook reads this port's server: connections that start
-    /// from now on are left to it; older ones stay on the wire path.
+    /// The server hook reads this port's server: the tc programs gate its
+    /// plaintext sessions as on a `WIRE` port, and leave to the hook a
+    /// session whose server accepted TLS or GSSAPI encryption (its backend
+    /// is probed from `secure_open_server` / `secure_open_gssapi` on).
     pub const HOOKED: u8 = 2;
     /// MySQL/MariaDB (`capture.mysql_ports`): captured both ways and
     /// gated. The program walks one command packet per segment
@@ -109,7 +115,9 @@ pub mod phase {
     pub const UNSYNCED: u8 = 2;
     /// TLS or GSS encryption: nothing to read.
     pub const OPAQUE: u8 = 3;
-    /// Started on a port the server hook reads: passed without capture.
+    /// Encrypted on a port the server hook reads (the server said `S` or
+    /// `G`): the hook reads it in plain; passed without capture but for
+    /// its FIN and RST.
     pub const HOOKED: u8 = 4;
 }
 
@@ -161,6 +169,9 @@ pub struct FlowState {
 pub mod known {
     pub const SERVER_ACK: u8 = 1;
     pub const PASSED_END: u8 = 2;
+    /// The server sent payload (tc egress, `port_kind::HOOKED` ports): its
+    /// first, a lone `S` or `G`, hands the session to the server hook.
+    pub const SERVER_SPOKE: u8 = 4;
 }
 
 /// Settings the agent writes; read by the program on every gated segment.
@@ -300,6 +311,20 @@ pub mod hook {
     /// `PostmasterMain`: a PostgreSQL server is starting (the agent looks
     /// for it at once, before it accepts connections).
     pub const POSTMASTER: u8 = 6;
+    /// `pq_init` of a backend whose client socket is a Unix socket: it
+    /// waits (stopped) for the agent to attach the session probes to it.
+    pub const UNIX: u8 = 7;
+    /// `pq_init` of a backend whose socket the program could not tell (its
+    /// server not registered yet, or its `Port` unreadable): it waits for
+    /// the agent, which looks at the socket itself.
+    pub const SESSION: u8 = 8;
+
+    /// `HOOK_PIDS` value bits (the low bits are the kind that asked).
+    /// The session probes are not attached yet.
+    pub const PID_AWAITING: u8 = 0x80;
+    /// The backend stopped itself until they are.
+    pub const PID_STOPPED: u8 = 0x40;
+    pub const PID_KIND: u8 = 0x3f;
 
     /// `HookEvent::flags`.
     /// The backend was sent SIGSTOP after this read: it waits for the agent.
@@ -319,6 +344,15 @@ pub mod hook {
     /// `struct Port` up to the end of `raddr` (sock, noblock, proto,
     /// laddr, raddr: 4 + 4 + 8 + 136 + 136, the same in PostgreSQL 12–17).
     pub const PORT_PREFIX: usize = 288;
+    /// Offset of `raddr` (the client's `SockAddr`, its family first) in
+    /// `struct Port` (PostgreSQL 12–17) and in PostgreSQL 17's
+    /// `struct ClientSocket` (`pgsocket sock` then `SockAddr raddr`).
+    pub const PORT_RADDR: u64 = 152;
+    pub const CLIENT_SOCKET_RADDR: u64 = 8;
+    /// `sa_family_t` values (Linux).
+    pub const AF_UNIX: u16 = 1;
+    pub const AF_INET: u16 = 2;
+    pub const AF_INET6: u16 = 10;
 
     /// `BackendState::phase`.
     /// Before the StartupMessage: messages have no type byte.
@@ -342,6 +376,10 @@ pub const MAX_MANAGED_SERVERS: usize = 16;
 pub struct ManagedServer {
     /// Address of `PostmasterPid` in the postmaster (and its backends); 0: empty slot.
     pub pid_addr: u64,
+    /// Address of `MyProcPort` (PostgreSQL 12–16 set it before calling
+    /// `pq_init()`); 0 for PostgreSQL 17 on, whose `pq_init(ClientSocket *)`
+    /// is handed the socket.
+    pub port_var_addr: u64,
     pub postmaster_pid: u32,
     pub _pad: u32,
 }

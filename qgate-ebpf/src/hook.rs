@@ -48,6 +48,10 @@ static BACKEND_MODES: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 
 static MANAGED_SERVERS: Array<ManagedServer> =
     Array::with_max_entries(MAX_MANAGED_SERVERS as u32, 0);
 
+/// Backends that asked for the session probes (see [`request_probes`]).
+#[map(name = "HOOK_PIDS")]
+static HOOK_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
 /// Arguments saved at a probed function's entry, for its return probe.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -261,17 +265,96 @@ pub fn on_write(port: u64, buf: u64, len: u64) {
     emit(hook::WRITE, tgid, buf, port, offset, len as u32, flags);
 }
 
-/// `secure_open_server` / `secure_open_gssapi`: the session is encrypted
-/// from here on (the hook keeps reading it in plain).
+/// `secure_open_server` / `secure_open_gssapi`: the server accepted TLS or
+/// GSSAPI encryption (the tc programs leave such a session to the hook, see
+/// `port_kind::HOOKED`). Called before the handshake, so the session probes
+/// attached now read every byte the backend decrypts.
 #[inline(always)]
 pub fn on_encryption(kind: u8) {
     let (_, tgid) = current();
-    // SAFETY: read-only lookup of plain data.
-    if let Some(state) = unsafe { BACKENDS.get(&tgid) } {
-        if state.phase != hook::IGNORED {
-            emit(kind, tgid, 0, 0, 0, 0, 0);
+    request_probes(tgid, kind, managed_server().is_some());
+}
+
+/// `pq_init`, in a new backend before it reads anything from its client:
+/// a session on a Unix socket, which no tc program sees, asks for the
+/// session probes. `arg0` is PostgreSQL 17's `ClientSocket *`; earlier
+/// versions set `MyProcPort` before the call.
+#[inline(always)]
+pub fn on_pq_init(arg0: u64) {
+    let (_, tgid) = current();
+    let Some(server) = managed_server() else {
+        // A server the agent has not registered (yet): it looks itself.
+        request_probes(tgid, hook::SESSION, false);
+        return;
+    };
+    let raddr = if server.port_var_addr != 0 {
+        // SAFETY: a user-memory read; a fault is an error, not a crash.
+        match unsafe { bpf_probe_read_user_value::<u64>(server.port_var_addr) } {
+            Some(port) if port != 0 => port + hook::PORT_RADDR,
+            _ => 0,
         }
+    } else if arg0 != 0 {
+        arg0 + hook::CLIENT_SOCKET_RADDR
+    } else {
+        0
+    };
+    let family = if raddr != 0 {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_user_value::<u16>(raddr) }
+    } else {
+        None
+    };
+    match family {
+        // TCP: the tc programs read it (and hand it over if it turns to TLS).
+        Some(hook::AF_INET) | Some(hook::AF_INET6) => {}
+        Some(hook::AF_UNIX) => request_probes(tgid, hook::UNIX, true),
+        // Unreadable: the agent looks at the socket (never left unread).
+        _ => request_probes(tgid, hook::SESSION, true),
     }
+}
+
+/// A user-memory read of a plain value.
+///
+/// # Safety
+/// `addr` is a user address; a fault makes it `None`.
+#[inline(always)]
+unsafe fn bpf_probe_read_user_value<T: Copy>(addr: u64) -> Option<T> {
+    aya_ebpf::helpers::bpf_probe_read_user(addr as *const T).ok()
+}
+
+/// A backend the session probes (`secure_read`, `secure_write`) must read:
+/// it stops itself and asks the agent, which attaches them to this one
+/// process and resumes it. Probes attached per process cost nothing to the
+/// server's other sessions, which a probe on every process would (a trap
+/// per read and write). `managed`: its postmaster is one the agent gates
+/// (otherwise it is asked only while the agent runs, to look).
+#[inline(always)]
+fn request_probes(tgid: u32, kind: u8, managed: bool) {
+    // SAFETY: read-only lookup of a plain byte.
+    if unsafe { HOOK_PIDS.get(&tgid) }.is_some() {
+        // Asked already (or attached): never stopped twice for it.
+        return;
+    }
+    let cfg = gate::config();
+    let gone = gate::agent_gone(&cfg);
+    if gone && !managed {
+        return;
+    }
+    let mut value = kind | hook::PID_AWAITING;
+    let mut flags = if managed { 0 } else { hook::CANDIDATE };
+    if gone && cfg.fail_open != 0 {
+        // Not stopped; the next agent attaches the probes when it starts.
+        count(|c| c.failed_open += 1);
+    } else {
+        // The stop first, as in `on_read`: once the entry or the record
+        // exists the agent may resume the backend.
+        // SAFETY: signals the current task, a user process.
+        unsafe { bpf_send_signal(SIGSTOP) };
+        value |= hook::PID_STOPPED;
+        flags |= hook::STOPPED;
+    }
+    let _ = HOOK_PIDS.insert(&tgid, &value, 0);
+    emit(kind, tgid, 0, 0, 0, 0, flags);
 }
 
 /// `PostmasterMain`: a server is starting; the agent looks at it now.
@@ -289,15 +372,43 @@ pub fn on_exit() {
     if id as u32 != tgid {
         return;
     }
+    // A backend with session probes: the agent detaches them.
+    // SAFETY: read-only lookup of a plain byte.
+    let probed = unsafe { HOOK_PIDS.get(&tgid) }.is_some();
+    if probed {
+        let _ = HOOK_PIDS.remove(&tgid);
+    }
     // SAFETY: plain data copied out before the entry is removed.
-    let Some(state) = (unsafe { BACKENDS.get(&tgid) }).copied() else {
-        return;
+    let followed = match (unsafe { BACKENDS.get(&tgid) }).copied() {
+        Some(state) => {
+            let _ = BACKENDS.remove(&tgid);
+            let _ = BACKEND_MODES.remove(&tgid);
+            state.phase != hook::IGNORED
+        }
+        None => false,
     };
-    let _ = BACKENDS.remove(&tgid);
-    let _ = BACKEND_MODES.remove(&tgid);
-    if state.phase != hook::IGNORED {
+    if followed || probed {
         emit(hook::EXIT, tgid, 0, 0, 0, 0, 0);
     }
+}
+
+/// The gated server whose backend (or postmaster) the current process is:
+/// the one whose `PostmasterPid`, read at its address in this process,
+/// names that server's postmaster.
+#[inline(always)]
+fn managed_server() -> Option<ManagedServer> {
+    for i in 0..MAX_MANAGED_SERVERS as u32 {
+        let server = MANAGED_SERVERS.get(i)?;
+        if server.pid_addr == 0 {
+            continue;
+        }
+        // SAFETY: a user-memory read; a fault is an error, not a crash.
+        let pid = unsafe { bpf_probe_read_user_value::<u32>(server.pid_addr) };
+        if pid == Some(server.postmaster_pid) {
+            return Some(*server);
+        }
+    }
+    None
 }
 
 /// The first read of a process: a backend of a gated postmaster (its
@@ -305,21 +416,7 @@ pub fn on_exit() {
 /// else is ignored for good.
 #[inline(always)]
 fn first_sight(tgid: u32, args: &CallArgs, n: u32) -> Option<(*mut BackendState, u8)> {
-    let mut managed = false;
-    for i in 0..MAX_MANAGED_SERVERS as u32 {
-        let Some(server) = MANAGED_SERVERS.get(i) else {
-            break;
-        };
-        if server.pid_addr == 0 {
-            continue;
-        }
-        // SAFETY: a user-memory read; a fault is an error, not a crash.
-        let pid = unsafe { aya_ebpf::helpers::bpf_probe_read_user(server.pid_addr as *const u32) };
-        if pid == Ok(server.postmaster_pid) {
-            managed = true;
-            break;
-        }
-    }
+    let managed = managed_server().is_some();
     let cfg = gate::config();
     let mut flags = 0;
     if !managed {

@@ -35,7 +35,7 @@ mod programs {
 
     use crate::{
         capture::{capture, count, counters, db_segment},
-        gate::{left_to_hook, server_acked, verdict, Verdict},
+        gate::{hand_over_encrypted, left_to_hook, server_acked, verdict, Verdict},
         hook,
     };
 
@@ -61,7 +61,11 @@ mod programs {
             return TC_ACT_SHOT;
         }
         let flow = seg.flow(true);
-        if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, true) {
+        if kind == port_kind::HOOKED && left_to_hook(&seg, &flow) {
+            if seg.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                // The wire stage's record of the connection closes.
+                capture(&ctx, &seg, DIR_TO_SERVER, 0);
+            }
             return TC_ACT_OK;
         }
         match verdict(&ctx, &seg, &flow, counters(), kind == port_kind::MYSQL) {
@@ -88,13 +92,19 @@ mod programs {
     pub fn qgate_egress(ctx: TcContext) -> i32 {
         if let Some((seg, kind)) = db_segment(&ctx, DIR_FROM_SERVER) {
             let flow = seg.flow(false);
-            if kind == port_kind::HOOKED && left_to_hook(&seg, &flow, false) {
+            if kind == port_kind::HOOKED && left_to_hook(&seg, &flow) {
+                if seg.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                    capture(&ctx, &seg, DIR_FROM_SERVER, 0);
+                }
                 return TC_ACT_OK;
             }
             if seg.tcp_flags & tcp_flags::ACK != 0 {
                 server_acked(&flow, seg.ack);
             }
             capture(&ctx, &seg, DIR_FROM_SERVER, 0);
+            if kind == port_kind::HOOKED {
+                hand_over_encrypted(&ctx, &seg, &flow);
+            }
         }
         TC_ACT_OK
     }
@@ -140,6 +150,14 @@ mod programs {
     #[uprobe]
     pub fn qgate_secure_open_gssapi(_ctx: ProbeContext) -> u32 {
         hook::on_encryption(qgate_common::hook::GSS);
+        0
+    }
+
+    /// Entry of `pq_init`: a new backend, before it reads from its client
+    /// (PostgreSQL 17 passes its `ClientSocket *`).
+    #[uprobe]
+    pub fn qgate_pq_init(ctx: ProbeContext) -> u32 {
+        hook::on_pq_init(ctx.arg::<u64>(0).unwrap_or(0));
         0
     }
 

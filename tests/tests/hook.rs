@@ -376,7 +376,8 @@ fn two_plaintext_queries_in_one_write_hold_the_risky_one() -> Result<()> {
     stream.write_all(&[query_message("SELECT 1"), query_message(DROP)].concat())?;
     let (request, id) = pending(&lab, &token)?;
     assert_eq!(request["statement"], DROP, "{request}");
-    assert_eq!(request["held_by"], "server_hook", "{request}");
+    // Plaintext TCP is the tc programs' to gate, hooked server or not.
+    assert_eq!(request["held_by"], "wire", "{request}");
     thread::sleep(Duration::from_millis(500));
     assert!(untouched(&lab, Via::Tcp)?, "DROP ran before a decision");
     lab.requests(&token, &["deny", &id.to_string()])?;
@@ -440,8 +441,9 @@ fn counts_by_path(lab: &Lab, after: i64, upto: i64) -> Result<Vec<PathCount>> {
 }
 
 /// pgbench -S `via` a transport, prepared and simple, under a policy that
-/// lets everything run: each read is stored exactly once, by the hook,
-/// attributed to the transport, and the capture lost nothing.
+/// lets everything run: each read is stored exactly once, by the hook (by
+/// the tc programs for plaintext TCP, which they read), attributed to the
+/// transport, and the capture lost nothing.
 fn counts_are_exact(via: Via, tag: &str) -> Result<()> {
     require_root();
     let mut lab = Lab::new(tag)?;
@@ -469,10 +471,12 @@ fn counts_are_exact(via: Via, tag: &str) -> Result<()> {
         firsts.push(after);
     }
     lab.stop_agent()?;
-    let (transport, hook) = (
-        Some(via.transport().to_owned()),
-        Some("server_hook".to_owned()),
-    );
+    let gated_by = if via == Via::Tcp {
+        "wire"
+    } else {
+        "server_hook"
+    };
+    let (transport, hook) = (Some(via.transport().to_owned()), Some(gated_by.to_owned()));
     for (i, mode) in modes.iter().enumerate() {
         let upto = firsts.get(i + 1).copied().unwrap_or(i64::MAX);
         let counts = counts_by_path(&lab, firsts[i], upto)?;
@@ -491,6 +495,82 @@ fn counts_are_exact(via: Via, tag: &str) -> Result<()> {
         |r| r.get(0),
     )?;
     assert_eq!(loss, 0, "capture loss");
+    Ok(())
+}
+
+/// The pins of backend `pid`'s session probes in the lab's pin directory.
+fn session_pins(lab: &Lab, pid: u32) -> Result<usize> {
+    let prefix = format!("session-{pid}-");
+    let mut n = 0;
+    for dir in std::fs::read_dir(lab.pin_dir())? {
+        let dir = dir?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            if entry?.file_name().to_string_lossy().starts_with(&prefix) {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The read and write probes are attached per backend, and only to the
+/// sessions no tc program can read: a Unix-socket and a TLS session get
+/// them (three links, pinned under their backend's pid), a plaintext TCP
+/// session none (a probe there would cost its every statement a trap for
+/// bytes the wire already reads), and they go when the backend exits.
+#[test]
+fn session_probes_go_only_to_the_sessions_the_wire_cannot_read() -> Result<()> {
+    let (lab, _token) = hook_lab("hprobes", &[])?;
+    let mut sessions = Vec::new();
+    for via in [Via::Unix, Via::Tls, Via::Tcp] {
+        let mut session = lab.session(via)?;
+        let pid: u32 = session
+            .query("SELECT pg_backend_pid()", Duration::from_secs(30))?
+            .trim()
+            .parse()
+            .context("pg_backend_pid")?;
+        sessions.push((via, pid, session));
+    }
+    for (via, pid, _) in &sessions {
+        let expected = if *via == Via::Tcp { 0 } else { 3 };
+        assert_eq!(session_pins(&lab, *pid)?, expected, "{via:?} backend {pid}");
+    }
+    // Each statement was read where it says: the hook's sessions by the
+    // hook, the TCP one on the wire.
+    let text = "SELECT pg_backend_pid();";
+    lab.wait_for(
+        "the three statements stored",
+        Duration::from_secs(10),
+        || Ok((recorded(&lab, text)?.len() == 3).then_some(())),
+    )?;
+    let mut paths: Vec<(Option<String>, Option<String>)> = recorded(&lab, text)?
+        .into_iter()
+        .map(|r| (r.transport, r.gated_by))
+        .collect();
+    paths.sort();
+    let expected = [
+        ("tcp", "wire"),
+        ("tls", "server_hook"),
+        ("unix", "server_hook"),
+    ]
+    .map(|(t, g)| (Some(t.to_owned()), Some(g.to_owned())));
+    assert_eq!(paths, expected);
+    let pids: Vec<u32> = sessions.iter().map(|(_, pid, _)| *pid).collect();
+    drop(sessions);
+    lab.wait_for(
+        "the exited backends' probes detached",
+        Duration::from_secs(10),
+        || {
+            let left: usize = pids
+                .iter()
+                .map(|pid| session_pins(&lab, *pid))
+                .sum::<Result<usize>>()?;
+            Ok((left == 0).then_some(()))
+        },
+    )?;
     Ok(())
 }
 

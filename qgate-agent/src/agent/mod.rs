@@ -382,6 +382,9 @@ impl<'a> Agent<'a> {
         })?;
         if config.server_hook.enabled {
             follow.rescan_if_due(capture, config, gate);
+            for (pid, why) in capture.hook_failures() {
+                gate.unprobed_backend_terminated(pid, &why);
+            }
         }
         self.fresh_facts();
         self.decisions.quiet();

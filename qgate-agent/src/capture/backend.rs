@@ -16,7 +16,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::FastMap as HashMap;
 
-use qgate_common::pg::{GSSENC_REQUEST, SSL_REQUEST};
+use qgate_common::{
+    hook,
+    pg::{GSSENC_REQUEST, SSL_REQUEST},
+};
 
 use super::{
     hook::{HookKind, HookRecord},
@@ -81,10 +84,8 @@ pub struct PortInfo {
 /// 12–17): `pgsocket sock` at 0, `SockAddr laddr` at 16, `raddr` at 152
 /// (`SockAddr` is a 128-byte `sockaddr_storage` and a `socklen_t`, 8-aligned).
 const LADDR: usize = 16;
-const RADDR: usize = 152;
-const AF_UNIX: u16 = 1;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
+const RADDR: usize = hook::PORT_RADDR as usize;
+use hook::{AF_INET, AF_INET6, AF_UNIX};
 
 impl PortInfo {
     pub fn parse(port: &[u8]) -> Option<Self> {
@@ -133,6 +134,9 @@ struct BackendStream {
 #[derive(Debug, Default)]
 pub struct BackendStreams {
     streams: HashMap<u32, BackendStream>,
+    /// Encryption announced before the backend's first read (the request
+    /// for its session probes): its transport once it is opened.
+    encrypted: HashMap<u32, Transport>,
     /// `CLOCK_MONOTONIC` → Unix time.
     clock_offset: i64,
 }
@@ -172,6 +176,7 @@ impl BackendStreams {
     pub fn new(clock_offset: i64) -> Self {
         Self {
             streams: HashMap::default(),
+            encrypted: HashMap::default(),
             clock_offset,
         }
     }
@@ -198,18 +203,28 @@ impl BackendStreams {
         match r.kind {
             HookKind::Opened => {
                 let port = PortInfo::parse(&r.bytes);
-                self.streams
-                    .insert(r.pid, new_stream(r.pid, port, r.mid_stream));
+                let mut stream = new_stream(r.pid, port, r.mid_stream);
+                if let Some(transport) = self.encrypted.remove(&r.pid) {
+                    stream.transport = transport;
+                }
+                self.streams.insert(r.pid, stream);
             }
             HookKind::Tls | HookKind::Gss => {
-                if let Some(s) = self.streams.get_mut(&r.pid) {
-                    s.transport = if r.kind == HookKind::Tls {
-                        Transport::Tls
-                    } else {
-                        Transport::Gss
-                    };
+                let transport = if r.kind == HookKind::Tls {
+                    Transport::Tls
+                } else {
+                    Transport::Gss
+                };
+                match self.streams.get_mut(&r.pid) {
+                    Some(s) => s.transport = transport,
+                    // Its probes were attached for it: the first read comes next.
+                    None => {
+                        self.encrypted.insert(r.pid, transport);
+                    }
                 }
             }
+            // Served by the hook (its probes attached); its reads follow.
+            HookKind::Unix | HookKind::Session => {}
             HookKind::Read | HookKind::Write => {
                 let s = self.streams.entry(r.pid).or_insert_with(|| {
                     // Running before this agent started: read its Port now.
@@ -272,6 +287,7 @@ impl BackendStreams {
             // For discovery, not for the wire stage.
             HookKind::PostmasterStarted => {}
             HookKind::Exited => {
+                self.encrypted.remove(&r.pid);
                 let flow = self.streams.remove(&r.pid).map(|s| {
                     if s.opened {
                         for (direction, offset) in [

@@ -8,12 +8,13 @@
 //! `secure_read`, `secure_write` and `PostmasterPid` (PostgreSQL 12–17 do).
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
+    num::NonZeroU32,
     os::{fd::AsFd, fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{Array, MapData, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         raw_trace_point::RawTracePoint,
@@ -21,7 +22,7 @@ use aya::{
     },
     Ebpf,
 };
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 use qgate_common::{hook, maps, HookEvent, ManagedServer, MAX_MANAGED_SERVERS};
 use tracing::{info, warn};
 
@@ -30,16 +31,24 @@ use super::{
     kernel::{split_record, CaptureError},
 };
 
-/// The hook's programs: (program, function, return probe).
-const PROBES: &[(&str, &str, bool)] = &[
-    ("qgate_secure_read", "secure_read", false),
-    ("qgate_secure_read_ret", "secure_read", true),
-    ("qgate_secure_write", "secure_write", false),
-    ("qgate_secure_open_server", "secure_open_server", false),
-    ("qgate_secure_open_gssapi", "secure_open_gssapi", false),
-    ("qgate_postmaster_main", "PostmasterMain", false),
+/// Probes on every process of a gated server's binary: (program,
+/// function). Each fires once per session or server, never per statement.
+const GLOBAL_PROBES: &[(&str, &str)] = &[
+    ("qgate_pq_init", "pq_init"),
+    ("qgate_secure_open_server", "secure_open_server"),
+    ("qgate_secure_open_gssapi", "secure_open_gssapi"),
+    ("qgate_postmaster_main", "PostmasterMain"),
+];
+/// Probes attached to one backend at a time, those of the sessions no tc
+/// program can read (Unix socket, TLS, GSSAPI): (program, function).
+const SESSION_PROBES: &[(&str, &str)] = &[
+    ("qgate_secure_read", "secure_read"),
+    ("qgate_secure_read_ret", "secure_read"),
+    ("qgate_secure_write", "secure_write"),
 ];
 const EXIT_PROGRAM: &str = "qgate_backend_exit";
+/// Pins of session probes: `session-<pid>-<start time>-<program>`.
+const SESSION_PIN: &str = "session-";
 
 /// What the hook reported, one whole read or write (chunks reassembled).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +83,11 @@ pub enum HookKind {
     Exited,
     /// A postmaster started (`pid` is the postmaster).
     PostmasterStarted,
+    /// A backend on a Unix socket asked for the session probes (attached
+    /// and resumed by [`ServerHook::drain`] before the record is handed on).
+    Unix,
+    /// A backend whose socket the program could not tell asked for them.
+    Session,
 }
 
 /// A postmaster the agent gates.
@@ -93,7 +107,18 @@ pub struct ServerHook {
     /// Binaries attached, by (device, inode).
     attached: HashSet<(u64, u64)>,
     servers: Vec<Postmaster>,
+    /// The gated ports (for a backend of a server not registered yet).
+    ports: Vec<u16>,
     partial: Assembler<HookRecord>,
+    pids: BpfHashMap<MapData, u32, u8>,
+    /// Backends with session probes: their start time (`/proc/<pid>/stat`,
+    /// against a reused pid) and the pins of their links.
+    sessions: StdHashMap<u32, (u64, Vec<PathBuf>)>,
+    /// The session probes' file offsets, per binary (device, inode).
+    offsets: StdHashMap<(u64, u64), Vec<u64>>,
+    /// Backends that could not be given their probes: terminated, to be
+    /// audited (pid, why).
+    failures: Vec<(u32, String)>,
 }
 
 fn program_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
@@ -104,7 +129,7 @@ impl ServerHook {
     /// Loads the hook's programs from the already loaded object and attaches
     /// the process-exit tracepoint; binaries are attached by [`Self::discover`].
     pub fn load(ebpf: &mut Ebpf, pins: &Path) -> Result<Self, CaptureError> {
-        for (name, _, _) in PROBES {
+        for (name, _) in GLOBAL_PROBES.iter().chain(SESSION_PROBES) {
             uprobe(ebpf, name)?.load().map_err(program_err(name))?;
         }
         let exit: &mut RawTracePoint = ebpf
@@ -124,16 +149,209 @@ impl ServerHook {
             ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))
         };
         let map_err = |name: &'static str| move |source| CaptureError::Map { name, source };
-        Ok(Self {
+        let mut hook = Self {
             ring: RingBuf::try_from(take(ebpf, maps::HOOK_EVENTS)?)
                 .map_err(map_err(maps::HOOK_EVENTS))?,
             managed: Array::try_from(take(ebpf, maps::MANAGED_SERVERS)?)
                 .map_err(map_err(maps::MANAGED_SERVERS))?,
+            pids: BpfHashMap::try_from(take(ebpf, maps::HOOK_PIDS)?)
+                .map_err(map_err(maps::HOOK_PIDS))?,
             pins: pins.to_owned(),
             attached: HashSet::new(),
             servers: Vec::new(),
+            ports: Vec::new(),
             partial: Assembler::default(),
-        })
+            sessions: StdHashMap::new(),
+            offsets: StdHashMap::new(),
+            failures: Vec::new(),
+        };
+        hook.adopt_session_pins();
+        Ok(hook)
+    }
+
+    /// Session probes a previous agent attached and pinned: kept for the
+    /// backends still running (their sessions stay read across the
+    /// restart), removed for those gone.
+    fn adopt_session_pins(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.pins) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SESSION_PIN)) else {
+                continue;
+            };
+            let mut parts = rest.splitn(3, '-');
+            let (Some(pid), Some(start)) = (
+                parts.next().and_then(|p| p.parse::<u32>().ok()),
+                parts.next().and_then(|p| p.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            if start_time(pid) == Some(start) {
+                let entry_pins = &mut self.sessions.entry(pid).or_insert((start, Vec::new())).1;
+                entry_pins.push(entry.path());
+            } else {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Backends that could not be given their session probes since the
+    /// last call: each was terminated before it read from its client.
+    pub fn take_failures(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.failures)
+    }
+
+    /// Every backend waiting for its session probes (a request whose record
+    /// was lost, or made while no agent ran) gets them; the probes of
+    /// backends gone are detached (an exit record lost).
+    pub fn sweep(&mut self, ebpf: &mut Ebpf) {
+        let waiting: Vec<u32> = self
+            .pids
+            .iter()
+            .flatten()
+            .filter(|(_, v)| v & hook::PID_AWAITING != 0)
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in waiting {
+            self.serve_request(ebpf, pid);
+        }
+        let gone: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(pid, (start, _))| start_time(**pid) != Some(*start))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            self.detach_session(pid);
+        }
+    }
+
+    /// A backend asked for its session probes (its `HOOK_PIDS` entry says
+    /// so): attach them if its session is one the wire cannot read, then
+    /// resume it if it stopped itself. One that cannot be given them is
+    /// terminated before it reads anything (SIGTERM is handled as soon as
+    /// it runs again: PostgreSQL's startup-packet handler exits).
+    fn serve_request(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let Ok(value) = self.pids.get(&pid, 0) else {
+            return;
+        };
+        if value & hook::PID_AWAITING == 0 {
+            // Served already: a second SIGCONT could release a statement
+            // the backend was stopped for since.
+            return;
+        }
+        let kind = value & hook::PID_KIND;
+        let ours = self.is_ours(pid);
+        let wanted = ours
+            && match kind {
+                hook::SESSION => !matches!(client_socket(pid), Some(ClientSocket::Tcp(_))),
+                _ => true,
+            };
+        let outcome = if wanted {
+            self.attach_session(ebpf, pid)
+        } else {
+            Ok(())
+        };
+        match outcome {
+            Ok(()) if wanted => {
+                let _ = self.pids.insert(pid, kind, 0);
+            }
+            // Not ours, or plain TCP (the tc programs read it; a later
+            // TLS handshake asks again).
+            Ok(()) => {
+                let _ = self.pids.remove(&pid);
+            }
+            Err(e) => {
+                let _ = self.pids.remove(&pid);
+                warn!(pid, "server hook: the session probes could not be attached ({e}); terminating the backend");
+                // SAFETY: kill(2) with a plain signal number.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                self.failures.push((pid, e.to_string()));
+            }
+        }
+        if value & hook::PID_STOPPED != 0 {
+            // SAFETY: kill(2) with a plain signal number.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        }
+    }
+
+    /// A child of a postmaster this agent gates (registered, or found now).
+    fn is_ours(&self, pid: u32) -> bool {
+        let parent = procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.stat())
+            .map(|s| s.ppid as u32);
+        match parent {
+            Ok(ppid) if self.servers.iter().any(|s| s.pid == ppid) => true,
+            Ok(_) => postmaster_of(pid, &self.ports).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// Attaches the session probes to backend `pid` alone and pins them.
+    fn attach_session(&mut self, ebpf: &mut Ebpf, pid: u32) -> Result<(), CaptureError> {
+        let pin_err = |path: PathBuf| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| CaptureError::Pin { path, source: e }
+        };
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let binary = std::fs::read_link(&exe).map_err(|e| pin_err(exe.clone())(Box::new(e)))?;
+        let meta = std::fs::metadata(&exe).map_err(|e| pin_err(exe.clone())(Box::new(e)))?;
+        let start = start_time(pid).ok_or_else(|| {
+            pin_err(exe.clone())(Box::new(std::io::Error::other("the backend is gone")))
+        })?;
+        if self.sessions.get(&pid).is_some_and(|(s, _)| *s == start) {
+            return Ok(());
+        }
+        self.detach_session(pid);
+        let offsets = match self.offsets.get(&(meta.dev(), meta.ino())) {
+            Some(o) => o.clone(),
+            None => {
+                let o = session_offsets(&exe).map_err(|e| pin_err(binary.clone())(e.into()))?;
+                self.offsets.insert((meta.dev(), meta.ino()), o.clone());
+                o
+            }
+        };
+        let target = NonZeroU32::new(pid)
+            .ok_or_else(|| pin_err(exe.clone())(Box::new(std::io::Error::other("pid 0"))))?;
+        let mut pinned = Vec::new();
+        for ((name, _), offset) in SESSION_PROBES.iter().zip(offsets) {
+            let pin = self.pins.join(format!("{SESSION_PIN}{pid}-{start}-{name}"));
+            let attached = (|| {
+                let program = uprobe(ebpf, name)?;
+                let id = program
+                    .attach(offset, &binary, UProbeScope::OneProcess(target))
+                    .map_err(program_err(name))?;
+                let link: FdLink = program
+                    .take_link(id)
+                    .map_err(program_err(name))?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| {
+                        pin_err(pin.clone())(Box::new(e))
+                    })?;
+                link.pin(&pin)
+                    .map_err(|e| pin_err(pin.clone())(Box::new(e)))?;
+                Ok::<(), CaptureError>(())
+            })();
+            if let Err(e) = attached {
+                for p in &pinned {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+            pinned.push(pin);
+        }
+        self.sessions.insert(pid, (start, pinned));
+        Ok(())
+    }
+
+    /// Removes a backend's session probes (their pins hold the links).
+    fn detach_session(&mut self, pid: u32) {
+        if let Some((_, pins)) = self.sessions.remove(&pid) {
+            for pin in pins {
+                let _ = std::fs::remove_file(pin);
+            }
+        }
     }
 
     /// The ring buffer's descriptor, to wait on.
@@ -151,6 +369,7 @@ impl ServerHook {
     /// "not ours" earlier must then be forgotten:
     /// `KernelGate::forget_ignored_backends`).
     pub fn discover(&mut self, ebpf: &mut Ebpf, ports: &[u16]) -> Vec<Postmaster> {
+        self.ports = ports.to_vec();
         let before = self.servers.len();
         self.servers
             .retain(|s| std::path::Path::new(&format!("/proc/{}", s.pid)).exists());
@@ -181,20 +400,12 @@ impl ServerHook {
                 warn!(binary = %pm.binary.display(), "server hook not attached: {e}");
                 continue;
             }
-            let pid_addr = match postmaster_pid_address(&pm) {
-                Ok(addr) => addr,
+            let slot = match managed_slot(&pm) {
+                Ok(slot) => slot,
                 Err(e) => {
-                    warn!(
-                        pid = pm.pid,
-                        "server hook: cannot locate PostmasterPid: {e}"
-                    );
+                    warn!(pid = pm.pid, "server hook: {e}");
                     continue;
                 }
-            };
-            let slot = ManagedServer {
-                pid_addr,
-                postmaster_pid: pm.pid,
-                _pad: 0,
             };
             if let Err(e) = self.managed.set(self.servers.len() as u32, slot, 0) {
                 warn!(pid = pm.pid, "server hook: recording the postmaster: {e}");
@@ -215,7 +426,7 @@ impl ServerHook {
         if !self.attached.insert((meta.dev(), meta.ino())) {
             return Ok(());
         }
-        for (name, function, _) in PROBES {
+        for (name, function) in GLOBAL_PROBES {
             let pin = self
                 .pins
                 .join(format!("link-{}-{}-{name}", meta.dev(), meta.ino()));
@@ -247,17 +458,28 @@ impl ServerHook {
         Ok(())
     }
 
-    /// Hands every complete record waiting in the ring to `sink`.
-    pub fn drain(&mut self, sink: &mut impl FnMut(HookRecord)) -> usize {
-        let mut delivered = 0;
+    /// Hands every complete record waiting in the ring to `sink`. A
+    /// request for session probes is served first (the backend waits for
+    /// it) and handed on as not stopped; an exit detaches them.
+    pub fn drain(&mut self, ebpf: &mut Ebpf, sink: &mut impl FnMut(HookRecord)) -> usize {
+        let mut records = Vec::new();
         while let Some(item) = self.ring.next() {
             let Some((h, data)) = split_record::<HookEvent>(&item, |h| h.chunk_len) else {
                 continue;
             };
-            assemble(&mut self.partial, &h, data, &mut |r| {
-                delivered += 1;
-                sink(r)
-            });
+            assemble(&mut self.partial, &h, data, &mut |r| records.push(r));
+        }
+        let delivered = records.len();
+        for mut r in records {
+            match r.kind {
+                HookKind::Unix | HookKind::Session | HookKind::Tls | HookKind::Gss => {
+                    self.serve_request(ebpf, r.pid);
+                    r.stopped = false;
+                }
+                HookKind::Exited => self.detach_session(r.pid),
+                _ => {}
+            }
+            sink(r);
         }
         delivered
     }
@@ -299,6 +521,8 @@ fn kind_of(raw: u8) -> Option<HookKind> {
         hook::GSS => HookKind::Gss,
         hook::EXIT => HookKind::Exited,
         hook::POSTMASTER => HookKind::PostmasterStarted,
+        hook::UNIX => HookKind::Unix,
+        hook::SESSION => HookKind::Session,
         _ => return None,
     })
 }
@@ -417,22 +641,79 @@ fn postmaster_port(data_dir: &Path) -> Option<u16> {
 }
 
 fn managed_slot(pm: &Postmaster) -> Result<ManagedServer, String> {
+    // PostgreSQL 17's pq_init is handed the socket; earlier ones read
+    // `MyProcPort`, set before the call.
+    let major: u32 = std::fs::read_to_string(pm.data_dir.join("PG_VERSION"))
+        .map_err(|e| format!("{}/PG_VERSION: {e}", pm.data_dir.display()))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{}/PG_VERSION: {e}", pm.data_dir.display()))?;
     Ok(ManagedServer {
-        pid_addr: postmaster_pid_address(pm)?,
+        pid_addr: symbol_address(pm, "PostmasterPid")?,
+        port_var_addr: if major >= 17 {
+            0
+        } else {
+            symbol_address(pm, "MyProcPort")?
+        },
         postmaster_pid: pm.pid,
         _pad: 0,
     })
 }
 
-/// Where `PostmasterPid` lives in the postmaster (and so in every backend
-/// it forked): the binary's load address plus the symbol's offset.
-fn postmaster_pid_address(pm: &Postmaster) -> Result<u64, String> {
+/// The file offsets of [`SESSION_PROBES`]' functions in `binary` (resolved
+/// once per binary: a backend's probes are attached on its first read's
+/// way, and parsing the binary's symbols takes milliseconds).
+fn session_offsets(binary: &Path) -> Result<Vec<u64>, String> {
+    let data = std::fs::read(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
+    SESSION_PROBES
+        .iter()
+        .map(|(_, function)| {
+            let symbol = file
+                .dynamic_symbols()
+                .find(|s| s.name() == Ok(*function))
+                .ok_or_else(|| format!("no {function} in the dynamic symbol table"))?;
+            let section = symbol
+                .section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+                .ok_or_else(|| format!("{function} is in no section"))?;
+            let (file_offset, _) = section
+                .file_range()
+                .ok_or_else(|| format!("{function}'s section has no file data"))?;
+            Ok(symbol.address() - section.address() + file_offset)
+        })
+        .collect()
+}
+
+/// A process's start time (clock ticks after boot, `/proc/<pid>/stat`):
+/// with its pid, it names one process even when pids are reused.
+fn start_time(pid: u32) -> Option<u64> {
+    procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()
+        .map(|s| s.starttime)
+}
+
+/// The client socket of one backend.
+fn client_socket(pid: u32) -> Option<ClientSocket> {
+    let process = procfs::process::Process::new(pid as i32).ok()?;
+    let postmaster = process.stat().ok()?.ppid as u32;
+    existing_backends(postmaster)
+        .into_iter()
+        .find(|(p, _)| *p == pid)
+        .map(|(_, socket)| socket)
+}
+
+/// Where global `name` lives in the postmaster (and so in every backend it
+/// forked): the binary's load address plus the symbol's offset.
+fn symbol_address(pm: &Postmaster, name: &str) -> Result<u64, String> {
     let data = std::fs::read(&pm.binary).map_err(|e| format!("{}: {e}", pm.binary.display()))?;
     let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
     let symbol = file
         .dynamic_symbols()
-        .find(|s| s.name() == Ok("PostmasterPid"))
-        .ok_or("no PostmasterPid in the dynamic symbol table")?;
+        .find(|s| s.name() == Ok(name))
+        .ok_or_else(|| format!("no {name} in the dynamic symbol table"))?;
     let process = procfs::process::Process::new(pm.pid as i32).map_err(|e| e.to_string())?;
     let maps = process.maps().map_err(|e| e.to_string())?;
     // The lowest mapping of the binary is its load base (offset 0) for PIE.

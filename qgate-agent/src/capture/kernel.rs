@@ -146,6 +146,7 @@ impl KernelCapture {
         let backends_pin = pins.join(maps::BACKENDS);
         let modes_pin = pins.join(maps::BACKEND_MODES);
         let managed_pin = pins.join(maps::MANAGED_SERVERS);
+        let hook_pids_pin = pins.join(maps::HOOK_PIDS);
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(maps::FLOWS, flows_pin.as_path())
             .map_pin_path(maps::GATE_CONFIG, config_pin.as_path())
@@ -157,6 +158,7 @@ impl KernelCapture {
             .map_pin_path(maps::BACKENDS, backends_pin.as_path())
             .map_pin_path(maps::BACKEND_MODES, modes_pin.as_path())
             .map_pin_path(maps::MANAGED_SERVERS, managed_pin.as_path())
+            .map_pin_path(maps::HOOK_PIDS, hook_pids_pin.as_path())
             .load(PROGRAM_OBJECT)?;
         {
             let map = ebpf
@@ -293,6 +295,7 @@ impl KernelCapture {
             return Vec::new();
         };
         let fresh = hook.discover(&mut self.ebpf, ports);
+        hook.sweep(&mut self.ebpf);
         if !fresh.is_empty() {
             if let Some(map) = self.ebpf.map_mut(maps::DB_PORTS) {
                 if let Ok(mut db_ports) = HashMap::<_, u16, u8>::try_from(map) {
@@ -303,6 +306,15 @@ impl KernelCapture {
             }
         }
         fresh
+    }
+
+    /// Backends that could not be given the session probes since the last
+    /// call (each was terminated before it read from its client): pid, why.
+    pub fn hook_failures(&mut self) -> Vec<(u32, String)> {
+        self.hook
+            .as_mut()
+            .map(|h| h.take_failures())
+            .unwrap_or_default()
     }
 
     /// The servers the hook gates.
@@ -433,7 +445,7 @@ impl KernelCapture {
     fn drain(&mut self, sink: &mut impl FnMut(Captured)) -> usize {
         let mut delivered = 0;
         if let Some(hook) = self.hook.as_mut() {
-            delivered += hook.drain(&mut |r| sink(Captured::Hook(r)));
+            delivered += hook.drain(&mut self.ebpf, &mut |r| sink(Captured::Hook(r)));
         }
         while let Some(item) = self.ring.next() {
             let Some((header, data)) = split_record::<SegmentEvent>(&item, |h| h.chunk_len) else {

@@ -422,6 +422,19 @@ impl Gate {
         warn!(pid, "{why}: terminating the session");
         // SAFETY: kill(2) with a plain signal number.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        self.audit_termination(pid, why);
+    }
+
+    /// A backend the server hook terminated before it read from its client:
+    /// its session probes could not be attached (`why`).
+    pub fn unprobed_backend_terminated(&mut self, pid: u32, why: &str) {
+        self.audit_termination(
+            pid,
+            &format!("qgate's server hook could not read this session: {why}"),
+        );
+    }
+
+    fn audit_termination(&mut self, pid: u32, why: &str) {
         let details = serde_json::json!({ "backend_pid": pid, "why": why });
         if let Err(e) = self.runtime.block_on(
             self.board

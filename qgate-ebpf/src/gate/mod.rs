@@ -64,31 +64,48 @@ pub fn agent_gone(cfg: &GateConfig) -> bool {
 }
 
 /// On a port the server hook reads: true when the connection is the
-/// hook's (it started after the port became hooked), so the tc programs
-/// leave it alone. A SYN on such a port makes a connection the hook's.
+/// hook's (its server accepted TLS or GSSAPI encryption, see
+/// [`hand_over_encrypted`]), so the tc programs leave it alone. Never for a
+/// SYN: a new connection on the same addresses (or a forged SYN naming
+/// them) starts on the wire path (`decide` treats a SYN on a live flow as
+/// not to be trusted), so nothing plaintext ever passes as the hook's.
 #[inline(always)]
-pub fn left_to_hook(seg: &Segment, flow: &FlowKey, to_server: bool) -> bool {
-    if to_server && seg.tcp_flags & tcp_flags::SYN != 0 {
-        if let Some(state) = FLOWS.get_ptr(flow) {
-            // A SYN on a flow the wire path gates (a session older than the
-            // hook, or a forged SYN naming it) never hands it to the hook:
-            // the hook does not read that backend, and the session would
-            // run ungated. `decide` treats it as a SYN on a live flow.
-            // SAFETY: read of a plain byte of a map value.
-            return unsafe { (*state).phase == phase::HOOKED };
-        }
-        let state = FlowState {
-            phase: phase::HOOKED,
-            ..FlowState::default()
-        };
-        let _ = FLOWS.insert(flow, &state, 0);
-        return true;
+pub fn left_to_hook(seg: &Segment, flow: &FlowKey) -> bool {
+    if seg.tcp_flags & tcp_flags::SYN != 0 {
+        return false;
     }
     match FLOWS.get_ptr(flow) {
         // SAFETY: read of a plain byte of a map value.
         Some(state) => unsafe { (*state).phase == phase::HOOKED },
-        // Older than the program: the wire path picks it up mid-stream.
-        None => !to_server,
+        None => false,
+    }
+}
+
+/// tc egress on a port the server hook reads: the server's first payload.
+/// A lone `S` or `G` can only be its answer to an SSLRequest or
+/// GSSENCRequest (its first message is otherwise an authentication request
+/// or an error, nine bytes or more): the backend calls `secure_open_server`
+/// / `secure_open_gssapi` next, where it stops until the agent attached the
+/// session probes to it (`hook::on_encryption`), so the encrypted stream is
+/// the hook's to read and passes here uncaptured. Anything else (`N`, an
+/// error, a startup answered): the session goes on in plain, gated here.
+#[inline(always)]
+pub fn hand_over_encrypted(ctx: &TcContext, seg: &Segment, flow: &FlowKey) {
+    if seg.payload_len == 0 {
+        return;
+    }
+    let Some(state) = FLOWS.get_ptr_mut(flow) else {
+        return;
+    };
+    // SAFETY: map value; plain integers.
+    let state = unsafe { &mut *state };
+    if state.phase != phase::STARTUP || state.known & known::SERVER_SPOKE != 0 {
+        return;
+    }
+    state.known |= known::SERVER_SPOKE;
+    let answer = ctx.load::<u8>(seg.payload_offset as usize).unwrap_or(0);
+    if seg.payload_len == 1 && (answer == b'S' || answer == b'G') {
+        state.phase = phase::HOOKED;
     }
 }
 
