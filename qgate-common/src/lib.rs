@@ -60,6 +60,10 @@ pub mod port_kind {
     /// decodes and decides each packet (the PostgreSQL walk never runs on
     /// these bytes).
     pub const MYSQL: u8 = 3;
+    /// The server hook reads every session of this port's server
+    /// (`server_hook.probes = "every-backend"`): connections that start
+    /// from now on are left to it; older ones stay on the wire path.
+    pub const HOOKED_ALL: u8 = 4;
 }
 
 /// Payload bytes carried by one ring-buffer record of the large class.

@@ -15,6 +15,17 @@
 //! The program follows message boundaries per backend (protocol 3.0,
 //! "Message Formats"), never the first bytes of a read: one read can hold
 //! several messages and one message can span many reads.
+//!
+//! Those three probes are attached per backend, and only to the sessions no
+//! tc program can read: a uprobe attached for one process puts its
+//! breakpoint in that process alone, while one on the binary would cost
+//! every read and write of every session a trap (about a microsecond here).
+//! Probes on the binary fire once per session instead: `pq_init` (a new
+//! backend, before it reads from its client: a Unix socket asks) and
+//! `secure_open_server` / `secure_open_gssapi` (TLS or GSSAPI accepted,
+//! before the handshake) stop the backend and ask the agent
+//! ([`request_probes`]), which attaches the session probes to it and
+//! resumes it. Plaintext TCP stays with the tc programs.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
@@ -272,6 +283,15 @@ pub fn on_write(port: u64, buf: u64, len: u64) {
 #[inline(always)]
 pub fn on_encryption(kind: u8) {
     let (_, tgid) = current();
+    // SAFETY: read-only lookup of plain data.
+    if let Some(state) = unsafe { BACKENDS.get(&tgid) } {
+        // Read from its first byte (probes on every backend): the agent
+        // learns the transport; the probes read on in plain.
+        if state.phase != hook::IGNORED {
+            emit(kind, tgid, 0, 0, 0, 0, 0);
+        }
+        return;
+    }
     request_probes(tgid, kind, managed_server().is_some());
 }
 

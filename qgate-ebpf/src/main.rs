@@ -61,9 +61,10 @@ mod programs {
             return TC_ACT_SHOT;
         }
         let flow = seg.flow(true);
-        if kind == port_kind::HOOKED && left_to_hook(&seg, &flow) {
-            if seg.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
-                // The wire stage's record of the connection closes.
+        let all = kind == port_kind::HOOKED_ALL;
+        if (kind == port_kind::HOOKED || all) && left_to_hook(&seg, &flow, all, true) {
+            if !all && seg.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                // The wire stage's record of the encrypted connection closes.
                 capture(&ctx, &seg, DIR_TO_SERVER, 0);
             }
             return TC_ACT_OK;
@@ -92,8 +93,9 @@ mod programs {
     pub fn qgate_egress(ctx: TcContext) -> i32 {
         if let Some((seg, kind)) = db_segment(&ctx, DIR_FROM_SERVER) {
             let flow = seg.flow(false);
-            if kind == port_kind::HOOKED && left_to_hook(&seg, &flow) {
-                if seg.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+            let all = kind == port_kind::HOOKED_ALL;
+            if (kind == port_kind::HOOKED || all) && left_to_hook(&seg, &flow, all, false) {
+                if !all && seg.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
                     capture(&ctx, &seg, DIR_FROM_SERVER, 0);
                 }
                 return TC_ACT_OK;

@@ -81,9 +81,20 @@ fn quiet(cmd: &mut Command) {
 
 /// `QGATE_E2E_SERVER_HOOK=off` (set by `cargo xtask test` for its second
 /// pass over the gate tests) starts every agent with the server hook off, so
-/// the same tests prove the tc path.
-fn hook_off() -> Option<&'static str> {
-    (!server_hook_on()).then_some("--no-server-hook")
+/// the same tests prove the tc path; `=per-session` with the read and write
+/// probes attached per backend, to the sessions the wire cannot read.
+fn hook_args() -> &'static [&'static str] {
+    match std::env::var("QGATE_E2E_SERVER_HOOK").as_deref() {
+        Ok("off") => &["--no-server-hook"],
+        Ok("per-session") => &["--hook-probes", "per-session"],
+        _ => &[],
+    }
+}
+
+/// Whether the hook reads plaintext TCP sessions too in this run (probes on
+/// every backend), or leaves them to the wire (`per-session`, or no hook).
+pub fn hook_reads_tcp() -> bool {
+    server_hook_on() && std::env::var("QGATE_E2E_SERVER_HOOK").as_deref() != Ok("per-session")
 }
 
 /// Whether agents in this run read sessions inside the server (see [`hook_off`]).
@@ -372,7 +383,7 @@ impl Lab {
             .arg(self.pin_dir())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.api_port()))
-            .args(hook_off())
+            .args(hook_args())
             .args(extra)
             .env(
                 "RUST_LOG",

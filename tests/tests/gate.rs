@@ -925,7 +925,7 @@ fn a_released_statement_the_server_lost_is_delivered_again() -> Result<()> {
         "netfilter dropped the first copy: {rules}"
     );
     assert_eq!(lab.sql("SELECT v FROM t WHERE id = 9001")?, "again");
-    if !qgate_e2e::server_hook_on() {
+    if !qgate_e2e::hook_reads_tcp() {
         // The wire path: the kernel refused the client's copy and the agent
         // delivered its own again.
         let log = lab.agent_log();

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use qgate_e2e::{finish, require_root, Lab, Via, PG_PORT};
+use qgate_e2e::{finish, hook_reads_tcp, require_root, Lab, Via, PG_PORT};
 use serde_json::Value;
 
 /// What every gating test tries to do; the default policy holds it.
@@ -376,8 +376,13 @@ fn two_plaintext_queries_in_one_write_hold_the_risky_one() -> Result<()> {
     stream.write_all(&[query_message("SELECT 1"), query_message(DROP)].concat())?;
     let (request, id) = pending(&lab, &token)?;
     assert_eq!(request["statement"], DROP, "{request}");
-    // Plaintext TCP is the tc programs' to gate, hooked server or not.
-    assert_eq!(request["held_by"], "wire", "{request}");
+    // Read by the hook with probes on every backend, else on the wire.
+    let reader = if hook_reads_tcp() {
+        "server_hook"
+    } else {
+        "wire"
+    };
+    assert_eq!(request["held_by"], reader, "{request}");
     thread::sleep(Duration::from_millis(500));
     assert!(untouched(&lab, Via::Tcp)?, "DROP ran before a decision");
     lab.requests(&token, &["deny", &id.to_string()])?;
@@ -471,7 +476,7 @@ fn counts_are_exact(via: Via, tag: &str) -> Result<()> {
         firsts.push(after);
     }
     lab.stop_agent()?;
-    let gated_by = if via == Via::Tcp {
+    let gated_by = if via == Via::Tcp && !hook_reads_tcp() {
         "wire"
     } else {
         "server_hook"
@@ -516,11 +521,13 @@ fn session_pins(lab: &Lab, pid: u32) -> Result<usize> {
     Ok(n)
 }
 
-/// The read and write probes are attached per backend, and only to the
-/// sessions no tc program can read: a Unix-socket and a TLS session get
-/// them (three links, pinned under their backend's pid), a plaintext TCP
-/// session none (a probe there would cost its every statement a trap for
-/// bytes the wire already reads), and they go when the backend exits.
+/// With `server_hook.probes = "per-session"` the read and write probes are
+/// attached per backend, and only to the sessions no tc program can read: a
+/// Unix-socket and a TLS session get them (three links, pinned under their
+/// backend's pid), a plaintext TCP session none (a probe there would cost
+/// its every statement a trap for bytes the wire already reads), and they
+/// go when the backend exits. With probes on every backend (the default)
+/// no backend has its own, and the hook reads all three.
 #[test]
 fn session_probes_go_only_to_the_sessions_the_wire_cannot_read() -> Result<()> {
     let (lab, _token) = hook_lab("hprobes", &[])?;
@@ -535,7 +542,11 @@ fn session_probes_go_only_to_the_sessions_the_wire_cannot_read() -> Result<()> {
         sessions.push((via, pid, session));
     }
     for (via, pid, _) in &sessions {
-        let expected = if *via == Via::Tcp { 0 } else { 3 };
+        let expected = if *via == Via::Tcp || hook_reads_tcp() {
+            0
+        } else {
+            3
+        };
         assert_eq!(session_pins(&lab, *pid)?, expected, "{via:?} backend {pid}");
     }
     // Each statement was read where it says: the hook's sessions by the
@@ -551,8 +562,13 @@ fn session_probes_go_only_to_the_sessions_the_wire_cannot_read() -> Result<()> {
         .map(|r| (r.transport, r.gated_by))
         .collect();
     paths.sort();
+    let tcp_reader = if hook_reads_tcp() {
+        "server_hook"
+    } else {
+        "wire"
+    };
     let expected = [
-        ("tcp", "wire"),
+        ("tcp", tcp_reader),
         ("tls", "server_hook"),
         ("unix", "server_hook"),
     ]

@@ -855,7 +855,7 @@ fn a_second_copy_of_bytes_let_through_cannot_carry_other_sql() -> Result<()> {
     drop(stream);
     let _ = nft("delete table inet qgate_test");
     assert_eq!(damage_report(&lab)?, INTACT, "the forged copy ran");
-    if !qgate_e2e::server_hook_on() {
+    if !qgate_e2e::hook_reads_tcp() {
         // Refused in the kernel, counted, and audited.
         let refused = lab.wait_for(
             "a refused-segments audit entry",
@@ -1027,7 +1027,7 @@ fn a_hole_the_wire_stage_gives_up_on_resets_the_held_connection() -> Result<()> 
     deny_all_for(&lab, &token, Duration::from_secs(4))?;
     drop(stream);
     assert_eq!(damage_report(&lab)?, INTACT, "the DELETE in the hole ran");
-    if !qgate_e2e::server_hook_on() {
+    if !qgate_e2e::hook_reads_tcp() {
         let resets: i64 = lab.store()?.query_row(
             "SELECT count(*) FROM audit WHERE kind = 'gate.connection_reset'",
             [],

@@ -4,7 +4,7 @@
 use std::{io::Write, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
-use qgate_e2e::{finish, require_root, server_hook_on, Lab, Via};
+use qgate_e2e::{finish, hook_reads_tcp, require_root, Lab, Via};
 
 fn lab_with_table(tag: &str, config: &[(&str, &str)]) -> Result<(Lab, String)> {
     require_root();
@@ -198,7 +198,7 @@ fn a_link_severed_with_its_interface_is_replaced_and_its_dead_statement_withdraw
     let (ok, _, err) = finish(again, Duration::from_secs(10))?;
     assert!(!ok && err.contains("qgate"), "{err}");
 
-    if server_hook_on() {
+    if hook_reads_tcp() {
         // Held in a stopped backend: its request waits for the server's
         // TCP to notice the dead client (keepalive) or for its expiry; the
         // recovery grace is for statements held on the wire.

@@ -163,7 +163,25 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     ];
     wire.extend(args.iter().map(String::as_str));
     println!("xtask: the gate, restart and judgement tests again, with the server hook off");
-    cargo_env(root, &wire, &[("QGATE_E2E_SERVER_HOOK", "off")])
+    cargo_env(root, &wire, &[("QGATE_E2E_SERVER_HOOK", "off")])?;
+    // Per-session probes: plaintext TCP is then the wire's (proven by the
+    // pass above); the hook's own tests prove the sessions it reads.
+    let mut per_session = vec![
+        "test",
+        "-p",
+        "qgate-e2e",
+        "--test",
+        "hook",
+        "--",
+        "--test-threads=1",
+    ];
+    per_session.extend(args.iter().map(String::as_str));
+    println!("xtask: the server hook tests again, with its probes attached per session");
+    cargo_env(
+        root,
+        &per_session,
+        &[("QGATE_E2E_SERVER_HOOK", "per-session")],
+    )
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {

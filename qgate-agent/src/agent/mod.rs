@@ -265,7 +265,7 @@ impl<'a> Agent<'a> {
         let follow = follow::HookFollow::new(BackendStreams::new(capture.clock_offset()));
         let mut servers_before_gate = Vec::new();
         if config.server_hook.enabled {
-            capture.enable_server_hook()?;
+            capture.enable_server_hook(config.server_hook.probes)?;
             let fresh = capture.discover_servers(&config.capture.ports);
             if !fresh.is_empty() {
                 kernel.forget_ignored_backends();

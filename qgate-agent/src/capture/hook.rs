@@ -26,6 +26,8 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use qgate_common::{hook, maps, HookEvent, ManagedServer, MAX_MANAGED_SERVERS};
 use tracing::{info, warn};
 
+use crate::config::HookProbes;
+
 use super::{
     assemble::{Assembled, Assembler, Chunk},
     kernel::{split_record, CaptureError},
@@ -34,7 +36,7 @@ use super::{
 /// Probes on every process of a gated server's binary: (program,
 /// function). Each fires once per session or server, never per statement.
 const GLOBAL_PROBES: &[(&str, &str)] = &[
-    ("qgate_pq_init", "pq_init"),
+    (PQ_INIT, "pq_init"),
     ("qgate_secure_open_server", "secure_open_server"),
     ("qgate_secure_open_gssapi", "secure_open_gssapi"),
     ("qgate_postmaster_main", "PostmasterMain"),
@@ -47,6 +49,8 @@ const SESSION_PROBES: &[(&str, &str)] = &[
     ("qgate_secure_write", "secure_write"),
 ];
 const EXIT_PROGRAM: &str = "qgate_backend_exit";
+/// Asks for the session probes of a Unix-socket backend (per session only).
+const PQ_INIT: &str = "qgate_pq_init";
 /// Pins of session probes: `session-<pid>-<start time>-<program>`.
 const SESSION_PIN: &str = "session-";
 
@@ -109,6 +113,7 @@ pub struct ServerHook {
     servers: Vec<Postmaster>,
     /// The gated ports (for a backend of a server not registered yet).
     ports: Vec<u16>,
+    probes: HookProbes,
     partial: Assembler<HookRecord>,
     pids: BpfHashMap<MapData, u32, u8>,
     /// Backends with session probes: their start time (`/proc/<pid>/stat`,
@@ -128,7 +133,7 @@ fn program_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Ca
 impl ServerHook {
     /// Loads the hook's programs from the already loaded object and attaches
     /// the process-exit tracepoint; binaries are attached by [`Self::discover`].
-    pub fn load(ebpf: &mut Ebpf, pins: &Path) -> Result<Self, CaptureError> {
+    pub fn load(ebpf: &mut Ebpf, pins: &Path, probes: HookProbes) -> Result<Self, CaptureError> {
         for (name, _) in GLOBAL_PROBES.iter().chain(SESSION_PROBES) {
             uprobe(ebpf, name)?.load().map_err(program_err(name))?;
         }
@@ -160,6 +165,7 @@ impl ServerHook {
             attached: HashSet::new(),
             servers: Vec::new(),
             ports: Vec::new(),
+            probes,
             partial: Assembler::default(),
             sessions: StdHashMap::new(),
             offsets: StdHashMap::new(),
@@ -244,16 +250,25 @@ impl ServerHook {
         }
         let kind = value & hook::PID_KIND;
         let ours = self.is_ours(pid);
-        let wanted = ours
+        // With probes on every backend it is read already (a request from a
+        // previous agent's per-session probes, still pinned).
+        let wanted = self.probes == HookProbes::PerSession
+            && ours
             && match kind {
                 hook::SESSION => !matches!(client_socket(pid), Some(ClientSocket::Tcp(_))),
                 _ => true,
             };
+        let t0 = std::time::Instant::now();
         let outcome = if wanted {
             self.attach_session(ebpf, pid)
         } else {
             Ok(())
         };
+        info!(
+            pid,
+            took_us = t0.elapsed().as_micros() as u64,
+            "DEBUG attach"
+        );
         match outcome {
             Ok(()) if wanted => {
                 let _ = self.pids.insert(pid, kind, 0);
@@ -319,9 +334,14 @@ impl ServerHook {
             let pin = self.pins.join(format!("{SESSION_PIN}{pid}-{start}-{name}"));
             let attached = (|| {
                 let program = uprobe(ebpf, name)?;
+                let t1 = std::time::Instant::now();
                 let id = program
                     .attach(offset, &binary, UProbeScope::OneProcess(target))
                     .map_err(program_err(name))?;
+                info!(
+                    took_us = t1.elapsed().as_micros() as u64,
+                    "DEBUG one attach"
+                );
                 let link: FdLink = program
                     .take_link(id)
                     .map_err(program_err(name))?
@@ -347,6 +367,14 @@ impl ServerHook {
 
     /// Removes a backend's session probes (their pins hold the links).
     fn detach_session(&mut self, pid: u32) {
+        let t0 = std::time::Instant::now();
+        let _t = scopeguard(move || {
+            info!(
+                pid,
+                took_us = t0.elapsed().as_micros() as u64,
+                "DEBUG detach"
+            )
+        });
         if let Some((_, pins)) = self.sessions.remove(&pid) {
             for pin in pins {
                 let _ = std::fs::remove_file(pin);
@@ -361,6 +389,11 @@ impl ServerHook {
 
     pub fn servers(&self) -> &[Postmaster] {
         &self.servers
+    }
+
+    /// How the read and write probes are placed.
+    pub fn probes(&self) -> HookProbes {
+        self.probes
     }
 
     /// Finds the postmasters to gate (see the module doc), attaches the
@@ -426,10 +459,21 @@ impl ServerHook {
         if !self.attached.insert((meta.dev(), meta.ino())) {
             return Ok(());
         }
-        for (name, function) in GLOBAL_PROBES {
-            let pin = self
-                .pins
-                .join(format!("link-{}-{}-{name}", meta.dev(), meta.ino()));
+        let per_session = self.probes == HookProbes::PerSession;
+        // Every backend's reads and writes, or only a session's start (the
+        // read and write probes then go to one backend at a time).
+        let wanted: Vec<(&'static str, &'static str)> = GLOBAL_PROBES
+            .iter()
+            .filter(|(name, _)| per_session || *name != PQ_INIT)
+            .chain(SESSION_PROBES.iter().filter(|_| !per_session))
+            .copied()
+            .collect();
+        let pin_of = |name: &str| {
+            self.pins
+                .join(format!("link-{}-{}-{name}", meta.dev(), meta.ino()))
+        };
+        for (name, function) in &wanted {
+            let pin = pin_of(name);
             if PinnedLink::from_pin(&pin).is_ok() {
                 // A previous agent's probe, still attached and writing into
                 // the pinned maps this agent reads: keep it (replacing it
@@ -454,6 +498,13 @@ impl ServerHook {
                 path: pin.clone(),
                 source: Box::new(e),
             })?;
+        }
+        // A previous agent's probes of the other placement, now attached
+        // over: removed (their pins hold them).
+        for (name, _) in GLOBAL_PROBES.iter().chain(SESSION_PROBES) {
+            if !wanted.iter().any(|(n, _)| n == name) {
+                let _ = std::fs::remove_file(pin_of(name));
+            }
         }
         Ok(())
     }
@@ -871,4 +922,14 @@ mod tests {
         assert!(more[0].truncated && more[0].bytes == b"CCCC");
         assert!(!more[1].truncated && more[1].bytes == b"DD");
     }
+}
+
+struct Guard<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
 }

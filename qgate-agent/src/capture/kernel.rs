@@ -22,6 +22,7 @@ use qgate_common::{
 };
 
 use crate::bpf::KernelGate;
+use crate::config::HookProbes;
 use tracing::{info, warn};
 
 use super::{
@@ -280,8 +281,8 @@ impl KernelCapture {
 
     /// Loads the server hook (its binaries are attached by
     /// [`Self::discover_servers`]).
-    pub fn enable_server_hook(&mut self) -> Result<(), CaptureError> {
-        self.hook = Some(ServerHook::load(&mut self.ebpf, &self.pins)?);
+    pub fn enable_server_hook(&mut self, probes: HookProbes) -> Result<(), CaptureError> {
+        self.hook = Some(ServerHook::load(&mut self.ebpf, &self.pins, probes)?);
         Ok(())
     }
 
@@ -296,11 +297,15 @@ impl KernelCapture {
         };
         let fresh = hook.discover(&mut self.ebpf, ports);
         hook.sweep(&mut self.ebpf);
+        let kind = match hook.probes() {
+            HookProbes::EveryBackend => port_kind::HOOKED_ALL,
+            HookProbes::PerSession => port_kind::HOOKED,
+        };
         if !fresh.is_empty() {
             if let Some(map) = self.ebpf.map_mut(maps::DB_PORTS) {
                 if let Ok(mut db_ports) = HashMap::<_, u16, u8>::try_from(map) {
                     for pm in &fresh {
-                        let _ = db_ports.insert(pm.port, port_kind::HOOKED, 0);
+                        let _ = db_ports.insert(pm.port, kind, 0);
                     }
                 }
             }

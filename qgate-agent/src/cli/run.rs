@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// Gate on the wire only: no server hook (overrides server_hook.enabled).
     #[arg(long)]
     no_server_hook: bool,
+    /// Where the server hook's read and write probes go (overrides
+    /// server_hook.probes).
+    #[arg(long, value_enum)]
+    hook_probes: Option<config::HookProbes>,
 }
 
 #[derive(Args)]
@@ -106,6 +110,9 @@ pub(super) fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if args.no_server_hook {
         config.server_hook.enabled = false;
+    }
+    if let Some(probes) = args.hook_probes {
+        config.server_hook.probes = probes;
     }
     Ok(config)
 }

@@ -64,20 +64,42 @@ pub fn agent_gone(cfg: &GateConfig) -> bool {
 }
 
 /// On a port the server hook reads: true when the connection is the
-/// hook's (its server accepted TLS or GSSAPI encryption, see
-/// [`hand_over_encrypted`]), so the tc programs leave it alone. Never for a
-/// SYN: a new connection on the same addresses (or a forged SYN naming
-/// them) starts on the wire path (`decide` treats a SYN on a live flow as
-/// not to be trusted), so nothing plaintext ever passes as the hook's.
+/// hook's, so the tc programs leave it alone.
+///
+/// `every_session` (`port_kind::HOOKED_ALL`): the hook reads every session
+/// that starts after it attached; a SYN makes a connection the hook's.
+/// Otherwise (`port_kind::HOOKED`) only a session whose server accepted TLS
+/// or GSSAPI encryption is ([`hand_over_encrypted`]), and never from a SYN:
+/// a new connection on the same addresses (or a forged SYN naming them)
+/// starts on the wire path (`decide` treats a SYN on a live flow as not to
+/// be trusted), so nothing plaintext ever passes as the hook's.
 #[inline(always)]
-pub fn left_to_hook(seg: &Segment, flow: &FlowKey) -> bool {
-    if seg.tcp_flags & tcp_flags::SYN != 0 {
-        return false;
+pub fn left_to_hook(seg: &Segment, flow: &FlowKey, every_session: bool, to_server: bool) -> bool {
+    if to_server && seg.tcp_flags & tcp_flags::SYN != 0 {
+        if let Some(state) = FLOWS.get_ptr(flow) {
+            // A SYN on a flow the wire path gates (a session older than the
+            // hook, or a forged SYN naming it) never hands it to the hook:
+            // the hook does not read that backend, and the session would
+            // run ungated. `decide` treats it as a SYN on a live flow.
+            // SAFETY: read of a plain byte of a map value.
+            return every_session && unsafe { (*state).phase == phase::HOOKED };
+        }
+        if !every_session {
+            return false;
+        }
+        let state = FlowState {
+            phase: phase::HOOKED,
+            ..FlowState::default()
+        };
+        let _ = FLOWS.insert(flow, &state, 0);
+        return true;
     }
     match FLOWS.get_ptr(flow) {
         // SAFETY: read of a plain byte of a map value.
         Some(state) => unsafe { (*state).phase == phase::HOOKED },
-        None => false,
+        // Older than the program: the wire path picks it up mid-stream
+        // (its answers are the hook's when it reads every session).
+        None => every_session && !to_server,
     }
 }
 
