@@ -8,7 +8,6 @@
 //! `secure_read`, `secure_write` and `PostmasterPid` (PostgreSQL 12–17 do).
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    num::NonZeroU32,
     os::{fd::AsFd, fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -22,10 +21,11 @@ use aya::{
     },
     Ebpf,
 };
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSymbol};
 use qgate_common::{hook, maps, HookEvent, ManagedServer, MAX_MANAGED_SERVERS};
 use tracing::{info, warn};
 
+use super::attach::SessionAttacher;
 use crate::config::HookProbes;
 
 use super::{
@@ -51,8 +51,6 @@ const SESSION_PROBES: &[(&str, &str)] = &[
 const EXIT_PROGRAM: &str = "qgate_backend_exit";
 /// Asks for the session probes of a Unix-socket backend (per session only).
 const PQ_INIT: &str = "qgate_pq_init";
-/// Pins of session probes: `session-<pid>-<start time>-<program>`.
-const SESSION_PIN: &str = "session-";
 
 /// What the hook reported, one whole read or write (chunks reassembled).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,15 +113,8 @@ pub struct ServerHook {
     ports: Vec<u16>,
     probes: HookProbes,
     partial: Assembler<HookRecord>,
-    pids: BpfHashMap<MapData, u32, u8>,
-    /// Backends with session probes: their start time (`/proc/<pid>/stat`,
-    /// against a reused pid) and the pins of their links.
-    sessions: StdHashMap<u32, (u64, Vec<PathBuf>)>,
-    /// The session probes' file offsets, per binary (device, inode).
-    offsets: StdHashMap<(u64, u64), Vec<u64>>,
-    /// Backends that could not be given their probes: terminated, to be
-    /// audited (pid, why).
-    failures: Vec<(u32, String)>,
+    /// Serves the backends asking for their read and write probes.
+    attacher: SessionAttacher,
 }
 
 fn program_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
@@ -154,232 +145,53 @@ impl ServerHook {
             ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))
         };
         let map_err = |name: &'static str| move |source| CaptureError::Map { name, source };
-        let mut hook = Self {
+        let pids =
+            BpfHashMap::try_from(take(ebpf, maps::HOOK_PIDS)?).map_err(map_err(maps::HOOK_PIDS))?;
+        let mut programs = Vec::new();
+        for (name, function) in SESSION_PROBES {
+            let program = uprobe(ebpf, name)?;
+            let kind = program.kind();
+            let info = program.info().map_err(program_err(name))?;
+            // SAFETY: `kind` is the loaded program's own.
+            let handle = unsafe { UProbe::from_program_info(info, (*name).into(), kind) }
+                .map_err(program_err(name))?;
+            programs.push((*name, *function, handle));
+        }
+        let attacher = SessionAttacher::start(pins, programs, pids, probes).map_err(|e| {
+            CaptureError::Pin {
+                path: pins.to_owned(),
+                source: Box::new(e),
+            }
+        })?;
+        Ok(Self {
             ring: RingBuf::try_from(take(ebpf, maps::HOOK_EVENTS)?)
                 .map_err(map_err(maps::HOOK_EVENTS))?,
             managed: Array::try_from(take(ebpf, maps::MANAGED_SERVERS)?)
                 .map_err(map_err(maps::MANAGED_SERVERS))?,
-            pids: BpfHashMap::try_from(take(ebpf, maps::HOOK_PIDS)?)
-                .map_err(map_err(maps::HOOK_PIDS))?,
             pins: pins.to_owned(),
             attached: HashSet::new(),
             servers: Vec::new(),
             ports: Vec::new(),
             probes,
             partial: Assembler::default(),
-            sessions: StdHashMap::new(),
-            offsets: StdHashMap::new(),
-            failures: Vec::new(),
-        };
-        hook.adopt_session_pins();
-        Ok(hook)
+            attacher,
+        })
     }
 
-    /// Session probes a previous agent attached and pinned: kept for the
-    /// backends still running (their sessions stay read across the
-    /// restart), removed for those gone.
-    fn adopt_session_pins(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.pins) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SESSION_PIN)) else {
-                continue;
-            };
-            let mut parts = rest.splitn(3, '-');
-            let (Some(pid), Some(start)) = (
-                parts.next().and_then(|p| p.parse::<u32>().ok()),
-                parts.next().and_then(|p| p.parse::<u64>().ok()),
-            ) else {
-                continue;
-            };
-            if start_time(pid) == Some(start) {
-                let entry_pins = &mut self.sessions.entry(pid).or_insert((start, Vec::new())).1;
-                entry_pins.push(entry.path());
-            } else {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-
-    /// Backends that could not be given their session probes since the
-    /// last call: each was terminated before it read from its client.
+    /// Backends that could not be given their read and write probes since
+    /// the last call: each was terminated before it read from its client.
     pub fn take_failures(&mut self) -> Vec<(u32, String)> {
-        std::mem::take(&mut self.failures)
+        self.attacher.failures()
     }
 
-    /// Every backend waiting for its session probes (a request whose record
-    /// was lost, or made while no agent ran) gets them; the probes of
-    /// backends gone are detached (an exit record lost).
-    pub fn sweep(&mut self, ebpf: &mut Ebpf) {
-        let waiting: Vec<u32> = self
-            .pids
-            .iter()
-            .flatten()
-            .filter(|(_, v)| v & hook::PID_AWAITING != 0)
-            .map(|(pid, _)| pid)
-            .collect();
-        for pid in waiting {
-            self.serve_request(ebpf, pid);
-        }
-        let gone: Vec<u32> = self
-            .sessions
-            .iter()
-            .filter(|(pid, (start, _))| start_time(**pid) != Some(*start))
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in gone {
-            self.detach_session(pid);
-        }
-    }
-
-    /// A backend asked for its session probes (its `HOOK_PIDS` entry says
-    /// so): attach them if its session is one the wire cannot read, then
-    /// resume it if it stopped itself. One that cannot be given them is
-    /// terminated before it reads anything (SIGTERM is handled as soon as
-    /// it runs again: PostgreSQL's startup-packet handler exits).
-    fn serve_request(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        let Ok(value) = self.pids.get(&pid, 0) else {
-            return;
-        };
-        if value & hook::PID_AWAITING == 0 {
-            // Served already: a second SIGCONT could release a statement
-            // the backend was stopped for since.
-            return;
-        }
-        let kind = value & hook::PID_KIND;
-        let ours = self.is_ours(pid);
-        // With probes on every backend it is read already (a request from a
-        // previous agent's per-session probes, still pinned).
-        let wanted = self.probes == HookProbes::PerSession
-            && ours
-            && match kind {
-                hook::SESSION => !matches!(client_socket(pid), Some(ClientSocket::Tcp(_))),
-                _ => true,
-            };
-        let t0 = std::time::Instant::now();
-        let outcome = if wanted {
-            self.attach_session(ebpf, pid)
-        } else {
-            Ok(())
-        };
-        info!(
-            pid,
-            took_us = t0.elapsed().as_micros() as u64,
-            "DEBUG attach"
+    /// Every backend waiting for its probes (a request whose record was
+    /// lost, or made while no agent ran) is served; the probes of backends
+    /// gone are detached (an exit record lost).
+    pub fn sweep(&mut self) {
+        self.attacher.sweep(
+            self.servers.iter().map(|s| s.pid).collect(),
+            self.ports.clone(),
         );
-        match outcome {
-            Ok(()) if wanted => {
-                let _ = self.pids.insert(pid, kind, 0);
-            }
-            // Not ours, or plain TCP (the tc programs read it; a later
-            // TLS handshake asks again).
-            Ok(()) => {
-                let _ = self.pids.remove(&pid);
-            }
-            Err(e) => {
-                let _ = self.pids.remove(&pid);
-                warn!(pid, "server hook: the session probes could not be attached ({e}); terminating the backend");
-                // SAFETY: kill(2) with a plain signal number.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                self.failures.push((pid, e.to_string()));
-            }
-        }
-        if value & hook::PID_STOPPED != 0 {
-            // SAFETY: kill(2) with a plain signal number.
-            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-        }
-    }
-
-    /// A child of a postmaster this agent gates (registered, or found now).
-    fn is_ours(&self, pid: u32) -> bool {
-        let parent = procfs::process::Process::new(pid as i32)
-            .and_then(|p| p.stat())
-            .map(|s| s.ppid as u32);
-        match parent {
-            Ok(ppid) if self.servers.iter().any(|s| s.pid == ppid) => true,
-            Ok(_) => postmaster_of(pid, &self.ports).is_some(),
-            Err(_) => false,
-        }
-    }
-
-    /// Attaches the session probes to backend `pid` alone and pins them.
-    fn attach_session(&mut self, ebpf: &mut Ebpf, pid: u32) -> Result<(), CaptureError> {
-        let pin_err = |path: PathBuf| {
-            move |e: Box<dyn std::error::Error + Send + Sync>| CaptureError::Pin { path, source: e }
-        };
-        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        let binary = std::fs::read_link(&exe).map_err(|e| pin_err(exe.clone())(Box::new(e)))?;
-        let meta = std::fs::metadata(&exe).map_err(|e| pin_err(exe.clone())(Box::new(e)))?;
-        let start = start_time(pid).ok_or_else(|| {
-            pin_err(exe.clone())(Box::new(std::io::Error::other("the backend is gone")))
-        })?;
-        if self.sessions.get(&pid).is_some_and(|(s, _)| *s == start) {
-            return Ok(());
-        }
-        self.detach_session(pid);
-        let offsets = match self.offsets.get(&(meta.dev(), meta.ino())) {
-            Some(o) => o.clone(),
-            None => {
-                let o = session_offsets(&exe).map_err(|e| pin_err(binary.clone())(e.into()))?;
-                self.offsets.insert((meta.dev(), meta.ino()), o.clone());
-                o
-            }
-        };
-        let target = NonZeroU32::new(pid)
-            .ok_or_else(|| pin_err(exe.clone())(Box::new(std::io::Error::other("pid 0"))))?;
-        let mut pinned = Vec::new();
-        for ((name, _), offset) in SESSION_PROBES.iter().zip(offsets) {
-            let pin = self.pins.join(format!("{SESSION_PIN}{pid}-{start}-{name}"));
-            let attached = (|| {
-                let program = uprobe(ebpf, name)?;
-                let t1 = std::time::Instant::now();
-                let id = program
-                    .attach(offset, &binary, UProbeScope::OneProcess(target))
-                    .map_err(program_err(name))?;
-                info!(
-                    took_us = t1.elapsed().as_micros() as u64,
-                    "DEBUG one attach"
-                );
-                let link: FdLink = program
-                    .take_link(id)
-                    .map_err(program_err(name))?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| {
-                        pin_err(pin.clone())(Box::new(e))
-                    })?;
-                link.pin(&pin)
-                    .map_err(|e| pin_err(pin.clone())(Box::new(e)))?;
-                Ok::<(), CaptureError>(())
-            })();
-            if let Err(e) = attached {
-                for p in &pinned {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e);
-            }
-            pinned.push(pin);
-        }
-        self.sessions.insert(pid, (start, pinned));
-        Ok(())
-    }
-
-    /// Removes a backend's session probes (their pins hold the links).
-    fn detach_session(&mut self, pid: u32) {
-        let t0 = std::time::Instant::now();
-        let _t = scopeguard(move || {
-            info!(
-                pid,
-                took_us = t0.elapsed().as_micros() as u64,
-                "DEBUG detach"
-            )
-        });
-        if let Some((_, pins)) = self.sessions.remove(&pid) {
-            for pin in pins {
-                let _ = std::fs::remove_file(pin);
-            }
-        }
     }
 
     /// The ring buffer's descriptor, to wait on.
@@ -512,7 +324,7 @@ impl ServerHook {
     /// Hands every complete record waiting in the ring to `sink`. A
     /// request for session probes is served first (the backend waits for
     /// it) and handed on as not stopped; an exit detaches them.
-    pub fn drain(&mut self, ebpf: &mut Ebpf, sink: &mut impl FnMut(HookRecord)) -> usize {
+    pub fn drain(&mut self, sink: &mut impl FnMut(HookRecord)) -> usize {
         let mut records = Vec::new();
         while let Some(item) = self.ring.next() {
             let Some((h, data)) = split_record::<HookEvent>(&item, |h| h.chunk_len) else {
@@ -524,10 +336,10 @@ impl ServerHook {
         for mut r in records {
             match r.kind {
                 HookKind::Unix | HookKind::Session | HookKind::Tls | HookKind::Gss => {
-                    self.serve_request(ebpf, r.pid);
+                    self.attacher.serve(r.pid);
                     r.stopped = false;
                 }
-                HookKind::Exited => self.detach_session(r.pid),
+                HookKind::Exited => self.attacher.detach(r.pid),
                 _ => {}
             }
             sink(r);
@@ -711,51 +523,6 @@ fn managed_slot(pm: &Postmaster) -> Result<ManagedServer, String> {
     })
 }
 
-/// The file offsets of [`SESSION_PROBES`]' functions in `binary` (resolved
-/// once per binary: a backend's probes are attached on its first read's
-/// way, and parsing the binary's symbols takes milliseconds).
-fn session_offsets(binary: &Path) -> Result<Vec<u64>, String> {
-    let data = std::fs::read(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
-    let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
-    SESSION_PROBES
-        .iter()
-        .map(|(_, function)| {
-            let symbol = file
-                .dynamic_symbols()
-                .find(|s| s.name() == Ok(*function))
-                .ok_or_else(|| format!("no {function} in the dynamic symbol table"))?;
-            let section = symbol
-                .section_index()
-                .and_then(|i| file.section_by_index(i).ok())
-                .ok_or_else(|| format!("{function} is in no section"))?;
-            let (file_offset, _) = section
-                .file_range()
-                .ok_or_else(|| format!("{function}'s section has no file data"))?;
-            Ok(symbol.address() - section.address() + file_offset)
-        })
-        .collect()
-}
-
-/// A process's start time (clock ticks after boot, `/proc/<pid>/stat`):
-/// with its pid, it names one process even when pids are reused.
-fn start_time(pid: u32) -> Option<u64> {
-    procfs::process::Process::new(pid as i32)
-        .ok()?
-        .stat()
-        .ok()
-        .map(|s| s.starttime)
-}
-
-/// The client socket of one backend.
-fn client_socket(pid: u32) -> Option<ClientSocket> {
-    let process = procfs::process::Process::new(pid as i32).ok()?;
-    let postmaster = process.stat().ok()?.ppid as u32;
-    existing_backends(postmaster)
-        .into_iter()
-        .find(|(p, _)| *p == pid)
-        .map(|(_, socket)| socket)
-}
-
 /// Where global `name` lives in the postmaster (and so in every backend it
 /// forked): the binary's load address plus the symbol's offset.
 fn symbol_address(pm: &Postmaster, name: &str) -> Result<u64, String> {
@@ -922,14 +689,4 @@ mod tests {
         assert!(more[0].truncated && more[0].bytes == b"CCCC");
         assert!(!more[1].truncated && more[1].bytes == b"DD");
     }
-}
-
-struct Guard<F: FnMut()>(F);
-impl<F: FnMut()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
 }

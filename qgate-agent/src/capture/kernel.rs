@@ -296,7 +296,7 @@ impl KernelCapture {
             return Vec::new();
         };
         let fresh = hook.discover(&mut self.ebpf, ports);
-        hook.sweep(&mut self.ebpf);
+        hook.sweep();
         let kind = match hook.probes() {
             HookProbes::EveryBackend => port_kind::HOOKED_ALL,
             HookProbes::PerSession => port_kind::HOOKED,
@@ -450,7 +450,7 @@ impl KernelCapture {
     fn drain(&mut self, sink: &mut impl FnMut(Captured)) -> usize {
         let mut delivered = 0;
         if let Some(hook) = self.hook.as_mut() {
-            delivered += hook.drain(&mut self.ebpf, &mut |r| sink(Captured::Hook(r)));
+            delivered += hook.drain(&mut |r| sink(Captured::Hook(r)));
         }
         while let Some(item) = self.ring.next() {
             let Some((header, data)) = split_record::<SegmentEvent>(&item, |h| h.chunk_len) else {

@@ -7,9 +7,11 @@
 //! | [`kernel`] | loads and attaches the tc programs (pinned links, replaced when severed), drains the rings |
 //! | [`assemble`] | puts records back together from the rings' chunks (both capture points) |
 //! | [`hook`] | finds the PostgreSQL servers and attaches the server hook's probes |
+//! | [`attach`] | attaches the read and write probes to one backend at a time, on its own thread |
 //! | [`backend`] | turns the hook's per-backend records into segments of synthetic connections |
 //! | [`pcap`] | reads pcap/pcapng files into segments |
 pub mod assemble;
+pub mod attach;
 pub mod backend;
 pub mod hook;
 pub mod kernel;
