@@ -525,6 +525,23 @@ mod tests {
     }
 
     #[test]
+    fn the_hooks_probe_placement_is_named_and_checked() {
+        assert_eq!(
+            ServerHookConfig::default().probes,
+            HookProbes::EveryBackend,
+            "no cost at a connection's start unless asked"
+        );
+        let config = Config::parse(
+            "[server_hook]\nprobes = \"per-session\"\n",
+            "partial".into(),
+        )
+        .unwrap();
+        assert_eq!(config.server_hook.probes, HookProbes::PerSession);
+        let err = Config::parse("[server_hook]\nprobes = \"some\"\n", "bad".into()).unwrap_err();
+        assert!(format!("{err:#}").contains("probes"), "{err:#}");
+    }
+
+    #[test]
     fn shipped_config_has_no_estimator_so_row_limits_fail_closed() {
         let c = Config::load(None).expect("shipped qgate.toml parses");
         assert_eq!(c.policy.estimator, None);

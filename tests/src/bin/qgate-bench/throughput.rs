@@ -1,6 +1,8 @@
 //! Scenarios 1, 2 and 7: `pgbench -S` straight to PostgreSQL, through qgate
-//! (monitor mode, shipped default policy; each with the server hook on, the
-//! default, and off, the wire path), through pgbouncer and through a plain
+//! (monitor mode, shipped default policy; each with the server hook's probes
+//! on every backend, the default, with them per session, which leaves
+//! plaintext TCP to the wire, and with the hook off, the wire path), through
+//! pgbouncer and through a plain
 //! TCP relay — every leg once per pair, in rotating order, so slow drift of
 //! a shared machine falls on every leg alike. For the qgate legs also the
 //! agent's CPU per statement and the eBPF programs' own run time
@@ -35,6 +37,8 @@ enum Leg {
     Policy,
     MonitorWire,
     PolicyWire,
+    MonitorSession,
+    PolicySession,
     Pgbouncer,
     Relay,
 }
@@ -47,6 +51,8 @@ impl Leg {
             Leg::Policy => "qgate default policy",
             Leg::MonitorWire => "qgate monitor, hook off",
             Leg::PolicyWire => "qgate default policy, hook off",
+            Leg::MonitorSession => "qgate monitor, per-session probes",
+            Leg::PolicySession => "qgate default policy, per-session probes",
             Leg::Pgbouncer => "pgbouncer (session)",
             Leg::Relay => "socat relay",
         }
@@ -56,7 +62,7 @@ impl Leg {
 fn legs(s: &Settings) -> Vec<Leg> {
     let mut legs = vec![Leg::Direct];
     if s.wants(1) || s.wants(2) || s.wants(7) {
-        legs.extend([Leg::Monitor, Leg::Policy, Leg::MonitorWire, Leg::PolicyWire]);
+        legs.extend(QGATE);
     }
     if s.wants(2) {
         legs.extend([Leg::Pgbouncer, Leg::Relay]);
@@ -79,7 +85,14 @@ pub fn budget(s: &Settings) -> Duration {
 }
 
 /// The qgate legs.
-const QGATE: [Leg; 4] = [Leg::Monitor, Leg::Policy, Leg::MonitorWire, Leg::PolicyWire];
+const QGATE: [Leg; 6] = [
+    Leg::Monitor,
+    Leg::Policy,
+    Leg::MonitorWire,
+    Leg::PolicyWire,
+    Leg::MonitorSession,
+    Leg::PolicySession,
+];
 
 /// One run's figures; the agent's and the programs' only for the qgate legs.
 #[derive(Debug, Clone)]
@@ -218,9 +231,13 @@ fn run_leg(
     log_dir: &Path,
 ) -> Result<Measured> {
     let target = match leg {
-        Leg::Direct | Leg::Monitor | Leg::Policy | Leg::MonitorWire | Leg::PolicyWire => {
-            Target::postgres(lab)
-        }
+        Leg::Direct
+        | Leg::Monitor
+        | Leg::Policy
+        | Leg::MonitorWire
+        | Leg::PolicyWire
+        | Leg::MonitorSession
+        | Leg::PolicySession => Target::postgres(lab),
         Leg::Pgbouncer => Target {
             host: lab.server_ip,
             port: PGBOUNCER_PORT,
@@ -235,6 +252,8 @@ fn run_leg(
         Leg::Policy => lab.start_agent(&[])?,
         Leg::MonitorWire => lab.start_agent(&["--monitor", "--no-server-hook"])?,
         Leg::PolicyWire => lab.start_agent(&["--no-server-hook"])?,
+        Leg::MonitorSession => lab.start_agent(&["--monitor", "--hook-probes", "per-session"])?,
+        Leg::PolicySession => lab.start_agent(&["--hook-probes", "per-session"])?,
         _ => {}
     }
     let kernel_before = Snapshot::take();
