@@ -734,6 +734,36 @@ fn after_kill_9_a_restarted_agent_releases_the_held_tls_statement_once() -> Resu
     Ok(())
 }
 
+/// A Unix-socket session that starts while the agent is down (killed):
+/// with probes per session its backend waits at its start for them (fail
+/// closed) and the restarted agent attaches them (its look at the backends
+/// waiting), with probes on every backend it is read from its first byte;
+/// either way its DROP is held for review like any other and never runs
+/// unjudged.
+#[test]
+fn a_unix_session_started_while_the_agent_is_down_is_read_once_it_is_back() -> Result<()> {
+    let (mut lab, token) = hook_lab("hunixdn", &[])?;
+    lab.kill_agent()?;
+    // The programs count the agent gone once its heartbeat is this old.
+    thread::sleep(Duration::from_secs(3));
+    let psql = lab.psql_via_spawn(Via::Unix, "postgres", "postgres", &["-c", DROP])?;
+    thread::sleep(Duration::from_secs(1));
+    let mut waiting = psql;
+    assert!(
+        waiting.try_wait()?.is_none(),
+        "the session ended with the agent gone"
+    );
+    lab.start_agent(&[])?;
+    let (request, id) = pending(&lab, &token)?;
+    assert_eq!(request["statement"], DROP, "{request}");
+    assert_eq!(request["held_by"], "server_hook", "{request}");
+    lab.requests(&token, &["deny", &id.to_string()])?;
+    let (ok, _, err) = finish(waiting, Duration::from_secs(10))?;
+    assert!(!ok && err.contains("qgate"), "{err}");
+    assert!(untouched(&lab, Via::Tcp)?, "a denied DROP never runs");
+    Ok(())
+}
+
 #[test]
 fn without_the_server_hook_tls_is_refused_naming_qgate_and_plaintext_is_held_on_the_wire(
 ) -> Result<()> {

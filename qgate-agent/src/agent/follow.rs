@@ -175,11 +175,12 @@ fn followed_on_the_wire(steps: &[BackendStep], tracker: &Tracker) -> bool {
 }
 
 /// A server just became gated: its sessions from before (but those the
-/// hook already `follows` from their start) are either left to the wire
-/// path or ended (see `Gate::session_before_hook`).
+/// hook already `follows` from their start, or whose reads the kernel's
+/// probes have followed: a restarted agent's predecessor's) are either left
+/// to the wire path or ended (see `Gate::session_before_hook`).
 pub(super) fn take_over_sessions(gate: &mut Gate, pm: &Postmaster, follows: impl Fn(u32) -> bool) {
     for (pid, socket) in existing_backends(pm.pid) {
-        if !follows(pid) {
+        if !follows(pid) && !gate.kernel().hook_follows(pid) {
             gate.session_before_hook(pid, socket);
         }
     }

@@ -46,6 +46,8 @@ pub struct KernelGate {
     config: Array<MapData, GateConfig>,
     backends: HashMap<MapData, u32, BackendState>,
     backend_modes: HashMap<MapData, u32, u8>,
+    /// Backends with probes of their own, or waiting for them.
+    hook_pids: HashMap<MapData, u32, u8>,
     /// Mode of a connection whose identity is not judged yet.
     default_mode: GateMode,
 }
@@ -56,12 +58,14 @@ impl KernelGate {
         config: Array<MapData, GateConfig>,
         backends: HashMap<MapData, u32, BackendState>,
         backend_modes: HashMap<MapData, u32, u8>,
+        hook_pids: HashMap<MapData, u32, u8>,
     ) -> Self {
         Self {
             flows,
             config,
             backends,
             backend_modes,
+            hook_pids,
             default_mode: GateMode::GateAll,
         }
     }
@@ -250,6 +254,17 @@ impl KernelGate {
         for pid in ignored {
             let _ = self.backends.remove(&pid);
         }
+    }
+
+    /// The server hook reads this backend: its probes have followed it
+    /// (a restarted agent finds the previous one's state), or it has
+    /// probes of its own or is waiting for them.
+    pub fn hook_follows(&self, pid: u32) -> bool {
+        let followed = self
+            .backends
+            .get(&pid, 0)
+            .is_ok_and(|s| s.phase != hook::IGNORED);
+        followed || self.hook_pids.get(&pid, 0).is_ok()
     }
 
     /// The hook stops looking at this backend (another path owns it).

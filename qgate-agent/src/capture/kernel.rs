@@ -390,7 +390,23 @@ impl KernelCapture {
             name: maps::BACKEND_MODES,
             source,
         })?;
-        Ok(KernelGate::new(flows, config, backends, backend_modes))
+        // A second handle on the map the hook's attacher owns: which
+        // backends asked for their own probes.
+        let pin = self.pins.join(maps::HOOK_PIDS);
+        let hook_pids = MapData::from_pin(&pin)
+            .and_then(aya::maps::Map::from_map_data)
+            .and_then(HashMap::try_from)
+            .map_err(|source| CaptureError::Map {
+                name: maps::HOOK_PIDS,
+                source,
+            })?;
+        Ok(KernelGate::new(
+            flows,
+            config,
+            backends,
+            backend_modes,
+            hook_pids,
+        ))
     }
 
     /// Removes every pin: the links detach when this process lets go of

@@ -103,10 +103,10 @@ pub fn left_to_hook(seg: &Segment, flow: &FlowKey, every_session: bool, to_serve
     }
 }
 
-/// tc egress on a port the server hook reads: the server's first payload.
-/// A lone `S` or `G` can only be its answer to an SSLRequest or
-/// GSSENCRequest (its first message is otherwise an authentication request
-/// or an error, nine bytes or more): the backend calls `secure_open_server`
+/// tc egress on a port the server hook reads: the server's first payloads.
+/// A lone `S` or `G` (after any lone `N`s) can only be its answer to an
+/// SSLRequest or GSSENCRequest (its first message is otherwise an
+/// authentication request or an error, nine bytes or more): the backend calls `secure_open_server`
 /// / `secure_open_gssapi` next, where it stops until the agent attached the
 /// session probes to it (`hook::on_encryption`), so the encrypted stream is
 /// the hook's to read and passes here uncaptured. Anything else (`N`, an
@@ -124,10 +124,12 @@ pub fn hand_over_encrypted(ctx: &TcContext, seg: &Segment, flow: &FlowKey) {
     if state.phase != phase::STARTUP || state.known & known::SERVER_SPOKE != 0 {
         return;
     }
-    state.known |= known::SERVER_SPOKE;
     let answer = ctx.load::<u8>(seg.payload_offset as usize).unwrap_or(0);
-    if seg.payload_len == 1 && (answer == b'S' || answer == b'G') {
-        state.phase = phase::HOOKED;
+    match (seg.payload_len, answer) {
+        (1, b'S') | (1, b'G') => state.phase = phase::HOOKED,
+        // No to a GSSENCRequest: libpq may ask for TLS next.
+        (1, b'N') => {}
+        _ => state.known |= known::SERVER_SPOKE,
     }
 }
 
