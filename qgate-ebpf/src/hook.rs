@@ -16,16 +16,16 @@
 //! "Message Formats"), never the first bytes of a read: one read can hold
 //! several messages and one message can span many reads.
 //!
-//! Those three probes are attached per backend, and only to the sessions no
-//! tc program can read: a uprobe attached for one process puts its
-//! breakpoint in that process alone, while one on the binary would cost
-//! every read and write of every session a trap (about a microsecond here).
-//! Probes on the binary fire once per session instead: `pq_init` (a new
-//! backend, before it reads from its client: a Unix socket asks) and
-//! `secure_open_server` / `secure_open_gssapi` (TLS or GSSAPI accepted,
-//! before the handshake) stop the backend and ask the agent
-//! ([`request_probes`]), which attaches the session probes to it and
-//! resumes it. Plaintext TCP stays with the tc programs.
+//! Where those three probes go is the agent's `server_hook.probes`: on the
+//! server binary (every backend's reads and writes trap into them, about a
+//! microsecond each here), or per backend, only to the sessions no tc
+//! program can read: a uprobe attached for one process puts its breakpoint
+//! in that process alone. Then probes on the binary fire once per session
+//! instead: `pq_init` (a new backend, before it reads from its client: a
+//! Unix socket asks) and `secure_open_server` / `secure_open_gssapi` (TLS
+//! or GSSAPI accepted, before the handshake) stop the backend and ask the
+//! agent ([`request_probes`]), which attaches the session probes to it and
+//! resumes it; plaintext TCP stays with the tc programs.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
