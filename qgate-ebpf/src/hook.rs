@@ -363,7 +363,8 @@ fn request_probes(tgid: u32, kind: u8, managed: bool) {
     let mut value = kind | hook::PID_AWAITING;
     let mut flags = if managed { 0 } else { hook::CANDIDATE };
     if gone && cfg.fail_open != 0 {
-        // Not stopped; the next agent attaches the probes when it starts.
+        // Not stopped: it runs unread; the next agent ends it (its next
+        // statement would be read by no probe, see `capture::attach`).
         count(|c| c.failed_open += 1);
     } else {
         // The stop first, as in `on_read`: once the entry or the record

@@ -764,6 +764,52 @@ fn a_unix_session_started_while_the_agent_is_down_is_read_once_it_is_back() -> R
     Ok(())
 }
 
+/// Under `gate.fail = "open"` a Unix-socket session that starts while the
+/// agent is gone runs unjudged (the operator's choice). When the agent is
+/// back: with probes on every backend it was read all along and its next
+/// DROP is held; with per-session probes its backend idles inside a read
+/// that probes attached now would not see return, so, like a session from
+/// before the hook, it is ended and audited rather than left unseen.
+#[test]
+fn a_unix_session_that_ran_unread_under_fail_open_is_read_or_ended_when_the_agent_is_back(
+) -> Result<()> {
+    require_root();
+    let mut lab = Lab::new("hunixopn")?;
+    lab.start_postgres_tls()?;
+    create_t(&lab, Via::Tcp)?;
+    let config = lab.config_with(&[
+        ("fail = \"closed\"", "fail = \"open\""),
+        ("fail_after_ms = 2000", "fail_after_ms = 500"),
+    ])?;
+    let config = config.to_str().context("config path")?.to_owned();
+    lab.start_agent(&["--config", &config])?;
+    let token = lab.add_reviewer("rita", "reviewers", None)?;
+    lab.kill_agent()?;
+    thread::sleep(Duration::from_secs(1));
+    let mut session = lab.session(Via::Unix)?;
+    lab.start_agent(&["--config", &config])?;
+    if hook_reads_tcp() {
+        // Held: no answer while it waits for a reviewer.
+        assert!(session.query(DROP, Duration::from_secs(2)).is_err());
+        let (request, id) = pending(&lab, &token)?;
+        assert_eq!(request["held_by"], "server_hook", "{request}");
+        lab.requests(&token, &["deny", &id.to_string()])?;
+    } else {
+        lab.wait_for(
+            "the session ended and audited",
+            Duration::from_secs(10),
+            || Ok((terminations(&lab)? == 1).then_some(())),
+        )?;
+        assert!(
+            session.query(DROP, Duration::from_secs(3)).is_err(),
+            "the ended session ran on"
+        );
+    }
+    thread::sleep(Duration::from_millis(500));
+    assert!(untouched(&lab, Via::Tcp)?, "the DROP never runs");
+    Ok(())
+}
+
 #[test]
 fn without_the_server_hook_tls_is_refused_naming_qgate_and_plaintext_is_held_on_the_wire(
 ) -> Result<()> {

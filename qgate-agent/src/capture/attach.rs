@@ -217,7 +217,17 @@ impl Worker {
                 _ => true,
             };
         let started = Instant::now();
-        let outcome = if wanted { self.attach(pid) } else { Ok(()) };
+        let outcome = if wanted && value & hook::PID_STOPPED == 0 {
+            // It asked while no agent ran and went on unread (`gate.fail =
+            // "open"`): idle now inside a read the probes attached now
+            // would not see return, its next statement would run unseen.
+            // Ended, as a session from before the hook is.
+            Err("it ran unread while the agent was gone (gate.fail = \"open\"); its next statement could not be seen".to_owned())
+        } else if wanted {
+            self.attach(pid)
+        } else {
+            Ok(())
+        };
         match outcome {
             Ok(()) if wanted => {
                 debug!(
@@ -234,7 +244,10 @@ impl Worker {
             }
             Err(e) => {
                 let _ = self.pids.remove(&pid);
-                warn!(pid, "server hook: the session probes could not be attached ({e}); terminating the backend");
+                warn!(
+                    pid,
+                    "server hook: no session probes ({e}); terminating the backend"
+                );
                 // SAFETY: kill(2) with a plain signal number.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
                 let _ = self.failures.send((pid, e));

@@ -425,8 +425,8 @@ impl Gate {
         self.audit_termination(pid, why);
     }
 
-    /// A backend the server hook terminated before it read from its client:
-    /// its session probes could not be attached (`why`).
+    /// A backend the server hook terminated because its session probes
+    /// could not be attached, or could no longer see all it reads (`why`).
     pub fn unprobed_backend_terminated(&mut self, pid: u32, why: &str) {
         self.audit_termination(
             pid,
