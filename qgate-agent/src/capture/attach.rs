@@ -31,7 +31,7 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use qgate_common::hook;
 use tracing::{debug, warn};
 
-use super::hook::{existing_backends, postmaster_of, ClientSocket};
+use super::hook::{dynamic_symbol, existing_backends, postmaster_of, ClientSocket};
 use crate::config::HookProbes;
 
 /// Pins of session probes: `session-<pid>-<start time>-<program>`.
@@ -337,10 +337,7 @@ fn function_offsets(binary: &Path, functions: &[&str]) -> Result<Vec<u64>, Strin
     functions
         .iter()
         .map(|function| {
-            let symbol = file
-                .dynamic_symbols()
-                .find(|s| s.name() == Ok(*function))
-                .ok_or_else(|| format!("no {function} in the dynamic symbol table"))?;
+            let symbol = dynamic_symbol(&file, function)?;
             let section = symbol
                 .section_index()
                 .and_then(|i| file.section_by_index(i).ok())

@@ -511,27 +511,37 @@ fn managed_slot(pm: &Postmaster) -> Result<ManagedServer, String> {
         .trim()
         .parse()
         .map_err(|e| format!("{}/PG_VERSION: {e}", pm.data_dir.display()))?;
+    let names: &[&str] = if major >= 17 {
+        &["PostmasterPid"]
+    } else {
+        &["PostmasterPid", "MyProcPort"]
+    };
+    let addresses = symbol_addresses(pm, names)?;
     Ok(ManagedServer {
-        pid_addr: symbol_address(pm, "PostmasterPid")?,
-        port_var_addr: if major >= 17 {
-            0
-        } else {
-            symbol_address(pm, "MyProcPort")?
-        },
+        pid_addr: addresses[0],
+        port_var_addr: addresses.get(1).copied().unwrap_or(0),
         postmaster_pid: pm.pid,
         _pad: 0,
     })
 }
 
-/// Where global `name` lives in the postmaster (and so in every backend it
-/// forked): the binary's load address plus the symbol's offset.
-fn symbol_address(pm: &Postmaster, name: &str) -> Result<u64, String> {
+/// Symbol `name` in a binary's dynamic symbol table (what PostgreSQL
+/// exports to extensions: the hook's functions and globals).
+pub(super) fn dynamic_symbol<'data, 'file>(
+    file: &'file object::File<'data>,
+    name: &str,
+) -> Result<object::Symbol<'data, 'file>, String> {
+    file.dynamic_symbols()
+        .find(|s| s.name() == Ok(name))
+        .ok_or_else(|| format!("no {name} in the dynamic symbol table"))
+}
+
+/// Where globals `names` live in the postmaster (and so in every backend
+/// it forked): the binary's load address plus each symbol's offset (the
+/// binary read and parsed once).
+fn symbol_addresses(pm: &Postmaster, names: &[&str]) -> Result<Vec<u64>, String> {
     let data = std::fs::read(&pm.binary).map_err(|e| format!("{}: {e}", pm.binary.display()))?;
     let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
-    let symbol = file
-        .dynamic_symbols()
-        .find(|s| s.name() == Ok(name))
-        .ok_or_else(|| format!("no {name} in the dynamic symbol table"))?;
     let process = procfs::process::Process::new(pm.pid as i32).map_err(|e| e.to_string())?;
     let maps = process.maps().map_err(|e| e.to_string())?;
     // The lowest mapping of the binary is its load base (offset 0) for PIE.
@@ -542,11 +552,13 @@ fn symbol_address(pm: &Postmaster, name: &str) -> Result<u64, String> {
         .min()
         .ok_or("the binary is not mapped in the postmaster")?;
     let pie = file.kind() == object::ObjectKind::Dynamic;
-    Ok(if pie {
-        base + symbol.address()
-    } else {
-        symbol.address()
-    })
+    names
+        .iter()
+        .map(|name| {
+            let at = dynamic_symbol(&file, name)?.address();
+            Ok(if pie { base + at } else { at })
+        })
+        .collect()
 }
 
 /// The socket a backend talks to its client on.
